@@ -1,0 +1,23 @@
+"""Shared pytest fixtures: real servers started as child processes on free loopback ports.
+
+Each fixture starts its server through `servers.py`, logs to the test's tmp dir and stops the
+process when the test ends, so no test leaves a child behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import DevIssuer, start_dev_issuer
+
+
+@pytest.fixture
+def oidc_issuer(tmp_path: Path) -> Iterator[DevIssuer]:
+    """A fresh local OIDC issuer process (RS256 and ES256 keys) for one test."""
+    issuer = start_dev_issuer(tmp_path)
+    try:
+        yield issuer
+    finally:
+        issuer.stop()
