@@ -1,0 +1,238 @@
+"""The HTTP edge: form parsing, RFC 6749 error bodies, health, metrics, OpenAPI.
+
+Owns everything that is HTTP and nothing that is policy: it checks framing (method, content
+type, size, duplicate or unknown parameters), hands a `TokenRequest` to the exchange use case
+in a worker thread, and maps `ExchangeError` to status codes. Talks to clients only.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from broker.exchange import ExchangeError, Exchanger, TokenRequest
+
+log = logging.getLogger("broker.app")
+
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_TOKEN_FIELDS = frozenset(
+    {
+        "grant_type",
+        "subject_token",
+        "subject_token_type",
+        "audience",
+        "requested_token_type",
+        "duration",
+        "task",
+        "refresh_token",
+        # RFC 8693 / 6749 optional parameters we accept and ignore.
+        "resource",
+        "scope",
+        "client_id",
+    }
+)
+_REVOKE_FIELDS = frozenset({"token", "token_type_hint"})
+# A form with more fields than we know is hostile; parse_qsl stops counting here.
+_MAX_FIELDS = 16
+
+
+class BadForm(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Metrics:
+    """Prometheus series for requests, latency and JWKS refreshes, on a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "luigi_creds_requests",
+            "Token endpoint requests by grant and outcome.",
+            ["endpoint", "grant", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "luigi_creds_request_seconds",
+            "Token endpoint latency.",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.jwks_fetches = Counter(
+            "luigi_creds_jwks_fetches",
+            "JWKS and discovery fetches by issuer and outcome.",
+            ["issuer", "outcome"],
+            registry=self.registry,
+        )
+
+    def on_jwks_fetch(self, issuer: str, outcome: str) -> None:
+        self.jwks_fetches.labels(issuer=issuer, outcome=outcome).inc()
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Named checks for /readyz; each raises (any exception) when not ready."""
+
+    checks: Mapping[str, Callable[[], None]]
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(10)
+
+
+def error_response(exc: ExchangeError, request_id: str) -> JSONResponse:
+    headers = dict(_NO_STORE)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    body = {"error": exc.error, "error_description": exc.description, "request_id": request_id}
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+async def read_form(request: Request, *, max_bytes: int, allowed: frozenset[str]) -> dict[str, str]:
+    """Parse an application/x-www-form-urlencoded body strictly (HOSTILE #6, #61)."""
+    content_type = request.headers.get("content-type", "")
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() != "application/x-www-form-urlencoded":
+        raise BadForm(400, "bad_content_type")
+    charset = params.strip().lower()
+    if charset and charset not in ("charset=utf-8", 'charset="utf-8"'):
+        raise BadForm(400, "bad_charset")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise BadForm(413, "body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > max_bytes:
+            raise BadForm(413, "body_too_large")
+    try:
+        text = body.decode("ascii")
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            strict_parsing=bool(text),
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=_MAX_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadForm(400, "bad_form_encoding") from exc
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise BadForm(400, "unknown_parameter")
+        if name in form:
+            # RFC 6749 §3.2: parameters MUST NOT be included more than once.
+            raise BadForm(400, "repeated_parameter")
+        form[name] = value
+    return form
+
+
+def create_app(
+    exchanger: Exchanger,
+    *,
+    readiness: Readiness,
+    metrics: Metrics,
+    max_body_bytes: int,
+    openapi: Mapping[str, Any],
+) -> Starlette:
+    async def token(request: Request) -> Response:
+        started = time.perf_counter()
+        request_id = new_request_id()
+        client = request.client.host if request.client else ""
+        grant = "-"
+        try:
+            try:
+                form = await read_form(request, max_bytes=max_body_bytes, allowed=_TOKEN_FIELDS)
+            except BadForm as exc:
+                # Framing errors still go through the use case so they are audited like any deny.
+                form = {"grant_type": "", "_bad_form": exc.reason}
+                if exc.status == 413:
+                    form["_too_large"] = "1"
+            req = TokenRequest(
+                request_id=request_id,
+                client_addr=client,
+                grant_type=form.get("grant_type", ""),
+                audience=form.get("audience", ""),
+                subject_token=form.get("subject_token", ""),
+                subject_token_type=form.get("subject_token_type", ""),
+                requested_token_type=form.get("requested_token_type", ""),
+                refresh_token=form.get("refresh_token", ""),
+                duration=form.get("duration", ""),
+                task=form.get("task", ""),
+            )
+            grant = req.audience[:64] or "-"
+            bad_form = form.get("_bad_form")
+            try:
+                if bad_form is not None:
+                    status = 413 if form.get("_too_large") else 400
+                    issued = await run_in_threadpool(exchanger.reject, req, status, bad_form)
+                else:
+                    issued = await run_in_threadpool(exchanger.handle, req)
+            except ExchangeError as exc:
+                metrics.requests.labels("token", _known(grant, exchanger), exc.error).inc()
+                return error_response(exc, request_id)
+            metrics.requests.labels("token", _known(grant, exchanger), "issued").inc()
+            return JSONResponse(issued.wire(), headers=_NO_STORE)
+        finally:
+            metrics.latency.labels("token").observe(time.perf_counter() - started)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        results: dict[str, str] = {}
+        for name, check in readiness.checks.items():
+            try:
+                await run_in_threadpool(check)
+                results[name] = "ok"
+            except Exception as exc:
+                # The class name is enough for operators; details go to the log.
+                log.warning("readiness check %s failed: %s", name, type(exc).__name__)
+                results[name] = "fail"
+        ok = all(v == "ok" for v in results.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not_ready", "checks": results},
+            status_code=200 if ok else 503,
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_endpoint(request: Request) -> Response:
+        return JSONResponse(dict(openapi))
+
+    routes = [
+        Route("/v1/token", token, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _known(grant: str, exchanger: Exchanger) -> str:
+    """Label values come from config only, so a caller cannot blow up metric cardinality."""
+    return grant if exchanger.knows_grant(grant) else "-"

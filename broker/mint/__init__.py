@@ -1,0 +1,16 @@
+"""Minting: turning an allowed decision into a real credential at an upstream (AWS STS, Vault)."""
+
+from __future__ import annotations
+
+
+class UpstreamError(Exception):
+    """An upstream refused or failed; nothing was minted.
+
+    `reason` is the stable code recorded in the audit; `retryable` says whether another attempt
+    inside the same request may succeed (throttling, 5xx, timeouts).
+    """
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable

@@ -1,0 +1,139 @@
+"""The OpenAPI description served at /openapi.json: the wire protocol of SPEC.md, by hand.
+
+Kept by hand rather than generated so that it states the contract (RFC 8693 form fields, RFC 6749
+error bodies) instead of whatever a framework infers. A contract test checks it against the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "error_description", "request_id"],
+    "properties": {
+        "error": {
+            "type": "string",
+            "enum": [
+                "invalid_request",
+                "invalid_grant",
+                "invalid_target",
+                "unsupported_grant_type",
+                "temporarily_unavailable",
+            ],
+        },
+        "error_description": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+
+
+def _error_response(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry_after:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+    return response
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "luigi-creds broker",
+        "version": "1",
+        "description": "RFC 8693 token exchange: OIDC in, short-lived AWS/Vault credentials out.",
+    },
+    "paths": {
+        "/v1/token": {
+            "post": {
+                "summary": "Exchange a subject token (or a refresh handle) for a credential",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["grant_type"],
+                                "properties": {
+                                    "grant_type": {
+                                        "type": "string",
+                                        "enum": [
+                                            "urn:ietf:params:oauth:grant-type:token-exchange",
+                                            "refresh_token",
+                                        ],
+                                    },
+                                    "subject_token": {"type": "string", "maxLength": 8192},
+                                    "subject_token_type": {
+                                        "type": "string",
+                                        "enum": [
+                                            "urn:ietf:params:oauth:token-type:jwt",
+                                            "urn:ietf:params:oauth:token-type:id_token",
+                                            "urn:ietf:params:oauth:token-type:access_token",
+                                        ],
+                                    },
+                                    "audience": {"type": "string", "description": "grant name"},
+                                    "requested_token_type": {"type": "string"},
+                                    "duration": {"type": "string", "pattern": "^[0-9]{1,6}$"},
+                                    "task": {"type": "string", "maxLength": 512},
+                                    "refresh_token": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Issued",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Issued"}}
+                        },
+                    },
+                    "400": _error_response("Rejected request, token, grant or refresh handle"),
+                    "413": _error_response("Body too large"),
+                    "429": _error_response("Rate limited", retry_after=True),
+                    "503": _error_response("Upstream or audit store unavailable", retry_after=True),
+                },
+            }
+        },
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "OK"}}}},
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: issuer keys, audit store, upstreams",
+                "responses": {
+                    "200": {"description": "Ready"},
+                    "503": {"description": "Not ready"},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}
+        },
+    },
+    "components": {
+        "schemas": {
+            "Error": _ERROR,
+            "Issued": {
+                "type": "object",
+                "required": [
+                    "access_token",
+                    "issued_token_type",
+                    "token_type",
+                    "expires_in",
+                    "request_id",
+                    "credentials",
+                ],
+                "properties": {
+                    "access_token": {"type": "string"},
+                    "issued_token_type": {"type": "string"},
+                    "token_type": {"type": "string", "const": "N_A"},
+                    "expires_in": {"type": "integer"},
+                    "refresh_token": {"type": "string"},
+                    "request_id": {"type": "string"},
+                    "credentials": {"type": "object"},
+                },
+            },
+        }
+    },
+}
