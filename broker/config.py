@@ -3,13 +3,34 @@
 Owns the schema of `broker.toml` (SPEC.md, "Policy file") and its lint. Talks to nothing but the
 file system, and only in `load_config`. Every problem found is collected into one `ConfigError`
 so an operator fixes the whole file in one pass.
+
+Documented forms the SPEC leaves open:
+- durations: "900s", "15m", "1h30m", "12h", "2d" or an integer number of seconds;
+- rate limits: `rate_limit_identity = { per_second = 10, burst = 50 }` (a table, never "10/s",
+  because a bucket needs both numbers);
+- match values: a glob string, `{ regex = "..." }`, or a list of those (any-of). In globs only
+  `*` is special: it matches any run of characters except `/`; `**` crosses `/` and is allowed
+  only as a whole trailing segment (`release/**`). Everything else is literal.
+- TOML booleans in `match` (`ref_protected = true`) mean the strings "true"/"false", which is
+  how the policy compares bool claims; TOML integers are refused (claims compare as strings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from broker.durations import DurationError, seconds
 
 
 @dataclass(frozen=True)
@@ -121,3 +142,888 @@ class Config:
 
     def grant(self, name: str) -> GrantConfig | None:
         return next((g for g in self.grants if g.name == name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the policy file: `where` names the key, `message` says why."""
+
+    where: str  # e.g. "grant[etl-writer].aws.role_arn"
+    message: str
+
+
+class ConfigError(Exception):
+    """Every problem found in one policy file; never just the first."""
+
+    def __init__(self, problems: Iterable[Problem], source: str = "<memory>") -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        self.source = source
+        super().__init__(format_problems(self))
+
+    def __str__(self) -> str:
+        return format_problems(self)
+
+
+def format_problems(err: ConfigError) -> str:
+    """Render a ConfigError for an operator: one line per problem, in file order."""
+    count = len(err.problems)
+    noun = "problem" if count == 1 else "problems"
+    lines = [f"{err.source}: {count} {noun}:"]
+    lines += [f"  - {p.where}: {p.message}" for p in err.problems]
+    return "\n".join(lines)
+
+
+def parse_duration(value: str | int, *, where: str) -> int:
+    """Parse "15m", "12h", "900s", "1h30m", "2d" or int seconds; raise ConfigError if invalid."""
+    try:
+        return seconds(value)
+    except DurationError as exc:
+        raise ConfigError([Problem(where, str(exc))], source=where) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------------------------
+
+# Claims that pin a tenant (who owns the pipeline), per provider. A grant must bind one of them.
+TENANT_CLAIMS = frozenset(
+    {
+        # GitLab
+        "project_id",
+        "project_path",
+        "namespace_id",
+        "namespace_path",
+        # GitHub
+        "repository",
+        "repository_id",
+        "repository_owner",
+        "repository_owner_id",
+        # Bitbucket
+        "workspaceUuid",
+        "repositoryUuid",
+        # any issuer; Okta groups
+        "sub",
+        "groups",
+    }
+)
+
+# Claims whose values are `/`-separated paths: a regex here must not match `/` unless written.
+PATH_CLAIMS = frozenset(
+    {
+        "ref",
+        "project_path",
+        "repository",
+        "sub",
+        "namespace_path",
+        "environment",
+        "job_workflow_ref",
+        "workflow_ref",
+    }
+)
+
+# RFC 7518 asymmetric algorithms plus RFC 8037 EdDSA; HS* would make the issuer's JWKS a secret.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+# Keys that would put a secret in the file. Each has a `<key>_file` form or no place at all.
+SECRET_KEYS = frozenset(
+    {
+        "secret_id",
+        "role_id",
+        "token",
+        "password",
+        "secret_access_key",
+        "aws_secret_access_key",
+        "session_token",
+        "client_secret",
+        "private_key",
+        "api_key",
+        "secret",  # only refused outside [grant.vault], where `secret` is a Vault path
+    }
+)
+
+# STS AssumeRole limits: DurationSeconds 900..43200; at most 50 session tags; tag key <= 128
+# characters, tag value <= 256 characters (IAM "Tagging AWS STS sessions").
+STS_MIN_TTL = 900
+STS_MAX_TTL = 43200
+STS_MAX_TAGS = 50
+STS_TAG_KEY_MAX = 128
+STS_TAG_VALUE_MAX = 256
+# Vault: a token TTL under a minute is useless for a task and churns leases.
+VAULT_MIN_TTL = 60
+SESSION_MAX_LIMIT = 7 * 86400
+LEEWAY_MAX = 300
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
+_CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_TAG_KEY = re.compile(r"[A-Za-z0-9 _.:/=+@-]+")  # IAM tag key character set
+
+# Credential shapes refused anywhere in the file, whatever the key is called.
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+_VAULT_TOKEN = re.compile(r"\b(?:hv[sbr]\.[A-Za-z0-9_-]{20,}|s\.[A-Za-z0-9]{24})\b")
+_PEM = re.compile(r"-----BEGIN")
+_B64ISH = re.compile(r"[A-Za-z0-9+/_=-]{32,}")
+
+_TOP_KEYS = frozenset({"broker", "issuer", "grant", "upstream"})
+_BROKER_KEYS = frozenset(
+    {
+        "listen",
+        "tls_cert_file",
+        "tls_key_file",
+        "audit_store",
+        "audit_key_file",
+        "audit_salt_file",
+        "session_max",
+        "session_idle",
+        "leeway",
+        "max_body_bytes",
+        "rate_limit_identity",
+        "rate_limit_grant",
+        "deny_cache_seconds",
+    }
+)
+_RATE_KEYS = frozenset({"per_second", "burst"})
+_ISSUER_KEYS = frozenset(
+    {
+        "name",
+        "url",
+        "audiences",
+        "algorithms",
+        "jwks_file",
+        "max_token_lifetime",
+        "require_jti",
+        "jwks_cache_ttl",
+        "jwks_refetch_cooldown",
+        "jwks_max_stale",
+    }
+)
+_GRANT_KEYS = frozenset({"name", "issuers", "match", "ttl", "aws", "vault", "description"})
+_AWS_GRANT_KEYS = frozenset({"role_arn", "session_tags", "source_identity", "session_name"})
+_VAULT_GRANT_KEYS = frozenset({"secret", "token_policies", "orphan", "num_uses"})
+_UPSTREAM_KEYS = frozenset({"aws", "vault"})
+_UPSTREAM_AWS_KEYS = frozenset({"region", "endpoint_url"})
+_UPSTREAM_VAULT_KEYS = frozenset(
+    {
+        "url",
+        "auth",
+        "role_id_file",
+        "secret_id_file",
+        "token_file",
+        "approle_mount",
+        "ca_cert",
+        "namespace",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse one policy file; relative `*_file` paths resolve against its directory."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("file", f"cannot read: {exc}")], source=str(path)) from None
+    return parse_config(text, source=str(path), base_dir=path.parent)
+
+
+def parse_config(text: str, *, source: str = "<memory>", base_dir: Path | None = None) -> Config:
+    """Parse policy TOML into a Config, or raise ConfigError listing every problem found."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("toml", str(exc))], source=source) from None
+    lint = _Lint(base_dir)
+    config = lint.config(raw, source)
+    if lint.problems:
+        raise ConfigError(lint.problems, source=source)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The linting parser
+# ---------------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _entropy(value: str) -> float:
+    counts = Counter(value)
+    return -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+
+
+def _looks_like_credential(value: str) -> str | None:
+    """Name the kind of credential a string looks like, or None."""
+    if _AWS_KEY_ID.search(value):
+        return "an AWS access key id"
+    if _VAULT_TOKEN.search(value):
+        return "a Vault token"
+    if _PEM.search(value):
+        return "a PEM key or certificate"
+    for run in _B64ISH.findall(value):
+        # Random base64 of 32+ chars carries ~5-6 bits/char and mixes all three classes; paths,
+        # ARNs and names do not (measured: "database/creds/warehouse-writer" is ~3.9).
+        mixed = (
+            any(c.isupper() for c in run)
+            and any(c.islower() for c in run)
+            and any(c.isdigit() for c in run)
+        )
+        if mixed and _entropy(run) >= 4.2:
+            return "a high-entropy secret"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def glob_to_regex(glob: str) -> str:
+    """Translate a policy glob into a regex for re.fullmatch (the only place globs compile).
+
+    `*` matches any run except `/`; a whole trailing `**` segment matches one or more
+    characters including `/`. The caller has linted the glob, so `**` appears only there.
+    """
+    if glob == "**":
+        return "(?s:.*)"
+    tail = ""
+    if glob.endswith("/**"):
+        glob, tail = glob[:-3], "/(?s:.+)"
+    return "[^/]*".join(re.escape(part) for part in glob.split("*")) + tail
+
+
+def _regex_crosses_slash(pattern: str) -> str | None:
+    """Conservatively say why a regex could match `/` without writing it, or None.
+
+    A syntactic scan, not a proof: it refuses `.`, `\\S`, `\\W`, `\\D`, numeric escapes,
+    negated classes without `/`, and class ranges that span `/` (0x2F).
+    """
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e in "SWD":
+                return f"'\\{e}' can match '/'"
+            if e in "xuUN0":
+                return "numeric character escapes are not allowed here; write characters literally"
+            i += 2
+            continue
+        if c == ".":
+            return "unescaped '.' can match '/'; escape it as '\\.' or use [^/]"
+        if c == "[":
+            end, why = _scan_class(pattern, i)
+            if why:
+                return why
+            i = end
+            continue
+        i += 1
+    return None
+
+
+def _scan_class(pattern: str, start: int) -> tuple[int, str | None]:
+    """Scan a character class starting at `[`; return (index after it, reason or None)."""
+    i = start + 1
+    negated = i < len(pattern) and pattern[i] == "^"
+    if negated:
+        i += 1
+    members: list[str] = []
+    first = True
+    why: str | None = None
+    while i < len(pattern) and (pattern[i] != "]" or first):
+        first = False
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e in "SWD":
+                why = f"'\\{e}' in a class can match '/'"
+            elif e in "xuUN0":
+                why = "numeric character escapes are not allowed here; write characters literally"
+            members.append(e if e not in "swdSWD" else "")
+            i += 2
+            continue
+        if c == "-" and members and members[-1] and i + 1 < len(pattern) and pattern[i + 1] != "]":
+            low, high = members[-1], pattern[i + 1]
+            if high == "\\" and i + 2 < len(pattern):
+                high = pattern[i + 2]
+                i += 1
+            if low <= "/" <= high and not negated:
+                why = f"the range '{low}-{high}' includes '/'"
+            members.append(high)
+            i += 2
+            continue
+        members.append(c)
+        i += 1
+    if negated and "/" not in members:
+        why = why or "a negated class without '/' can match '/'"
+    return i + 1, why
+
+
+class _Lint:
+    """Walks the raw TOML once, building typed config and collecting every problem."""
+
+    def __init__(self, base_dir: Path | None) -> None:
+        self.base_dir = base_dir
+        self.problems: list[Problem] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.problems.append(Problem(where, message))
+
+    # -- generic readers ----------------------------------------------------------------------
+
+    def keys(self, table: Mapping[str, Any], where: str, known: frozenset[str]) -> None:
+        for key in table:
+            if key in known or key in SECRET_KEYS:
+                continue  # secret keys are reported once by the secrets scan
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            self.add(f"{where}.{key}" if where else key, f"unknown key{hint}")
+
+    def table(self, value: object, where: str) -> Mapping[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.add(where, f"expected a table, got {type(value).__name__}")
+            return None
+        return value
+
+    def typed(self, t: Mapping[str, Any], key: str, where: str, kind: type[_T], default: _T) -> _T:
+        if key not in t:
+            return default
+        value = t[key]
+        # bool is an int in Python; a TOML `true` where a number belongs is a mistake.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.add(f"{where}.{key}", f"expected {kind.__name__}, got {type(value).__name__}")
+            return default
+        return value
+
+    def required_str(self, t: Mapping[str, Any], key: str, where: str) -> str:
+        if key not in t:
+            self.add(f"{where}.{key}", "required")
+            return ""
+        value = self.typed(t, key, where, str, "")
+        if key in t and isinstance(t[key], str) and not value:
+            self.add(f"{where}.{key}", "must not be empty")
+        return value
+
+    def str_list(self, t: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+        value = t.get(key, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.add(f"{where}.{key}", "expected a list of non-empty strings")
+            return ()
+        return tuple(value)
+
+    def duration(self, t: Mapping[str, Any], key: str, where: str, default: int) -> int:
+        if key not in t:
+            return default
+        try:
+            return seconds(t[key])
+        except DurationError as exc:
+            self.add(f"{where}.{key}", str(exc))
+            return default
+
+    def path(self, t: Mapping[str, Any], key: str, where: str) -> Path | None:
+        value = self.typed(t, key, where, str, "")
+        if not value:
+            return None
+        p = Path(value)
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p
+
+    def url(self, value: str, where: str) -> None:
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return
+        if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+            return
+        self.add(where, "must be an https:// URL (http:// only for 127.0.0.1, ::1 or localhost)")
+
+    # -- secrets --------------------------------------------------------------------------------
+
+    def secrets(self, node: object, where: str) -> None:
+        """Refuse secret-named keys and credential-shaped strings anywhere in the file."""
+        if isinstance(node, dict):
+            for key, value in node.items():
+                child = f"{where}.{key}" if where else key
+                if key in SECRET_KEYS:
+                    self.add(child, f"inline secrets are not allowed; use {key}_file")
+                else:
+                    self.secrets(value, child)
+            return
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                self.secrets(item, f"{where}[{index}]")
+            return
+        if isinstance(node, str):
+            kind = _looks_like_credential(node)
+            if kind:
+                self.add(where, f"value looks like {kind}; inline secrets are not allowed")
+
+    def scan_secrets(self, raw: Mapping[str, Any]) -> None:
+        for key, value in raw.items():
+            if key in ("issuer", "grant") and isinstance(value, list):
+                for index, entry in enumerate(value):
+                    label = _label(key, entry, index)
+                    if not isinstance(entry, dict):
+                        continue
+                    for k, v in entry.items():
+                        if key == "grant" and k == "vault" and isinstance(v, dict):
+                            # In a Vault grant `secret` names a dynamic-secret path, not a secret.
+                            rest = {kk: vv for kk, vv in v.items() if kk != "secret"}
+                            self.secrets(rest, f"{label}.vault")
+                            if "secret" in v:
+                                self.secrets(v["secret"], f"{label}.vault.secret")
+                        else:
+                            self.secrets({k: v}, label)
+            else:
+                self.secrets({key: value}, "")
+
+    # -- sections -------------------------------------------------------------------------------
+
+    def config(self, raw: Mapping[str, Any], source: str) -> Config:
+        self.scan_secrets(raw)
+        self.keys(raw, "", _TOP_KEYS)
+        broker = self.broker(self.table(raw.get("broker", {}), "broker") or {})
+        issuers = self.issuers(raw.get("issuer", []))
+        upstream = self.table(raw.get("upstream", {}), "upstream") or {}
+        self.keys(upstream, "upstream", _UPSTREAM_KEYS)
+        aws = self.upstream_aws(self.table(upstream.get("aws", {}), "upstream.aws") or {})
+        vault_table = self.table(upstream.get("vault"), "upstream.vault")
+        vault = self.upstream_vault(vault_table) if vault_table is not None else None
+        grants = self.grants(raw.get("grant", []), broker, {i.name for i in issuers})
+        if vault is None and any(g.vault for g in grants):
+            self.add("upstream.vault", "required: a grant mints Vault credentials")
+        return Config(
+            broker=broker, issuers=issuers, grants=grants, aws=aws, vault=vault, source=source
+        )
+
+    def broker(self, t: Mapping[str, Any]) -> BrokerSettings:
+        w = "broker"
+        self.keys(t, w, _BROKER_KEYS)
+        d = BrokerSettings()
+        listen = self.typed(t, "listen", w, str, d.listen)
+        cert = self.path(t, "tls_cert_file", w)
+        key = self.path(t, "tls_key_file", w)
+        if (cert is None) != (key is None):
+            self.add(f"{w}.tls_cert_file", "tls_cert_file and tls_key_file go together")
+        host = self.listen_host(listen, f"{w}.listen")
+        if host is not None and not _is_loopback(host) and (cert is None or key is None):
+            self.add(
+                f"{w}.listen",
+                "plain HTTP only on a loopback address; set tls_cert_file and tls_key_file",
+            )
+        audit_store = self.typed(t, "audit_store", w, str, d.audit_store)
+        self.audit_store(audit_store, f"{w}.audit_store")
+        session_max = self.duration(t, "session_max", w, d.session_max)
+        if session_max > SESSION_MAX_LIMIT:
+            self.add(f"{w}.session_max", "must be at most 7d")
+        session_idle = self.duration(t, "session_idle", w, d.session_idle)
+        if session_idle > session_max:
+            self.add(f"{w}.session_idle", "must not exceed session_max")
+        leeway = self.duration(t, "leeway", w, d.leeway)
+        if leeway > LEEWAY_MAX:
+            self.add(f"{w}.leeway", "must be at most 300s (5 minutes)")
+        max_body = self.typed(t, "max_body_bytes", w, int, d.max_body_bytes)
+        if max_body < 1024:
+            self.add(f"{w}.max_body_bytes", "must be at least 1024")
+        return BrokerSettings(
+            listen=listen,
+            tls_cert_file=cert,
+            tls_key_file=key,
+            audit_store=audit_store,
+            audit_key_file=self.path(t, "audit_key_file", w),
+            audit_salt_file=self.path(t, "audit_salt_file", w),
+            session_max=session_max,
+            session_idle=session_idle,
+            leeway=leeway,
+            max_body_bytes=max_body,
+            rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),
+            rate_limit_grant=self.rate(t, "rate_limit_grant", d.rate_limit_grant),
+            deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
+        )
+
+    def listen_host(self, listen: str, where: str) -> str | None:
+        host, sep, port = listen.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            self.add(where, "expected host:port, e.g. 127.0.0.1:8480 or [::1]:8480")
+            return None
+        return host
+
+    def audit_store(self, url: str, where: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("sqlite", "postgresql", "postgres"):
+            self.add(where, "expected sqlite:///path or postgresql://host/db")
+        elif parts.password:
+            self.add(where, "inline secrets are not allowed; use a libpq passfile (PGPASSFILE)")
+
+    def rate(self, t: Mapping[str, Any], key: str, default: RateLimit) -> RateLimit:
+        where = f"broker.{key}"
+        if key not in t:
+            return default
+        table = self.table(t[key], where)
+        if table is None:
+            return default
+        self.keys(table, where, _RATE_KEYS)
+        per_second = table.get("per_second", default.per_second)
+        burst = self.typed(table, "burst", where, int, default.burst)
+        ok = isinstance(per_second, int | float) and not isinstance(per_second, bool)
+        if not ok or per_second <= 0:
+            self.add(f"{where}.per_second", "expected a positive number")
+            per_second = default.per_second
+        if burst < 1:
+            self.add(f"{where}.burst", "must be at least 1")
+        return RateLimit(per_second=float(per_second), burst=burst)
+
+    def issuers(self, value: object) -> tuple[IssuerConfig, ...]:
+        if not isinstance(value, list):
+            self.add("issuer", "expected [[issuer]] tables")
+            return ()
+        out: list[IssuerConfig] = []
+        for index, entry in enumerate(value):
+            w = _label("issuer", entry, index)
+            t = self.table(entry, w)
+            if t is None:
+                continue
+            self.keys(t, w, _ISSUER_KEYS)
+            name = self.name(t, w)
+            url = self.required_str(t, "url", w)
+            if url:
+                self.url(url, f"{w}.url")
+            audiences = self.str_list(t, "audiences", w)
+            if not audiences:
+                # Vacuous case: no audience would accept every token the issuer ever signed.
+                self.add(f"{w}.audiences", "must list at least one audience")
+            algorithms = self.str_list(t, "algorithms", w) if "algorithms" in t else ("RS256",)
+            self.algorithms(algorithms, f"{w}.algorithms")
+            d = IssuerConfig(name="", url="", audiences=())
+            out.append(
+                IssuerConfig(
+                    name=name,
+                    url=url,
+                    audiences=audiences,
+                    algorithms=algorithms,
+                    jwks_file=self.path(t, "jwks_file", w),
+                    max_token_lifetime=self.duration(
+                        t, "max_token_lifetime", w, d.max_token_lifetime
+                    ),
+                    require_jti=self.typed(t, "require_jti", w, bool, d.require_jti),
+                    jwks_cache_ttl=self.duration(t, "jwks_cache_ttl", w, d.jwks_cache_ttl),
+                    jwks_refetch_cooldown=self.duration(
+                        t, "jwks_refetch_cooldown", w, d.jwks_refetch_cooldown
+                    ),
+                    jwks_max_stale=self.duration(t, "jwks_max_stale", w, d.jwks_max_stale),
+                )
+            )
+        self.unique((i.name for i in out), "issuer")
+        return tuple(out)
+
+    def algorithms(self, algorithms: tuple[str, ...], where: str) -> None:
+        if not algorithms:
+            self.add(where, "must list at least one algorithm")
+        for alg in algorithms:
+            if alg.upper().startswith("HS"):
+                self.add(where, f"{alg}: symmetric algorithms are not supported")
+            elif alg not in ASYMMETRIC_ALGORITHMS:
+                allowed = ", ".join(sorted(ASYMMETRIC_ALGORITHMS))
+                self.add(where, f"{alg!r} is not supported; use one of {allowed}")
+
+    def name(self, t: Mapping[str, Any], where: str) -> str:
+        name = self.required_str(t, "name", where)
+        if name and not _NAME.fullmatch(name):
+            self.add(f"{where}.name", "use 1-64 of A-Z a-z 0-9 . _ -, starting alphanumeric")
+        return name
+
+    def unique(self, names: Iterable[str], kind: str) -> None:
+        for name, count in Counter(names).items():
+            if name and count > 1:
+                self.add(f"{kind}[{name}]", f"{kind} name is used {count} times")
+
+    def grants(
+        self, value: object, broker: BrokerSettings, issuer_names: set[str]
+    ) -> tuple[GrantConfig, ...]:
+        if not isinstance(value, list):
+            self.add("grant", "expected [[grant]] tables")
+            return ()
+        out: list[GrantConfig] = []
+        for index, entry in enumerate(value):
+            w = _label("grant", entry, index)
+            t = self.table(entry, w)
+            if t is not None:
+                out.append(self.grant(t, w, broker, issuer_names))
+        self.unique((g.name for g in out), "grant")
+        return tuple(out)
+
+    def grant(
+        self, t: Mapping[str, Any], w: str, broker: BrokerSettings, issuer_names: set[str]
+    ) -> GrantConfig:
+        self.keys(t, w, _GRANT_KEYS)
+        name = self.name(t, w)
+        issuers = self.str_list(t, "issuers", w)
+        if not issuers:
+            self.add(f"{w}.issuers", "must name at least one configured issuer")
+        for issuer in issuers:
+            if issuer not in issuer_names:
+                self.add(f"{w}.issuers", f"{issuer!r} is not a configured issuer")
+        match = self.match(self.table(t.get("match", {}), f"{w}.match") or {}, f"{w}.match")
+        ttl = self.duration(t, "ttl", w, GrantConfig(name="", issuers=(), match={}).ttl)
+        aws_t = self.table(t.get("aws"), f"{w}.aws")
+        vault_t = self.table(t.get("vault"), f"{w}.vault")
+        if (aws_t is None) == (vault_t is None):
+            self.add(w, "needs exactly one of [grant.aws] or [grant.vault]")
+        aws = self.aws_grant(aws_t, f"{w}.aws") if aws_t is not None else None
+        vault = self.vault_grant(vault_t, f"{w}.vault") if vault_t is not None else None
+        if aws is not None and not STS_MIN_TTL <= ttl <= STS_MAX_TTL:
+            self.add(f"{w}.ttl", "AWS STS allows 900s..43200s (15m..12h)")
+        if vault is not None:
+            if ttl < VAULT_MIN_TTL:
+                self.add(f"{w}.ttl", "Vault credentials need a ttl of at least 60s")
+            elif ttl > broker.session_max:
+                self.add(f"{w}.ttl", "must not exceed broker.session_max")
+        description = self.typed(t, "description", w, str, "")
+        return GrantConfig(
+            name=name,
+            issuers=issuers,
+            match=match,
+            ttl=ttl,
+            aws=aws,
+            vault=vault,
+            description=description,
+        )
+
+    # -- match ----------------------------------------------------------------------------------
+
+    def match(self, t: Mapping[str, Any], where: str) -> Mapping[str, MatchValue]:
+        out: dict[str, MatchValue] = {}
+        binds = False
+        for claim, raw in t.items():
+            w = f"{where}.{claim}"
+            if not _CLAIM_NAME.fullmatch(claim):
+                self.add(w, "claim names are letters, digits and '_'")
+                continue
+            items = raw if isinstance(raw, list) else [raw]
+            patterns: list[str | RegexPattern] = []
+            for item in items:
+                pattern = self.pattern(claim, item, w)
+                if pattern is not None:
+                    patterns.append(pattern)
+            if isinstance(raw, list):
+                if not raw:
+                    self.add(w, "an empty any-of list matches nothing; remove the claim or add")
+                out[claim] = tuple(patterns)
+            elif patterns:
+                out[claim] = patterns[0]
+            if claim in TENANT_CLAIMS and patterns and len(patterns) == len(items):
+                binds = binds or not any(_matches_everything(p) for p in patterns)
+        if not binds:
+            names = ", ".join(sorted(TENANT_CLAIMS))
+            self.add(
+                where,
+                f"no tenant-binding claim; bind one of {names} to a value other than '*'",
+            )
+        return MappingProxyType(out)
+
+    def pattern(self, claim: str, item: object, where: str) -> str | RegexPattern | None:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, int | float):
+            self.add(where, f'write {item} as a string "{item}": claims compare as strings')
+            return None
+        if isinstance(item, dict):
+            return self.regex(claim, item, where)
+        if not isinstance(item, str):
+            self.add(where, "expected a string, { regex = ... }, or a list of them")
+            return None
+        self.glob(claim, item, where)
+        return item
+
+    def glob(self, claim: str, glob: str, where: str) -> None:
+        if "***" in glob:
+            self.add(where, f"{glob!r}: '***' is not a glob")
+            return
+        segments = glob.split("/")
+        for index, segment in enumerate(segments):
+            if "**" not in segment:
+                continue
+            if segment != "**" or index != len(segments) - 1:
+                self.add(where, f"{glob!r}: '**' is allowed only as a whole trailing segment")
+                return
+            if claim in TENANT_CLAIMS:
+                self.add(where, f"{glob!r}: '**' may not cross '/' in a tenant-binding claim")
+                return
+        if claim in TENANT_CLAIMS and glob != "*":
+            # `org/app*` would also match `org/app-evil`: a partial-name wildcard in a tenant
+            # claim binds a prefix, not a tenant. Wildcards must stand for whole segments.
+            for match in re.finditer(r"\*", glob):
+                before = glob[match.start() - 1] if match.start() else "/"
+                after = glob[match.end()] if match.end() < len(glob) else "/"
+                if before not in "/:" or after not in "/:":
+                    self.add(
+                        where,
+                        f"{glob!r}: in a tenant-binding claim '*' must stand for a whole "
+                        "segment between '/' or ':' (a prefix like 'app*' also matches "
+                        "'app-evil')",
+                    )
+                    return
+
+    def regex(self, claim: str, t: Mapping[str, Any], where: str) -> RegexPattern | None:
+        self.keys(t, where, frozenset({"regex"}))
+        pattern = t.get("regex")
+        if not isinstance(pattern, str) or not pattern:
+            self.add(where, 'expected { regex = "..." } with a non-empty string')
+            return None
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            self.add(where, f"invalid regex: {exc}")
+            return None
+        if claim in TENANT_CLAIMS or claim in PATH_CLAIMS:
+            why = _regex_crosses_slash(pattern)
+            if why:
+                self.add(where, f"regex {pattern!r} in a path or tenant claim: {why}")
+                return None
+        return RegexPattern(pattern)
+
+    # -- grant targets --------------------------------------------------------------------------
+
+    def aws_grant(self, t: Mapping[str, Any], w: str) -> AwsGrant:
+        self.keys(t, w, _AWS_GRANT_KEYS)
+        role_arn = self.required_str(t, "role_arn", w)
+        if role_arn and not _ROLE_ARN.fullmatch(role_arn):
+            self.add(f"{w}.role_arn", "expected arn:aws:iam::<12 digits>:role/<name>")
+        tags_t = self.table(t.get("session_tags", {}), f"{w}.session_tags") or {}
+        tags: dict[str, str] = {}
+        if len(tags_t) > STS_MAX_TAGS:
+            self.add(f"{w}.session_tags", f"STS allows at most {STS_MAX_TAGS} session tags")
+        for key, value in tags_t.items():
+            tw = f"{w}.session_tags.{key}"
+            if len(key) > STS_TAG_KEY_MAX or not _TAG_KEY.fullmatch(key):
+                self.add(tw, "tag keys are 1-128 of A-Z a-z 0-9 space _ . : / = + - @")
+            elif key.lower().startswith("aws:"):
+                self.add(tw, "the aws: prefix is reserved")
+            if not isinstance(value, str):
+                self.add(tw, 'expected a string template such as "{project_path}"')
+                continue
+            if len(_PLACEHOLDER.sub("", value)) > STS_TAG_VALUE_MAX:
+                self.add(tw, "STS tag values are at most 256 characters")
+            self.template(value, tw)
+            tags[key] = value
+        source_identity = self.optional_template(t, "source_identity", w)
+        session_name = self.optional_template(t, "session_name", w)
+        return AwsGrant(
+            role_arn=role_arn,
+            session_tags=MappingProxyType(tags),
+            source_identity=source_identity,
+            session_name=session_name,
+        )
+
+    def optional_template(self, t: Mapping[str, Any], key: str, w: str) -> str | None:
+        value = self.typed(t, key, w, str, "")
+        if key in t and isinstance(t[key], str):
+            self.template(value, f"{w}.{key}")
+            return value
+        return None
+
+    def template(self, value: str, where: str) -> None:
+        for placeholder in _PLACEHOLDER.findall(value):
+            if not _CLAIM_NAME.fullmatch(placeholder):
+                self.add(where, f"{{{placeholder}}}: placeholders are {{claim_name}} only")
+        if "{" in _PLACEHOLDER.sub("", value) or "}" in _PLACEHOLDER.sub("", value):
+            self.add(where, "unbalanced '{' or '}'; placeholders are {claim_name} only")
+
+    def vault_grant(self, t: Mapping[str, Any], w: str) -> VaultGrant:
+        self.keys(t, w, _VAULT_GRANT_KEYS)
+        secret = self.typed(t, "secret", w, str, "") or None
+        policies = self.str_list(t, "token_policies", w) if "token_policies" in t else ()
+        if (secret is None) == (not policies):
+            self.add(w, "needs exactly one of secret or token_policies")
+        if "root" in policies:
+            self.add(f"{w}.token_policies", "the root policy is never issued")
+        num_uses = self.typed(t, "num_uses", w, int, 0) if "num_uses" in t else None
+        if num_uses is not None and num_uses < 1:
+            self.add(f"{w}.num_uses", "must be at least 1 (omit it for unlimited uses)")
+        return VaultGrant(
+            secret=secret,
+            token_policies=policies,
+            orphan=self.typed(t, "orphan", w, bool, False),
+            num_uses=num_uses,
+        )
+
+    # -- upstreams ------------------------------------------------------------------------------
+
+    def upstream_aws(self, t: Mapping[str, Any]) -> UpstreamAws:
+        w = "upstream.aws"
+        self.keys(t, w, _UPSTREAM_AWS_KEYS)
+        endpoint = self.typed(t, "endpoint_url", w, str, "") or None
+        if endpoint:
+            self.url(endpoint, f"{w}.endpoint_url")
+        return UpstreamAws(
+            region=self.typed(t, "region", w, str, UpstreamAws().region), endpoint_url=endpoint
+        )
+
+    def upstream_vault(self, t: Mapping[str, Any]) -> UpstreamVault:
+        w = "upstream.vault"
+        self.keys(t, w, _UPSTREAM_VAULT_KEYS)
+        url = self.required_str(t, "url", w)
+        if url:
+            self.url(url, f"{w}.url")
+        auth = self.required_str(t, "auth", w)
+        role_id_file = self.path(t, "role_id_file", w)
+        secret_id_file = self.path(t, "secret_id_file", w)
+        token_file = self.path(t, "token_file", w)
+        if auth == "approle":
+            if role_id_file is None or secret_id_file is None:
+                self.add(w, 'auth = "approle" needs role_id_file and secret_id_file')
+        elif auth == "token":
+            if token_file is None:
+                self.add(w, 'auth = "token" needs token_file')
+        elif auth:
+            self.add(f"{w}.auth", 'expected "approle" or "token"')
+        namespace = self.typed(t, "namespace", w, str, "") or None
+        return UpstreamVault(
+            url=url,
+            auth=auth,
+            role_id_file=role_id_file,
+            secret_id_file=secret_id_file,
+            token_file=token_file,
+            approle_mount=self.typed(t, "approle_mount", w, str, "approle"),
+            ca_cert=self.path(t, "ca_cert", w),
+            namespace=namespace,
+        )
+
+
+def _label(kind: str, entry: object, index: int) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"{kind}[{name}]" if isinstance(name, str) and name else f"{kind}[{index}]"
+
+
+# Probe strings a tenant binding must not accept all of: if a pattern fullmatches every one,
+# it binds nothing (`*`, `**`, `.*`, `[^/]*`, ...).
+_PROBES = ("x", "evil", "123456789", "attacker", "{00000000-0000-0000-0000-000000000000}")
+
+
+def _matches_everything(pattern: str | RegexPattern) -> bool:
+    regex = glob_to_regex(pattern) if isinstance(pattern, str) else pattern.regex
+    try:
+        compiled = re.compile(regex)
+    except re.error:
+        return False
+    return all(compiled.fullmatch(probe) for probe in _PROBES)
