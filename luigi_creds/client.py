@@ -1,0 +1,457 @@
+"""The broker client: one token exchange per job, then a refresh session that mints per task.
+
+Owns the client side of the wire protocol (SPEC.md, "Wire protocol"): `POST /v1/token` for the
+RFC 8693 exchange and the `refresh_token` grant, `POST /v1/revoke`, retries, and the typed,
+frozen credential objects parsed from 200 bodies. Talks only to the broker, over the `httpx.Client`
+it is given.
+
+Session rule: the broker rotates the refresh handle on every use and treats reuse of an old handle
+as theft (the whole session is revoked). So every request that spends the handle holds one lock
+from send to parse, and the newest handle replaces the old one before the lock is released.
+Retries happen only where the handle cannot have been spent: 429/503 answers (the broker rejects
+before rotating) and connection failures before the request was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from luigi_creds.identity import IdentityError, TokenSource
+
+__all__ = [
+    "AWS_CREDENTIALS",
+    "VAULT_SECRET",
+    "VAULT_TOKEN",
+    "AwsCredentials",
+    "BrokerClient",
+    "BrokerError",
+    "Credential",
+    "RetryPolicy",
+    "VaultSecret",
+    "VaultToken",
+    "parse_credential",
+]
+
+log = logging.getLogger(__name__)
+
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+AWS_CREDENTIALS = "urn:luigi-creds:token-type:aws-credentials"
+VAULT_TOKEN = "urn:luigi-creds:token-type:vault-token"
+VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
+
+
+class BrokerError(Exception):
+    """The broker refused or could not be reached.
+
+    `error` is the RFC 6749 code (or `unreachable` / `invalid_response` / `identity_unavailable`
+    for client-side failures), `status` the HTTP status (0 when there was none), `request_id` the
+    broker's id for the audit trail. The message names the broker URL, the grant and the reason,
+    never a token or credential.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str,
+        status: int = 0,
+        request_id: str | None = None,
+        grant: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error = error
+        self.status = status
+        self.request_id = request_id
+        self.grant = grant
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AwsCredentials:
+    """STS credentials for one grant; secrets hidden from repr."""
+
+    grant: str
+    request_id: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str = field(repr=False)
+    expires_at: datetime
+
+    def credential_process(self) -> dict[str, Any]:
+        """The AWS `credential_process` JSON shape (Version 1)."""
+        return {
+            "Version": 1,
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "SessionToken": self.session_token,
+            "Expiration": _iso(self.expires_at),
+        }
+
+
+@dataclass(frozen=True)
+class VaultToken:
+    """A Vault token minted for one grant; the token hidden from repr."""
+
+    grant: str
+    request_id: str
+    token: str = field(repr=False)
+    accessor: str
+    policies: tuple[str, ...]
+    renewable: bool
+    lease_duration: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class VaultSecret:
+    """A Vault dynamic secret (with its lease) for one grant; the data hidden from repr."""
+
+    grant: str
+    request_id: str
+    lease_id: str
+    lease_duration: int
+    renewable: bool
+    data: Mapping[str, Any] = field(repr=False)
+    expires_at: datetime
+
+
+Credential = AwsCredentials | VaultToken | VaultSecret
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter (AWS architecture blog), bounded twice over."""
+
+    max_attempts: int = 5
+    base: float = 0.5  # seconds; attempt n waits uniform(0, min(cap, base * 2**n))
+    cap: float = 20.0
+    deadline: float = 60.0  # seconds from the first attempt; no wait runs past it
+    max_retry_after: float = 30.0  # a Retry-After longer than this is not waited for
+
+
+@dataclass
+class _Session:
+    """The refresh session: the newest handle and when it was last rotated."""
+
+    handle: str = field(repr=False)
+    # NOTE: DPoP (RFC 9449) will bind the session to a per-job key; its thumbprint goes here and
+    # each request then carries a proof signed with that key.
+    key_thumbprint: str | None = None
+
+
+class BrokerClient:
+    """Exchanges the job's identity once and mints per-task credentials on the refresh session.
+
+    Thread-safe. `sleep` and `rng` are injectable so retry timing is testable; `clock` gives the
+    aware UTC now used to turn `expires_in` into an expiry time.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        token_source: TokenSource,
+        *,
+        http: httpx.Client,
+        clock: Callable[[], datetime],
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+        retry: RetryPolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.broker_url = broker_url.rstrip("/")
+        self._source = token_source
+        self._http = http
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._retry = retry or RetryPolicy()
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._session: _Session | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._session else "none"
+        source = self._source.description
+        return f"BrokerClient({self.broker_url!r}, source={source!r}, session={state})"
+
+    @property
+    def has_session(self) -> bool:
+        return self._session is not None
+
+    def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
+        """Mint a credential for `grant`, recorded by the broker against `task`.
+
+        The first call exchanges the subject token; later calls spend the refresh session. When the
+        session is rejected (`invalid_grant`) a renewable token source re-exchanges once.
+        """
+        with self._lock:
+            if self._session is None:
+                return self._exchange(grant, task, duration)
+            try:
+                return self._refresh(grant, task, duration)
+            except BrokerError as exc:
+                if exc.error != "invalid_grant":
+                    raise
+                self._session = None
+                if not self._source.renewable:
+                    raise BrokerError(
+                        f"broker {self.broker_url} ended the refresh session (invalid_grant) "
+                        f"while minting grant {grant!r}, and token source "
+                        f"{self._source.description} cannot give a new token; rerun the job",
+                        error="invalid_grant",
+                        status=exc.status,
+                        request_id=exc.request_id,
+                        grant=grant,
+                    ) from exc
+                log.info("refresh session rejected; exchanging a new token for %s", grant)
+                return self._exchange(grant, task, duration)
+
+    def revoke(self) -> None:
+        """End the refresh session (the broker revokes its Vault tokens and leases)."""
+        with self._lock:
+            session, self._session = self._session, None
+            if session is None:
+                return
+            form = {"token": session.handle, "token_type_hint": "refresh_token"}
+            self._post("/v1/revoke", form, grant=None, expect_body=False)
+
+    def _exchange(self, grant: str, task: str | None, duration: int | None) -> Credential:
+        try:
+            subject = self._source.token()
+        except IdentityError as exc:
+            raise BrokerError(
+                f"cannot exchange for grant {grant!r} at {self.broker_url}: {exc}",
+                error="identity_unavailable",
+                grant=grant,
+            ) from exc
+        form = {
+            "grant_type": EXCHANGE_GRANT,
+            "subject_token": subject,
+            "subject_token_type": self._source.subject_token_type,
+            "audience": grant,
+        }
+        return self._spend(form, grant, task, duration)
+
+    def _refresh(self, grant: str, task: str | None, duration: int | None) -> Credential:
+        assert self._session is not None
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": self._session.handle,
+            "audience": grant,
+        }
+        return self._spend(form, grant, task, duration)
+
+    def _spend(
+        self, form: dict[str, str], grant: str, task: str | None, duration: int | None
+    ) -> Credential:
+        if task is not None:
+            form["task"] = task
+        if duration is not None:
+            form["duration"] = str(int(duration))
+        body = self._post("/v1/token", form, grant=grant, expect_body=True)
+        handle = body.get("refresh_token")
+        if isinstance(handle, str) and handle:
+            # Keep the newest handle before anything else can fail: the old one is spent now.
+            self._session = _Session(handle=handle)
+        try:
+            return parse_credential(body, grant=grant, now=self._clock())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BrokerError(
+                f"broker {self.broker_url} answered grant {grant!r} with a malformed credential",
+                error="invalid_response",
+                status=200,
+                request_id=_str_or_none(body.get("request_id")),
+                grant=grant,
+            ) from exc
+
+    def _post(
+        self, path: str, form: dict[str, str], *, grant: str | None, expect_body: bool
+    ) -> dict[str, Any]:
+        url = self.broker_url + path
+        what = f"grant {grant!r}" if grant else "revoke"
+        started = self._monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._http.post(url, data=form, headers={"Accept": "application/json"})
+            except httpx.HTTPError as exc:
+                # Only failures before the request left can be retried without spending the handle.
+                retryable = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                error = BrokerError(
+                    f"broker {self.broker_url} unreachable for {what}: {type(exc).__name__}",
+                    error="unreachable",
+                    grant=grant,
+                )
+                if not retryable or not self._wait(attempt, started, None):
+                    raise error from None
+                continue
+            if response.status_code == 200:
+                if not expect_body:
+                    return {}
+                return self._json_body(response, what, grant)
+            error = self._error(response, what, grant)
+            if response.status_code not in (429, 503) or not self._wait(
+                attempt, started, error.retry_after
+            ):
+                raise error
+
+    def _wait(self, attempt: int, started: float, retry_after: float | None) -> bool:
+        """Sleep before the next attempt; False when the attempts or the deadline are used up."""
+        policy = self._retry
+        if attempt >= policy.max_attempts:
+            return False
+        backoff = self._rng() * min(policy.cap, policy.base * 2 ** (attempt - 1))
+        if retry_after is not None:
+            if retry_after > policy.max_retry_after:
+                return False
+            backoff = max(backoff, retry_after)
+        if self._monotonic() - started + backoff > policy.deadline:
+            return False
+        self._sleep(backoff)
+        return True
+
+    def _json_body(self, response: httpx.Response, what: str, grant: str | None) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise BrokerError(
+                f"broker {self.broker_url} answered {what} with a body that is not a JSON object",
+                error="invalid_response",
+                status=response.status_code,
+                grant=grant,
+            )
+        return body
+
+    def _error(self, response: httpx.Response, what: str, grant: str | None) -> BrokerError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        code = _str_or_none(body.get("error")) or f"http_{response.status_code}"
+        description = _str_or_none(body.get("error_description"))
+        request_id = _str_or_none(body.get("request_id"))
+        reason = code + (f": {description[:200]}" if description else "")
+        suffix = f" (request_id {request_id})" if request_id else ""
+        return BrokerError(
+            f"broker {self.broker_url} refused {what} with HTTP {response.status_code} "
+            f"{reason}{suffix}",
+            error=code,
+            status=response.status_code,
+            request_id=request_id,
+            grant=grant,
+            retry_after=_retry_after(response.headers.get("retry-after"), self._clock()),
+        )
+
+
+def parse_credential(body: Mapping[str, Any], *, grant: str, now: datetime) -> Credential:
+    """Parse a 200 `/v1/token` body into a typed credential (KeyError/TypeError/ValueError)."""
+    token_type = body["issued_token_type"]
+    creds = body["credentials"]
+    request_id = str(body.get("request_id", ""))
+    expires_in = body.get("expires_in")
+    fallback = (
+        now + timedelta(seconds=int(expires_in))
+        if isinstance(expires_in, int) and not isinstance(expires_in, bool)
+        else None
+    )
+    if not isinstance(creds, dict):
+        raise TypeError("credentials is not an object")
+    if token_type == AWS_CREDENTIALS:
+        return AwsCredentials(
+            grant=grant,
+            request_id=request_id,
+            access_key_id=_req_str(creds, "AccessKeyId"),
+            secret_access_key=_req_str(creds, "SecretAccessKey"),
+            session_token=_req_str(creds, "SessionToken"),
+            expires_at=_parse_time(_req_str(creds, "Expiration")),
+        )
+    if token_type == VAULT_TOKEN:
+        lease = _req_int(creds, "lease_duration")
+        policies = creds.get("policies") or []
+        if not isinstance(policies, list) or not all(isinstance(p, str) for p in policies):
+            raise TypeError("policies is not a list of strings")
+        return VaultToken(
+            grant=grant,
+            request_id=request_id,
+            token=_req_str(creds, "token"),
+            accessor=_req_str(creds, "accessor"),
+            policies=tuple(policies),
+            renewable=bool(creds.get("renewable", False)),
+            lease_duration=lease,
+            expires_at=fallback or now + timedelta(seconds=lease),
+        )
+    if token_type == VAULT_SECRET:
+        lease = _req_int(creds, "lease_duration")
+        data = creds.get("data")
+        if not isinstance(data, dict):
+            raise TypeError("data is not an object")
+        return VaultSecret(
+            grant=grant,
+            request_id=request_id,
+            lease_id=_req_str(creds, "lease_id"),
+            lease_duration=lease,
+            renewable=bool(creds.get("renewable", False)),
+            data=dict(data),
+            expires_at=now + timedelta(seconds=lease),
+        )
+    raise ValueError(f"unknown issued_token_type {token_type!r}")
+
+
+def _req_str(obj: Mapping[str, Any], key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{key} is not a non-empty string")
+    return value
+
+
+def _req_int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{key} is not a non-negative integer")
+    return value
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError("Expiration has no time zone")
+    return moment.astimezone(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _retry_after(value: str | None, now: datetime) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now).total_seconds())
