@@ -1,0 +1,154 @@
+"""The boto3 bridge: sessions whose credentials refresh themselves through the broker.
+
+Owns attaching broker-minted STS credentials to boto3 through botocore's public API only: a
+`CredentialProvider` returning `RefreshableCredentials`, inserted first into the session's
+`credential_provider` resolver, and `boto3.Session(botocore_session=...)`. botocore then does the
+two-window refresh itself (advisory: one thread refreshes, failures tolerated; mandatory: every
+caller waits) and calls back into the broker client. Talks to AWS only through the boto3 clients
+the caller builds; talks to the broker only through the `fetch` callable it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.credentials import CredentialProvider, RefreshableCredentials
+
+from luigi_creds.client import AwsCredentials
+from luigi_creds.refresh import Windows
+
+__all__ = [
+    "AWS_ENV_VARIABLES",
+    "BrokerCredentialProvider",
+    "aws_session",
+    "credential_env",
+    "refreshable_credentials",
+    "scrub_aws_env",
+]
+
+# Variables that, left in a child's environment, win over every other provider or point it at a
+# different identity; removed before our own are set (issue 5, "Traps").
+AWS_ENV_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+)
+
+METHOD = "luigi-creds"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _metadata(creds: AwsCredentials) -> dict[str, str]:
+    return {
+        "access_key": creds.access_key_id,
+        "secret_key": creds.secret_access_key,
+        "token": creds.session_token,
+        "expiry_time": creds.expires_at.astimezone(UTC).isoformat(),
+    }
+
+
+def refreshable_credentials(
+    fetch: Callable[[], AwsCredentials],
+    *,
+    clock: Callable[[], datetime] = _utcnow,
+    windows: Windows | None = None,
+) -> RefreshableCredentials:
+    """Fetch once and wrap the result in botocore credentials that call `fetch` again to refresh.
+
+    botocore's fixed windows (15/10 minutes) would refresh a 15-minute credential on every call,
+    so the windows are scaled to the first credential's lifetime (`refresh.Windows`).
+    """
+    first = fetch()
+    advisory, mandatory = (windows or Windows()).for_lifetime(first.expires_at - clock())
+    # NOTE: the public constructor is used rather than `create_from_metadata` because only it
+    # accepts `time_fetcher`, which is how tests drive a six-hour task with a fake clock.
+    return RefreshableCredentials(
+        access_key=first.access_key_id,
+        secret_key=first.secret_access_key,
+        token=first.session_token,
+        expiry_time=first.expires_at.astimezone(UTC),
+        refresh_using=lambda: _metadata(fetch()),
+        method=METHOD,
+        time_fetcher=clock,
+        advisory_timeout=int(advisory.total_seconds()),
+        mandatory_timeout=int(mandatory.total_seconds()),
+    )
+
+
+class BrokerCredentialProvider(CredentialProvider):
+    """A botocore credential provider backed by the broker; always loads, never falls through."""
+
+    METHOD = METHOD
+    CANONICAL_NAME = "custom-luigi-creds"
+
+    def __init__(
+        self,
+        fetch: Callable[[], AwsCredentials],
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        windows: Windows | None = None,
+    ) -> None:
+        super().__init__()
+        self._fetch = fetch
+        self._clock = clock
+        self._windows = windows
+
+    def load(self) -> RefreshableCredentials:
+        return refreshable_credentials(self._fetch, clock=self._clock, windows=self._windows)
+
+
+def aws_session(
+    fetch: Callable[[], AwsCredentials],
+    *,
+    region_name: str | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+    windows: Windows | None = None,
+) -> boto3.Session:
+    """A boto3 Session whose credentials come from `fetch` and refresh themselves.
+
+    The provider goes before `env`, so a stray `AWS_ACCESS_KEY_ID` in the process cannot win.
+    """
+    core = botocore.session.Session()
+    resolver = core.get_component("credential_provider")
+    resolver.insert_before("env", BrokerCredentialProvider(fetch, clock=clock, windows=windows))
+    return boto3.Session(botocore_session=core, region_name=region_name)
+
+
+def scrub_aws_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `environ` without any AWS credential-selecting variable."""
+    return {k: v for k, v in environ.items() if k not in AWS_ENV_VARIABLES}
+
+
+def credential_env(creds: AwsCredentials, base: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Environment for a child process holding these (static) credentials.
+
+    For children that outlive the credential, prefer the local endpoint (`serve.py`), which
+    hands out refreshed credentials through the container-credentials protocol.
+    """
+    env = scrub_aws_env(base or {})
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": creds.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": creds.secret_access_key,
+            "AWS_SESSION_TOKEN": creds.session_token,
+            "AWS_CREDENTIAL_EXPIRATION": creds.credential_process()["Expiration"],
+        }
+    )
+    return env

@@ -1,0 +1,103 @@
+"""Unit tests for luigi_creds.aws: boto3 sessions that refresh broker credentials."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from luigi_creds.aws import aws_session, credential_env
+from luigi_creds.client import AwsCredentials
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Minter:
+    """Stands in for BrokerClient.mint: numbered 15-minute credentials."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.calls = 0
+
+    def __call__(self) -> AwsCredentials:
+        self.calls += 1
+        return AwsCredentials(
+            grant="etl-writer",
+            request_id=f"r{self.calls}",
+            access_key_id=f"AKIAFAKE{self.calls:04d}",
+            secret_access_key=f"secret{self.calls}",
+            session_token=f"token{self.calls}",
+            expires_at=self.clock() + timedelta(minutes=15),
+        )
+
+
+class _Raw:
+    def stream(self, **kw: Any) -> Any:
+        yield b"<ListAllMyBucketsResult><Buckets/></ListAllMyBucketsResult>"
+
+
+def test_session_refreshes_over_six_hours() -> None:
+    """Frozen credentials stay valid across a six-hour run and are re-minted about every 7.5 min."""
+    clock = FakeClock()
+    mint = Minter(clock)
+    session = aws_session(mint, region_name="us-east-1", clock=clock)
+    creds = session.get_credentials()
+    assert creds.method == "luigi-creds"
+    seen = set()
+    while clock.now < T0 + timedelta(hours=6):
+        frozen = creds.get_frozen_credentials()
+        seen.add(frozen.access_key)
+        n = int(frozen.access_key[-4:])
+        assert frozen.secret_key == f"secret{n}" and frozen.token == f"token{n}"
+        clock.now += timedelta(seconds=30)
+    assert 45 <= mint.calls <= 50
+    assert len(seen) == mint.calls
+
+
+def test_provider_wins_over_stray_env_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AWS_ACCESS_KEY_ID in the environment does not replace the broker's credentials."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASTRAY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stray")
+    clock = FakeClock()
+    session = aws_session(Minter(clock), region_name="us-east-1", clock=clock)
+    assert session.get_credentials().get_frozen_credentials().access_key == "AKIAFAKE0001"
+
+
+def test_clients_sign_with_broker_credentials() -> None:
+    """An S3 client from the session signs its requests with the minted key and session token."""
+    clock = FakeClock()
+    session = aws_session(Minter(clock), region_name="us-east-1", clock=clock)
+    s3 = session.client("s3")
+    sent: list[Any] = []
+
+    def capture(request: Any, **kw: Any) -> AWSResponse:
+        sent.append(request)
+        return AWSResponse(request.url, 200, {}, _Raw())
+
+    s3.meta.events.register("before-send", capture)
+    s3.list_buckets()
+    assert "Credential=AKIAFAKE0001/" in sent[0].headers["Authorization"].decode()
+    assert sent[0].headers["X-Amz-Security-Token"] == b"token1"
+
+
+def test_credential_env_replaces_stray_aws_variables() -> None:
+    """credential_env sets the minted keys and drops profile and container variables."""
+    creds = Minter(FakeClock())()
+    env = credential_env(
+        creds, {"PATH": "/bin", "AWS_PROFILE": "prod", "AWS_CONTAINER_CREDENTIALS_FULL_URI": "x"}
+    )
+    assert env["AWS_ACCESS_KEY_ID"] == "AKIAFAKE0001"
+    assert env["AWS_SESSION_TOKEN"] == "token1"
+    assert env["AWS_CREDENTIAL_EXPIRATION"] == "2026-01-01T12:15:00Z"
+    assert "AWS_PROFILE" not in env and "AWS_CONTAINER_CREDENTIALS_FULL_URI" not in env
+    assert env["PATH"] == "/bin"
