@@ -1,0 +1,475 @@
+"""Broker core over real HTTP: local OIDC issuer, moto server and `luigi-creds-broker serve`.
+
+Shows issue 2's end-to-end claims: a GitLab-shaped token becomes working AWS credentials, every
+hostile token is refused with the documented error and a deny record, and an unwritable audit
+store refuses to hand out anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac, serialization
+from servers import DevIssuer, free_port, start_dev_issuer
+from stack import Broker, Moto, policy_toml, start_broker, start_moto
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+from broker.dev.issuer import SigningKey, encode_jwt
+
+pytestmark = pytest.mark.integration
+
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+
+@dataclass
+class Stack:
+    issuer: DevIssuer
+    moto: Moto
+    broker: Broker
+    audit_db: Path
+    workdir: Path
+    role_arn: str
+
+    def events(self) -> list[AuditEvent]:
+        store = open_store(f"sqlite:///{self.audit_db}")
+        try:
+            return list(store.events())
+        finally:
+            store.close()
+
+    def events_for(self, request_id: str) -> list[AuditEvent]:
+        return [e for e in self.events() if e.request_id == request_id]
+
+    def issuer_key(self, alg: str = "RS256") -> SigningKey:
+        """The issuer's active private key, read from its state dir (generated at test time)."""
+        entries = json.loads(
+            (self.workdir / "dev-issuer-state" / "signing-keys.json").read_text("utf-8")
+        )
+        return [SigningKey.from_json(e) for e in entries if e["alg"] == alg][-1]
+
+
+def _start_stack(workdir: Path) -> Stack:
+    issuer = start_dev_issuer(workdir)
+    moto = start_moto(workdir)
+    role_arn = moto.create_role("etl-writer")
+    audit_db = workdir / "audit.db"
+    config = policy_toml(
+        issuer_url=issuer.url,
+        audit_db=audit_db,
+        listen=f"127.0.0.1:{free_port()}",
+        moto_url=moto.url,
+        role_arn=role_arn,
+    )
+    broker = start_broker(workdir, config)
+    return Stack(issuer, moto, broker, audit_db, workdir, role_arn)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One issuer + moto + broker for the module (the hostile table shares it)."""
+    workdir = tmp_path_factory.mktemp("stack")
+    s = _start_stack(workdir)
+    try:
+        yield s
+    finally:
+        s.broker.stop()
+        s.moto.stop()
+        s.issuer.stop()
+
+
+def test_exchange_returns_aws_credentials_that_work_in_s3(stack: Stack) -> None:
+    """A GitLab-shaped token is exchanged for STS credentials that put and get an S3 object."""
+    token = stack.issuer.mint("gitlab")
+    status, body, headers = stack.broker.exchange(token, task="CopyToS3_2026_11_22_abc123")
+    assert status == 200, body
+    assert headers["Cache-Control"] == "no-store"
+    assert body["issued_token_type"] == "urn:luigi-creds:token-type:aws-credentials"
+    assert body["token_type"] == "N_A"
+    assert 0 < body["expires_in"] <= 900
+    creds = body["credentials"]
+    assert creds["Version"] == 1 and creds["AccessKeyId"].startswith("ASIA")
+
+    s3 = stack.moto.client("s3", **creds)
+    s3.create_bucket(Bucket="lake")
+    s3.put_object(Bucket="lake", Key="raw/day.csv", Body=b"a,b\n1,2\n")
+    assert s3.get_object(Bucket="lake", Key="raw/day.csv")["Body"].read() == b"a,b\n1,2\n"
+
+    identity = stack.moto.client("sts", **creds).get_caller_identity()
+    # The session name is the templated project path, then the request id (CloudTrail join key).
+    assert identity["Arn"] == (
+        f"arn:aws:sts::123456789012:assumed-role/etl-writer/"
+        f"data-platform-nightly-etl-{body['request_id']}"
+    )
+
+    records = stack.events_for(body["request_id"])
+    assert [r.outcome for r in records] == [Outcome.INTENT, Outcome.ISSUED]
+    issued = records[-1]
+    assert issued.credential_ref == creds["AccessKeyId"]
+    assert issued.task == "CopyToS3_2026_11_22_abc123"
+    assert issued.grant == "etl-writer" and issued.issuer == "gitlab"
+    assert issued.target == stack.role_arn
+    assert issued.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+    assert issued.claims["project_id"] == "55235664"
+    # Nothing secret reaches the audit store or the broker's log.
+    raw_db = stack.audit_db.read_bytes()
+    log = stack.broker.process.log_text()
+    for secret in (creds["SecretAccessKey"], creds["SessionToken"], token):
+        assert secret.encode() not in raw_db
+        assert secret not in log
+
+
+def test_requested_duration_is_capped_by_the_grant(stack: Stack) -> None:
+    """A duration above the grant ttl is clamped to the ttl, never extended."""
+    status, body, _ = stack.broker.exchange(stack.issuer.mint("gitlab"), duration="40000")
+    assert status == 200, body
+    assert 800 < body["expires_in"] <= 900
+
+
+# -- hostile tokens ------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _segments(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    h, p, s = token.split(".")
+    pad = lambda x: x + "=" * (-len(x) % 4)  # noqa: E731
+    return (
+        json.loads(base64.urlsafe_b64decode(pad(h))),
+        json.loads(base64.urlsafe_b64decode(pad(p))),
+        s,
+    )
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any], sig: str = "") -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}.{sig}"
+
+
+def _alg_none(s: Stack, variant: str) -> str:
+    _, claims, _ = _segments(s.issuer.mint("gitlab"))
+    return _unsigned({"alg": variant, "typ": "JWT"}, claims)
+
+
+def _hs256_with_public_key(s: Stack) -> str:
+    """HMAC over header.payload with the issuer's public key PEM as the secret (key confusion)."""
+    key = s.issuer_key("RS256")
+    _, claims, _ = _segments(s.issuer.mint("gitlab"))
+    pem = key.private_key.public_key().public_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signing_input = (
+        f"{_b64(json.dumps({'alg': 'HS256', 'kid': key.kid}).encode())}."
+        f"{_b64(json.dumps(claims).encode())}"
+    )
+    mac = hmac.HMAC(pem, hashes.SHA256())
+    mac.update(signing_input.encode())
+    return f"{signing_input}.{_b64(mac.finalize())}"
+
+
+def _foreign_key(s: Stack) -> str:
+    """Signed by a key the issuer never published, under the issuer's real kid."""
+    real = s.issuer_key("RS256")
+    _, claims, _ = _segments(s.issuer.mint("gitlab"))
+    return encode_jwt(claims, SigningKey.generate("RS256"), header={"kid": real.kid})
+
+
+def _psychic_es256(s: Stack) -> str:
+    h, p, _ = s.issuer.mint("gitlab", alg="ES256").split(".")
+    return f"{h}.{p}.{_b64(bytes(64))}"
+
+
+def _resign(s: Stack, claims_change: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """Re-sign a preset token with the issuer's real key after changing claims (None deletes)."""
+    _, claims, _ = _segments(s.issuer.mint("gitlab"))
+    for k, v in claims_change.items():
+        if v is None:
+            claims.pop(k, None)
+        else:
+            claims[k] = v
+    return encode_jwt(claims, s.issuer_key("RS256"), header=header)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _jwe(s: Stack) -> str:
+    header = _b64(json.dumps({"alg": "RSA-OAEP", "enc": "A256GCM"}).encode())
+    return ".".join([header, "AAAA", "BBBB", "CCCC", "DDDD"])
+
+
+def _bad_base64(s: Stack) -> str:
+    h, p, sig = s.issuer.mint("gitlab").split(".")
+    return f"{h}.{p[:10]}+{p[10:]}.{sig}"
+
+
+def _padded(s: Stack) -> str:
+    h, p, sig = s.issuer.mint("gitlab").split(".")
+    return f"{h}=.{p}.{sig}"
+
+
+def _oversized(s: Stack) -> str:
+    return _resign(s, {"padding": "x" * 9000})
+
+
+def _unconfigured_issuer(s: Stack) -> str:
+    _, claims, _ = _segments(s.issuer.mint("gitlab"))
+    claims["iss"] = "https://attacker.example"
+    return encode_jwt(claims, SigningKey.generate("RS256"))
+
+
+def _duplicate_sub(s: Stack) -> str:
+    key = s.issuer_key("RS256")
+    _, claims, _ = _segments(s.issuer.mint("gitlab"))
+    body = json.dumps(claims)[:-1] + ', "project_id": "1"}'
+    signing_input = (
+        f"{_b64(json.dumps({'alg': 'RS256', 'kid': key.kid}).encode())}.{_b64(body.encode())}"
+    )
+    return f"{signing_input}.{_b64(key.sign(signing_input.encode()))}"
+
+
+# (case id, token builder, expected error, expected audit reason or None for "any")
+HOSTILE: list[tuple[str, Callable[[Stack], str], str, str | None]] = [
+    ("alg-none", lambda s: _alg_none(s, "none"), "invalid_request", None),
+    ("alg-None", lambda s: _alg_none(s, "None"), "invalid_request", None),
+    ("alg-nOnE", lambda s: _alg_none(s, "nOnE"), "invalid_request", None),
+    ("hs256-with-rsa-public-key", _hs256_with_public_key, "invalid_request", None),
+    (
+        "unknown-kid",
+        lambda s: s.issuer.mint("gitlab", header={"kid": "nope"}),
+        "invalid_request",
+        "unknown_kid",
+    ),
+    (
+        "kid-wrong-type",
+        lambda s: s.issuer.mint("gitlab", header={"kid": ["a"]}),
+        "invalid_request",
+        None,
+    ),
+    (
+        "kid-path-traversal",
+        lambda s: s.issuer.mint("gitlab", header={"kid": "../../../../dev/null"}),
+        "invalid_request",
+        None,
+    ),
+    ("signature-from-another-key", _foreign_key, "invalid_request", "bad_signature"),
+    ("es256-r-s-zero", _psychic_es256, "invalid_request", None),
+    (
+        "expired",
+        lambda s: _resign(s, {"exp": _now() - 120, "iat": _now() - 600}),
+        "invalid_request",
+        "expired",
+    ),
+    (
+        "nbf-in-future",
+        lambda s: _resign(s, {"nbf": _now() + 600}),
+        "invalid_request",
+        "not_yet_valid",
+    ),
+    ("iat-in-future", lambda s: _resign(s, {"iat": _now() + 600}), "invalid_request", None),
+    ("missing-exp", lambda s: _resign(s, {"exp": None}), "invalid_request", "missing_claim"),
+    ("missing-iat", lambda s: _resign(s, {"iat": None}), "invalid_request", "missing_claim"),
+    ("missing-sub", lambda s: _resign(s, {"sub": None}), "invalid_request", "missing_claim"),
+    ("missing-aud", lambda s: _resign(s, {"aud": None}), "invalid_request", None),
+    ("exp-as-string", lambda s: _resign(s, {"exp": str(_now() + 300)}), "invalid_request", None),
+    (
+        "lifetime-exceeded",
+        lambda s: _resign(s, {"iat": _now() - 7 * 3600, "exp": _now() + 60}),
+        "invalid_request",
+        None,
+    ),
+    (
+        "wrong-iss-trailing-slash",
+        lambda s: _resign(s, {"iss": s.issuer.url + "/"}),
+        "invalid_request",
+        "unknown_issuer",
+    ),
+    (
+        "wrong-aud",
+        lambda s: _resign(s, {"aud": "another-service"}),
+        "invalid_request",
+        "wrong_audience",
+    ),
+    (
+        "aud-list-without-ours",
+        lambda s: _resign(s, {"aud": ["a", "b"]}),
+        "invalid_request",
+        "wrong_audience",
+    ),
+    (
+        "jku-header",
+        lambda s: _resign(s, {}, {"jku": "http://169.254.169.254/jwks"}),
+        "invalid_request",
+        "forbidden_header",
+    ),
+    (
+        "x5u-header",
+        lambda s: _resign(s, {}, {"x5u": "https://attacker/x.pem"}),
+        "invalid_request",
+        "forbidden_header",
+    ),
+    (
+        "embedded-jwk",
+        lambda s: _resign(s, {}, {"jwk": s.issuer_key().public_jwk()}),
+        "invalid_request",
+        "forbidden_header",
+    ),
+    (
+        "unknown-crit",
+        lambda s: _resign(s, {}, {"crit": ["exp2"], "exp2": 1}),
+        "invalid_request",
+        None,
+    ),
+    ("jwe-five-parts", _jwe, "invalid_request", None),
+    ("bad-base64-char", _bad_base64, "invalid_request", None),
+    ("base64-padding", _padded, "invalid_request", None),
+    ("oversized-token", _oversized, "invalid_request", None),
+    ("unconfigured-issuer", _unconfigured_issuer, "invalid_request", "unknown_issuer"),
+    ("duplicate-claim", _duplicate_sub, "invalid_request", None),
+    ("nested-jwt", lambda s: _resign(s, {}, {"cty": "JWT"}), "invalid_request", None),
+    (
+        "ref-glob-across-slash",
+        lambda s: _resign(s, {"ref": "release/1/evil"}),
+        "invalid_target",
+        None,
+    ),
+    (
+        "project-id-as-number",
+        lambda s: _resign(s, {"project_id": 55235664}),
+        "invalid_target",
+        None,
+    ),
+    ("other-project", lambda s: _resign(s, {"project_id": "1"}), "invalid_target", None),
+    ("ref-unprotected", lambda s: _resign(s, {"ref_protected": "false"}), "invalid_target", None),
+    ("empty-subject-token", lambda s: "", "invalid_request", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("builder", "error", "reason"),
+    [pytest.param(b, e, r, id=i) for i, b, e, r in HOSTILE],
+)
+def test_hostile_token_is_refused_and_audited(
+    stack: Stack, builder: Callable[[Stack], str], error: str, reason: str | None
+) -> None:
+    """Each hostile token gets a 400 with the documented error, one deny record, and no mint."""
+    token = builder(stack)
+    status, body, headers = stack.broker.exchange(token)
+    assert status == 400, body
+    assert body["error"] == error
+    assert set(body) == {"error", "error_description", "request_id"}
+    assert headers["Cache-Control"] == "no-store"
+    records = stack.events_for(body["request_id"])
+    assert [r.outcome for r in records] == [Outcome.DENIED]
+    assert records[0].reason
+    if reason is not None:
+        assert records[0].reason == reason
+    # Error-body hygiene (HOSTILE #64): small, and no token bytes in it.
+    raw = json.dumps(body)
+    assert len(raw) < 1024
+    if token:
+        assert token.split(".")[1][:40] not in raw
+
+
+def test_oversized_form_body_is_413_and_audited(stack: Stack) -> None:
+    """A form body over the configured limit is answered 413 and still leaves a deny record."""
+    status, body, _ = stack.broker.post_raw("/v1/token", b"subject_token=" + b"a" * 70_000)
+    assert status == 413
+    assert [r.reason for r in stack.events_for(body["request_id"])] == ["body_too_large"]
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        pytest.param(
+            b"grant_type=a&grant_type=b", "application/x-www-form-urlencoded", id="repeated"
+        ),
+        pytest.param(b'{"grant_type": "x"}', "application/json", id="json-body"),
+        pytest.param(
+            b"grant_type=x", "application/x-www-form-urlencoded; charset=utf-16", id="utf16"
+        ),
+        pytest.param(b"grant_type=%ff", "application/x-www-form-urlencoded", id="bad-utf8"),
+    ],
+)
+def test_malformed_form_is_invalid_request(stack: Stack, data: bytes, content_type: str) -> None:
+    """Repeated parameters, JSON bodies and non-UTF-8 forms are refused as invalid_request."""
+    status, body, _ = stack.broker.post_raw("/v1/token", data, content_type)
+    assert (status, body["error"]) == (400, "invalid_request")
+
+
+def test_wrong_grant_type_is_unsupported(stack: Stack) -> None:
+    """grant_type=password is answered unsupported_grant_type."""
+    status, body, _ = stack.broker.token({"grant_type": "password"})
+    assert (status, body["error"]) == (400, "unsupported_grant_type")
+
+
+def test_unknown_grant_is_invalid_target(stack: Stack) -> None:
+    """A valid token asking for a grant that does not exist is invalid_target."""
+    status, body, _ = stack.broker.exchange(stack.issuer.mint("gitlab"), grant="root")
+    assert (status, body["error"]) == (400, "invalid_target")
+
+
+def test_health_metrics_and_openapi_answer(stack: Stack) -> None:
+    """healthz, readyz, metrics and openapi.json answer with the expected content."""
+    assert stack.broker.get("/healthz")[0] == 200
+    status, ready = stack.broker.get("/readyz")
+    assert status == 200, ready
+    assert json.loads(ready)["checks"] == {"issuers": "ok", "audit": "ok", "aws": "ok"}
+    status, text = stack.broker.get("/metrics")
+    assert status == 200
+    assert (
+        'luigi_creds_requests_total{endpoint="token",grant="etl-writer",outcome="issued"}' in text
+    )
+    assert "luigi_creds_jwks_fetches_total" in text
+    status, text = stack.broker.get("/openapi.json")
+    assert status == 200 and "/v1/token" in json.loads(text)["paths"]
+
+
+def test_unwritable_audit_store_returns_503_and_no_credentials(tmp_path: Path) -> None:
+    """With the audit store refusing writes the broker answers 503 and returns no credential."""
+    s = _start_stack(tmp_path)
+    try:
+        assert s.broker.exchange(s.issuer.mint("gitlab"))[0] == 200
+        before = len(s.events())
+        db = sqlite3.connect(s.audit_db)
+        # A real write failure at the store, as a full disk would give, for every insert.
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            db.execute(
+                f'CREATE TRIGGER "refuse_{table}" BEFORE INSERT ON "{table}" '
+                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        db.commit()
+        db.close()
+        status, body, headers = s.broker.exchange(s.issuer.mint("gitlab"))
+        assert status == 503
+        assert body["error"] == "temporarily_unavailable"
+        assert "credentials" not in body and "access_token" not in body
+        assert int(headers["Retry-After"]) > 0
+        assert len(s.events()) == before
+        assert s.broker.get("/readyz")[0] == 503
+    finally:
+        s.broker.stop()
+        s.moto.stop()
+        s.issuer.stop()
+
+
+def test_issued_event_time_is_aware_utc(stack: Stack) -> None:
+    """Audit times are aware UTC datetimes."""
+    status, body, _ = stack.broker.exchange(stack.issuer.mint("gitlab"))
+    assert status == 200
+    event = stack.events_for(body["request_id"])[-1]
+    assert event.time.tzinfo is not None
+    assert abs((datetime.now(UTC) - event.time).total_seconds()) < 60
