@@ -23,6 +23,8 @@ from pathlib import Path
 
 # A child that ignores SIGTERM gets this long before SIGKILL; our servers exit in well under 1 s.
 STOP_GRACE_SECONDS = 5.0
+# Children run from the checkout so `python -m broker...` imports this tree's code.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -230,6 +232,10 @@ def start_dev_issuer(
 ) -> DevIssuer:
     """Start the local OIDC issuer on a free loopback port; keys and log live under `workdir`."""
     log_path = workdir / "dev-issuer.log"
+    restarts = 1
+    while log_path.exists():  # a restart in the same dir must not read the old announcement
+        restarts += 1
+        log_path = workdir / f"dev-issuer-{restarts}.log"
     argv = [
         sys.executable,
         "-m",
@@ -246,7 +252,10 @@ def start_dev_issuer(
     if issuer_url is not None:
         argv += ["--issuer-url", issuer_url]
     process = start_process(
-        argv, log_path=log_path, ready=lambda: _announced_url(log_path) is not None
+        argv,
+        log_path=log_path,
+        ready=lambda: _announced_url(log_path) is not None,
+        cwd=REPO_ROOT,
     )
     url = _announced_url(log_path)
     assert url is not None
