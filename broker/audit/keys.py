@@ -1,0 +1,108 @@
+"""Key material of the audit ledger: the checkpoint signing key and the accessor HMAC salt.
+
+Owns two small files on the local file system and nothing else. Talks to no network service.
+
+Decision: when a configured file is absent it is created (O_EXCL, mode 0600), so the embedded
+default (`make demo`, a fresh SQLite ledger) needs nothing set up by hand. O_EXCL makes two
+replicas racing on a shared volume end up with one key. A key that is later deleted and
+regenerated cannot pass itself off as the old one: `audit verify` pins the public key and every
+earlier checkpoint then fails its signature check. Production deployments should provision the
+key from a KMS/HSM-backed file and copy only the public half to the verifier (HOSTILE.md note 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+SALT_BYTES = 32  # HMAC-SHA256 key length; shorter salts are refused below 16 bytes
+MIN_SALT_BYTES = 16
+
+
+class KeyFileError(ValueError):
+    """A key or salt file exists but does not hold what it should."""
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Write `data` to a new file readable only by us; False if someone else created it first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 checkpoint key in PEM (PKCS#8) at `path`, generated there if absent."""
+    if not path.exists():
+        fresh = Ed25519PrivateKey.generate()
+        pem = fresh.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        if _create_exclusive(path, pem):
+            return fresh
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path}: not an unencrypted PEM private key") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path}: audit checkpoints are signed with Ed25519 keys only")
+    return key
+
+
+def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
+    """Verification keys from a PEM file holding Ed25519 private and/or public keys (rotation)."""
+    text = path.read_bytes()
+    keys: list[Ed25519PublicKey] = []
+    marker = b"-----BEGIN "
+    blocks = [marker + b for b in text.split(marker)[1:]]
+    for block in blocks:
+        try:
+            if b"PRIVATE KEY" in block.split(b"\n", 1)[0]:
+                private = load_pem_private_key(block, password=None)
+                if isinstance(private, Ed25519PrivateKey):
+                    keys.append(private.public_key())
+            else:
+                public = load_pem_public_key(block)
+                if isinstance(public, Ed25519PublicKey):
+                    keys.append(public)
+        except (ValueError, TypeError) as exc:
+            raise KeyFileError(f"{path}: unreadable PEM block") from exc
+    if not keys:
+        raise KeyFileError(f"{path}: no Ed25519 key")
+    return keys
+
+
+def load_or_create_salt(path: Path) -> bytes:
+    """The per-deployment HMAC salt (hex text) at `path`, generated there if absent."""
+    if not path.exists():
+        fresh = secrets.token_bytes(SALT_BYTES)
+        if _create_exclusive(path, fresh.hex().encode() + b"\n"):
+            return fresh
+    try:
+        salt = bytes.fromhex(path.read_text().strip())
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: the salt file holds hex") from exc
+    if len(salt) < MIN_SALT_BYTES:
+        raise KeyFileError(f"{path}: salt shorter than {MIN_SALT_BYTES} bytes")
+    return salt
+
+
+def hmac_ref(salt: bytes, value: str) -> str:
+    """`hmac-sha256:<hex>`, the form Vault's audit devices use for hashed values."""
+    return "hmac-sha256:" + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()

@@ -1,0 +1,95 @@
+"""The embedded audit store: one SQLite database file (the default, single-host broker).
+
+Talks to the local file system through Python's sqlite3. Durability: WAL journal with
+`synchronous=FULL`, so a returned `append` has been fsync'd. The ledger lock is SQLite's database
+write lock, taken up front with `BEGIN IMMEDIATE`, which serialises appends across processes;
+threads of one process first queue on a local lock so they do not spin in SQLite's busy handler.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit.ledger import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_ORIGIN,
+    Clock,
+    SqlLedger,
+)
+
+# Seconds a writer waits for another process's write lock before the append fails (fail closed
+# within a bounded time; HOSTILE.md F2).
+BUSY_TIMEOUT = 10.0
+
+
+class SqliteAuditStore(SqlLedger):
+    db_errors = (sqlite3.Error, OSError)
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock,
+        signing_key: Ed25519PrivateKey | None,
+        salt: bytes | None,
+        origin: str = DEFAULT_ORIGIN,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_interval: timedelta = DEFAULT_CHECKPOINT_INTERVAL,
+        busy_timeout: float = BUSY_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            clock=clock,
+            signing_key=signing_key,
+            salt=salt,
+            origin=origin,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval=checkpoint_interval,
+        )
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._process_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteAuditStore({str(self.path)!r})"
+
+    def _connect(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so the lock mode is explicit.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    @contextmanager
+    def _txn(self, conn: Any) -> Iterator[Any]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _write_txn(self, conn: Any) -> AbstractContextManager[Any]:
+        return self._txn(conn)
+
+    def _migration_txn(self, conn: Any) -> AbstractContextManager[Any]:
+        return self._txn(conn)
+
+    def _table_exists(self, conn: Any, name: str) -> bool:
+        rows = self._rows(
+            conn, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        )
+        return bool(rows)
+
+    def _local_lock(self) -> AbstractContextManager[Any]:
+        return self._process_lock
