@@ -263,6 +263,7 @@ LEEWAY_MAX = 300
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
 _CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CASE_FOLD = re.compile(r"\(\?[aiLmsux-]*i[aiLmsux-]*[:)]")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _TAG_KEY = re.compile(r"[A-Za-z0-9 _.:/=+@-]+")  # IAM tag key character set
 
@@ -897,6 +898,10 @@ class _Lint:
             return None
         if claim in TENANT_CLAIMS or claim in PATH_CLAIMS:
             why = _regex_crosses_slash(pattern)
+            if _CASE_FOLD.search(pattern):
+                # Unicode case folding lets `(?i)s` match U+017F and `(?i)k` U+212A: comparison
+                # in identity claims stays byte-exact.
+                why = "case-insensitive matching is not allowed; list the spellings"
             if why:
                 self.add(where, f"regex {pattern!r} in a path or tenant claim: {why}")
                 return None
