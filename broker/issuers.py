@@ -206,11 +206,14 @@ class IssuerRegistry:
     def _usable_keys(self, entry: _Entry) -> KeySet:
         """Current keys, refetching first if the cache TTL has passed (single-flight)."""
         now = self._clock()
-        if not self._needs_refresh(entry, now):
-            if not self._has_usable(entry, now):
-                raise IssuerUnavailable(entry.config.name, entry.last_error or "stale")
-            assert entry.keys is not None
-            return entry.keys
+        keys = entry.keys
+        # Lock-free fast path; anything doubtful (a fetch may be half-recorded) takes the lock.
+        if (
+            keys is not None
+            and not self._needs_refresh(entry, now)
+            and self._has_usable(entry, now)
+        ):
+            return keys
         observed = entry.attempts
         with entry.fetch_lock:
             now = self._clock()
@@ -254,10 +257,10 @@ class IssuerRegistry:
         """One fetch; on success replace the keys, on failure keep the last good ones."""
         name = entry.config.name
         entry.attempts += 1
-        entry.last_attempt = now
         try:
             keys = self._fetch_keys(entry.config)
         except _FetchFailed as exc:
+            entry.last_attempt = now
             entry.last_attempt_ok = False
             entry.last_error = exc.reason
             log.warning("issuer %s: key fetch failed (%s): %s", name, exc.reason, exc)
@@ -265,6 +268,7 @@ class IssuerRegistry:
             return
         entry.keys = keys
         entry.last_success = now
+        entry.last_attempt = now
         entry.last_attempt_ok = True
         entry.last_error = None
         self._report(name, OK)
@@ -337,13 +341,14 @@ class IssuerRegistry:
                     raise _FetchFailed("http_status", f"{url} answered {response.status_code}")
                 encoding = response.headers.get("content-encoding", "identity").lower()
                 if encoding != "identity":
-                    # Refused so a compressed body cannot expand past the cap (zip bomb).
+                    # Refused so a compressed body cannot expand past the cap (zip bomb); with
+                    # identity only, iter_bytes below yields the bytes as they came.
                     raise _FetchFailed("bad_encoding", f"{url} sent content-encoding {encoding}")
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
                     raise _FetchFailed("too_large", f"{url} declares {declared} bytes")
                 body = bytearray()
-                for chunk in response.iter_raw():
+                for chunk in response.iter_bytes():
                     body += chunk
                     if len(body) > MAX_BODY_BYTES:
                         raise _FetchFailed("too_large", f"{url} body exceeds {MAX_BODY_BYTES}")
