@@ -53,6 +53,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 # total deadline (issuers.py: 5 s), short enough that a test run never hangs on it.
 DRIP_INTERVAL_SECONDS = 0.5
 DRIP_MAX_SECONDS = 20.0
+# How often serve_forever checks for shutdown (stdlib default 0.5 s); tests stop many issuers.
+SHUTDOWN_POLL_SECONDS = 0.05
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -460,12 +462,12 @@ class IssuerServer:
         return self.state.issuer_url
 
     def start(self) -> IssuerServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        self.httpd.serve_forever(poll_interval=SHUTDOWN_POLL_SECONDS)
 
     def stop(self) -> None:
         self.httpd.shutdown()
