@@ -9,6 +9,8 @@ injected `clock`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import re
 import time
@@ -25,6 +27,8 @@ from broker.mint import UpstreamError
 from broker.mint.aws import AwsMinter, clamp_duration, plan_assume_role
 from broker.policy import Policy
 from broker.tokens import TokenError, parse_token, token_sha256, validate_claims, verify_signature
+
+log = logging.getLogger("broker.exchange")
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 GRANT_TYPE_REFRESH = "refresh_token"
@@ -182,7 +186,7 @@ class Exchanger:
     def reject(self, req: TokenRequest, status: int, reason: str) -> Issued:
         """Audit and refuse a request the HTTP edge found malformed (bad framing, too large)."""
         record = self._new_record(req)
-        self._terminal(record, Outcome.DENIED, reason, fail=None)
+        self._terminal(record, Outcome.DENIED, reason)
         raise ExchangeError(status, "invalid_request", reason)
 
     def handle(self, req: TokenRequest) -> Issued:
@@ -193,12 +197,12 @@ class Exchanger:
         except ExchangeError as exc:
             if not record.terminal_written:
                 outcome = Outcome.ERROR if exc.status >= 500 else Outcome.DENIED
-                self._terminal(record, outcome, exc.reason, fail=exc)
+                self._terminal(record, outcome, exc.reason)
             raise
         except Exception as exc:
             # Anything unforeseen still ends in one terminal record and a generic 503.
             if not record.terminal_written:
-                self._terminal(record, Outcome.ERROR, "internal_error", fail=None)
+                self._terminal(record, Outcome.ERROR, "internal_error")
             raise _unavailable("internal_error") from exc
 
     # -- steps -------------------------------------------------------------------------------
@@ -329,7 +333,7 @@ class Exchanger:
         )
         # NOTE: if this write fails the AWS credential cannot be revoked; it is simply never
         # returned, and the intent above names its session, which CloudTrail can join.
-        self._terminal(record, Outcome.ISSUED, "issued", fail=None)
+        self._terminal(record, Outcome.ISSUED, "issued")
         now = self._clock()
         return Issued(
             request_id=record.event.request_id,
@@ -347,9 +351,7 @@ class Exchanger:
         except AuditUnavailable as exc:
             raise _unavailable("audit_unavailable") from exc
 
-    def _terminal(
-        self, record: _Record, outcome: Outcome, reason: str, *, fail: ExchangeError | None
-    ) -> None:
+    def _terminal(self, record: _Record, outcome: Outcome, reason: str) -> None:
         """Write the one terminal record. If it cannot be written, the answer becomes 503."""
         record.terminal_written = True
         try:
@@ -357,4 +359,26 @@ class Exchanger:
                 replace(record.event, outcome=outcome, reason=reason, time=self._clock())
             )
         except AuditUnavailable as exc:
+            if outcome is Outcome.ISSUED:
+                self._withhold(record)
             raise _unavailable("audit_unavailable") from exc
+
+    def _withhold(self, record: _Record) -> None:
+        """A credential was minted but its `issued` record failed: it is never returned (F3).
+
+        Try once more to close the intent with an error record (the failure may be transient);
+        either way the alert names the credential reference, never the credential.
+        """
+        log.error(
+            "credential minted but not audited; withheld",
+            extra={"request_id": record.event.request_id, "ref": record.event.credential_ref},
+        )
+        with contextlib.suppress(AuditUnavailable):
+            self._audit.append(
+                replace(
+                    record.event,
+                    outcome=Outcome.ERROR,
+                    reason="audit_failed_after_mint",
+                    time=self._clock(),
+                )
+            )

@@ -1,0 +1,241 @@
+"""Unit tests of the exchange use case's fail-closed rules, with an in-memory audit store.
+
+The issuer keys are pinned (jwks_file, no network), tokens are really signed, and STS is a
+botocore Stubber, so what is faked is only the audit store's ability to fail on demand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from botocore.stub import Stubber
+
+from broker.audit.events import AuditEvent, Outcome
+from broker.audit.store import AuditUnavailable
+from broker.config import parse_config
+from broker.dev.claims import preset_claims
+from broker.dev.issuer import SigningKey, encode_jwt
+from broker.exchange import GRANT_TYPE_TOKEN_EXCHANGE, ExchangeError, Exchanger, TokenRequest
+from broker.issuers import IssuerRegistry
+from broker.mint.aws import AwsMinter
+from broker.policy import Policy
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+ISSUER = "https://gitlab.example.com"
+ROLE = "arn:aws:iam::123456789012:role/etl-writer"
+
+
+class MemoryAudit:
+    """An audit store that keeps events in a list and fails on chosen append numbers."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+        self.fail_on: set[int] = set()
+        self.calls = 0
+
+    def append(self, event: AuditEvent) -> int:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise AuditUnavailable("disk full")
+        self.events.append(event)
+        return len(self.events) - 1
+
+    def check_writable(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def key() -> SigningKey:
+    return SigningKey.generate("RS256")
+
+
+@pytest.fixture
+def setup(tmp_path: Path, key: SigningKey) -> Iterator[tuple[Exchanger, MemoryAudit, Stubber]]:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.public_jwk()]}))
+    config = parse_config(
+        f"""
+        [broker]
+        audit_store = "sqlite:///{tmp_path}/unused.db"
+        [[issuer]]
+        name = "gitlab"
+        url = "{ISSUER}"
+        audiences = ["luigi-creds"]
+        jwks_file = "{jwks}"
+        [[grant]]
+        name = "etl-writer"
+        issuers = ["gitlab"]
+        ttl = "15m"
+        [grant.match]
+        project_id = "55235664"
+        [grant.aws]
+        role_arn = "{ROLE}"
+        """
+    )
+    sts = boto3.session.Session(
+        aws_access_key_id="x", aws_secret_access_key="y", region_name="us-east-1"
+    ).client("sts")
+    stubber = Stubber(sts)
+    audit = MemoryAudit()
+    with httpx.Client() as http:
+        registry = IssuerRegistry(config.issuers, http, clock=lambda: NOW)
+        exchanger = Exchanger(
+            config,
+            Policy.compile(config),
+            registry,
+            audit,
+            aws=AwsMinter(sts),
+            clock=lambda: NOW,
+            sleep=lambda _: None,
+        )
+        with stubber:
+            yield exchanger, audit, stubber
+
+
+def _request(key: SigningKey, **claims: Any) -> TokenRequest:
+    body = preset_claims("gitlab", issuer=ISSUER, audience="luigi-creds", now=NOW, overrides=claims)
+    return TokenRequest(
+        request_id="req1",
+        client_addr="127.0.0.1",
+        grant_type=GRANT_TYPE_TOKEN_EXCHANGE,
+        audience="etl-writer",
+        subject_token=encode_jwt(body, key),
+        subject_token_type="urn:ietf:params:oauth:token-type:jwt",
+        task="Task_1",
+    )
+
+
+def _sts_ok(stubber: Stubber) -> None:
+    stubber.add_response(
+        "assume_role",
+        {
+            "Credentials": {
+                "AccessKeyId": "ASIAEXAMPLEEXAMPLE01",
+                "SecretAccessKey": "s" * 40,
+                "SessionToken": "t" * 100,
+                "Expiration": NOW + timedelta(minutes=15),
+            }
+        },
+    )
+
+
+def test_issue_writes_intent_then_issued(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """A good token yields credentials after an intent and an issued record, in that order."""
+    exchanger, audit, stubber = setup
+    _sts_ok(stubber)
+    issued = exchanger.handle(_request(key))
+    assert issued.credentials["AccessKeyId"] == "ASIAEXAMPLEEXAMPLE01"
+    assert issued.expires_in == 900
+    assert [e.outcome for e in audit.events] == [Outcome.INTENT, Outcome.ISSUED]
+    assert audit.events[1].credential_ref == "ASIAEXAMPLEEXAMPLE01"
+    assert "s" * 40 not in repr(issued) and "t" * 100 not in repr(issued)
+
+
+def test_audit_failure_before_mint_calls_no_upstream(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """If the intent cannot be written, STS is never called and the caller gets 503 (F1)."""
+    exchanger, audit, stubber = setup
+    _sts_ok(stubber)
+    audit.fail_on = {1, 2}
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(_request(key))
+    assert (caught.value.status, caught.value.error) == (503, "temporarily_unavailable")
+    with pytest.raises(AssertionError):
+        stubber.assert_no_pending_responses()  # the queued STS answer was never asked for
+    assert audit.events == []
+
+
+def test_audit_failure_after_mint_returns_nothing(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """If the issued record cannot be written, the minted credential is withheld: 503 (F3)."""
+    exchanger, audit, stubber = setup
+    _sts_ok(stubber)
+    audit.fail_on = {2}
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(_request(key))
+    assert caught.value.status == 503
+    stubber.assert_no_pending_responses()
+    # The intent names the session, so the orphan can be joined in CloudTrail; the terminal
+    # record says the credential was minted but withheld.
+    assert [e.outcome for e in audit.events] == [Outcome.INTENT, Outcome.ERROR]
+    assert audit.events[0].detail["session_name"].endswith("-req1")
+    assert audit.events[1].reason == "audit_failed_after_mint"
+    assert audit.events[1].credential_ref == "ASIAEXAMPLEEXAMPLE01"
+
+
+def test_sts_throttling_is_retried_with_one_intent_per_attempt(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """Throttling is retried; every attempt has its own intent record with its number (F10)."""
+    exchanger, audit, stubber = setup
+    stubber.add_client_error("assume_role", "Throttling", http_status_code=400)
+    _sts_ok(stubber)
+    exchanger.handle(_request(key))
+    assert [(e.outcome, e.attempt) for e in audit.events] == [
+        (Outcome.INTENT, 1),
+        (Outcome.INTENT, 2),
+        (Outcome.ISSUED, 2),
+    ]
+
+
+def test_sts_down_gives_503_after_bounded_attempts(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """A persistently failing STS ends in 503 with an error record after three attempts."""
+    exchanger, audit, stubber = setup
+    for _ in range(3):
+        stubber.add_client_error("assume_role", "ServiceUnavailable", http_status_code=503)
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(_request(key))
+    assert caught.value.status == 503 and caught.value.retry_after
+    assert [e.outcome for e in audit.events] == [Outcome.INTENT] * 3 + [Outcome.ERROR]
+
+
+def test_sts_access_denied_is_not_retried(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """AccessDenied from STS is final: one attempt, 503, reason upstream_denied."""
+    exchanger, audit, stubber = setup
+    stubber.add_client_error("assume_role", "AccessDenied", http_status_code=403)
+    with pytest.raises(ExchangeError):
+        exchanger.handle(_request(key))
+    assert audit.events[-1].reason == "upstream_denied"
+    assert len(audit.events) == 2
+
+
+def test_denial_is_audited_with_the_claims_read(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """A policy denial is invalid_target, audited with only the claims the policy read."""
+    exchanger, audit, _ = setup
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(_request(key, project_id="1"))
+    assert caught.value.error == "invalid_target"
+    (event,) = audit.events
+    assert event.outcome == Outcome.DENIED
+    assert dict(event.claims) == {"project_id": "1"}
+
+
+def test_denial_that_cannot_be_audited_becomes_503(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """Nothing goes unaudited: a deny whose record fails is answered 503 instead."""
+    exchanger, audit, _ = setup
+    audit.fail_on = {1}
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(_request(key, project_id="1"))
+    assert caught.value.status == 503
