@@ -1,0 +1,147 @@
+"""The hvac bridge: Vault tokens kept alive for the life of a task, then revoked.
+
+Owns renewing broker-minted Vault tokens with Vault's LifetimeWatcher timing (renew at about 2/3 of
+the remaining lease, minus up to 10 % jitter, back off on errors) and re-minting through the job's
+agent when the token stops extending (its max TTL is reached) or renewal keeps failing. Talks to
+Vault (OpenBao) through hvac, and to the broker only through the `remint` callable it is given.
+
+NOTE: dynamic-secret leases (`vault_secret`) were created by the broker's Vault identity; a task
+holds no token that may renew or revoke them, so their renewal and revocation belong to the broker
+(it revokes a session's leases on `/v1/revoke`). Here they are only forgotten at task end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import hvac
+
+from luigi_creds.client import Credential, VaultToken
+
+__all__ = ["TokenKeeper", "release", "renew_delay"]
+
+log = logging.getLogger(__name__)
+
+# Vault's api.LifetimeWatcher: sleep 2/3 of the lease, minus up to 10 % of that as jitter.
+RENEW_FRACTION = 2 / 3
+JITTER_FRACTION = 0.1
+# Error back-off, doubling from 1 s, capped at 1/3 of the lease so a retry still fits before expiry.
+ERROR_BACKOFF_START = 1.0
+
+
+def renew_delay(lease_seconds: float, rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before renewing a lease that has `lease_seconds` left."""
+    base = max(lease_seconds, 0.0) * RENEW_FRACTION
+    return base - rng() * JITTER_FRACTION * base
+
+
+def error_delay(attempt: int, lease_seconds: float) -> float:
+    """Back-off after the `attempt`-th consecutive failed renewal."""
+    return min(ERROR_BACKOFF_START * 2.0 ** (attempt - 1), max(lease_seconds / 3, 0.5))
+
+
+@dataclass
+class _Token:
+    token: str
+    lease: float
+
+
+class TokenKeeper:
+    """An hvac Client whose token a background thread renews (or re-mints) until `stop()`."""
+
+    _registry: ClassVar[dict[tuple[str, str], TokenKeeper]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        cred: VaultToken,
+        addr: str | None,
+        *,
+        remint: Callable[[], Credential] | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.client = hvac.Client(url=addr, token=cred.token)
+        self._remint = remint
+        self._rng = rng
+        self._renewable = cred.renewable
+        self._lease = float(cred.lease_duration)
+        self._initial_lease = self._lease
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"TokenKeeper(url={self.client.url!r})"
+
+    @classmethod
+    def for_task(cls, task_id: str, grant: str, cred: VaultToken, addr: str | None) -> TokenKeeper:
+        """The keeper for (task, grant) in this process, started on first use."""
+        with cls._registry_lock:
+            keeper = cls._registry.get((task_id, grant))
+            if keeper is None:
+                from luigi_creds.luigi import ensure_agent
+
+                keeper = cls(cred, addr, remint=lambda: ensure_agent().mint(grant, task_id))
+                keeper.start()
+                cls._registry[(task_id, grant)] = keeper
+            return keeper
+
+    @classmethod
+    def pop(cls, task_id: str, grant: str) -> TokenKeeper | None:
+        with cls._registry_lock:
+            return cls._registry.pop((task_id, grant), None)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="luigi-creds-vault", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failures = 0
+        wait = renew_delay(self._lease, self._rng)
+        while not self._stop.wait(wait):
+            try:
+                granted = self._renew_or_remint()
+                failures = 0
+                wait = renew_delay(granted, self._rng)
+            except Exception as exc:
+                failures += 1
+                wait = error_delay(failures, self._lease)
+                log.warning(
+                    "vault token renewal failed (%s); retrying in %.1fs", type(exc).__name__, wait
+                )
+
+    def _renew_or_remint(self) -> float:
+        if self._renewable:
+            answer = self.client.auth.token.renew_self()
+            granted = float(answer["auth"]["lease_duration"])
+            # Vault's watcher re-reads when the lease stops extending (max TTL near): re-mint
+            # once a renewal grants less than a third of the original lease.
+            if granted >= self._initial_lease / 3 or self._remint is None:
+                self._lease = granted
+                return granted
+        if self._remint is None:
+            raise RuntimeError("token is not renewable and cannot be re-minted")
+        fresh = self._remint()
+        if not isinstance(fresh, VaultToken):
+            raise TypeError("re-mint did not return a Vault token")
+        self.client.token = fresh.token
+        self._renewable = fresh.renewable
+        self._lease = self._initial_lease = float(fresh.lease_duration)
+        return self._lease
+
+
+def release(task_id: str, grant: str, cred: Any, addr: str | None) -> None:
+    """End a task's Vault credential: stop renewing and revoke the token (and its leases)."""
+    keeper = TokenKeeper.pop(task_id, grant)
+    if keeper is not None:
+        keeper.stop()
+    if isinstance(cred, VaultToken) and addr:
+        client = keeper.client if keeper is not None else hvac.Client(url=addr, token=cred.token)
+        client.auth.token.revoke_self()

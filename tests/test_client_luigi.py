@@ -1,0 +1,251 @@
+"""Tests for luigi_creds.luigi: config, redaction, and real luigi.build runs against a fake broker.
+
+The fake broker is a stdlib HTTP server on a free loopback port that speaks SPEC.md's wire
+protocol (exchange once, rotating refresh handles, reuse detection); the end-to-end tests against
+the real broker live elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+with warnings.catch_warnings():
+    # Luigi 3.8 warns on import unless luigi.cfg sets [core] autoload_range; the test suite has
+    # no luigi.cfg of its own, and pytest turns warnings into errors.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import luigi
+    import luigi.configuration
+from luigi.contrib.external_program import ExternalProgramTask
+
+from luigi_creds.luigi import (
+    ClientSettings,
+    ConfigError,
+    CredentialsMixin,
+    _on_start,
+    redact,
+    stop_agent,
+)
+
+
+class FakeBroker:
+    """Records every mint as (grant, task, access key id)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.mints: list[tuple[str, str, str]] = []
+        self.handles: set[str] = set()
+        self.spent: set[str] = set()
+        self.exchanges = 0
+        self.down = False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        broker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                form = {
+                    k: v[0]
+                    for k, v in parse_qs(
+                        self.rfile.read(int(self.headers["Content-Length"])).decode()
+                    ).items()
+                }
+                status, body = broker.token(form)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            if self.down:
+                return 503, {"error": "temporarily_unavailable", "request_id": "r"}
+            if form["audience"] == "denied":
+                # Denied before the token's jti is consumed (the session is not started).
+                return 400, {"error": "invalid_target", "request_id": "r-denied"}
+            if form["grant_type"].endswith("token-exchange"):
+                if self.exchanges:
+                    return 400, {"error": "invalid_request", "request_id": "r"}
+                self.exchanges += 1
+            else:
+                handle = form["refresh_token"]
+                if handle in self.spent or handle not in self.handles:
+                    return 400, {"error": "invalid_grant", "request_id": "r"}
+                self.spent.add(handle)
+            n = len(self.mints) + 1
+            key = f"AKIAFAKE{n:08d}"
+            self.mints.append((form["audience"], form.get("task", ""), key))
+            handle = f"handle-{n}"
+            self.handles.add(handle)
+            expiry = datetime.now(UTC) + timedelta(minutes=15)
+            return 200, {
+                "access_token": key,
+                "issued_token_type": "urn:luigi-creds:token-type:aws-credentials",
+                "token_type": "N_A",
+                "expires_in": 900,
+                "refresh_token": handle,
+                "request_id": f"req-{n}",
+                "credentials": {
+                    "Version": 1,
+                    "AccessKeyId": key,
+                    "SecretAccessKey": f"fake-secret-{n}-xyz",
+                    "SessionToken": f"fake-session-{n}-xyz",
+                    "Expiration": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                },
+            }
+
+
+@pytest.fixture
+def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBroker]:
+    fake = FakeBroker()
+    config = luigi.configuration.get_config()
+    added = []
+    for section in ("luigi_creds", "worker"):
+        if not config.has_section(section):
+            config.add_section(section)
+            added.append(section)
+    config.set("luigi_creds", "broker_url", fake.url)
+    config.set("luigi_creds", "token_source", "env:TEST_CI_TOKEN")
+    config.set("worker", "force_multiprocessing", "true")
+    monkeypatch.setenv("TEST_CI_TOKEN", "ci.jwt.sig")
+    yield fake
+    stop_agent()
+    for section in added:
+        config.remove_section(section)
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+class WriteKey(CredentialsMixin, luigi.Task):
+    """Writes the access key id its aws_session holds."""
+
+    n = luigi.IntParameter()
+    out = luigi.Parameter()
+    grants = ("etl-writer",)
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(f"{self.out}/{self.n}.txt")
+
+    def run(self) -> None:
+        creds = self.aws_session("etl-writer").get_credentials().get_frozen_credentials()
+        with self.output().open("w") as f:
+            f.write(f"{creds.access_key} {creds.secret_key}")
+
+
+def test_settings_list_every_problem() -> None:
+    """A bad [luigi_creds] section is reported with all its problems at once."""
+    with pytest.raises(ConfigError) as info:
+        ClientSettings.from_mapping(
+            {"broker_url": "http://broker.example.com", "password": "x", "timeout": "-1"}
+        )
+    text = str(info.value)
+    for fragment in (
+        "unknown key 'password'",
+        "https unless",
+        "token_source is required",
+        "timeout",
+    ):
+        assert fragment in text
+
+
+def test_settings_parse() -> None:
+    """A good section becomes ClientSettings with defaults filled in."""
+    s = ClientSettings.from_mapping(
+        {
+            "broker_url": "https://broker.example.com/",
+            "token_source": "gitlab",
+            "ca_bundle": "/ca.pem",
+        }
+    )
+    assert s.broker_url == "https://broker.example.com"
+    assert s.gitlab_variable == "LUIGI_CREDS_ID_TOKEN"
+    assert s.ca_bundle == Path("/ca.pem")
+
+
+def test_redact_masks_values_and_secret_variables() -> None:
+    """redact hides known values and the values of secret-named variables in every quoting."""
+    text = "AWS_SESSION_TOKEN='abc' VAULT_TOKEN=hvs.x {'AWS_SECRET_ACCESS_KEY': 'k'} mine=s3cr3t"
+    out = redact(text, {"s3cr3t"})
+    assert "abc" not in out and "hvs.x" not in out and "'k'" not in out and "s3cr3t" not in out
+    assert "AWS_SESSION_TOKEN='***'" in out
+
+
+def test_build_with_forked_workers_gets_one_credential_per_task(
+    broker: FakeBroker, tmp_path: Path
+) -> None:
+    """Three forked workers run six tasks; each task gets its own credential minted with its id."""
+    tasks = [WriteKey(n=i, out=str(tmp_path)) for i in range(6)]
+    assert luigi.build(tasks, workers=3, local_scheduler=True, log_level="WARNING")
+    keys = {(tmp_path / f"{i}.txt").read_text().split()[0] for i in range(6)}
+    assert len(keys) == 6
+    assert broker.exchanges == 1
+    assert {task for _, task, _ in broker.mints} == {t.task_id for t in tasks}
+    assert {k for _, _, k in broker.mints} == keys
+
+
+class Denied(CredentialsMixin, luigi.Task):
+    grants = ("denied",)
+    out = luigi.Parameter()
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(f"{self.out}/denied.txt")
+
+    def run(self) -> None:
+        self.aws_session("denied")
+
+
+def test_start_failure_fails_the_task_at_first_use(broker: FakeBroker, tmp_path: Path) -> None:
+    """A denied grant fails the task inside run() with the broker's error, not the whole run."""
+    result = luigi.build(
+        [Denied(out=str(tmp_path)), WriteKey(n=1, out=str(tmp_path))],
+        workers=1,
+        local_scheduler=True,
+        detailed_summary=True,
+        log_level="WARNING",
+    )
+    assert result.status.name == "FAILED"
+    assert (tmp_path / "1.txt").exists()
+
+
+class Failing(CredentialsMixin, ExternalProgramTask):
+    grants = ("etl-writer",)
+
+    def program_args(self) -> list[str]:
+        return ["false"]
+
+    def program_environment(self) -> dict[str, str]:
+        env = self.credential_env("etl-writer")
+        env["AWS_SECRET_ACCESS_KEY"] = "leaky-secret-value"
+        return env
+
+
+def test_external_program_failure_is_redacted(broker: FakeBroker) -> None:
+    """An ExternalProgramTask failure explanation shows no credential or agent bearer."""
+    task = Failing()
+    _on_start(task)
+    with pytest.raises(Exception) as info:
+        task.run()
+    explanation = task.on_failure(info.value)
+    bearer = os.environ["LUIGI_CREDS_AGENT_TOKEN"]
+    assert "leaky-secret-value" not in explanation
+    assert bearer not in explanation and bearer not in str(info.value)
+    assert "AWS_CONTAINER_CREDENTIALS_FULL_URI" in str(info.value)
