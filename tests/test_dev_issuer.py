@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from joserfc.jwk import KeySet as JoseKeySet
 from servers import DevIssuer, start_dev_issuer
 
 from broker.dev.claims import PRESETS, preset_claims
-from broker.dev.issuer import ALGORITHMS, SigningKey, encode_jwt
+from broker.dev.issuer import ALGORITHMS, IssuerServer, SigningKey, encode_jwt
 from broker.keys import b64url_decode, parse_jwks
 
 NOW = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
@@ -237,3 +238,43 @@ def test_refuses_to_listen_on_a_non_loopback_address() -> None:
     assert result.returncode == 2
     assert b"non-loopback" in result.stderr
     assert result.stdout == b""
+
+
+@pytest.mark.integration
+def test_in_process_server_answers_bad_requests_with_400(tmp_path: Path) -> None:
+    """The in-process server refuses unknown presets, algorithms and faults with 400."""
+    server = IssuerServer(state_dir=tmp_path).start()
+    try:
+        for path, body in [
+            ("/token", {"preset": "jenkins"}),
+            ("/token", {"alg": "HS256"}),
+            ("/token", {"ttl": "300"}),
+            ("/rotate", {"alg": "none"}),
+            ("/faults", {"jwks": "teapot"}),
+            ("/token", ["not", "an", "object"]),
+        ]:
+            request = urllib.request.Request(
+                server.url + path, data=json.dumps(body).encode(), method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=10)
+            caught.value.close()
+            assert caught.value.code == 400
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_in_process_server_signs_with_an_algorithm_added_on_demand() -> None:
+    """Asking for a PS256 token adds a PS256 key to the JWKS and signs with it."""
+    server = IssuerServer(algorithms=("ES256",)).start()
+    try:
+        token = server.state.mint({"preset": "okta", "alg": "PS256"}, now=NOW)
+        header, claims, _ = _segments(token)
+        assert header["alg"] == "PS256"
+        assert claims["iss"] == server.url
+        jwks = _get_json(server.url + "/jwks")
+        assert {k["alg"] for k in jwks["keys"]} == {"ES256", "PS256"}
+        assert jwt.decode(token, JoseKeySet.import_key_set(jwks), ["PS256"]).claims == claims
+    finally:
+        server.stop()
