@@ -126,6 +126,9 @@ class UpstreamVault:
     approle_mount: str = "approle"
     ca_cert: Path | None = None
     namespace: str | None = None
+    # Token roles client tokens are created through (their allowed_policies cap every grant).
+    token_role: str = "luigi-creds"
+    orphan_token_role: str = "luigi-creds-orphan"
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,8 @@ _UPSTREAM_VAULT_KEYS = frozenset(
         "role_id_file",
         "secret_id_file",
         "token_file",
+        "token_role",
+        "orphan_token_role",
         "approle_mount",
         "ca_cert",
         "namespace",
@@ -1012,6 +1017,10 @@ class _Lint:
             secret_id_file=secret_id_file,
             token_file=token_file,
             approle_mount=self.typed(t, "approle_mount", w, str, "approle"),
+            token_role=self.typed(t, "token_role", w, str, UpstreamVault.token_role),
+            orphan_token_role=self.typed(
+                t, "orphan_token_role", w, str, UpstreamVault.orphan_token_role
+            ),
             ca_cert=self.path(t, "ca_cert", w),
             namespace=namespace,
         )
