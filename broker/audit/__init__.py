@@ -76,5 +76,9 @@ def open_store(
     else:
         raise ValueError(f"unsupported audit store scheme {parts.scheme!r}")
     if migrate:
-        store.migrate()
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
     return store
