@@ -144,7 +144,7 @@ class CredentialAgent:
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name="luigi-creds-agent", daemon=True
+            target=server.serve_forever, args=(0.1,), name="luigi-creds-agent", daemon=True
         )
         self._thread.start()
         host, port = server.server_address[:2]

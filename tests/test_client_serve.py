@@ -1,0 +1,116 @@
+"""Tests for luigi_creds.serve: the loopback agent over a real socket, read by real botocore."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import botocore.session
+import httpx
+import pytest
+
+from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret
+from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent, container_env
+
+
+class Minter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    def __call__(self, grant: str, task: str | None, duration: int | None) -> Credential:
+        self.calls.append((grant, task))
+        n = len(self.calls)
+        expires = datetime.now(UTC) + timedelta(minutes=15)
+        if grant == "denied":
+            raise BrokerError(
+                "broker https://b refused grant 'denied' with HTTP 400 invalid_target",
+                error="invalid_target",
+                status=400,
+                request_id="rid-1",
+                grant=grant,
+            )
+        if grant == "db":
+            return VaultSecret(
+                grant, f"r{n}", "database/creds/x/1", 600, True, {"password": "pw"}, expires
+            )
+        return AwsCredentials(grant, f"r{n}", f"AKIAAGENT{n:04d}", f"sk{n}", f"st{n}", expires)
+
+
+@pytest.fixture
+def agent() -> Iterator[tuple[CredentialAgent, AgentEndpoint, Minter]]:
+    minter = Minter()
+    server = CredentialAgent(minter, clock=lambda: datetime.now(UTC))
+    endpoint = server.start()
+    yield server, endpoint, minter
+    server.stop()
+
+
+def test_requests_without_the_bearer_are_refused(agent) -> None:  # type: ignore[no-untyped-def]
+    """The agent answers 401 to a request with no or a wrong bearer and mints nothing."""
+    _, endpoint, minter = agent
+    assert endpoint.url.startswith("http://127.0.0.1:")
+    r = httpx.get(f"{endpoint.url}/v1/aws?grant=g")
+    assert r.status_code == 401
+    r = httpx.post(f"{endpoint.url}/v1/mint", json={"grant": "g"}, headers={"Authorization": "x"})
+    assert r.status_code == 401
+    assert minter.calls == []
+    assert endpoint.bearer not in repr(endpoint)
+
+
+def test_botocore_container_provider_reads_the_agent(agent, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """botocore's default chain finds the agent through the container-credentials variables."""
+    _, endpoint, minter = agent
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    env = container_env(endpoint, "etl-writer", "Task(x=1)")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    found = botocore.session.Session().get_credentials()
+    assert found.method == "container-role"
+    creds = found.get_frozen_credentials()
+    assert creds.access_key == "AKIAAGENT0001"
+    assert creds.token == "st1"
+    assert minter.calls == [("etl-writer", "Task(x=1)")]
+    again = httpx.get(
+        env["AWS_CONTAINER_CREDENTIALS_FULL_URI"], headers={"Authorization": endpoint.bearer}
+    )
+    assert again.json()["AccessKeyId"] == "AKIAAGENT0001"
+    assert set(again.json()) == {"AccessKeyId", "SecretAccessKey", "Token", "Expiration"}
+    assert len(minter.calls) == 1
+
+
+def test_agent_client_round_trips_credentials(agent) -> None:  # type: ignore[no-untyped-def]
+    """AgentClient.mint returns the typed credential the agent minted, with the task passed on."""
+    _, endpoint, minter = agent
+    client = AgentClient(endpoint, http=httpx.Client())
+    aws = client.mint("etl-writer", "T1")
+    secret = client.mint("db", "T2")
+    assert isinstance(aws, AwsCredentials) and aws.session_token == "st1"
+    assert isinstance(secret, VaultSecret) and secret.data == {"password": "pw"}
+    assert minter.calls == [("etl-writer", "T1"), ("db", "T2")]
+
+
+def test_agent_passes_broker_errors_through(agent) -> None:  # type: ignore[no-untyped-def]
+    """A broker refusal reaches the worker with its code, status, request id and message."""
+    _, endpoint, _ = agent
+    client = AgentClient(endpoint, http=httpx.Client())
+    with pytest.raises(BrokerError, match="invalid_target") as info:
+        client.mint("denied", "T1")
+    assert (info.value.error, info.value.status, info.value.request_id) == (
+        "invalid_target",
+        400,
+        "rid-1",
+    )
+
+
+def test_agent_gone_is_a_clear_error() -> None:
+    """A worker whose agent has exited gets an `unreachable` error naming the agent."""
+    server = CredentialAgent(Minter(), clock=lambda: datetime.now(UTC))
+    endpoint = server.start()
+    server.stop()
+    with pytest.raises(BrokerError, match="credential agent") as info:
+        AgentClient(endpoint, http=httpx.Client()).mint("g")
+    assert info.value.error == "unreachable"
