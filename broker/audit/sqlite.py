@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
@@ -65,9 +66,29 @@ class SqliteAuditStore(SqlLedger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so the lock mode is explicit.
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self._enable_wal(conn)
+            conn.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a fresh file to WAL needs an exclusive lock and SQLite answers SQLITE_BUSY at
+        # once, without its busy handler, when another process is doing the same; retry until the
+        # busy timeout. WAL is persistent, so later connections only read the mode.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                    return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError("could not switch the audit database to WAL")
+            time.sleep(0.02)
 
     @contextmanager
     def _txn(self, conn: Any) -> Iterator[Any]:
