@@ -7,9 +7,10 @@ JWK when no public one exists), KeySet.find by kid and alg, verify_signature wit
 
 - HMAC groups (kty "oct"): we support no symmetric keys at all, so key confusion has no surface
   (HOSTILE.md #13, #20). Their `valid` cases are asserted REJECTED with reason `symmetric_key`.
-- README quirks: 346/350 (header PS384 under a PS256-pinned key: no key fits), 347/351 (JWK alg "ES521", not a
-  registered name), 372/373 (`?` inside base64url) are labelled valid; a strict verifier rejects
-  them, and we assert that. 367/370 are byte-identical to valid 357 (an HMAC case, so rejected).
+- README quirks: 346/350 (header PS384 under a PS256-pinned key: no key fits), 347/351 (JWK
+  alg "ES521", not a registered name), 372/373 (`?` inside base64url) are labelled valid; a
+  strict verifier rejects them, and we assert that. 367/370 are byte-identical to valid 357
+  (an HMAC case, so rejected).
 """
 
 from __future__ import annotations
