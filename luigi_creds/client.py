@@ -186,6 +186,10 @@ class BrokerClient:
         return f"BrokerClient({self.broker_url!r}, source={source!r}, session={state})"
 
     @property
+    def token_source(self) -> TokenSource:
+        return self._source
+
+    @property
     def has_session(self) -> bool:
         return self._session is not None
 

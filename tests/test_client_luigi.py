@@ -47,6 +47,7 @@ class FakeBroker:
         self.handles: set[str] = set()
         self.spent: set[str] = set()
         self.exchanges = 0
+        self.revoked = 0
         self.down = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -60,6 +61,13 @@ class FakeBroker:
                 pass
 
             def do_POST(self) -> None:
+                if self.path == "/v1/revoke":
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    broker.revoked += 1
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 form = {
                     k: v[0]
                     for k, v in parse_qs(

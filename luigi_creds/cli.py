@@ -1,0 +1,241 @@
+"""`luigi-creds`: credentials for commands and the AWS CLI, outside a Luigi task.
+
+Owns the client's command line and is its composition root: it reads `[luigi_creds]` (Luigi's
+config files, or `--config`) and the process environment, and builds the broker client. Talks to
+the broker (or to an already running job agent, if `LUIGI_CREDS_AGENT_URL` is set) and starts
+child processes. Never prints a secret except where the AWS `credential_process` protocol demands
+it (on stdout, to the AWS SDK that asked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from luigi_creds.aws import scrub_aws_env
+from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
+from luigi_creds.identity import IdentityError
+from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent, container_env
+
+__all__ = ["main"]
+
+EPILOG = """\
+configuration: the [luigi_creds] section of luigi.cfg (found the way Luigi finds it:
+LUIGI_CONFIG_PATH, ./luigi.cfg, /etc/luigi/luigi.cfg) or of the file given with --config:
+
+  [luigi_creds]
+  broker_url = https://broker.example.com
+  token_source = gitlab        # env:VAR | file:PATH | gitlab | github | bitbucket | okta
+  ca_bundle = /etc/ssl/internal-ca.pem
+
+examples:
+  luigi-creds exec --grant etl-writer -- aws s3 ls s3://bucket/
+  luigi-creds credential-process --grant etl-writer     # in ~/.aws/config:
+      [profile etl]
+      credential_process = luigi-creds credential-process --grant etl-writer
+  luigi-creds whoami
+
+A CI token (GitLab, Bitbucket) is accepted by the broker once. Run several commands inside one
+`luigi-creds exec` (or a Luigi job): they share its session through the local agent, and a
+`credential-process` run under it reuses that session too.
+"""
+
+
+def _luigi_face() -> Any:
+    """Import luigi_creds.luigi (and Luigi) lazily: `credential-process` under an agent needs
+    neither, and Luigi's import-time warning about [core] autoload_range is noise here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import luigi_creds.luigi as face
+    return face
+
+
+def _broker_minter(args: argparse.Namespace) -> Any:
+    face = _luigi_face()
+    if args.config:
+        import luigi.configuration
+
+        luigi.configuration.add_config_path(args.config)  # type: ignore[no-untyped-call]
+    settings = face.ClientSettings.from_luigi_config()
+    return face.build_broker_client(settings, environ=os.environ)
+
+
+def _minter(args: argparse.Namespace) -> Any:
+    """The job's agent when running under one, else a direct broker session."""
+    endpoint = AgentEndpoint.from_env(os.environ)
+    if endpoint is not None:
+        return AgentClient(endpoint, http=httpx.Client(timeout=120.0))
+    return _broker_minter(args)
+
+
+def cmd_credential_process(args: argparse.Namespace) -> int:
+    cred = _minter(args).mint(args.grant, args.task, args.duration)
+    if not isinstance(cred, AwsCredentials):
+        raise BrokerError(f"grant {args.grant!r} does not issue AWS credentials", error="usage")
+    print(json.dumps(cred.credential_process()))
+    return 0
+
+
+def _child_env(
+    creds: Sequence[Credential], agent: AgentEndpoint, task: str | None
+) -> dict[str, str]:
+    env = scrub_aws_env(os.environ)
+    env.update(agent.env())
+    aws_done = False
+    for cred in creds:
+        if isinstance(cred, AwsCredentials) and not aws_done:
+            # The child's SDKs refresh through the agent; no AWS secret sits in its environment.
+            env.update(container_env(agent, cred.grant, task))
+            aws_done = True
+        elif isinstance(cred, VaultToken):
+            env["VAULT_TOKEN"] = cred.token
+        elif isinstance(cred, VaultSecret):
+            prefix = "LUIGI_CREDS_" + "".join(c if c.isalnum() else "_" for c in cred.grant).upper()
+            for key, value in cred.data.items():
+                name = "".join(c if c.isalnum() else "_" for c in str(key)).upper()
+                env[f"{prefix}_{name}"] = str(value)
+    return env
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SystemExit("luigi-creds exec: give the command after --")
+    from datetime import UTC, datetime
+
+    inherited = AgentEndpoint.from_env(os.environ)
+    broker = None
+    server = None
+    if inherited is None:
+        broker = _broker_minter(args)
+        server = CredentialAgent(broker.mint, clock=lambda: datetime.now(UTC))
+        endpoint = server.start()
+    else:
+        endpoint = inherited
+    try:
+        client = AgentClient(endpoint, http=httpx.Client(timeout=120.0))
+        creds = [client.mint(grant, args.task, args.duration) for grant in args.grant]
+        env = _child_env(creds, endpoint, args.task)
+        try:
+            child = subprocess.Popen(command, env=env)
+        except OSError as exc:
+            print(f"luigi-creds exec: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+            return 127
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+            return child.wait()
+    finally:
+        if server is not None:
+            server.stop()
+        if broker is not None:
+            try:
+                broker.revoke()
+            except BrokerError as exc:
+                print(f"luigi-creds exec: revoking the session failed: {exc}", file=sys.stderr)
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    """Show where the identity comes from and its non-secret claims (the token is not spent)."""
+    broker = _broker_minter(args)
+    source = broker.token_source
+    print(f"broker:       {broker.broker_url}")
+    print(f"token source: {source.description}")
+    token = source.token()
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        print("token:        not a JWT (opaque access token)")
+        return 0
+    shown = (
+        "iss", "sub", "aud", "exp", "project_path", "project_id", "ref", "ref_protected",
+        "pipeline_id", "repository", "repository_id", "workflow", "workspaceUuid",
+        "repositoryUuid", "groups", "cid",
+    )  # fmt: skip
+    for key in shown:
+        if isinstance(claims, dict) and key in claims:
+            print(f"{key + ':':13} {json.dumps(claims[key])}")
+    # NOTE: listing the grants this identity may use needs a broker endpoint (GET /v1/whoami,
+    # bearer = subject token, not consuming its jti) that SPEC.md does not define yet.
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="luigi-creds",
+        description="Short-lived AWS and Vault credentials from the luigi-creds broker.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a luigi.cfg to read [luigi_creds] from")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--task", help="task id recorded in the broker's audit (default: none)")
+        p.add_argument(
+            "--duration", type=int, help="requested lifetime in seconds (capped by the grant)"
+        )
+
+    p = sub.add_parser(
+        "exec",
+        help="run a command with credentials for one or more grants",
+        description="Run CMD with credentials: AWS grants through a local endpoint the AWS "
+        "SDKs and CLI refresh from by themselves (AWS_CONTAINER_CREDENTIALS_FULL_URI); Vault "
+        "tokens as VAULT_TOKEN; dynamic secrets as LUIGI_CREDS_<GRANT>_<FIELD>. Stray "
+        "AWS_* credential variables are removed. The session is revoked when CMD exits, "
+        "and CMD's exit status is returned.",
+    )
+    p.add_argument("--grant", action="append", required=True, help="grant name (repeatable)")
+    common(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser(
+        "credential-process",
+        help="print AWS credentials in the credential_process format",
+        description="Print one grant's AWS credentials as the JSON the AWS SDKs expect from "
+        "credential_process (Version 1). Under `luigi-creds exec` or a Luigi job it mints "
+        "through that job's session; otherwise it exchanges the configured token itself.",
+    )
+    p.add_argument("--grant", required=True, help="grant name")
+    common(p)
+    p.set_defaults(func=cmd_credential_process)
+
+    p = sub.add_parser(
+        "whoami",
+        help="show the identity the token source presents (no secrets, token not spent)",
+    )
+    p.set_defaults(func=cmd_whoami)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (BrokerError, IdentityError) as exc:
+        print(f"luigi-creds: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "ConfigError" and "luigi_creds" in type(exc).__module__:
+            print(f"luigi-creds: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
