@@ -62,27 +62,21 @@ def b64url_decode(text: str) -> bytes:
     return data
 
 
+# A JSON string (escapes included; an unterminated one runs to the end) or a bracket.
+_JSON_STRING_OR_BRACKET: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+
+
 def _json_depth_ok(text: str, limit: int) -> bool:
     """True when `[`/`{` nesting outside strings never exceeds `limit`; run before json.loads so
     10,000 nested brackets cost a linear scan, not a RecursionError (HOSTILE.md #10)."""
     depth = 0
-    in_string = False
-    escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    for match in _JSON_STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
             depth += 1
             if depth > limit:
                 return False
-        elif char in "]}":
+        elif token in ("]", "}"):
             depth -= 1
     return True
 
@@ -218,7 +212,13 @@ class VerificationKey:
     kty: str  # "RSA" | "EC" | "OKP"
     alg: str | None
     crv: str | None
+    # cryptography's key objects are unhashable, so equality and hashing go through `jkt`,
+    # the RFC 7638 thumbprint: two keys are equal only when their public material is.
     public_key: PublicKey = field(repr=False, compare=False)
+    jkt: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "jkt", self._compute_thumbprint())
 
     def fits(self, alg: str) -> bool:
         """Whether a JWS with header `alg` may be verified with this key (RFC 8725 §3.1)."""
@@ -232,6 +232,9 @@ class VerificationKey:
 
     def thumbprint(self) -> str:
         """RFC 7638 JWK thumbprint (SHA-256, base64url) over the required public members."""
+        return self.jkt
+
+    def _compute_thumbprint(self) -> str:
         key = self.public_key
         members: dict[str, str]
         if isinstance(key, rsa.RSAPublicKey):

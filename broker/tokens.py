@@ -289,6 +289,8 @@ def verify_signature(
 ) -> None:
     """Verify the signature with `key`, allowing only `algorithms` (the issuer's allowlist,
     never the header's say-so). HS* is never supported: no symmetric keys exist here."""
+    if isinstance(algorithms, str):  # "RS256" would allow every substring of itself
+        raise TypeError("algorithms must be a sequence of names, not a string")
     alg = token.alg
     if alg not in algorithms or alg not in SUPPORTED_ALGORITHMS:
         raise TokenError("alg_not_allowed")
@@ -358,6 +360,8 @@ def validate_claims(
         raise ValueError("now must be an aware datetime")
     if leeway < 0:
         raise ValueError("leeway must not be negative")
+    if isinstance(audiences, str):  # `aud in "https://broker..."` would be a substring match
+        raise TypeError("audiences must be a sequence of strings, not a string")
 
     iss = _non_empty_str(claims, "iss", "missing_claim")
     if iss != issuer:  # exact, byte-for-byte: no normalisation (HOSTILE.md #40)

@@ -444,3 +444,13 @@ def test_roca_fingerprint_spares_generated_keys(rsa_public: rsa.RSAPublicKey) ->
     assert not is_roca_modulus(
         rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
     )
+
+
+def test_keys_compare_by_public_material(rsa_public: rsa.RSAPublicKey) -> None:
+    """Two parses of one JWK are equal and hashable; another key under the same kid is not equal."""
+    first = parse_jwk(rsa_jwk(rsa_public, kid="r"))
+    again = parse_jwk(rsa_jwk(rsa_public, kid="r"))
+    other = parse_jwk(rsa_jwk(rsa.generate_private_key(65537, 2048).public_key(), kid="r"))
+    assert first == again and hash(first) == hash(again)
+    assert first != other
+    assert len({first, again, other}) == 2

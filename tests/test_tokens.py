@@ -1155,3 +1155,31 @@ def test_every_reason_has_a_specific_generic_sentence(reason: str) -> None:
     message = str(TokenError(reason))
     assert message != "The token is not acceptable." and len(message) < 80
     assert TokenError(reason).reason == reason
+
+
+def test_ed25519_non_canonical_s_is_rejected(kit: Kit) -> None:
+    """An Ed25519 signature with S + L in place of S is refused as malleable (RFC 8032 §5.1.7)."""
+    header, payload, signature = kit.ed.token().split(".")
+    sig = unb64(signature)
+    ed25519_l = 2**252 + 27742317777372353535851937790883648493
+    s_plus_l = (int.from_bytes(sig[32:], "little") + ed25519_l).to_bytes(32, "little")
+    raw = f"{header}.{payload}.{b64(sig[:32] + s_plus_l)}"
+    assert outcome(raw, kit, algorithms=("EdDSA",)) == "bad_signature"
+    assert outcome(f"{header}.{payload}.{b64(sig)}", kit, algorithms=("EdDSA",)) == "accepted"
+
+
+def test_string_allowlists_are_refused(kit: Kit) -> None:
+    """A bare string as algorithms or audiences is a TypeError, never a substring match."""
+    token = parse_token(kit.rs.token())
+    with pytest.raises(TypeError):
+        verify_signature(token, kit.key("rsa-1"), "RS256")
+    with pytest.raises(TypeError):
+        validate_claims(
+            claims(aud="broker"),
+            issuer=ISSUER,
+            audiences=AUDIENCE,
+            now=NOW,
+            leeway=LEEWAY,
+            max_lifetime=MAX_LIFETIME,
+            require_jti=True,
+        )
