@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1183,3 +1184,66 @@ def test_string_allowlists_are_refused(kit: Kit) -> None:
             max_lifetime=MAX_LIFETIME,
             require_jti=True,
         )
+
+
+# --- robustness ------------------------------------------------------------------------------
+
+FUZZ_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**64,
+    1.5,
+    "",
+    "x",
+    "none",
+    "RS256",
+    "EdDSA",
+    [],
+    ["EdDSA"],
+    {},
+    {"a": [1, {"b": None}]},
+    "ed-1",
+    "k" * 300,
+    "\x00",
+    "\ud7ff",
+]
+
+
+def test_random_mutations_never_crash_or_pass(kit: Kit) -> None:
+    """Thousands of random edits to a valid token end in a TokenError reason, never a crash."""
+    rng = random.Random(20261122)  # noqa: S311 - seeded for reproducible fuzzing, not secrets
+    good = kit.ed.token()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ \n\x00é"
+    for _ in range(3000):
+        chars = list(good)
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(chars))
+            action = rng.random()
+            if action < 0.5:
+                chars[position] = rng.choice(alphabet)
+            elif action < 0.75:
+                chars.insert(position, rng.choice(alphabet))
+            else:
+                del chars[position]
+        mutated = "".join(chars)
+        result = outcome(mutated, kit, algorithms=("EdDSA",))
+        assert result != "accepted" or mutated == good
+
+
+def test_random_signed_headers_and_payloads_never_crash(kit: Kit) -> None:
+    """Validly signed tokens with random header members and payload bytes are handled cleanly."""
+    rng = random.Random(7)  # noqa: S311 - seeded for reproducible fuzzing, not secrets
+    names = ["alg", "kid", "typ", "cty", "crit", "b64", "jku", "x5t", "zip", "enc", "extra"]
+    claim_names = ["iss", "aud", "sub", "jti", "iat", "nbf", "exp"]
+    for _ in range(400):
+        header = {name: rng.choice(FUZZ_VALUES) for name in rng.sample(names, rng.randint(0, 5))}
+        header.setdefault("alg", "EdDSA")
+        payload = claims(
+            **{n: rng.choice([*FUZZ_VALUES, T, DROP]) for n in rng.sample(claim_names, 2)}
+        )
+        for body in (json.dumps(payload).encode(), rng.randbytes(rng.randint(0, 64))):
+            result = outcome(kit.ed.token(body, header=header), kit, algorithms=("EdDSA",))
+            assert isinstance(result, str)
