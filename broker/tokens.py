@@ -44,8 +44,9 @@ _COMPACT_JWS: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]
 _KID_CHARS: Final = re.compile(r"[\x20-\x7e]+")  # printable ASCII: no NUL, newline or Unicode
 
 # Header members that point at keys or certificates: never dereferenced, never trusted. Any
-# token carrying one is refused outright (RFC 8725 §3.10; HOSTILE.md #21-23). `enc`/`zip`
-# mark JWE or compression, which a signed JWT never uses (HOSTILE.md #31).
+# token carrying one is refused outright (RFC 8725 §3.10; HOSTILE.md #21-23). `enc`, `zip`,
+# `epk` and `p2c` mark JWE, compression, ECDH-ES or PBES2, which a signed JWT never uses
+# (HOSTILE.md #31).
 _FORBIDDEN_HEADERS: Final = frozenset({"jku", "x5u", "x5c", "jwk", "enc", "zip", "epk", "p2c"})
 
 _RSA_PKCS1: Final = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
@@ -190,7 +191,7 @@ def _check_header(header: Any) -> None:
         raise TokenError("bad_header")
 
 
-def _parse(raw: object, max_length: int, pattern: re.Pattern[str]) -> tuple[ParsedJws, str]:
+def _parse(raw: object, max_length: int, pattern: re.Pattern[str]) -> ParsedJws:
     if not isinstance(raw, str):
         raise TokenError("malformed")
     if len(raw) > max_length:
@@ -212,26 +213,28 @@ def _parse(raw: object, max_length: int, pattern: re.Pattern[str]) -> tuple[Pars
         signature = b64url_decode(signature_b64)
     except JoseDecodeError as exc:
         raise TokenError(exc.reason) from exc
-    parsed = ParsedJws(
+    return ParsedJws(
         header=MappingProxyType(header),
         payload=payload,
         signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
         signature=signature,
         sha256=token_sha256(raw),
     )
-    return parsed, payload_b64
 
 
 def parse_jws(raw: str, *, max_length: int = MAX_TOKEN_LENGTH) -> ParsedJws:
     """Parse a compact JWS with an opaque (possibly empty) payload under the same header rules
     as parse_token. For conformance suites; the broker itself only handles JWTs."""
-    return _parse(raw, max_length, _COMPACT_JWS)[0]
+    return _parse(raw, max_length, _COMPACT_JWS)
 
 
 def parse_token(raw: str, *, max_length: int = MAX_TOKEN_LENGTH) -> UnverifiedToken:
     """Parse a compact JWS JWT; reject anything malformed before any cryptography runs."""
-    jws, payload_b64 = _parse(raw, max_length, _COMPACT_JWT)
-    claims = _decode_json_segment(payload_b64)
+    jws = _parse(raw, max_length, _COMPACT_JWT)
+    try:
+        claims = loads_strict_json(jws.payload)
+    except JoseDecodeError as exc:
+        raise TokenError(exc.reason) from exc
     if not isinstance(claims, dict):
         raise TokenError("malformed")  # `[]`, `"x"`, `1`, `null` (HOSTILE.md #8)
     return UnverifiedToken(
