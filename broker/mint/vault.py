@@ -497,6 +497,16 @@ class VaultMinter:
 
         self._call(revoke)
 
+    def revoke_secret(self, secret: VaultSecret) -> None:
+        """Revoke a dynamic secret now: its lease synchronously, then its holder and renew token.
+
+        Revoking only the holder also ends the lease, but Vault does that in the background; this
+        waits for the engine's revocation (e.g. DROP ROLE) so the caller can rely on it.
+        """
+        self.revoke_lease(secret.lease_id)
+        if secret.holder_accessor:
+            self.revoke_accessor(secret.holder_accessor)
+
     def check_ready(self) -> None:
         """Readiness: Vault answers, is initialised and unsealed, and our login works."""
         url = self._upstream.url.rstrip("/") + "/v1/sys/health"
