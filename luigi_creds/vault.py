@@ -71,6 +71,7 @@ class TokenKeeper:
         self._renewable = cred.renewable
         self._lease = float(cred.lease_duration)
         self._initial_lease = self._lease
+        self._final = False  # the last renewal was capped by the token's max TTL
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -83,9 +84,7 @@ class TokenKeeper:
         with cls._registry_lock:
             keeper = cls._registry.get((task_id, grant))
             if keeper is None:
-                from luigi_creds.luigi import ensure_agent
-
-                keeper = cls(cred, addr, remint=lambda: ensure_agent().mint(grant, task_id))
+                keeper = cls(cred, addr, remint=lambda: _agent_mint(grant, task_id))
                 keeper.start()
                 cls._registry[(task_id, grant)] = keeper
             return keeper
@@ -118,14 +117,14 @@ class TokenKeeper:
                 )
 
     def _renew_or_remint(self) -> float:
-        if self._renewable:
+        if self._renewable and not (self._final and self._remint is not None):
             answer = self.client.auth.token.renew_self()
             granted = float(answer["auth"]["lease_duration"])
-            # Vault's watcher re-reads when the lease stops extending (max TTL near): re-mint
-            # once a renewal grants less than a third of the original lease.
-            if granted >= self._initial_lease / 3 or self._remint is None:
-                self._lease = granted
-                return granted
+            # Like Vault's LifetimeWatcher: a renewal that grants less than the token's TTL has
+            # hit its max TTL and will not extend again, so the next cycle re-mints instead.
+            self._final = granted < self._initial_lease
+            self._lease = granted
+            return granted
         if self._remint is None:
             raise RuntimeError("token is not renewable and cannot be re-minted")
         fresh = self._remint()
@@ -134,7 +133,14 @@ class TokenKeeper:
         self.client.token = fresh.token
         self._renewable = fresh.renewable
         self._lease = self._initial_lease = float(fresh.lease_duration)
+        self._final = False
         return self._lease
+
+
+def _agent_mint(grant: str, task_id: str) -> Credential:
+    from luigi_creds.luigi import ensure_agent
+
+    return ensure_agent().mint(grant, task_id)
 
 
 def release(task_id: str, grant: str, cred: Any, addr: str | None) -> None:
