@@ -638,6 +638,9 @@ class SessionStore:
             raise ValueError("revoke needs session_id, subject, issuer or handle")
         db = self._db
         presented = _lookup_key(handle) if handle is not None else None
+        if handle is not None and presented is None:
+            # Not one of our handles: it names no session (and must not widen to "all").
+            return []
 
         def work(cur: _Cursor) -> builtins.list[Session]:
             where, params = ["revoked_at IS NULL", "expires_at > ?"], [db.to_db(now)]

@@ -1,0 +1,563 @@
+"""Tests for broker.sessions: the replay ledger and refresh sessions on SQLite and PostgreSQL.
+
+SQLite runs in the test's tmp_path; PostgreSQL is the real server at $LUIGI_CREDS_TEST_PG
+(default postgresql://postgres@127.0.0.1:5432/test), where this module creates a uniquely named
+database and drops it at the end. Every time is injected; no test sleeps.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from servers import free_port
+
+from broker.sessions import (
+    HANDLE_PREFIX,
+    REASON_REUSE,
+    ReplayLedger,
+    SessionError,
+    SessionStore,
+    StateUnavailable,
+    canonical_claims,
+    handle_hash,
+    open_state,
+)
+
+PG_ADMIN_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+TABLES = ("session_credentials", "session_handles", "session_sessions", "replay_tokens")
+CLAIMS = {"project_path": "data/etl", "ref": "main", "ref_protected": "true", "sub": "s"}
+
+
+def _with_db(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[tuple[str, str]]:
+    """A fresh PostgreSQL database for this module: (url, name); dropped afterwards."""
+    name = f"luigi_creds_sessions_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_db(PG_ADMIN_URL, name), name
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class State:
+    url: str
+    ledger: ReplayLedger
+    store: SessionStore
+
+    def open_another(self) -> tuple[ReplayLedger, SessionStore]:
+        """A second broker's view: its own connections to the same database."""
+        return open_state(self.url)
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)],
+)
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
+    """An empty replay ledger and session store on the parametrised backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/state.db"
+    else:
+        url, _ = request.getfixturevalue("pg_database")
+        with psycopg.connect(url, autocommit=True) as conn:
+            exists = conn.execute("SELECT to_regclass('session_sessions')").fetchone()
+            if exists is not None and exists[0] is not None:
+                conn.execute(f"TRUNCATE {', '.join(TABLES)}")
+    ledger, store = open_state(url)
+    try:
+        yield State(url, ledger, store)
+    finally:
+        ledger.close()
+        store.close()
+
+
+def dump_tables(url: str) -> str:
+    """Every row of our tables as text, to search for things that must not be stored."""
+    rows: list[Any] = []
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(urlsplit(url).path)
+        try:
+            for table in TABLES:
+                rows += conn.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608
+        finally:
+            conn.close()
+    else:
+        with psycopg.connect(url) as pg:
+            for table in TABLES:
+                rows += pg.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608
+    return repr(rows)
+
+
+def reason_of(call: Callable[[], object]) -> str:
+    with pytest.raises(SessionError) as info:
+        call()
+    return info.value.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay ledger
+
+
+def test_consume_once(state: State) -> None:
+    """A token id is accepted the first time and refused every later time, per issuer."""
+    ledger = state.ledger
+    assert ledger.consume("gitlab", "jti-1", expires_at=T0 + HOUR, now=T0) is True
+    assert ledger.consume("gitlab", "jti-1", expires_at=T0 + HOUR, now=T0) is False
+    assert ledger.consume("gitlab", "jti-1", expires_at=T0 + HOUR, now=T0 + HOUR / 2) is False
+    assert ledger.consume("github", "jti-1", expires_at=T0 + HOUR, now=T0) is True
+    assert ledger.consume("gitlab", "jti-2", expires_at=T0 + HOUR, now=T0) is True
+
+
+def test_consume_hostile_token_ids(state: State) -> None:
+    """Huge, empty and non-ASCII token ids are consumed like any other, once."""
+    ledger = state.ledger
+    for token_id in ("x" * 8192, "", "j\u00e9ti\u202e", "a'; DROP TABLE replay_tokens; --"):
+        assert ledger.consume("gitlab", token_id, expires_at=T0 + HOUR, now=T0) is True
+        assert ledger.consume("gitlab", token_id, expires_at=T0 + HOUR, now=T0) is False
+
+
+def test_consume_twenty_threads_one_winner(state: State) -> None:
+    """Twenty threads consuming one jti at once get exactly one True."""
+    barrier = threading.Barrier(20)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        outcome = state.ledger.consume("gitlab", "raced", expires_at=T0 + HOUR, now=T0)
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 19 + [True]
+
+
+def test_replay_rows_kept_until_expiry_then_purged(state: State) -> None:
+    """A consumed id stays refused until its expiry, and is purged after it."""
+    ledger = state.ledger
+    assert ledger.consume("gitlab", "short", expires_at=T0 + timedelta(minutes=5), now=T0)
+    assert ledger.consume("gitlab", "long", expires_at=T0 + HOUR, now=T0)
+    assert ledger.purge(now=T0 + timedelta(minutes=4)) == 0
+    assert not ledger.consume("gitlab", "short", expires_at=T0 + HOUR, now=T0)
+    assert ledger.purge(now=T0 + timedelta(minutes=5)) == 1
+    assert not ledger.consume("gitlab", "long", expires_at=T0 + HOUR, now=T0)
+    assert "long" not in dump_tables(state.url)
+
+
+def test_consume_purges_expired_rows_opportunistically(state: State) -> None:
+    """Consuming purges rows past their expiry without a separate purge call."""
+    ledger = state.ledger
+    ledger.consume("gitlab", "old", expires_at=T0 + timedelta(minutes=1), now=T0)
+    later = T0 + timedelta(minutes=10)
+    ledger.consume("gitlab", "new", expires_at=later + HOUR, now=later)
+    assert dump_tables(state.url).count("gitlab") == 1
+
+
+def test_two_ledgers_share_one_database(state: State) -> None:
+    """A token consumed through one broker's ledger is refused by another's."""
+    other_ledger, other_store = state.open_another()
+    try:
+        assert state.ledger.consume("gitlab", "shared", expires_at=T0 + HOUR, now=T0)
+        assert not other_ledger.consume("gitlab", "shared", expires_at=T0 + HOUR, now=T0)
+    finally:
+        other_ledger.close()
+        other_store.close()
+
+
+def _consume_all(url: str, ids: list[str], barrier: Any, out: Any) -> None:
+    """Child process body: open the state, wait for the other process, consume every id."""
+    ledger, store = open_state(url)
+    barrier.wait()
+    won = [i for i in ids if ledger.consume("gitlab", i, expires_at=T0 + HOUR, now=T0)]
+    out.put(won)
+    ledger.close()
+    store.close()
+
+
+@pytest.mark.integration
+def test_two_processes_race_on_postgresql(pg_database: tuple[str, str]) -> None:
+    """Two broker processes consuming the same ids on one PostgreSQL each id wins exactly once."""
+    url, _ = pg_database
+    open_state(url)[0].close()
+    ids = [f"proc-race-{secrets.token_hex(4)}-{i}" for i in range(100)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_consume_all, args=(url, ids, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    won = [out.get(timeout=60), out.get(timeout=60)]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert sorted(won[0] + won[1]) == sorted(ids)
+    assert not set(won[0]) & set(won[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Refresh sessions
+
+
+def new_session(store: SessionStore, **overrides: Any) -> tuple[Any, str]:
+    kwargs: dict[str, Any] = {
+        "issuer": "gitlab",
+        "subject": "project_path:data/etl:ref_type:branch:ref:main",
+        "claims": CLAIMS,
+        "now": T0,
+        "expires_at": T0 + 12 * HOUR,
+    }
+    kwargs.update(overrides)
+    return store.create(**kwargs)
+
+
+def test_create_returns_opaque_handle_and_stores_only_its_hash(state: State) -> None:
+    """A new session has generation 1 and a prefixed random handle stored only as sha256."""
+    session, handle = new_session(
+        state.store, key_thumbprint="NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    )
+    assert handle.startswith(HANDLE_PREFIX) and len(handle) == len(HANDLE_PREFIX) + 43
+    assert session.generation == 1 and session.revoked_at is None and session.active(T0)
+    assert session.created_at == T0 and session.expires_at == T0 + 12 * HOUR
+    rows = dump_tables(state.url)
+    assert handle not in rows and handle[len(HANDLE_PREFIX) :] not in rows
+    assert handle_hash(handle) in rows
+    stored = state.store.get(session.id)
+    assert stored == session
+    assert stored is not None and stored.key_thumbprint == session.key_thumbprint
+
+
+def test_claims_are_stored_as_canonical_json(state: State) -> None:
+    """Claims round-trip unchanged and are stored as canonical JSON."""
+    claims = {"z": 1, "a": ["x", {"k": True}], "n\u00e9": None}
+    session, _ = new_session(state.store, claims=claims)
+    assert dict(session.claims) == claims
+    assert canonical_claims(claims) == '{"a":["x",{"k":true}],"n\u00e9":null,"z":1}'
+    assert canonical_claims(claims) in dump_tables(state.url)
+    stored = state.store.get(session.id)
+    assert stored is not None and dict(stored.claims) == claims
+
+
+def test_rotation_chain_then_reuse_revokes_the_session(state: State) -> None:
+    """Three rotations each give a new handle; reusing the first revokes the session for all."""
+    store = state.store
+    session, first = new_session(store)
+    handles = [first]
+    for step in range(3):
+        rotated, handle = store.rotate(handles[-1], now=T0 + (step + 1) * timedelta(minutes=10))
+        assert rotated.id == session.id and rotated.generation == step + 2
+        handles.append(handle)
+    assert len(set(handles)) == 4
+    assert reason_of(lambda: store.rotate(handles[0], now=T0 + HOUR)) == "reused"
+    ended = store.get(session.id)
+    assert ended is not None
+    assert ended.revoked_reason == REASON_REUSE and ended.revoked_at == T0 + HOUR
+    assert reason_of(lambda: store.rotate(handles[-1], now=T0 + HOUR)) == "revoked"
+    assert reason_of(lambda: store.peek(handles[-1], now=T0 + HOUR)) == "revoked"
+
+
+def test_concurrent_rotation_of_one_handle_has_one_winner(state: State) -> None:
+    """When threads rotate the same handle at once, one wins and the rest end the session."""
+    session, handle = new_session(state.store)
+    barrier = threading.Barrier(8)
+    wins: list[str] = []
+    reasons: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            _, successor = state.store.rotate(handle, now=T0)
+        except SessionError as exc:
+            with lock:
+                reasons.append(exc.reason)
+        else:
+            with lock:
+                wins.append(successor)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert "reused" in reasons and set(reasons) <= {"reused", "revoked"}
+    ended = state.store.get(session.id)
+    assert ended is not None and ended.revoked_reason == REASON_REUSE
+    assert reason_of(lambda: state.store.rotate(wins[0], now=T0)) == "revoked"
+
+
+def test_rotation_at_one_broker_invalidates_the_handle_at_another(state: State) -> None:
+    """A handle rotated through one broker's store counts as reuse at another broker's store."""
+    other_ledger, other_store = state.open_another()
+    try:
+        _, handle = new_session(state.store)
+        _, newer = state.store.rotate(handle, now=T0)
+        assert other_store.peek(newer, now=T0).generation == 2
+        assert reason_of(lambda: other_store.rotate(handle, now=T0)) == "reused"
+        assert reason_of(lambda: state.store.rotate(newer, now=T0)) == "revoked"
+    finally:
+        other_ledger.close()
+        other_store.close()
+
+
+def test_session_expires_at_its_bound(state: State) -> None:
+    """A handle works until expires_at and is "expired" from that instant on."""
+    store = state.store
+    session, handle = new_session(store, expires_at=T0 + HOUR)
+    _, handle = store.rotate(handle, now=T0 + HOUR - timedelta(seconds=1))
+    assert reason_of(lambda: store.rotate(handle, now=T0 + HOUR)) == "expired"
+    assert reason_of(lambda: store.peek(handle, now=T0 + HOUR)) == "expired"
+    assert store.list(now=T0 + HOUR) == []
+    assert [s.id for s in store.list(now=T0 + HOUR - timedelta(seconds=1))] == [session.id]
+    # Expiry is not revocation: the row stays unrevoked, listed among all sessions.
+    everything = store.list(active_only=False, now=T0 + HOUR)
+    assert [s.revoked_at for s in everything] == [None]
+
+
+def test_idle_handle_expires(state: State) -> None:
+    """With max_idle, a handle left unused that long is "expired"; a fresh one is not."""
+    store = state.store
+    _, handle = new_session(store)
+    idle = timedelta(minutes=30)
+    _, handle = store.rotate(handle, now=T0 + timedelta(minutes=29), max_idle=idle)
+    later = T0 + timedelta(minutes=58)
+    assert store.peek(handle, now=later, max_idle=idle).generation == 2
+    too_late = T0 + timedelta(minutes=59)
+    assert reason_of(lambda: store.rotate(handle, now=too_late, max_idle=idle)) == "expired"
+
+
+def test_unknown_and_malformed_handles(state: State) -> None:
+    """Handles never issued, malformed or oversized are "unknown"."""
+    store = state.store
+    new_session(store)
+    for bogus in (
+        HANDLE_PREFIX + secrets.token_urlsafe(32),
+        "",
+        "lcr_",
+        "not-a-handle",
+        HANDLE_PREFIX + "A" * 100_000,
+        HANDLE_PREFIX + "\udcff\x00",
+    ):
+        assert reason_of(lambda b=bogus: store.rotate(b, now=T0)) == "unknown"
+        assert reason_of(lambda b=bogus: store.peek(b, now=T0)) == "unknown"
+    assert store.revoke(handle="not-a-handle", reason="x", now=T0) == []
+
+
+def test_peek_validates_without_rotating(state: State) -> None:
+    """Peeking neither spends the handle nor revokes on an old one."""
+    store = state.store
+    session, first = new_session(store)
+    assert store.peek(first, now=T0).generation == 1
+    _, second = store.rotate(first, now=T0)
+    assert reason_of(lambda: store.peek(first, now=T0)) == "reused"
+    stored = store.get(session.id)
+    assert stored is not None and stored.revoked_at is None
+    assert store.rotate(second, now=T0)[0].generation == 3
+
+
+def test_revoke_by_handle(state: State) -> None:
+    """Revoking by handle ends that handle's session only and returns it."""
+    store = state.store
+    session, handle = new_session(store)
+    other, other_handle = new_session(store)
+    ended = store.revoke(handle=handle, reason="client_revoked", now=T0 + HOUR)
+    assert [s.id for s in ended] == [session.id]
+    assert ended[0].revoked_at == T0 + HOUR and ended[0].revoked_reason == "client_revoked"
+    assert reason_of(lambda: store.rotate(handle, now=T0 + HOUR)) == "revoked"
+    assert store.rotate(other_handle, now=T0 + HOUR)[0].id == other.id
+    # Ending an ended session ends nothing.
+    assert store.revoke(handle=handle, reason="again", now=T0 + 2 * HOUR) == []
+
+
+def test_revoke_by_old_handle_ends_the_session(state: State) -> None:
+    """An old handle still names its session for revocation."""
+    store = state.store
+    session, first = new_session(store)
+    _, newest = store.rotate(first, now=T0)
+    assert [s.id for s in store.revoke(handle=first, reason="client_revoked", now=T0)] == [
+        session.id
+    ]
+    assert reason_of(lambda: store.rotate(newest, now=T0)) == "revoked"
+
+
+def test_revoke_by_session_subject_and_issuer(state: State) -> None:
+    """Operators end sessions by id, by subject or by issuer; each returns what it ended."""
+    store = state.store
+    a, _ = new_session(store, subject="alice")
+    b, _ = new_session(store, subject="bob")
+    c, _ = new_session(store, subject="bob")
+    d, _ = new_session(store, subject="carol", issuer="okta")
+    e, _ = new_session(store, subject="dave", issuer="okta")
+    assert [s.id for s in store.revoke(session_id=a.id, reason="operator", now=T0)] == [a.id]
+    by_subject = store.revoke(subject="bob", reason="operator", now=T0)
+    assert sorted(s.id for s in by_subject) == sorted([b.id, c.id])
+    assert [s.id for s in store.revoke(subject="bob", issuer="okta", reason="x", now=T0)] == []
+    by_issuer = store.revoke(issuer="okta", reason="issuer_compromised", now=T0)
+    assert sorted(s.id for s in by_issuer) == sorted([d.id, e.id])
+    assert all(s.revoked_reason == "issuer_compromised" for s in by_issuer)
+    assert store.list(now=T0) == []
+    with pytest.raises(ValueError):
+        store.revoke(reason="everything", now=T0)
+
+
+def test_list_filters(state: State) -> None:
+    """Listing returns active sessions oldest first, filtered by subject and issuer."""
+    store = state.store
+    a, _ = new_session(store, subject="alice", now=T0)
+    b, _ = new_session(store, subject="bob", now=T0 + timedelta(seconds=1))
+    c, _ = new_session(store, subject="alice", issuer="okta", now=T0 + timedelta(seconds=2))
+    d, _ = new_session(store, subject="alice", now=T0, expires_at=T0 + timedelta(minutes=1))
+    store.revoke(session_id=b.id, reason="operator", now=T0 + timedelta(seconds=3))
+    later = T0 + timedelta(minutes=5)
+    assert [s.id for s in store.list(now=later)] == [a.id, c.id]
+    assert [s.id for s in store.list(subject="alice", now=later)] == [a.id, c.id]
+    assert [s.id for s in store.list(subject="alice", issuer="okta", now=later)] == [c.id]
+    everything = store.list(active_only=False, now=later)
+    assert {s.id for s in everything} == {a.id, b.id, c.id, d.id}
+    assert [s.id for s in store.list(active_only=False, subject="bob", now=later)] == [b.id]
+
+
+def test_record_credential_and_list_for_revocation(state: State) -> None:
+    """Credentials minted under a session are remembered once each, for revocation at its end."""
+    store = state.store
+    session, _ = new_session(store)
+    other, _ = new_session(store)
+    store.record_credential(
+        session.id, kind="vault_accessor", ref="acc-1", expires_at=T0 + timedelta(minutes=15)
+    )
+    store.record_credential(
+        session.id, kind="vault_lease", ref="database/creds/x/1", expires_at=None
+    )
+    store.record_credential(
+        session.id, kind="vault_accessor", ref="acc-1", expires_at=T0 + timedelta(minutes=15)
+    )
+    store.record_credential(other.id, kind="vault_accessor", ref="acc-2", expires_at=None)
+    assert store.credentials(session.id) == [
+        ("vault_accessor", "acc-1"),
+        ("vault_lease", "database/creds/x/1"),
+    ]
+    assert store.credentials(session.id, now=T0 + HOUR) == [("vault_lease", "database/creds/x/1")]
+    assert store.credentials(other.id) == [("vault_accessor", "acc-2")]
+    assert store.credentials("lcs_nonexistent") == []
+
+
+def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
+    """Purging deletes sessions that ended before the cut-off, with handles and credentials."""
+    store = state.store
+    old, old_handle = new_session(store, expires_at=T0 + HOUR)
+    store.record_credential(old.id, kind="vault_lease", ref="lease-old", expires_at=None)
+    live, _ = new_session(store, expires_at=T0 + 24 * HOUR)
+    revoked, _ = new_session(store, expires_at=T0 + 24 * HOUR)
+    store.revoke(session_id=revoked.id, reason="operator", now=T0 + timedelta(minutes=1))
+    assert store.purge(before=T0 + 2 * HOUR) == 2
+    assert [s.id for s in store.list(active_only=False, now=T0)] == [live.id]
+    rows = dump_tables(state.url)
+    assert "lease-old" not in rows and handle_hash(old_handle) not in rows
+    assert reason_of(lambda: store.rotate(old_handle, now=T0)) == "unknown"
+
+
+def test_naive_times_are_refused(state: State) -> None:
+    """A timezone-naive `now` is a programming error, not a silently wrong comparison."""
+    with pytest.raises(ValueError):
+        new_session(state.store, now=datetime(2026, 3, 1, 12, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing closed
+
+
+def test_unreachable_sqlite_is_state_unavailable(tmp_path: Path) -> None:
+    """A SQLite path that cannot be opened raises StateUnavailable at start-up."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(StateUnavailable):
+        open_state(f"sqlite:///{blocker}/state.db")
+
+
+def test_unsupported_url_is_refused_without_echoing_it() -> None:
+    """An unsupported URL scheme is a ValueError that does not repeat the URL."""
+    with pytest.raises(ValueError) as info:
+        open_state("mysql://admin:hunter2@db/x")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.integration
+def test_unreachable_postgresql_is_state_unavailable() -> None:
+    """A PostgreSQL nobody answers is StateUnavailable, and the password is not in the error."""
+    url = f"postgresql://postgres:sup3r-secret-pw@127.0.0.1:{free_port()}/nowhere"
+    with pytest.raises(StateUnavailable) as info:
+        open_state(url)
+    text = f"{info.value!s} {info.value!r}"
+    assert "sup3r-secret-pw" not in text
+
+
+@pytest.mark.integration
+def test_postgresql_outage_fails_closed_then_recovers(pg_database: tuple[str, str]) -> None:
+    """While the database refuses connections every call fails closed; afterwards it recovers."""
+    url, name = pg_database
+    ledger, store = open_state(url)
+    _, handle = new_session(store)
+    assert ledger.consume("gitlab", "before-outage", expires_at=T0 + HOUR, now=T0)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    try:
+        with pytest.raises(StateUnavailable):
+            ledger.consume("gitlab", "during-outage", expires_at=T0 + HOUR, now=T0)
+        with pytest.raises(StateUnavailable):
+            store.rotate(handle, now=T0)
+        with pytest.raises(StateUnavailable):
+            store.list(now=T0)
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    # Nothing was consumed or rotated during the outage.
+    assert ledger.consume("gitlab", "during-outage", expires_at=T0 + HOUR, now=T0)
+    assert store.rotate(handle, now=T0)[0].generation == 2
+    ledger.close()
+    store.close()
+
+
+@pytest.mark.integration
+def test_pooled_connection_cut_by_server_is_replaced(pg_database: tuple[str, str]) -> None:
+    """An idle pooled connection killed by the server is replaced transparently on next use."""
+    url, name = pg_database
+    ledger, store = open_state(url)
+    assert ledger.consume("gitlab", "cut-1", expires_at=T0 + HOUR, now=T0)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+    assert ledger.consume("gitlab", "cut-2", expires_at=T0 + HOUR, now=T0)
+    assert not ledger.consume("gitlab", "cut-1", expires_at=T0 + HOUR, now=T0)
+    ledger.close()
+    store.close()
