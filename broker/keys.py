@@ -318,21 +318,21 @@ def parse_jwk(obj: Mapping[str, Any]) -> VerificationKey:
         raise KeySetError("symmetric_key")  # no HMAC anywhere: no key-confusion surface
     if PRIVATE_MEMBERS & obj.keys():
         raise KeySetError("private_key")
+    # Presence, not truthiness: `"kid": null` or `"use": null` is a malformed member, not absent.
     kid = obj.get("kid")
-    if kid is not None and not isinstance(kid, str):
+    if "kid" in obj and not isinstance(kid, str):
         raise KeySetError("bad_kid")
-    use = obj.get("use")
-    if use is not None and use != "sig":
+    if "use" in obj and obj["use"] != "sig":
         raise KeySetError("wrong_use")
     key_ops = obj.get("key_ops")
-    if key_ops is not None and (
+    if "key_ops" in obj and (
         not isinstance(key_ops, list)
         or not all(isinstance(op, str) for op in key_ops)
         or "verify" not in key_ops
     ):
         raise KeySetError("wrong_use", "key_ops")
     alg = obj.get("alg")
-    if alg is not None and not isinstance(alg, str):
+    if "alg" in obj and not isinstance(alg, str):
         raise KeySetError("bad_alg")
 
     crv = obj.get("crv")

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import NameOID
 
+from broker.dev.claims import preset_claims
+from broker.dev.issuer import SigningKey, encode_jwt
 from broker.keys import KeySet, VerificationKey, b64url_encode, parse_jwk, parse_jwks
 from broker.tokens import (
     _EC_ORDER,
@@ -1247,3 +1249,28 @@ def test_random_signed_headers_and_payloads_never_crash(kit: Kit) -> None:
         for body in (json.dumps(payload).encode(), rng.randbytes(rng.randint(0, 64))):
             result = outcome(kit.ed.token(body, header=header), kit, algorithms=("EdDSA",))
             assert isinstance(result, str)
+
+
+# --- contract with the dev issuer ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256", "EdDSA"])
+@pytest.mark.parametrize("preset", ["gitlab", "github", "bitbucket", "okta"])
+def test_dev_issuer_tokens_verify(alg: str, preset: str) -> None:
+    """Tokens the dev issuer signs for every preset verify here against its published JWK."""
+    key = SigningKey.generate(alg)
+    keyset = parse_jwks({"keys": [key.public_jwk()]})
+    token_claims = preset_claims(preset, issuer=ISSUER, audience=AUDIENCE, now=NOW)
+    token = parse_token(encode_jwt(token_claims, key))
+    found = keyset.find(token.kid, token.alg)
+    assert found is not None and found.thumbprint() == key.thumbprint()
+    verify_signature(token, found, [alg])
+    validate_claims(
+        token.claims,
+        issuer=ISSUER,
+        audiences=[AUDIENCE],
+        now=NOW,
+        leeway=LEEWAY,
+        max_lifetime=MAX_LIFETIME,
+        require_jti=preset in ("gitlab", "github", "okta"),
+    )
