@@ -6,6 +6,7 @@ the Wycheproof ROCA modulus read from ../shared).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -118,8 +119,6 @@ def test_ed25519_jwk_parses(ed_public: ed25519.Ed25519PublicKey) -> None:
 
 
 def _thumbprint_of(members: dict[str, str]) -> str:
-    import hashlib
-
     canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
     return b64url_encode(hashlib.sha256(canonical).digest())
 
