@@ -7,6 +7,8 @@ after OpenBao is stopped, sealed and restarted; plus pure checks of the plan and
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from broker.mint.vault import (
     VaultMinter,
     VaultSecret,
     VaultToken,
+    clamp_ttl,
     map_error,
     plan_token,
     sanitise_metadata,
@@ -147,6 +150,14 @@ def test_error_table_classifies_by_type() -> None:
         assert (mapped.reason, mapped.retryable) == (reason, retryable), exc
 
 
+def test_clamp_ttl_caps_by_grant_and_lifts_to_the_floor() -> None:
+    """The grant's TTL caps a requested TTL, and nothing goes below 10 s."""
+    assert clamp_ttl(120, None) == 120
+    assert clamp_ttl(120, 600) == 120
+    assert clamp_ttl(120, 30) == 30
+    assert clamp_ttl(120, 1) == 10
+
+
 def test_reprs_hide_tokens_and_secret_data() -> None:
     """Tokens, renew tokens and secret data never appear in reprs."""
     token = VaultToken("hvs.SECRET-TOKEN", "acc", ("etl-read",), True, 60)
@@ -225,6 +236,25 @@ def test_identity_relogins_at_max_ttl_with_rotated_secret_id(
     assert "secret_id" not in repr(identity) and old_secret not in repr(identity)
 
 
+@pytest.mark.integration
+def test_identity_from_token_file(bao: OpenBao, broker_vault: BrokerVault, tmp_path: Path) -> None:
+    """With auth = "token" the broker uses the token in its file and mints with it."""
+    created = bao.root().auth.token.create(policies=[BROKER_POLICY], ttl="60s")["auth"]
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(created["client_token"] + "\n", encoding="utf-8")
+    os.chmod(token_file, 0o600)
+    upstream = replace(
+        broker_vault.upstream,
+        auth="token",
+        role_id_file=None,
+        secret_id_file=None,
+        token_file=token_file,
+    )
+    minter = VaultMinter(upstream, clock=lambda: datetime.now(UTC))
+    minter.create_token(plan_token(etl_grant(), ttl=30, metadata=METADATA))
+    assert minter.identity.accessor == created["accessor"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokens
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +319,25 @@ def test_ten_second_token_renewed_by_its_holder_for_thirty_seconds(
     assert client.auth.token.lookup_self()["data"]["ttl"] > 0
     with pytest.raises(hvac.exceptions.InvalidRequest):
         bao.root().auth.token.lookup_accessor(control.accessor)
+
+
+@pytest.mark.integration
+def test_policy_outside_the_role_is_rejected_and_unknown_role_denied(
+    broker_vault: BrokerVault, minter: VaultMinter, clock: FakeClock
+) -> None:
+    """A policy outside the token role is rejected; a role the broker may not use is denied."""
+    grant = replace(etl_grant(), vault=VaultGrant(token_policies=(BROKER_POLICY,)))
+    with pytest.raises(UpstreamError) as caught:
+        minter.create_token(plan_token(grant, ttl=30, metadata=METADATA))
+    assert (caught.value.reason, caught.value.retryable) == ("upstream_rejected", False)
+
+    other = VaultMinter(replace(broker_vault.upstream, token_role="someone-else"), clock=clock)
+    other.identity.token()
+    first = other.identity.accessor
+    with pytest.raises(UpstreamError) as caught:
+        other.create_token(plan_token(etl_grant(), ttl=30, metadata=METADATA))
+    assert (caught.value.reason, caught.value.retryable) == ("upstream_denied", False)
+    assert other.identity.accessor != first  # the 403 logged in again once before giving up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +407,30 @@ def test_failed_secret_read_leaves_no_holder_token(bao: OpenBao, minter: VaultMi
         minter.read_secret("secret/data/other/db", ttl=60, metadata=METADATA)
     assert (caught.value.reason, caught.value.retryable) == ("upstream_denied", False)
     assert accessors() == before
+
+
+@pytest.mark.integration
+def test_no_secret_reaches_any_log_record(
+    broker_vault: BrokerVault, minter: VaultMinter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logs from a login, a token, a dynamic secret and revocations carry none of their secrets."""
+    caplog.set_level(logging.DEBUG)
+    token = minter.create_token(plan_token(etl_grant(), ttl=30, metadata=METADATA))
+    secret = minter.read_secret(f"database/creds/{DB_ROLE}", ttl=60, metadata=METADATA)
+    minter.revoke_secret(secret)
+    minter.revoke_accessor(token.accessor)
+    logged = "\n".join(repr(vars(record)) for record in caplog.records)
+    assert "vault login" in logged
+    secret_id = broker_vault.secret_id_file.read_text(encoding="utf-8").strip()
+    identity_token = minter.identity.token()
+    for value in (
+        token.token,
+        secret.renew_token,
+        secret.data["password"],
+        secret_id,
+        identity_token,
+    ):
+        assert value not in logged
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -50,6 +51,8 @@ import requests
 
 from broker.config import GrantConfig, UpstreamVault
 from broker.mint import UpstreamError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
@@ -66,6 +69,8 @@ _RENEW_FRACTION = 2 / 3
 # The renew token is only ever used against sys/leases/renew; `default` grants exactly that among
 # its secret-free paths.
 _RENEW_TOKEN_POLICIES = ("default",)
+# Shortest TTL handed out: renewing at 2/3 of a 10 s lease still leaves ~3 s for the round trip.
+VAULT_MIN_TTL = 10
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,12 @@ def sanitise_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
         if isinstance(value, str) and value:
             clean[key] = _META_UNSAFE.sub("-", value)[:_META_VALUE_MAX]
     return MappingProxyType(clean)
+
+
+def clamp_ttl(ttl: int, requested: int | None) -> int:
+    """The grant's ttl caps the request; `VAULT_MIN_TTL` lifts anything shorter."""
+    wanted = ttl if requested is None else min(requested, ttl)
+    return max(VAULT_MIN_TTL, wanted)
 
 
 def plan_token(
@@ -240,8 +251,12 @@ class VaultIdentity:
         accessor = self._login.accessor if self._login else None
         return f"VaultIdentity(url={self._upstream.url!r}, accessor={accessor!r})"
 
-    def client(self, token: str | None) -> hvac.Client:
-        """An hvac client on the shared HTTP session; one per call, so no token is shared."""
+    def client(self, token: str) -> hvac.Client:
+        """An hvac client on the shared HTTP session; one per call, so no token is shared.
+
+        `token` is never None: hvac would then read VAULT_TOKEN or ~/.vault-token, and only the
+        composition root reads the environment. "" sends no token header at all.
+        """
         verify: bool | str = str(self._upstream.ca_cert) if self._upstream.ca_cert else True
         return hvac.Client(
             url=self._upstream.url,
@@ -292,6 +307,7 @@ class VaultIdentity:
         except _MAPPED as exc:
             raise map_error(exc) from exc
         granted = int(auth["lease_duration"])
+        log.debug("vault token renewed", extra={"vault_accessor": login.accessor, "ttl": granted})
         if granted < login.lease_duration:
             # Vault capped the renewal at the token's max TTL: log in again now, while the old
             # token still covers calls in flight.
@@ -299,13 +315,25 @@ class VaultIdentity:
         return _Login(login.token, login.accessor, bool(auth["renewable"]), granted, self._clock())
 
     def _do_login(self) -> _Login:
+        login = self._login_once()
+        log.info(
+            "vault login",
+            extra={
+                "vault_auth": self._upstream.auth,
+                "vault_accessor": login.accessor,
+                "ttl": login.lease_duration,
+            },
+        )
+        return login
+
+    def _login_once(self) -> _Login:
         upstream = self._upstream
         try:
             if upstream.auth == "approle":
                 assert upstream.role_id_file is not None and upstream.secret_id_file is not None
                 role_id = upstream.role_id_file.read_text(encoding="utf-8").strip()
                 secret_id = upstream.secret_id_file.read_text(encoding="utf-8").strip()
-                auth = self.client(None).auth.approle.login(
+                auth = self.client("").auth.approle.login(
                     role_id=role_id,
                     secret_id=secret_id,
                     use_token=False,
