@@ -335,7 +335,7 @@ def render_json(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
-    """One tidy table: section, then that section's columns as name=value-free positional cells."""
+    """One CSV: each row starts with its section title; a section's first row names its columns."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["section", "c1", "c2", "c3", "c4", "c5", "c6"])
