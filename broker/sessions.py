@@ -61,10 +61,15 @@ class StateUnavailable(Exception):
 
 
 class SessionError(Exception):
-    """A refresh handle that mints nothing: `reason` is unknown, expired, reused or revoked."""
+    """A refresh handle that mints nothing: `reason` is unknown, expired, reused or revoked.
 
-    def __init__(self, reason: str) -> None:
+    `session` is the session the handle belonged to (None when "unknown"), so the caller can
+    audit the session id and, after "reused", revoke the credentials recorded under it.
+    """
+
+    def __init__(self, reason: str, session: Session | None = None) -> None:
         self.reason = reason
+        self.session = session
         super().__init__(reason)
 
 
@@ -426,6 +431,7 @@ class ReplayLedger:
         token's sha256 for issuers that send none; it is stored hashed so an 8 KiB jti cannot
         bloat the index (HOSTILE F15). Raises StateUnavailable.
         """
+        now, expires_at = _utc(now), _utc(expires_at)
         db = self._db
         key = hashlib.sha256(token_id.encode("utf-8", "surrogatepass")).hexdigest()
         purge = self._purge_due(now)
@@ -552,6 +558,7 @@ class SessionStore:
         wins, the second finds an old generation and is treated as reuse, which ends the
         session. That is the OAuth 2.1 rotation rule; a client must never race itself.
         """
+        now = _utc(now)
         db = self._db
         presented = _lookup_key(handle)
         if presented is None:
@@ -572,8 +579,8 @@ class SessionStore:
             if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
                 return session, "expired"
             if generation != session.generation:
-                self._revoke_ids(cur, [session.id], REASON_REUSE, now)
-                return session, "reused"
+                ended = self._revoke_ids(cur, [session.id], REASON_REUSE, now)
+                return (ended[0] if ended else session), "reused"
             cur.execute(
                 db.sql("UPDATE session_sessions SET generation = ? WHERE id = ?"),
                 (session.generation + 1, session.id),
@@ -583,7 +590,7 @@ class SessionStore:
 
         session, reason = db.run(work)
         if reason or session is None:
-            raise SessionError(reason or "unknown")
+            raise SessionError(reason or "unknown", session)
         return session, successor
 
     def peek(self, handle: str, *, now: datetime, max_idle: timedelta | None = None) -> Session:
@@ -592,6 +599,7 @@ class SessionStore:
         Raises SessionError like `rotate`, except that an old generation raises "reused"
         without revoking: peeking changes nothing.
         """
+        now = _utc(now)
         db = self._db
         presented = _lookup_key(handle)
         if presented is None:
@@ -615,7 +623,7 @@ class SessionStore:
 
         session, reason = db.run(work, write=False)
         if reason or session is None:
-            raise SessionError(reason or "unknown")
+            raise SessionError(reason or "unknown", session)
         return session
 
     def revoke(
@@ -636,6 +644,7 @@ class SessionStore:
         """
         if session_id is None and subject is None and issuer is None and handle is None:
             raise ValueError("revoke needs session_id, subject, issuer or handle")
+        now = _utc(now)
         db = self._db
         presented = _lookup_key(handle) if handle is not None else None
         if handle is not None and presented is None:

@@ -272,7 +272,11 @@ def test_rotation_chain_then_reuse_revokes_the_session(state: State) -> None:
         assert rotated.id == session.id and rotated.generation == step + 2
         handles.append(handle)
     assert len(set(handles)) == 4
-    assert reason_of(lambda: store.rotate(handles[0], now=T0 + HOUR)) == "reused"
+    with pytest.raises(SessionError) as info:
+        store.rotate(handles[0], now=T0 + HOUR)
+    assert info.value.reason == "reused" and str(info.value) == "reused"
+    assert info.value.session is not None and info.value.session.id == session.id
+    assert info.value.session.revoked_reason == REASON_REUSE
     ended = store.get(session.id)
     assert ended is not None
     assert ended.revoked_reason == REASON_REUSE and ended.revoked_at == T0 + HOUR
@@ -482,9 +486,16 @@ def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
 
 
 def test_naive_times_are_refused(state: State) -> None:
-    """A timezone-naive `now` is a programming error, not a silently wrong comparison."""
+    """A timezone-naive time is a programming error, not a silently wrong comparison."""
+    naive = datetime(2026, 3, 1, 12, 0)
+    _, handle = new_session(state.store)
     with pytest.raises(ValueError):
-        new_session(state.store, now=datetime(2026, 3, 1, 12, 0))
+        new_session(state.store, now=naive)
+    with pytest.raises(ValueError):
+        state.store.rotate(handle, now=naive)
+    with pytest.raises(ValueError):
+        state.ledger.consume("gitlab", "j", expires_at=naive, now=T0)
+    assert state.store.peek(handle, now=T0).generation == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +523,7 @@ def test_unreachable_postgresql_is_state_unavailable() -> None:
     url = f"postgresql://postgres:sup3r-secret-pw@127.0.0.1:{free_port()}/nowhere"
     with pytest.raises(StateUnavailable) as info:
         open_state(url)
-    text = f"{info.value!s} {info.value!r}"
+    text = f"{info.value!s} {info.value!r} {info.value.__cause__!s}"
     assert "sup3r-secret-pw" not in text
 
 
