@@ -26,8 +26,8 @@ import ssl
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ from luigi_creds.client import (
     VaultToken,
 )
 from luigi_creds.identity import DEFAULT_GITLAB_VARIABLE, OktaSettings, parse_token_source
+from luigi_creds.refresh import Windows
 from luigi_creds.serve import (
     AGENT_TOKEN_VARIABLE,
     AgentClient,
@@ -304,6 +305,7 @@ class _TaskState:
     """What one running task holds in this process: start-minted credentials or the failure."""
 
     minted: dict[str, Credential]
+    minted_at: datetime = field(default_factory=lambda: _utcnow())
     error: BaseException | None = None
 
 
@@ -321,8 +323,6 @@ class CredentialsMixin:
     """Mix into a `luigi.Task`; list the grants in `grants`; use the accessors inside `run()`."""
 
     grants: ClassVar[Sequence[str]] = ()
-    # A credential minted at start is reused by an accessor only if it lives at least this long.
-    min_remaining: ClassVar[timedelta] = timedelta(minutes=2)
 
     task_id: str  # provided by luigi.Task
 
@@ -344,8 +344,11 @@ class CredentialsMixin:
             raise state.error
         if state is not None:
             cred = state.minted.get(grant)
-            if cred is not None and cred.expires_at - _utcnow() > self.min_remaining:
-                return cred
+            # Reused only outside its mandatory refresh window (refresh.Windows), else re-minted.
+            if cred is not None:
+                _, mandatory = Windows().for_lifetime(cred.expires_at - state.minted_at)
+                if cred.expires_at - _utcnow() > mandatory:
+                    return cred
         return ensure_agent().mint(grant, self.task_id)
 
     def aws_session(self, grant: str, region_name: str | None = None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,7 @@ class FakeBroker:
         self.spent: set[str] = set()
         self.exchanges = 0
         self.revoked = 0
+        self.ttl = 900  # seconds each minted credential lives
         self.down = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -104,12 +106,12 @@ class FakeBroker:
             self.mints.append((form["audience"], form.get("task", ""), key))
             handle = f"handle-{n}"
             self.handles.add(handle)
-            expiry = datetime.now(UTC) + timedelta(minutes=15)
+            expiry = datetime.now(UTC) + timedelta(seconds=self.ttl)
             return 200, {
                 "access_token": key,
                 "issued_token_type": "urn:luigi-creds:token-type:aws-credentials",
                 "token_type": "N_A",
-                "expires_in": 900,
+                "expires_in": self.ttl,
                 "refresh_token": handle,
                 "request_id": f"req-{n}",
                 "credentials": {
@@ -257,3 +259,51 @@ def test_external_program_failure_is_redacted(broker: FakeBroker) -> None:
     assert "leaky-secret-value" not in explanation
     assert bearer not in explanation and bearer not in str(info.value)
     assert "AWS_CONTAINER_CREDENTIALS_FULL_URI" in str(info.value)
+
+
+class LongRunning(CredentialsMixin, luigi.Task):
+    """Uses its S3 session for longer than one credential lives."""
+
+    out = luigi.Parameter()
+    grants = ("etl-writer",)
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(f"{self.out}/long.txt")
+
+    def run(self) -> None:
+        creds = self.aws_session("etl-writer").get_credentials()
+        seen = []
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            frozen = creds.get_frozen_credentials()
+            seen.append(frozen.access_key)
+            time.sleep(0.1)
+        with self.output().open("w") as f:
+            f.write(" ".join(dict.fromkeys(seen)))
+
+
+def test_task_outlives_its_credential(broker: FakeBroker, tmp_path: Path) -> None:
+    """A task running 5 s on 3-second credentials refreshes them, each mint carrying its id."""
+    broker.ttl = 3
+    task = LongRunning(out=str(tmp_path))
+    assert luigi.build([task], workers=1, local_scheduler=True, log_level="WARNING")
+    keys = (tmp_path / "long.txt").read_text().split()
+    assert len(keys) >= 2
+    assert {t for _, t, _ in broker.mints} == {task.task_id}
+
+
+class CheckedRemotely(CredentialsMixin, luigi.Task):
+    """Needs credentials in complete(), which Luigi calls in the scheduling process."""
+
+    grants = ("etl-writer",)
+
+    def complete(self) -> bool:
+        key = self.aws_session("etl-writer").get_credentials().get_frozen_credentials().access_key
+        return key.startswith("AKIAFAKE")
+
+
+def test_complete_outside_run_gets_credentials(broker: FakeBroker) -> None:
+    """complete() in the scheduling process mints for its task id without a task start."""
+    task = CheckedRemotely()
+    assert luigi.build([task], workers=1, local_scheduler=True, log_level="WARNING")
+    assert [t for _, t, _ in broker.mints] == [task.task_id]
