@@ -151,11 +151,13 @@ class _Database:
     def sql(self, text: str) -> str:
         return text.replace("?", "%s") if self.placeholder == "%s" else text
 
-    def _checkout(self) -> tuple[Any, bool]:
-        try:
-            return self._idle.get_nowait(), True
-        except queue.Empty:
-            return self.connect(), False
+    def _checkout(self, fresh: bool) -> tuple[Any, bool]:
+        if not fresh:
+            try:
+                return self._idle.get_nowait(), True
+            except queue.Empty:
+                pass
+        return self.connect(), False
 
     def _checkin(self, conn: Any) -> None:
         if self._closed:
@@ -170,7 +172,7 @@ class _Database:
         errors = self.errors()
         for attempt in (1, 2):
             try:
-                conn, pooled = self._checkout()
+                conn, pooled = self._checkout(fresh=attempt > 1)
             except errors as exc:
                 raise StateUnavailable("state database unreachable") from exc
             committing = False
@@ -186,6 +188,9 @@ class _Database:
             except errors as exc:
                 _discard(conn)
                 if pooled and attempt == 1 and not committing and _is_connection_error(exc):
+                    # The server dropped this connection, so likely every idle one (a restart):
+                    # drop them all and retry once on a new connection.
+                    self._drain()
                     continue
                 raise StateUnavailable("state database failed") from exc
             except BaseException:
@@ -200,13 +205,16 @@ class _Database:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def close(self) -> None:
-        self._closed = True
+    def _drain(self) -> None:
         while True:
             try:
-                self._idle.get_nowait().close()
+                _discard(self._idle.get_nowait())
             except queue.Empty:
                 return
+
+    def close(self) -> None:
+        self._closed = True
+        self._drain()
 
 
 def _discard(conn: Any) -> None:

@@ -558,9 +558,21 @@ def test_postgresql_outage_fails_closed_then_recovers(pg_database: tuple[str, st
 
 @pytest.mark.integration
 def test_pooled_connection_cut_by_server_is_replaced(pg_database: tuple[str, str]) -> None:
-    """An idle pooled connection killed by the server is replaced transparently on next use."""
+    """Idle pooled connections killed by the server are replaced transparently on next use."""
     url, name = pg_database
     ledger, store = open_state(url)
+    # Fill the idle pool with several connections, as a busy broker would.
+    barrier = threading.Barrier(4)
+
+    def busy(i: int) -> None:
+        barrier.wait()
+        ledger.consume("gitlab", f"warm-{i}", expires_at=T0 + HOUR, now=T0)
+
+    warmers = [threading.Thread(target=busy, args=(i,)) for i in range(4)]
+    for t in warmers:
+        t.start()
+    for t in warmers:
+        t.join()
     assert ledger.consume("gitlab", "cut-1", expires_at=T0 + HOUR, now=T0)
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(
