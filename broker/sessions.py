@@ -148,6 +148,9 @@ class _Database:
     def from_db(self, value: Any) -> datetime | None:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Once per process, before the first transaction."""
+
     def sql(self, text: str) -> str:
         return text.replace("?", "%s") if self.placeholder == "%s" else text
 
@@ -246,6 +249,18 @@ class _Sqlite(_Database):
         )
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
+
+    def prepare(self) -> None:
+        # WAL lets readers proceed while one writer holds the lock; it persists in the file and
+        # cannot be switched inside a transaction.
+        try:
+            conn = self.connect()
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StateUnavailable("state database unreachable") from exc
 
     def begin(self, conn: Any, write: bool) -> None:
         # BEGIN IMMEDIATE takes the database write lock up front, so read-check-write sequences
@@ -390,7 +405,8 @@ def open_state(url: str) -> tuple[ReplayLedger, SessionStore]:
     """Open the replay ledger and session store in the database at `url`; create tables.
 
     `url` is the `[broker] audit_store` value. Raises StateUnavailable if the database cannot
-    be reached or prepared, ValueError if the URL is not one we support.
+    be reached or prepared, ValueError if the URL is not one we support. Both objects share one
+    connection pool; `close()` on either closes it (later calls still work, unpooled).
     """
     db = _open_database(url)
     statements = _SCHEMA[db.dialect]
@@ -399,23 +415,8 @@ def open_state(url: str) -> tuple[ReplayLedger, SessionStore]:
         for statement in statements:
             cur.execute(statement)
 
-    try:
-        db.run(create)
-    except OSError as exc:
-        raise StateUnavailable("state database unreachable") from exc
-    if db.dialect == "sqlite":
-        # WAL lets readers proceed while one writer holds the lock. Set outside a transaction.
-        def wal() -> None:
-            conn = db.connect()
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-            finally:
-                conn.close()
-
-        try:
-            wal()
-        except sqlite3.Error as exc:
-            raise StateUnavailable("state database failed") from exc
+    db.prepare()
+    db.run(create)
     return ReplayLedger(db), SessionStore(db)
 
 

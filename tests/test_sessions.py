@@ -199,11 +199,9 @@ def _consume_all(url: str, ids: list[str], barrier: Any, out: Any) -> None:
     store.close()
 
 
-@pytest.mark.integration
-def test_two_processes_race_on_postgresql(pg_database: tuple[str, str]) -> None:
-    """Two broker processes consuming the same ids on one PostgreSQL each id wins exactly once."""
-    url, _ = pg_database
-    open_state(url)[0].close()
+def test_two_processes_race_on_one_database(state: State) -> None:
+    """Two broker processes consuming the same ids on one database: each id wins exactly once."""
+    url = state.url
     ids = [f"proc-race-{secrets.token_hex(4)}-{i}" for i in range(100)]
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
