@@ -440,12 +440,13 @@ def test_no_secret_reaches_any_log_record(
 
 @pytest.mark.integration
 def test_sealed_or_stopped_vault_is_retryable_and_recovers_after_restart(tmp_path: Path) -> None:
-    """Sealed or stopped OpenBao raises retryable errors; after a restart the same minter works."""
+    """Sealed or stopped OpenBao raises retryable errors; restarted, the same minter works again."""
     server = start_openbao(tmp_path / "bao")
     try:
         files = tmp_path / "files"
         vault = setup_broker(server, files)
-        minter = VaultMinter(vault.upstream, clock=lambda: datetime.now(UTC), http_timeout=2.0)
+        clock = FakeClock()
+        minter = VaultMinter(vault.upstream, clock=clock, http_timeout=2.0)
         plan = plan_token(etl_grant(), ttl=60, metadata=METADATA)
         minter.check_ready()
         assert minter.create_token(plan).accessor
@@ -457,6 +458,9 @@ def test_sealed_or_stopped_vault_is_retryable_and_recovers_after_restart(tmp_pat
             assert (caught.value.reason, caught.value.retryable) == ("upstream_unavailable", True)
 
         server.stop()
+        held = minter.identity.token()
+        clock.advance(45)  # renewal due (2/3 of 60 s) but Vault is down: the token is kept
+        assert minter.identity.token() == held
         for call in (minter.check_ready, lambda: minter.create_token(plan)):
             with pytest.raises(UpstreamError) as caught:
                 call()

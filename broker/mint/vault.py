@@ -281,7 +281,13 @@ class VaultIdentity:
             if login is None or _expired(login, now):
                 login = self._do_login()
             elif _renew_due(login, now):
-                login = self._renew_or_login(login)
+                try:
+                    login = self._renew_or_login(login)
+                except UpstreamError as exc:
+                    if not exc.retryable:
+                        raise
+                    # Vault is briefly unreachable and the token has a third of its life left:
+                    # keep using it; the next call tries the renewal again.
             self._login = login
             return login.token
 
