@@ -75,7 +75,7 @@ def build_app(config: Config) -> Any:
         if missing:
             raise RuntimeError("issuer keys not loaded")
 
-    checks = {"issuers": issuers_ready, "audit": audit.check_writable}
+    checks = {"issuers": issuers_ready, "audit": exchanger.check_audit}
     if aws is not None:
         checks["aws"] = aws.check_reachable
     return create_app(

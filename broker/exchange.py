@@ -164,6 +164,7 @@ class Exchanger:
         self._aws = aws
         self._clock = clock
         self._sleep = sleep
+        self._last_append_failed = False
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -262,6 +263,9 @@ class Exchanger:
         if issuer is None:
             raise _bad_request("unknown_issuer")
         record.set(issuer=issuer.name)
+        if token.alg not in issuer.algorithms:
+            # Before key lookup: a foreign alg must not cost a JWKS refetch (HOSTILE #13, #14).
+            raise _bad_request("alg_not_allowed")
         try:
             key = self._issuers.resolve_key(issuer, token.kid, token.alg)
         except UnknownKey as exc:
@@ -345,9 +349,23 @@ class Exchanger:
 
     # -- audit -------------------------------------------------------------------------------
 
-    def _append(self, event: AuditEvent) -> None:
+    def check_audit(self) -> None:
+        """Readiness: not ready while the last append failed, even if a probe would pass."""
+        if self._last_append_failed:
+            raise AuditUnavailable("the last audit append failed")
+        self._audit.check_writable()
+
+    def _write(self, event: AuditEvent) -> None:
         try:
             self._audit.append(event)
+        except AuditUnavailable:
+            self._last_append_failed = True
+            raise
+        self._last_append_failed = False
+
+    def _append(self, event: AuditEvent) -> None:
+        try:
+            self._write(event)
         except AuditUnavailable as exc:
             raise _unavailable("audit_unavailable") from exc
 
@@ -355,9 +373,7 @@ class Exchanger:
         """Write the one terminal record. If it cannot be written, the answer becomes 503."""
         record.terminal_written = True
         try:
-            self._audit.append(
-                replace(record.event, outcome=outcome, reason=reason, time=self._clock())
-            )
+            self._write(replace(record.event, outcome=outcome, reason=reason, time=self._clock()))
         except AuditUnavailable as exc:
             if outcome is Outcome.ISSUED:
                 self._withhold(record)
@@ -374,7 +390,7 @@ class Exchanger:
             extra={"request_id": record.event.request_id, "ref": record.event.credential_ref},
         )
         with contextlib.suppress(AuditUnavailable):
-            self._audit.append(
+            self._write(
                 replace(
                     record.event,
                     outcome=Outcome.ERROR,

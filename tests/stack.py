@@ -142,10 +142,10 @@ class Broker:
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.load(response), dict(response.headers)
+                return response.status, json.load(response), response.headers
         except urllib.error.HTTPError as exc:
             body = exc.read()
-            return exc.code, json.loads(body) if body else {}, dict(exc.headers)
+            return exc.code, json.loads(body) if body else {}, exc.headers
 
     def get(self, path: str) -> tuple[int, str]:
         try:

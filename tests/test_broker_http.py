@@ -25,6 +25,7 @@ from stack import Broker, Moto, policy_toml, start_broker, start_moto
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.dev.claims import GITLAB_PROJECT_PATH
 from broker.dev.issuer import SigningKey, encode_jwt
 
 pytestmark = pytest.mark.integration
@@ -109,7 +110,7 @@ def test_exchange_returns_aws_credentials_that_work_in_s3(stack: Stack) -> None:
     # The session name is the templated project path, then the request id (CloudTrail join key).
     assert identity["Arn"] == (
         f"arn:aws:sts::123456789012:assumed-role/etl-writer/"
-        f"data-platform-nightly-etl-{body['request_id']}"
+        f"{GITLAB_PROJECT_PATH.replace('/', '-')}-{body['request_id']}"
     )
 
     records = stack.events_for(body["request_id"])
