@@ -19,6 +19,7 @@ from broker.audit.ledger import (
     DEFAULT_ORIGIN,
     SqlLedger,
 )
+from broker.audit.store import AuditLedger
 
 
 def _utcnow() -> datetime:
@@ -81,4 +82,9 @@ def open_store(
         except BaseException:
             store.close()
             raise
+    return store
+
+
+def _conforms(store: SqlLedger) -> AuditLedger:
+    """Static check only: mypy proves every store satisfies the AuditLedger protocol."""
     return store

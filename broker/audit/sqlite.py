@@ -65,7 +65,11 @@ class SqliteAuditStore(SqlLedger):
     def _connect(self) -> Any:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so the lock mode is explicit.
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        # check_same_thread=False only so close() may run on another thread; otherwise each
+        # connection stays with the thread that opened it (SqlLedger keeps one per thread).
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
         try:
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")

@@ -5,6 +5,8 @@ Implementations live beside this file (sqlite, postgresql). `open_store(url)` pi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Protocol
 
 from broker.audit.events import AuditEvent
@@ -24,3 +26,22 @@ class AuditStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AuditLedger(AuditStore, Protocol):
+    """What `open_store` returns beyond AuditStore: the calls start-up recovery and minting make.
+
+    A separate protocol so that minimal AuditStore fakes in tests need not implement these.
+    """
+
+    def hash_ref(self, value: str) -> str:
+        """`hmac-sha256:<hex>` of a Vault accessor under the per-deployment salt."""
+        ...
+
+    def dangling_intents(self) -> list[AuditEvent]:
+        """The latest intent of every request with no issued/denied/error/reconciled record."""
+        ...
+
+    def events(self, since: datetime | None = None) -> Iterator[AuditEvent]:
+        """Events in seq order whose time is at or after `since`."""
+        ...
