@@ -365,6 +365,10 @@ def _timeline_svg(report: Report) -> str:
         f'<text x="{width - 10}" y="{height - 5}" font-size="11" text-anchor="end">'
         f"{html.escape(report.until)}</text>",
     ]
+    days = int(span // 86400)
+    for d in range(1, days + 1) if days <= 62 else ():  # day ticks, up to two months
+        x = left + (width - 10 - left) * d * 86400 / span
+        out.append(f'<line x1="{x:.1f}" y1="8" x2="{x:.1f}" y2="{height - 20}" stroke="#eee"/>')
     for n, grant in enumerate(grants):
         y = 20 + n * lane
         out.append(f'<text x="5" y="{y + 4}" font-size="12">{html.escape(grant)}</text>')
@@ -392,7 +396,7 @@ def _lifetime_svg(report: Report, ttls: dict[str, int]) -> str:
     width, bar, left = 900, 34, 160
     height = 30 + bar * max(len(grants), 1)
     top = max([*(max(v) for v in by_grant.values()), *(ttls.get(g, 0) for g in grants), 1])
-    scale = (width - left - 80) / top
+    scale = (width - left - 140) / top  # room for the labels right of the bars
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" id="lifetimes" width="{width}" height="{height}"'
         ' role="img" aria-label="Credential lifetimes per grant">'
@@ -408,7 +412,9 @@ def _lifetime_svg(report: Report, ttls: dict[str, int]) -> str:
             f'<rect class="lifetime-median" x="{left}" y="{y + 12}" width="{median * scale:.1f}"'
             f' height="11" fill="#3182bd"><title>median {_fmt_seconds(median)}</title></rect>',
             f'<text x="{left + longest * scale + 4:.1f}" y="{y + 10}" font-size="10">'
-            f"{_fmt_seconds(longest)}</text>",
+            f"max {_fmt_seconds(longest)}</text>",
+            f'<text x="{left + median * scale + 4:.1f}" y="{y + 22}" font-size="10">'
+            f"median {_fmt_seconds(median)}</text>",
         ]
         if grant in ttls:
             x = left + ttls[grant] * scale
