@@ -124,6 +124,9 @@ class VaultSecret:
     renewable: bool
     data: Mapping[str, Any] = field(repr=False)
     expires_at: datetime
+    # A token that may only renew this lease (sys/leases/renew), issued by the broker so the
+    # client renews the lease with Vault directly; empty if the broker sent none.
+    renew_token: str = field(default="", repr=False)
 
 
 Credential = AwsCredentials | VaultToken | VaultSecret
@@ -404,6 +407,7 @@ def parse_credential(body: Mapping[str, Any], *, grant: str, now: datetime) -> C
         data = creds.get("data")
         if not isinstance(data, dict):
             raise TypeError("data is not an object")
+        renew_token = creds.get("renew_token")
         return VaultSecret(
             grant=grant,
             request_id=request_id,
@@ -412,6 +416,7 @@ def parse_credential(body: Mapping[str, Any], *, grant: str, now: datetime) -> C
             renewable=bool(creds.get("renewable", False)),
             data=dict(data),
             expires_at=now + timedelta(seconds=lease),
+            renew_token=renew_token if isinstance(renew_token, str) else "",
         )
     raise ValueError(f"unknown issued_token_type {token_type!r}")
 

@@ -387,10 +387,16 @@ class CredentialsMixin:
         return TokenKeeper.for_task(self.task_id, grant, cred, _vault_addr()).client
 
     def vault_secret(self, grant: str) -> Mapping[str, Any]:
-        """The data of the task's Vault dynamic secret for `grant`."""
+        """The data of the task's Vault dynamic secret for `grant`; its lease is renewed while
+        the task runs (with the broker's renew token, when `vault_addr` is configured)."""
         cred = self.credential(grant)
         if not isinstance(cred, VaultSecret):
             raise BrokerError(f"grant {grant!r} does not issue Vault secrets", error="usage")
+        addr = _vault_addr()
+        if cred.renewable and cred.renew_token and addr:
+            from luigi_creds.vault import LeaseKeeper
+
+            LeaseKeeper.for_task(self.task_id, grant, cred, addr)
         return cred.data
 
     def credential_env(self, grant: str, base: Mapping[str, str] | None = None) -> dict[str, str]:

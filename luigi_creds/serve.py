@@ -85,6 +85,7 @@ def credential_to_wire(cred: Credential) -> dict[str, Any]:
             "lease_duration": cred.lease_duration,
             "renewable": cred.renewable,
             "data": dict(cred.data),
+            "renew_token": cred.renew_token,
         }
     remaining = int((cred.expires_at - datetime.now(UTC)).total_seconds())
     return {

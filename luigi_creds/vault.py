@@ -5,9 +5,10 @@ the remaining lease, minus up to 10 % jitter, back off on errors) and re-minting
 agent when the token stops extending (its max TTL is reached) or renewal keeps failing. Talks to
 Vault (OpenBao) through hvac, and to the broker only through the `remint` callable it is given.
 
-NOTE: dynamic-secret leases (`vault_secret`) were created by the broker's Vault identity; a task
-holds no token that may renew or revoke them, so their renewal and revocation belong to the broker
-(it revokes a session's leases on `/v1/revoke`). Here they are only forgotten at task end.
+Dynamic-secret leases (`vault_secret`) are renewed directly with Vault using the `renew_token`
+the broker sends with the secret (a token whose only power is `sys/leases/renew`), on the same
+timing. NOTE: that token cannot revoke the lease; the broker revokes a session's leases on
+`/v1/revoke`, and a per-task lease revocation needs a broker endpoint SPEC.md does not define yet.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, ClassVar
 
 import hvac
 
-from luigi_creds.client import Credential, VaultToken
+from luigi_creds.client import Credential, VaultSecret, VaultToken
 
-__all__ = ["TokenKeeper", "release", "renew_delay"]
+__all__ = ["LeaseKeeper", "TokenKeeper", "release", "renew_delay"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,93 @@ class TokenKeeper:
         return self._lease
 
 
+class LeaseKeeper:
+    """Renews one dynamic secret's lease until `stop()` or until Vault stops extending it.
+
+    `renew(increment)` returns the granted lease duration; `for_task` binds it to hvac's
+    `sys.renew_lease` with the broker-issued renew token. A lease at its max TTL cannot be kept
+    alive: Vault's watcher would re-read the secret, but a running task holds the old password,
+    so the keeper stops and logs; the task's credential ends with the grant's TTL.
+    """
+
+    _registry: ClassVar[dict[tuple[str, str], LeaseKeeper]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        renew: Callable[[int], float],
+        lease_duration: float,
+        *,
+        rng: Callable[[], float] = random.random,
+        name: str = "lease",
+    ) -> None:
+        self._renew = renew
+        self._lease = float(lease_duration)
+        self._initial = self._lease
+        self._rng = rng
+        self._name = name
+        self._stop = threading.Event()
+        self.renewals = 0
+        self.done = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"LeaseKeeper({self._name!r})"
+
+    @classmethod
+    def for_task(cls, task_id: str, grant: str, cred: VaultSecret, addr: str) -> LeaseKeeper:
+        with cls._registry_lock:
+            keeper = cls._registry.get((task_id, grant))
+            if keeper is None:
+                client = hvac.Client(url=addr, token=cred.renew_token)
+
+                def renew(increment: int) -> float:
+                    answer = client.sys.renew_lease(lease_id=cred.lease_id, increment=increment)
+                    return float(answer["lease_duration"])
+
+                keeper = cls(renew, cred.lease_duration, name=cred.lease_id)
+                keeper.start()
+                cls._registry[(task_id, grant)] = keeper
+            return keeper
+
+    @classmethod
+    def pop(cls, task_id: str, grant: str) -> LeaseKeeper | None:
+        with cls._registry_lock:
+            return cls._registry.pop((task_id, grant), None)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="luigi-creds-lease", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failures = 0
+        wait = renew_delay(self._lease, self._rng)
+        try:
+            while not self._stop.wait(wait):
+                try:
+                    granted = self._renew(int(self._initial))
+                except Exception as exc:
+                    failures += 1
+                    wait = error_delay(failures, self._lease)
+                    log.warning(
+                        "renewing lease %s failed (%s); retrying in %.1fs",
+                        self._name,
+                        type(exc).__name__,
+                        wait,
+                    )
+                    continue
+                failures = 0
+                self.renewals += 1
+                self._lease = granted
+                if granted < self._initial:
+                    log.info("lease %s reached its max TTL; it ends in %.0fs", self._name, granted)
+                    return
+                wait = renew_delay(granted, self._rng)
+        finally:
+            self.done.set()
+
+
 def _agent_mint(grant: str, task_id: str) -> Credential:
     from luigi_creds.luigi import ensure_agent
 
@@ -145,6 +233,9 @@ def _agent_mint(grant: str, task_id: str) -> Credential:
 
 def release(task_id: str, grant: str, cred: Any, addr: str | None) -> None:
     """End a task's Vault credential: stop renewing and revoke the token (and its leases)."""
+    lease_keeper = LeaseKeeper.pop(task_id, grant)
+    if lease_keeper is not None:
+        lease_keeper.stop()
     keeper = TokenKeeper.pop(task_id, grant)
     if keeper is not None:
         keeper.stop()

@@ -13,8 +13,9 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from luigi_creds.client import VaultToken
-from luigi_creds.vault import TokenKeeper, error_delay, release, renew_delay
+from luigi_creds.client import VaultSecret, VaultToken, parse_credential
+from luigi_creds.serve import credential_to_wire
+from luigi_creds.vault import LeaseKeeper, TokenKeeper, error_delay, release, renew_delay
 
 BAO = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "bao"
 ROOT_TOKEN = "root-test-token"
@@ -112,3 +113,56 @@ def test_release_revokes_the_token(bao: hvac.Client) -> None:
     release("Task(x=1)", "etl-vault", cred, bao.url)
     with pytest.raises(hvac.exceptions.Forbidden):
         hvac.Client(url=bao.url, token=cred.token).auth.token.lookup_self()
+
+
+def test_lease_keeper_renews_until_the_lease_stops_extending() -> None:
+    """A lease is renewed at 2/3 of its duration until a renewal comes back capped."""
+    grants = [0.3, 0.3, 0.1]
+    asked: list[int] = []
+
+    def renew(increment: int) -> float:
+        asked.append(increment)
+        return grants.pop(0)
+
+    keeper = LeaseKeeper(renew, 0.3, rng=lambda: 0.0)
+    keeper.start()
+    assert keeper.done.wait(5)
+    assert keeper.renewals == 3
+    assert grants == []
+
+
+def test_lease_keeper_backs_off_on_errors_and_stops_when_told() -> None:
+    """Failed renewals are retried with back-off; stop() ends the keeper."""
+    calls: list[float] = []
+
+    def renew(increment: int) -> float:
+        calls.append(time.monotonic())
+        raise ConnectionError("vault down")
+
+    keeper = LeaseKeeper(renew, 0.3, rng=lambda: 0.0)
+    keeper.start()
+    time.sleep(1.0)
+    keeper.stop()
+    assert keeper.done.wait(5)
+    assert keeper.renewals == 0
+    assert 1 <= len(calls) <= 4
+
+
+def test_vault_secret_renew_token_round_trips_and_is_hidden() -> None:
+    """The broker's renew_token is parsed, relayed by the agent and kept out of repr."""
+    body = {
+        "issued_token_type": "urn:luigi-creds:token-type:vault-secret",
+        "request_id": "r",
+        "credentials": {
+            "lease_id": "database/creds/w/1",
+            "lease_duration": 60,
+            "renewable": True,
+            "data": {"password": "pw"},
+            "renew_token": "hvs.renew-only",
+        },
+    }
+    cred = parse_credential(body, grant="db", now=datetime.now(UTC))
+    assert isinstance(cred, VaultSecret) and cred.renew_token == "hvs.renew-only"
+    assert "hvs.renew-only" not in repr(cred)
+    again = parse_credential(credential_to_wire(cred), grant="db", now=datetime.now(UTC))
+    assert isinstance(again, VaultSecret) and again.renew_token == "hvs.renew-only"
