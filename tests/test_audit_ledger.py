@@ -486,3 +486,37 @@ def test_key_file_is_generated_once(tmp_path: Path) -> None:
     assert [k.public_bytes_raw() for k in load_public_keys(path)] == [
         first.public_key().public_bytes_raw()
     ]
+
+
+def test_proofs_verify_against_signed_checkpoints(ledger: Ledger) -> None:
+    """Inclusion and consistency proofs from the ledger verify against signed checkpoint roots."""
+    store = seeded(ledger, 10)
+    keys = load_public_keys(ledger.key_path)
+    cp4, cp8 = (chain.verify_checkpoint(cp.note, keys, store.origin) for cp in store.checkpoints())
+    record = next(r for r in store.records() if r.seq == 5)
+    leaf = bytes.fromhex(record.entry_hash)
+    assert leaf == chain.leaf_hash(record.record.encode())
+    chain.verify_inclusion(5, 8, leaf, store.inclusion_proof(5, 8), cp8.root)
+    chain.verify_consistency(4, 8, store.consistency_proof(4, 8), cp4.root, cp8.root)
+    with pytest.raises(ValueError):
+        store.inclusion_proof(5, 11)
+
+
+def test_hostile_text_is_recorded_not_fatal(ledger: Ledger) -> None:
+    """Lone surrogates and odd values from a hostile token are recorded as text, not a failure."""
+    store = ledger.open()
+    store.append(
+        event(0, subject="ma\ud800in", claims={"ref": "x\udfff", "n": 2**70}, detail={"b": b"\x00"})
+    )
+    stored = next(iter(store.events()))
+    assert stored.subject == "ma\\ud800in" and stored.claims == {"ref": "x\\udfff", "n": 2**70}
+    assert stored.detail == {"b": "b'\\x00'"}
+    assert ledger.verify(store).ok
+
+
+def test_unrecordable_event_fails_closed(ledger: Ledger) -> None:
+    """An event with a naive timestamp raises AuditUnavailable and writes nothing."""
+    store = ledger.open()
+    with pytest.raises(AuditUnavailable):
+        store.append(event(0, time=datetime(2026, 1, 1)))
+    assert store.head().size == 0

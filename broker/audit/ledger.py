@@ -132,15 +132,38 @@ class PruneResult:
     anchor_size: int  # first retained seq; a checkpoint of exactly this size anchors verification
 
 
+def _text(value: str) -> str:
+    # A hostile token can carry a lone surrogate ("\\ud800" in its JSON); it cannot be UTF-8, so
+    # it is recorded as its escape text instead of failing the append (evidence kept, no 5xx).
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _plain(value: Any) -> Any:
-    """Make claims/detail JSON-safe for hashing: floats become their repr (see chain.py NOTE)."""
+    """Make claims/detail JSON-safe for hashing: floats become their repr (see chain.py NOTE),
+    other non-JSON values their str(), and strings valid UTF-8."""
+    if isinstance(value, str):
+        return _text(value)
+    if value is None or isinstance(value, bool | int | datetime):
+        return value
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {_text(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_plain(v) for v in value]
-    return value
+    return _text(str(value))
+
+
+def _recordable(event: AuditEvent) -> AuditEvent:
+    """The event with every free-text field made encodable; times and numbers untouched."""
+    changes: dict[str, Any] = {
+        f.name: _text(getattr(event, f.name))
+        for f in dataclasses.fields(event)
+        if isinstance(getattr(event, f.name), str) and f.name != "outcome"
+    }
+    return dataclasses.replace(
+        event, claims=_plain(event.claims), detail=_plain(event.detail), **changes
+    )
 
 
 class SqlLedger:
@@ -280,7 +303,12 @@ class SqlLedger:
 
     def append(self, event: AuditEvent) -> int:
         """Make `event` durable as the next record and return its seq; raise AuditUnavailable."""
-        event = dataclasses.replace(event, claims=_plain(event.claims), detail=_plain(event.detail))
+        event = _recordable(event)
+        try:
+            # canonical form first, outside the lock: an event that cannot be encoded fails closed
+            chain.record_bytes(event, seq=0, prev_hash=chain.GENESIS_HASH)
+        except (TypeError, ValueError) as exc:
+            raise AuditUnavailable("the event cannot be recorded") from exc
         try:
             with self._local_lock():
                 conn = self._conn()
@@ -450,6 +478,28 @@ class SqlLedger:
             event = chain.event_from_record(json.loads(record))
             latest[event.request_id] = event
         return list(latest.values())
+
+    # -- proofs -------------------------------------------------------------------------------
+
+    def _leaves(self, size: int) -> list[bytes]:
+        leaves: list[bytes] = []
+        for row in self.records():
+            if row.seq >= size:
+                break
+            if row.seq != len(leaves):
+                raise ValueError(f"records before seq {row.seq} are pruned or missing")
+            leaves.append(bytes.fromhex(row.entry_hash))
+        if len(leaves) != size:
+            raise ValueError(f"the ledger holds fewer than {size} records")
+        return leaves
+
+    def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
+        """RFC 6962 audit path proving record `seq` is in the tree of `size` records."""
+        return chain.inclusion_proof(seq, self._leaves(size))
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        """RFC 6962 proof that the tree of `size2` records extends the tree of `size1`."""
+        return chain.consistency_proof(size1, self._leaves(size2))
 
     # -- secrets ------------------------------------------------------------------------------
 
