@@ -8,15 +8,20 @@ audit, sessions, dev.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from broker.audit.store import AuditLedger
+    from broker.mint.grants import GrantMinter
 
 log = logging.getLogger("broker")
 
@@ -38,18 +43,62 @@ def _load(path: str | None) -> Config:
 # -- serve ---------------------------------------------------------------------------------------
 
 
+def _sts_client(config: Config) -> Any:
+    import boto3
+
+    # The broker's own AWS identity comes from boto3's default chain (env, instance profile, ...).
+    return boto3.session.Session().client(
+        "sts", region_name=config.aws.region, endpoint_url=config.aws.endpoint_url
+    )
+
+
+def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
+    """The AWS and Vault minters the policy needs, and nothing it does not."""
+    from broker.mint.aws import AwsMinter
+    from broker.mint.grants import GrantMinter
+    from broker.mint.vault import VaultMinter
+
+    aws = AwsMinter(_sts_client(config)) if any(g.aws for g in config.grants) else None
+    vault = None
+    if config.vault is not None and any(g.vault for g in config.grants):
+        vault = VaultMinter(config.vault, clock=_now)
+    return GrantMinter(aws=aws, vault=vault, hash_ref=hash_ref, clock=_now)
+
+
+def reconcile_dangling(audit: AuditLedger) -> int:
+    """Close intents a crash left without a terminal record (issue 6: gaps are never silent)."""
+    from broker.audit.events import Outcome
+
+    dangling = audit.dangling_intents()
+    for intent in dangling:
+        audit.append(
+            dataclasses.replace(
+                intent,
+                time=_now(),
+                outcome=Outcome.RECONCILED,
+                # The process died between intent and terminal record: the credential, if one
+                # was minted, never left the process, but it may exist upstream (CloudTrail or
+                # Vault metadata carry the request id to check).
+                reason="issued_unknown_delivery",
+            )
+        )
+    if dangling:
+        log.warning("reconciled dangling intents", extra={"count": len(dangling)})
+    return len(dangling)
+
+
 def build_app(config: Config) -> Any:
     """Wire the broker from config: the one place clients and stores are constructed."""
-    import boto3
     import httpx
 
     from broker.app import Metrics, Readiness, create_app
     from broker.audit import open_store
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
-    from broker.mint.aws import AwsMinter
     from broker.openapi import OPENAPI
     from broker.policy import Policy
+    from broker.revocation import SessionEnder
+    from broker.sessions import open_state
 
     metrics = Metrics()
     # NOTE: no redirects, short timeouts; issuers.py adds body caps and host pinning on top.
@@ -62,22 +111,32 @@ def build_app(config: Config) -> Any:
         salt_path=config.broker.audit_salt_file,
         clock=_now,
     )
-    aws = None
-    if any(g.aws for g in config.grants):
-        sts = boto3.session.Session().client(
-            "sts", region_name=config.aws.region, endpoint_url=config.aws.endpoint_url
-        )
-        aws = AwsMinter(sts)
-    exchanger = Exchanger(config, Policy.compile(config), issuers, audit, aws=aws, clock=_now)
+    reconcile_dangling(audit)
+    replay, sessions = open_state(config.broker.audit_store)
+    minter = build_minter(config, audit.hash_ref)
+    ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
+    exchanger = Exchanger(
+        config,
+        Policy.compile(config),
+        issuers,
+        audit,
+        minter=minter,
+        replay=replay,
+        sessions=sessions,
+        ender=ender,
+        clock=_now,
+    )
 
     def issuers_ready() -> None:
         missing = [name for name, ok in issuers.status().items() if not ok]
         if missing:
             raise RuntimeError("issuer keys not loaded")
 
-    checks = {"issuers": issuers_ready, "audit": exchanger.check_audit}
-    if aws is not None:
-        checks["aws"] = aws.check_reachable
+    checks: dict[str, Callable[[], None]] = {
+        "issuers": issuers_ready,
+        "audit": exchanger.check_audit,
+    }
+    checks.update(minter.readiness_checks())
     return create_app(
         exchanger,
         readiness=Readiness(checks),

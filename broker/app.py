@@ -198,6 +198,35 @@ def create_app(
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
 
+    async def revoke(request: Request) -> Response:
+        request_id = new_request_id()
+        client = request.client.host if request.client else ""
+        try:
+            form = await read_form(request, max_bytes=max_body_bytes, allowed=_REVOKE_FIELDS)
+        except BadForm as exc:
+            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
+            try:
+                await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
+            except ExchangeError as err:
+                return error_response(err, request_id)
+        hint = form.get("token_type_hint", "refresh_token")
+        req = TokenRequest(
+            request_id=request_id,
+            client_addr=client,
+            grant_type="revoke",
+            refresh_token=form.get("token", ""),
+        )
+        try:
+            if hint != "refresh_token":
+                # RFC 7009 §2.2.1: only refresh handles are ours to revoke.
+                await run_in_threadpool(exchanger.reject, req, 400, "unsupported_token_type")
+            await run_in_threadpool(exchanger.revoke, req)
+        except ExchangeError as exc:
+            metrics.requests.labels("revoke", "-", exc.error).inc()
+            return error_response(exc, request_id)
+        metrics.requests.labels("revoke", "-", "revoked").inc()
+        return Response(status_code=200, headers=_NO_STORE)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -225,6 +254,7 @@ def create_app(
 
     routes = [
         Route("/v1/token", token, methods=["POST"]),
+        Route("/v1/revoke", revoke, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

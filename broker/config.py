@@ -62,6 +62,7 @@ class BrokerSettings:
     audit_salt_file: Path | None = None  # per-deployment HMAC salt for Vault accessors
     session_max: int = 12 * 3600  # seconds
     session_idle: int = 3600  # seconds a refresh handle may sit unused
+    session_past_token_exp: int = 6 * 3600  # a session ends at most this long after its token's exp
     leeway: int = 60  # seconds of clock skew tolerated on exp/nbf/iat
     max_body_bytes: int = 64 * 1024
     rate_limit_identity: RateLimit = RateLimit(per_second=10.0, burst=50)
@@ -287,6 +288,7 @@ _BROKER_KEYS = frozenset(
         "audit_salt_file",
         "session_max",
         "session_idle",
+        "session_past_token_exp",
         "leeway",
         "max_body_bytes",
         "rate_limit_identity",
@@ -661,6 +663,9 @@ class _Lint:
             audit_salt_file=self.path(t, "audit_salt_file", w),
             session_max=session_max,
             session_idle=session_idle,
+            session_past_token_exp=self.duration(
+                t, "session_past_token_exp", w, d.session_past_token_exp
+            ),
             leeway=leeway,
             max_body_bytes=max_body,
             rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),

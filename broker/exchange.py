@@ -1,10 +1,14 @@
-"""The token-exchange use case: verify -> policy -> mint -> audit. No HTTP types here.
+"""The token endpoint's use cases: exchange, refresh and revoke. No HTTP types here.
 
-Owns the order of operations and the fail-closed rules of SPEC.md: a request ends in exactly one
-terminal audit record (`denied`, `error` or `issued`); an `intent` is durable before any upstream
-call; a credential leaves this module only after its `issued` record is durable. Talks to the
-issuer registry, the audit store and the minters it is given; reads the clock only through the
-injected `clock`.
+Owns the order of operations and the fail-closed rules of SPEC.md:
+- a request ends in exactly one terminal audit record (`denied`, `error` or `issued`);
+- an `intent` is durable before any STS/Vault call (STS credentials cannot be revoked);
+- a credential leaves this module only after its `issued` record is durable; a Vault credential
+  minted but not audited is revoked, an AWS one withheld;
+- a CI token's `jti` is consumed once; the answer carries a rotating refresh handle whose
+  session mints further credentials until `session_max`.
+Talks to the issuer registry, the audit store, the session store and the minters it is given;
+reads the clock only through the injected `clock` and `monotonic`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,8 +28,17 @@ from broker.audit.store import AuditStore, AuditUnavailable
 from broker.config import Config, GrantConfig
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
-from broker.mint.aws import AwsMinter, clamp_duration, plan_assume_role
+from broker.mint.grants import GrantMinter, Minted, issued_token_type
 from broker.policy import Policy
+from broker.ratelimit import DenyCache, RateLimits, retry_after
+from broker.revocation import SessionEnder
+from broker.sessions import (
+    ReplayLedger,
+    Session,
+    SessionError,
+    SessionStore,
+    StateUnavailable,
+)
 from broker.tokens import TokenError, parse_token, token_sha256, validate_claims, verify_signature
 
 log = logging.getLogger("broker.exchange")
@@ -39,14 +52,11 @@ SUBJECT_TOKEN_TYPES = frozenset(
         "urn:ietf:params:oauth:token-type:access_token",
     }
 )
-TOKEN_TYPE_AWS = "urn:luigi-creds:token-type:aws-credentials"
-TOKEN_TYPE_VAULT_TOKEN = "urn:luigi-creds:token-type:vault-token"
-TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 
 # A Luigi task id is `Family_param_hash`; 512 printable characters is far beyond real ones.
 _TASK_RE = re.compile(r"[\x21-\x7e]{1,512}")
 _DURATION_RE = re.compile(r"[0-9]{1,6}")
-# STS: bounded retries inside the request deadline (HOSTILE F10: at most 2 retries).
+# Bounded upstream retries inside the request deadline (HOSTILE F10: at most 2 retries).
 _MAX_UPSTREAM_ATTEMPTS = 3
 
 _DESCRIPTIONS = {
@@ -89,7 +99,7 @@ def _unavailable(reason: str, retry_after: int = 5) -> ExchangeError:
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """The form fields of POST /v1/token after the HTTP edge checked framing."""
+    """The form fields of POST /v1/token (or /v1/revoke) after the HTTP edge checked framing."""
 
     request_id: str
     client_addr: str
@@ -113,17 +123,27 @@ class Issued:
     refresh_token: str = field(default="", repr=False)
 
     def wire(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
+        return {
             "access_token": self.access_token,
             "issued_token_type": self.issued_token_type,
             "token_type": "N_A",
             "expires_in": self.expires_in,
+            "refresh_token": self.refresh_token,
             "request_id": self.request_id,
             "credentials": dict(self.credentials),
         }
-        if self.refresh_token:
-            body["refresh_token"] = self.refresh_token
-        return body
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """Who is asking: verified token claims (exchange) or a refresh session's stored claims."""
+
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any]
+    token_exp: int | None = None  # exchange only: the subject token's exp
+    token_id: str = ""  # exchange only: jti, or the token hash for issuers without jti
+    session: Session | None = None  # refresh only
 
 
 @dataclass
@@ -137,12 +157,8 @@ class _Record:
         self.event = replace(self.event, **changes)
 
 
-def issued_token_type(grant: GrantConfig) -> str:
-    if grant.aws is not None:
-        return TOKEN_TYPE_AWS
-    if grant.vault is not None and grant.vault.secret:
-        return TOKEN_TYPE_VAULT_SECRET
-    return TOKEN_TYPE_VAULT_TOKEN
+def _now_utc() -> datetime:
+    return datetime.now(UTC)
 
 
 class Exchanger:
@@ -153,66 +169,87 @@ class Exchanger:
         issuers: IssuerRegistry,
         audit: AuditStore,
         *,
-        aws: AwsMinter | None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        minter: GrantMinter,
+        replay: ReplayLedger,
+        sessions: SessionStore,
+        ender: SessionEnder,
+        limits: RateLimits | None = None,
+        deny_cache: DenyCache | None = None,
+        clock: Callable[[], datetime] = _now_utc,
+        monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._config = config
         self._policy = policy
         self._issuers = issuers
         self._audit = audit
-        self._aws = aws
+        self._minter = minter
+        self._replay = replay
+        self._sessions = sessions
+        self._ender = ender
+        self._limits = limits or RateLimits.from_settings(config.broker)
+        self._deny_cache = deny_cache or DenyCache.from_settings(config.broker)
         self._clock = clock
+        self._monotonic = monotonic
         self._sleep = sleep
         self._last_append_failed = False
 
-    # -- entry point -------------------------------------------------------------------------
+    # -- entry points ------------------------------------------------------------------------
 
     def knows_grant(self, name: str) -> bool:
         return self._policy.grant(name) is not None
 
-    def _new_record(self, req: TokenRequest) -> _Record:
-        return _Record(
-            AuditEvent(
-                time=self._clock(),
-                request_id=req.request_id,
-                outcome=Outcome.DENIED,
-                kind="refresh" if req.grant_type == GRANT_TYPE_REFRESH else "exchange",
-                client_addr=req.client_addr,
-                task=req.task[:512],
-                grant=req.audience[:128],
-            )
-        )
+    def check_audit(self) -> None:
+        """Readiness: not ready while the last append failed, even if a probe would pass."""
+        if self._last_append_failed:
+            raise AuditUnavailable("the last audit append failed")
+        self._audit.check_writable()
 
     def reject(self, req: TokenRequest, status: int, reason: str) -> Issued:
         """Audit and refuse a request the HTTP edge found malformed (bad framing, too large)."""
-        record = self._new_record(req)
+        record = self._new_record(req, "exchange")
         self._terminal(record, Outcome.DENIED, reason)
         raise ExchangeError(status, "invalid_request", reason)
 
     def handle(self, req: TokenRequest) -> Issued:
         """Serve one POST /v1/token; raises ExchangeError for every non-200 answer."""
-        record = self._new_record(req)
-        try:
-            return self._handle(req, record)
-        except ExchangeError as exc:
-            if not record.terminal_written:
-                outcome = Outcome.ERROR if exc.status >= 500 else Outcome.DENIED
-                self._terminal(record, outcome, exc.reason)
-            raise
-        except Exception as exc:
-            # Anything unforeseen still ends in one terminal record and a generic 503.
-            if not record.terminal_written:
-                self._terminal(record, Outcome.ERROR, "internal_error")
-            raise _unavailable("internal_error") from exc
-
-    # -- steps -------------------------------------------------------------------------------
-
-    def _handle(self, req: TokenRequest, record: _Record) -> Issued:
-        if req.grant_type == GRANT_TYPE_REFRESH:
-            raise ExchangeError(400, "unsupported_grant_type", "refresh_not_enabled")
-        if req.grant_type != GRANT_TYPE_TOKEN_EXCHANGE:
+        kind = "refresh" if req.grant_type == GRANT_TYPE_REFRESH else "exchange"
+        record = self._new_record(req, kind)
+        with self._terminal_on_error(record):
+            if req.grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
+                return self._exchange(req, record)
+            if req.grant_type == GRANT_TYPE_REFRESH:
+                return self._refresh(req, record)
             raise ExchangeError(400, "unsupported_grant_type", "unsupported_grant_type")
+        raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
+
+    def revoke(self, req: TokenRequest) -> None:
+        """POST /v1/revoke (RFC 7009): end the session a refresh handle belongs to.
+
+        Unknown or already-ended handles succeed silently, as RFC 7009 §2.2 asks; the audit
+        still records the attempt.
+        """
+        record = self._new_record(req, "revoke")
+        with self._terminal_on_error(record):
+            if not req.refresh_token:
+                raise _bad_request("missing_token")
+            now = self._clock()
+            try:
+                ended = self._sessions.revoke(
+                    handle=req.refresh_token, reason="client_revoked", now=now
+                )
+            except StateUnavailable as exc:
+                raise _unavailable("state_unavailable") from exc
+            for session in ended:
+                self._ender.end(session, reason="client_revoked", request_id=req.request_id)
+            if ended:
+                first = ended[0]
+                record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
+            self._terminal(record, Outcome.REVOKED, "client_revoked" if ended else "unknown_handle")
+
+    # -- exchange ----------------------------------------------------------------------------
+
+    def _exchange(self, req: TokenRequest, record: _Record) -> Issued:
         task = self._check_task(req.task)
         if not req.subject_token:
             raise _bad_request("missing_subject_token")
@@ -221,35 +258,53 @@ class Exchanger:
             raise _bad_request("unsupported_subject_token_type")
         if not req.audience:
             raise _bad_request("missing_audience")
-
         now = self._clock()
-        claims, issuer_name = self._verify(req.subject_token, now, record)
+        identity = self._verify(req.subject_token, now, record)
+        grant = self._authorize(identity, req, record)
+        requested = self._duration(req.duration)
 
-        grant = self._policy.grant(req.audience)
-        if grant is None:
-            raise ExchangeError(400, "invalid_target", "unknown_grant")
-        decision = self._policy.evaluate(grant.name, issuer_name, claims)
-        record.set(claims=dict(decision.claims_read))
-        if not decision.allowed:
-            raise ExchangeError(400, "invalid_target", decision.reason)
-        if req.requested_token_type and req.requested_token_type != issued_token_type(grant):
-            raise _bad_request("unsupported_requested_token_type")
-        duration = self._duration(req.duration, grant)
-        return self._mint(grant, claims, duration, task, record)
+        # Consumed only now: a request the policy refuses does not burn the CI job's one token.
+        leeway = timedelta(seconds=self._config.broker.leeway)
+        token_expires = datetime.fromtimestamp(identity.token_exp or 0, UTC)
+        try:
+            first_use = self._replay.consume(
+                identity.issuer, identity.token_id, expires_at=token_expires + leeway, now=now
+            )
+        except StateUnavailable as exc:
+            # HOSTILE F12: without the ledger we cannot prove the jti unused; fail closed.
+            raise _unavailable("state_unavailable") from exc
+        if not first_use:
+            raise _bad_request("token_replayed")
 
-    def _check_task(self, task: str) -> str:
-        if task and not _TASK_RE.fullmatch(task):
-            raise _bad_request("bad_task")
-        return task
+        settings = self._config.broker
+        session_end = min(
+            now + timedelta(seconds=settings.session_max),
+            token_expires + timedelta(seconds=settings.session_past_token_exp),
+        )
+        try:
+            session, handle = self._sessions.create(
+                issuer=identity.issuer,
+                subject=identity.subject,
+                claims=dict(identity.claims),
+                now=now,
+                expires_at=session_end,
+            )
+        except StateUnavailable as exc:
+            self._release(identity)
+            raise _unavailable("state_unavailable") from exc
+        record.set(session_id=session.id)
+        try:
+            minted = self._mint(grant, identity.claims, requested, task, session, record)
+        except ExchangeError:
+            # Nothing was issued: free the token so the job can retry, and close the session.
+            if not record.event.credential_ref:
+                self._release(identity)
+            with contextlib.suppress(StateUnavailable):
+                self._sessions.revoke(session_id=session.id, reason="exchange_failed", now=now)
+            raise
+        return self._issue(minted, handle, record)
 
-    def _duration(self, raw: str, grant: GrantConfig) -> int | None:
-        if not raw:
-            return None
-        if not _DURATION_RE.fullmatch(raw) or int(raw) == 0:
-            raise _bad_request("bad_duration")
-        return int(raw)
-
-    def _verify(self, raw: str, now: datetime, record: _Record) -> tuple[Mapping[str, Any], str]:
+    def _verify(self, raw: str, now: datetime, record: _Record) -> _Identity:
         """Structure, issuer, key, signature, then claims; the cheapest checks first."""
         try:
             token = parse_token(raw)
@@ -285,13 +340,118 @@ class Exchanger:
             )
         except TokenError as exc:
             raise _bad_request(exc.reason) from exc
-        subject = token.claims.get("sub")
+        subject = str(token.claims["sub"])
         jti = token.claims.get("jti")
-        record.set(
-            subject=subject[:256] if isinstance(subject, str) else "",
-            jti=jti[:256] if isinstance(jti, str) else "",
+        record.set(subject=subject[:256], jti=jti[:256] if isinstance(jti, str) else "")
+        return _Identity(
+            issuer=issuer.name,
+            subject=subject,
+            claims=token.claims,
+            token_exp=int(token.claims["exp"]),
+            # Issuers configured without jti consume the token's hash instead (issue 3).
+            token_id=jti if isinstance(jti, str) and jti else "sha256:" + token.sha256,
         )
-        return token.claims, issuer.name
+
+    def _release(self, identity: _Identity) -> None:
+        with contextlib.suppress(StateUnavailable):
+            self._replay.release(identity.issuer, identity.token_id)
+
+    # -- refresh -----------------------------------------------------------------------------
+
+    def _refresh(self, req: TokenRequest, record: _Record) -> Issued:
+        task = self._check_task(req.task)
+        if not req.refresh_token:
+            raise _bad_request("missing_refresh_token")
+        if not req.audience:
+            raise _bad_request("missing_audience")
+        now = self._clock()
+        max_idle = timedelta(seconds=self._config.broker.session_idle)
+        try:
+            session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
+        except SessionError as exc:
+            self._session_refused(exc, record, req.request_id, now)
+        except StateUnavailable as exc:
+            raise _unavailable("state_unavailable") from exc
+        record.set(
+            session_id=session.id,
+            issuer=session.issuer,
+            subject=session.subject[:256],
+            jti=str(session.claims.get("jti", ""))[:256],
+        )
+        identity = _Identity(
+            issuer=session.issuer, subject=session.subject, claims=session.claims, session=session
+        )
+        grant = self._authorize(identity, req, record)
+        requested = self._duration(req.duration)
+        minted = self._mint(grant, session.claims, requested, task, session, record)
+        # Rotate only after minting, so an upstream failure leaves the client's handle valid.
+        try:
+            _, handle = self._sessions.rotate(req.refresh_token, now=now, max_idle=max_idle)
+        except (SessionError, StateUnavailable) as exc:
+            self._discard(minted, record)
+            if isinstance(exc, SessionError):
+                self._session_refused(exc, record, req.request_id, now)
+            raise _unavailable("state_unavailable") from exc
+        return self._issue(minted, handle, record)
+
+    def _session_refused(
+        self, exc: SessionError, record: _Record, request_id: str, now: datetime
+    ) -> Any:
+        """Map a refused handle to invalid_grant; a reused one ends its whole session."""
+        session = exc.session
+        if session is not None:
+            record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
+        if exc.reason == "reused" and session is not None:
+            with contextlib.suppress(StateUnavailable):
+                self._sessions.revoke(session_id=session.id, reason="reuse_detected", now=now)
+            self._ender.end(session, reason="reuse_detected", request_id=request_id)
+        raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
+
+    # -- shared steps ------------------------------------------------------------------------
+
+    def _authorize(self, identity: _Identity, req: TokenRequest, record: _Record) -> GrantConfig:
+        """Rate limits, the deny cache, then the policy, for the grant named by `audience`."""
+        grant = self._policy.grant(req.audience)
+        if grant is None:
+            raise ExchangeError(400, "invalid_target", "unknown_grant")
+        now_mono = self._monotonic()
+        wait = self._limits.check(
+            issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
+        )
+        if wait is not None:
+            raise ExchangeError(
+                429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
+            )
+        cached = self._deny_cache.check(
+            issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
+        )
+        if cached is not None:
+            # The upstream refused this identity and grant moments ago (e.g. STS AccessDenied
+            # from a trust policy): answer as it did, without asking it again.
+            raise _unavailable(
+                f"cached_{cached}", retry_after=self._config.broker.deny_cache_seconds or 1
+            )
+        decision = self._policy.evaluate(grant.name, identity.issuer, identity.claims)
+        record.set(claims=dict(decision.claims_read))
+        if not decision.allowed:
+            # NOTE: policy denials are not cached: evaluating is cheap and the next token may
+            # carry other claims. The cache guards the upstream (see _mint).
+            raise ExchangeError(400, "invalid_target", decision.reason)
+        if req.requested_token_type and req.requested_token_type != issued_token_type(grant):
+            raise _bad_request("unsupported_requested_token_type")
+        return grant
+
+    def _check_task(self, task: str) -> str:
+        if task and not _TASK_RE.fullmatch(task):
+            raise _bad_request("bad_task")
+        return task
+
+    def _duration(self, raw: str) -> int | None:
+        if not raw:
+            return None
+        if not _DURATION_RE.fullmatch(raw) or int(raw) == 0:
+            raise _bad_request("bad_duration")
+        return int(raw)
 
     def _mint(
         self,
@@ -299,61 +459,137 @@ class Exchanger:
         claims: Mapping[str, Any],
         requested: int | None,
         task: str,
+        session: Session,
         record: _Record,
-    ) -> Issued:
-        if grant.aws is None or self._aws is None:
-            # Vault grants arrive with the Vault minter; until then they are unavailable.
-            raise _unavailable("upstream_not_configured")
-        duration = clamp_duration(grant.ttl, requested)
-        plan = plan_assume_role(
-            grant.name, grant.aws, claims, request_id=record.event.request_id, duration=duration
-        )
-        record.set(target=plan.role_arn)
-        for attempt in range(1, _MAX_UPSTREAM_ATTEMPTS + 1):
-            # The intent is durable before STS is called: STS credentials cannot be revoked.
-            self._append(
-                replace(
-                    record.event,
-                    outcome=Outcome.INTENT,
-                    reason="minting",
-                    attempt=attempt,
-                    time=self._clock(),
-                    detail={"duration": duration, "session_name": plan.role_session_name},
-                )
+    ) -> Minted:
+        """Intent, upstream call (bounded retries, one intent per attempt), session record."""
+        request_id = record.event.request_id
+        remaining = int((session.expires_at - self._clock()).total_seconds())
+        try:
+            prepared = self._minter.prepare(
+                grant,
+                claims,
+                requested=requested,
+                request_id=request_id,
+                metadata={
+                    "issuer": session.issuer,
+                    "subject": session.subject,
+                    "session": session.id,
+                    "task": task,
+                    "request_id": request_id,
+                },
+                max_ttl=max(remaining, 0),
             )
+        except UpstreamError as exc:
+            raise _unavailable(exc.reason) from exc
+        record.set(target=prepared.target, detail=dict(prepared.detail))
+        for attempt in range(1, _MAX_UPSTREAM_ATTEMPTS + 1):
             record.set(attempt=attempt)
+            self._append(
+                replace(record.event, outcome=Outcome.INTENT, reason="minting", time=self._clock())
+            )
             try:
-                creds = self._aws.assume_role(plan)
+                minted = prepared.run()
                 break
             except UpstreamError as exc:
+                if exc.reason == "upstream_denied":
+                    # An upstream that refuses this grant will keep refusing: stop hammering it.
+                    self._deny_cache.remember(
+                        issuer=session.issuer,
+                        subject=session.subject,
+                        grant=grant.name,
+                        reason=exc.reason,
+                        now=self._monotonic(),
+                    )
                 if not exc.retryable or attempt == _MAX_UPSTREAM_ATTEMPTS:
                     raise _unavailable(exc.reason) from exc
                 # Full jitter on a small base keeps the request well inside client timeouts.
                 self._sleep(random.uniform(0, 0.2 * 2**attempt))  # noqa: S311 - jitter, not crypto
-        record.set(
-            credential_ref=creds.access_key_id,
-            expires_at=creds.expiration,
-            detail={"duration": duration, "session_name": plan.role_session_name},
-        )
-        # NOTE: if this write fails the AWS credential cannot be revoked; it is simply never
-        # returned, and the intent above names its session, which CloudTrail can join.
-        self._terminal(record, Outcome.ISSUED, "issued")
-        now = self._clock()
+        record.set(credential_ref=minted.audit_ref, expires_at=minted.expires_at)
+        kind, ref = minted.session_ref
+        try:
+            self._sessions.record_credential(
+                session.id, kind=kind, ref=ref, expires_at=minted.expires_at
+            )
+        except StateUnavailable as exc:
+            self._discard(minted, record)
+            raise _unavailable("state_unavailable") from exc
+        return minted
+
+    def _issue(self, minted: Minted, handle: str, record: _Record) -> Issued:
+        """The issued record, then the answer; a failed record withholds the credential."""
+        try:
+            self._write(
+                replace(record.event, outcome=Outcome.ISSUED, reason="issued", time=self._clock())
+            )
+        except AuditUnavailable as exc:
+            record.terminal_written = True
+            self._discard(minted, record)
+            raise _unavailable("audit_unavailable") from exc
+        record.terminal_written = True
+        expires_in = int((minted.expires_at - self._clock()).total_seconds())
         return Issued(
             request_id=record.event.request_id,
-            issued_token_type=TOKEN_TYPE_AWS,
-            access_token=creds.session_token,
-            expires_in=max(0, int((creds.expiration - now) / timedelta(seconds=1))),
-            credentials=creds.wire(),
+            issued_token_type=minted.token_type,
+            access_token=minted.access_token,
+            expires_in=max(0, expires_in),
+            credentials=minted.credentials,
+            refresh_token=handle,
         )
+
+    def _discard(self, minted: Minted, record: _Record) -> None:
+        """A minted credential that will not be returned: revoke it where the upstream can (F3).
+
+        Vault tokens and leases are revoked; an AWS session cannot be, so it is withheld and
+        the intent (naming its session, joinable in CloudTrail) plus this error record remain.
+        """
+        revoked = self._minter.revoke(*minted.session_ref)
+        log.error(
+            "credential minted but not delivered",
+            extra={"request_id": record.event.request_id, "revoked": revoked},
+        )
+        record.terminal_written = True
+        with contextlib.suppress(AuditUnavailable):
+            self._write(
+                replace(
+                    record.event,
+                    outcome=Outcome.ERROR,
+                    reason="minted_not_delivered",
+                    time=self._clock(),
+                    detail={**record.event.detail, "revoked": revoked},
+                )
+            )
 
     # -- audit -------------------------------------------------------------------------------
 
-    def check_audit(self) -> None:
-        """Readiness: not ready while the last append failed, even if a probe would pass."""
-        if self._last_append_failed:
-            raise AuditUnavailable("the last audit append failed")
-        self._audit.check_writable()
+    def _new_record(self, req: TokenRequest, kind: str) -> _Record:
+        return _Record(
+            AuditEvent(
+                time=self._clock(),
+                request_id=req.request_id,
+                outcome=Outcome.DENIED,
+                kind=kind,
+                client_addr=req.client_addr,
+                task=req.task[:512],
+                grant=req.audience[:128],
+            )
+        )
+
+    @contextlib.contextmanager
+    def _terminal_on_error(self, record: _Record) -> Iterator[None]:
+        """Every path that raises ends in one terminal record; unforeseen errors become 503."""
+        try:
+            yield
+        except ExchangeError as exc:
+            if not record.terminal_written:
+                outcome = Outcome.ERROR if exc.status >= 500 else Outcome.DENIED
+                self._terminal(record, outcome, exc.reason)
+            raise
+        except Exception as exc:
+            log.exception("unexpected failure", extra={"request_id": record.event.request_id})
+            if not record.terminal_written:
+                self._terminal(record, Outcome.ERROR, "internal_error")
+            raise _unavailable("internal_error") from exc
 
     def _write(self, event: AuditEvent) -> None:
         try:
@@ -372,29 +608,4 @@ class Exchanger:
     def _terminal(self, record: _Record, outcome: Outcome, reason: str) -> None:
         """Write the one terminal record. If it cannot be written, the answer becomes 503."""
         record.terminal_written = True
-        try:
-            self._write(replace(record.event, outcome=outcome, reason=reason, time=self._clock()))
-        except AuditUnavailable as exc:
-            if outcome is Outcome.ISSUED:
-                self._withhold(record)
-            raise _unavailable("audit_unavailable") from exc
-
-    def _withhold(self, record: _Record) -> None:
-        """A credential was minted but its `issued` record failed: it is never returned (F3).
-
-        Try once more to close the intent with an error record (the failure may be transient);
-        either way the alert names the credential reference, never the credential.
-        """
-        log.error(
-            "credential minted but not audited; withheld",
-            extra={"request_id": record.event.request_id, "ref": record.event.credential_ref},
-        )
-        with contextlib.suppress(AuditUnavailable):
-            self._write(
-                replace(
-                    record.event,
-                    outcome=Outcome.ERROR,
-                    reason="audit_failed_after_mint",
-                    time=self._clock(),
-                )
-            )
+        self._append(replace(record.event, outcome=outcome, reason=reason, time=self._clock()))

@@ -460,6 +460,23 @@ class ReplayLedger:
 
         return db.run(work)
 
+    def release(self, issuer: str, token_id: str) -> None:
+        """Forget a consumption whose exchange issued nothing (upstream or audit failed first).
+
+        Safe against replay: only a token that produced no credential is released, so the token
+        still yields at most one issuance; the CI job can retry with the token it cannot renew.
+        """
+        db = self._db
+        key = hashlib.sha256(token_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+        def work(cur: _Cursor) -> None:
+            cur.execute(
+                db.sql("DELETE FROM replay_tokens WHERE issuer = ? AND token_hash = ?"),
+                (issuer, key),
+            )
+
+        db.run(work)
+
     def purge(self, *, now: datetime) -> int:
         """Delete every row whose expiry has passed; return how many went."""
         db = self._db

@@ -25,11 +25,18 @@ from broker.dev.issuer import SigningKey, encode_jwt
 from broker.exchange import GRANT_TYPE_TOKEN_EXCHANGE, ExchangeError, Exchanger, TokenRequest
 from broker.issuers import IssuerRegistry
 from broker.mint.aws import AwsMinter
+from broker.mint.grants import GrantMinter
 from broker.policy import Policy
+from broker.revocation import SessionEnder
+from broker.sessions import open_state
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 ISSUER = "https://gitlab.example.com"
 ROLE = "arn:aws:iam::123456789012:role/etl-writer"
+
+
+def _hash_ref(value: str) -> str:
+    return "h:" + value
 
 
 class MemoryAudit:
@@ -87,6 +94,8 @@ def setup(tmp_path: Path, key: SigningKey) -> Iterator[tuple[Exchanger, MemoryAu
     ).client("sts")
     stubber = Stubber(sts)
     audit = MemoryAudit()
+    replay, sessions = open_state(f"sqlite:///{tmp_path}/state.db")
+    minter = GrantMinter(aws=AwsMinter(sts), vault=None, hash_ref=_hash_ref, clock=lambda: NOW)
     with httpx.Client() as http:
         registry = IssuerRegistry(config.issuers, http, clock=lambda: NOW)
         exchanger = Exchanger(
@@ -94,12 +103,16 @@ def setup(tmp_path: Path, key: SigningKey) -> Iterator[tuple[Exchanger, MemoryAu
             Policy.compile(config),
             registry,
             audit,
-            aws=AwsMinter(sts),
+            minter=minter,
+            replay=replay,
+            sessions=sessions,
+            ender=SessionEnder(sessions, minter, audit, hash_ref=_hash_ref, clock=lambda: NOW),
             clock=lambda: NOW,
             sleep=lambda _: None,
         )
         with stubber:
             yield exchanger, audit, stubber
+    sessions.close()
 
 
 def _request(key: SigningKey, **claims: Any) -> TokenRequest:
@@ -173,7 +186,7 @@ def test_audit_failure_after_mint_returns_nothing(
     # record says the credential was minted but withheld.
     assert [e.outcome for e in audit.events] == [Outcome.INTENT, Outcome.ERROR]
     assert audit.events[0].detail["session_name"].endswith("-req1")
-    assert audit.events[1].reason == "audit_failed_after_mint"
+    assert audit.events[1].reason == "minted_not_delivered"
     assert audit.events[1].credential_ref == "ASIAEXAMPLEEXAMPLE01"
 
 

@@ -1,0 +1,176 @@
+"""From an allowed grant to a credential: picks the AWS or Vault minter and plans the call.
+
+Owns the split between planning (pure: what will be asked of which upstream, recorded in the
+`intent` audit record before the call) and execution (the upstream call). Every minted credential
+comes back as a `Minted`, the one shape the exchange use case audits, records and returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from broker.config import GrantConfig
+from broker.mint import UpstreamError
+from broker.mint.aws import AwsMinter, clamp_duration, plan_assume_role
+from broker.mint.vault import VaultMinter, clamp_ttl, plan_token
+
+TOKEN_TYPE_AWS = "urn:luigi-creds:token-type:aws-credentials"
+TOKEN_TYPE_VAULT_TOKEN = "urn:luigi-creds:token-type:vault-token"
+TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
+
+# Kinds of credential references kept under a refresh session, for revocation at its end.
+REF_AWS = "aws"  # AccessKeyId; STS sessions cannot be revoked, only marked in the audit
+REF_VAULT_TOKEN = "vault_token"  # token accessor
+REF_VAULT_HOLDER = "vault_holder"  # accessor of the token holding a dynamic secret's lease
+
+
+def issued_token_type(grant: GrantConfig) -> str:
+    if grant.aws is not None:
+        return TOKEN_TYPE_AWS
+    if grant.vault is not None and grant.vault.secret:
+        return TOKEN_TYPE_VAULT_SECRET
+    return TOKEN_TYPE_VAULT_TOKEN
+
+
+@dataclass(frozen=True)
+class Minted:
+    token_type: str
+    access_token: str = field(repr=False)
+    credentials: Mapping[str, Any] = field(repr=False)
+    expires_at: datetime
+    audit_ref: str  # what the audit records: AccessKeyId, hmac(accessor), lease_id
+    session_ref: tuple[str, str]  # (kind, ref) kept with the session for revocation
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A planned upstream call: `target` and `detail` go into the intent; `run` makes the call."""
+
+    target: str
+    detail: Mapping[str, Any]
+    run: Callable[[], Minted] = field(repr=False, compare=False)
+
+
+class GrantMinter:
+    def __init__(
+        self,
+        *,
+        aws: AwsMinter | None,
+        vault: VaultMinter | None,
+        hash_ref: Callable[[str], str],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._aws = aws
+        self._vault = vault
+        self._hash_ref = hash_ref
+        self._clock = clock
+
+    def prepare(
+        self,
+        grant: GrantConfig,
+        claims: Mapping[str, Any],
+        *,
+        requested: int | None,
+        request_id: str,
+        metadata: Mapping[str, str],
+        max_ttl: int,
+    ) -> Prepared:
+        """Plan the call for `grant`. `max_ttl` is what is left of the refresh session."""
+        if grant.aws is not None:
+            return self._prepare_aws(grant, claims, requested, request_id)
+        if grant.vault is not None:
+            return self._prepare_vault(grant, requested, metadata, max_ttl)
+        raise UpstreamError("upstream_not_configured", retryable=False)
+
+    def _prepare_aws(
+        self, grant: GrantConfig, claims: Mapping[str, Any], requested: int | None, request_id: str
+    ) -> Prepared:
+        aws, spec = self._aws, grant.aws
+        if aws is None or spec is None:
+            raise UpstreamError("upstream_not_configured", retryable=False)
+        plan = plan_assume_role(
+            grant.name,
+            spec,
+            claims,
+            request_id=request_id,
+            duration=clamp_duration(grant.ttl, requested),
+        )
+
+        def run() -> Minted:
+            creds = aws.assume_role(plan)
+            return Minted(
+                token_type=TOKEN_TYPE_AWS,
+                access_token=creds.session_token,
+                credentials=creds.wire(),
+                expires_at=creds.expiration,
+                audit_ref=creds.access_key_id,
+                session_ref=(REF_AWS, creds.access_key_id),
+            )
+
+        detail = {"duration": plan.duration_seconds, "session_name": plan.role_session_name}
+        return Prepared(target=plan.role_arn, detail=detail, run=run)
+
+    def _prepare_vault(
+        self,
+        grant: GrantConfig,
+        requested: int | None,
+        metadata: Mapping[str, str],
+        max_ttl: int,
+    ) -> Prepared:
+        vault, spec = self._vault, grant.vault
+        if vault is None or spec is None:
+            raise UpstreamError("upstream_not_configured", retryable=False)
+        ttl = clamp_ttl(grant.ttl, requested)
+        if spec.secret:
+            path = spec.secret
+
+            def read() -> Minted:
+                secret = vault.read_secret(path, ttl=ttl, metadata=metadata)
+                return Minted(
+                    token_type=TOKEN_TYPE_VAULT_SECRET,
+                    access_token=secret.lease_id,
+                    credentials=secret.wire(),
+                    expires_at=self._clock() + timedelta(seconds=secret.lease_duration),
+                    audit_ref=secret.lease_id,
+                    session_ref=(REF_VAULT_HOLDER, secret.holder_accessor),
+                )
+
+            return Prepared(target=f"vault:{path}", detail={"ttl": ttl}, run=read)
+
+        plan = plan_token(grant, ttl=ttl, metadata=metadata, explicit_max_ttl=max(ttl, max_ttl))
+
+        def create() -> Minted:
+            token = vault.create_token(plan)
+            return Minted(
+                token_type=TOKEN_TYPE_VAULT_TOKEN,
+                access_token=token.token,
+                credentials=token.wire(),
+                expires_at=self._clock() + timedelta(seconds=token.lease_duration),
+                audit_ref=self._hash_ref(token.accessor),
+                session_ref=(REF_VAULT_TOKEN, token.accessor),
+            )
+
+        target = "vault:token:" + ",".join(plan.policies)
+        return Prepared(target=target, detail={"ttl": ttl, "orphan": plan.orphan}, run=create)
+
+    def readiness_checks(self) -> dict[str, Callable[[], None]]:
+        """/readyz checks for the upstreams in use: STS answers; Vault is unsealed and we log in."""
+        checks: dict[str, Callable[[], None]] = {}
+        if self._aws is not None:
+            checks["aws"] = self._aws.check_reachable
+        if self._vault is not None:
+            checks["vault"] = self._vault.check_ready
+        return checks
+
+    def revoke(self, kind: str, ref: str) -> bool:
+        """Revoke one session-recorded credential; False when it cannot be (AWS) or failed."""
+        if kind in (REF_VAULT_TOKEN, REF_VAULT_HOLDER) and self._vault is not None and ref:
+            try:
+                self._vault.revoke_accessor(ref)
+            except UpstreamError:
+                return False
+            return True
+        return False
