@@ -22,7 +22,7 @@ types: $(STAMP)
 	$(BIN)/mypy
 
 test: lint types
-	bash tests/ensure-postgres.sh
+	bash tests/ensure-system-deps.sh
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest
 
 demo: $(STAMP)

@@ -208,6 +208,66 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if allowed else EXIT_DENIED
 
 
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from broker.audit import open_store
+    from broker.revocation import SessionEnder
+    from broker.sessions import open_state
+
+    config = _load(args.config)
+    _, sessions = open_state(config.broker.audit_store)
+    now = _now()
+    if args.action == "list":
+        rows = sessions.list(
+            active_only=not args.all, subject=args.subject, issuer=args.issuer, now=now
+        )
+        if args.json:
+            print(json.dumps([_session_json(s) for s in rows], indent=2))
+        else:
+            print(f"{'SESSION':<28} {'ISSUER':<10} {'EXPIRES':<20} {'STATE':<16} SUBJECT")
+            for s in rows:
+                state = s.revoked_reason or ("active" if s.active(now) else "expired")
+                expires = s.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                print(f"{s.id:<28} {s.issuer:<10} {expires:<20} {state:<16} {s.subject}")
+        return EXIT_OK
+    if not (args.session or args.subject or args.issuer):
+        print("error: say which sessions: --session, --subject and/or --issuer", file=sys.stderr)
+        return EXIT_USAGE
+    audit = open_store(
+        config.broker.audit_store,
+        signing_key_path=config.broker.audit_key_file,
+        salt_path=config.broker.audit_salt_file,
+        clock=_now,
+    )
+    minter = build_minter(config, audit.hash_ref)
+    ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
+    ended = sessions.revoke(
+        session_id=args.session,
+        subject=args.subject,
+        issuer=args.issuer,
+        reason="operator_revoked",
+        now=now,
+    )
+    request_id = "cli-" + now.strftime("%Y%m%dT%H%M%SZ")
+    clean = all([ender.end(s, reason="operator_revoked", request_id=request_id) for s in ended])
+    print(f"revoked {len(ended)} session(s)" + ("" if clean else "; some Vault revocations failed"))
+    return EXIT_OK if clean else EXIT_DENIED
+
+
+def _session_json(session: Any) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "issuer": session.issuer,
+        "subject": session.subject,
+        "created_at": session.created_at.isoformat(),
+        "expires_at": session.expires_at.isoformat(),
+        "revoked_at": session.revoked_at.isoformat() if session.revoked_at else None,
+        "revoked_reason": session.revoked_reason,
+    }
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -246,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--grant", help="grant name (default: every grant)")
     explain.add_argument("--issuer", help="issuer name (default: found by the claims' iss)")
     explain.set_defaults(func=cmd_explain)
+
+    sessions = sub.add_parser(
+        "sessions",
+        help="list or revoke refresh sessions",
+        description=(
+            "Refresh sessions are what a CI job holds after its one token exchange. Revoking one "
+            "ends it at once and revokes every Vault token and lease it minted; AWS sessions, "
+            "which STS cannot revoke, are marked revoked in the audit."
+        ),
+    )
+    sessions.add_argument("action", choices=["list", "revoke"])
+    sessions.add_argument("--config", required=True, help="policy file (broker.toml)")
+    sessions.add_argument("--session", help="one session id (lcs_...)")
+    sessions.add_argument("--subject", help="every session of this token subject")
+    sessions.add_argument("--issuer", help="every session from this issuer name")
+    sessions.add_argument("--all", action="store_true", help="list: include ended sessions")
+    sessions.add_argument("--json", action="store_true", help="list: JSON output")
+    sessions.set_defaults(func=cmd_sessions)
 
     from broker.audit import cli as audit_cli
 

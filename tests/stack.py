@@ -6,18 +6,23 @@ Starts `moto_server` and `luigi-creds-broker serve` as child processes on free l
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
+import subprocess
 import sys
 import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
+import psycopg
 from servers import ManagedProcess, free_port, start_process
 
 # moto accepts any credentials; these names only make boto3 sign requests.
@@ -78,19 +83,25 @@ def start_moto(workdir: Path) -> Moto:
 def policy_toml(
     *,
     issuer_url: str,
-    audit_db: Path,
+    audit_db: Path | str,
     listen: str,
     moto_url: str,
     role_arn: str,
     extra: str = "",
+    broker_extra: str = "",
 ) -> str:
-    """A policy file for the GitLab-shaped dev token: one AWS grant bound to the project id."""
+    """A policy file for the GitLab-shaped dev token: one AWS grant bound to the project id.
+
+    `audit_db` is an SQLite file, or a postgresql:// URL; `extra` is appended TOML.
+    """
+    store = audit_db if isinstance(audit_db, str) else f"sqlite:///{audit_db}"
     return textwrap.dedent(
         f"""
         [broker]
         listen = "{listen}"
-        audit_store = "sqlite:///{audit_db}"
+        audit_store = "{store}"
         leeway = "30s"
+        {broker_extra}
 
         [[issuer]]
         name = "gitlab"
@@ -142,7 +153,8 @@ class Broker:
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.load(response), response.headers
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else {}, response.headers
         except urllib.error.HTTPError as exc:
             body = exc.read()
             return exc.code, json.loads(body) if body else {}, exc.headers
@@ -165,6 +177,25 @@ class Broker:
             }
         )
 
+    def refresh(self, handle: str, grant: str = "etl-writer", **extra: str) -> Any:
+        return self.token(
+            {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant, **extra}
+        )
+
+    def revoke(self, handle: str) -> Any:
+        data = urllib.parse.urlencode({"token": handle, "token_type_hint": "refresh_token"})
+        return self.post_raw("/v1/revoke", data.encode("ascii"))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `luigi-creds-broker ARGS --config <this broker's file>`."""
+        return subprocess.run(
+            [sys.executable, "-m", "broker", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     def stop(self) -> None:
         self.process.stop()
 
@@ -173,6 +204,7 @@ def start_broker(
     workdir: Path, config_text: str, *, env: Mapping[str, str] | None = None
 ) -> Broker:
     """Run `luigi-creds-broker serve` for `config_text` (its `listen` must be a free port)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "broker.toml"
     config_path.write_text(config_text, encoding="utf-8")
     listen = next(
@@ -188,3 +220,19 @@ def start_broker(
         env={**MOTO_ENV, **(env or {})},
     )
     return Broker(process, url, config_path)
+
+
+PG_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """A uniquely named database on the test PostgreSQL, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

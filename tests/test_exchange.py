@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,33 @@ def key() -> SigningKey:
     return SigningKey.generate("RS256")
 
 
+class Clock:
+    """A settable clock: tests move time instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 @pytest.fixture
-def setup(tmp_path: Path, key: SigningKey) -> Iterator[tuple[Exchanger, MemoryAudit, Stubber]]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, key: SigningKey, clock: Clock
+) -> Iterator[tuple[Exchanger, MemoryAudit, Stubber]]:
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [key.public_jwk()]}))
     config = parse_config(
         f"""
         [broker]
         audit_store = "sqlite:///{tmp_path}/unused.db"
+        session_max = "1h"
+        session_idle = "1h"
         [[issuer]]
         name = "gitlab"
         url = "{ISSUER}"
@@ -95,7 +115,7 @@ def setup(tmp_path: Path, key: SigningKey) -> Iterator[tuple[Exchanger, MemoryAu
     stubber = Stubber(sts)
     audit = MemoryAudit()
     replay, sessions = open_state(f"sqlite:///{tmp_path}/state.db")
-    minter = GrantMinter(aws=AwsMinter(sts), vault=None, hash_ref=_hash_ref, clock=lambda: NOW)
+    minter = GrantMinter(aws=AwsMinter(sts), vault=None, hash_ref=_hash_ref, clock=clock)
     with httpx.Client() as http:
         registry = IssuerRegistry(config.issuers, http, clock=lambda: NOW)
         exchanger = Exchanger(
@@ -106,8 +126,8 @@ def setup(tmp_path: Path, key: SigningKey) -> Iterator[tuple[Exchanger, MemoryAu
             minter=minter,
             replay=replay,
             sessions=sessions,
-            ender=SessionEnder(sessions, minter, audit, hash_ref=_hash_ref, clock=lambda: NOW),
-            clock=lambda: NOW,
+            ender=SessionEnder(sessions, minter, audit, hash_ref=_hash_ref, clock=clock),
+            clock=clock,
             sleep=lambda _: None,
         )
         with stubber:
@@ -252,3 +272,62 @@ def test_denial_that_cannot_be_audited_becomes_503(
     with pytest.raises(ExchangeError) as caught:
         exchanger.handle(_request(key, project_id="1"))
     assert caught.value.status == 503
+
+
+def _refresh(handle: str, task: str) -> TokenRequest:
+    return TokenRequest(
+        request_id="req-" + task,
+        client_addr="127.0.0.1",
+        grant_type="refresh_token",
+        audience="etl-writer",
+        refresh_token=handle,
+        task=task,
+    )
+
+
+def test_session_ends_at_session_max(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey, clock: Clock
+) -> None:
+    """A refresh handle works until session_max after the exchange and is refused after it."""
+    exchanger, audit, stubber = setup
+    _sts_ok(stubber)
+    handle = exchanger.handle(_request(key)).refresh_token
+    clock.now = NOW + timedelta(minutes=50)
+    _sts_ok(stubber)
+    handle = exchanger.handle(_refresh(handle, "t1")).refresh_token
+    clock.now = NOW + timedelta(minutes=61)
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(_refresh(handle, "t2"))
+    assert (caught.value.error, caught.value.reason) == ("invalid_grant", "session_expired")
+    assert audit.events[-1].session_id == audit.events[0].session_id
+
+
+def test_failed_exchange_leaves_the_token_usable(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """An exchange that minted nothing does not consume the CI job's one token."""
+    exchanger, _, stubber = setup
+    for _ in range(3):
+        stubber.add_client_error("assume_role", "ServiceUnavailable", http_status_code=503)
+    request = _request(key)
+    with pytest.raises(ExchangeError):
+        exchanger.handle(request)
+    _sts_ok(stubber)
+    assert exchanger.handle(replace(request, request_id="req2")).refresh_token
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(replace(request, request_id="req3"))
+    assert caught.value.reason == "token_replayed"
+
+
+def test_upstream_denial_is_cached_without_asking_sts_again(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """After STS AccessDenied the same identity and grant get 503 from the cache, not STS."""
+    exchanger, audit, stubber = setup
+    stubber.add_client_error("assume_role", "AccessDenied", http_status_code=403)
+    with pytest.raises(ExchangeError):
+        exchanger.handle(_request(key))
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(replace(_request(key), request_id="req2"))  # no STS answer queued
+    assert caught.value.status == 503 and caught.value.reason == "cached_upstream_denied"
+    assert audit.events[-1].outcome == Outcome.ERROR

@@ -1,0 +1,203 @@
+"""Exchange once, refresh safely, over real HTTP (issue 3).
+
+A local OIDC issuer, moto in server mode and `luigi-creds-broker serve` processes on SQLite and on
+a shared PostgreSQL database: replay protection, rotating refresh handles, reuse detection,
+revocation (HTTP and operator CLI), and per-identity rate limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import DevIssuer, free_port, start_dev_issuer
+from stack import Broker, Moto, fresh_pg_database, policy_toml, start_broker, start_moto
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Upstreams:
+    issuer: DevIssuer
+    moto: Moto
+    role_arn: str
+    workdir: Path
+
+    def config(self, audit_store: Path | str, **extra: str) -> str:
+        return policy_toml(
+            issuer_url=self.issuer.url,
+            audit_db=audit_store,
+            listen=f"127.0.0.1:{free_port()}",
+            moto_url=self.moto.url,
+            role_arn=self.role_arn,
+            **extra,
+        )
+
+
+@pytest.fixture(scope="module")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+    workdir = tmp_path_factory.mktemp("upstreams")
+    issuer = start_dev_issuer(workdir)
+    moto = start_moto(workdir)
+    try:
+        yield Upstreams(issuer, moto, moto.create_role("etl-writer"), workdir)
+    finally:
+        moto.stop()
+        issuer.stop()
+
+
+@pytest.fixture
+def broker(upstreams: Upstreams, tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
+    db = tmp_path / "audit.db"
+    b = start_broker(tmp_path, upstreams.config(db))
+    try:
+        yield b, db
+    finally:
+        b.stop()
+
+
+def _events(store_url: str, request_id: str) -> list[AuditEvent]:
+    store = open_store(store_url)
+    try:
+        return [e for e in store.events() if e.request_id == request_id]
+    finally:
+        store.close()
+
+
+def test_exchange_once_refresh_per_task_and_reuse_revokes(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """One exchange, a replay refused, three refreshes for three tasks, then reuse kills it all."""
+    b, db = broker
+    store = f"sqlite:///{db}"
+    token = upstreams.issuer.mint("gitlab")
+    status, first, _ = b.exchange(token, task="Extract_2026_11_22")
+    assert status == 200, first
+    handles = [first["refresh_token"]]
+    assert handles[0].startswith("lcr_")
+
+    status, body, _ = b.exchange(token)
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert [e.reason for e in _events(store, body["request_id"])] == ["token_replayed"]
+
+    keys = {first["credentials"]["AccessKeyId"]}
+    for task in ("Load_a", "Load_b", "Load_c"):
+        status, body, _ = b.refresh(handles[-1], task=task)
+        assert status == 200, body
+        assert body["refresh_token"] not in handles
+        handles.append(body["refresh_token"])
+        keys.add(body["credentials"]["AccessKeyId"])
+        (issued,) = [e for e in _events(store, body["request_id"]) if e.outcome == "issued"]
+        assert (issued.kind, issued.task) == ("refresh", task)
+        assert issued.credential_ref == body["credentials"]["AccessKeyId"]
+        assert issued.session_id.startswith("lcs_")
+        # The session acts for the token's identity: claims are the ones it was exchanged with.
+        assert issued.claims["project_id"] == "55235664"
+    assert len(keys) == 4, "every mint is a distinct STS session"
+
+    status, body, _ = b.refresh(handles[0], task="Load_d")
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert [(e.outcome, e.reason) for e in _events(store, body["request_id"])] == [
+        (Outcome.REVOKED, "reuse_detected"),
+        (Outcome.DENIED, "session_reused"),
+    ]
+    status, body, _ = b.refresh(handles[-1], task="Load_e")
+    assert (status, body["error"]) == (400, "invalid_grant")
+    ended = [
+        e
+        for e in open_store(store).events()
+        if e.outcome == Outcome.REVOKED and e.reason == "reuse_detected"
+    ]
+    assert len(ended) == 1
+    assert sorted(ended[0].detail["aws_marked_revoked"]) == sorted(keys)
+
+
+def test_revoke_endpoint_ends_the_session(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """POST /v1/revoke with the refresh handle ends the session; the handle then fails."""
+    b, _ = broker
+    status, body, _ = b.exchange(upstreams.issuer.mint("gitlab"))
+    assert status == 200
+    handle = body["refresh_token"]
+    assert b.revoke(handle)[0] == 200
+    assert b.refresh(handle)[1]["error"] == "invalid_grant"
+    # RFC 7009: revoking an unknown token is not an error.
+    assert b.revoke("lcr_unknown")[0] == 200
+
+
+def test_operator_revokes_by_subject_with_the_cli(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """`sessions revoke --subject` ends every session of that subject; `list` shows why."""
+    b, _ = broker
+    sub = "project_path:data-platform/etl:ref_type:branch:ref:cli-test"
+    handles = []
+    for _ in range(2):
+        status, body, _ = b.exchange(upstreams.issuer.mint("gitlab", sub=sub))
+        assert status == 200
+        handles.append(body["refresh_token"])
+    listed = b.cli("sessions", "list", "--subject", sub)
+    assert listed.returncode == 0 and listed.stdout.count("lcs_") == 2
+    revoked = b.cli("sessions", "revoke", "--subject", sub)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked 2 session(s)" in revoked.stdout
+    for handle in handles:
+        assert b.refresh(handle)[1]["error"] == "invalid_grant"
+    listed = b.cli("sessions", "list", "--subject", sub, "--all")
+    assert listed.stdout.count("operator_revoked") == 2
+
+
+def test_burst_from_one_identity_is_rate_limited_while_another_is_served(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """A burst from one identity gets 429 with Retry-After; another identity is still served."""
+    config = upstreams.config(
+        tmp_path / "audit.db",
+        broker_extra="rate_limit_identity = { per_second = 0.1, burst = 3 }",
+    )
+    b = start_broker(tmp_path, config)
+    try:
+        greedy = "project_path:data-platform/etl:ref_type:branch:ref:greedy"
+        statuses = []
+        for _ in range(6):
+            status, body, headers = b.exchange(upstreams.issuer.mint("gitlab", sub=greedy))
+            statuses.append(status)
+            if status == 429:
+                assert body["error"] == "temporarily_unavailable"
+                assert int(headers["Retry-After"]) >= 1
+        assert statuses == [200, 200, 200, 429, 429, 429]
+        status, _, _ = b.exchange(upstreams.issuer.mint("gitlab", sub="someone-else"))
+        assert status == 200
+    finally:
+        b.stop()
+
+
+def test_two_brokers_on_one_postgresql_agree(upstreams: Upstreams, tmp_path: Path) -> None:
+    """Replays and rotated handles are refused at the other broker sharing the database."""
+    with fresh_pg_database("luigi_creds_ha") as url:
+        one = start_broker(tmp_path / "one", upstreams.config(url))
+        two = start_broker(tmp_path / "two", upstreams.config(url))
+        try:
+            token = upstreams.issuer.mint("gitlab")
+            status, body, _ = one.exchange(token)
+            assert status == 200, body
+            status, replay, _ = two.exchange(token)
+            assert (status, replay["error"]) == (400, "invalid_request")
+            assert [e.reason for e in _events(url, replay["request_id"])] == ["token_replayed"]
+
+            handle = body["refresh_token"]
+            status, rotated, _ = one.refresh(handle, task="t1")
+            assert status == 200
+            status, stale, _ = two.refresh(handle, task="t2")
+            assert (status, stale["error"]) == (400, "invalid_grant")
+            # Reuse at broker two ended the session for broker one too.
+            assert one.refresh(rotated["refresh_token"])[1]["error"] == "invalid_grant"
+        finally:
+            one.stop()
+            two.stop()
