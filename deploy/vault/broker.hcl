@@ -1,0 +1,63 @@
+# Vault/OpenBao policy of the luigi-creds broker's own login (AppRole luigi-creds-broker, see
+# approle-setup.sh). It can hand out only what the token roles' allowed_policies permit, read the
+# dynamic secrets grants name, and renew and revoke what it issued. It reads no KV secret itself.
+#
+#   vault policy write luigi-creds-broker deploy/vault/broker.hcl
+
+# Client tokens for `[grant.vault] token_policies` grants go through token roles. The role's
+# allowed_policies (approle-setup.sh) is the ceiling on what any grant can issue, so the broker
+# never needs to hold the grants' policies itself.
+path "auth/token/create/luigi-creds" {
+  capabilities = ["update"]
+}
+path "auth/token/create/luigi-creds-orphan" {
+  capabilities = ["update"]
+}
+
+# Dynamic secrets are read with a per-credential orphan "holder" token (it inherits this policy
+# and lives exactly the grant's TTL), so a lease outlives the broker's own re-logins but never
+# the grant.
+path "auth/token/create-orphan" {
+  capabilities = ["update"]
+}
+
+# The holder makes one child for the client: a renew-only token carrying just `default` (which
+# allows sys/leases/renew on a lease id it knows and reads nothing). No other policy may be asked
+# for on this path.
+path "auth/token/create" {
+  capabilities = ["update"]
+  required_parameters = ["policies"]
+  allowed_parameters = {
+    "policies"          = [["default"]]
+    "ttl"               = []
+    "explicit_max_ttl"  = []
+    "renewable"         = []
+    "meta"              = []
+    "display_name"      = []
+    "num_uses"          = []
+    "no_default_policy" = []
+    # hvac always sends no_parent=false; Vault honours no_parent only for root or sudo callers.
+    "no_parent"         = []
+  }
+}
+
+# Renew and revoke what was issued: leases by id, tokens by accessor (the audit records
+# accessors, never tokens); lookup-accessor checks an issued token's state by its accessor.
+path "sys/leases/renew" {
+  capabilities = ["update"]
+}
+path "sys/leases/revoke" {
+  capabilities = ["update"]
+}
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
+}
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
+}
+
+# Dynamic database credentials for `[grant.vault] secret = "database/creds/<role>"` grants.
+# Narrow this to the roles your grants name, e.g. "database/creds/warehouse-writer".
+path "database/creds/*" {
+  capabilities = ["read"]
+}
