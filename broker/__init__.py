@@ -1,1 +1,1 @@
-"""luigi-creds broker: OIDC in, short-lived AWS and Vault credentials out, every issuance audited."""
+"""luigi-creds broker: OIDC in, short-lived AWS and Vault credentials out, all audited."""

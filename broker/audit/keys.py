@@ -36,17 +36,26 @@ class KeyFileError(ValueError):
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:
-    """Write `data` to a new file readable only by us; False if someone else created it first."""
+    """Write `data` to a new file readable only by us; False if someone else created it first.
+
+    The content is written and fsync'd under a private temporary name, then hard-linked into
+    place: link(2) fails if the name exists, and a reader never sees a half-written file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
