@@ -49,7 +49,9 @@ _TOKEN_FIELDS = frozenset(
         "client_id",
     }
 )
-_REVOKE_FIELDS = frozenset({"token", "token_type_hint"})
+# refresh_token: the session proof that goes with revoking one of its Vault leases.
+_REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
+TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 # A form with more fields than we know is hostile; parse_qsl stops counting here.
 _MAX_FIELDS = 16
 
@@ -210,17 +212,21 @@ def create_app(
             except ExchangeError as err:
                 return error_response(err, request_id)
         hint = form.get("token_type_hint", "refresh_token")
+        lease = hint == TOKEN_TYPE_VAULT_SECRET
         req = TokenRequest(
             request_id=request_id,
             client_addr=client,
             grant_type="revoke",
-            refresh_token=form.get("token", ""),
+            refresh_token=form.get("refresh_token" if lease else "token", ""),
         )
         try:
-            if hint != "refresh_token":
-                # RFC 7009 §2.2.1: only refresh handles are ours to revoke.
+            if lease:
+                await run_in_threadpool(exchanger.revoke_lease, req, form.get("token", ""))
+            elif hint != "refresh_token":
+                # RFC 7009 §2.2.1: refresh handles and our own leases are all we revoke.
                 await run_in_threadpool(exchanger.reject, req, 400, "unsupported_token_type")
-            await run_in_threadpool(exchanger.revoke, req)
+            else:
+                await run_in_threadpool(exchanger.revoke, req)
         except ExchangeError as exc:
             metrics.requests.labels("revoke", "-", exc.error).inc()
             return error_response(exc, request_id)

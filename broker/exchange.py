@@ -28,7 +28,7 @@ from broker.audit.store import AuditStore, AuditUnavailable
 from broker.config import Config, GrantConfig
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
-from broker.mint.grants import GrantMinter, Minted, issued_token_type
+from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, issued_token_type
 from broker.policy import Policy
 from broker.ratelimit import DenyCache, RateLimits, retry_after
 from broker.revocation import SessionEnder
@@ -246,6 +246,40 @@ class Exchanger:
                 first = ended[0]
                 record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
             self._terminal(record, Outcome.REVOKED, "client_revoked" if ended else "unknown_handle")
+
+    def revoke_lease(self, req: TokenRequest, lease_id: str) -> None:
+        """POST /v1/revoke for one dynamic secret, by the session that minted it.
+
+        A Luigi task's Vault lease ends with the task, not with the job's session: the client
+        names the lease and proves it holds the session with its current refresh handle
+        (peeked, not rotated). A lease the session did not mint is refused like an unknown
+        handle, so one job cannot revoke another's.
+        """
+        record = self._new_record(req, "revoke")
+        with self._terminal_on_error(record):
+            if not req.refresh_token or not lease_id:
+                raise _bad_request("missing_token")
+            now = self._clock()
+            max_idle = timedelta(seconds=self._config.broker.session_idle)
+            try:
+                session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
+                refs = self._sessions.credentials(session.id)
+            except SessionError as exc:
+                self._session_refused(exc, record, req.request_id, now)
+            except StateUnavailable as exc:
+                raise _unavailable("state_unavailable") from exc
+            record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
+            match = [
+                (kind, ref)
+                for kind, ref in refs
+                if kind == REF_VAULT_LEASE and ref.partition(" ")[2] == lease_id
+            ]
+            if not match:
+                raise ExchangeError(400, "invalid_grant", "lease_not_in_session")
+            record.set(credential_ref=lease_id)
+            if not self._minter.revoke(*match[0]):
+                raise _unavailable("upstream_unavailable")
+            self._terminal(record, Outcome.REVOKED, "lease_revoked")
 
     # -- exchange ----------------------------------------------------------------------------
 

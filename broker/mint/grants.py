@@ -24,7 +24,8 @@ TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 # Kinds of credential references kept under a refresh session, for revocation at its end.
 REF_AWS = "aws"  # AccessKeyId; STS sessions cannot be revoked, only marked in the audit
 REF_VAULT_TOKEN = "vault_token"  # token accessor
-REF_VAULT_HOLDER = "vault_holder"  # accessor of the token holding a dynamic secret's lease
+# "<holder accessor> <lease id>": the token holding a dynamic secret's lease, and the lease
+REF_VAULT_LEASE = "vault_lease"
 
 
 def issued_token_type(grant: GrantConfig) -> str:
@@ -135,7 +136,7 @@ class GrantMinter:
                     credentials=secret.wire(),
                     expires_at=self._clock() + timedelta(seconds=secret.lease_duration),
                     audit_ref=secret.lease_id,
-                    session_ref=(REF_VAULT_HOLDER, secret.holder_accessor),
+                    session_ref=(REF_VAULT_LEASE, f"{secret.holder_accessor} {secret.lease_id}"),
                 )
 
             return Prepared(target=f"vault:{path}", detail={"ttl": ttl}, run=read)
@@ -167,10 +168,18 @@ class GrantMinter:
 
     def revoke(self, kind: str, ref: str) -> bool:
         """Revoke one session-recorded credential; False when it cannot be (AWS) or failed."""
-        if kind in (REF_VAULT_TOKEN, REF_VAULT_HOLDER) and self._vault is not None and ref:
-            try:
-                self._vault.revoke_accessor(ref)
-            except UpstreamError:
-                return False
-            return True
-        return False
+        vault = self._vault
+        if vault is None or not ref or kind not in (REF_VAULT_TOKEN, REF_VAULT_LEASE):
+            return False
+        try:
+            if kind == REF_VAULT_TOKEN:
+                vault.revoke_accessor(ref)
+            else:
+                holder, _, lease_id = ref.partition(" ")
+                # The lease first, synchronously (the engine drops the login now), then the
+                # holder token with whatever else it holds.
+                vault.revoke_lease(lease_id)
+                vault.revoke_accessor(holder)
+        except UpstreamError:
+            return False
+        return True
