@@ -93,6 +93,7 @@ def build_app(config: Config) -> Any:
 
     from broker.app import Metrics, Readiness, create_app
     from broker.audit import open_store
+    from broker.audit.store import AuditUnavailable
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
     from broker.openapi import OPENAPI
@@ -137,12 +138,25 @@ def build_app(config: Config) -> Any:
         "audit": exchanger.check_audit,
     }
     checks.update(minter.readiness_checks())
+
+    def shutdown() -> None:
+        # A signed checkpoint at a clean stop covers the records since the last one, which
+        # otherwise only the hash chain protects (see broker/audit/ledger.py).
+        try:
+            audit.checkpoint()
+        except AuditUnavailable:
+            log.error("no checkpoint at shutdown: audit store unavailable")
+        sessions.close()
+        audit.close()
+        http.close()
+
     return create_app(
         exchanger,
         readiness=Readiness(checks),
         metrics=metrics,
         max_body_bytes=config.broker.max_body_bytes,
         openapi=OPENAPI,
+        on_shutdown=shutdown,
     )
 
 

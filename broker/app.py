@@ -7,10 +7,11 @@ in a worker thread, and maps `ExchangeError` to status codes. Talks to clients o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -158,6 +159,7 @@ def create_app(
     metrics: Metrics,
     max_body_bytes: int,
     openapi: Mapping[str, Any],
+    on_shutdown: Callable[[], None] | None = None,
 ) -> Starlette:
     async def token(request: Request) -> Response:
         started = time.perf_counter()
@@ -266,7 +268,14 @@ def create_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            await run_in_threadpool(on_shutdown)
+
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 def _known(grant: str, exchanger: Exchanger) -> str:
