@@ -97,6 +97,44 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/revoke": {
+            "post": {
+                "summary": "End a refresh session (RFC 7009), or revoke one Vault lease it minted",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {
+                                    "token": {
+                                        "type": "string",
+                                        "description": "refresh handle, or a lease_id",
+                                    },
+                                    "token_type_hint": {
+                                        "type": "string",
+                                        "enum": [
+                                            "refresh_token",
+                                            "urn:luigi-creds:token-type:vault-secret",
+                                        ],
+                                    },
+                                    "refresh_token": {
+                                        "type": "string",
+                                        "description": "with a lease: the session's handle",
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {"description": "Revoked, or nothing to revoke (RFC 7009 §2.2)"},
+                    "400": _error_response("Malformed request, or a lease of another session"),
+                    "503": _error_response("Audit store or Vault unavailable", retry_after=True),
+                },
+            }
+        },
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "OK"}}}},
         "/readyz": {
             "get": {
