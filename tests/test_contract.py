@@ -1,0 +1,128 @@
+"""The contract between broker and client: one wire format, no shared code.
+
+`luigi_creds` never imports `broker`; these tests feed what the broker's types put on the wire to
+the client's parser, and check the OpenAPI document against the app's routes, so a change on one
+side that the other does not follow fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from broker.exchange import ExchangeError, Issued
+from broker.mint.aws import AwsCredentials as BrokerAws
+from broker.mint.grants import TOKEN_TYPE_AWS, TOKEN_TYPE_VAULT_SECRET, TOKEN_TYPE_VAULT_TOKEN
+from broker.mint.vault import VaultSecret as BrokerSecret
+from broker.mint.vault import VaultToken as BrokerToken
+from broker.openapi import OPENAPI
+from luigi_creds import client
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_client_package_never_imports_the_broker() -> None:
+    """No module under luigi_creds/ imports broker (they share only the wire format)."""
+    offenders = []
+    for path in sorted((ROOT / "luigi_creds").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "broker"]
+    assert offenders == []
+
+
+def _issued(token_type: str, credentials: dict[str, Any]) -> dict[str, Any]:
+    body = Issued(
+        request_id="r1",
+        issued_token_type=token_type,
+        access_token="opaque",
+        expires_in=900,
+        credentials=MappingProxyType(credentials),
+        refresh_token="lcr_next",
+    ).wire()
+    # Through JSON exactly as the HTTP edge sends it.
+    parsed: dict[str, Any] = json.loads(json.dumps(body))
+    return parsed
+
+
+def test_aws_credentials_round_trip() -> None:
+    """The broker's AWS credential_process shape parses into the client's AwsCredentials."""
+    creds = BrokerAws("ASIAEXAMPLE", "secret-value", "session-value", NOW + timedelta(minutes=15))
+    parsed = client.parse_credential(_issued(TOKEN_TYPE_AWS, creds.wire()), grant="g", now=NOW)
+    assert isinstance(parsed, client.AwsCredentials)
+    assert parsed.access_key_id == "ASIAEXAMPLE"
+    assert parsed.secret_access_key == "secret-value"
+    assert parsed.expires_at == NOW + timedelta(minutes=15)
+    assert parsed.credential_process() == creds.wire()
+
+
+def test_vault_token_round_trip() -> None:
+    """The broker's vault-token object parses into the client's VaultToken."""
+    token = BrokerToken("hvs.value", "acc1", ("etl-read", "default"), True, 600)
+    body = _issued(TOKEN_TYPE_VAULT_TOKEN, token.wire())
+    parsed = client.parse_credential(body, grant="g", now=NOW)
+    assert isinstance(parsed, client.VaultToken)
+    assert (parsed.token, parsed.accessor, parsed.lease_duration) == ("hvs.value", "acc1", 600)
+    assert parsed.policies == ("etl-read", "default")
+
+
+def test_vault_secret_round_trip() -> None:
+    """The broker's vault-secret object, renew token included, parses into VaultSecret."""
+    secret = BrokerSecret(
+        "database/creds/w/abc", 300, True, {"username": "u", "password": "p"}, "acc", "renew"
+    )
+    parsed = client.parse_credential(
+        _issued(TOKEN_TYPE_VAULT_SECRET, secret.wire()), grant="g", now=NOW
+    )
+    assert isinstance(parsed, client.VaultSecret)
+    assert parsed.lease_id == "database/creds/w/abc"
+    assert dict(parsed.data) == {"username": "u", "password": "p"}
+    assert parsed.renew_token == "renew"
+
+
+def test_issued_body_matches_the_openapi_schema() -> None:
+    """Issued.wire() has exactly the fields the OpenAPI Issued schema lists, required ones set."""
+    schema = OPENAPI["components"]["schemas"]["Issued"]
+    body = _issued(TOKEN_TYPE_AWS, {})
+    assert set(body) == set(schema["properties"])
+    assert set(schema["required"]) <= set(body)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "invalid_request",
+        "invalid_grant",
+        "invalid_target",
+        "unsupported_grant_type",
+        "temporarily_unavailable",
+    ],
+)
+def test_every_error_code_is_documented(error: str) -> None:
+    """Each RFC 6749 error the broker emits has a description and is in the OpenAPI enum."""
+    assert ExchangeError(400, error, "r").description
+    assert error in OPENAPI["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+
+
+def test_openapi_documents_every_route() -> None:
+    """Every route of the app appears in /openapi.json, and nothing else does."""
+    source = (ROOT / "broker" / "app.py").read_text(encoding="utf-8")
+    routes = {
+        node.args[0].value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", "") == "Route"
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert routes - {"/openapi.json"} == set(OPENAPI["paths"])
