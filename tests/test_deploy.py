@@ -319,6 +319,20 @@ def test_worker_luigi_cfg_passes_the_client_settings_loader(
     assert grant(config, "warehouse-load").match["sub"] == settings.okta_client_id
 
 
+def test_worker_env_file_defines_every_variable_exec_start_uses() -> None:
+    """The example pipeline env file sets each ${VAR} the worker's ExecStart= expands."""
+    service = unit_directives(SYSTEMD / "luigi-worker@.service")["Service"]
+    assert service["EnvironmentFile"] == ["/etc/luigi/pipelines/%i.env"]
+    used = set(re.findall(r"\$\{(\w+)\}", service["ExecStart"][0]))
+    defined = {}
+    for line in (SYSTEMD / "warehouse.env").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            defined[key] = value
+    assert used and used <= defined.keys()
+    assert defined["LUIGI_WORKERS"].isdigit()
+
+
 def test_units_parse_as_ini_with_configparser() -> None:
     """Each unit parses as INI (configparser, strict=False) with [Unit] and its main section."""
     for path in sorted(SYSTEMD.glob("luigi*.*")):
@@ -618,19 +632,29 @@ def test_yaml_files_parse(path: Path) -> None:
     assert docs and all(isinstance(doc, dict) for doc in docs)
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    """kustomization.yaml names every manifest in the directory (and kubectl builds it)."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+@pytest.mark.parametrize("directory", [K8S, K8S / "worker"], ids=rel)
+def test_kustomization_lists_every_manifest(directory: Path) -> None:
+    """kustomization.yaml names every manifest beside it, and `kubectl kustomize` builds them."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
+    manifests = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == manifests
+    kinds = sorted(
+        yaml.safe_load((directory / name).read_text(encoding="utf-8"))["kind"] for name in manifests
+    )
+    for doc in (
+        yaml.safe_load((directory / name).read_text(encoding="utf-8")) for name in manifests
+    ):
+        assert (
+            doc["metadata"].get("namespace", kustomization["namespace"])
+            == (kustomization["namespace"])
+        )
     kubectl = shutil.which("kubectl")
     if kubectl is not None:
         built = subprocess.run(
-            [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+            [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
         )
         assert built.returncode == 0, built.stderr
-        kinds = [d["kind"] for d in yaml.safe_load_all(built.stdout) if d]
-        assert sorted(kinds) == sorted(k8s_objects())
+        assert sorted(d["kind"] for d in yaml.safe_load_all(built.stdout) if d) == kinds
 
 
 def test_deployment_probes_port_and_replicas() -> None:
@@ -745,6 +769,50 @@ def test_network_policy_allows_only_the_documented_flows() -> None:
     [public] = [r for r in policy["egress"] if r["ports"] == [{"protocol": "TCP", "port": 443}]]
     excepted = public["to"][0]["ipBlock"]["except"]
     assert "169.254.0.0/16" in excepted and "10.0.0.0/8" in excepted
+
+
+def test_in_cluster_worker_token_fits_the_broker_issuer_and_grant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker CronJob's projected token has the broker's audience and lifetime, its service
+    account is the `sub` the grants bind, and its luigi.cfg reads that token and the Service."""
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted((K8S / "worker").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        docs[doc["kind"]] = doc
+    account = docs["ServiceAccount"]["metadata"]
+    pod = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    [container] = pod["containers"]
+    [token_volume] = [v for v in pod["volumes"] if "projected" in v]
+    [source] = token_volume["projected"]["sources"]
+    projected = source["serviceAccountToken"]
+
+    config = configmap_policy()
+    issuer = config.issuer("kubernetes")
+    assert issuer is not None
+    assert projected["audience"] in issuer.audiences
+    assert projected["expirationSeconds"] <= issuer.max_token_lifetime
+    subject = f"system:serviceaccount:{account['namespace']}:{account['name']}"
+    assert grant(config, "etl-writer").match["sub"] == subject
+    assert subject in grant(config, "etl-vault").match["sub"]
+
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == token_volume["name"]]
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    settings = ClientSettings.from_mapping(
+        luigi_creds_section(docs["ConfigMap"]["data"]["luigi.cfg"])
+    )
+    assert settings.token_source == f"file:{mount['mountPath']}/{projected['path']}"
+    service = k8s_objects()["Service"]["metadata"]
+    assert settings.broker_url == (
+        f"https://{service['name']}.{service['namespace']}.svc:{BROKER_PORT}"
+    )
+    ingress = k8s_objects()["NetworkPolicy"]["spec"]["ingress"][0]["from"]
+    assert {"kubernetes.io/metadata.name": account["namespace"]} in [
+        peer["namespaceSelector"]["matchLabels"] for peer in ingress
+    ]
+    assert container["command"][:2] == ["luigi", "--module"]
 
 
 # ---------------------------------------------------------------------------------------------
