@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from moto.iam.policy_validation import IAMPolicyDocumentValidator, IAMTrustPolicyDocumentValidator
 from servers import ManagedProcess, free_port, start_process
 from vault_server import BAO, DB_ROLE, OpenBao, enable_database, pg_url, start_openbao
 
@@ -895,6 +896,17 @@ def aws_json(name: str) -> dict[str, Any]:
 def test_json_files_parse(path: Path) -> None:
     """Each JSON file under deploy/ parses into an object."""
     assert isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+
+
+def test_aws_policies_pass_the_iam_grammar_check() -> None:
+    """The permission and trust policies pass moto's IAM policy grammar validators."""
+    IAMPolicyDocumentValidator(
+        (DEPLOY / "aws" / "broker-role-policy.json").read_text(encoding="utf-8")
+    ).validate()
+    for name in ("target-role-trust-policy.json", "broker-role-trust-policy-eks.json"):
+        IAMTrustPolicyDocumentValidator(
+            (DEPLOY / "aws" / name).read_text(encoding="utf-8")
+        ).validate()
 
 
 def test_target_role_trusts_only_the_broker_with_tags_and_source_identity() -> None:
