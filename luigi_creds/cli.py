@@ -120,7 +120,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     server = None
     if inherited is None:
         broker = _broker_minter(args)
-        server = CredentialAgent(broker.mint, clock=lambda: datetime.now(UTC))
+        server = CredentialAgent(
+            broker.mint, clock=lambda: datetime.now(UTC), revoke_lease=broker.revoke_lease
+        )
         endpoint = server.start()
     else:
         endpoint = inherited

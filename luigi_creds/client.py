@@ -233,6 +233,26 @@ class BrokerClient:
             form = {"token": session.handle, "token_type_hint": "refresh_token"}
             self._post("/v1/revoke", form, grant=None, expect_body=False)
 
+    def revoke_lease(self, lease_id: str) -> None:
+        """Revoke one Vault lease this session minted, keeping the session (and its handle).
+
+        The broker checks the lease against the session named by the current handle, which it
+        peeks without rotating; a lease from another session is refused with `invalid_grant`.
+        """
+        with self._lock:
+            session = self._session
+            if session is None:
+                raise BrokerError(
+                    f"cannot revoke a Vault lease at {self.broker_url}: no refresh session",
+                    error="invalid_grant",
+                )
+            form = {
+                "token": lease_id,
+                "token_type_hint": VAULT_SECRET,
+                "refresh_token": session.handle,
+            }
+            self._post("/v1/revoke", form, grant=None, expect_body=False, what="lease revoke")
+
     def _exchange(self, grant: str, task: str | None, duration: int | None) -> Credential:
         try:
             subject = self._source.token()
@@ -283,10 +303,16 @@ class BrokerClient:
             ) from exc
 
     def _post(
-        self, path: str, form: dict[str, str], *, grant: str | None, expect_body: bool
+        self,
+        path: str,
+        form: dict[str, str],
+        *,
+        grant: str | None,
+        expect_body: bool,
+        what: str = "revoke",
     ) -> dict[str, Any]:
         url = self.broker_url + path
-        what = f"grant {grant!r}" if grant else "revoke"
+        what = f"grant {grant!r}" if grant else what
         started = self._monotonic()
         attempt = 0
         while True:

@@ -241,6 +241,14 @@ class _LazyBroker:
         if self._client is not None:
             self._client.revoke()
 
+    def revoke_lease(self, lease_id: str) -> None:
+        client = self._client
+        if client is None:
+            raise BrokerError(
+                "cannot revoke a Vault lease: this job has no broker session", error="invalid_grant"
+            )
+        client.revoke_lease(lease_id)
+
 
 def _default_factory() -> BrokerClient:
     return build_broker_client(ClientSettings.from_luigi_config(), environ=os.environ)
@@ -266,7 +274,7 @@ def ensure_agent(
             return _agent_client
         if endpoint is None:
             broker = _LazyBroker(factory or _default_factory)
-            _agent = CredentialAgent(broker.mint, clock=_utcnow)
+            _agent = CredentialAgent(broker.mint, clock=_utcnow, revoke_lease=broker.revoke_lease)
             endpoint = _agent.start()
             env.update(endpoint.env())
             log.info("luigi-creds agent listening on %s", endpoint.url)
@@ -341,7 +349,9 @@ class CredentialsMixin:
         self._check_grant(grant)
         state = _state(self.task_id)
         if state is not None and state.error is not None:
-            raise state.error
+            # The error was built in the START handler; raised here without that handler's
+            # frames, so the task's failure shows one short traceback ending in the reason.
+            raise state.error.with_traceback(None)
         if state is not None:
             cred = state.minted.get(grant)
             # Reused only outside its mandatory refresh window (refresh.Windows), else re-minted.
@@ -530,8 +540,12 @@ def _release(task: luigi.Task) -> None:
         if isinstance(cred, VaultToken | VaultSecret):
             try:
                 release(task.task_id, grant, cred, _vault_addr())
-            except Exception:
-                log.warning("luigi-creds: releasing %s for %s failed", grant, task.task_id)
+            except Exception as exc:
+                # Vault's error bodies are not ours to vet; our own messages are secret-free.
+                reason = exc if isinstance(exc, BrokerError) else type(exc).__name__
+                log.warning(
+                    "luigi-creds: releasing %s for %s failed: %s", grant, task.task_id, reason
+                )
 
 
 def _on_success(task: luigi.Task) -> None:

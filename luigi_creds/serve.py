@@ -11,10 +11,13 @@ and never see the handle. Nothing is written to disk.
 Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
 - `POST /v1/mint` JSON `{"grant", "task", "duration"?}`: mints through the job session; the body
   is the broker's 200 shape (`issued_token_type`, `credentials`, `request_id`, `expires_in`).
+- `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
+  broker's `/v1/revoke` with `token_type_hint` vault-secret and the current refresh handle), so a
+  task's dynamic secret ends with the task while the job's session lives on. 204 on success.
 - `GET /v1/aws?grant=G&task=T`: the AWS container-credentials protocol (`AccessKeyId`,
   `SecretAccessKey`, `Token`, `Expiration`), refreshed per (grant, task) with `refresh.Refresher`;
   point `AWS_CONTAINER_CREDENTIALS_FULL_URI` at it and any AWS SDK refreshes by itself.
-Talks to the broker only through the `mint` callable it is given.
+Talks to the broker only through the `mint` and `revoke_lease` callables it is given.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ AGENT_TOKEN_VARIABLE = "LUIGI_CREDS_AGENT_TOKEN"
 MAX_REQUEST_BYTES = 16 * 1024
 
 Mint = Callable[[str, str | None, int | None], Credential]
+RevokeLease = Callable[[str], None]
+# Vault lease ids are paths such as database/creds/warehouse/<id>; far below this.
+MAX_LEASE_ID = 1024
 
 
 def credential_to_wire(cred: Credential) -> dict[str, Any]:
@@ -128,8 +134,15 @@ def container_env(endpoint: AgentEndpoint, grant: str, task: str | None) -> dict
 class CredentialAgent:
     """The loopback server. `start()` returns its endpoint; `stop()` shuts it down."""
 
-    def __init__(self, mint: Mint, *, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        mint: Mint,
+        *,
+        clock: Callable[[], datetime],
+        revoke_lease: RevokeLease | None = None,
+    ) -> None:
         self._mint = mint
+        self._revoke_lease = revoke_lease
         self._clock = clock
         self._bearer = secrets.token_urlsafe(32)
         self._lock = threading.Lock()
@@ -165,6 +178,13 @@ class CredentialAgent:
 
     def mint(self, grant: str, task: str | None, duration: int | None) -> Credential:
         return self._mint(grant, task, duration)
+
+    def revoke_lease(self, lease_id: str) -> None:
+        if self._revoke_lease is None:
+            raise BrokerError(
+                "this credential agent cannot revoke Vault leases", error="unsupported_token_type"
+            )
+        self._revoke_lease(lease_id)
 
     def aws(self, grant: str, task: str | None) -> AwsCredentials:
         with self._lock:
@@ -229,12 +249,16 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             if not self._authorized():
                 return
-            if urlsplit(self.path).path != "/v1/mint":
+            path = urlsplit(self.path).path
+            if path not in ("/v1/mint", "/v1/revoke-lease"):
                 self._send(404, {"error": "not_found"})
                 return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_REQUEST_BYTES:
                 self._send(413, {"error": "invalid_request"})
+                return
+            if path == "/v1/revoke-lease":
+                self._revoke_lease(self.rfile.read(length))
                 return
             try:
                 request = json.loads(self.rfile.read(length) or b"{}")
@@ -254,6 +278,24 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 self._fail(exc)
                 return
             self._send(200, credential_to_wire(cred))
+
+        def _revoke_lease(self, raw: bytes) -> None:
+            try:
+                lease_id = json.loads(raw or b"{}")["lease_id"]
+                if not isinstance(lease_id, str) or not 0 < len(lease_id) <= MAX_LEASE_ID:
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                self._send(400, {"error": "invalid_request", "error_description": "bad body"})
+                return
+            try:
+                agent.revoke_lease(lease_id)
+            except Exception as exc:
+                self._fail(exc)
+                return
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
 
         def _authorized(self) -> bool:
             if agent.authorized(self.headers.get("Authorization")):
@@ -300,6 +342,35 @@ class AgentClient:
 
     def __repr__(self) -> str:
         return f"AgentClient({self.endpoint.url!r})"
+
+    def revoke_lease(self, lease_id: str) -> None:
+        """Ask the agent to revoke one Vault lease of the job's session (BrokerError if not)."""
+        try:
+            response = self._http.post(
+                f"{self.endpoint.url}/v1/revoke-lease",
+                json={"lease_id": lease_id},
+                headers={"Authorization": f"Bearer {self.endpoint.bearer}"},
+            )
+        except httpx.HTTPError as exc:
+            raise BrokerError(
+                f"the job's credential agent at {self.endpoint.url} is unreachable to revoke a "
+                f"Vault lease ({type(exc).__name__})",
+                error="unreachable",
+            ) from None
+        if response.status_code != 204:
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = {}
+            payload = payload if isinstance(payload, dict) else {}
+            description = payload.get("error_description")
+            raise BrokerError(
+                description
+                if isinstance(description, str)
+                else f"credential agent answered HTTP {response.status_code} to a lease revoke",
+                error=str(payload.get("error") or f"http_{response.status_code}"),
+                status=response.status_code,
+            )
 
     def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
         body: dict[str, Any] = {"grant": grant, "task": task}

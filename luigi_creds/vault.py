@@ -7,8 +7,9 @@ Vault (OpenBao) through hvac, and to the broker only through the `remint` callab
 
 Dynamic-secret leases (`vault_secret`) are renewed directly with Vault using the `renew_token`
 the broker sends with the secret (a token whose only power is `sys/leases/renew`), on the same
-timing. NOTE: that token cannot revoke the lease; the broker revokes a session's leases on
-`/v1/revoke`, and a per-task lease revocation needs a broker endpoint SPEC.md does not define yet.
+timing. That token cannot revoke the lease: at the task's end `release` asks the job's agent,
+which holds the refresh session, to have the broker revoke that one lease (`/v1/revoke` with
+`token_type_hint` vault-secret), so a task's database login ends with the task, not the job.
 """
 
 from __future__ import annotations
@@ -231,8 +232,22 @@ def _agent_mint(grant: str, task_id: str) -> Credential:
     return ensure_agent().mint(grant, task_id)
 
 
-def release(task_id: str, grant: str, cred: Any, addr: str | None) -> None:
-    """End a task's Vault credential: stop renewing and revoke the token (and its leases)."""
+def _agent_revoke_lease(lease_id: str) -> None:
+    from luigi_creds.luigi import ensure_agent
+
+    ensure_agent().revoke_lease(lease_id)
+
+
+def release(
+    task_id: str,
+    grant: str,
+    cred: Any,
+    addr: str | None,
+    *,
+    revoke_lease: Callable[[str], None] = _agent_revoke_lease,
+) -> None:
+    """End a task's Vault credential: stop renewing, then revoke the token (and its leases) or,
+    for a dynamic secret, have the broker revoke the lease through `revoke_lease`."""
     lease_keeper = LeaseKeeper.pop(task_id, grant)
     if lease_keeper is not None:
         lease_keeper.stop()
@@ -242,3 +257,5 @@ def release(task_id: str, grant: str, cred: Any, addr: str | None) -> None:
     if isinstance(cred, VaultToken) and addr:
         client = keeper.client if keeper is not None else hvac.Client(url=addr, token=cred.token)
         client.auth.token.revoke_self()
+    elif isinstance(cred, VaultSecret) and cred.lease_id:
+        revoke_lease(cred.lease_id)
