@@ -193,6 +193,23 @@ def test_every_toml_passes_the_policy_loader(path: Path) -> None:
     assert config.issuers and config.grants
 
 
+def test_check_config_cli_accepts_the_deployed_policies(tmp_path: Path) -> None:
+    """`luigi-creds-broker check-config`, the systemd unit's ExecStartPre, passes each policy."""
+    configmap = tmp_path / "configmap-broker.toml"
+    configmap.write_text(k8s_objects()["ConfigMap"]["data"]["broker.toml"], encoding="utf-8")
+    for path in (SYSTEMD / "broker.toml", configmap):
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{path}: ok")
+
+
 def test_loader_accepts_secret_file_paths_that_do_not_exist_here() -> None:
     """The production policy names credential files that exist only on the target host."""
     config = load_config(SYSTEMD / "broker.toml")
@@ -476,6 +493,11 @@ def test_containerfile_copies_only_what_the_package_needs() -> None:
     for source in sources:
         assert (REPO / source).exists(), source
     assert {"pyproject.toml", "broker", "luigi_creds"} <= {s.strip("./") for s in sources}
+    ignore = (DEPLOY / "container" / "Containerfile.dockerignore").read_text(encoding="utf-8")
+    rules = [line for line in ignore.splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*", "the build context is an allowlist"
+    for source in sources:
+        assert f"!{source.strip('./')}" in {r.rstrip("/") for r in rules}, source
 
 
 def healthcheck_argv() -> list[str]:
