@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         p.add_argument(
             "--key-file", type=Path, help="checkpoint key (PEM; private or public) to verify with"
         )
-        p.set_defaults(audit_run=run)
+        # `func` is what broker/__main__.py's main() dispatches on.
+        p.set_defaults(func=run)
 
     verify = commands.add_parser("verify", help="check hash chain, Merkle roots and checkpoints")
     common(verify)
