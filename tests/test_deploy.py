@@ -239,6 +239,16 @@ def test_deployed_policies_serve_tls_and_read_secrets_from_absolute_paths() -> N
         assert config.broker.audit_key_file and config.broker.audit_salt_file
         assert config.vault is not None and config.vault.auth == "approle"
         assert config.vault.url.startswith("https://")
+        files = [
+            config.broker.tls_cert_file,
+            config.broker.tls_key_file,
+            config.broker.audit_key_file,
+            config.broker.audit_salt_file,
+            config.vault.role_id_file,
+            config.vault.secret_id_file,
+            config.vault.ca_cert,
+        ]
+        assert all(f is not None and f.is_absolute() for f in files)
 
 
 # ---------------------------------------------------------------------------------------------
