@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     from broker.audit import cli as audit_cli
 
     audit_cli.register(sub)
+    from broker.dev import cli as dev_cli
+
+    dev_cli.register(sub)
     return parser
 
 
