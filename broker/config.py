@@ -379,6 +379,11 @@ def _looks_like_credential(value: str) -> str | None:
         return "a Vault token"
     if _PEM.search(value):
         return "a PEM key or certificate"
+    if value.startswith(("https://", "http://")):
+        # A URL's host and path are identifiers (an EKS issuer ends in a 32-hex-digit cluster
+        # id); only its userinfo and query can carry a secret.
+        parts = urlsplit(value)
+        value = f"{parts.username or ''}:{parts.password or ''}?{parts.query}"
     for run in _B64ISH.findall(value):
         # Measured with secrets.token_urlsafe: 32 random base64 chars average 4.56 bits/char
         # (rare draws fall to ~4.0); paths and names sit lower ("database/creds/warehouse-writer"

@@ -224,6 +224,15 @@ def test_credential_shaped_values_are_refused(value: str, kind: str) -> None:
     assert has(found, "grant[g].description", f"value looks like {kind}")
 
 
+def test_url_paths_are_identifiers_but_url_passwords_are_secrets() -> None:
+    """An EKS-style issuer URL ending in a hex cluster id loads; a password in a URL does not."""
+    eks = "https://oidc.eks.eu-west-1.amazonaws.com/id/9F3E1C0B7A2D4E6F8A1B3C5D7E9F0A2B"
+    assert not problems(grant('project_id = "1"', extra=f'description = "{eks}"'))
+    leaked = f"https://user:{secrets.token_urlsafe(32)}@example.com/"
+    found = problems(grant('project_id = "1"', extra=f'description = "{leaked}"'))
+    assert has(found, "grant[g].description", "value looks like a high-entropy secret")
+
+
 def test_audit_store_password_is_refused() -> None:
     """A password inside the audit store URL is an inline secret."""
     found = problems(
