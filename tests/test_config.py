@@ -227,7 +227,10 @@ def test_credential_shaped_values_are_refused(value: str, kind: str) -> None:
 def test_url_paths_are_identifiers_but_url_passwords_are_secrets() -> None:
     """An EKS-style issuer URL ending in a hex cluster id loads; a password in a URL does not."""
     eks = "https://oidc.eks.eu-west-1.amazonaws.com/id/9F3E1C0B7A2D4E6F8A1B3C5D7E9F0A2B"
-    assert not problems(grant('project_id = "1"', extra=f'description = "{eks}"'))
+    config = parse_config(
+        ISSUERS + VAULT + grant('project_id = "1"', extra=f'description = "{eks}"')
+    )
+    assert config.grants[0].description == eks
     leaked = f"https://user:{secrets.token_urlsafe(32)}@example.com/"
     found = problems(grant('project_id = "1"', extra=f'description = "{leaked}"'))
     assert has(found, "grant[g].description", "value looks like a high-entropy secret")
