@@ -44,7 +44,11 @@ class SessionEnder:
         in the store, so no new credential can come from it whatever happens here.
         """
         try:
-            refs = self._sessions.credentials(session.id, now=self._clock())
+            # Every credential ever recorded, not only those unexpired by the expiry recorded at
+            # mint: a client renews its Vault token or lease directly at Vault, so that expiry
+            # says nothing about what is still alive. Vault does; GrantMinter.revoke counts a
+            # credential that is already gone as revoked.
+            refs = self._sessions.credentials(session.id)
         except StateUnavailable:
             log.error("cannot list a revoked session's credentials", extra={"session": session.id})
             refs = []

@@ -180,6 +180,8 @@ class GrantMinter:
                 # holder token with whatever else it holds.
                 vault.revoke_lease(lease_id)
                 vault.revoke_accessor(holder)
-        except UpstreamError:
-            return False
+        except UpstreamError as exc:
+            # Vault answers 400 to revoking an accessor that no longer exists (the token expired
+            # or was revoked before): it is gone, which is what revoking wanted.
+            return exc.reason == "upstream_rejected"
         return True
