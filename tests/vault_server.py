@@ -131,8 +131,13 @@ def setup_broker(
     login_ttl: str = "60s",
     login_max_ttl: str = "1h",
     pg_url: str | None = None,
+    db_username_template: str | None = None,
 ) -> BrokerVault:
-    """Configure AppRole, policies, token roles and KV secrets; optionally the database engine."""
+    """Configure AppRole, policies, token roles and KV secrets; optionally the database engine.
+
+    `db_username_template` (Vault template syntax) names the PostgreSQL roles leases create, so
+    a test can tell its own roles from those of tests sharing the cluster.
+    """
     root = bao.root()
     root.sys.enable_auth_method("approle")
     root.sys.create_or_update_policy(BROKER_POLICY, BROKER_POLICY_HCL)
@@ -153,7 +158,7 @@ def setup_broker(
     root.secrets.kv.v2.create_or_update_secret("etl/db", secret={"password": "etl-kv-value"})
     root.secrets.kv.v2.create_or_update_secret("other/db", secret={"password": "not-yours"})
     if pg_url is not None:
-        enable_database(bao, pg_url)
+        enable_database(bao, pg_url, username_template=db_username_template)
     files_dir.mkdir(parents=True, exist_ok=True)
     role_id_file = files_dir / "role_id"
     secret_id_file = files_dir / "secret_id"
@@ -167,7 +172,7 @@ def setup_broker(
     return BrokerVault(upstream, role_id_file, secret_id_file)
 
 
-def enable_database(bao: OpenBao, pg_url: str) -> None:
+def enable_database(bao: OpenBao, pg_url: str, *, username_template: str | None = None) -> None:
     """Point the database secrets engine at PostgreSQL with a role that creates LOGIN roles."""
     parts = urlsplit(pg_url)
     host = parts.hostname or "127.0.0.1"
@@ -175,6 +180,7 @@ def enable_database(bao: OpenBao, pg_url: str) -> None:
     database = parts.path.lstrip("/") or "postgres"
     root = bao.root()
     root.sys.enable_secrets_engine("database", path="database")
+    extra = {"username_template": username_template} if username_template else {}
     root.write(
         "database/config/pg",
         plugin_name="postgresql-database-plugin",
@@ -187,6 +193,7 @@ def enable_database(bao: OpenBao, pg_url: str) -> None:
         password=parts.password or "unused-with-trust-auth",
         allowed_roles=DB_ROLE,
         verify_connection=True,
+        **extra,
     )
     root.write(
         f"database/roles/{DB_ROLE}",
