@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -329,12 +329,13 @@ class _Handler(BaseHTTPRequestHandler):
     # delayed ACK (~40 ms on Linux) on every keep-alive request after the first.
     disable_nagle_algorithm = True
     state: ClassVar[IssuerState]
+    log_stream: ClassVar[TextIO | None] = None
 
     def log_message(self, format: str, *args: Any) -> None:
-        # One line per request on stderr; request bodies (which may carry claims) never appear.
-        sys.stderr.write(
-            f"dev-issuer: {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n"
-        )
+        # One line per request on stderr (or the server's log stream); request bodies (which may
+        # carry claims) never appear.
+        stream = self.log_stream or sys.stderr
+        stream.write(f"dev-issuer: {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
         self.send_response(status)
@@ -446,9 +447,12 @@ class IssuerServer:
         issuer_url: str | None = None,
         state_dir: Path | None = None,
         algorithms: Sequence[str] = ("RS256", "ES256"),
+        log_stream: TextIO | None = None,
     ) -> None:
         class Handler(_Handler):
             pass
+
+        Handler.log_stream = log_stream
 
         self.httpd = ThreadingHTTPServer((_loopback_host(host), port), Handler)
         self.httpd.daemon_threads = True

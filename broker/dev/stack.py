@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from broker.dev.claims import BITBUCKET_REPOSITORY_UUID, GITHUB_REPOSITORY, GITLAB_PROJECT_ID
 from broker.dev.issuer import IssuerServer, write_private_json
@@ -308,6 +308,7 @@ class DevStack:
         self.moto: ManagedProcess | None = None
         self.broker: ManagedProcess | None = None
         self.state: DevState | None = None
+        self._issuer_log: TextIO | None = None
 
     def __enter__(self) -> DevState:
         try:
@@ -345,7 +346,10 @@ class DevStack:
         _private_dir(logs)
 
         self.say("starting the local OIDC issuer (fresh RS256 and ES256 keys)")
-        self.issuer = IssuerServer(state_dir=state_dir / "issuer").start()
+        self._issuer_log = (logs / "issuer.log").open("a", encoding="utf-8", buffering=1)
+        self.issuer = IssuerServer(
+            state_dir=state_dir / "issuer", log_stream=self._issuer_log
+        ).start()
 
         self.say("starting OpenBao (dev server, random root token)")
         self.bao = OpenBao(
@@ -459,16 +463,21 @@ class DevStack:
         return [name for name, p in parts.items() if p is not None and not p.running()]
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
+        """The end of a child's log ("broker", "moto" or "openbao")."""
         process = {"broker": self.broker, "moto": self.moto}.get(name)
         if name == "openbao" and self.bao is not None:
             process = self.bao.process
         return process.log_text()[-chars:] if process is not None else ""
 
-    def stop(self) -> None:
-        """Stop the broker first (it checkpoints its audit), then the rest; delete the state dir."""
+    def stop_broker(self) -> None:
+        """Stop only the broker (SIGTERM: it signs a last audit checkpoint and exits)."""
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+
+    def stop(self) -> None:
+        """Stop the broker first (it checkpoints its audit), then the rest; delete the state dir."""
+        self.stop_broker()
         if self.moto is not None:
             self.moto.stop()
             self.moto = None
@@ -478,6 +487,9 @@ class DevStack:
         if self.issuer is not None:
             self.issuer.stop()
             self.issuer = None
+        if self._issuer_log is not None:
+            self._issuer_log.close()
+            self._issuer_log = None
         if self.state_file is not None and self.state is not None:
             with contextlib.suppress(DevStackError, FileNotFoundError):
                 # Only our own state file: a second `dev` that failed to start leaves the
