@@ -111,6 +111,9 @@ def main() -> int:
     stack = DevStack(say=lambda line: print(f"  {line}", flush=True))
     with stack as state:
         print(f"  broker {state.broker_url}; grants: {', '.join(state.grants)}")
+        print(
+            f"  state dir {state.state_dir} (0700: AppRole files, audit, outputs; deleted at end)"
+        )
         banner("a GitLab CI job's ID token (audience luigi-creds), exchanged once")
         # The token goes into this process's environment only (token_source = env:...).
         os.environ[TOKEN_VARIABLE] = mint_token(state.issuer_url, "gitlab", {})
