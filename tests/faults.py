@@ -1,0 +1,180 @@
+"""Fault injectors for crash and outage tests: a delaying HTTP reverse proxy and an SQLite lock.
+
+`start_delaying_proxy` puts a slow hop between the broker and an upstream (moto's STS) so that
+requests sit between the broker's `intent` record and its `issued` record long enough to be cut
+by a SIGKILL; it also counts what reached the upstream, the ground truth for HOSTILE.md I3.
+`hold_sqlite_write_lock` takes an SQLite database's write lock from the test process, so every
+writer in the broker waits on its busy timeout (HOSTILE.md F2, "the audit sink hangs").
+Talks to the upstream over loopback HTTP and to SQLite files through the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+# Headers that belong to one hop (RFC 9110 §7.6.1) and are not forwarded either way.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Seconds the proxy waits on the upstream; moto answers in milliseconds.
+_UPSTREAM_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    """One request that reached the upstream through the proxy (form fields of a POST)."""
+
+    method: str
+    path: str
+    form: dict[str, list[str]]
+
+    @property
+    def action(self) -> str:
+        return self.form.get("Action", [""])[0]
+
+
+class DelayingProxy:
+    """A reverse proxy in front of `upstream` that sleeps before forwarding and before answering.
+
+    `delay_before` models a slow network to STS (the call has not happened yet); `delay_after`
+    a slow answer (the call happened, the broker has not heard). Both are changeable while it runs.
+    """
+
+    def __init__(self, upstream: str, *, delay_before: float, delay_after: float) -> None:
+        parts = urllib.parse.urlsplit(upstream)
+        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+            raise ValueError("the proxy forwards to http://host:port only")
+        self._upstream = (parts.hostname, parts.port)
+        self.delay_before = delay_before
+        self.delay_after = delay_after
+        self._lock = threading.Lock()
+        self._requests: list[ProxiedRequest] = []
+        self._in_flight = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not yet answered (or abandoned by a dead client)."""
+        with self._lock:
+            return self._in_flight
+
+    def requests(self, action: str | None = None) -> list[ProxiedRequest]:
+        """What reached the upstream so far, oldest first; only `action` (AssumeRole) if given."""
+        with self._lock:
+            seen = list(self._requests)
+        return [r for r in seen if action is None or r.action == action]
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until nothing is in flight, or raise TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.in_flight} proxied requests still in flight")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            time.sleep(self.delay_before)
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+            with self._lock:
+                self._requests.append(ProxiedRequest(handler.command, handler.path, form))
+            status, reason, headers, payload = self._ask_upstream(handler, body)
+            time.sleep(self.delay_after)
+            # NOTE: a broker killed meanwhile has closed its socket; the answer goes nowhere.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                handler.send_response(status, reason)
+                for name, value in headers:
+                    if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                        handler.send_header(name, value)
+                handler.send_header("Content-Length", str(len(payload)))
+                handler.send_header("Connection", "close")
+                handler.end_headers()
+                handler.wfile.write(payload)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _ask_upstream(
+        self, handler: BaseHTTPRequestHandler, body: bytes
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection(*self._upstream, timeout=_UPSTREAM_TIMEOUT)
+        try:
+            # Host and the SigV4 headers pass unchanged: the signature covers them.
+            headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+            conn.request(handler.command, handler.path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.reason, response.getheaders(), response.read()
+        finally:
+            conn.close()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.0 default: one request per connection, so a closed socket ends one request.
+            def do_GET(self) -> None:
+                proxy._forward(self)
+
+            def do_POST(self) -> None:
+                proxy._forward(self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Silent: the test asserts on requests(), not on a log."""
+
+        return Handler
+
+
+def start_delaying_proxy(
+    upstream: str, *, delay_before: float = 0.2, delay_after: float = 0.2
+) -> DelayingProxy:
+    """A DelayingProxy on a free loopback port, already serving."""
+    return DelayingProxy(upstream, delay_before=delay_before, delay_after=delay_after)
+
+
+@contextlib.contextmanager
+def hold_sqlite_write_lock(path: Path) -> Iterator[sqlite3.Connection]:
+    """Hold `BEGIN EXCLUSIVE` on the SQLite file at `path` until the block ends.
+
+    In WAL mode this blocks every other writer (they wait on their busy timeout, then fail) while
+    readers go on; the block's own connection may still read.
+    """
+    # timeout=10: the lock is taken while the broker is idle; waiting is only for a stray writer.
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()

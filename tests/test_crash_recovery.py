@@ -1,0 +1,463 @@
+"""Crash and fault tests for the audit ledger through the real broker (issue 6, HOSTILE F2/F5/F17).
+
+A broker under load from several client threads, with STS slowed by a delaying reverse proxy in
+front of moto, is killed with SIGKILL while requests sit between their `intent` and `issued`
+records, then restarted on the same audit store (SQLite file, then PostgreSQL). The tests check
+the invariants of HOSTILE.md (b): no credential left without an `issued` record (I1), every
+dangling intent reconciled by request id (I2), every STS call preceded by an intent (I3), the
+chain verifies (I4) and no secret reaches a log or the store (I5). A clean SIGTERM stop signs a
+checkpoint over the whole ledger; an edited record fails `audit verify`; a held SQLite write
+lock makes the exchange fail closed with 503 in bounded time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faults import DelayingProxy, hold_sqlite_write_lock, start_delaying_proxy
+from servers import DevIssuer, free_port, start_dev_issuer
+from stack import Broker, Moto, fresh_pg_database, policy_toml, start_broker, start_moto
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+from broker.audit.ledger import StoredCheckpoint
+from broker.audit.sqlite import BUSY_TIMEOUT as AUDIT_BUSY_SECONDS
+from broker.sessions import _SQLITE_BUSY_SECONDS as STATE_BUSY_SECONDS
+
+pytestmark = pytest.mark.integration
+
+CLIENT_THREADS = 4
+REFRESHES_PER_SESSION = 2
+# Kill once this many credentials were delivered and this many STS calls are held by the proxy:
+# both kinds of request (answered and cut) are then certain to be in the ledger.
+DELIVERED_BEFORE_KILL = 8
+IN_FLIGHT_AT_KILL = 2
+# Seconds each STS call spends in the proxy before and after moto answers.
+STS_DELAY = 0.25
+# The client threads and identities share one grant; the default per-identity limit (10/s)
+# would answer 429 to a load test that is about crashes, not rate limits.
+BROKER_EXTRA = "rate_limit_identity = { per_second = 1000.0, burst = 1000 }"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one client call saw: an HTTP status (None if the connection broke) and the body."""
+
+    kind: str  # exchange | refresh
+    status: int | None
+    request_id: str = ""
+    access_key_id: str = ""
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # SecretAccessKey, SessionToken
+
+
+@dataclass
+class Upstreams:
+    issuer: DevIssuer
+    moto: Moto
+    proxy: DelayingProxy
+    role_arn: str
+
+
+@dataclass
+class CrashRun:
+    """Everything one kill-restart-stop cycle observed, for the tests to assert on."""
+
+    store_url: str
+    key_file: Path
+    broker: Broker  # the restarted broker, stopped; its `cli` still runs admin commands
+    logs: str  # both brokers' logs
+    answers: list[Answer]  # from the clients of the killed broker
+    answers_after_restart: list[Answer]
+    before_restart: list[AuditEvent]
+    dangling_before_restart: list[str]
+    verify_before_restart: dict[str, Any]
+    verify_after_restart: subprocess.CompletedProcess[str]
+    verify_after_stop: subprocess.CompletedProcess[str]
+    stop_status: int
+    after_stop: list[AuditEvent]
+    head_size: int
+    checkpoints: list[StoredCheckpoint]
+    sts_session_names: list[str]
+
+    def delivered(self) -> list[Answer]:
+        return [a for a in self.answers if a.status == 200]
+
+
+def _read_ledger(url: str) -> tuple[list[AuditEvent], int, list[StoredCheckpoint], list[str]]:
+    """Events, head size, checkpoints and dangling intents' request ids, read as an auditor."""
+    store = open_store(url, migrate=False)
+    try:
+        events = list(store.events())
+        dangling = [e.request_id for e in store.dangling_intents()]
+        return events, store.head().size, store.checkpoints(), dangling
+    finally:
+        store.close()
+
+
+def _call(kind: str, send: Any) -> tuple[Answer, str]:
+    """Send one request; return what the client saw and the refresh handle it was given."""
+    try:
+        status, body, _ = send()
+    except (OSError, http.client.HTTPException, ValueError):
+        return Answer(kind, None), ""
+    creds = body.get("credentials") or {}
+    answer = Answer(
+        kind,
+        status,
+        request_id=str(body.get("request_id", "")),
+        access_key_id=str(creds.get("AccessKeyId", "")),
+        secrets=tuple(str(creds[k]) for k in ("SecretAccessKey", "SessionToken") if k in creds),
+    )
+    return answer, str(body.get("refresh_token", "")) if status == 200 else ""
+
+
+def _client(
+    broker: Broker, issuer: DevIssuer, stop: threading.Event, answers: list[Answer]
+) -> None:
+    """One CI job after another: exchange a fresh token, then refresh the session a few times."""
+    while not stop.is_set():
+        token = issuer.mint("gitlab")
+        answer, handle = _call("exchange", partial(broker.exchange, token))
+        answers.append(answer)
+        for _ in range(REFRESHES_PER_SESSION):
+            if stop.is_set() or not handle:
+                break
+            answer, handle = _call("refresh", partial(broker.refresh, handle))
+            answers.append(answer)
+
+
+def _broker_config(up: Upstreams, store_url: str, key_file: Path) -> str:
+    return policy_toml(
+        issuer_url=up.issuer.url,
+        audit_db=store_url,
+        listen=f"127.0.0.1:{free_port()}",
+        # [upstream.aws] endpoint_url: STS through the slow proxy, so kills land mid-mint.
+        moto_url=up.proxy.url,
+        role_arn=up.role_arn,
+        broker_extra=f'{BROKER_EXTRA}\naudit_key_file = "{key_file}"',
+    )
+
+
+def _verify(broker: Broker, *extra: str) -> subprocess.CompletedProcess[str]:
+    return broker.cli("audit", "verify", "--format", "json", *extra)
+
+
+def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
+    """Load, SIGKILL mid-mint, snapshot the ledger, restart, a little more load, SIGTERM."""
+    key_file = workdir / "audit-key.pem"
+    sts_seen = len(up.proxy.requests("AssumeRole"))
+    first = start_broker(workdir / "killed", _broker_config(up, store_url, key_file))
+    answers: list[Answer] = []  # list.append is atomic under the GIL
+    stop = threading.Event()
+    clients = [
+        threading.Thread(target=_client, args=(first, up.issuer, stop, answers), daemon=True)
+        for _ in range(CLIENT_THREADS)
+    ]
+    for thread in clients:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (
+            sum(a.status == 200 for a in answers) >= DELIVERED_BEFORE_KILL
+            and up.proxy.in_flight >= IN_FLIGHT_AT_KILL
+        ):
+            assert time.monotonic() < deadline, f"no load built up: {answers[-5:]}"
+            time.sleep(0.005)
+        first.process.kill()
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+        first.process.kill()
+    up.proxy.wait_idle()
+
+    before, _, _, dangling = _read_ledger(store_url)
+    # The killed broker's ledger as an auditor finds it: young intents are reported, not failed.
+    pre = _verify(first)
+    assert pre.returncode == 0, pre.stdout + pre.stderr
+    verify_before = json.loads(pre.stdout)
+
+    second = start_broker(workdir / "restarted", _broker_config(up, store_url, key_file))
+    try:
+        verify_after_restart = _verify(second)
+        token = up.issuer.mint("gitlab")
+        answer, handle = _call("exchange", partial(second.exchange, token))
+        later = [answer, _call("refresh", partial(second.refresh, handle))[0]]
+    finally:
+        stop_status = second.process.stop()
+    verify_after_stop = _verify(second)
+    after, head_size, checkpoints, _ = _read_ledger(store_url)
+    return CrashRun(
+        store_url=store_url,
+        key_file=key_file,
+        broker=second,
+        logs=first.process.log_text() + second.process.log_text(),
+        answers=answers,
+        answers_after_restart=later,
+        before_restart=before,
+        dangling_before_restart=dangling,
+        verify_before_restart=verify_before,
+        verify_after_restart=verify_after_restart,
+        verify_after_stop=verify_after_stop,
+        stop_status=stop_status,
+        after_stop=after,
+        head_size=head_size,
+        checkpoints=checkpoints,
+        sts_session_names=[
+            r.form["RoleSessionName"][0] for r in up.proxy.requests("AssumeRole")[sts_seen:]
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+    """Dev issuer, moto, and the delaying proxy in front of moto, shared by the module."""
+    workdir = tmp_path_factory.mktemp("upstreams")
+    issuer = start_dev_issuer(workdir)
+    moto = start_moto(workdir)
+    proxy = start_delaying_proxy(moto.url, delay_before=STS_DELAY, delay_after=STS_DELAY)
+    try:
+        yield Upstreams(issuer, moto, proxy, moto.create_role("etl-writer"))
+    finally:
+        proxy.stop()
+        moto.stop()
+        issuer.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def crash(
+    request: pytest.FixtureRequest,
+    upstreams: Upstreams,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[CrashRun]:
+    """One kill-restart-stop cycle per audit store kind."""
+    workdir = tmp_path_factory.mktemp(f"crash-{request.param}")
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{workdir / 'audit.db'}"
+        else:
+            url = stack.enter_context(fresh_pg_database("crash"))
+        yield _crash_run(upstreams, workdir, url)
+
+
+# -- SIGKILL under load, restart (HOSTILE F5) ---------------------------------------------------
+
+
+def test_audit_verify_passes_after_sigkill_and_restart(crash: CrashRun) -> None:
+    """After a SIGKILL under load and a restart on the same store, `audit verify` exits 0."""
+    assert crash.verify_after_restart.returncode == 0, crash.verify_after_restart.stdout
+    report = json.loads(crash.verify_after_restart.stdout)
+    assert report["ok"] and report["first_bad_seq"] is None
+    assert report["in_flight"] == []
+
+
+def test_every_delivered_credential_has_its_issued_record_from_before_the_crash(
+    crash: CrashRun,
+) -> None:
+    """Every AccessKeyId a client got in a 200 was already in its request's `issued` record."""
+    issued = {
+        e.request_id: e.credential_ref for e in crash.before_restart if e.outcome == Outcome.ISSUED
+    }
+    delivered = crash.delivered()
+    assert len(delivered) >= DELIVERED_BEFORE_KILL
+    assert {a.kind for a in delivered} == {"exchange", "refresh"}
+    for answer in delivered:
+        assert answer.access_key_id.startswith("ASIA")
+        assert issued.get(answer.request_id) == answer.access_key_id, answer
+    # The restarted broker goes on serving, on the same rules.
+    issued_later = {
+        e.request_id: e.credential_ref for e in crash.after_stop if e.outcome == Outcome.ISSUED
+    }
+    assert [a.status for a in crash.answers_after_restart] == [200, 200]
+    for answer in crash.answers_after_restart:
+        assert issued_later[answer.request_id] == answer.access_key_id
+
+
+def test_requests_cut_by_the_kill_got_no_credential(crash: CrashRun) -> None:
+    """The clients whose requests the kill cut saw a broken connection, never a partial answer."""
+    cut = [a for a in crash.answers if a.status is None]
+    assert len(cut) >= IN_FLIGHT_AT_KILL
+    assert all(not a.access_key_id and not a.secrets for a in cut)
+    assert {a.status for a in crash.answers} <= {200, None}
+
+
+def test_dangling_intents_are_reconciled_by_request_id_at_restart(crash: CrashRun) -> None:
+    """Each intent the kill left without a terminal record gets a `reconciled` record at restart."""
+    dangling = crash.dangling_before_restart
+    assert len(dangling) >= IN_FLIGHT_AT_KILL
+    assert sorted(crash.verify_before_restart["in_flight"]) == sorted(dangling)
+    assert not any(e.outcome == Outcome.RECONCILED for e in crash.before_restart)
+    reconciled = [e for e in crash.after_stop if e.outcome == Outcome.RECONCILED]
+    assert sorted(e.request_id for e in reconciled) == sorted(dangling)
+    intents = {e.request_id: e for e in crash.before_restart if e.outcome == Outcome.INTENT}
+    for record in reconciled:
+        assert record.reason == "issued_unknown_delivery"
+        # The reconciled record repeats what the intent knew: who asked, for what, which attempt.
+        intent = intents[record.request_id]
+        assert (record.session_id, record.subject, record.grant, record.target, record.attempt) == (
+            intent.session_id,
+            intent.subject,
+            intent.grant,
+            intent.target,
+            intent.attempt,
+        )
+    # Reconciliation happens once: nothing dangles after the restart.
+    terminal = {Outcome.ISSUED, Outcome.DENIED, Outcome.ERROR, Outcome.RECONCILED}
+    closed = {e.request_id for e in crash.after_stop if e.outcome in terminal}
+    assert {e.request_id for e in crash.after_stop if e.outcome == Outcome.INTENT} <= closed
+
+
+def test_every_sts_call_was_preceded_by_an_intent(crash: CrashRun) -> None:
+    """Each AssumeRole that reached STS names (in RoleSessionName) a request with an intent (I3)."""
+    intents: dict[str, int] = {}
+    for event in crash.after_stop:
+        if event.outcome == Outcome.INTENT:
+            intents[event.request_id] = intents.get(event.request_id, 0) + 1
+    calls: dict[str, int] = {}
+    for name in crash.sts_session_names:
+        request_id = next((r for r in intents if name.endswith("-" + r)), None)
+        assert request_id is not None, f"STS call {name} has no intent"
+        calls[request_id] = calls.get(request_id, 0) + 1
+    assert len(calls) >= DELIVERED_BEFORE_KILL
+    for request_id, count in calls.items():
+        assert count <= intents[request_id]
+    # An intent without an STS call is one the kill cut before the call left the broker.
+    uncalled = {r for r, n in intents.items() if calls.get(r, 0) < n}
+    assert uncalled <= set(crash.dangling_before_restart)
+
+
+def test_no_secret_reaches_the_logs_or_the_ledger(crash: CrashRun) -> None:
+    """No SecretAccessKey or SessionToken a client received appears in a broker log or a record."""
+    records = "\n".join(repr(e) for e in crash.after_stop) + crash.verify_after_stop.stdout
+    secrets = [s for a in crash.answers + crash.answers_after_restart for s in a.secrets]
+    assert secrets
+    for secret in secrets:
+        assert secret not in crash.logs
+        assert secret not in records
+
+
+# -- clean stop (checkpoint) --------------------------------------------------------------------
+
+
+def test_clean_sigterm_signs_a_checkpoint_over_the_whole_ledger(crash: CrashRun) -> None:
+    """A SIGTERM stop runs the shutdown hook and leaves a signed checkpoint at the ledger's head."""
+    # uvicorn re-raises the signal after its graceful shutdown, so the status is -SIGTERM (which
+    # systemd counts as a clean exit); what matters is that shutdown ran to the end.
+    assert crash.stop_status in (0, -signal.SIGTERM), crash.logs[-2000:]
+    assert "Application shutdown complete" in crash.logs  # only the restarted broker stops
+    assert crash.checkpoints, "no checkpoint at all"
+    last = crash.checkpoints[-1]
+    assert last.size == crash.head_size == len(crash.after_stop)
+    assert crash.verify_after_stop.returncode == 0, crash.verify_after_stop.stdout
+    report = json.loads(crash.verify_after_stop.stdout)
+    assert report["ok"] and report["unsigned_tail"] == 0
+    assert report["checkpoints_verified"] == len(crash.checkpoints)
+    assert not [f for f in report["findings"] if f["kind"] in ("unsigned", "bad_signature")]
+
+
+# -- tampering after the run (HOSTILE F17) ------------------------------------------------------
+
+
+def test_edited_record_fails_verify_naming_its_seq(crash: CrashRun, tmp_path: Path) -> None:
+    """Editing one `issued` record's AccessKeyId makes `audit verify` exit 1 naming that seq."""
+    victim = next(a.access_key_id for a in crash.delivered())
+    forged = "ASIA" + "F" * (len(victim) - 4)
+    sql_find = "SELECT seq, record FROM audit_log WHERE outcome = 'issued' AND record LIKE ?"
+    sql_edit = "UPDATE audit_log SET record = ? WHERE seq = ?"
+    if crash.store_url.startswith("sqlite:"):
+        # Edit a copy of the file; the module's other tests keep reading the original.
+        copy = tmp_path / "tampered.db"
+        original = crash.store_url.removeprefix("sqlite:///")
+        with (
+            contextlib.closing(sqlite3.connect(original)) as src,
+            contextlib.closing(sqlite3.connect(copy)) as dst,
+        ):
+            src.backup(dst)
+            seq, record = dst.execute(sql_find, (f"%{victim}%",)).fetchone()
+            dst.execute(sql_edit, (record.replace(victim, forged), seq))
+            dst.commit()
+        result = _verify(crash.broker, "--store", f"sqlite:///{copy}")
+    else:
+        import psycopg
+
+        with psycopg.connect(crash.store_url, autocommit=True) as conn:
+            row = conn.execute(sql_find.replace("?", "%s"), (f"%{victim}%",)).fetchone()
+            assert row is not None
+            seq, record = row
+            conn.execute(sql_edit.replace("?", "%s"), (record.replace(victim, forged), seq))
+            try:
+                result = _verify(crash.broker)
+            finally:
+                conn.execute(sql_edit.replace("?", "%s"), (record, seq))
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["first_bad_seq"] == seq
+    assert any(f["seq"] == seq and f["fatal"] for f in report["findings"])
+    text = _verify(crash.broker).stdout
+    assert json.loads(text)["ok"], "the original ledger must be untouched"
+
+
+# -- the audit store hangs (HOSTILE F2) ---------------------------------------------------------
+
+# One exchange meets the held lock twice: the replay ledger's write (sessions.py, same SQLite
+# file) waits out its busy timeout and fails, then the `error` record waits out the audit store's.
+HANG_BOUND = STATE_BUSY_SECONDS + AUDIT_BUSY_SECONDS + 3.0  # 3 s: process and CPU slack
+
+
+def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """A held SQLite write lock makes the exchange answer 503 in bounded time; release heals it."""
+    db = tmp_path / "audit.db"
+    broker = start_broker(
+        tmp_path / "broker", _broker_config(upstreams, f"sqlite:///{db}", tmp_path / "key.pem")
+    )
+    try:
+        status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
+        assert status == 200, body
+        sts_before = len(upstreams.proxy.requests("AssumeRole"))
+        with hold_sqlite_write_lock(db):
+            result: dict[str, Any] = {}
+
+            def exchange() -> None:
+                started = time.monotonic()
+                result["answer"] = broker.exchange(upstreams.issuer.mint("gitlab"))
+                result["elapsed"] = time.monotonic() - started
+
+            worker = threading.Thread(target=exchange, daemon=True)
+            worker.start()
+            # The event loop is not blocked: liveness answers at once while the request waits.
+            time.sleep(0.5)
+            started = time.monotonic()
+            health, _ = broker.get("/healthz")
+            assert health == 200 and time.monotonic() - started < 1.0
+            worker.join(timeout=HANG_BOUND + 5)
+            assert not worker.is_alive(), "the exchange hung past the bound"
+            status, body, headers = result["answer"]
+            # Answered while the lock is still held: the broker gave up, it did not wait it out.
+            assert status == 503, body
+            assert body["error"] == "temporarily_unavailable"
+            assert headers["Retry-After"]
+            assert result["elapsed"] < HANG_BOUND, result["elapsed"]
+            assert len(upstreams.proxy.requests("AssumeRole")) == sts_before
+            assert "credentials" not in body
+        status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
+        assert status == 200, body
+    finally:
+        broker.stop()
+    events, _, _, _ = _read_ledger(f"sqlite:///{db}")
+    issued = [e for e in events if e.outcome == Outcome.ISSUED]
+    assert len(issued) == 2 and body["request_id"] == issued[-1].request_id
