@@ -1,0 +1,228 @@
+"""`make demo` and `luigi-creds-broker dev`, run for real: OpenBao, moto, the broker, Luigi.
+
+The demo runs from a fresh `git clone` of this repository through the Makefile's own `demo`
+target, reusing this venv (its install step is marked as done, and a dry run proves make will not
+reinstall into it). The `dev` command runs as a child process, is driven through its state file
+and `dev token`, and is stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import REPO_ROOT, http_ok, start_process
+
+from broker.config import parse_config
+from broker.dev.cli import parse_claims
+from broker.dev.stack import grant_names, policy_text
+
+VENV = Path(sys.executable).parent.parent
+STAMP = VENV / ".installed"
+KV_VALUE = "etl-kv-value"  # the dev stack's secret/etl/db password (broker.dev.vault)
+
+
+def _clone(tmp_path: Path) -> Path:
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "--quiet", "--no-hardlinks", str(REPO_ROOT), str(clone)],
+        check=True,
+        timeout=60,
+    )
+    return clone
+
+
+def _make_demo(clone: Path, tmp_path: Path, *, dry_run: bool) -> subprocess.CompletedProcess[str]:
+    argv = ["make", "-C", str(clone), "-o", str(STAMP), f"VENV={VENV}", "demo"]
+    if dry_run:
+        argv.insert(1, "-n")
+    # TMPDIR: the stack's private state dir is made under tmp_path, so the test can see it go.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("XDG_RUNTIME_DIR", None)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=240, env=env, check=False, cwd=clone
+    )
+
+
+def _report_rows(output: str) -> dict[str, int]:
+    """grant -> credentials issued, from the audit report table the demo prints."""
+    rows: dict[str, int] = {}
+    for line in output.splitlines():
+        match = re.match(r"^\s+([a-z-]+)\s+dev:project_path:\S+\s+(\d+)\s", line)
+        if match:
+            rows[match.group(1)] = int(match.group(2))
+    return rows
+
+
+@pytest.mark.integration
+def test_make_demo_runs_from_a_clean_clone(tmp_path: Path) -> None:
+    """`make demo` in a fresh clone runs the pipeline, prints a verified audit, and cleans up."""
+    clone = _clone(tmp_path)
+    dry = _make_demo(clone, tmp_path, dry_run=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "pip" not in dry.stdout and "python -m examples.demo" in dry.stdout
+
+    result = _make_demo(clone, tmp_path, dry_run=False)
+    out = result.stdout
+    assert result.returncode == 0, out[-6000:] + result.stderr[-4000:]
+
+    # The code that ran is the clone's, not this working tree's.
+    assert f"(code from {clone})" in out
+    for fragment in (
+        "extract part 0: wrote s3://luigi-creds-demo/raw/part-0.csv as AWS key ASIA",
+        "extract part 2: wrote s3://luigi-creds-demo/raw/part-2.csv",
+        "vault: read secret/etl/db (fields: password;",
+        "with a token of policies [etl-read]",
+        "aws s3 ls (credentials via credential_env): 3 objects",
+        "raw/part-1.csv",
+        "warehouse: logged in to PostgreSQL as v-",
+        "7 ran successfully",
+        "revoked 1 session(s)",
+    ):
+        assert fragment in out, fragment
+    # Each extract ran with its own AWS credentials.
+    keys = set(re.findall(r"extract part \d: .* as AWS key (ASIA\w+)", out))
+    assert len(keys) == 3
+    # Two workers: the extract tasks ran in more than one process.
+    assert len(set(re.findall(r"\[pid (\d+)\] extract", out))) >= 2
+
+    report = out.split("== luigi-creds-broker audit report", 1)[1]
+    rows = _report_rows(report.split("== luigi-creds-broker audit verify", 1)[0])
+    # 3 extracts and the aws CLI task at least; more when a start-minted credential is re-minted.
+    assert rows["etl-writer"] >= 4
+    assert rows["etl-vault"] == 1 and rows["warehouse"] == 1
+    assert "Denials by reason\n  (none)" in report
+    verify = report.split("== luigi-creds-broker audit verify", 1)[1]
+    assert "  OK\n" in verify and "0 records after the last checkpoint" in verify
+
+    seconds = int(re.search(r"demo finished in (\d+) s", out).group(1))  # type: ignore[union-attr]
+    assert seconds < 120
+    # No secret in what the demo prints: neither the KV value nor any JWT.
+    assert KV_VALUE not in out + result.stderr
+    assert not re.search(r"eyJ[\w-]{10,}\.eyJ", out + result.stderr)
+    # The private state dir (AppRole files, audit DB, outputs) is gone; the broker is down.
+    state_dir = re.search(r"state dir (\S+) \(0700", out).group(1)  # type: ignore[union-attr]
+    assert Path(state_dir).parent == tmp_path and not Path(state_dir).exists()
+    assert not list(tmp_path.glob("luigi-creds-dev-*"))
+    broker_url = re.search(r"broker (http://127\.0\.0\.1:\d+);", out).group(1)  # type: ignore[union-attr]
+    assert not http_ok(broker_url + "/healthz", timeout=0.5)
+
+
+def _exchange(broker_url: str, token: str, grant: str) -> tuple[int, dict[str, Any]]:
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": grant,
+    }
+    request = urllib.request.Request(
+        broker_url + "/v1/token", data=urllib.parse.urlencode(form).encode("ascii")
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def _dev_token(state_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "dev", "token", "--state-file", str(state_file), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+
+
+@pytest.mark.integration
+def test_dev_command_serves_tokens_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`dev` brings up a working stack, `dev token` mints from it, SIGTERM stops and cleans up."""
+    state_file = tmp_path / "run" / "state.json"
+    process = start_process(
+        [sys.executable, "-m", "broker", "dev", "--state-file", str(state_file), "--no-database"],
+        log_path=tmp_path / "dev.log",
+        ready=state_file.exists,
+        env={"TMPDIR": str(tmp_path)},
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+        state = json.loads(state_file.read_text())
+        state_dir = Path(state["state_dir"])
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        assert "warehouse" not in state["grants"]
+        secret_id = (state_dir / "vault" / "secret_id").read_text().strip()
+        assert stat.S_IMODE((state_dir / "vault" / "secret_id").stat().st_mode) == 0o600
+        assert secret_id not in state_file.read_text()
+        log = process.log_text()
+        assert f"broker_url = {state['broker_url']}" in log
+        assert "token_source = env:LUIGI_CREDS_ID_TOKEN" in log
+
+        github = _dev_token(state_file, "--preset", "github")
+        assert github.returncode == 0, github.stderr
+        status, body = _exchange(state["broker_url"], github.stdout.strip(), "gh-etl")
+        assert status == 200, body
+        assert body["credentials"]["AccessKeyId"].startswith("ASIA")
+
+        gitlab = _dev_token(state_file, "--preset", "gitlab", "--claim", "ref=feature/x")
+        status, body = _exchange(state["broker_url"], gitlab.stdout.strip(), "etl-writer")
+        assert (status, body["error"]) == (400, "invalid_target")
+
+        okta = _dev_token(state_file, "--preset", "okta")
+        status, body = _exchange(state["broker_url"], okta.stdout.strip(), "okta-etl")
+        assert status == 200, body
+        assert "etl-read" in body["credentials"]["policies"]
+    finally:
+        code = process.stop(grace=30)
+    assert code == 0, process.log_text()[-4000:]
+    assert "dev: stopped" in process.log_text()
+    assert not state_file.exists()
+    assert not state_dir.exists()
+    for url in (state["broker_url"], state["vault_addr"], state["aws_endpoint_url"]):
+        assert not http_ok(url + "/", timeout=0.5), url
+
+
+def test_dev_token_without_a_running_stack_says_how_to_start_one(tmp_path: Path) -> None:
+    """`dev token` with no state file exits 2 and names `luigi-creds-broker dev`."""
+    result = _dev_token(tmp_path / "missing.json")
+    assert result.returncode == 2
+    assert "luigi-creds-broker dev" in result.stderr and not result.stdout
+
+
+def test_claim_arguments_parse_as_strings_or_json() -> None:
+    """`k=v` gives a string claim, `k:=json` any JSON value, and a bare word is refused."""
+    claims = parse_claims(["ref=release/1", "runner_id:=7", 'groups:=["a"]', "jti:=null"])
+    assert claims == {"ref": "release/1", "runner_id": 7, "groups": ["a"], "jti": None}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_claims(["oops"])
+
+
+@pytest.mark.parametrize("database", [True, False])
+def test_dev_policy_loads_with_every_grant(tmp_path: Path, database: bool) -> None:
+    """The generated dev policy passes the broker's loader and names the advertised grants."""
+    text = policy_text(
+        listen="127.0.0.1:8480",
+        state_dir=tmp_path,
+        issuer_url="http://127.0.0.1:9000",
+        moto_url="http://127.0.0.1:5000",
+        vault_url="http://127.0.0.1:8200",
+        role_arn="arn:aws:iam::123456789012:role/luigi-creds-dev-etl",
+        role_id_file=tmp_path / "role_id",
+        secret_id_file=tmp_path / "secret_id",
+        database=database,
+    )
+    config = parse_config(text, source="dev.toml")
+    assert tuple(g.name for g in config.grants) == grant_names(database)
