@@ -1,0 +1,674 @@
+"""Benchmark: our token exchange next to OpenBao's own JWT login, in one run, on one machine.
+
+Owns the benchmark run: it starts, on loopback, the dev OIDC issuer, an OpenBao dev server, moto
+and our broker (through the test suite's process helpers in tests/), configures OpenBao's JWT
+auth method and our broker with equivalent rules against the same issuer, then drives both over
+HTTP with pre-minted tokens and reports latency percentiles and throughput per scenario, and the
+ratio ours/peer for every comparable pair. Talks to the issuer, OpenBao, moto and the broker over
+loopback HTTP; hvac (root token of the throwaway dev server) only to set OpenBao up.
+
+Scenarios (each in a sequential phase and a concurrent phase of C threads):
+  vault_token      peer: POST /v1/auth/jwt/login at OpenBao -> a Vault token
+                   ours: POST /v1/token exchange for a vault-token grant -> a Vault token
+  vault_refresh    ours: grant_type=refresh_token chain for the same grant (peer: the JWT login,
+                   the only way OpenBao has to turn an identity into a token)
+  aws_exchange     ours: exchange for an AWS grant against moto; no peer (ratios are N/A)
+  reject_*         both: the same hostile tokens (unknown kid, bad signature, alg none)
+
+Every request has its own token (our broker consumes each jti once), and OpenBao gets as many
+distinct tokens as we do. Warm-up requests run first and are left out of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import math
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker.dev.claims import GITLAB_PROJECT_ID, preset_claims
+from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The process helpers live with the integration tests; the benchmark starts the same servers.
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from servers import DevIssuer, free_port, start_dev_issuer  # noqa: E402
+from stack import Broker, Moto, start_broker, start_moto  # noqa: E402
+from vault_server import BAO, ETL_POLICY, OpenBao, setup_broker, start_openbao  # noqa: E402
+
+AUDIENCE = "luigi-creds"
+VAULT_GRANT = "etl-vault"
+AWS_GRANT = "etl-writer"
+BAO_ROLE = "etl"
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+FORM = "application/x-www-form-urlencoded"
+# Tokens are minted just before their scenario runs; 15 min outlives the longest phase.
+TOKEN_TTL_SECONDS = 900
+HOSTILE_KINDS = ("unknown_kid", "bad_signature", "alg_none")
+# Limits far above what two cores can push: the benchmark measures the pipeline, not the bucket.
+UNLIMITED_RATE = "{ per_second = 1000000, burst = 1000000 }"
+HTTP_TIMEOUT_SECONDS = 30.0
+
+OURS = "luigi-creds"
+PEER = "openbao"
+
+
+# -- the stack ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Every server of one run, and the issuer's signing keys loaded into this process."""
+
+    issuer: DevIssuer
+    signer: IssuerState
+    bao: OpenBao
+    moto: Moto
+    broker: Broker
+    attacker: SigningKey = field(repr=False)
+
+    def mint(self) -> str:
+        """A fresh GitLab-shaped token (own jti) for the bound project, signed by the issuer."""
+        return self.signer.mint(
+            {"preset": "gitlab", "audience": AUDIENCE, "ttl": TOKEN_TTL_SECONDS},
+            now=datetime.now(UTC),
+        )
+
+    def hostile(self, kind: str) -> str:
+        """A token the issuer never signed, of `kind` (see HOSTILE_KINDS)."""
+        claims = preset_claims(
+            "gitlab",
+            issuer=self.signer.issuer_url,
+            audience=AUDIENCE,
+            now=datetime.now(UTC),
+            ttl=TOKEN_TTL_SECONDS,
+        )
+        if kind == "unknown_kid":
+            # Signed by a key the issuer never published, under a fresh kid every time, so no
+            # cache of "kids seen missing" can short-cut the rejection.
+            return encode_jwt(claims, self.attacker, header={"kid": secrets.token_urlsafe(12)})
+        if kind == "bad_signature":
+            head, body, signature = self.mint().split(".")
+            raw = bytearray(_unb64(signature))
+            raw[len(raw) // 2] ^= 0x01
+            return f"{head}.{body}.{_b64(bytes(raw))}"
+        if kind == "alg_none":
+            header = _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+            return f"{header}.{_b64(json.dumps(claims).encode())}."
+        raise ValueError(f"unknown hostile kind {kind!r}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def configure_openbao_jwt(bao: OpenBao, issuer_url: str) -> None:
+    """OpenBao's JWT auth against our issuer, bound like our grant: audience, project_id, policy."""
+    root = bao.root()
+    root.sys.enable_auth_method("jwt")
+    root.write(
+        "auth/jwt/config",
+        jwks_url=issuer_url + "/jwks",
+        bound_issuer=issuer_url,
+        jwt_supported_algs=["RS256", "ES256"],
+    )
+    root.write(
+        f"auth/jwt/role/{BAO_ROLE}",
+        role_type="jwt",
+        bound_audiences=[AUDIENCE],
+        user_claim="sub",
+        bound_claims={"project_id": GITLAB_PROJECT_ID},
+        token_policies=[ETL_POLICY],
+        token_ttl="15m",
+    )
+
+
+def broker_config(
+    *,
+    listen: str,
+    issuer_url: str,
+    audit_db: Path,
+    moto_url: str,
+    role_arn: str,
+    bao_url: str,
+    role_id_file: Path,
+    secret_id_file: Path,
+) -> str:
+    """Our policy: a vault-token grant equivalent to the OpenBao role, and one AWS grant."""
+    return textwrap.dedent(
+        f"""
+        [broker]
+        listen = "{listen}"
+        audit_store = "sqlite:///{audit_db}"
+        rate_limit_identity = {UNLIMITED_RATE}
+        rate_limit_grant = {UNLIMITED_RATE}
+
+        [[issuer]]
+        name = "gitlab"
+        url = "{issuer_url}"
+        audiences = ["{AUDIENCE}"]
+        algorithms = ["RS256", "ES256"]
+
+        [[grant]]
+        name = "{VAULT_GRANT}"
+        issuers = ["gitlab"]
+        ttl = "15m"
+        [grant.match]
+        project_id = "{GITLAB_PROJECT_ID}"
+        [grant.vault]
+        token_policies = ["{ETL_POLICY}"]
+
+        [[grant]]
+        name = "{AWS_GRANT}"
+        issuers = ["gitlab"]
+        ttl = "15m"
+        [grant.match]
+        project_id = "{GITLAB_PROJECT_ID}"
+        ref_protected = "true"
+        ref = ["main", "release/*"]
+        [grant.aws]
+        role_arn = "{role_arn}"
+        session_name = "{{project_path}}"
+        session_tags = {{ project = "{{project_path}}", pipeline = "{{pipeline_id}}" }}
+        source_identity = "{{user_login}}"
+
+        [upstream.aws]
+        region = "us-east-1"
+        endpoint_url = "{moto_url}"
+
+        [upstream.vault]
+        url = "{bao_url}"
+        auth = "approle"
+        role_id_file = "{role_id_file}"
+        secret_id_file = "{secret_id_file}"
+        """
+    )
+
+
+@contextmanager
+def running_stack(workdir: Path) -> Iterator[Stack]:
+    """Start issuer, OpenBao, moto and broker under `workdir`; stop them all on exit."""
+    with ExitStack() as stop:
+        issuer = start_dev_issuer(workdir, algs="RS256")
+        stop.callback(issuer.stop)
+        # The child saved its keys in the state dir: load them to sign here, with no HTTP hop.
+        signer = IssuerState(issuer.url, state_dir=workdir / "dev-issuer-state")
+        signer.load_or_generate(["RS256"])
+        bao = start_openbao(workdir)
+        stop.callback(bao.stop)
+        # The broker's own AppRole login lives 1 h so no re-login lands inside a phase.
+        vault = setup_broker(bao, workdir / "approle", login_ttl="1h", login_max_ttl="2h")
+        configure_openbao_jwt(bao, issuer.url)
+        moto = start_moto(workdir)
+        stop.callback(moto.stop)
+        role_arn = moto.create_role(AWS_GRANT)
+        listen = f"127.0.0.1:{free_port()}"
+        text = broker_config(
+            listen=listen,
+            issuer_url=issuer.url,
+            audit_db=workdir / "audit.db",
+            moto_url=moto.url,
+            role_arn=role_arn,
+            bao_url=bao.url,
+            role_id_file=vault.role_id_file,
+            secret_id_file=vault.secret_id_file,
+        )
+        broker = start_broker(workdir / "broker", text)
+        stop.callback(broker.stop)
+        yield Stack(issuer, signer, bao, moto, broker, attacker=SigningKey.generate("RS256"))
+
+
+# -- driving requests ---------------------------------------------------------------------------
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection to a loopback server, owned by one worker thread."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._conn = http.client.HTTPConnection(
+            self._host, self._port, timeout=HTTP_TIMEOUT_SECONDS
+        )
+
+    def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        try:
+            self._conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+            response = self._conn.getresponse()
+            return response.status, response.read()
+        except (http.client.HTTPException, OSError):
+            # A broken connection is reported as status 0 by the caller's check; start afresh.
+            self._conn.close()
+            self._conn = http.client.HTTPConnection(
+                self._host, self._port, timeout=HTTP_TIMEOUT_SECONDS
+            )
+            return 0, b""
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# A job sends one request on a worker's connection and returns True when the answer is right.
+Job = Callable[[Connection], bool]
+
+
+def ours_exchange(token: str, grant: str) -> Job:
+    body = urllib.parse.urlencode(
+        {
+            "grant_type": EXCHANGE,
+            "subject_token": token,
+            "subject_token_type": JWT_TYPE,
+            "audience": grant,
+        }
+    ).encode("ascii")
+
+    def job(conn: Connection) -> bool:
+        status, raw = conn.post("/v1/token", body, FORM)
+        return status == 200 and bool(json.loads(raw).get("credentials"))
+
+    return job
+
+
+class RefreshChain:
+    """A session's refresh handle, rotated by every step (each step uses the previous answer)."""
+
+    def __init__(self, handle: str, grant: str) -> None:
+        self.handle = handle
+        self.grant = grant
+
+    def step(self, conn: Connection) -> bool:
+        body = urllib.parse.urlencode(
+            {"grant_type": "refresh_token", "refresh_token": self.handle, "audience": self.grant}
+        ).encode("ascii")
+        status, raw = conn.post("/v1/token", body, FORM)
+        if status != 200:
+            return False
+        answer = json.loads(raw)
+        self.handle = str(answer["refresh_token"])
+        return bool(answer.get("credentials"))
+
+
+def ours_reject(token: str) -> Job:
+    body = urllib.parse.urlencode(
+        {
+            "grant_type": EXCHANGE,
+            "subject_token": token,
+            "subject_token_type": JWT_TYPE,
+            "audience": VAULT_GRANT,
+        }
+    ).encode("ascii")
+
+    def job(conn: Connection) -> bool:
+        status, raw = conn.post("/v1/token", body, FORM)
+        return status == 400 and json.loads(raw).get("error") == "invalid_request"
+
+    return job
+
+
+def peer_login(token: str, *, expect_ok: bool) -> Job:
+    body = json.dumps({"role": BAO_ROLE, "jwt": token}).encode("utf-8")
+
+    def job(conn: Connection) -> bool:
+        status, raw = conn.post("/v1/auth/jwt/login", body, "application/json")
+        if expect_ok:
+            return status == 200 and bool(json.loads(raw)["auth"]["client_token"])
+        # OpenBao answers a token it cannot verify with 400 (invalid request) or 403.
+        return status in (400, 403)
+
+    return job
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Latencies (seconds) of the timed requests of one scenario/system/phase, and the wall time."""
+
+    latencies: tuple[float, ...]
+    wall: float
+    errors: int
+
+
+def _run_jobs(jobs: Sequence[Job], conn: Connection, out: list[float]) -> int:
+    errors = 0
+    for job in jobs:
+        start = time.perf_counter()
+        ok = job(conn)
+        out.append(time.perf_counter() - start)
+        errors += not ok
+    return errors
+
+
+def measure(url: str, workers: Sequence[tuple[Sequence[Job], Sequence[Job]]]) -> Measured:
+    """Run each worker's (warm-up, timed) jobs on its own thread and connection.
+
+    Warm-ups run first on every thread; the clock starts when all threads have finished them and
+    stops when the last timed job returns.
+    """
+    barrier = threading.Barrier(len(workers) + 1)
+    latencies: list[list[float]] = [[] for _ in workers]
+    errors = [0] * len(workers)
+    finished: list[float] = [0.0] * len(workers)
+
+    def work(index: int, warmup: Sequence[Job], timed: Sequence[Job]) -> None:
+        conn = Connection(url)
+        try:
+            _run_jobs(warmup, conn, [])
+            barrier.wait()
+            errors[index] = _run_jobs(timed, conn, latencies[index])
+            finished[index] = time.perf_counter()
+        finally:
+            conn.close()
+
+    threads = [
+        threading.Thread(target=work, args=(i, warm, timed), daemon=True)
+        for i, (warm, timed) in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return Measured(
+        latencies=tuple(x for per in latencies for x in per),
+        wall=max(finished) - started,
+        errors=sum(errors),
+    )
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of already sorted values."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def summarize(phase: str, scenario: str, system: str, m: Measured) -> dict[str, Any]:
+    values = sorted(m.latencies)
+    return {
+        "phase": phase,
+        "scenario": scenario,
+        "system": system,
+        "requests": len(values),
+        "errors": m.errors,
+        "p50_ms": round(percentile(values, 50) * 1000, 3),
+        "p95_ms": round(percentile(values, 95) * 1000, 3),
+        "p99_ms": round(percentile(values, 99) * 1000, 3),
+        "throughput_rps": round(len(values) / m.wall, 1) if m.wall > 0 else None,
+        "wall_s": round(m.wall, 3),
+    }
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    requests: int
+    concurrency: int
+    hostile: int
+    warmup: int
+
+
+def _split(jobs: list[Job], warmup: int, threads: int) -> list[tuple[list[Job], list[Job]]]:
+    """Deal `jobs` (warm-ups first, `warmup` per thread) round-robin onto `threads` workers."""
+    warm, timed = jobs[: warmup * threads], jobs[warmup * threads :]
+    return [(warm[i::threads], timed[i::threads]) for i in range(threads)]
+
+
+def run_phase(stack: Stack, phase: str, settings: Settings) -> list[dict[str, Any]]:
+    """Every scenario once for `phase` ("sequential" or "concurrent"); one row per system."""
+    threads = 1 if phase == "sequential" else settings.concurrency
+    per_thread = settings.requests
+    count = (settings.warmup + per_thread) * threads
+    broker, bao = stack.broker.url, stack.bao.url
+    rows: list[dict[str, Any]] = []
+
+    def record(scenario: str, system: str, url: str, jobs: list[Job], warmup: int) -> None:
+        # JWKS fetches the issuer served while this scenario ran (warm-ups included): what one
+        # system's verification costs the identity provider.
+        before = stack.issuer.stats()["jwks_fetches"]
+        measured = measure(url, _split(jobs, warmup, threads))
+        fetches = stack.issuer.stats()["jwks_fetches"] - before
+        rows.append({**summarize(phase, scenario, system, measured), "jwks_fetches": fetches})
+        _progress(rows[-1])
+
+    peer_jobs = [peer_login(stack.mint(), expect_ok=True) for _ in range(count)]
+    record("vault_token", PEER, bao, peer_jobs, settings.warmup)
+    ours_jobs = [ours_exchange(stack.mint(), VAULT_GRANT) for _ in range(count)]
+    record("vault_token", OURS, broker, ours_jobs, settings.warmup)
+
+    chains = [RefreshChain(_session_handle(stack), VAULT_GRANT) for _ in range(threads)]
+    # Thread i gets chain i for every one of its steps: a chain is sequential by nature.
+    refresh_jobs: list[Job] = [chains[i % threads].step for i in range(count)]
+    record("vault_refresh", OURS, broker, refresh_jobs, settings.warmup)
+
+    aws_jobs = [ours_exchange(stack.mint(), AWS_GRANT) for _ in range(count)]
+    record("aws_exchange", OURS, broker, aws_jobs, settings.warmup)
+
+    # Hostile tokens: `hostile` in each phase, split evenly over the kinds, the same tokens for
+    # both systems (a rejection changes no state). One extra token per thread warms up.
+    hostile_per_thread = max(1, settings.hostile // len(HOSTILE_KINDS) // threads)
+    for kind in HOSTILE_KINDS:
+        tokens = [stack.hostile(kind) for _ in range(threads * (1 + hostile_per_thread))]
+        record(f"reject_{kind}", PEER, bao, [peer_login(t, expect_ok=False) for t in tokens], 1)
+        record(f"reject_{kind}", OURS, broker, [ours_reject(t) for t in tokens], 1)
+    return rows
+
+
+def _session_handle(stack: Stack) -> str:
+    """Open a refresh session (untimed) and return its first handle."""
+    status, body, _ = stack.broker.exchange(stack.mint(), VAULT_GRANT)
+    if status != 200:
+        raise RuntimeError(f"could not open a refresh session: {status} {body.get('error')}")
+    return str(body["refresh_token"])
+
+
+def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ours/peer per phase and scenario: latency ratios (>1 = we are slower) and throughput."""
+    index = {(r["phase"], r["scenario"], r["system"]): r for r in rows}
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if row["system"] != OURS:
+            continue
+        phase, scenario = row["phase"], row["scenario"]
+        # The refresh chain is our second path to a Vault token: compare it with the login too.
+        peer_scenario = "vault_token" if scenario == "vault_refresh" else scenario
+        peer = index.get((phase, peer_scenario, PEER))
+        entry: dict[str, Any] = {"phase": phase, "scenario": scenario, "peer": None}
+        for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps"):
+            ratio = None
+            if peer is not None and peer[key] and row[key] is not None:
+                ratio = round(row[key] / peer[key], 2)
+            entry[key.rsplit("_", 1)[0]] = ratio
+        if peer is not None:
+            entry["peer"] = f"{PEER} {peer_scenario}"
+        out.append(entry)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine_facts(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    bao = subprocess.run([BAO, "version"], capture_output=True, text=True, check=False, timeout=30)
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "bao": bao.stdout.strip() or bao.stderr.strip(),
+        # Other work on the machine skews both systems; the 1-minute load shows how much.
+        "load_before": round(load_before[0], 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "N/A"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into README)."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in cells
+    ]
+    return "\n".join([line, rule, *body])
+
+
+def render(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    settings = report["settings"]
+    head = [
+        f"machine: {machine['cores']} cores ({machine['cores_usable']} usable) {machine['cpu']}",
+        f"python {machine['python']} on {machine['platform']}; {machine['bao']}",
+        f"load (1 min) before/after: {machine['load_before']} / {machine['load_after']}",
+        f"settings: {json.dumps(settings)}",
+    ]
+    results = table(
+        ["phase", "scenario", "system", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s", "jwks"],
+        [
+            [
+                r["phase"],
+                r["scenario"],
+                r["system"],
+                r["requests"],
+                r["errors"],
+                r["p50_ms"],
+                r["p95_ms"],
+                r["p99_ms"],
+                r["throughput_rps"],
+                r["jwks_fetches"],
+            ]
+            for r in report["results"]
+        ],
+    )
+    compared = table(
+        ["phase", "ours", "peer", "p50 x", "p95 x", "p99 x", "req/s x"],
+        [
+            [r["phase"], r["scenario"], r["peer"], r["p50"], r["p95"], r["p99"], r["throughput"]]
+            for r in report["ratios"]
+        ],
+    )
+    return "\n".join([*head, "", results, "", "ratios ours/peer:", compared])
+
+
+def _progress(row: dict[str, Any]) -> None:
+    print(
+        f"  {row['phase']:<10} {row['scenario']:<22} {row['system']:<11} "
+        f"n={row['requests']} err={row['errors']} p50={row['p50_ms']} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run(settings: Settings, workdir: Path) -> dict[str, Any]:
+    """Start the stack under `workdir`, run both phases, return the report."""
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    with running_stack(workdir) as stack:
+        rows = run_phase(stack, "sequential", settings)
+        if settings.concurrency > 1:
+            rows += run_phase(stack, "concurrent", settings)
+    return {
+        "machine": machine_facts(load_before),
+        "settings": {
+            "requests": settings.requests,
+            "concurrency": settings.concurrency,
+            "hostile_total": settings.hostile,
+            "warmup": settings.warmup,
+            "audit_store": "sqlite",
+        },
+        "results": rows,
+        "ratios": ratios(rows),
+        "duration_s": round(time.monotonic() - started, 1),
+    }
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.exchange", description=__doc__)
+    parser.add_argument(
+        "--requests", type=_positive, default=300, help="timed requests per scenario per thread"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive, default=8, help="threads in the concurrent phase"
+    )
+    parser.add_argument(
+        "--hostile",
+        type=_positive,
+        default=1000,
+        help="hostile tokens per phase, split over the three kinds",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=20, help="untimed requests per scenario per thread"
+    )
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--workdir", type=Path, help="keep server logs here (default: a tmp dir)")
+    args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    settings = Settings(args.requests, args.concurrency, args.hostile, args.warmup)
+    with ExitStack() as cleanup:
+        if args.workdir is not None:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        report = run(settings, workdir)
+    print(render(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 1 if any(r["errors"] for r in report["results"]) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Smoke test of the exchange benchmark (bench/exchange.py): a tiny run, and the report's shape.
+
+Not a timed test: it runs `python -m bench.exchange` with a handful of requests against the real
+servers the benchmark starts (issuer, OpenBao, moto, broker) and checks that every scenario ran
+without errors on both systems and that the ratios line up. No figure is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.exchange import HOSTILE_KINDS, percentile, ratios
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = [
+    "vault_token",
+    "vault_refresh",
+    "aws_exchange",
+    *(f"reject_{k}" for k in HOSTILE_KINDS),
+]
+PEERED = {"vault_token", *(f"reject_{k}" for k in HOSTILE_KINDS)}
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """Percentiles take the nearest-rank sample, so p50 of 1..10 is 5 and p99 is 10."""
+    values = [float(v) for v in range(1, 11)]
+    assert percentile(values, 50) == 5.0
+    assert percentile(values, 95) == 10.0
+    assert percentile(values, 99) == 10.0
+    assert percentile([7.0], 50) == 7.0
+
+
+def test_ratios_divide_ours_by_the_peer_and_mark_unpeered_rows() -> None:
+    """Ratios are ours/peer per phase; the refresh chain compares with the login; AWS has none."""
+    rows = [
+        {
+            "phase": "sequential",
+            "scenario": s,
+            "system": sys_,
+            "p50_ms": p,
+            "p95_ms": p,
+            "p99_ms": p,
+            "throughput_rps": rps,
+        }
+        for s, sys_, p, rps in [
+            ("vault_token", "openbao", 2.0, 400.0),
+            ("vault_token", "luigi-creds", 6.0, 100.0),
+            ("vault_refresh", "luigi-creds", 4.0, 200.0),
+            ("aws_exchange", "luigi-creds", 9.0, 50.0),
+        ]
+    ]
+    by_scenario = {r["scenario"]: r for r in ratios(rows)}
+    assert by_scenario["vault_token"]["p50"] == 3.0
+    assert by_scenario["vault_token"]["throughput"] == 0.25
+    assert by_scenario["vault_refresh"]["p99"] == 2.0
+    assert by_scenario["vault_refresh"]["peer"] == "openbao vault_token"
+    assert by_scenario["aws_exchange"]["peer"] is None
+    assert by_scenario["aws_exchange"]["p50"] is None
+
+
+@pytest.mark.integration
+def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
+    """A tiny run finishes without errors and reports every scenario, phase, system and ratio."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.exchange",
+            "--requests=3",
+            "--concurrency=2",
+            "--hostile=6",
+            "--warmup=1",
+            f"--json={out}",
+            f"--workdir={tmp_path / 'work'}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+
+    assert report["machine"]["cores"] >= 1
+    assert report["machine"]["python"] == platform.python_version()
+    assert "OpenBao" in report["machine"]["bao"]
+    results = {(r["phase"], r["scenario"], r["system"]): r for r in report["results"]}
+    for phase, threads in (("sequential", 1), ("concurrent", 2)):
+        for scenario in SCENARIOS:
+            systems = ["luigi-creds", "openbao"] if scenario in PEERED else ["luigi-creds"]
+            for system in systems:
+                row = results.pop((phase, scenario, system))
+                # --hostile=6 is 2 tokens per kind, dealt over the phase's threads.
+                expected = 2 if scenario.startswith("reject_") else 3 * threads
+                assert row["requests"] == expected, row
+                assert row["errors"] == 0, row
+                assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"], row
+                assert row["throughput_rps"] > 0, row
+                if system == "luigi-creds":
+                    # Unknown kids refetch the JWKS at most once per cooldown (60 s default).
+                    assert row["jwks_fetches"] <= 1, row
+    assert results == {}, "rows for unexpected scenarios"
+
+    compared = {(r["phase"], r["scenario"]): r for r in report["ratios"]}
+    assert len(compared) == 2 * (len(SCENARIOS))
+    for (_, scenario), entry in compared.items():
+        if scenario == "aws_exchange":
+            assert entry["peer"] is None and entry["p50"] is None
+        else:
+            assert entry["peer"].startswith("openbao ")
+            assert entry["p50"] > 0 and entry["throughput"] > 0
+    assert "ratios ours/peer" in done.stdout
+    assert "| phase" in done.stdout
