@@ -331,6 +331,9 @@ class CredentialsMixin:
     """Mix into a `luigi.Task`; list the grants in `grants`; use the accessors inside `run()`."""
 
     grants: ClassVar[Sequence[str]] = ()
+    # Requested lifetime in seconds per grant (the wire's `duration`; the broker caps it by the
+    # grant's ttl). Grants not listed get the grant's ttl.
+    durations: ClassVar[Mapping[str, int]] = {}
 
     task_id: str  # provided by luigi.Task
 
@@ -359,7 +362,7 @@ class CredentialsMixin:
                 _, mandatory = Windows().for_lifetime(cred.expires_at - state.minted_at)
                 if cred.expires_at - _utcnow() > mandatory:
                     return cred
-        return ensure_agent().mint(grant, self.task_id)
+        return ensure_agent().mint(grant, self.task_id, self.durations.get(grant))
 
     def aws_session(self, grant: str, region_name: str | None = None) -> Any:
         """A boto3 Session for `grant` whose credentials refresh themselves while the task runs."""
@@ -373,11 +376,12 @@ class CredentialsMixin:
             raise BrokerError(f"grant {grant!r} does not issue AWS credentials", error="usage")
         pending: list[AwsCredentials] = [first]
         task_id = self.task_id
+        duration = self.durations.get(grant)
 
         def fetch() -> AwsCredentials:
             if pending:
                 return pending.pop()
-            cred = ensure_agent().mint(grant, task_id)
+            cred = ensure_agent().mint(grant, task_id, duration)
             if not isinstance(cred, AwsCredentials):
                 raise BrokerError(f"grant {grant!r} stopped issuing AWS credentials", error="usage")
             return cred
@@ -394,7 +398,10 @@ class CredentialsMixin:
         cred = self.credential(grant)
         if not isinstance(cred, VaultToken):
             raise BrokerError(f"grant {grant!r} does not issue Vault tokens", error="usage")
-        return TokenKeeper.for_task(self.task_id, grant, cred, _vault_addr()).client
+        keeper = TokenKeeper.for_task(
+            self.task_id, grant, cred, _vault_addr(), duration=self.durations.get(grant)
+        )
+        return keeper.client
 
     def vault_secret(self, grant: str) -> Mapping[str, Any]:
         """The data of the task's Vault dynamic secret for `grant`; its lease is renewed while
@@ -516,7 +523,7 @@ def _on_start(task: luigi.Task) -> None:
     try:
         agent = ensure_agent()
         for grant in task.grants:
-            state.minted[grant] = agent.mint(grant, task.task_id)
+            state.minted[grant] = agent.mint(grant, task.task_id, task.durations.get(grant))
     except Exception as exc:
         # Luigi swallows handler exceptions; the first accessor call inside run() raises this.
         state.error = exc

@@ -81,12 +81,21 @@ class TokenKeeper:
         return f"TokenKeeper(url={self.client.url!r})"
 
     @classmethod
-    def for_task(cls, task_id: str, grant: str, cred: VaultToken, addr: str | None) -> TokenKeeper:
-        """The keeper for (task, grant) in this process, started on first use."""
+    def for_task(
+        cls,
+        task_id: str,
+        grant: str,
+        cred: VaultToken,
+        addr: str | None,
+        *,
+        duration: int | None = None,
+    ) -> TokenKeeper:
+        """The keeper for (task, grant) in this process, started on first use; re-mints ask
+        for `duration` seconds, like the task's first mint."""
         with cls._registry_lock:
             keeper = cls._registry.get((task_id, grant))
             if keeper is None:
-                keeper = cls(cred, addr, remint=lambda: _agent_mint(grant, task_id))
+                keeper = cls(cred, addr, remint=lambda: _agent_mint(grant, task_id, duration))
                 keeper.start()
                 cls._registry[(task_id, grant)] = keeper
             return keeper
@@ -226,10 +235,10 @@ class LeaseKeeper:
             self.done.set()
 
 
-def _agent_mint(grant: str, task_id: str) -> Credential:
+def _agent_mint(grant: str, task_id: str, duration: int | None) -> Credential:
     from luigi_creds.luigi import ensure_agent
 
-    return ensure_agent().mint(grant, task_id)
+    return ensure_agent().mint(grant, task_id, duration)
 
 
 def _agent_revoke_lease(lease_id: str) -> None:

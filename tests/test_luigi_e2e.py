@@ -1,0 +1,617 @@
+"""luigi_creds end to end (issue 5, "Must show") against the real broker and its real neighbours.
+
+A local OIDC issuer for GitLab-shaped tokens and one for GitHub-shaped tokens, moto in server mode
+(STS, S3, IAM), OpenBao with the broker's AppRole and the database engine on the test PostgreSQL,
+and `luigi-creds-broker serve` on SQLite; Luigi jobs are real `luigi.build` runs in a child
+process (tests/pipelines.py) with workers and `force_multiprocessing` set in the job's luigi.cfg;
+the AWS CLI is the real `aws` (awscli). Assertions read the broker's audit ledger, moto's S3,
+OpenBao and PostgreSQL, never the client's own account of what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import psycopg
+import pytest
+from servers import DevIssuer, free_port, start_dev_issuer
+from stack import Broker, Moto, policy_toml, start_broker, start_moto
+from vault_server import DB_ROLE, OpenBao, pg_url, setup_broker, start_openbao
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
+from luigi_creds.identity import parse_token_source
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BUCKET = "e2e-pipeline"  # pipelines.BUCKET; not imported: importing pipelines imports Luigi
+GITLAB_SUBJECT = "project_path:data-platform/etl:ref_type:branch:ref:main"
+GITHUB_SUBJECT = "repo:example-org/etl:ref:refs/heads/main"
+GH_REQUEST_BEARER = "gh-request-bearer-for-tests"
+# Vault token lifetimes for the long task: 12 s per token (the task's `durations`), and a token
+# role whose explicit max TTL of 18 s stops renewals, so the client must re-mint once.
+TOKEN_MAX_TTL = "18s"
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    issuer: DevIssuer
+    gh_issuer: DevIssuer
+    moto: Moto
+    role_arn: str
+    bao: OpenBao
+    broker: Broker
+    audit_url: str
+
+    def events(self) -> list[AuditEvent]:
+        store = open_store(self.audit_url)
+        try:
+            return list(store.events())
+        finally:
+            store.close()
+
+    def gitlab_token(self, **claims: object) -> str:
+        return self.issuer.mint("gitlab", ttl=600, **claims)
+
+
+def _grants_toml(gh_issuer_url: str, broker_url: str, bao: OpenBao, files: Any) -> str:
+    return f"""
+[[issuer]]
+name = "github"
+url = "{gh_issuer_url}"
+audiences = ["{broker_url}"]
+algorithms = ["RS256"]
+
+[[grant]]
+name = "gh-writer"
+issuers = ["github"]
+ttl = "15m"
+[grant.match]
+repository_id = "690215432"
+ref = "refs/heads/main"
+[grant.aws]
+role_arn = "{{role_arn}}"
+
+[[grant]]
+name = "etl-vault"
+issuers = ["gitlab"]
+ttl = "5m"
+[grant.match]
+project_id = "55235664"
+[grant.vault]
+token_policies = ["etl-read"]
+
+[[grant]]
+name = "warehouse"
+issuers = ["gitlab"]
+ttl = "2m"
+[grant.match]
+project_id = "55235664"
+[grant.vault]
+secret = "database/creds/{DB_ROLE}"
+
+[upstream.vault]
+url = "{bao.url}"
+auth = "approle"
+role_id_file = "{files.role_id_file}"
+secret_id_file = "{files.secret_id_file}"
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("e2e")
+    started: list[Any] = []
+    try:
+        issuer = start_dev_issuer(workdir / "gitlab-issuer")
+        started.append(issuer)
+        gh_issuer = start_dev_issuer(workdir / "github-issuer", algs="RS256")
+        started.append(gh_issuer)
+        moto = start_moto(workdir)
+        started.append(moto)
+        role_arn = moto.create_role("etl-writer")
+        moto.client("s3").create_bucket(Bucket=BUCKET)
+        bao = start_openbao(workdir / "bao")
+        started.append(bao)
+        files = setup_broker(bao, workdir / "bao-files", pg_url=pg_url())
+        # Tokens through this role stop extending 18 s after they are created (see above).
+        bao.root().write(
+            "auth/token/roles/luigi-creds",
+            allowed_policies="etl-read",
+            orphan=False,
+            renewable=True,
+            token_explicit_max_ttl=TOKEN_MAX_TTL,
+        )
+        port = free_port()
+        broker_url = f"http://127.0.0.1:{port}"
+        db = workdir / "broker" / "audit.db"
+        config = policy_toml(
+            issuer_url=issuer.url,
+            audit_db=db,
+            listen=f"127.0.0.1:{port}",
+            moto_url=moto.url,
+            role_arn=role_arn,
+            extra=_grants_toml(gh_issuer.url, broker_url, bao, files).replace(
+                "{role_arn}", role_arn
+            ),
+        )
+        broker = start_broker(workdir / "broker", config)
+        started.append(broker)
+        yield Stack(workdir, issuer, gh_issuer, moto, role_arn, bao, broker, f"sqlite:///{db}")
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+# --- running Luigi jobs ----------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    popen: subprocess.Popen[bytes]
+    out: Path
+    result_path: Path
+    log_path: Path
+
+    def wait(self, timeout: float = 120) -> dict[str, Any]:
+        self.popen.wait(timeout=timeout)
+        result: dict[str, Any] = json.loads(self.result_path.read_text())
+        return result
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def markers(self, pattern: str) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted(self.out.glob(pattern))]
+
+
+def _clean_env() -> dict[str, str]:
+    """The test's environment minus anything that would pick credentials for a child."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "LUIGI_CREDS_", "VAULT_", "BAO_", "ACTIONS_"))
+    }
+
+
+def _write_luigi_cfg(path: Path, broker_url: str, token_source: str, vault_addr: str) -> None:
+    path.write_text(
+        "[core]\n"
+        "autoload_range = false\n"
+        "workers = 3\n"
+        "\n[worker]\n"
+        "force_multiprocessing = true\n"
+        "\n[luigi_creds]\n"
+        f"broker_url = {broker_url}\n"
+        f"token_source = {token_source}\n"
+        f"vault_addr = {vault_addr}\n"
+    )
+
+
+def start_job(
+    stack: Stack,
+    workdir: Path,
+    scenario: str,
+    *,
+    token_source: str,
+    broker_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Job:
+    """Start `pipelines.main(scenario)` in a child process with its own luigi.cfg and log."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "luigi.cfg"
+    _write_luigi_cfg(cfg, broker_url or stack.broker.url, token_source, stack.bao.url)
+    out = workdir / "out"
+    out.mkdir()
+    result = workdir / "result.json"
+    log_path = workdir / "job.log"
+    child_env = {
+        **_clean_env(),
+        "LUIGI_CONFIG_PATH": str(cfg),
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}",
+        "PIPELINE_S3_URL": stack.moto.url,
+        "AWS_CONFIG_FILE": str(workdir / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # A stray key in the job's environment: the broker's credentials must win over it.
+        "AWS_ACCESS_KEY_ID": "AKIASTRAYSTRAYSTRAY",
+        **(env or {}),
+    }
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, pipelines; sys.exit(pipelines.main())",
+                scenario,
+                "--out",
+                str(out),
+                "--result",
+                str(result),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            cwd=workdir,
+        )
+    return Job(popen, out, result, log_path)
+
+
+def _issued(events: list[AuditEvent], tasks: set[str]) -> list[AuditEvent]:
+    return [e for e in events if e.outcome == Outcome.ISSUED and e.task in tasks]
+
+
+# --- Must show 1: twelve tasks, three forked workers ------------------------------------------
+
+
+def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Twelve tasks on three forked workers write to S3 with twelve distinct audited keys."""
+    token_file = tmp_path / "ci-token"
+    token_file.write_text(stack.gitlab_token())
+    job = start_job(stack, tmp_path / "job", "twelve", token_source=f"file:{token_file}")
+    result = job.wait()
+    log = job.log()
+    assert result["ok"], log[-4000:]
+    task_ids = set(result["tasks"]["WriteObject"])
+    assert len(task_ids) == 12
+
+    markers = job.markers("write-*.json")
+    assert {m["task"] for m in markers} == task_ids
+    keys = {m["access_key_id"] for m in markers}
+    assert len(keys) == 12
+    assert "AKIASTRAYSTRAYSTRAY" not in keys
+    # force_multiprocessing: every task ran in a process of its own, none in the job's process.
+    pids = {m["pid"] for m in markers}
+    assert len(pids) == 12 and job.popen.pid not in pids
+
+    s3 = stack.moto.client("s3")
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="objects/")["Contents"]
+    assert len(listed) == 12
+    bodies = [json.loads(s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()) for o in listed]
+    assert {(b["task"], b["access_key_id"]) for b in bodies} == {
+        (m["task"], m["access_key_id"]) for m in markers
+    }
+
+    issued = _issued(stack.events(), task_ids)
+    assert len(issued) == 12
+    assert {e.task for e in issued} == task_ids
+    assert {e.credential_ref for e in issued} == keys
+    assert {(m["task"], m["access_key_id"]) for m in markers} == {
+        (e.task, e.credential_ref) for e in issued
+    }
+    # One exchange of the file's token, then eleven mints on the same refresh session.
+    assert sorted(e.kind for e in issued) == ["exchange"] + ["refresh"] * 11
+    assert len({e.session_id for e in issued}) == 1
+    assert all(e.subject == GITLAB_SUBJECT and e.grant == "etl-writer" for e in issued)
+    assert "Traceback" not in log
+
+
+# --- Must show 2: a task outlives its Vault token; a task's lease ends with it -----------------
+
+
+def _pg_role_exists(name: str) -> bool:
+    with psycopg.connect(pg_url(), autocommit=True) as conn:
+        return (
+            conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            is not None
+        )
+
+
+def test_task_outlives_its_vault_token_and_its_lease_ends_with_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A 16 s task on 12 s Vault tokens renews then re-mints without error; a lease is revoked."""
+    job = start_job(
+        stack, tmp_path / "job", "vault", token_source="env:CI_ID_TOKEN",
+        env={"CI_ID_TOKEN": stack.gitlab_token()},
+    )  # fmt: skip
+    result = job.wait()
+    log = job.log()
+    assert result["ok"], log[-4000:]
+    (long_id,) = result["tasks"]["LongVault"]
+    (secret_id,) = result["tasks"]["UseSecret"]
+
+    (marker,) = job.markers("long-vault.json")
+    seen = [(accessor, ttl) for accessor, ttl in marker["seen"]]
+    assert marker["reads"] >= 25  # one KV read every 0.5 s for 16 s, none failed
+    accessors = list(dict.fromkeys(a for a, _ in seen))
+    assert len(accessors) >= 2, seen  # re-minted when the first token stopped extending
+    first = [ttl for a, ttl in seen if a == accessors[0]]
+    assert any(b > a for a, b in itertools.pairwise(first)), first  # renewed in place
+    assert all(ttl > 0 for _, ttl in seen)
+
+    events = stack.events()
+    long_issued = _issued(events, {long_id})
+    assert len(long_issued) >= 2  # the re-mint is in the audit, under the task's id
+    assert all(e.grant == "etl-vault" for e in long_issued)
+    assert len({e.credential_ref for e in long_issued}) == len(long_issued)
+
+    (used,) = job.markers("use-secret.json")
+    (secret_issued,) = _issued(events, {secret_id})
+    assert secret_issued.credential_ref == used["lease_id"]
+    revoked = [
+        e for e in events if e.outcome == Outcome.REVOKED and e.credential_ref == used["lease_id"]
+    ]
+    assert [e.reason for e in revoked] == ["lease_revoked"]
+    assert revoked[0].session_id == secret_issued.session_id
+    assert not _pg_role_exists(used["username"])
+    assert "Traceback" not in log and "renewal failed" not in log
+
+
+# --- Must show 3: the real AWS CLI ------------------------------------------------------------
+
+
+def _cli_env(stack: Stack, tmp_path: Path, token_file: Path) -> dict[str, str]:
+    cfg = tmp_path / "luigi.cfg"
+    _write_luigi_cfg(cfg, stack.broker.url, f"file:{token_file}", stack.bao.url)
+    return {
+        **_clean_env(),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "LUIGI_CONFIG_PATH": str(cfg),
+        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_exec_runs_the_aws_cli_on_broker_credentials(stack: Stack, tmp_path: Path) -> None:
+    """`luigi-creds exec` runs two `aws` commands on the agent's credentials, then revokes."""
+    token_file = tmp_path / "ci-token"
+    token_file.write_text(stack.gitlab_token())
+    env = _cli_env(stack, tmp_path, token_file)
+    env["AWS_ACCESS_KEY_ID"] = "AKIASTRAYSTRAYSTRAY"  # removed by exec before the child starts
+    script = (
+        f"aws s3 ls --endpoint-url {stack.moto.url} && "
+        f"aws sts get-caller-identity --endpoint-url {stack.moto.url} --output json"
+    )
+    argv = ["luigi-creds", "exec", "--grant", "etl-writer", "--task", "cli-exec"]
+    out = _run([*argv, "--", "sh", "-c", script], env)
+    assert out.returncode == 0, out.stderr
+    assert BUCKET in out.stdout
+    identity = json.loads(out.stdout[out.stdout.index("{") :])
+    assert ":assumed-role/etl-writer/" in identity["Arn"]
+
+    events = stack.events()
+    issued = _issued(events, {"cli-exec"})
+    # exec's own mint (an exchange), then the agent's for the AWS SDK's container provider.
+    assert [e.kind for e in issued] == ["exchange", "refresh"]
+    session = issued[0].session_id
+    assert [e.reason for e in events if e.kind == "revoke" and e.session_id == session] == [
+        "client_revoked"
+    ]
+
+
+def test_credential_process_in_aws_config_serves_the_aws_cli(stack: Stack, tmp_path: Path) -> None:
+    """The `aws` CLI gets credentials from `credential_process = luigi-creds credential-process`."""
+    token_file = tmp_path / "ci-token"
+    env = _cli_env(stack, tmp_path, token_file)
+    (tmp_path / "aws-config").write_text(
+        "[profile etl]\n"
+        "region = us-east-1\n"
+        "credential_process = luigi-creds credential-process --grant etl-writer --task cli-cp\n"
+    )
+    # A CI token is accepted once; each `aws` run below starts one credential-process.
+    token_file.write_text(stack.gitlab_token())
+    listed = _run(["aws", "--profile", "etl", "s3", "ls", "--endpoint-url", stack.moto.url], env)
+    assert listed.returncode == 0, listed.stderr
+    assert BUCKET in listed.stdout
+    token_file.write_text(stack.gitlab_token())
+    who = _run(
+        ["aws", "--profile", "etl", "sts", "get-caller-identity", "--endpoint-url", stack.moto.url,
+         "--output", "json"],
+        env,
+    )  # fmt: skip
+    assert who.returncode == 0, who.stderr
+    arn = json.loads(who.stdout)["Arn"]
+    assert ":assumed-role/etl-writer/" in arn
+
+    issued = _issued(stack.events(), {"cli-cp"})
+    assert [e.kind for e in issued] == ["exchange", "exchange"]
+    assert len({e.credential_ref for e in issued}) == 2
+
+
+# --- Must show 4: GitHub request URL; a rotating token file -----------------------------------
+
+
+class GitHubIdTokenEndpoint:
+    """Stands in for ACTIONS_ID_TOKEN_REQUEST_URL: checks bearer and audience, returns a token."""
+
+    def __init__(self, issuer: DevIssuer, audience: str) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.served = 0
+        self.refused: list[str] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/_apis/idtoken?api-version=2.0"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = parse_qs(urlsplit(self.path).query)
+                status, body = 200, b""
+                if self.headers.get("Authorization") != f"bearer {GH_REQUEST_BEARER}":
+                    endpoint.refused.append("bearer")
+                    status = 401
+                elif query.get("audience") != [endpoint.audience]:
+                    endpoint.refused.append("audience")
+                    status = 400
+                else:
+                    endpoint.served += 1
+                    token = endpoint.issuer.mint("github", audience=endpoint.audience)
+                    body = json.dumps({"value": token}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def _client(stack: Stack, spec: str, environ: dict[str, str]) -> Iterator[BrokerClient]:
+    """A broker client for the token source `spec`, as `[luigi_creds] token_source` builds it."""
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    with httpx.Client(timeout=30, follow_redirects=False) as http:
+        source = parse_token_source(
+            spec, environ=environ, http=http, audience=stack.broker.url, clock=clock
+        )
+        yield BrokerClient(stack.broker.url, source, http=http, clock=clock)
+
+
+def test_github_source_fetches_from_the_request_url_and_renews_a_revoked_session(
+    stack: Stack,
+) -> None:
+    """The github source asks the request URL with its bearer and audience, and asks again
+    for a new token when the operator revokes the session."""
+    endpoint = GitHubIdTokenEndpoint(stack.gh_issuer, audience=stack.broker.url)
+    environ = {
+        "ACTIONS_ID_TOKEN_REQUEST_URL": endpoint.url,
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": GH_REQUEST_BEARER,
+    }
+    wrong = {**environ, "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "wrong-request-bearer"}
+    try:
+        with _client(stack, "github", environ) as client:
+            assert isinstance(client.mint("gh-writer", task="gh-1"), AwsCredentials)
+            assert (endpoint.served, endpoint.refused) == (1, [])
+
+            ended = stack.broker.cli("sessions", "revoke", "--subject", GITHUB_SUBJECT)
+            assert ended.returncode == 0 and "revoked 1 session" in ended.stdout, ended.stderr
+            assert isinstance(client.mint("gh-writer", task="gh-2"), AwsCredentials)
+            assert endpoint.served == 2
+
+        with _client(stack, "github", wrong) as bad, pytest.raises(BrokerError) as info:
+            bad.mint("gh-writer", task="gh-3")
+        assert info.value.error == "identity_unavailable" and "HTTP 401" in str(info.value)
+        assert "wrong-request-bearer" not in str(info.value)
+        assert endpoint.refused == ["bearer"]
+    finally:
+        endpoint.stop()
+
+    issued = _issued(stack.events(), {"gh-1", "gh-2"})
+    assert [(e.task, e.kind, e.issuer, e.subject) for e in issued] == [
+        ("gh-1", "exchange", "github", GITHUB_SUBJECT),
+        ("gh-2", "exchange", "github", GITHUB_SUBJECT),
+    ]
+    assert issued[0].jti != issued[1].jti
+
+
+def test_rotated_token_file_re_establishes_a_revoked_session(stack: Stack, tmp_path: Path) -> None:
+    """After the session is revoked the file source re-exchanges, succeeding once the file
+    holds a new token (the old one's jti is spent)."""
+    subject = GITLAB_SUBJECT + ":rotation"
+    token_file = tmp_path / "projected-token"
+    token_file.write_text(stack.gitlab_token(sub=subject))
+    with _client(stack, f"file:{token_file}", {}) as client:
+        assert isinstance(client.mint("etl-writer", task="rot-1"), AwsCredentials)
+        assert isinstance(client.mint("etl-writer", task="rot-2"), AwsCredentials)
+
+        ended = stack.broker.cli("sessions", "revoke", "--subject", subject)
+        assert ended.returncode == 0 and "revoked 1 session" in ended.stdout, ended.stderr
+        with pytest.raises(BrokerError) as info:
+            client.mint("etl-writer", task="rot-3")  # the file still holds the spent token
+        assert info.value.error == "invalid_request"
+        assert stack.broker.url in str(info.value) and "'etl-writer'" in str(info.value)
+
+        token_file.write_text(stack.gitlab_token(sub=subject))  # the kubelet rotates the file
+        assert isinstance(client.mint("etl-writer", task="rot-4"), AwsCredentials)
+
+    issued = _issued(stack.events(), {"rot-1", "rot-2", "rot-3", "rot-4"})
+    assert [(e.task, e.kind) for e in issued] == [
+        ("rot-1", "exchange"),
+        ("rot-2", "refresh"),
+        ("rot-4", "exchange"),
+    ]
+    assert issued[0].session_id == issued[1].session_id != issued[2].session_id
+    assert issued[0].jti != issued[2].jti
+
+
+# --- Must show 5: the broker stops mid-pipeline -----------------------------------------------
+
+
+def _wait_for(paths: list[Path], job: Job, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        assert job.popen.poll() is None, job.log()[-4000:]
+        assert time.monotonic() < deadline, job.log()[-4000:]
+        time.sleep(0.05)
+
+
+def test_broker_stopped_mid_pipeline(stack: Stack, tmp_path: Path) -> None:
+    """With the broker stopped mid-job, running tasks finish on cached credentials and the
+    task that needs a new one fails with the broker URL, grant and reason, without noise."""
+    port = free_port()
+    config = policy_toml(
+        issuer_url=stack.issuer.url,
+        audit_db=tmp_path / "down-audit.db",
+        listen=f"127.0.0.1:{port}",
+        moto_url=stack.moto.url,
+        role_arn=stack.role_arn,
+    )
+    broker = start_broker(tmp_path / "down-broker", config)
+    try:
+        job = start_job(
+            stack, tmp_path / "job", "broker-down", token_source="env:CI_ID_TOKEN",
+            broker_url=broker.url, env={"CI_ID_TOKEN": stack.gitlab_token()},
+        )  # fmt: skip
+        _wait_for([job.out / "started-1", job.out / "started-2"], job)
+    finally:
+        broker.stop()
+    (job.out / "go").touch()
+    result = job.wait()
+    log = job.log()
+
+    assert not result["ok"]
+    assert [m["task"] for m in job.markers("hold-*.json")] == sorted(result["tasks"]["Hold"])
+    s3 = stack.moto.client("s3")
+    held = s3.list_objects_v2(Bucket=BUCKET, Prefix="held/")["Contents"]
+    assert sorted(o["Key"] for o in held) == ["held/1", "held/2"]
+    assert not (job.out / "late.json").exists()
+
+    failure = f"BrokerError: broker {broker.url} unreachable for grant 'etl-writer'"
+    assert failure in log, log[-4000:]
+    # Luigi's own report of the failed task is the only traceback; nothing chained to it.
+    assert log.count("Traceback (most recent call last)") == 1, log[-4000:]
+    assert "During handling of the above exception" not in log
+    assert "The above exception was the direct cause" not in log
+    assert "httpx" not in log.split("Traceback (most recent call last)")[1].split(failure)[0]
+    assert "luigi-creds: minting at start of Late" in log
