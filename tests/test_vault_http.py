@@ -327,6 +327,16 @@ def test_database_login_works_until_lease_revoke_and_session_revoke(stack: Stack
         row = pg_login(username, password)
         assert row == (username, 42)
 
+    # The client renews its lease directly at Vault with the renew-only token it was given.
+    renewer = hvac.Client(url=stack.bao.url, token=one["renew_token"])
+    assert renewer.sys.renew_lease(one["lease_id"], increment=90)["lease_duration"] == 90
+    with pytest.raises(hvac.exceptions.Forbidden):
+        renewer.read(f"database/creds/{DB_ROLE}")
+    meta = renewer.auth.token.lookup_self()["data"]["meta"]
+    issued = issued_event(stack, first["request_id"])
+    assert (meta["session"], meta["task"]) == (issued.session_id, "Load_a")
+    assert meta["request_id"] == first["request_id"]
+
     status, body = revoke_lease(stack.broker, one["lease_id"], handle)
     assert status == 200, body
     # The single-lease revoke waits for the engine's DROP ROLE: no polling needed.
@@ -342,7 +352,7 @@ def test_database_login_works_until_lease_revoke_and_session_revoke(stack: Stack
     assert_not_leaked(
         stack, *(c[k] for c in (one, two) for k in ("renew_token",)), one["data"]["password"]
     )
-    assert_not_leaked(stack, two["data"]["password"])
+    assert_not_leaked(stack, two["data"]["password"], handle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +436,10 @@ def test_credential_minted_but_not_audited_is_revoked(stack: Stack) -> None:
             (Outcome.ERROR, "minted_not_delivered"),
         ]
         assert trail[1].detail["revoked"] is True and trail[1].credential_ref
+    # The lease really was minted (the error record names it) and is revoked now.
+    lease_ref = events(stack, refused[1])[1].credential_ref
+    assert lease_ref.startswith(f"database/creds/{DB_ROLE}/")
+    assert not lease_alive(stack.root(), lease_ref)
     # No token carrying the refused requests' ids is left at Vault.
     root = stack.root()
     for accessor in root.list("auth/token/accessors")["data"]["keys"]:
@@ -487,6 +501,35 @@ def test_operator_sessions_revoke_revokes_every_token_and_lease(stack: Stack) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Vault sealed, then down (last: it restarts OpenBao)
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_nothing_issued(stack: Stack, request_id: str) -> None:
+    """The request's trail is intent(s) then one error: no credential was issued."""
+    outcomes = [e.outcome for e in events(stack, request_id)]
+    assert Outcome.INTENT in outcomes and Outcome.ISSUED not in outcomes
+    assert outcomes[-1] == Outcome.ERROR and outcomes.count(Outcome.ERROR) == 1
+
+
+def test_sealed_vault_answers_503_and_the_broker_mints_once_unsealed(stack: Stack) -> None:
+    """With OpenBao sealed the exchange answers 503 and issues nothing; unsealed, it mints."""
+    token = stack.issuer.mint("gitlab")
+    stack.root().sys.seal()
+    try:
+        status, body, headers = stack.broker.exchange(token, TOKEN_GRANT, task="Sealed")
+        assert (status, body["error"]) == (503, "temporarily_unavailable"), body
+        assert int(headers["Retry-After"]) > 0
+        assert_nothing_issued(stack, body["request_id"])
+        status, ready = stack.broker.get("/readyz")
+        assert status == 503 and '"vault":"fail"' in ready.replace(" ", "")
+    finally:
+        stack.bao.unseal()
+    status, body, _ = stack.broker.exchange(token, TOKEN_GRANT, task="Unsealed")
+    assert status == 200, body
+
+
+# ---------------------------------------------------------------------------------------------
 # Vault down (last: it restarts OpenBao)
 # ---------------------------------------------------------------------------------------------
 
@@ -507,9 +550,7 @@ def test_vault_down_answers_503_issues_nothing_and_the_same_broker_recovers(stac
         assert int(headers["Retry-After"]) > 0
         refused.append(body["request_id"])
         for request_id in refused:
-            outcomes = [e.outcome for e in events(stack, request_id)]
-            assert Outcome.INTENT in outcomes and Outcome.ISSUED not in outcomes
-            assert outcomes[-1] == Outcome.ERROR
+            assert_nothing_issued(stack, request_id)
         status, ready = stack.broker.get("/readyz")
         assert status == 503 and '"vault":"fail"' in ready.replace(" ", "")
     finally:
