@@ -114,3 +114,47 @@ def test_agent_gone_is_a_clear_error() -> None:
     with pytest.raises(BrokerError, match="credential agent") as info:
         AgentClient(endpoint, http=httpx.Client()).mint("g")
     assert info.value.error == "unreachable"
+
+
+def test_agent_relays_lease_revocation() -> None:
+    """POST /v1/revoke-lease with the bearer reaches the revoke callable; errors keep their code."""
+    revoked: list[str] = []
+
+    def revoke(lease_id: str) -> None:
+        if lease_id.endswith("foreign"):
+            raise BrokerError(
+                "broker https://b refused lease revoke", error="invalid_grant", status=400
+            )
+        revoked.append(lease_id)
+
+    server = CredentialAgent(Minter(), clock=lambda: datetime.now(UTC), revoke_lease=revoke)
+    endpoint = server.start()
+    try:
+        with httpx.Client() as http:
+            client = AgentClient(endpoint, http=http)
+            client.revoke_lease("database/creds/x/1")
+            assert revoked == ["database/creds/x/1"]
+            with pytest.raises(BrokerError) as info:
+                client.revoke_lease("database/creds/x/foreign")
+            assert info.value.error == "invalid_grant" and info.value.status == 400
+            r = http.post(
+                f"{endpoint.url}/v1/revoke-lease", json={"lease_id": "database/creds/x/2"}
+            )
+            assert r.status_code == 401
+            r = http.post(
+                f"{endpoint.url}/v1/revoke-lease",
+                json={"lease_id": 7},
+                headers={"Authorization": f"Bearer {endpoint.bearer}"},
+            )
+            assert r.status_code == 400
+        assert revoked == ["database/creds/x/1"]
+    finally:
+        server.stop()
+
+
+def test_agent_without_a_lease_revoker_refuses(agent) -> None:  # type: ignore[no-untyped-def]
+    """An agent built without a revoke callable answers a lease revocation with an error."""
+    _, endpoint, _ = agent
+    with httpx.Client() as http, pytest.raises(BrokerError) as info:
+        AgentClient(endpoint, http=http).revoke_lease("database/creds/x/1")
+    assert info.value.error == "unsupported_token_type"

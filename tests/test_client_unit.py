@@ -323,3 +323,36 @@ def test_missing_identity_is_reported() -> None:
         client.mint("g")
     assert info.value.error == "identity_unavailable"
     assert broker.forms == []
+
+
+def test_revoke_lease_presents_the_lease_and_the_current_handle() -> None:
+    """revoke_lease posts the lease id with the vault-secret hint and the current handle, and
+    keeps the session, which the broker did not rotate."""
+    client, broker, _ = make(
+        [
+            lambda f: httpx.Response(200, json=aws_body(1, "h1")),
+            lambda f: httpx.Response(200),
+            error(400, "invalid_grant"),
+        ]
+    )
+    client.mint("g")
+    client.revoke_lease("database/creds/warehouse/abc")
+    form = broker.forms[-1]
+    assert form["_path"] == ["/v1/revoke"]
+    assert form["token"] == ["database/creds/warehouse/abc"]
+    assert form["token_type_hint"] == ["urn:luigi-creds:token-type:vault-secret"]
+    assert form["refresh_token"] == ["h1"]
+    assert client.has_session
+    with pytest.raises(BrokerError) as info:
+        client.revoke_lease("database/creds/warehouse/not-ours")
+    assert info.value.error == "invalid_grant"
+    assert URL in str(info.value) and "lease revoke" in str(info.value)
+
+
+def test_revoke_lease_without_a_session_is_refused_locally() -> None:
+    """With no session there is no lease of ours: revoke_lease raises and sends nothing."""
+    client, broker, _ = make()
+    with pytest.raises(BrokerError) as info:
+        client.revoke_lease("database/creds/warehouse/abc")
+    assert info.value.error == "invalid_grant"
+    assert broker.forms == []
