@@ -14,6 +14,7 @@ Talks to the dev issuer (one token), and runs `luigi-creds-broker` subcommands a
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,8 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
-from broker.dev.cli import TOKEN_VARIABLE, mint_token
-from broker.dev.stack import DevStack, DevState, postgres_url
+from broker.dev.cli import mint_token
+from broker.dev.stack import TOKEN_VARIABLE, DevStack, DevState, postgres_url
 
 PARTS = 3
 WORKERS = 2
@@ -47,19 +48,14 @@ def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def write_luigi_config(state: DevState, workdir: Path) -> Path:
-    """The job's luigi.cfg: where the broker is and where the token comes from; nothing secret."""
-    path = Path(state.state_dir) / "luigi.cfg"
+def write_demo_config(state: DevState, workdir: Path) -> Path:
+    """The pipeline's own settings, beside the stack's `[luigi_creds]` luigi.cfg; nothing secret."""
+    path = Path(state.state_dir) / "demo.cfg"
     path.write_text(
         textwrap.dedent(
             f"""\
             [core]
             autoload_range = false
-
-            [luigi_creds]
-            broker_url = {state.broker_url}
-            token_source = env:{TOKEN_VARIABLE}
-            vault_addr = {state.vault_addr}
 
             [demo]
             workdir = {workdir}
@@ -77,14 +73,15 @@ def run_pipeline(state: DevState) -> bool:
     """Run the Luigi pipeline against the stack; True if every task succeeded."""
     workdir = Path(state.state_dir) / "outputs"
     workdir.mkdir(mode=0o700)
-    config_path = write_luigi_config(state, workdir)
+    demo_config = write_demo_config(state, workdir)
     with warnings.catch_warnings():
         # Luigi 3.8 warns at import about a default it will change; our luigi.cfg sets it.
         warnings.simplefilter("ignore", DeprecationWarning)
         import luigi
         import luigi.configuration
 
-    luigi.configuration.add_config_path(str(config_path))
+    luigi.configuration.add_config_path(state.luigi_config)
+    luigi.configuration.add_config_path(str(demo_config))
     from examples.pipeline import DemoPipeline
     from luigi_creds.luigi import stop_agent
 
@@ -103,7 +100,21 @@ def run_pipeline(state: DevState) -> bool:
     return bool(result.scheduling_succeeded)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the stack's children are stopped and its files deleted."""
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        # Forked Luigi workers inherit this handler; only the demo's own process unwinds.
+        if os.getpid() == main_pid:
+            raise SystemExit(128 + signum)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> int:
+    _exit_on_sigterm()
     started = time.monotonic()
     print("luigi-creds demo: one CI token in, short-lived AWS and Vault credentials per task out")
     print(f"  (code from {Path(__file__).resolve().parents[1]})", flush=True)

@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+import textwrap
 import threading
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ from typing import Any
 from broker.dev.claims import PRESETS
 from broker.dev.stack import (
     AUDIENCE,
+    TOKEN_VARIABLE,
     DevStack,
     DevStackError,
     DevState,
@@ -32,7 +34,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 # How often the foreground `dev` checks that its children still run.
 WATCH_SECONDS = 1.0
-TOKEN_VARIABLE = "LUIGI_CREDS_ID_TOKEN"
 
 
 def register(subparsers: Any) -> None:
@@ -142,6 +143,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 def banner(state: DevState, state_file: Path) -> str:
     """What a client needs, as printed once the stack is up."""
     grants = ", ".join(state.grants)
+    where = "" if state_file == default_state_file() else f" --state-file {state_file}"
+    mint = f"luigi-creds-broker dev token{where}"
+    section = textwrap.indent(Path(state.luigi_config).read_text(encoding="utf-8"), "  ")
     return f"""
 luigi-creds dev stack is up. Ctrl-C stops everything and deletes {state.state_dir}
 
@@ -153,19 +157,17 @@ luigi-creds dev stack is up. Ctrl-C stops everything and deletes {state.state_di
   grants       {grants}
   state file   {state_file}
 
-luigi.cfg:
-  [luigi_creds]
-  broker_url = {state.broker_url}
-  token_source = env:{TOKEN_VARIABLE}
-  vault_addr = {state.vault_addr}
-
-In a client shell:
-  export {TOKEN_VARIABLE}="$(luigi-creds-broker dev token --preset gitlab)"
+luigi.cfg (written to {state.luigi_config}):
+{section}
+In a client shell (one exchange spends a CI token: mint a fresh one per job):
   export AWS_ENDPOINT_URL={state.aws_endpoint_url} VAULT_ADDR={state.vault_addr}
-  luigi-creds --config luigi.cfg whoami
-  luigi-creds --config luigi.cfg exec --grant etl-writer -- aws s3 ls s3://{state.bucket}
+  export {TOKEN_VARIABLE}="$({mint} --preset gitlab)"
+  luigi-creds --config {state.luigi_config} whoami
+  luigi-creds --config {state.luigi_config} exec --grant etl-writer -- aws s3 ls s3://{state.bucket}
+  {TOKEN_VARIABLE}="$({mint})" luigi-creds --config {state.luigi_config} \\
+      exec --grant etl-vault -- bao kv get secret/etl/db
 
-Other identities: luigi-creds-broker dev token --preset github|bitbucket|okta --claim ref=...
+Other identities: {mint} --preset github|bitbucket|okta [--claim NAME=VALUE ...]
 Audit: luigi-creds-broker audit report --config {state.config}
 """
 

@@ -50,6 +50,9 @@ MOTO_ENV = {
 }
 # The dev token's GitHub repository id (broker.dev.claims) that the github grant binds.
 GITHUB_REPOSITORY_ID = "690215432"
+# Where the job's CI token is read from (luigi_creds' `token_source = env:...`), like GitLab's
+# `id_tokens` variable.
+TOKEN_VARIABLE = "LUIGI_CREDS_ID_TOKEN"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 PG_ENV = "LUIGI_CREDS_TEST_PG"
 # moto_server imports all of moto on start: a few seconds on a slow machine, more under load.
@@ -87,6 +90,7 @@ class DevState:
     role_arn: str
     grants: tuple[str, ...]
     database: bool
+    luigi_config: str
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> DevState:
@@ -264,6 +268,18 @@ def policy_text(
     )
 
 
+def client_config(broker_url: str, vault_addr: str) -> str:
+    """The `[luigi_creds]` section a Luigi job on this machine uses; nothing in it is secret."""
+    return textwrap.dedent(
+        f"""\
+        [luigi_creds]
+        broker_url = {broker_url}
+        token_source = env:{TOKEN_VARIABLE}
+        vault_addr = {vault_addr}
+        """
+    )
+
+
 def grant_names(database: bool) -> tuple[str, ...]:
     names = ("etl-writer", "etl-vault", "gh-etl", "bb-etl", "okta-etl")
     return (*names, "warehouse") if database else names
@@ -309,6 +325,8 @@ class DevStack:
         self.broker: ManagedProcess | None = None
         self.state: DevState | None = None
         self._issuer_log: TextIO | None = None
+        # A process forked from ours (a Luigi worker in the demo) must never tear the stack down.
+        self._owner_pid = os.getpid()
 
     def __enter__(self) -> DevState:
         try:
@@ -403,6 +421,8 @@ class DevStack:
             timeout=START_TIMEOUT_SECONDS,
         )
         self._wait_ready(broker_url + "/readyz")
+        luigi_config = state_dir / "luigi.cfg"
+        luigi_config.write_text(client_config(broker_url, self.bao.url), encoding="utf-8")
         self.state = DevState(
             pid=os.getpid(),
             state_dir=str(state_dir),
@@ -415,6 +435,7 @@ class DevStack:
             role_arn=role_arn,
             grants=grant_names(pg is not None),
             database=pg is not None,
+            luigi_config=str(luigi_config),
         )
         if self.state_file is not None:
             _private_dir(self.state_file.parent)
@@ -471,12 +492,14 @@ class DevStack:
 
     def stop_broker(self) -> None:
         """Stop only the broker (SIGTERM: it signs a last audit checkpoint and exits)."""
-        if self.broker is not None:
+        if self.broker is not None and os.getpid() == self._owner_pid:
             self.broker.stop()
             self.broker = None
 
     def stop(self) -> None:
         """Stop the broker first (it checkpoints its audit), then the rest; delete the state dir."""
+        if os.getpid() != self._owner_pid:
+            return
         self.stop_broker()
         if self.moto is not None:
             self.moto.stop()
