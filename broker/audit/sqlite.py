@@ -4,6 +4,8 @@ Talks to the local file system through Python's sqlite3. Durability: WAL journal
 `synchronous=FULL`, so a returned `append` has been fsync'd. The ledger lock is SQLite's database
 write lock, taken up front with `BEGIN IMMEDIATE`, which serialises appends across processes;
 threads of one process first queue on a local lock so they do not spin in SQLite's busy handler.
+Queueing and the busy handler share one deadline per write, so a hung writer elsewhere costs each
+waiting request at most BUSY_TIMEOUT, however many requests queue behind it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class SqliteAuditStore(SqlLedger):
         self.path = path
         self._busy_timeout = busy_timeout
         self._process_lock = threading.Lock()
+        self._deadline = threading.local()  # monotonic deadline of this thread's current write
 
     def __repr__(self) -> str:
         return f"SqliteAuditStore({str(self.path)!r})"
@@ -95,7 +98,8 @@ class SqliteAuditStore(SqlLedger):
             time.sleep(0.02)
 
     @contextmanager
-    def _txn(self, conn: Any) -> Iterator[Any]:
+    def _txn(self, conn: Any, timeout: float) -> Iterator[Any]:
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -105,10 +109,17 @@ class SqliteAuditStore(SqlLedger):
         conn.execute("COMMIT")
 
     def _write_txn(self, conn: Any) -> AbstractContextManager[Any]:
-        return self._txn(conn)
+        # What the queue in _local_lock left of this write's deadline (HOSTILE F2).
+        deadline = getattr(self._deadline, "value", None)
+        if deadline is None:
+            return self._txn(conn, self._busy_timeout)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise sqlite3.OperationalError("audit write lock not obtained within the busy timeout")
+        return self._txn(conn, remaining)
 
     def _migration_txn(self, conn: Any) -> AbstractContextManager[Any]:
-        return self._txn(conn)
+        return self._txn(conn, self._busy_timeout)
 
     def _table_exists(self, conn: Any, name: str) -> bool:
         rows = self._rows(
@@ -116,5 +127,19 @@ class SqliteAuditStore(SqlLedger):
         )
         return bool(rows)
 
+    @contextmanager
+    def _queue(self) -> Iterator[None]:
+        # Without a bound here, N requests behind a hung writer would fail one busy timeout after
+        # another (the Nth after N timeouts), each holding a worker thread meanwhile.
+        deadline = time.monotonic() + self._busy_timeout
+        if not self._process_lock.acquire(timeout=self._busy_timeout):
+            raise sqlite3.OperationalError("audit writers queued past the busy timeout")
+        self._deadline.value = deadline
+        try:
+            yield
+        finally:
+            self._deadline.value = None
+            self._process_lock.release()
+
     def _local_lock(self) -> AbstractContextManager[Any]:
-        return self._process_lock
+        return self._queue()
