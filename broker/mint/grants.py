@@ -129,7 +129,9 @@ class GrantMinter:
             path = spec.secret
 
             def read() -> Minted:
-                secret = vault.read_secret(path, ttl=ttl, metadata=metadata)
+                secret = vault.read_secret(
+                    path, ttl=ttl, metadata={**metadata, "grant": grant.name}
+                )
                 return Minted(
                     token_type=TOKEN_TYPE_VAULT_SECRET,
                     access_token=secret.lease_id,
