@@ -113,12 +113,8 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def main() -> int:
-    _exit_on_sigterm()
-    started = time.monotonic()
-    print("luigi-creds demo: one CI token in, short-lived AWS and Vault credentials per task out")
-    print(f"  (code from {Path(__file__).resolve().parents[1]})", flush=True)
-    banner("starting the dev stack")
+def run_demo() -> tuple[bool, subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """Stack up, pipeline, revoke, audit; the stack is torn down however this returns."""
     stack = DevStack(say=lambda line: print(f"  {line}", flush=True))
     with stack as state:
         print(f"  broker {state.broker_url}; grants: {', '.join(state.grants)}")
@@ -146,6 +142,20 @@ def main() -> int:
         banner("luigi-creds-broker audit verify")
         verify = broker_cli("audit", "verify", "--config", state.config)
         banner("stopping moto, OpenBao and the issuer; deleting the state directory")
+    return ok, report, verify
+
+
+def main() -> int:
+    _exit_on_sigterm()
+    started = time.monotonic()
+    print("luigi-creds demo: one CI token in, short-lived AWS and Vault credentials per task out")
+    print(f"  (code from {Path(__file__).resolve().parents[1]})", flush=True)
+    banner("starting the dev stack")
+    try:
+        ok, report, verify = run_demo()
+    except (KeyboardInterrupt, SystemExit):
+        print("\ndemo interrupted: the stack is stopped and its state dir deleted", flush=True)
+        raise
     seconds = time.monotonic() - started
     good = ok and report.returncode == 0 and verify.returncode == 0
     print(f"\ndemo {'finished' if good else 'FAILED'} in {seconds:.0f} s", flush=True)

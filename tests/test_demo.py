@@ -54,6 +54,13 @@ def _make_demo(clone: Path, tmp_path: Path, *, dry_run: bool) -> subprocess.Comp
     )
 
 
+def _found(pattern: str, text: str) -> str:
+    """The first group of `pattern`'s first match in `text` (which must have one)."""
+    match = re.search(pattern, text)
+    assert match is not None, pattern
+    return match.group(1)
+
+
 def _report_rows(output: str) -> dict[str, int]:
     """grant -> credentials issued, from the audit report table the demo prints."""
     rows: dict[str, int] = {}
@@ -105,16 +112,16 @@ def test_make_demo_runs_from_a_clean_clone(tmp_path: Path) -> None:
     verify = report.split("== luigi-creds-broker audit verify", 1)[1]
     assert "  OK\n" in verify and "0 records after the last checkpoint" in verify
 
-    seconds = int(re.search(r"demo finished in (\d+) s", out).group(1))  # type: ignore[union-attr]
+    seconds = int(_found(r"demo finished in (\d+) s", out))
     assert seconds < 120
     # No secret in what the demo prints: neither the KV value nor any JWT.
     assert KV_VALUE not in out + result.stderr
     assert not re.search(r"eyJ[\w-]{10,}\.eyJ", out + result.stderr)
     # The private state dir (AppRole files, audit DB, outputs) is gone; the broker is down.
-    state_dir = re.search(r"state dir (\S+) \(0700", out).group(1)  # type: ignore[union-attr]
+    state_dir = _found(r"state dir (\S+) \(0700", out)
     assert Path(state_dir).parent == tmp_path and not Path(state_dir).exists()
     assert not list(tmp_path.glob("luigi-creds-dev-*"))
-    broker_url = re.search(r"broker (http://127\.0\.0\.1:\d+);", out).group(1)  # type: ignore[union-attr]
+    broker_url = _found(r"broker (http://127\.0\.0\.1:\d+);", out)
     assert not http_ok(broker_url + "/healthz", timeout=0.5)
 
 
@@ -226,3 +233,28 @@ def test_dev_policy_loads_with_every_grant(tmp_path: Path, database: bool) -> No
     )
     config = parse_config(text, source="dev.toml")
     assert tuple(g.name for g in config.grants) == grant_names(database)
+
+
+@pytest.mark.integration
+def test_demo_interrupted_by_sigterm_stops_the_stack_and_deletes_its_files(tmp_path: Path) -> None:
+    """SIGTERM mid-pipeline ends the demo with 143, its servers down and its state dir gone."""
+    log_path = tmp_path / "demo.log"
+
+    def pipeline_running() -> bool:
+        return log_path.exists() and "== running the Luigi pipeline" in log_path.read_text()
+
+    demo = start_process(
+        [sys.executable, "-m", "examples.demo"],
+        log_path=log_path,
+        ready=pipeline_running,
+        env={"TMPDIR": str(tmp_path), "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"},
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    code = demo.stop(grace=30)
+    out = demo.log_text()
+    assert code == 143, out[-4000:]
+    assert "demo interrupted: the stack is stopped and its state dir deleted" in out
+    assert not list(tmp_path.glob("luigi-creds-dev-*"))
+    broker_url = _found(r"broker (http://127\.0\.0\.1:\d+);", out)
+    assert not http_ok(broker_url + "/healthz", timeout=0.5)
