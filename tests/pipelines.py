@@ -176,7 +176,7 @@ def build_job(scenario: str, out: str) -> list[luigi.Task]:
     if scenario == "broker-down":
         return [Late(out=out)]
     if scenario == "vault":
-        return [LongVault(seconds=16.0, out=out), UseSecret(out=out)]
+        return [LongVault(seconds=18.0, out=out), UseSecret(out=out)]
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 
