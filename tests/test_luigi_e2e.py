@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import hvac.exceptions
 import psycopg
 import pytest
 from servers import DevIssuer, free_port, start_dev_issuer
@@ -342,6 +343,9 @@ def test_task_outlives_its_vault_token_and_its_lease_ends_with_it(
     first = [ttl for a, ttl in seen if a == accessors[0]]
     assert any(b > a for a, b in itertools.pairwise(first)), first  # renewed in place
     assert all(ttl > 0 for _, ttl in seen)
+    # Released at success: the newest token is revoked, not left to run out its TTL.
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        stack.bao.root().auth.token.lookup_accessor(accessors[-1])
 
     events = stack.events()
     long_issued = _issued(events, {long_id})
@@ -618,6 +622,9 @@ def test_broker_stopped_mid_pipeline(stack: Stack, tmp_path: Path) -> None:
     assert log.count("Traceback (most recent call last)") == 1, log[-4000:]
     assert "During handling of the above exception" not in log
     assert "The above exception was the direct cause" not in log
-    assert "httpx" not in log.split("Traceback (most recent call last)")[1].split(failure)[0]
+    # ...and it shows the task's own frames down to the accessor, none from HTTP or the agent.
+    frames = log.split("Traceback (most recent call last)")[1].split(failure)[0]
+    files = {line.split('"')[1] for line in frames.splitlines() if line.strip().startswith("File")}
+    assert {Path(f).name for f in files} == {"worker.py", "pipelines.py", "luigi.py"}, frames
     assert "luigi-creds: minting at start of Late" in log
     assert ci_token not in log
