@@ -87,6 +87,17 @@ class OpenBao:
             ready_url=f"{self.url}/v1/sys/health",
         )
 
+    def unseal(self) -> None:
+        """Unseal with the key the running dev server printed at start (dev mode has one)."""
+        assert self.process is not None
+        prefix = "Unseal Key: "
+        key = next(
+            line[len(prefix) :].strip()
+            for line in self.process.log_text().splitlines()
+            if line.startswith(prefix)
+        )
+        self.root().sys.submit_unseal_key(key)
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
