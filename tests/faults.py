@@ -4,8 +4,9 @@
 requests sit between the broker's `intent` record and its `issued` record long enough to be cut
 by a SIGKILL; it also counts what reached the upstream, the ground truth for HOSTILE.md I3.
 `hold_sqlite_write_lock` takes an SQLite database's write lock from the test process, so every
-writer in the broker waits on its busy timeout (HOSTILE.md F2, "the audit sink hangs").
-Talks to the upstream over loopback HTTP and to SQLite files through the standard library.
+writer in the broker waits on its busy timeout (HOSTILE.md F2, "the audit sink hangs");
+`hold_pg_audit_head_lock` does the same to the PostgreSQL ledger's head row.
+Talks to the upstream over loopback HTTP, to SQLite files and to PostgreSQL (psycopg).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 # Headers that belong to one hop (RFC 9110 §7.6.1) and are not forwarded either way.
 _HOP_BY_HOP = frozenset(
@@ -178,3 +182,18 @@ def hold_sqlite_write_lock(path: Path) -> Iterator[sqlite3.Connection]:
             conn.execute("ROLLBACK")
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def hold_pg_audit_head_lock(url: str) -> Iterator[psycopg.Connection[Any]]:
+    """Hold the audit ledger's head row (`SELECT ... FOR UPDATE`) until the block ends.
+
+    Every append locks that row first (broker/audit/postgresql.py), so each one waits out the
+    store's lock timeout; other tables, the replay ledger's among them, stay writable.
+    """
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE")
+        try:
+            yield conn
+        finally:
+            conn.rollback()

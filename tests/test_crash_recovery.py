@@ -27,13 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import DelayingProxy, hold_sqlite_write_lock, start_delaying_proxy
+from faults import (
+    DelayingProxy,
+    hold_pg_audit_head_lock,
+    hold_sqlite_write_lock,
+    start_delaying_proxy,
+)
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, Moto, fresh_pg_database, policy_toml, start_broker, start_moto
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.ledger import StoredCheckpoint
+from broker.audit.postgresql import STATEMENT_TIMEOUT_MS as PG_LOCK_TIMEOUT_MS
 from broker.audit.sqlite import BUSY_TIMEOUT as AUDIT_BUSY_SECONDS
 from broker.sessions import _SQLITE_BUSY_SECONDS as STATE_BUSY_SECONDS
 
@@ -412,52 +418,79 @@ def test_edited_record_fails_verify_naming_its_seq(crash: CrashRun, tmp_path: Pa
 
 # -- the audit store hangs (HOSTILE F2) ---------------------------------------------------------
 
-# One exchange meets the held lock twice: the replay ledger's write (sessions.py, same SQLite
+# SQLite: one exchange meets the held lock twice. The replay ledger's write (sessions.py, same
 # file) waits out its busy timeout and fails, then the `error` record waits out the audit store's.
-HANG_BOUND = STATE_BUSY_SECONDS + AUDIT_BUSY_SECONDS + 3.0  # 3 s: process and CPU slack
+# PostgreSQL: the replay ledger's tables stay writable; the `intent` and then the `error` record
+# each wait out the audit store's lock timeout. 3 s: process and CPU slack on a shared machine.
+HANG_BOUND = {
+    "sqlite": STATE_BUSY_SECONDS + AUDIT_BUSY_SECONDS + 3.0,
+    "postgresql": 2 * PG_LOCK_TIMEOUT_MS / 1000 + 3.0,
+}
 
 
+@contextlib.contextmanager
+def _hung_store(kind: str, workdir: Path) -> Iterator[tuple[str, Any]]:
+    """A store URL and a function that holds its write lock (as a context) while called."""
+    if kind == "sqlite":
+        db = workdir / "audit.db"
+        yield f"sqlite:///{db}", lambda: hold_sqlite_write_lock(db)
+    else:
+        with fresh_pg_database("hang") as url:
+            yield url, lambda: hold_pg_audit_head_lock(url)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
-    upstreams: Upstreams, tmp_path: Path
+    kind: str, upstreams: Upstreams, tmp_path: Path
 ) -> None:
-    """A held SQLite write lock makes the exchange answer 503 in bounded time; release heals it."""
-    db = tmp_path / "audit.db"
-    broker = start_broker(
-        tmp_path / "broker", _broker_config(upstreams, f"sqlite:///{db}", tmp_path / "key.pem")
-    )
-    try:
-        status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
-        assert status == 200, body
-        sts_before = len(upstreams.proxy.requests("AssumeRole"))
-        with hold_sqlite_write_lock(db):
-            result: dict[str, Any] = {}
+    """A held audit write lock makes parallel exchanges answer 503 in bounded time, then heals."""
+    bound = HANG_BOUND[kind]
+    with _hung_store(kind, tmp_path) as (url, hold_lock):
+        broker = start_broker(
+            tmp_path / "broker", _broker_config(upstreams, url, tmp_path / "key.pem")
+        )
+        try:
+            status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
+            assert status == 200, body
+            sts_before = len(upstreams.proxy.requests("AssumeRole"))
+            tokens = [upstreams.issuer.mint("gitlab") for _ in range(CLIENT_THREADS)]
+            answers: list[tuple[float, Any]] = []
+            with hold_lock():
 
-            def exchange() -> None:
+                def exchange(token: str) -> None:
+                    started = time.monotonic()
+                    answer = broker.exchange(token)
+                    answers.append((time.monotonic() - started, answer))
+
+                workers = [
+                    threading.Thread(target=exchange, args=(t,), daemon=True) for t in tokens
+                ]
+                for worker in workers:
+                    worker.start()
+                # The event loop is not blocked: liveness answers at once while requests wait.
+                time.sleep(0.5)
                 started = time.monotonic()
-                result["answer"] = broker.exchange(upstreams.issuer.mint("gitlab"))
-                result["elapsed"] = time.monotonic() - started
-
-            worker = threading.Thread(target=exchange, daemon=True)
-            worker.start()
-            # The event loop is not blocked: liveness answers at once while the request waits.
-            time.sleep(0.5)
-            started = time.monotonic()
-            health, _ = broker.get("/healthz")
-            assert health == 200 and time.monotonic() - started < 1.0
-            worker.join(timeout=HANG_BOUND + 5)
-            assert not worker.is_alive(), "the exchange hung past the bound"
-            status, body, headers = result["answer"]
-            # Answered while the lock is still held: the broker gave up, it did not wait it out.
-            assert status == 503, body
-            assert body["error"] == "temporarily_unavailable"
-            assert headers["Retry-After"]
-            assert result["elapsed"] < HANG_BOUND, result["elapsed"]
-            assert len(upstreams.proxy.requests("AssumeRole")) == sts_before
-            assert "credentials" not in body
-        status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
-        assert status == 200, body
-    finally:
-        broker.stop()
-    events, _, _, _ = _read_ledger(f"sqlite:///{db}")
+                health, _ = broker.get("/healthz")
+                assert health == 200 and time.monotonic() - started < 1.0
+                for worker in workers:
+                    worker.join(timeout=bound + 5)
+                # Answered while the lock is still held: the broker gave up, it did not wait it
+                # out; requests queued behind each other share the bound, not add it up.
+                assert len(answers) == CLIENT_THREADS, "an exchange hung past the bound"
+                for elapsed, (status, body, headers) in answers:
+                    assert status == 503, body
+                    assert body["error"] == "temporarily_unavailable"
+                    assert "credentials" not in body and headers["Retry-After"]
+                    assert elapsed < bound, [round(e, 1) for e, _ in answers]
+                assert len(upstreams.proxy.requests("AssumeRole")) == sts_before
+            # Nothing was burned: a job that met the outage retries with the same token.
+            status, body, _ = broker.exchange(tokens[0])
+            assert status == 200, body
+            assert broker.get("/readyz")[0] == 200
+        finally:
+            broker.stop()
+        events, _, _, _ = _read_ledger(url)
     issued = [e for e in events if e.outcome == Outcome.ISSUED]
     assert len(issued) == 2 and body["request_id"] == issued[-1].request_id
+    # NOTE: a refused request whose records could not be written leaves no record (the store
+    # that would hold it is the one that hangs) and the broker logs nothing of it either.
