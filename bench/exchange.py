@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hvac
+
 from broker.dev.claims import GITLAB_PROJECT_ID, preset_claims
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
 
@@ -51,7 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from servers import DevIssuer, free_port, start_dev_issuer  # noqa: E402
-from stack import Broker, Moto, start_broker, start_moto  # noqa: E402
+from stack import Broker, Moto, fresh_pg_database, start_broker, start_moto  # noqa: E402
 from vault_server import BAO, ETL_POLICY, OpenBao, setup_broker, start_openbao  # noqa: E402
 
 AUDIENCE = "luigi-creds"
@@ -150,7 +152,7 @@ def broker_config(
     *,
     listen: str,
     issuer_url: str,
-    audit_db: Path,
+    audit_store: str,
     moto_url: str,
     role_arn: str,
     bao_url: str,
@@ -162,7 +164,7 @@ def broker_config(
         f"""
         [broker]
         listen = "{listen}"
-        audit_store = "sqlite:///{audit_db}"
+        audit_store = "{audit_store}"
         rate_limit_identity = {UNLIMITED_RATE}
         rate_limit_grant = {UNLIMITED_RATE}
 
@@ -209,9 +211,17 @@ def broker_config(
 
 
 @contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
-    """Start issuer, OpenBao, moto and broker under `workdir`; stop them all on exit."""
+def running_stack(workdir: Path, store: str = "sqlite") -> Iterator[Stack]:
+    """Start issuer, OpenBao, moto and broker under `workdir`; stop them all on exit.
+
+    `store` is where the broker keeps its audit ledger and sessions: "sqlite" (a file under
+    `workdir`) or "postgresql" (a fresh database on the test cluster, dropped afterwards).
+    """
     with ExitStack() as stop:
+        if store == "postgresql":
+            audit_store = stop.enter_context(fresh_pg_database("bench"))
+        else:
+            audit_store = f"sqlite:///{workdir / 'audit.db'}"
         issuer = start_dev_issuer(workdir, algs="RS256")
         stop.callback(issuer.stop)
         # The child saved its keys in the state dir: load them to sign here, with no HTTP hop.
@@ -229,7 +239,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         text = broker_config(
             listen=listen,
             issuer_url=issuer.url,
-            audit_db=workdir / "audit.db",
+            audit_store=audit_store,
             moto_url=moto.url,
             role_arn=role_arn,
             bao_url=bao.url,
@@ -433,6 +443,7 @@ class Settings:
     concurrency: int
     hostile: int
     warmup: int
+    store: str = "sqlite"
 
 
 def _split(jobs: list[Job], warmup: int, threads: int) -> list[tuple[list[Job], list[Job]]]:
@@ -487,6 +498,38 @@ def _session_handle(stack: Stack) -> str:
     if status != 200:
         raise RuntimeError(f"could not open a refresh session: {status} {body.get('error')}")
     return str(body["refresh_token"])
+
+
+def equivalence(stack: Stack) -> dict[str, dict[str, Any]]:
+    """One Vault token from each side (untimed), looked up at OpenBao: the two must match.
+
+    The comparison is only fair if both paths hand out the same thing: a token with the same
+    policies and TTL, that reads the grant's secret. Raises RuntimeError when they differ.
+    """
+    status, body, _ = stack.broker.exchange(stack.mint(), VAULT_GRANT)
+    if status != 200:
+        raise RuntimeError(f"our exchange failed: {status} {body.get('error')}")
+    ours = str(body["credentials"]["token"])
+    login = hvac.Client(url=stack.bao.url, timeout=10).auth.jwt.jwt_login(
+        role=BAO_ROLE, jwt=stack.mint()
+    )
+    peer = str(login["auth"]["client_token"])
+    seen: dict[str, dict[str, Any]] = {}
+    for system, token in ((OURS, ours), (PEER, peer)):
+        client = hvac.Client(url=stack.bao.url, token=token, timeout=10)
+        data = client.auth.token.lookup_self()["data"]
+        secret = client.secrets.kv.v2.read_secret_version(
+            path="etl/db", raise_on_deleted_version=True
+        )
+        seen[system] = {
+            "policies": sorted(data["policies"]),
+            "creation_ttl": data["creation_ttl"],
+            "renewable": data["renewable"],
+            "reads_etl_secret": bool(secret["data"]["data"]),
+        }
+    if seen[OURS] != seen[PEER]:
+        raise RuntimeError(f"the two Vault tokens differ: {seen}")
+    return seen
 
 
 def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -608,7 +651,8 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
     """Start the stack under `workdir`, run both phases, return the report."""
     started = time.monotonic()
     load_before = os.getloadavg()
-    with running_stack(workdir) as stack:
+    with running_stack(workdir, settings.store) as stack:
+        tokens = equivalence(stack)
         rows = run_phase(stack, "sequential", settings)
         if settings.concurrency > 1:
             rows += run_phase(stack, "concurrent", settings)
@@ -619,8 +663,9 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
             "concurrency": settings.concurrency,
             "hostile_total": settings.hostile,
             "warmup": settings.warmup,
-            "audit_store": "sqlite",
+            "audit_store": settings.store,
         },
+        "vault_tokens": tokens,
         "results": rows,
         "ratios": ratios(rows),
         "duration_s": round(time.monotonic() - started, 1),
@@ -651,12 +696,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=20, help="untimed requests per scenario per thread"
     )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the broker's audit and session store (postgresql: $LUIGI_CREDS_TEST_PG cluster)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep server logs here (default: a tmp dir)")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
-    settings = Settings(args.requests, args.concurrency, args.hostile, args.warmup)
+    settings = Settings(args.requests, args.concurrency, args.hostile, args.warmup, args.store)
     with ExitStack() as cleanup:
         if args.workdir is not None:
             workdir = args.workdir

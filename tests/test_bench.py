@@ -67,7 +67,7 @@ def test_ratios_divide_ours_by_the_peer_and_mark_unpeered_rows() -> None:
 
 @pytest.mark.integration
 def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
-    """A tiny run finishes without errors and reports every scenario, phase, system and ratio."""
+    """A tiny run hands out equal Vault tokens on both sides and reports every scenario."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(
@@ -95,6 +95,11 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
     assert report["machine"]["cores"] >= 1
     assert report["machine"]["python"] == platform.python_version()
     assert "OpenBao" in report["machine"]["bao"]
+    tokens = report["vault_tokens"]
+    assert tokens["luigi-creds"] == tokens["openbao"]
+    assert tokens["openbao"]["policies"] == ["default", "etl-read"]
+    assert tokens["openbao"]["creation_ttl"] == 900
+    assert tokens["openbao"]["reads_etl_secret"] is True
     results = {(r["phase"], r["scenario"], r["system"]): r for r in report["results"]}
     for phase, threads in (("sequential", 1), ("concurrent", 2)):
         for scenario in SCENARIOS:
