@@ -1,11 +1,13 @@
 """Benchmark: our token exchange next to OpenBao's own JWT login, in one run, on one machine.
 
 Owns the benchmark run: it starts, on loopback, the dev OIDC issuer, an OpenBao dev server, moto
-and our broker (through the test suite's process helpers in tests/), configures OpenBao's JWT
-auth method and our broker with equivalent rules against the same issuer, then drives both over
-HTTP with pre-minted tokens and reports latency percentiles and throughput per scenario, and the
-ratio ours/peer for every comparable pair. Talks to the issuer, OpenBao, moto and the broker over
-loopback HTTP; hvac (root token of the throwaway dev server) only to set OpenBao up.
+and our broker (through broker.dev and the test suite's helpers in tests/), configures OpenBao's
+JWT auth method and our broker with equivalent rules against the same issuer, checks that both
+hand out the same Vault token (policies, TTL, what it reads), then drives both over HTTP with
+pre-minted tokens and reports latency percentiles and throughput per scenario, and the ratio
+ours/peer for every comparable pair. Talks to the issuer, OpenBao, moto and the broker over
+loopback HTTP; hvac only to set OpenBao up (the throwaway dev server's root token) and for the
+untimed equivalence check.
 
 Scenarios (each in a sequential phase and a concurrent phase of C threads):
   vault_token      peer: POST /v1/auth/jwt/login at OpenBao -> a Vault token
@@ -47,14 +49,16 @@ import hvac
 
 from broker.dev.claims import GITLAB_PROJECT_ID, preset_claims
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
+from broker.dev.processes import free_port
+from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker, start_openbao
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The process helpers live with the integration tests; the benchmark starts the same servers.
+# The issuer-as-a-child, moto and broker helpers live with the integration tests (broker.dev has
+# OpenBao and process handling only); the benchmark starts the same servers the tests do.
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from servers import DevIssuer, free_port, start_dev_issuer  # noqa: E402
+from servers import DevIssuer, start_dev_issuer  # noqa: E402
 from stack import Broker, Moto, fresh_pg_database, start_broker, start_moto  # noqa: E402
-from vault_server import BAO, ETL_POLICY, OpenBao, setup_broker, start_openbao  # noqa: E402
 
 AUDIENCE = "luigi-creds"
 VAULT_GRANT = "etl-vault"
