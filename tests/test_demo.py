@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import REPO_ROOT, http_ok, start_process
+from servers import REPO_ROOT, free_port, http_ok, start_process
 
-from broker.config import parse_config
+from broker.config import load_config, parse_config
 from broker.dev.cli import parse_claims
-from broker.dev.stack import grant_names, policy_text
+from broker.dev.stack import DevStack, DevStackError, _private_dir, grant_names, policy_text
 
 VENV = Path(sys.executable).parent.parent
 STAMP = VENV / ".installed"
@@ -120,7 +120,15 @@ def test_make_demo_runs_from_a_clean_clone(tmp_path: Path) -> None:
     # The private state dir (AppRole files, audit DB, outputs) is gone; the broker is down.
     state_dir = _found(r"state dir (\S+) \(0700", out)
     assert Path(state_dir).parent == tmp_path and not Path(state_dir).exists()
-    assert not list(tmp_path.glob("luigi-creds-dev-*"))
+    # Nothing else was left in TMPDIR, and nothing was written into the checkout.
+    assert [p.name for p in tmp_path.iterdir()] == ["clone"]
+    status = subprocess.run(
+        ["git", "-C", str(clone), "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert all("__pycache__" in line for line in status.splitlines()), status
     broker_url = _found(r"broker (http://127\.0\.0\.1:\d+);", out)
     assert not http_ok(broker_url + "/healthz", timeout=0.5)
 
@@ -217,22 +225,104 @@ def test_claim_arguments_parse_as_strings_or_json() -> None:
         parse_claims(["oops"])
 
 
-@pytest.mark.parametrize("database", [True, False])
-def test_dev_policy_loads_with_every_grant(tmp_path: Path, database: bool) -> None:
-    """The generated dev policy passes the broker's loader and names the advertised grants."""
-    text = policy_text(
+EXAMPLE_STATE_DIR = Path("/tmp/luigi-creds-dev-XXXXXXXX")
+
+
+def _example_policy(database: bool) -> str:
+    """The dev policy with the placeholder ports and state dir examples/dev-policy.toml shows."""
+    return policy_text(
         listen="127.0.0.1:8480",
-        state_dir=tmp_path,
+        state_dir=EXAMPLE_STATE_DIR,
         issuer_url="http://127.0.0.1:9000",
         moto_url="http://127.0.0.1:5000",
         vault_url="http://127.0.0.1:8200",
         role_arn="arn:aws:iam::123456789012:role/luigi-creds-dev-etl",
-        role_id_file=tmp_path / "role_id",
-        secret_id_file=tmp_path / "secret_id",
+        role_id_file=EXAMPLE_STATE_DIR / "vault" / "role_id",
+        secret_id_file=EXAMPLE_STATE_DIR / "vault" / "secret_id",
         database=database,
     )
-    config = parse_config(text, source="dev.toml")
+
+
+@pytest.mark.parametrize("database", [True, False])
+def test_dev_policy_loads_with_every_grant(database: bool) -> None:
+    """The generated dev policy passes the broker's loader and names the advertised grants."""
+    config = parse_config(_example_policy(database), source="dev.toml")
     assert tuple(g.name for g in config.grants) == grant_names(database)
+    assert [i.name for i in config.issuers] == ["dev"]
+
+
+def test_example_dev_policy_is_what_the_dev_stack_generates() -> None:
+    """examples/dev-policy.toml is the generator's output below a comment header, and loads."""
+    path = REPO_ROOT / "examples" / "dev-policy.toml"
+    text = path.read_text(encoding="utf-8")
+    header, generated = text.split("\n\n", 1)
+    assert all(line.startswith("# ") for line in header.splitlines())
+    assert generated == _example_policy(True)
+    assert len(load_config(path).grants) == len(grant_names(True))
+
+
+def test_state_dir_must_be_a_real_directory_of_ours(tmp_path: Path) -> None:
+    """A symlink where the private state dir should be is refused, and a lax mode is tightened."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DevStackError, match="not a directory owned by this user"):
+        _private_dir(tmp_path / "link")
+    lax = tmp_path / "lax"
+    lax.mkdir(mode=0o755)
+    _private_dir(lax)
+    assert stat.S_IMODE(lax.stat().st_mode) == 0o700
+
+
+def test_a_second_dev_stack_on_the_same_state_file_is_refused(tmp_path: Path) -> None:
+    """While the state file names a live process, starting another stack fails before any work."""
+    state_file = tmp_path / "state.json"
+    state_file.write_text(json.dumps({**_FAKE_STATE, "pid": os.getpid()}))
+    stack = DevStack(state_file=state_file)
+    with pytest.raises(DevStackError, match="already running"):
+        stack.start()
+    assert stack.state_dir is None and stack.bao is None and state_file.exists()
+
+
+_FAKE_STATE: dict[str, Any] = {
+    "pid": 0,
+    "state_dir": "/nonexistent",
+    "config": "/nonexistent/broker.toml",
+    "broker_url": "http://127.0.0.1:1",
+    "issuer_url": "http://127.0.0.1:2",
+    "vault_addr": "http://127.0.0.1:3",
+    "aws_endpoint_url": "http://127.0.0.1:4",
+    "bucket": "b",
+    "role_arn": "arn:aws:iam::123456789012:role/r",
+    "grants": ["etl-writer"],
+    "database": False,
+    "luigi_config": "/nonexistent/luigi.cfg",
+}
+
+
+@pytest.mark.integration
+def test_demo_without_postgresql_leaves_the_database_grant_out(tmp_path: Path) -> None:
+    """With no PostgreSQL answering, the demo runs every other task and still succeeds."""
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "LUIGI_CREDS_TEST_PG": f"postgresql://postgres@127.0.0.1:{free_port()}/test",
+        "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.demo"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-6000:] + result.stderr[-4000:]
+    assert "no PostgreSQL answers; the `warehouse` database grant is left out" in out
+    assert "6 ran successfully" in out and "WarehouseLogin" not in out
+    assert "warehouse" not in _report_rows(out)
+    assert not list(tmp_path.glob("luigi-creds-dev-*"))
 
 
 @pytest.mark.integration

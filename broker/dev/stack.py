@@ -254,7 +254,8 @@ def policy_text(
         groups = "data-engineering"
         [grant.vault]
         token_policies = ["etl-read"]
-        {warehouse if database else ""}
+        @WAREHOUSE@
+
         [upstream.aws]
         region = "{REGION}"
         endpoint_url = "{moto_url}"
@@ -265,7 +266,7 @@ def policy_text(
         role_id_file = "{role_id_file}"
         secret_id_file = "{secret_id_file}"
         """
-    )
+    ).replace("@WAREHOUSE@\n", warehouse if database else "")
 
 
 def client_config(broker_url: str, vault_addr: str) -> str:
