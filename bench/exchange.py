@@ -16,6 +16,7 @@ Scenarios (each in a sequential phase and a concurrent phase of C threads):
                    the only way OpenBao has to turn an identity into a token)
   aws_exchange     ours: exchange for an AWS grant against moto; no peer (ratios are N/A)
   reject_*         both: the same hostile tokens (unknown kid, bad signature, alg none)
+  deny_other_project  both: a genuine token of another project, refused by the binding
 
 Every request has its own token (our broker consumes each jti once), and OpenBao gets as many
 distinct tokens as we do. Warm-up requests run first and are left out of every figure.
@@ -92,10 +93,10 @@ class Stack:
     broker: Broker
     attacker: SigningKey = field(repr=False)
 
-    def mint(self) -> str:
-        """A fresh GitLab-shaped token (own jti) for the bound project, signed by the issuer."""
+    def mint(self, **claims: str) -> str:
+        """A fresh GitLab-shaped token (own jti), signed by the issuer; `claims` override."""
         return self.signer.mint(
-            {"preset": "gitlab", "audience": AUDIENCE, "ttl": TOKEN_TTL_SECONDS},
+            {"preset": "gitlab", "audience": AUDIENCE, "ttl": TOKEN_TTL_SECONDS, "claims": claims},
             now=datetime.now(UTC),
         )
 
@@ -326,7 +327,7 @@ class RefreshChain:
         return bool(answer.get("credentials"))
 
 
-def ours_reject(token: str) -> Job:
+def ours_reject(token: str, error: str = "invalid_request") -> Job:
     body = urllib.parse.urlencode(
         {
             "grant_type": EXCHANGE,
@@ -338,7 +339,7 @@ def ours_reject(token: str) -> Job:
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
-        return status == 400 and json.loads(raw).get("error") == "invalid_request"
+        return status == 400 and json.loads(raw).get("error") == error
 
     return job
 
@@ -487,12 +488,21 @@ def run_phase(stack: Stack, phase: str, settings: Settings) -> list[dict[str, An
     record("aws_exchange", OURS, broker, aws_jobs, settings.warmup)
 
     # Hostile tokens: `hostile` in each phase, split evenly over the kinds, the same tokens for
-    # both systems (a rejection changes no state). One extra token per thread warms up.
+    # both systems (OpenBao keeps no record of a token, so ours sees each one fresh). One extra
+    # token per thread warms up.
     hostile_per_thread = max(1, settings.hostile // len(HOSTILE_KINDS) // threads)
     for kind in HOSTILE_KINDS:
         tokens = [stack.hostile(kind) for _ in range(threads * (1 + hostile_per_thread))]
         record(f"reject_{kind}", PEER, bao, [peer_login(t, expect_ok=False) for t in tokens], 1)
         record(f"reject_{kind}", OURS, broker, [ours_reject(t) for t in tokens], 1)
+
+    # A genuine token of another project: signature and claims verify, the binding denies it
+    # (OpenBao: bound_claims; ours: [grant.match], answered invalid_target).
+    tokens = [stack.mint(project_id="99999999") for _ in range(threads * (1 + hostile_per_thread))]
+    record("deny_other_project", PEER, bao, [peer_login(t, expect_ok=False) for t in tokens], 1)
+    record(
+        "deny_other_project", OURS, broker, [ours_reject(t, "invalid_target") for t in tokens], 1
+    )
     return rows
 
 

@@ -19,13 +19,9 @@ import pytest
 from bench.exchange import HOSTILE_KINDS, percentile, ratios
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = [
-    "vault_token",
-    "vault_refresh",
-    "aws_exchange",
-    *(f"reject_{k}" for k in HOSTILE_KINDS),
-]
-PEERED = {"vault_token", *(f"reject_{k}" for k in HOSTILE_KINDS)}
+REFUSED = [*(f"reject_{k}" for k in HOSTILE_KINDS), "deny_other_project"]
+SCENARIOS = ["vault_token", "vault_refresh", "aws_exchange", *REFUSED]
+PEERED = {"vault_token", *REFUSED}
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -107,7 +103,7 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
             for system in systems:
                 row = results.pop((phase, scenario, system))
                 # --hostile=6 is 2 tokens per kind, dealt over the phase's threads.
-                expected = 2 if scenario.startswith("reject_") else 3 * threads
+                expected = 2 if scenario in REFUSED else 3 * threads
                 assert row["requests"] == expected, row
                 assert row["errors"] == 0, row
                 assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"], row
