@@ -29,12 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from broker.dev.claims import BITBUCKET_REPOSITORY_UUID, GITHUB_REPOSITORY, GITLAB_PROJECT_ID
 from broker.dev.issuer import IssuerServer, write_private_json
 from broker.dev.processes import ManagedProcess, free_port, start_process
-from broker.dev.vault import OpenBao, setup_broker
+
+if TYPE_CHECKING:
+    from broker.dev.vault import OpenBao
 
 ISSUER_NAME = "dev"
 AUDIENCE = "luigi-creds"
@@ -351,6 +353,10 @@ class DevStack:
 
     def start(self) -> DevState:
         """Start every part and write the state file; on failure stop what started and raise."""
+        # hvac is imported here, not at module level: every `luigi-creds-broker` command builds
+        # the parser that imports this module.
+        from broker.dev.vault import OpenBao, setup_broker
+
         if self.state_file is not None and self.state_file.exists():
             running = read_state(self.state_file)
             if pid_alive(running.pid):
