@@ -58,6 +58,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="leave out the PostgreSQL-backed `warehouse` grant even if PostgreSQL answers",
     )
+    dev.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the state dir at exit (logs, audit DB; it also holds the AppRole secret id)",
+    )
     dev.set_defaults(func=cmd_dev)
     actions = dev.add_subparsers(dest="dev_action", metavar="ACTION")
     token = actions.add_parser(
@@ -140,14 +145,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def banner(state: DevState, state_file: Path) -> str:
+def banner(state: DevState, state_file: Path, *, keep: bool = False) -> str:
     """What a client needs, as printed once the stack is up."""
     grants = ", ".join(state.grants)
     where = "" if state_file == default_state_file() else f" --state-file {state_file}"
     mint = f"luigi-creds-broker dev token{where}"
+    fate = "keeps" if keep else "deletes"
     section = textwrap.indent(Path(state.luigi_config).read_text(encoding="utf-8"), "  ")
     return f"""
-luigi-creds dev stack is up. Ctrl-C stops everything and deletes {state.state_dir}
+luigi-creds dev stack is up. Ctrl-C stops everything and {fate} {state.state_dir}
 
   broker       {state.broker_url}
   OIDC issuer  {state.issuer_url}   (presets: {", ".join(PRESETS)}; audience {AUDIENCE})
@@ -184,12 +190,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
         state_file=state_file,
         broker_port=args.port,
         database=not args.no_database,
+        keep=args.keep,
         say=lambda line: print(f"dev: {line}", flush=True),
     )
     status = EXIT_OK
     try:
         state = stack.start()
-        print(banner(state, state_file), flush=True)
+        print(banner(state, state_file, keep=args.keep), flush=True)
         while not stop.wait(WATCH_SECONDS):
             dead = stack.dead_parts()
             if dead:
