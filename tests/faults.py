@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import select
+import socket
 import sqlite3
 import threading
 import time
@@ -39,6 +41,17 @@ _HOP_BY_HOP = frozenset(
 )
 # Seconds the proxy waits on the upstream; moto answers in milliseconds.
 _UPSTREAM_TIMEOUT = 30.0
+# How often a held request checks whether its client is still there.
+_POLL_SECONDS = 0.01
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True when the client closed its end: the request was read whole, so readable means EOF."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset by the peer: gone as well
+        return True
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class DelayingProxy:
 
     `delay_before` models a slow network to STS (the call has not happened yet); `delay_after`
     a slow answer (the call happened, the broker has not heard). Both are changeable while it runs.
+    A request whose client hangs up during `delay_before` is dropped, never forwarded, as a call
+    that had not left a killed process would be; `dropped()` lists those.
     """
 
     def __init__(self, upstream: str, *, delay_before: float, delay_after: float) -> None:
@@ -70,6 +85,9 @@ class DelayingProxy:
         self.delay_after = delay_after
         self._lock = threading.Lock()
         self._requests: list[ProxiedRequest] = []
+        self._dropped: list[ProxiedRequest] = []
+        # phase -> {id of a held request: monotonic time its hold ends}
+        self._held: dict[str, dict[int, float]] = {"before": {}, "after": {}}
         self._in_flight = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -82,6 +100,18 @@ class DelayingProxy:
         """Requests received and not yet answered (or abandoned by a dead client)."""
         with self._lock:
             return self._in_flight
+
+    def waiting(self, phase: str, *, min_left: float = 0.0) -> int:
+        """Requests now held `before` the upstream call or `after` it, for `min_left` s more."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(end - now >= min_left for end in self._held[phase].values())
+
+    def dropped(self, action: str | None = None) -> list[ProxiedRequest]:
+        """Requests whose client left before they were forwarded; the upstream never saw them."""
+        with self._lock:
+            seen = list(self._dropped)
+        return [r for r in seen if action is None or r.action == action]
 
     def requests(self, action: str | None = None) -> list[ProxiedRequest]:
         """What reached the upstream so far, oldest first; only `action` (AssumeRole) if given."""
@@ -105,15 +135,20 @@ class DelayingProxy:
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
+        request = ProxiedRequest(
+            handler.command, handler.path, urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+        )
         with self._lock:
             self._in_flight += 1
         try:
-            time.sleep(self.delay_before)
-            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+            if not self._hold(handler, "before", self.delay_before, watch_client=True):
+                with self._lock:
+                    self._dropped.append(request)
+                return
             with self._lock:
-                self._requests.append(ProxiedRequest(handler.command, handler.path, form))
+                self._requests.append(request)
             status, reason, headers, payload = self._ask_upstream(handler, body)
-            time.sleep(self.delay_after)
+            self._hold(handler, "after", self.delay_after, watch_client=False)
             # NOTE: a broker killed meanwhile has closed its socket; the answer goes nowhere.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 handler.send_response(status, reason)
@@ -127,6 +162,24 @@ class DelayingProxy:
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    def _hold(
+        self, handler: BaseHTTPRequestHandler, phase: str, seconds: float, *, watch_client: bool
+    ) -> bool:
+        """Sleep `seconds` in `phase`; False as soon as a watched client has hung up."""
+        deadline = time.monotonic() + seconds
+        key = threading.get_ident()
+        with self._lock:
+            self._held[phase][key] = deadline
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, _POLL_SECONDS))
+                if watch_client and _hung_up(handler.connection):
+                    return False
+            return True
+        finally:
+            with self._lock:
+                del self._held[phase][key]
 
     def _ask_upstream(
         self, handler: BaseHTTPRequestHandler, body: bytes

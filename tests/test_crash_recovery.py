@@ -47,10 +47,14 @@ pytestmark = pytest.mark.integration
 
 CLIENT_THREADS = 4
 REFRESHES_PER_SESSION = 2
-# Kill once this many credentials were delivered and this many STS calls are held by the proxy:
-# both kinds of request (answered and cut) are then certain to be in the ledger.
+# Kill once this many credentials were delivered and the proxy holds at least one STS call that
+# has not reached moto and one whose answer the broker has not had: each kind of request
+# (answered; cut between intent and STS call; cut between STS call and `issued`) is then certain.
 DELIVERED_BEFORE_KILL = 8
 IN_FLIGHT_AT_KILL = 2
+# Seconds an STS call must still have to wait in the proxy at the kill for the proxy to see the
+# broker's socket close first (the kernel closes it as the process dies, within milliseconds).
+KILL_MARGIN = 0.1
 # Seconds each STS call spends in the proxy before and after moto answers.
 STS_DELAY = 0.25
 # The client threads and identities share one grant; the default per-identity limit (10/s)
@@ -97,6 +101,7 @@ class CrashRun:
     head_size: int
     checkpoints: list[StoredCheckpoint]
     sts_session_names: list[str]
+    dropped_session_names: list[str]  # AssumeRole calls the kill cut before they reached STS
 
     def delivered(self) -> list[Answer]:
         return [a for a in self.answers if a.status == 200]
@@ -165,6 +170,7 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
     """Load, SIGKILL mid-mint, snapshot the ledger, restart, a little more load, SIGTERM."""
     key_file = workdir / "audit-key.pem"
     sts_seen = len(up.proxy.requests("AssumeRole"))
+    dropped_seen = len(up.proxy.dropped("AssumeRole"))
     first = start_broker(workdir / "killed", _broker_config(up, store_url, key_file))
     answers: list[Answer] = []  # list.append is atomic under the GIL
     stop = threading.Event()
@@ -178,7 +184,8 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
         deadline = time.monotonic() + 30
         while not (
             sum(a.status == 200 for a in answers) >= DELIVERED_BEFORE_KILL
-            and up.proxy.in_flight >= IN_FLIGHT_AT_KILL
+            and up.proxy.waiting("before", min_left=KILL_MARGIN) >= 1
+            and up.proxy.waiting("after") >= 1
         ):
             assert time.monotonic() < deadline, f"no load built up: {answers[-5:]}"
             time.sleep(0.005)
@@ -224,6 +231,9 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
         checkpoints=checkpoints,
         sts_session_names=[
             r.form["RoleSessionName"][0] for r in up.proxy.requests("AssumeRole")[sts_seen:]
+        ],
+        dropped_session_names=[
+            r.form["RoleSessionName"][0] for r in up.proxy.dropped("AssumeRole")[dropped_seen:]
         ],
     )
 
@@ -324,6 +334,23 @@ def test_dangling_intents_are_reconciled_by_request_id_at_restart(crash: CrashRu
     terminal = {Outcome.ISSUED, Outcome.DENIED, Outcome.ERROR, Outcome.RECONCILED}
     closed = {e.request_id for e in crash.after_stop if e.outcome in terminal}
     assert {e.request_id for e in crash.after_stop if e.outcome == Outcome.INTENT} <= closed
+
+
+def test_the_kill_cut_requests_on_both_sides_of_the_sts_call(crash: CrashRun) -> None:
+    """The dangling intents include one whose STS call never happened and one whose call did."""
+
+    def called(request_id: str, names: list[str]) -> bool:
+        return any(n.endswith("-" + request_id) for n in names)
+
+    dangling = crash.dangling_before_restart
+    before_sts = [r for r in dangling if called(r, crash.dropped_session_names)]
+    after_sts = [r for r in dangling if called(r, crash.sts_session_names)]
+    assert before_sts and after_sts, (dangling, crash.dropped_session_names)
+    assert not set(before_sts) & set(after_sts)
+    # NOTE: reconciliation does not look upstream (HOSTILE F5 suggests CloudTrail or Vault
+    # metadata), so both kinds are recorded alike, as a credential that may exist upstream.
+    reasons = {e.request_id: e.reason for e in crash.after_stop if e.outcome == Outcome.RECONCILED}
+    assert {reasons[r] for r in before_sts + after_sts} == {"issued_unknown_delivery"}
 
 
 def test_every_sts_call_was_preceded_by_an_intent(crash: CrashRun) -> None:
