@@ -23,7 +23,14 @@ from typing import Any
 import httpx
 
 from luigi_creds.aws import scrub_aws_env
-from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
+from luigi_creds.client import (
+    AwsCredentials,
+    BrokerClient,
+    BrokerError,
+    Credential,
+    VaultSecret,
+    VaultToken,
+)
 from luigi_creds.identity import IdentityError
 from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent, container_env
 
@@ -79,10 +86,20 @@ def _minter(args: argparse.Namespace) -> Any:
 
 
 def cmd_credential_process(args: argparse.Namespace) -> int:
-    cred = _minter(args).mint(args.grant, args.task, args.duration)
+    minter = _minter(args)
+    cred = minter.mint(args.grant, args.task, args.duration)
     if not isinstance(cred, AwsCredentials):
         raise BrokerError(f"grant {args.grant!r} does not issue AWS credentials", error="usage")
-    print(json.dumps(cred.credential_process()))
+    body = cred.credential_process()
+    if isinstance(minter, BrokerClient) and not minter.token_source.renewable:
+        # Run on its own with a one-shot CI token (GitLab, Bitbucket, env:), this process is the
+        # only chance to exchange it: a second run is refused as a replay. With an Expiration,
+        # botocore treats a 15-minute credential as due for refresh at once (its windows are
+        # 15/10 minutes), reruns us on the next call and gives up 10 minutes before expiry. So
+        # the credential is handed over as static, usable for its whole life; AWS refuses it
+        # after that. Under `luigi-creds exec` or a job's agent, refreshes work and it stays.
+        del body["Expiration"]
+    print(json.dumps(body))
     return 0
 
 
@@ -211,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print AWS credentials in the credential_process format",
         description="Print one grant's AWS credentials as the JSON the AWS SDKs expect from "
         "credential_process (Version 1). Under `luigi-creds exec` or a Luigi job it mints "
-        "through that job's session; otherwise it exchanges the configured token itself.",
+        "through that job's session; otherwise it exchanges the configured token itself, and "
+        "with a one-shot CI token (gitlab, bitbucket, env:) it prints no Expiration, because "
+        "it could not be run again to refresh.",
     )
     p.add_argument("--grant", required=True, help="grant name")
     common(p)

@@ -224,14 +224,18 @@ class BrokerClient:
                 log.info("refresh session rejected; exchanging a new token for %s", grant)
                 return self._exchange(grant, task, duration)
 
-    def revoke(self) -> None:
-        """End the refresh session (the broker revokes its Vault tokens and leases)."""
+    def revoke(self, *, retry: bool = True) -> None:
+        """End the refresh session (the broker revokes its Vault tokens and leases).
+
+        `retry=False` makes one attempt only: at a job's exit a broker that is down must not
+        hold the process for the whole retry deadline.
+        """
         with self._lock:
             session, self._session = self._session, None
             if session is None:
                 return
             form = {"token": session.handle, "token_type_hint": "refresh_token"}
-            self._post("/v1/revoke", form, grant=None, expect_body=False)
+            self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
 
     def revoke_lease(self, lease_id: str) -> None:
         """Revoke one Vault lease this session minted, keeping the session (and its handle).
@@ -310,6 +314,7 @@ class BrokerClient:
         grant: str | None,
         expect_body: bool,
         what: str = "revoke",
+        retry: bool = True,
     ) -> dict[str, Any]:
         url = self.broker_url + path
         what = f"grant {grant!r}" if grant else what
@@ -327,7 +332,7 @@ class BrokerClient:
                     error="unreachable",
                     grant=grant,
                 )
-                if not retryable or not self._wait(attempt, started, None):
+                if not (retry and retryable) or not self._wait(attempt, started, None):
                     raise error from None
                 continue
             if response.status_code == 200:
@@ -335,8 +340,10 @@ class BrokerClient:
                     return {}
                 return self._json_body(response, what, grant)
             error = self._error(response, what, grant)
-            if response.status_code not in (429, 503) or not self._wait(
-                attempt, started, error.retry_after
+            if (
+                not retry
+                or response.status_code not in (429, 503)
+                or not self._wait(attempt, started, error.retry_after)
             ):
                 raise error
 

@@ -9,7 +9,9 @@ exports `LUIGI_CREDS_AGENT_URL`/`LUIGI_CREDS_AGENT_TOKEN`. Luigi instantiates ta
 scheduling process before any worker forks, so every worker, `force_multiprocessing` task process
 and subprocess inherits the variables and mints through the one session. Nothing live is stored
 on task instances (they may be pickled): per-process state lives in module registries keyed by
-task id, and the broker is contacted lazily, at the first mint.
+task id, and the broker is contacted lazily, at the first mint. When that process exits, the
+agent stops and the job's session is revoked (once, without retries), so no live refresh handle
+outlives the job.
 
 Task lifecycle: Luigi's START event mints each of `grants` with the task id. Luigi swallows event
 handlers' exceptions, so a failure there is recorded and raised at the first credential use inside
@@ -19,6 +21,7 @@ credentials and forget its state.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -221,6 +224,10 @@ _agent_lock = threading.Lock()
 _agent: CredentialAgent | None = None
 _agent_client: AgentClient | None = None
 _agent_client_pid = 0
+# The broker session of the agent this process started; ended when the process exits.
+_broker: _LazyBroker | None = None
+_broker_pid = 0
+_exit_hook_registered = False
 
 
 class _LazyBroker:
@@ -237,9 +244,9 @@ class _LazyBroker:
                 self._client = self._factory()
         return self._client.mint(grant, task, duration)
 
-    def revoke(self) -> None:
+    def revoke(self, *, retry: bool = True) -> None:
         if self._client is not None:
-            self._client.revoke()
+            self._client.revoke(retry=retry)
 
     def revoke_lease(self, lease_id: str) -> None:
         client = self._client
@@ -264,7 +271,7 @@ def ensure_agent(
     `environ` (default `os.environ`) is read for an inherited agent and, when one is started
     here, receives its variables so that forked workers and subprocesses inherit them.
     """
-    global _agent, _agent_client, _agent_client_pid
+    global _agent, _agent_client, _agent_client_pid, _broker, _broker_pid, _exit_hook_registered
     env = os.environ if environ is None else environ
     with _agent_lock:
         endpoint = AgentEndpoint.from_env(env)
@@ -276,6 +283,13 @@ def ensure_agent(
             broker = _LazyBroker(factory or _default_factory)
             _agent = CredentialAgent(broker.mint, clock=_utcnow, revoke_lease=broker.revoke_lease)
             endpoint = _agent.start()
+            _broker, _broker_pid = broker, os.getpid()
+            if not _exit_hook_registered:
+                # The job is over when the process that holds its session exits: end the session
+                # so no live refresh handle outlives the job (forked workers leave by os._exit
+                # and never run this; the pid check covers any other child).
+                atexit.register(_end_job)
+                _exit_hook_registered = True
             env.update(endpoint.env())
             log.info("luigi-creds agent listening on %s", endpoint.url)
         # NOTE: a fresh httpx client per process: connection pools must not cross a fork.
@@ -286,8 +300,9 @@ def ensure_agent(
 
 def _after_fork_in_child() -> None:
     """A forked child keeps the parent's agent variables but none of its threads or locks."""
-    global _agent, _agent_lock, _states_lock
+    global _agent, _agent_lock, _states_lock, _broker
     _agent = None  # the server thread lives in the parent; the child must never stop it
+    _broker = None  # nor end the job's session
     _agent_lock = threading.Lock()
     _states_lock = threading.Lock()
 
@@ -295,9 +310,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def stop_agent(environ: Any = None) -> None:
-    """Stop the agent started by this process (tests and the CLI call this at the end)."""
-    global _agent, _agent_client
+def stop_agent(environ: Any = None, *, end_session: bool = False) -> None:
+    """Stop the agent started by this process; with `end_session`, end the job's broker session.
+
+    The exit of the process that started the agent does both. A caller that stops the agent
+    itself (tests, the demo, which lets an operator revoke the session) may keep the session.
+    Ending it is one attempt, best effort: a broker that is down gets a warning, not a wait.
+    """
+    global _agent, _agent_client, _broker
     env = os.environ if environ is None else environ
     with _agent_lock:
         if _agent is not None:
@@ -306,6 +326,17 @@ def stop_agent(environ: Any = None) -> None:
             for key in AgentEndpoint("", "").env():
                 env.pop(key, None)
         _agent_client = None
+        broker, _broker = _broker, None
+    if broker is not None and end_session:
+        try:
+            broker.revoke(retry=False)
+        except BrokerError as exc:
+            log.warning("luigi-creds: ending the job's broker session failed: %s", exc)
+
+
+def _end_job() -> None:
+    if _broker is not None and _broker_pid == os.getpid():
+        stop_agent(end_session=True)
 
 
 @dataclass

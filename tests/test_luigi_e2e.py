@@ -304,6 +304,11 @@ def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
     # One exchange of the file's token, then eleven mints on the same refresh session.
     assert sorted(e.kind for e in issued) == ["exchange"] + ["refresh"] * 11
     assert len({e.session_id for e in issued}) == 1
+    # The job's process ended the session when it exited.
+    ended = [
+        e for e in stack.events() if e.kind == "revoke" and e.session_id == issued[0].session_id
+    ]
+    assert [(e.outcome, e.reason) for e in ended] == [(Outcome.REVOKED, "client_revoked")]
     assert all(e.subject == GITLAB_SUBJECT and e.grant == "etl-writer" for e in issued)
     assert "Traceback" not in log
     assert token_file.read_text() not in log
@@ -369,9 +374,9 @@ def test_task_outlives_its_vault_token_and_its_lease_ends_with_it(
 # --- Must show 3: the real AWS CLI ------------------------------------------------------------
 
 
-def _cli_env(stack: Stack, tmp_path: Path, token_file: Path) -> dict[str, str]:
+def _cli_env(stack: Stack, tmp_path: Path, *, token_source: str) -> dict[str, str]:
     cfg = tmp_path / "luigi.cfg"
-    _write_luigi_cfg(cfg, stack.broker.url, f"file:{token_file}", stack.bao.url)
+    _write_luigi_cfg(cfg, stack.broker.url, token_source, stack.bao.url)
     return {
         **_clean_env(),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -391,7 +396,7 @@ def test_exec_runs_the_aws_cli_on_broker_credentials(stack: Stack, tmp_path: Pat
     """`luigi-creds exec` runs two `aws` commands on the agent's credentials, then revokes."""
     token_file = tmp_path / "ci-token"
     token_file.write_text(stack.gitlab_token())
-    env = _cli_env(stack, tmp_path, token_file)
+    env = _cli_env(stack, tmp_path, token_source=f"file:{token_file}")
     env["AWS_ACCESS_KEY_ID"] = "AKIASTRAYSTRAYSTRAY"  # removed by exec before the child starts
     script = (
         f"aws s3 ls --endpoint-url {stack.moto.url} && "
@@ -415,33 +420,67 @@ def test_exec_runs_the_aws_cli_on_broker_credentials(stack: Stack, tmp_path: Pat
     ]
 
 
+AWS_PROFILE_CONFIG = (
+    "[profile etl]\n"
+    "region = us-east-1\n"
+    "credential_process = luigi-creds credential-process --grant etl-writer --task {task}\n"
+)
+
+
 def test_credential_process_in_aws_config_serves_the_aws_cli(stack: Stack, tmp_path: Path) -> None:
-    """The `aws` CLI gets credentials from `credential_process = luigi-creds credential-process`."""
-    token_file = tmp_path / "ci-token"
-    env = _cli_env(stack, tmp_path, token_file)
-    (tmp_path / "aws-config").write_text(
-        "[profile etl]\n"
-        "region = us-east-1\n"
-        "credential_process = luigi-creds credential-process --grant etl-writer --task cli-cp\n"
-    )
-    # A CI token is accepted once; each `aws` run below starts one credential-process.
-    token_file.write_text(stack.gitlab_token())
+    """The `aws` CLI gets credentials from `credential_process = luigi-creds credential-process`,
+    one exchange per run with a one-shot CI token, and no second attempt that would replay it."""
+    env = _cli_env(stack, tmp_path, token_source="env:CI_ID_TOKEN")
+    (tmp_path / "aws-config").write_text(AWS_PROFILE_CONFIG.format(task="cli-cp"))
+    # A GitLab-style token is accepted once; each `aws` run is its own job with its own token.
+    env["CI_ID_TOKEN"] = stack.gitlab_token()
     listed = _run(["aws", "--profile", "etl", "s3", "ls", "--endpoint-url", stack.moto.url], env)
     assert listed.returncode == 0, listed.stderr
     assert BUCKET in listed.stdout
-    token_file.write_text(stack.gitlab_token())
+    env["CI_ID_TOKEN"] = stack.gitlab_token()
     who = _run(
         ["aws", "--profile", "etl", "sts", "get-caller-identity", "--endpoint-url", stack.moto.url,
          "--output", "json"],
         env,
     )  # fmt: skip
     assert who.returncode == 0, who.stderr
-    arn = json.loads(who.stdout)["Arn"]
-    assert ":assumed-role/etl-writer/" in arn
+    assert ":assumed-role/etl-writer/" in json.loads(who.stdout)["Arn"]
 
-    issued = _issued(stack.events(), {"cli-cp"})
+    events = [e for e in stack.events() if e.task == "cli-cp"]
+    issued = [e for e in events if e.outcome == Outcome.ISSUED]
     assert [e.kind for e in issued] == ["exchange", "exchange"]
     assert len({e.credential_ref for e in issued}) == 2
+    # botocore did not re-run credential_process for an early refresh, which the broker would
+    # have refused as a replay of the spent token.
+    assert [e for e in events if e.outcome == Outcome.DENIED] == []
+
+
+def test_credential_process_under_exec_shares_one_session(stack: Stack, tmp_path: Path) -> None:
+    """Inside `luigi-creds exec`, every `aws` run's credential_process mints through the agent:
+    one CI token, one exchange, refreshes after it, and the session ends with exec."""
+    env = _cli_env(stack, tmp_path, token_source="env:CI_ID_TOKEN")
+    env["CI_ID_TOKEN"] = stack.gitlab_token()
+    (tmp_path / "aws-config").write_text(AWS_PROFILE_CONFIG.format(task="cli-cp-exec"))
+    script = (
+        f"aws --profile etl s3 ls --endpoint-url {stack.moto.url} && "
+        f"aws --profile etl sts get-caller-identity --endpoint-url {stack.moto.url} --output json"
+    )
+    argv = ["luigi-creds", "exec", "--grant", "etl-writer", "--task", "cli-cp-exec"]
+    out = _run([*argv, "--", "sh", "-c", script], env)
+    assert out.returncode == 0, out.stderr
+    assert BUCKET in out.stdout
+    assert ":assumed-role/etl-writer/" in json.loads(out.stdout[out.stdout.index("{") :])["Arn"]
+
+    events = [e for e in stack.events() if e.task == "cli-cp-exec"]
+    issued = [e for e in events if e.outcome == Outcome.ISSUED]
+    # exec's own mint, then at least one credential_process run per `aws` command.
+    assert [e.kind for e in issued][:1] == ["exchange"] and len(issued) >= 3
+    assert {e.kind for e in issued[1:]} == {"refresh"}
+    assert len({e.session_id for e in issued}) == 1
+    assert [e for e in events if e.outcome == Outcome.DENIED] == []
+    session = issued[0].session_id
+    ended = [e.reason for e in stack.events() if e.kind == "revoke" and e.session_id == session]
+    assert ended == ["client_revoked"]
 
 
 # --- Must show 4: GitHub request URL; a rotating token file -----------------------------------
@@ -627,4 +666,6 @@ def test_broker_stopped_mid_pipeline(stack: Stack, tmp_path: Path) -> None:
     files = {line.split('"')[1] for line in frames.splitlines() if line.strip().startswith("File")}
     assert {Path(f).name for f in files} == {"worker.py", "pipelines.py", "luigi.py"}, frames
     assert "luigi-creds: minting at start of Late" in log
+    # At exit the job tries once to end its session, and says so in one line when it cannot.
+    assert "luigi-creds: ending the job's broker session failed: broker" in log
     assert ci_token not in log
