@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ import psycopg
 import pytest
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, Moto, policy_toml, start_broker, start_moto
-from vault_server import DB_ROLE, OpenBao, pg_url, setup_broker, start_openbao
+from vault_server import DB_ROLE, BrokerVault, OpenBao, pg_url, setup_broker, start_openbao
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
@@ -74,7 +75,8 @@ class Stack:
         return self.issuer.mint("gitlab", ttl=600, **claims)
 
 
-def _grants_toml(gh_issuer_url: str, broker_url: str, bao: OpenBao, files: Any) -> str:
+def _grants_toml(*, gh_issuer_url: str, broker_url: str, role_arn: str, vault: BrokerVault) -> str:
+    """The GitHub issuer, an AWS grant for it, and the Vault grants (token and dynamic secret)."""
     return f"""
 [[issuer]]
 name = "github"
@@ -90,7 +92,7 @@ ttl = "15m"
 repository_id = "690215432"
 ref = "refs/heads/main"
 [grant.aws]
-role_arn = "{{role_arn}}"
+role_arn = "{role_arn}"
 
 [[grant]]
 name = "etl-vault"
@@ -111,10 +113,10 @@ project_id = "55235664"
 secret = "database/creds/{DB_ROLE}"
 
 [upstream.vault]
-url = "{bao.url}"
+url = "{vault.upstream.url}"
 auth = "approle"
-role_id_file = "{files.role_id_file}"
-secret_id_file = "{files.secret_id_file}"
+role_id_file = "{vault.role_id_file}"
+secret_id_file = "{vault.secret_id_file}"
 """
 
 
@@ -151,8 +153,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             listen=f"127.0.0.1:{port}",
             moto_url=moto.url,
             role_arn=role_arn,
-            extra=_grants_toml(gh_issuer.url, broker_url, bao, files).replace(
-                "{role_arn}", role_arn
+            extra=_grants_toml(
+                gh_issuer_url=gh_issuer.url, broker_url=broker_url, role_arn=role_arn, vault=files
             ),
         )
         broker = start_broker(workdir / "broker", config)
@@ -174,15 +176,40 @@ class Job:
     log_path: Path
 
     def wait(self, timeout: float = 120) -> dict[str, Any]:
-        self.popen.wait(timeout=timeout)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"job still running after {timeout} s:\n{self.log()[-4000:]}"
+            ) from None
+        assert self.result_path.exists(), self.log()[-4000:]
         result: dict[str, Any] = json.loads(self.result_path.read_text())
         return result
+
+    def kill(self) -> None:
+        """SIGKILL the job and its forked workers (the job leads its own process group)."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def markers(self, pattern: str) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted(self.out.glob(pattern))]
+
+
+_jobs: list[Job] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_behind() -> Iterator[None]:
+    """A test that fails while its job runs must not leave the job's processes behind."""
+    yield
+    while _jobs:
+        _jobs.pop().kill()
 
 
 def _clean_env() -> dict[str, str]:
@@ -253,8 +280,11 @@ def start_job(
             stderr=subprocess.STDOUT,
             env=child_env,
             cwd=workdir,
+            start_new_session=True,
         )
-    return Job(popen, out, result, log_path)
+    job = Job(popen, out, result, log_path)
+    _jobs.append(job)
+    return job
 
 
 def _issued(events: list[AuditEvent], tasks: set[str]) -> list[AuditEvent]:
