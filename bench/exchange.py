@@ -50,8 +50,8 @@ import hvac
 
 from broker.dev.claims import GITLAB_PROJECT_ID, preset_claims
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
-from broker.dev.processes import free_port
-from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker, start_openbao
+from broker.dev.processes import free_port, start_process
+from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The issuer-as-a-child, moto and broker helpers live with the integration tests (broker.dev has
@@ -88,7 +88,7 @@ class Stack:
 
     issuer: DevIssuer
     signer: IssuerState
-    bao: OpenBao
+    bao: AuditedOpenBao
     moto: Moto
     broker: Broker
     attacker: SigningKey = field(repr=False)
@@ -130,6 +130,41 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass
+class AuditedOpenBao(OpenBao):
+    """The dev server of broker.dev.vault, plus a file audit device when `audit_file` is set.
+
+    OpenBao 2 refuses to enable audit devices over the API; they are declared in a config file
+    that `-dev` mode reads beside its own defaults.
+    """
+
+    audit_file: Path | None = None
+
+    def start(self) -> None:
+        if self.audit_file is None:
+            super().start()
+            return
+        self.starts += 1
+        home = self.workdir / "bao-home"
+        home.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "openbao-audit.hcl"
+        device = f'audit "file" "bench" {{\n  options {{ file_path = "{self.audit_file}" }}\n}}\n'
+        config.write_text(device, encoding="utf-8")
+        self.process = start_process(
+            [
+                BAO,
+                "server",
+                "-dev",
+                f"-dev-root-token-id={self.root_token}",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+                f"-config={config}",
+            ],
+            log_path=self.workdir / f"openbao-{self.starts}.log",
+            env={"HOME": str(home), "BAO_ADDR": self.url},
+            ready_url=f"{self.url}/v1/sys/health",
+        )
 
 
 def configure_openbao_jwt(bao: OpenBao, issuer_url: str) -> None:
@@ -216,11 +251,14 @@ def broker_config(
 
 
 @contextmanager
-def running_stack(workdir: Path, store: str = "sqlite") -> Iterator[Stack]:
+def running_stack(
+    workdir: Path, store: str = "sqlite", *, peer_audit: bool = True
+) -> Iterator[Stack]:
     """Start issuer, OpenBao, moto and broker under `workdir`; stop them all on exit.
 
     `store` is where the broker keeps its audit ledger and sessions: "sqlite" (a file under
     `workdir`) or "postgresql" (a fresh database on the test cluster, dropped afterwards).
+    `peer_audit` enables OpenBao's file audit device, so both sides record every request.
     """
     with ExitStack() as stop:
         if store == "postgresql":
@@ -232,7 +270,13 @@ def running_stack(workdir: Path, store: str = "sqlite") -> Iterator[Stack]:
         # The child saved its keys in the state dir: load them to sign here, with no HTTP hop.
         signer = IssuerState(issuer.url, state_dir=workdir / "dev-issuer-state")
         signer.load_or_generate(["RS256"])
-        bao = start_openbao(workdir)
+        bao = AuditedOpenBao(
+            workdir=workdir,
+            port=free_port(),
+            root_token=secrets.token_urlsafe(24),
+            audit_file=workdir / "openbao-audit.jsonl" if peer_audit else None,
+        )
+        bao.start()
         stop.callback(bao.stop)
         # The broker's own AppRole login lives 1 h so no re-login lands inside a phase.
         vault = setup_broker(bao, workdir / "approle", login_ttl="1h", login_max_ttl="2h")
@@ -449,6 +493,7 @@ class Settings:
     hostile: int
     warmup: int
     store: str = "sqlite"
+    peer_audit: bool = True
 
 
 def _split(jobs: list[Job], warmup: int, threads: int) -> list[tuple[list[Job], list[Job]]]:
@@ -665,7 +710,7 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
     """Start the stack under `workdir`, run both phases, return the report."""
     started = time.monotonic()
     load_before = os.getloadavg()
-    with running_stack(workdir, settings.store) as stack:
+    with running_stack(workdir, settings.store, peer_audit=settings.peer_audit) as stack:
         tokens = equivalence(stack)
         rows = run_phase(stack, "sequential", settings)
         if settings.concurrency > 1:
@@ -678,6 +723,7 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
             "hostile_total": settings.hostile,
             "warmup": settings.warmup,
             "audit_store": settings.store,
+            "openbao_audit_device": "file" if settings.peer_audit else None,
         },
         "vault_tokens": tokens,
         "results": rows,
@@ -716,12 +762,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="sqlite",
         help="the broker's audit and session store (postgresql: $LUIGI_CREDS_TEST_PG cluster)",
     )
+    parser.add_argument(
+        "--no-peer-audit",
+        action="store_true",
+        help="leave OpenBao without an audit device (by default it logs to a file, like ours)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep server logs here (default: a tmp dir)")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
-    settings = Settings(args.requests, args.concurrency, args.hostile, args.warmup, args.store)
+    settings = Settings(
+        args.requests,
+        args.concurrency,
+        args.hostile,
+        args.warmup,
+        args.store,
+        peer_audit=not args.no_peer_audit,
+    )
     with ExitStack() as cleanup:
         if args.workdir is not None:
             workdir = args.workdir

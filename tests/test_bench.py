@@ -91,6 +91,8 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
     assert report["machine"]["cores"] >= 1
     assert report["machine"]["python"] == platform.python_version()
     assert "OpenBao" in report["machine"]["bao"]
+    assert report["settings"]["openbao_audit_device"] == "file"
+    assert (tmp_path / "work" / "openbao-audit.jsonl").stat().st_size > 0
     tokens = report["vault_tokens"]
     assert tokens["luigi-creds"] == tokens["openbao"]
     assert tokens["openbao"]["policies"] == ["default", "etl-read"]
