@@ -1,4 +1,4 @@
-"""Crash and fault tests for the audit ledger through the real broker (issue 6, HOSTILE F2/F5/F17).
+"""Crash and fault tests for the audit ledger through the real broker (issue 6; HOSTILE F2-F5, F17).
 
 A broker under load from several client threads, with STS slowed by a delaying reverse proxy in
 front of moto, is killed with SIGKILL while requests sit between their `intent` and `issued`
@@ -6,8 +6,9 @@ records, then restarted on the same audit store (SQLite file, then PostgreSQL). 
 the invariants of HOSTILE.md (b): no credential left without an `issued` record (I1), every
 dangling intent reconciled by request id (I2), every STS call preceded by an intent (I3), the
 chain verifies (I4) and no secret reaches a log or the store (I5). A clean SIGTERM stop signs a
-checkpoint over the whole ledger; an edited record fails `audit verify`; a held SQLite write
-lock makes the exchange fail closed with 503 in bounded time.
+checkpoint over the whole ledger; an edited record fails `audit verify`; a held store write lock
+(SQLite or PostgreSQL) makes the exchange fail closed with 503 in bounded time, and one taken
+after the STS call withholds the minted credential and records why.
 """
 
 from __future__ import annotations
@@ -150,13 +151,15 @@ def _client(
             answers.append(answer)
 
 
-def _broker_config(up: Upstreams, store_url: str, key_file: Path) -> str:
+def _broker_config(
+    up: Upstreams, store_url: str, key_file: Path, *, sts_url: str | None = None
+) -> str:
     return policy_toml(
         issuer_url=up.issuer.url,
         audit_db=store_url,
         listen=f"127.0.0.1:{free_port()}",
         # [upstream.aws] endpoint_url: STS through the slow proxy, so kills land mid-mint.
-        moto_url=up.proxy.url,
+        moto_url=sts_url or up.proxy.url,
         role_arn=up.role_arn,
         broker_extra=f'{BROKER_EXTRA}\naudit_key_file = "{key_file}"',
     )
@@ -521,3 +524,69 @@ def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
     assert len(issued) == 2 and body["request_id"] == issued[-1].request_id
     # NOTE: a refused request whose records could not be written leaves no record (the store
     # that would hold it is the one that hangs) and the broker logs nothing of it either.
+
+
+# -- the store stops accepting writes after the STS call (HOSTILE F3) ---------------------------
+
+# Seconds the proxy holds STS's answer once the test has taken the lock: the broker hears back
+# after the lock is in place, so the first write after the mint is the one that waits.
+ANSWER_DELAY = 0.5
+# What that first write is and how long it waits before failing: SQLite, the session's credential
+# row (sessions.py, same file); PostgreSQL, the `issued` record (the audit head row is locked).
+FIRST_WRITE_TIMEOUT = {"sqlite": STATE_BUSY_SECONDS, "postgresql": PG_LOCK_TIMEOUT_MS / 1000}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_credential_minted_while_the_store_hangs_is_withheld_and_recorded(
+    kind: str, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """A store hanging after the STS call means a 503 and an `error` record naming the held key."""
+    proxy = start_delaying_proxy(upstreams.moto.url, delay_before=0.0, delay_after=ANSWER_DELAY)
+    # The lock outlasts the first write's timeout by 2 s, so the `error` record that follows
+    # waits for the release and then succeeds (its own timeout is far longer than 2 s).
+    hold_seconds = FIRST_WRITE_TIMEOUT[kind] + ANSWER_DELAY + 2.0
+    try:
+        with _hung_store(kind, tmp_path) as (url, hold_lock):
+            config = _broker_config(upstreams, url, tmp_path / "key.pem", sts_url=proxy.url)
+            broker = start_broker(tmp_path / "broker", config)
+            try:
+                answer: list[Any] = []
+                worker = threading.Thread(
+                    target=lambda: answer.append(broker.exchange(upstreams.issuer.mint("gitlab"))),
+                    daemon=True,
+                )
+                worker.start()
+                deadline = time.monotonic() + 10
+                while not proxy.waiting("after"):
+                    assert time.monotonic() < deadline, "the STS call never came"
+                    time.sleep(0.005)
+                with hold_lock():
+                    time.sleep(hold_seconds)
+                worker.join(timeout=30)
+                status, body, _ = answer[0]
+            finally:
+                broker.stop()
+            assert status == 503, body
+            assert body["error"] == "temporarily_unavailable" and "credentials" not in body
+            events, _, _, dangling = _read_ledger(url)
+            verify = _verify(broker)
+    finally:
+        proxy.stop()
+    request_id = body["request_id"]
+    # STS did mint: its session name carries the request id (the CloudTrail join key).
+    calls = [r.form["RoleSessionName"][0] for r in proxy.requests("AssumeRole")]
+    assert [c.endswith("-" + request_id) for c in calls] == [True]
+    records = [e for e in events if e.request_id == request_id]
+    assert [r.outcome for r in records] == [Outcome.INTENT, Outcome.ERROR]
+    error = records[-1]
+    assert error.reason == "minted_not_delivered"
+    # The withheld AWS key is named for the auditor; STS cannot revoke it (AWS docs).
+    assert error.credential_ref.startswith("ASIA") and error.detail["revoked"] is False
+    assert not [e for e in events if e.outcome == Outcome.ISSUED]
+    assert dangling == []
+    assert verify.returncode == 0, verify.stdout
+    log = broker.process.log_text()
+    assert any(
+        "credential minted but not delivered" in line and request_id in line
+        for line in log.splitlines()
+    )
