@@ -1,4 +1,4 @@
-"""Crash and fault tests for the audit ledger through the real broker (issue 6; HOSTILE F2-F5, F17).
+"""Crash and fault tests for the audit ledger through the real broker (issue 6; HOSTILE F2,3,5,17).
 
 A broker under load from several client threads, with STS slowed by a delaying reverse proxy in
 front of moto, is killed with SIGKILL while requests sit between their `intent` and `issued`
