@@ -6,19 +6,25 @@ Owns attaching broker-minted STS credentials to boto3 through botocore's public 
 two-window refresh itself (advisory: one thread refreshes, failures tolerated; mandatory: every
 caller waits) and calls back into the broker client. Talks to AWS only through the boto3 clients
 the caller builds; talks to the broker only through the `fetch` callable it is given.
+
+Broker outages: botocore retries a failed advisory refresh on every API call and logs each failure
+with a traceback. So a failed advisory refresh is answered here with the credential in hand (one
+log line, next attempt after `Windows.advisory_backoff`), and only a failed mandatory refresh
+reaches botocore, whose warning about our own `BrokerError` is cut to one line by a log filter.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
 import botocore.session
 from botocore.credentials import CredentialProvider, RefreshableCredentials
 
-from luigi_creds.client import AwsCredentials
+from luigi_creds.client import AwsCredentials, BrokerError
 from luigi_creds.refresh import Windows
 
 __all__ = [
@@ -50,6 +56,31 @@ AWS_ENV_VARIABLES = (
 
 METHOD = "luigi-creds"
 
+log = logging.getLogger(__name__)
+
+
+class _OneLineBrokerErrors(logging.Filter):
+    """Turns botocore's "refresh failed" warning about a BrokerError into one line.
+
+    BrokerError messages already name the broker, the grant and the reason, and never a secret;
+    the traceback through botocore's refresh machinery says nothing more. Other records pass
+    untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BrokerError):
+            record.msg = f"{record.getMessage()} {error}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_botocore_log = logging.getLogger("botocore.credentials")
+if not any(isinstance(f, _OneLineBrokerErrors) for f in _botocore_log.filters):
+    _botocore_log.addFilter(_OneLineBrokerErrors())
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -75,8 +106,12 @@ def refreshable_credentials(
     botocore's fixed windows (15/10 minutes) would refresh a 15-minute credential on every call,
     so the windows are scaled to the first credential's lifetime (`refresh.Windows`).
     """
+    windows = windows or Windows()
     first = fetch()
-    advisory, mandatory = (windows or Windows()).for_lifetime(first.expires_at - clock())
+    advisory, mandatory = windows.for_lifetime(first.expires_at - clock())
+    guard = _AdvisoryGuard(
+        fetch, first, clock=clock, mandatory=mandatory, backoff=windows.advisory_backoff
+    )
     # NOTE: the public constructor is used rather than `create_from_metadata` because only it
     # accepts `time_fetcher`, which is how tests drive a six-hour task with a fake clock.
     return RefreshableCredentials(
@@ -84,12 +119,61 @@ def refreshable_credentials(
         secret_key=first.secret_access_key,
         token=first.session_token,
         expiry_time=first.expires_at.astimezone(UTC),
-        refresh_using=lambda: _metadata(fetch()),
+        refresh_using=guard.refresh,
         method=METHOD,
         time_fetcher=clock,
         advisory_timeout=int(advisory.total_seconds()),
         mandatory_timeout=int(mandatory.total_seconds()),
     )
+
+
+class _AdvisoryGuard:
+    """botocore's `refresh_using`: fetch, but never fail (or hammer the broker) in advisory time.
+
+    botocore calls it under its refresh lock, one thread at a time, so the state needs no lock.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], AwsCredentials],
+        current: AwsCredentials,
+        *,
+        clock: Callable[[], datetime],
+        mandatory: timedelta,
+        backoff: timedelta,
+    ) -> None:
+        self._fetch = fetch
+        self._current = current
+        self._clock = clock
+        self._mandatory = mandatory
+        self._backoff = backoff
+        self._retry_at: datetime | None = None
+
+    def refresh(self) -> dict[str, str]:
+        now = self._clock()
+        current = self._current
+        advisory = current.expires_at - now > self._mandatory
+        if advisory and self._retry_at is not None and now < self._retry_at:
+            return _metadata(current)
+        try:
+            fresh = self._fetch()
+        except Exception as exc:
+            if not advisory:
+                raise
+            self._retry_at = now + self._backoff
+            reason = exc if isinstance(exc, BrokerError) else type(exc).__name__
+            log.warning(
+                "refreshing AWS credentials for grant %r failed (%s); using the current ones "
+                "(expire %s) and trying again after %s",
+                current.grant,
+                reason,
+                current.expires_at.astimezone(UTC).isoformat(),
+                self._retry_at.astimezone(UTC).isoformat(),
+            )
+            return _metadata(current)
+        self._current = fresh
+        self._retry_at = None
+        return _metadata(fresh)
 
 
 class BrokerCredentialProvider(CredentialProvider):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from luigi_creds.aws import aws_session, credential_env
-from luigi_creds.client import AwsCredentials
+from luigi_creds.client import AwsCredentials, BrokerError
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -101,3 +102,66 @@ def test_credential_env_replaces_stray_aws_variables() -> None:
     assert env["AWS_CREDENTIAL_EXPIRATION"] == "2026-01-01T12:15:00Z"
     assert "AWS_PROFILE" not in env and "AWS_CONTAINER_CREDENTIALS_FULL_URI" not in env
     assert env["PATH"] == "/bin"
+
+
+class FlakyMinter(Minter):
+    """A Minter whose broker can be taken down; counts the attempts made while it is down."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.down = False
+        self.failed = 0
+
+    def __call__(self) -> AwsCredentials:
+        if self.down:
+            self.failed += 1
+            raise BrokerError(
+                "broker http://127.0.0.1:1 unreachable for grant 'etl-writer': ConnectError",
+                error="unreachable",
+                grant="etl-writer",
+            )
+        return super().__call__()
+
+
+def test_broker_outage_in_advisory_time_keeps_the_credential_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the broker down in the advisory window, calls keep the current credential, the
+    broker is tried once per 30 s back-off, and nothing logs a traceback."""
+    clock = FakeClock()
+    mint = FlakyMinter(clock)
+    creds = aws_session(mint, region_name="us-east-1", clock=clock).get_credentials()
+    mint.down = True
+    clock.now = T0 + timedelta(minutes=8)  # 7 min left: advisory (7.5), not mandatory (3.75)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            assert creds.get_frozen_credentials().access_key == "AKIAFAKE0001"
+            clock.now += timedelta(seconds=1)
+        assert mint.failed == 1
+        clock.now += timedelta(seconds=11)  # past the back-off
+        assert creds.get_frozen_credentials().access_key == "AKIAFAKE0001"
+        assert mint.failed == 2
+        mint.down = False
+        clock.now += timedelta(seconds=31)
+        assert creds.get_frozen_credentials().access_key == "AKIAFAKE0002"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and all(r.exc_info is None for r in warnings)
+    assert "unreachable for grant 'etl-writer'" in warnings[0].getMessage()
+
+
+def test_broker_outage_in_mandatory_time_fails_with_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In the mandatory window a broker outage raises the BrokerError to the caller, and
+    botocore's warning about it is one line with the reason, not a traceback."""
+    clock = FakeClock()
+    mint = FlakyMinter(clock)
+    creds = aws_session(mint, region_name="us-east-1", clock=clock).get_credentials()
+    mint.down = True
+    clock.now = T0 + timedelta(minutes=12)  # 3 min left: mandatory
+    with caplog.at_level(logging.WARNING), pytest.raises(BrokerError) as info:
+        creds.get_frozen_credentials()
+    assert "http://127.0.0.1:1" in str(info.value) and "'etl-writer'" in str(info.value)
+    (record,) = [r for r in caplog.records if r.name == "botocore.credentials"]
+    assert record.exc_info is None
+    assert "mandatory" in record.getMessage() and "ConnectError" in record.getMessage()
