@@ -137,13 +137,15 @@ class Refresher(Generic[T]):
                 return current if current is not None else snapshot
             try:
                 return self._refresh_locked(now)
-            except RefreshError:
+            except RefreshError as exc:
                 self._advisory_retry_at = now + self._windows.advisory_backoff
+                # One line, no traceback: during an outage this repeats every back-off, and the
+                # error (a BrokerError's text: broker, grant, reason) says what went wrong.
                 log.warning(
-                    "advisory refresh of %s failed; using the cached one until %s",
+                    "advisory refresh of %s failed (%s); using the cached one until %s",
                     self._name,
+                    exc.__cause__ if exc.__cause__ is not None else exc,
                     snapshot.expires_at.isoformat(),
-                    exc_info=True,
                 )
                 return snapshot
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -71,17 +72,23 @@ def test_advisory_window_refreshes() -> None:
     assert r.get().value == 2
 
 
-def test_advisory_failure_keeps_the_cached_credential_and_backs_off() -> None:
-    """A failed advisory refresh keeps the still-valid cached credential and backs off."""
+def test_advisory_failure_keeps_the_cached_credential_and_backs_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed advisory refresh keeps the still-valid cached credential, backs off, and logs
+    one line with the reason and no traceback."""
     clock = FakeClock()
     fetch = Fetcher(clock)
     r = Refresher(fetch, clock=clock)
     r.get()
     clock.advance(minutes=8)
     fetch.fail = True
-    assert r.get().value == 1
-    assert r.get().value == 1
+    with caplog.at_level(logging.WARNING):
+        assert r.get().value == 1
+        assert r.get().value == 1
     assert fetch.calls == 2  # the second call is inside the 30 s back-off
+    (record,) = caplog.records
+    assert record.exc_info is None and "advisory refresh" in record.getMessage()
     clock.advance(seconds=31)
     fetch.fail = False
     assert r.get().value == 3
