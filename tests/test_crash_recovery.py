@@ -378,11 +378,17 @@ def test_every_sts_call_was_preceded_by_an_intent(crash: CrashRun) -> None:
 def test_no_secret_reaches_the_logs_or_the_ledger(crash: CrashRun) -> None:
     """No SecretAccessKey or SessionToken a client received appears in a broker log or a record."""
     records = "\n".join(repr(e) for e in crash.after_stop) + crash.verify_after_stop.stdout
+    raw = b""
+    if crash.store_url.startswith("sqlite:"):
+        # The whole file, free pages and the sessions tables included, not only live records.
+        db = Path(crash.store_url.removeprefix("sqlite:///"))
+        raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
     secrets = [s for a in crash.answers + crash.answers_after_restart for s in a.secrets]
     assert secrets
     for secret in secrets:
         assert secret not in crash.logs
         assert secret not in records
+        assert secret.encode() not in raw
 
 
 # -- clean stop (checkpoint) --------------------------------------------------------------------
