@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -166,6 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker import logs
 
     logs.configure(args.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr (code locations only, no values):
+    # how an operator sees where a hung request waits.
+    faulthandler.register(signal.SIGUSR1)
     config = _load(args.config)
     host, _, port = config.broker.listen.rpartition(":")
     app = build_app(config)

@@ -53,6 +53,7 @@ _TOKEN_FIELDS = frozenset(
 # refresh_token: the session proof that goes with revoking one of its Vault leases.
 _REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
 TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
+_EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_token"})
 # A form with more fields than we know is hostile; parse_qsl stops counting here.
 _MAX_FIELDS = 16
 
@@ -235,6 +236,33 @@ def create_app(
         metrics.requests.labels("revoke", "-", "revoked").inc()
         return Response(status_code=200, headers=_NO_STORE)
 
+    async def explain(request: Request) -> Response:
+        request_id = new_request_id()
+        client = request.client.host if request.client else ""
+        try:
+            form = await read_form(request, max_bytes=max_body_bytes, allowed=_EXPLAIN_FIELDS)
+        except BadForm as exc:
+            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
+            try:
+                await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
+            except ExchangeError as err:
+                return error_response(err, request_id)
+        req = TokenRequest(
+            request_id=request_id,
+            client_addr=client,
+            grant_type="explain",
+            subject_token=form.get("subject_token", ""),
+            subject_token_type=form.get("subject_token_type", ""),
+            refresh_token=form.get("refresh_token", ""),
+        )
+        try:
+            answer = await run_in_threadpool(exchanger.explain, req)
+        except ExchangeError as exc:
+            metrics.requests.labels("explain", "-", exc.error).inc()
+            return error_response(exc, request_id)
+        metrics.requests.labels("explain", "-", "explained").inc()
+        return JSONResponse(answer, headers=_NO_STORE)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -263,6 +291,7 @@ def create_app(
     routes = [
         Route("/v1/token", token, methods=["POST"]),
         Route("/v1/revoke", revoke, methods=["POST"]),
+        Route("/v1/explain", explain, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -247,6 +247,71 @@ class Exchanger:
                 record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
             self._terminal(record, Outcome.REVOKED, "client_revoked" if ended else "unknown_handle")
 
+    def explain(self, req: TokenRequest) -> dict[str, Any]:
+        """POST /v1/explain: who the token (or session) is and which grants it may use.
+
+        The subject token is verified like an exchange but its jti is NOT consumed, so a CI
+        job can ask before its one exchange (`luigi-creds whoami`). Only allowed grants are
+        listed: an identity learns its own powers, never the rest of the policy.
+        """
+        record = self._new_record(req, "explain")
+        with self._terminal_on_error(record):
+            now = self._clock()
+            session: Session | None = None
+            if req.refresh_token:
+                max_idle = timedelta(seconds=self._config.broker.session_idle)
+                try:
+                    session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
+                except SessionError as exc:
+                    raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
+                except StateUnavailable as exc:
+                    raise _unavailable("state_unavailable") from exc
+                identity = _Identity(
+                    issuer=session.issuer, subject=session.subject, claims=session.claims
+                )
+                record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
+            else:
+                if not req.subject_token:
+                    raise _bad_request("missing_subject_token")
+                record.set(token_sha256=token_sha256(req.subject_token))
+                if req.subject_token_type not in SUBJECT_TOKEN_TYPES:
+                    raise _bad_request("unsupported_subject_token_type")
+                identity = self._verify(req.subject_token, now, record)
+            wait = self._limits.check(
+                issuer=identity.issuer, subject=identity.subject, grant="-", now=self._monotonic()
+            )
+            if wait is not None:
+                raise ExchangeError(
+                    429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
+                )
+            grants = []
+            for decision in self._policy.allowed_grants(identity.issuer, identity.claims):
+                grant = self._policy.grant(decision.grant)
+                if decision.allowed and grant is not None:
+                    grants.append(
+                        {
+                            "name": grant.name,
+                            "description": grant.description,
+                            "issued_token_type": issued_token_type(grant),
+                            "ttl": grant.ttl,
+                        }
+                    )
+            record.set(detail={"grants": [g["name"] for g in grants]})
+            self._terminal(record, Outcome.EXPLAINED, "explained")
+            answer: dict[str, Any] = {
+                "issuer": identity.issuer,
+                "subject": identity.subject,
+                "grants": grants,
+                "request_id": req.request_id,
+            }
+            if session is not None:
+                answer["session"] = {
+                    "id": session.id,
+                    "expires_at": session.expires_at.isoformat(),
+                }
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
+
     def revoke_lease(self, req: TokenRequest, lease_id: str) -> None:
         """POST /v1/revoke for one dynamic secret, by the session that minted it.
 
@@ -615,7 +680,9 @@ class Exchanger:
         try:
             yield
         except ExchangeError as exc:
-            if not record.terminal_written:
+            # After the audit store just failed, a second write would only wait out its
+            # deadline again (HOSTILE F2): the request is refused at once and logged instead.
+            if not record.terminal_written and exc.reason != "audit_unavailable":
                 outcome = Outcome.ERROR if exc.status >= 500 else Outcome.DENIED
                 self._terminal(record, outcome, exc.reason)
             raise
@@ -630,6 +697,10 @@ class Exchanger:
             self._audit.append(event)
         except AuditUnavailable:
             self._last_append_failed = True
+            log.error(
+                "audit append failed; request refused",
+                extra={"request_id": event.request_id, "outcome": str(event.outcome)},
+            )
             raise
         self._last_append_failed = False
 

@@ -135,6 +135,35 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/explain": {
+            "post": {
+                "summary": "Who a token or session is, and which grants it may use (no jti spent)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "subject_token": {"type": "string", "maxLength": 8192},
+                                    "subject_token_type": {"type": "string"},
+                                    "refresh_token": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "issuer, subject, allowed grants, session if any",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": _error_response("Bad token or refresh handle"),
+                    "429": _error_response("Rate limited", retry_after=True),
+                    "503": _error_response("Issuer keys or audit store unavailable", True),
+                },
+            }
+        },
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "OK"}}}},
         "/readyz": {
             "get": {

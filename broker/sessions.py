@@ -47,7 +47,7 @@ _MAX_HANDLE_CHARS = 128
 # How often a ReplayLedger deletes rows past their expiry, measured on the callers' `now`.
 _PURGE_EVERY = timedelta(seconds=60)
 # SQLite: how long a writer waits for another writer's lock before we call the store unavailable.
-_SQLITE_BUSY_SECONDS = 5.0
+_SQLITE_BUSY_SECONDS = 2.0  # state writes take milliseconds; beyond this the store is hung
 # PostgreSQL: connection attempts give up after this (seconds, libpq connect_timeout).
 _PG_CONNECT_TIMEOUT = 5
 # Idle connections kept per store; more concurrent callers open (and then close) extra ones.

@@ -40,7 +40,7 @@ from stack import Broker, Moto, fresh_pg_database, policy_toml, start_broker, st
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.ledger import StoredCheckpoint
-from broker.audit.postgresql import STATEMENT_TIMEOUT_MS as PG_LOCK_TIMEOUT_MS
+from broker.audit.postgresql import LOCK_TIMEOUT_MS as PG_LOCK_TIMEOUT_MS
 from broker.audit.sqlite import BUSY_TIMEOUT as AUDIT_BUSY_SECONDS
 from broker.sessions import _SQLITE_BUSY_SECONDS as STATE_BUSY_SECONDS
 
@@ -456,8 +456,11 @@ def test_edited_record_fails_verify_naming_its_seq(crash: CrashRun, tmp_path: Pa
 
 # SQLite: one exchange meets the held lock twice. The replay ledger's write (sessions.py, same
 # file) waits out its busy timeout and fails, then the `error` record waits out the audit store's.
-# PostgreSQL: the replay ledger's tables stay writable; the `intent` and then the `error` record
-# each wait out the audit store's lock timeout. 3 s: process and CPU slack on a shared machine.
+# PostgreSQL: the replay ledger's tables stay writable; the `intent` waits out the audit store's
+# lock timeout, and no second write is attempted after it failed (exchange.py). NOTE: with 4-6
+# parallel requests one of them is observed to reach the store only after the others gave up
+# (a thread dump shows no worker thread for it meanwhile; anyio's worker reuse is suspected, not
+# proven), so the bound allows two lock timeouts. 3 s: CPU slack on a shared machine.
 HANG_BOUND = {
     "sqlite": STATE_BUSY_SECONDS + AUDIT_BUSY_SECONDS + 3.0,
     "postgresql": 2 * PG_LOCK_TIMEOUT_MS / 1000 + 3.0,

@@ -22,6 +22,7 @@ class Outcome(StrEnum):
     REVOKED = "revoked"  # a session or credential ended early
     RECONCILED = "reconciled"  # written at start-up for an intent a crash left dangling
     RECOVERY = "recovery"  # first record after a torn write or crash
+    EXPLAINED = "explained"  # POST /v1/explain answered: grants listed, nothing minted
 
 
 @dataclass(frozen=True)

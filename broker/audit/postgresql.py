@@ -28,7 +28,9 @@ from broker.audit.ledger import (
 )
 
 CONNECT_TIMEOUT = 5  # seconds
-STATEMENT_TIMEOUT_MS = 10_000
+STATEMENT_TIMEOUT_MS = 10_000  # bounds maintenance statements (prune) as well as appends
+# The audit deadline (HOSTILE F2): waiting for the head-row lock gives up after this, then 503.
+LOCK_TIMEOUT_MS = 3_000
 # Key of the transaction-level advisory lock that serialises schema migrations across replicas:
 # the ASCII bytes "lcau" (luigi-creds audit).
 MIGRATION_LOCK = 0x6C636175
@@ -66,7 +68,7 @@ class PostgresAuditStore(SqlLedger):
     def _connect(self) -> Any:
         conn = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        conn.execute(f"SET lock_timeout = {STATEMENT_TIMEOUT_MS}")
+        conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
         conn.execute("SET synchronous_commit = on")
         return conn
 
