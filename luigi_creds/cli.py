@@ -188,8 +188,14 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     for key in shown:
         if isinstance(claims, dict) and key in claims:
             print(f"{key + ':':13} {json.dumps(claims[key])}")
-    # NOTE: listing the grants this identity may use needs a broker endpoint (GET /v1/whoami,
-    # bearer = subject token, not consuming its jti) that SPEC.md does not define yet.
+    answer = broker.explain()
+    print(f"broker says:  {answer.get('issuer')} / {answer.get('subject')}")
+    grants = answer.get("grants") or []
+    if not grants:
+        print("grants:       none (ask the broker's operator to run `luigi-creds-broker explain`)")
+    for grant in grants:
+        kind = str(grant.get("issued_token_type", "")).rsplit(":", 1)[-1]
+        print(f"grant:        {grant.get('name')}  ({kind}, ttl {grant.get('ttl')}s)")
     return 0
 
 
@@ -238,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "whoami",
-        help="show the identity the token source presents (no secrets, token not spent)",
+        help="show the identity, and the grants the broker allows it (no secrets, token not spent)",
     )
     p.set_defaults(func=cmd_whoami)
     return parser

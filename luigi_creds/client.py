@@ -224,6 +224,24 @@ class BrokerClient:
                 log.info("refresh session rejected; exchanging a new token for %s", grant)
                 return self._exchange(grant, task, duration)
 
+    def explain(self) -> dict[str, Any]:
+        """Who the broker says this job is and which grants it may use (POST /v1/explain).
+
+        With a session, the session is asked about (the handle is not rotated); otherwise the
+        token source's token is verified without being spent, so `whoami` is safe to run
+        before the job's one exchange.
+        """
+        with self._lock:
+            handle = self._session.handle if self._session is not None else None
+        if handle:
+            form = {"refresh_token": handle}
+        else:
+            form = {
+                "subject_token": self._source.token(),
+                "subject_token_type": self._source.subject_token_type,
+            }
+        return self._post("/v1/explain", form, grant=None, expect_body=True, what="explain")
+
     def revoke(self, *, retry: bool = True) -> None:
         """End the refresh session (the broker revokes its Vault tokens and leases).
 

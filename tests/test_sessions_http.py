@@ -7,6 +7,10 @@ revocation (HTTP and operator CLI), and per-identity rate limits.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +205,53 @@ def test_two_brokers_on_one_postgresql_agree(upstreams: Upstreams, tmp_path: Pat
         finally:
             one.stop()
             two.stop()
+
+
+def test_explain_lists_allowed_grants_without_spending_the_token(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """POST /v1/explain names the identity and its grants; the token still exchanges after."""
+    b, db = broker
+    token = upstreams.issuer.mint("gitlab")
+    form = {"subject_token": token, "subject_token_type": "urn:ietf:params:oauth:token-type:jwt"}
+    status, answer, _ = b.post_raw("/v1/explain", urllib.parse.urlencode(form).encode())
+    assert status == 200, answer
+    assert answer["issuer"] == "gitlab"
+    assert [g["name"] for g in answer["grants"]] == ["etl-writer"]
+    (record,) = _events(f"sqlite:///{db}", answer["request_id"])
+    assert (record.outcome, record.detail["grants"]) == (Outcome.EXPLAINED, ["etl-writer"])
+
+    status, body, _ = b.exchange(token)
+    assert status == 200, body
+    form = {"refresh_token": body["refresh_token"]}
+    status, answer, _ = b.post_raw("/v1/explain", urllib.parse.urlencode(form).encode())
+    assert status == 200 and answer["session"]["id"].startswith("lcs_")
+    # Asking about the session does not rotate its handle.
+    assert b.refresh(body["refresh_token"])[0] == 200
+
+    denied = upstreams.issuer.mint("gitlab", project_id="1")
+    form = {"subject_token": denied, "subject_token_type": "urn:ietf:params:oauth:token-type:jwt"}
+    status, answer, _ = b.post_raw("/v1/explain", urllib.parse.urlencode(form).encode())
+    assert (status, answer["grants"]) == (200, [])
+
+
+def test_whoami_cli_shows_identity_and_grants(
+    upstreams: Upstreams, broker: tuple[Broker, Path], tmp_path: Path
+) -> None:
+    """`luigi-creds whoami` prints the identity and its grants and prints no token."""
+    b, _ = broker
+    token = upstreams.issuer.mint("gitlab")
+    cfg = tmp_path / "luigi.cfg"
+    cfg.write_text(f"[luigi_creds]\nbroker_url = {b.url}\ntoken_source = env:CI_ID_TOKEN\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "luigi_creds.cli", "--config", str(cfg), "whoami"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CI_ID_TOKEN": token, "LUIGI_CONFIG_PATH": str(cfg)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "grant:        etl-writer  (aws-credentials, ttl 900s)" in done.stdout
+    assert token not in done.stdout + done.stderr
+    assert b.exchange(token)[0] == 200
