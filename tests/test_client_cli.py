@@ -116,6 +116,7 @@ def test_whoami_shows_claims_without_the_token(env) -> None:  # type: ignore[no-
     assert out.returncode == 0, out.stderr
     assert "env:TEST_CI_TOKEN" in out.stdout
     assert '"project_path:g/p"' in out.stdout
+    assert "grant:        etl-writer  (aws-credentials, ttl 900s)" in out.stdout
     assert environ["TEST_CI_TOKEN"] not in out.stdout
     assert fake.exchanges == 0
 

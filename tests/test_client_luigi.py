@@ -63,6 +63,14 @@ class FakeBroker:
                 pass
 
             def do_POST(self) -> None:
+                if self.path == "/v1/explain":
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    data = json.dumps(broker.explained()).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if self.path == "/v1/revoke":
                     self.rfile.read(int(self.headers["Content-Length"]))
                     broker.revoked += 1
@@ -84,6 +92,22 @@ class FakeBroker:
                 self.wfile.write(data)
 
         return Handler
+
+    def explained(self) -> dict[str, Any]:
+        """What the real broker's POST /v1/explain answers, for an identity with one grant."""
+        return {
+            "issuer": "gitlab",
+            "subject": "project_path:g/p",
+            "grants": [
+                {
+                    "name": "etl-writer",
+                    "description": "",
+                    "issued_token_type": "urn:luigi-creds:token-type:aws-credentials",
+                    "ttl": 900,
+                }
+            ],
+            "request_id": "r-explain",
+        }
 
     def token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         with self.lock:
