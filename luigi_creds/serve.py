@@ -327,8 +327,13 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                # The worker hung up (it was killed or timed out): nobody is left to answer,
+                # and a traceback on the job's stderr would only be noise.
+                self.close_connection = True
 
     return Handler
 
