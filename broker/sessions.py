@@ -171,7 +171,23 @@ class _Database:
         except queue.Full:
             conn.close()
 
+    # SQLite: one in-process queue in front of the database write lock. Threads that wait in
+    # SQLite's busy handler sleep in steps of up to 100 ms; a queue hands the lock on at once
+    # (measured in bench/: the 8-thread p99 of an exchange fell about threefold).
+    _write_queue: threading.Lock | None = None
+
     def run(self, work: Callable[[_Cursor], T], *, write: bool = True) -> T:
+        queue_lock = self._write_queue if write else None
+        if queue_lock is None:
+            return self._run(work, write)
+        if not queue_lock.acquire(timeout=_SQLITE_BUSY_SECONDS):
+            raise StateUnavailable("state database busy")
+        try:
+            return self._run(work, write)
+        finally:
+            queue_lock.release()
+
+    def _run(self, work: Callable[[_Cursor], T], write: bool) -> T:
         errors = self.errors()
         for attempt in (1, 2):
             try:
@@ -237,6 +253,7 @@ class _Sqlite(_Database):
     def __init__(self, path: str) -> None:
         super().__init__()
         self._path = path
+        self._write_queue = threading.Lock()
 
     def connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves. check_same_thread=False: a pooled
