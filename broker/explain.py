@@ -24,16 +24,19 @@ def _issuer_name(config: Config, claims: Mapping[str, Any], issuer: str | None) 
 
 def _minted(grant: GrantConfig, claims: Mapping[str, Any]) -> list[str]:
     if grant.aws is not None:
+        # A real request id has 20 hex digits; a stand-in of that length shows the real cut.
+        stand_in = "0" * 20
         plan = plan_assume_role(
             grant.name,
             grant.aws,
             claims,
-            request_id="<request-id>",
+            request_id=stand_in,
             duration=clamp_duration(grant.ttl, None),
         )
+        session_name = plan.role_session_name.replace(stand_in, "<request id>")
         lines = [
             f"  sts:AssumeRole {plan.role_arn}",
-            f"    RoleSessionName  {plan.role_session_name}",
+            f"    RoleSessionName  {session_name}",
             f"    DurationSeconds  {plan.duration_seconds}",
             f"    SourceIdentity   {plan.source_identity or '-'}",
         ]
