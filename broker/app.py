@@ -162,19 +162,24 @@ def create_app(
     openapi: Mapping[str, Any],
     on_shutdown: Callable[[], None] | None = None,
 ) -> Starlette:
+    async def audited_form(
+        request: Request, request_id: str, client: str, allowed: frozenset[str]
+    ) -> dict[str, str]:
+        """The request's form; a framing error is audited like any deny, then raised."""
+        try:
+            return await read_form(request, max_bytes=max_body_bytes, allowed=allowed)
+        except BadForm as exc:
+            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
+            await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
+            raise AssertionError("reject always raises") from exc  # pragma: no cover
+
     async def token(request: Request) -> Response:
         started = time.perf_counter()
         request_id = new_request_id()
         client = request.client.host if request.client else ""
         grant = "-"
         try:
-            try:
-                form = await read_form(request, max_bytes=max_body_bytes, allowed=_TOKEN_FIELDS)
-            except BadForm as exc:
-                # Framing errors still go through the use case so they are audited like any deny.
-                form = {"grant_type": "", "_bad_form": exc.reason}
-                if exc.status == 413:
-                    form["_too_large"] = "1"
+            form = await audited_form(request, request_id, client, _TOKEN_FIELDS)
             req = TokenRequest(
                 request_id=request_id,
                 client_addr=client,
@@ -187,42 +192,29 @@ def create_app(
                 duration=form.get("duration", ""),
                 task=form.get("task", ""),
             )
-            grant = req.audience[:64] or "-"
-            bad_form = form.get("_bad_form")
-            try:
-                if bad_form is not None:
-                    status = 413 if form.get("_too_large") else 400
-                    issued = await run_in_threadpool(exchanger.reject, req, status, bad_form)
-                else:
-                    issued = await run_in_threadpool(exchanger.handle, req)
-            except ExchangeError as exc:
-                metrics.requests.labels("token", _known(grant, exchanger), exc.error).inc()
-                return error_response(exc, request_id)
-            metrics.requests.labels("token", _known(grant, exchanger), "issued").inc()
-            return JSONResponse(issued.wire(), headers=_NO_STORE)
+            grant = _known(req.audience, exchanger)
+            issued = await run_in_threadpool(exchanger.handle, req)
+        except ExchangeError as exc:
+            metrics.requests.labels("token", grant, exc.error).inc()
+            return error_response(exc, request_id)
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
+        metrics.requests.labels("token", grant, "issued").inc()
+        return JSONResponse(issued.wire(), headers=_NO_STORE)
 
     async def revoke(request: Request) -> Response:
         request_id = new_request_id()
         client = request.client.host if request.client else ""
         try:
-            form = await read_form(request, max_bytes=max_body_bytes, allowed=_REVOKE_FIELDS)
-        except BadForm as exc:
-            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
-            try:
-                await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
-            except ExchangeError as err:
-                return error_response(err, request_id)
-        hint = form.get("token_type_hint", "refresh_token")
-        lease = hint == TOKEN_TYPE_VAULT_SECRET
-        req = TokenRequest(
-            request_id=request_id,
-            client_addr=client,
-            grant_type="revoke",
-            refresh_token=form.get("refresh_token" if lease else "token", ""),
-        )
-        try:
+            form = await audited_form(request, request_id, client, _REVOKE_FIELDS)
+            hint = form.get("token_type_hint", "refresh_token")
+            lease = hint == TOKEN_TYPE_VAULT_SECRET
+            req = TokenRequest(
+                request_id=request_id,
+                client_addr=client,
+                grant_type="revoke",
+                refresh_token=form.get("refresh_token" if lease else "token", ""),
+            )
             if lease:
                 await run_in_threadpool(exchanger.revoke_lease, req, form.get("token", ""))
             elif hint != "refresh_token":
@@ -240,22 +232,15 @@ def create_app(
         request_id = new_request_id()
         client = request.client.host if request.client else ""
         try:
-            form = await read_form(request, max_bytes=max_body_bytes, allowed=_EXPLAIN_FIELDS)
-        except BadForm as exc:
-            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
-            try:
-                await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
-            except ExchangeError as err:
-                return error_response(err, request_id)
-        req = TokenRequest(
-            request_id=request_id,
-            client_addr=client,
-            grant_type="explain",
-            subject_token=form.get("subject_token", ""),
-            subject_token_type=form.get("subject_token_type", ""),
-            refresh_token=form.get("refresh_token", ""),
-        )
-        try:
+            form = await audited_form(request, request_id, client, _EXPLAIN_FIELDS)
+            req = TokenRequest(
+                request_id=request_id,
+                client_addr=client,
+                grant_type="explain",
+                subject_token=form.get("subject_token", ""),
+                subject_token_type=form.get("subject_token_type", ""),
+                refresh_token=form.get("refresh_token", ""),
+            )
             answer = await run_in_threadpool(exchanger.explain, req)
         except ExchangeError as exc:
             metrics.requests.labels("explain", "-", exc.error).inc()
@@ -309,4 +294,4 @@ def create_app(
 
 def _known(grant: str, exchanger: Exchanger) -> str:
     """Label values come from config only, so a caller cannot blow up metric cardinality."""
-    return grant if exchanger.knows_grant(grant) else "-"
+    return grant if grant and exchanger.knows_grant(grant) else "-"
