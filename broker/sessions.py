@@ -330,76 +330,49 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+# One schema for both databases; `{time}` is the column type of an aware instant: fixed-width
+# UTC text on SQLite (string order is time order), TIMESTAMPTZ on PostgreSQL.
+_TABLES = [
+    """CREATE TABLE IF NOT EXISTS replay_tokens (
+        issuer TEXT NOT NULL,
+        token_hash TEXT NOT NULL,
+        expires_at {time} NOT NULL,
+        PRIMARY KEY (issuer, token_hash))""",
+    "CREATE INDEX IF NOT EXISTS replay_tokens_expires ON replay_tokens (expires_at)",
+    """CREATE TABLE IF NOT EXISTS session_sessions (
+        id TEXT PRIMARY KEY,
+        issuer TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        claims TEXT NOT NULL,
+        created_at {time} NOT NULL,
+        expires_at {time} NOT NULL,
+        generation INTEGER NOT NULL,
+        revoked_at {time},
+        revoked_reason TEXT NOT NULL DEFAULT '',
+        key_thumbprint TEXT)""",
+    """CREATE INDEX IF NOT EXISTS session_sessions_identity
+        ON session_sessions (issuer, subject)""",
+    """CREATE TABLE IF NOT EXISTS session_handles (
+        handle_hash TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL,
+        issued_at {time} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS session_handles_session ON session_handles (session_id)",
+    """CREATE TABLE IF NOT EXISTS session_credentials (
+        session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        expires_at {time},
+        PRIMARY KEY (session_id, kind, ref))""",
+]
 _SCHEMA = {
-    "sqlite": [
-        """CREATE TABLE IF NOT EXISTS replay_tokens (
-            issuer TEXT NOT NULL,
-            token_hash TEXT NOT NULL,
-            expires_at TEXT NOT NULL,
-            PRIMARY KEY (issuer, token_hash))""",
-        "CREATE INDEX IF NOT EXISTS replay_tokens_expires ON replay_tokens (expires_at)",
-        """CREATE TABLE IF NOT EXISTS session_sessions (
-            id TEXT PRIMARY KEY,
-            issuer TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            claims TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            expires_at TEXT NOT NULL,
-            generation INTEGER NOT NULL,
-            revoked_at TEXT,
-            revoked_reason TEXT NOT NULL DEFAULT '',
-            key_thumbprint TEXT)""",
-        """CREATE INDEX IF NOT EXISTS session_sessions_identity
-            ON session_sessions (issuer, subject)""",
-        """CREATE TABLE IF NOT EXISTS session_handles (
-            handle_hash TEXT PRIMARY KEY,
-            session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
-            generation INTEGER NOT NULL,
-            issued_at TEXT NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS session_handles_session ON session_handles (session_id)",
-        """CREATE TABLE IF NOT EXISTS session_credentials (
-            session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
-            kind TEXT NOT NULL,
-            ref TEXT NOT NULL,
-            expires_at TEXT,
-            PRIMARY KEY (session_id, kind, ref))""",
-    ],
+    "sqlite": [t.format(time="TEXT") for t in _TABLES],
     "postgresql": [
         # Several brokers may start at once; CREATE ... IF NOT EXISTS alone races on the
         # catalogue, so start-up DDL runs under one transaction-scoped advisory lock.
         # 0x6c63735f = "lcs_"; any constant shared by all brokers works.
         "SELECT pg_advisory_xact_lock(1818456927)",
-        """CREATE TABLE IF NOT EXISTS replay_tokens (
-            issuer TEXT NOT NULL,
-            token_hash TEXT NOT NULL,
-            expires_at TIMESTAMPTZ NOT NULL,
-            PRIMARY KEY (issuer, token_hash))""",
-        "CREATE INDEX IF NOT EXISTS replay_tokens_expires ON replay_tokens (expires_at)",
-        """CREATE TABLE IF NOT EXISTS session_sessions (
-            id TEXT PRIMARY KEY,
-            issuer TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            claims TEXT NOT NULL,
-            created_at TIMESTAMPTZ NOT NULL,
-            expires_at TIMESTAMPTZ NOT NULL,
-            generation INTEGER NOT NULL,
-            revoked_at TIMESTAMPTZ,
-            revoked_reason TEXT NOT NULL DEFAULT '',
-            key_thumbprint TEXT)""",
-        """CREATE INDEX IF NOT EXISTS session_sessions_identity
-            ON session_sessions (issuer, subject)""",
-        """CREATE TABLE IF NOT EXISTS session_handles (
-            handle_hash TEXT PRIMARY KEY,
-            session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
-            generation INTEGER NOT NULL,
-            issued_at TIMESTAMPTZ NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS session_handles_session ON session_handles (session_id)",
-        """CREATE TABLE IF NOT EXISTS session_credentials (
-            session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
-            kind TEXT NOT NULL,
-            ref TEXT NOT NULL,
-            expires_at TIMESTAMPTZ,
-            PRIMARY KEY (session_id, kind, ref))""",
+        *(t.format(time="TIMESTAMPTZ") for t in _TABLES),
     ],
 }
 
