@@ -474,3 +474,27 @@ def test_issued_event_time_is_aware_utc(stack: Stack) -> None:
     event = stack.events_for(body["request_id"])[-1]
     assert event.time.tzinfo is not None
     assert abs((datetime.now(UTC) - event.time).total_seconds()) < 60
+
+
+def test_issuer_key_rotation_is_picked_up_after_one_refetch(tmp_path: Path) -> None:
+    """After the issuer swaps keys, new tokens verify after one refetch; old-key tokens fail."""
+    s = _start_stack(tmp_path)
+    try:
+        old_token = s.issuer.mint("gitlab")
+        assert s.broker.exchange(s.issuer.mint("gitlab"))[0] == 200
+        fetches = s.issuer.stats()["jwks_fetches"]
+        s.issuer.rotate("RS256", drop_old=True)
+        status, body, _ = s.broker.exchange(s.issuer.mint("gitlab"))
+        assert status == 200, body
+        assert s.issuer.stats()["jwks_fetches"] == fetches + 1
+        # The dropped key's tokens now name a kid the issuer no longer publishes.
+        time.sleep(1.1)  # the policy's jwks_refetch_cooldown is 1 s
+        status, body, _ = s.broker.exchange(old_token)
+        assert (status, body["error"]) == (400, "invalid_request")
+        assert [e.reason for e in s.events_for(body["request_id"])] == ["unknown_kid"]
+        _, metrics = s.broker.get("/metrics")
+        assert 'luigi_creds_jwks_fetches_total{issuer="gitlab",outcome="ok"}' in metrics
+    finally:
+        s.broker.stop()
+        s.moto.stop()
+        s.issuer.stop()
