@@ -1,4 +1,4 @@
-"""The token endpoint's use cases: exchange, refresh and revoke. No HTTP types here.
+"""The token endpoint's use cases: exchange, refresh, revoke and explain. No HTTP types here.
 
 Owns the order of operations and the fail-closed rules of SPEC.md:
 - a request ends in exactly one terminal audit record (`denied`, `error` or `issued`);
@@ -143,7 +143,6 @@ class _Identity:
     claims: Mapping[str, Any]
     token_exp: int | None = None  # exchange only: the subject token's exp
     token_id: str = ""  # exchange only: jti, or the token hash for issuers without jti
-    session: Session | None = None  # refresh only
 
 
 @dataclass
@@ -477,9 +476,7 @@ class Exchanger:
             subject=session.subject[:256],
             jti=str(session.claims.get("jti", ""))[:256],
         )
-        identity = _Identity(
-            issuer=session.issuer, subject=session.subject, claims=session.claims, session=session
-        )
+        identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
         grant = self._authorize(identity, req, record)
         requested = self._duration(req.duration)
         minted = self._mint(grant, session.claims, requested, task, session, record)
