@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,12 +66,16 @@ def broker(upstreams: Upstreams, tmp_path: Path) -> Iterator[tuple[Broker, Path]
         b.stop()
 
 
-def _events(store_url: str, request_id: str) -> list[AuditEvent]:
+def _all_events(store_url: str) -> list[AuditEvent]:
     store = open_store(store_url)
     try:
-        return [e for e in store.events() if e.request_id == request_id]
+        return list(store.events())
     finally:
         store.close()
+
+
+def _events(store_url: str, request_id: str) -> list[AuditEvent]:
+    return [e for e in _all_events(store_url) if e.request_id == request_id]
 
 
 def test_exchange_once_refresh_per_task_and_reuse_revokes(
@@ -114,7 +119,7 @@ def test_exchange_once_refresh_per_task_and_reuse_revokes(
     assert (status, body["error"]) == (400, "invalid_grant")
     ended = [
         e
-        for e in open_store(store).events()
+        for e in _all_events(store)
         if e.outcome == Outcome.REVOKED and e.reason == "reuse_detected"
     ]
     assert len(ended) == 1
@@ -255,3 +260,29 @@ def test_whoami_cli_shows_identity_and_grants(
     assert "grant:        etl-writer  (aws-credentials, ttl 900s)" in done.stdout
     assert token not in done.stdout + done.stderr
     assert b.exchange(token)[0] == 200
+
+
+def test_parallel_replays_of_one_token_issue_exactly_once(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """Twenty simultaneous exchanges of one token: one 200, nineteen token_replayed denials."""
+    b, db = broker
+    token = upstreams.issuer.mint("gitlab")
+    start = threading.Barrier(20)
+    answers: list[tuple[int, dict[str, object]]] = []
+
+    def exchange() -> None:
+        start.wait()
+        status, body, _ = b.exchange(token)
+        answers.append((status, body))
+
+    threads = [threading.Thread(target=exchange) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(status for status, _ in answers) == [200] + [400] * 19
+    events = [e for e in _all_events(f"sqlite:///{db}") if e.token_sha256]
+    mine = [e for e in events if e.request_id in {str(body["request_id"]) for _, body in answers}]
+    assert sum(e.outcome == Outcome.ISSUED for e in mine) == 1
+    assert sum(e.reason == "token_replayed" for e in mine) == 19
