@@ -79,6 +79,10 @@ class IssuerConfig:
     jwks_file: Path | None = None  # pinned keys; no network at all for this issuer
     max_token_lifetime: int = 6 * 3600  # seconds; exp - iat above this is rejected
     require_jti: bool = True  # false: the token's sha256 is consumed instead of its jti
+    # Header `typ` values this issuer's tokens must carry (case-insensitive, "application/"
+    # optional, RFC 8725 §3.11); empty accepts any. Keeps e.g. Okta access tokens ("at+jwt")
+    # from being presented where only ID tokens are meant (HOSTILE #33).
+    token_types: tuple[str, ...] = ()
     jwks_cache_ttl: int = 900  # seconds before keys are refetched in the background
     jwks_refetch_cooldown: int = 60  # seconds between refetches triggered by unknown kids
     jwks_max_stale: int = 24 * 3600  # seconds cached keys serve while the issuer is down
@@ -306,6 +310,7 @@ _ISSUER_KEYS = frozenset(
         "jwks_file",
         "max_token_lifetime",
         "require_jti",
+        "token_types",
         "jwks_cache_ttl",
         "jwks_refetch_cooldown",
         "jwks_max_stale",
@@ -744,6 +749,7 @@ class _Lint:
                         t, "max_token_lifetime", w, d.max_token_lifetime
                     ),
                     require_jti=self.typed(t, "require_jti", w, bool, d.require_jti),
+                    token_types=self.str_list(t, "token_types", w),
                     jwks_cache_ttl=self.duration(t, "jwks_cache_ttl", w, d.jwks_cache_ttl),
                     jwks_refetch_cooldown=self.duration(
                         t, "jwks_refetch_cooldown", w, d.jwks_refetch_cooldown

@@ -156,6 +156,13 @@ class _Record:
         self.event = replace(self.event, **changes)
 
 
+def _media_type(typ: object) -> str:
+    """`typ` compared case-insensitively, "application/" optional (RFC 7515 §4.1.9)."""
+    if not isinstance(typ, str):
+        return ""
+    return typ.lower().removeprefix("application/")
+
+
 def _now_utc() -> datetime:
     return datetime.now(UTC)
 
@@ -419,6 +426,10 @@ class Exchanger:
         if token.alg not in issuer.algorithms:
             # Before key lookup: a foreign alg must not cost a JWKS refetch (HOSTILE #13, #14).
             raise _bad_request("alg_not_allowed")
+        if issuer.token_types and _media_type(token.header.get("typ")) not in {
+            _media_type(t) for t in issuer.token_types
+        }:
+            raise _bad_request("wrong_token_type")  # HOSTILE #33: cross-JWT confusion
         try:
             key = self._issuers.resolve_key(issuer, token.kid, token.alg)
         except UnknownKey as exc:

@@ -84,8 +84,10 @@ def clock() -> Clock:
 
 @pytest.fixture
 def setup(
-    tmp_path: Path, key: SigningKey, clock: Clock
+    tmp_path: Path, key: SigningKey, clock: Clock, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Exchanger, MemoryAudit, Stubber]]:
+    """An exchanger for one GitLab issuer and one AWS grant; `request.param` extends the issuer."""
+    issuer_extra = getattr(request, "param", "")
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [key.public_jwk()]}))
     config = parse_config(
@@ -99,6 +101,7 @@ def setup(
         url = "{ISSUER}"
         audiences = ["luigi-creds"]
         jwks_file = "{jwks}"
+        {issuer_extra}
         [[grant]]
         name = "etl-writer"
         issuers = ["gitlab"]
@@ -331,3 +334,20 @@ def test_upstream_denial_is_cached_without_asking_sts_again(
         exchanger.handle(replace(_request(key), request_id="req2"))  # no STS answer queued
     assert caught.value.status == 503 and caught.value.reason == "cached_upstream_denied"
     assert audit.events[-1].outcome == Outcome.ERROR
+
+
+@pytest.mark.parametrize("setup", ['token_types = ["JWT"]'], indirect=True)
+def test_issuer_typ_profile_refuses_other_token_types(
+    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+) -> None:
+    """With token_types = ["JWT"], an access token (typ at+jwt) is refused before any key use."""
+    exchanger, _, stubber = setup
+    body = preset_claims("gitlab", issuer=ISSUER, audience="luigi-creds", now=NOW)
+    access = encode_jwt(body, key, header={"typ": "at+jwt"})
+    with pytest.raises(ExchangeError) as caught:
+        exchanger.handle(replace(_request(key), subject_token=access))
+    assert caught.value.reason == "wrong_token_type"
+    # "application/JWT" is the same media type as "JWT" (RFC 7515 §4.1.9).
+    _sts_ok(stubber)
+    id_token = encode_jwt(body, key, header={"typ": "application/JWT"})
+    assert exchanger.handle(replace(_request(key), request_id="r2", subject_token=id_token))
