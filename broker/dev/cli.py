@@ -166,7 +166,8 @@ luigi-creds dev stack is up. Ctrl-C stops everything and {fate} {state.state_dir
 luigi.cfg (written to {state.luigi_config}):
 {section}
 In a client shell (one exchange spends a CI token: mint a fresh one per job):
-  export AWS_ENDPOINT_URL={state.aws_endpoint_url} VAULT_ADDR={state.vault_addr}
+  export AWS_ENDPOINT_URL={state.aws_endpoint_url} AWS_DEFAULT_REGION=us-east-1
+  export VAULT_ADDR={state.vault_addr}
   export {TOKEN_VARIABLE}="$({mint} --preset gitlab)"
   luigi-creds --config {state.luigi_config} whoami
   luigi-creds --config {state.luigi_config} exec --grant etl-writer -- aws s3 ls s3://{state.bucket}
