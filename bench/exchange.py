@@ -429,7 +429,12 @@ def measure(url: str, workers: Sequence[tuple[Sequence[Job], Sequence[Job]]]) ->
     Warm-ups run first on every thread; the clock starts when all threads have finished them and
     stops when the last timed job returns.
     """
-    barrier = threading.Barrier(len(workers) + 1)
+    # The clock starts in the barrier's action, before any thread is released: read after the
+    # barrier instead, a fast worker could finish before the start was taken (negative wall).
+    started_at = [0.0]
+    barrier = threading.Barrier(
+        len(workers) + 1, action=lambda: started_at.__setitem__(0, time.perf_counter())
+    )
     latencies: list[list[float]] = [[] for _ in workers]
     errors = [0] * len(workers)
     finished: list[float] = [0.0] * len(workers)
@@ -451,12 +456,11 @@ def measure(url: str, workers: Sequence[tuple[Sequence[Job], Sequence[Job]]]) ->
     for thread in threads:
         thread.start()
     barrier.wait()
-    started = time.perf_counter()
     for thread in threads:
         thread.join()
     return Measured(
         latencies=tuple(x for per in latencies for x in per),
-        wall=max(finished) - started,
+        wall=max(finished) - started_at[0],
         errors=sum(errors),
     )
 
