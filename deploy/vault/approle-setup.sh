@@ -37,7 +37,10 @@ fi
 v() { "$VAULT_CLI" "$@"; }
 
 # 1. AppRole auth method, once.
-if ! v auth list -format=json | grep -q '"approle/"'; then
+# Read the list first: with pipefail, `grep -q` closing the pipe early can fail the writer
+# (SIGPIPE) and make a mounted approle look absent.
+auth_mounts=$(v auth list -format=json)
+if ! grep -q '"approle/"' <<<"$auth_mounts"; then
   v auth enable approle
 fi
 
