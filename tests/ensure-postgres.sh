@@ -10,8 +10,8 @@ db=${url##*/}
 
 answers() { pg_isready -q -h "$host" -p "$port" 2>/dev/null; }
 if command -v pg_isready >/dev/null && answers; then
-  psql "postgresql://postgres@$host:$port/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname='$db'" | grep -q 1 \
-    || psql "postgresql://postgres@$host:$port/postgres" -qc "CREATE DATABASE \"$db\""
+  exists=$(psql "postgresql://postgres@$host:$port/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname='$db'")
+  [ "$exists" = 1 ] || psql "postgresql://postgres@$host:$port/postgres" -qc "CREATE DATABASE \"$db\""
   exit 0
 fi
 # The machine's own cluster may just be stopped.
