@@ -305,11 +305,6 @@ class SqlLedger:
         """Make `event` durable as the next record and return its seq; raise AuditUnavailable."""
         event = _recordable(event)
         try:
-            # canonical form first, outside the lock: an event that cannot be encoded fails closed
-            chain.record_bytes(event, seq=0, prev_hash=chain.GENESIS_HASH)
-        except (TypeError, ValueError) as exc:
-            raise AuditUnavailable("the event cannot be recorded") from exc
-        try:
             with self._local_lock():
                 conn = self._conn()
                 with self._write_txn(conn):
@@ -349,6 +344,10 @@ class SqlLedger:
                         (size, digest, chain.encode_frontier(frontier), cp_size, cp_time),
                     )
             return seq
+        except (TypeError, ValueError) as exc:
+            # Encoded once, inside the transaction (which rolls back): an event that cannot be
+            # put in canonical form fails closed without a second encoding on every append.
+            raise AuditUnavailable("the event cannot be recorded") from exc
         except self.db_errors as exc:
             self._discard()
             raise AuditUnavailable("audit store could not make the record durable") from exc
