@@ -1,10 +1,10 @@
 """The broker's policy file: TOML parsed into frozen, typed config.
 
-Owns the schema of `broker.toml` (SPEC.md, "Policy file") and its lint. Talks to nothing but the
-file system, and only in `load_config`. Every problem found is collected into one `ConfigError`
-so an operator fixes the whole file in one pass.
+Owns the schema of `broker.toml` (docs/protocol.md, "Policy file") and its lint. Talks to
+nothing but the file system, and only in `load_config`. Every problem found is collected into
+one `ConfigError` so an operator fixes the whole file in one pass.
 
-Documented forms the SPEC leaves open:
+Forms the documented contract leaves open, fixed here:
 - durations: "900s", "15m", "1h30m", "12h", "2d" or an integer number of seconds;
 - rate limits: `rate_limit_identity = { per_second = 10, burst = 50 }` (a table, never "10/s",
   because a bucket needs both numbers);
@@ -81,7 +81,8 @@ class IssuerConfig:
     require_jti: bool = True  # false: the token's sha256 is consumed instead of its jti
     # Header `typ` values this issuer's tokens must carry (case-insensitive, "application/"
     # optional, RFC 8725 §3.11); empty accepts any. Keeps e.g. Okta access tokens ("at+jwt")
-    # from being presented where only ID tokens are meant (HOSTILE #33).
+    # from being presented where only ID tokens are meant
+    # (one issuer's JWT replayed as another kind of token).
     token_types: tuple[str, ...] = ()
     jwks_cache_ttl: int = 900  # seconds before keys are refetched in the background
     jwks_refetch_cooldown: int = 60  # seconds between refetches triggered by unknown kids

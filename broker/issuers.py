@@ -4,7 +4,7 @@ Owns the fetch policy towards the OIDC issuers (GitLab, GitHub, Bitbucket, Okta,
 issuer): OpenID discovery at `<url>/.well-known/openid-configuration`, then the JWKS it names,
 both over HTTP(S) through the injected httpx client. Keys are parsed and validated by
 `broker.keys`; this module decides when to fetch, what to trust, and what to keep when a fetch
-goes wrong (HOSTILE.md 55-60, F9):
+goes wrong (an issuer that is down, slow, oversized, redirecting or serving poisoned keys):
 
 - the discovery `issuer` must equal the configured url byte for byte, and `jwks_uri` must be on
   the issuer's own scheme, host and port (pinned); plain HTTP only for loopback hosts;
@@ -17,7 +17,8 @@ goes wrong (HOSTILE.md 55-60, F9):
 - an issuer with `jwks_file` uses those pinned keys and never touches the network.
 
 `by_url` maps a token's `iss` to its configuration with an exact string lookup and no I/O, so a
-token from an unknown issuer is rejected before anything is fetched (HOSTILE.md 40, 59).
+token from an unknown issuer is rejected before anything is fetched (so a token cannot make the
+broker fetch from a URL it names).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from broker.keys import KeySet, KeySetError, VerificationKey, parse_jwks
 log = logging.getLogger(__name__)
 
 # octo-sts caps discovery/JWKS at 100 KiB; large IdPs publish a handful of keys (< 10 KiB), and
-# HOSTILE.md 56 suggests 256 KiB. We take 256 KiB to leave room for x5c-carrying key sets.
+# bounding memory per fetch matters more than the exact figure. We take 256 KiB to leave room
+# for x5c-carrying key sets.
 MAX_BODY_BYTES = 256 * 1024
-# Total wall time for one fetch (discovery + JWKS together), drip-feed included (HOSTILE.md 56).
+# Total wall time for one fetch (discovery + JWKS together), drip-feed included: a
+# server sending one byte a second must not hold a fetch open.
 FETCH_DEADLINE_SECONDS = 5.0
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
@@ -169,7 +172,7 @@ class IssuerRegistry:
         if key is not None:
             return key
         if not entry.last_attempt_ok:
-            # HOSTILE.md 55: while the issuer serves garbage or is down we cannot tell a
+            # While the issuer serves garbage or is down we cannot tell a
             # rotated-in key from a forged kid, so the caller retries later (503), not 400.
             raise IssuerUnavailable(issuer.name, entry.last_error or "refetch failed")
         raise UnknownKey(issuer.name, kid, alg)
@@ -299,7 +302,7 @@ class IssuerRegistry:
             jwks_url = httpx.URL(jwks_uri)
         except httpx.InvalidURL as exc:
             raise _FetchFailed("jwks_uri_not_pinned", "jwks_uri does not parse") from exc
-        # SSRF guard (HOSTILE.md 58): the keys must come from the issuer's own origin.
+        # SSRF guard: the keys must come from the issuer's own origin.
         if _origin(jwks_url) != _origin(issuer_url) or jwks_url.userinfo:
             raise _FetchFailed("jwks_uri_not_pinned", f"jwks_uri off the issuer origin: {jwks_uri}")
         body = self._get(jwks_uri, deadline)

@@ -1,4 +1,5 @@
-"""The OpenAPI description served at /openapi.json: the wire protocol of SPEC.md, by hand.
+"""The OpenAPI description served at /openapi.json: the wire protocol of docs/protocol.md, by
+hand.
 
 Kept by hand rather than generated so that it states the contract (RFC 8693 form fields, RFC 6749
 error bodies) instead of whatever a framework infers. A contract test checks it against the app.

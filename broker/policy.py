@@ -2,7 +2,8 @@
 
 Owns the compiled form of every grant's `match` table and the Decision it yields. Patterns are
 compiled once, at load (`Policy.compile`), and always applied with `re.fullmatch` (never
-"^" + p + "$", which lets "main\\n" through `$`). Semantics (STYLE.md 1-2, HOSTILE.md G 47-51):
+"^" + p + "$", which lets "main\\n" through `$`). Semantics, chosen so that type confusion,
+wildcard abuse, Unicode lookalikes, name resurrection and missing claims all fail closed:
 
 - AND across claims; a list of patterns is any-of.
 - The vacuous case denies: an empty match table or an empty any-of list allows nobody.

@@ -1,5 +1,5 @@
 """Concurrent writers on one ledger: 2 processes x 4 threads append 10,000 events in total to
-SQLite and to PostgreSQL (issue 6). Both processes start on an empty database, so they also race
+SQLite and to PostgreSQL. Both processes start on an empty database, so they also race
 the schema migration and the creation of the key and salt files.
 """
 

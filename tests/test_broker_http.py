@@ -1,6 +1,6 @@
 """Broker core over real HTTP: local OIDC issuer, moto server and `luigi-creds-broker serve`.
 
-Shows issue 2's end-to-end claims: a GitLab-shaped token becomes working AWS credentials, every
+End-to-end claims: a GitLab-shaped token becomes working AWS credentials, every
 hostile token is refused with the documented error and a deny record, and an unwritable audit
 store refuses to hand out anything.
 """
@@ -242,7 +242,7 @@ def _duplicate_sub(s: Stack) -> str:
 
 
 # (case id, token builder, expected error, expected audit reason or None for "any")
-HOSTILE: list[tuple[str, Callable[[Stack], str], str, str | None]] = [
+REFUSED_TOKENS: list[tuple[str, Callable[[Stack], str], str, str | None]] = [
     ("alg-none", lambda s: _alg_none(s, "none"), "invalid_request", None),
     ("alg-None", lambda s: _alg_none(s, "None"), "invalid_request", None),
     ("alg-nOnE", lambda s: _alg_none(s, "nOnE"), "invalid_request", None),
@@ -360,7 +360,7 @@ HOSTILE: list[tuple[str, Callable[[Stack], str], str, str | None]] = [
 
 @pytest.mark.parametrize(
     ("builder", "error", "reason"),
-    [pytest.param(b, e, r, id=i) for i, b, e, r in HOSTILE],
+    [pytest.param(b, e, r, id=i) for i, b, e, r in REFUSED_TOKENS],
 )
 def test_hostile_token_is_refused_and_audited(
     stack: Stack, builder: Callable[[Stack], str], error: str, reason: str | None
@@ -377,7 +377,7 @@ def test_hostile_token_is_refused_and_audited(
     assert records[0].reason
     if reason is not None:
         assert records[0].reason == reason
-    # Error-body hygiene (HOSTILE #64): small, and no token bytes in it.
+    # Error-body hygiene: small, and no token bytes in it.
     raw = json.dumps(body)
     assert len(raw) < 1024
     if token:

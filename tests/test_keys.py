@@ -1,7 +1,7 @@
 """Unit tests for broker.keys: JWK/JWKS validation, key selection and the strict decoders.
 
 Keys are generated at test time; the only fixed key material is public (RFC 7638's example and
-the Wycheproof ROCA modulus read from ../shared).
+the Wycheproof ROCA modulus read from tests/vectors/wycheproof).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from broker.keys import (
     parse_jwks,
 )
 
-WYCHEPROOF = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "wycheproof"
+WYCHEPROOF = Path(__file__).resolve().parent / "vectors" / "wycheproof"
 
 # RFC 7638 §3.1 example key (public) and its thumbprint.
 RFC7638_N = (

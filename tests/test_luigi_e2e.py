@@ -1,4 +1,4 @@
-"""luigi_creds end to end (issue 5, "Must show") against the real broker and its real neighbours.
+"""luigi_creds end to end against the real broker and its real neighbours.
 
 A local OIDC issuer for GitLab-shaped tokens and one for GitHub-shaped tokens, moto in server mode
 (STS, S3, IAM), OpenBao with the broker's AppRole and the database engine on the test PostgreSQL,
@@ -165,7 +165,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             server.stop()
 
 
-# --- running Luigi jobs ----------------------------------------------------------------------
+# --- running Luigi jobs ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -291,7 +291,7 @@ def _issued(events: list[AuditEvent], tasks: set[str]) -> list[AuditEvent]:
     return [e for e in events if e.outcome == Outcome.ISSUED and e.task in tasks]
 
 
-# --- Must show 1: twelve tasks, three forked workers ------------------------------------------
+# --- twelve tasks, three forked workers -----------------------------------------------------------
 
 
 def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
@@ -344,7 +344,7 @@ def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
     assert token_file.read_text() not in log
 
 
-# --- Must show 2: a task outlives its Vault token; a task's lease ends with it -----------------
+# --- a task outlives its Vault token; a task's lease ends with it ---------------------------------
 
 
 def _pg_role_exists(name: str) -> bool:
@@ -401,7 +401,7 @@ def test_task_outlives_its_vault_token_and_its_lease_ends_with_it(
     assert ci_token not in log and "etl-kv-value" not in log
 
 
-# --- Must show 3: the real AWS CLI ------------------------------------------------------------
+# --- the real AWS CLI -----------------------------------------------------------------------------
 
 
 def _cli_env(stack: Stack, tmp_path: Path, *, token_source: str) -> dict[str, str]:
@@ -513,7 +513,7 @@ def test_credential_process_under_exec_shares_one_session(stack: Stack, tmp_path
     assert ended == ["client_revoked"]
 
 
-# --- Must show 4: GitHub request URL; a rotating token file -----------------------------------
+# --- GitHub request URL; a rotating token file ----------------------------------------------------
 
 
 class GitHubIdTokenEndpoint:
@@ -642,7 +642,7 @@ def test_rotated_token_file_re_establishes_a_revoked_session(stack: Stack, tmp_p
     assert issued[0].jti != issued[2].jti
 
 
-# --- Must show 5: the broker stops mid-pipeline -----------------------------------------------
+# --- the broker stops mid-pipeline ----------------------------------------------------------------
 
 
 def _wait_for(paths: list[Path], job: Job, timeout: float = 60) -> None:

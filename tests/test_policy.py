@@ -1,4 +1,6 @@
-"""Claim policy against realistic GitLab, GitHub, Bitbucket and Okta claim sets (HOSTILE G 47-51).
+"""Claim policy against realistic GitLab, GitHub, Bitbucket and Okta claim sets.
+
+Covers type confusion, wildcards, Unicode, name resurrection and missing claims.
 
 The fixtures in tests/fixtures/claims/ follow each provider's documented claim table. For
 github_immutable.json we use the immutable-ID `sub` form from GitHub's changelog of 2026-04-23
@@ -103,7 +105,7 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("gitlab", "gitlab", "etl-writer", {"ref_protected": True}, "allowed"),
     ("gitlab", "gitlab", "etl-writer", {"pipeline_source": "schedule"}, "allowed"),
     ("gitlab", "gitlab", "etl-vault", {}, "allowed"),
-    # HOSTILE 47: type confusion
+    # type confusion
     ("gitlab", "gitlab", "etl-writer", {"project_id": 55235664}, "claim_type"),
     ("gitlab", "gitlab", "etl-writer", {"project_id": None}, "claim_type"),
     ("gitlab", "gitlab", "etl-writer", {"project_id": 55235664.0}, "claim_type"),
@@ -112,7 +114,7 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("gitlab", "gitlab", "etl-writer", {"ref_protected": False}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-writer", {"ref_protected": "True"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-writer", {"ref_protected": 1}, "claim_type"),
-    # HOSTILE 48: wildcard abuse; globs are anchored and `*` stops at `/`
+    # wildcard abuse: globs are anchored and `*` stops at `/`
     ("gitlab", "gitlab", "etl-writer", {"ref": "main-hack"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-writer", {"ref": "xmain"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-writer", {"ref": "release/1.4/../../main"}, "claim_mismatch"),
@@ -120,7 +122,7 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("gitlab", "gitlab", "etl-writer", {"ref": "release"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-vault", {"namespace_path": "data/platform/sub"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-vault", {"namespace_path": "data-evil/platform"}, "claim_mismatch"),
-    # HOSTILE 49: Unicode; lookalikes don't match, control/format/non-NFC are unsafe
+    # Unicode: lookalikes don't match, control/format/non-NFC are unsafe
     ("gitlab", "gitlab", "etl-writer", {"ref": "ｍａｉｎ"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-writer", {"ref": "mаin"}, "claim_mismatch"),
     ("gitlab", "gitlab", "etl-writer", {"ref": "Main"}, "claim_mismatch"),
@@ -130,7 +132,7 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("gitlab", "gitlab", "etl-writer", {"ref": "release/cafe\u0301"}, "claim_unsafe"),
     ("gitlab", "gitlab", "etl-writer", {"ref": "release/caf\u00e9"}, "allowed"),
     ("gitlab", "gitlab", "etl-vault", {"namespace_path": "data/\u202eplatform"}, "claim_unsafe"),
-    # HOSTILE 50: name resurrection and forks
+    # name resurrection and forks
     ("gitlab", "gitlab", "etl-writer", {"project_id": "55235665"}, "claim_mismatch"),
     (
         "gitlab",
@@ -139,7 +141,7 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
         {"pipeline_source": "merge_request_event"},
         "claim_mismatch",
     ),
-    # HOSTILE 51: missing claims fail closed
+    # missing claims fail closed
     ("gitlab", "gitlab", "etl-writer", {"ref_protected": DROP}, "claim_missing"),
     ("gitlab", "gitlab", "etl-writer", {"project_id": DROP}, "claim_missing"),
     # grant and issuer checks
@@ -221,7 +223,7 @@ def test_example_policy_table(
 EXTRA_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("github", "github", "gh-sub", {}, "allowed"),
     ("github_immutable", "github", "gh-sub", {}, "allowed"),
-    # HOSTILE 48: `repo:org/app` bound exactly, so `app-evil` and `main-hack` do not match
+    # wildcard abuse: `repo:org/app` bound exactly, so `app-evil` and `main-hack` do not match
     (
         "github",
         "github",
@@ -250,7 +252,7 @@ EXTRA_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
         {"sub": "repo:acme-14101776/etl-892341765:ref:refs/tags/v1/evil"},
         "claim_mismatch",
     ),
-    # HOSTILE 50: a recycled owner name carries another immutable owner id
+    # name resurrection: a recycled owner name carries another immutable owner id
     (
         "github_immutable",
         "github",

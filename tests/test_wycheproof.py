@@ -1,12 +1,14 @@
 """Wycheproof JOSE conformance: json_web_signature_test.json and json_web_key_test.json.
 
-Vectors from C2SP/wycheproof (../shared/testdata/wycheproof, README there lists the data quirks).
+Vectors from C2SP/wycheproof, copied into tests/vectors/wycheproof (its README gives provenance,
+license and the data quirks).
 Each JWS runs the broker's path: parse_jws, then parse_jwks on the group's public key (the private
 JWK when no public one exists), KeySet.find by kid and alg, verify_signature with the group key's
 `alg` as the allowlist. Every `invalid` must be rejected, every `valid` accepted, except:
 
 - HMAC groups (kty "oct"): we support no symmetric keys at all, so key confusion has no surface
-  (HOSTILE.md #13, #20). Their `valid` cases are asserted REJECTED with reason `symmetric_key`.
+  (an RSA public key used as an HMAC secret). Their `valid` cases are asserted REJECTED with
+  reason `symmetric_key`.
 - README quirks: 346/350 (header PS384 under a PS256-pinned key: no key fits), 347/351 (JWK
   alg "ES521", not a registered name), 372/373 (`?` inside base64url) are labelled valid; a
   strict verifier rejects them, and we assert that. 367/370 are byte-identical to valid 357
@@ -24,7 +26,7 @@ import pytest
 from broker.keys import KeySetError, parse_jwks
 from broker.tokens import TokenError, parse_jws, verify_signature
 
-WYCHEPROOF = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "wycheproof"
+WYCHEPROOF = Path(__file__).resolve().parent / "vectors" / "wycheproof"
 
 STRICT_REJECTS = {
     346: "no_key",  # the PS256-pinned key does not fit PS384, so find() offers no key

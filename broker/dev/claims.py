@@ -18,7 +18,7 @@ from typing import Any
 
 PRESETS = ("gitlab", "github", "bitbucket", "okta")
 
-# Default identities. project_id 55235664 is the id SPEC.md's example policy binds.
+# Default identities. project_id 55235664 is the id the example policy (examples/broker.toml) binds.
 GITLAB_PROJECT_ID = "55235664"
 GITLAB_PROJECT_PATH = "data-platform/etl"
 GITHUB_REPOSITORY = "example-org/etl"
