@@ -42,8 +42,11 @@ LUIGI_CONFIG_PATH, ./luigi.cfg, /etc/luigi/luigi.cfg) or of the file given with 
 
   [luigi_creds]
   broker_url = https://broker.example.com
-  token_source = gitlab        # env:VAR | file:PATH | gitlab | github | bitbucket | okta
+  # one of env:VAR | file:PATH | gitlab | github | bitbucket | okta
+  token_source = gitlab
   ca_bundle = /etc/ssl/internal-ca.pem
+
+(Luigi keeps everything after `=` as the value: put comments on their own lines.)
 
 examples:
   luigi-creds exec --grant etl-writer -- aws s3 ls s3://bucket/

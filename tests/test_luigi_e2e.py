@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,11 +244,17 @@ def start_job(
     token_source: str,
     broker_url: str | None = None,
     env: dict[str, str] | None = None,
+    luigi_cfg: str | None = None,
 ) -> Job:
-    """Start `pipelines.main(scenario)` in a child process with its own luigi.cfg and log."""
+    """Start `pipelines.main(scenario)` in a child process with its own luigi.cfg and log.
+
+    `luigi_cfg` replaces the generated file (then `token_source` and `broker_url` are unused)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "luigi.cfg"
-    _write_luigi_cfg(cfg, broker_url or stack.broker.url, token_source, stack.bao.url)
+    if luigi_cfg is None:
+        _write_luigi_cfg(cfg, broker_url or stack.broker.url, token_source, stack.bao.url)
+    else:
+        cfg.write_text(luigi_cfg)
     out = workdir / "out"
     out.mkdir()
     result = workdir / "result.json"
@@ -342,6 +349,35 @@ def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
     assert all(e.subject == GITLAB_SUBJECT and e.grant == "etl-writer" for e in issued)
     assert "Traceback" not in log
     assert token_file.read_text() not in log
+
+
+def test_the_readmes_luigi_cfg_drives_a_real_build(stack: Stack, tmp_path: Path) -> None:
+    """The README's [luigi_creds] section, verbatim but for the broker's address, configures a
+    real luigi.build on three forked workers; the GitLab source reads the job's token variable."""
+    readme = (ROOT / "README.md").read_text()
+    (section,) = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    assert "token_source = gitlab\n" in section
+    section = section.replace("https://broker.example.com", stack.broker.url)
+    cfg = (
+        "[core]\nautoload_range = false\nworkers = 3\n\n[worker]\nforce_multiprocessing = true\n\n"
+        + section
+    )
+    token = stack.gitlab_token()
+    job = start_job(
+        stack,
+        tmp_path / "job",
+        "twelve",
+        token_source="unused",
+        luigi_cfg=cfg,
+        env={"LUIGI_CREDS_ID_TOKEN": token},
+    )
+    result = job.wait()
+    assert result["ok"], job.log()[-4000:]
+    task_ids = set(result["tasks"]["WriteObject"])
+    issued = _issued(stack.events(), task_ids)
+    assert len(issued) == 12 and {e.task for e in issued} == task_ids
+    assert all(e.subject == GITLAB_SUBJECT and e.grant == "etl-writer" for e in issued)
+    assert token not in job.log()
 
 
 # --- a task outlives its Vault token; a task's lease ends with it ---------------------------------
