@@ -37,6 +37,20 @@ DROP = object()  # marks a claim removed from the fixture
 
 EXTRA_POLICY = """
 [[issuer]]
+name = "okta"
+url = "https://acme.okta.com/oauth2/default"
+audiences = ["api://luigi-creds"]
+
+[[grant]]
+name = "okta-people"
+issuers = ["okta"]
+[grant.match]
+groups = ["data-engineering", "data-platform"]
+scp = "warehouse.write"
+[grant.aws]
+role_arn = "arn:aws:iam::123456789012:role/okta-people"
+
+[[issuer]]
 name = "github"
 url = "https://token.actions.githubusercontent.com"
 audiences = ["https://broker.example.com"]
@@ -186,21 +200,23 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
         "claim_mismatch",
     ),
     ("bitbucket", "bitbucket", "bb-deploy", {"deploymentEnvironmentUuid": DROP}, "claim_missing"),
-    # Okta: list-valued claims match when any element matches
-    ("okta", "okta", "warehouse-load", {}, "allowed"),
-    ("okta", "airgap", "warehouse-load", {}, "allowed"),
-    ("okta", "okta", "warehouse-load", {"groups": ["data-platform"]}, "allowed"),
-    ("okta", "okta", "warehouse-load", {"groups": "data-engineering"}, "claim_type"),
-    ("okta", "okta", "warehouse-load", {"groups": ["data-engineering", 5]}, "claim_type"),
-    ("okta", "okta", "warehouse-load", {"groups": [["data-engineering"]]}, "claim_type"),
-    ("okta", "okta", "warehouse-load", {"groups": []}, "claim_mismatch"),
-    ("okta", "okta", "warehouse-load", {"groups": ["Data-Engineering"]}, "claim_mismatch"),
-    ("okta", "okta", "warehouse-load", {"groups": ["data-engineering "]}, "claim_mismatch"),
-    ("okta", "okta", "warehouse-load", {"groups": ["Everyone", "x\u200b"]}, "claim_unsafe"),
-    ("okta", "okta", "warehouse-load", {"groups": DROP}, "claim_missing"),
-    ("okta", "okta", "warehouse-load", {"scp": "warehouse.write"}, "claim_type"),
-    ("okta", "okta", "warehouse-load", {"scp": ["openid"]}, "claim_mismatch"),
-    ("okta", "github", "warehouse-load", {}, "issuer_not_allowed"),
+    # Okta service app (client credentials): `sub` and `cid` are the client id, `scp` a list
+    ("okta_service", "okta", "warehouse-load", {}, "allowed"),
+    ("okta_service", "okta", "warehouse-load", {"scp": ["openid", "warehouse.write"]}, "allowed"),
+    ("okta_service", "okta", "warehouse-load", {"scp": "warehouse.write"}, "claim_type"),
+    ("okta_service", "okta", "warehouse-load", {"scp": ["warehouse.read"]}, "claim_mismatch"),
+    ("okta_service", "okta", "warehouse-load", {"scp": DROP}, "claim_missing"),
+    (
+        "okta_service",
+        "okta",
+        "warehouse-load",
+        {"sub": "0oa8f2otherapp000", "cid": "0oa8f2otherapp000"},
+        "claim_mismatch",
+    ),
+    # a person's token from an app with that client id: `sub` is the person, not the app
+    ("okta", "okta", "warehouse-load", {"cid": "0oa8f2luigiworker697"}, "claim_mismatch"),
+    ("okta_service", "github", "warehouse-load", {}, "issuer_not_allowed"),
+    ("okta_service", "airgap", "warehouse-load", {}, "issuer_not_allowed"),
 ]
 
 
@@ -268,6 +284,20 @@ EXTRA_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("gitlab", "gitlab", "gl-path", {}, "allowed"),
     ("gitlab", "gitlab", "gl-path", {"project_path": "data/platform/etl\u202e"}, "claim_unsafe"),
     ("gitlab", "gitlab", "gl-path", {"project_path": "data/platform/etl-evil"}, "claim_mismatch"),
+    # Okta people (a user's access token with a groups claim): list claims match when any
+    # element matches
+    ("okta", "okta", "okta-people", {}, "allowed"),
+    ("okta", "okta", "okta-people", {"groups": ["data-platform"]}, "allowed"),
+    ("okta", "okta", "okta-people", {"groups": "data-engineering"}, "claim_type"),
+    ("okta", "okta", "okta-people", {"groups": ["data-engineering", 5]}, "claim_type"),
+    ("okta", "okta", "okta-people", {"groups": [["data-engineering"]]}, "claim_type"),
+    ("okta", "okta", "okta-people", {"groups": []}, "claim_mismatch"),
+    ("okta", "okta", "okta-people", {"groups": ["Data-Engineering"]}, "claim_mismatch"),
+    ("okta", "okta", "okta-people", {"groups": ["data-engineering "]}, "claim_mismatch"),
+    ("okta", "okta", "okta-people", {"groups": ["Everyone", "x\u200b"]}, "claim_unsafe"),
+    ("okta", "okta", "okta-people", {"groups": DROP}, "claim_missing"),
+    ("okta", "okta", "okta-people", {"scp": "warehouse.write"}, "claim_type"),
+    ("okta", "okta", "okta-people", {"scp": ["openid"]}, "claim_mismatch"),
 ]
 
 
@@ -314,9 +344,9 @@ def test_claims_read_are_exactly_the_matched_claims(policy: Policy) -> None:
         "pipeline_source": "push",
         "ref": "main",
     }
-    okta = policy.evaluate("warehouse-load", "okta", claims("okta"))
-    assert okta.claims_read["groups"] == ("Everyone", "data-engineering")
-    assert set(okta.claims_read) == {"groups", "scp"}
+    okta = policy.evaluate("warehouse-load", "okta", claims("okta_service"))
+    assert okta.claims_read["scp"] == ("warehouse.write",)
+    assert set(okta.claims_read) == {"sub", "cid", "scp"}
 
 
 def test_denials_before_claims_read_nothing(policy: Policy) -> None:
