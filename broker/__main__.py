@@ -19,6 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.checkpoint_key import (
+    UnsignedAuditRefused,
+    checkpoint_key_path,
+    required_checkpoint_key_path,
+)
 from broker.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -110,7 +115,7 @@ def build_app(config: Config) -> Any:
     issuers.warm()
     audit = open_store(
         config.broker.audit_store,
-        signing_key_path=config.broker.audit_key_file,
+        signing_key_path=required_checkpoint_key_path(config.broker),
         salt_path=config.broker.audit_salt_file,
         clock=_now,
     )
@@ -172,6 +177,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # how an operator sees where a hung request waits.
     faulthandler.register(signal.SIGUSR1)
     config = _load(args.config)
+    try:
+        required_checkpoint_key_path(config.broker)
+    except UnsignedAuditRefused as exc:
+        log.error("refusing to start", extra={"reason": str(exc)})
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     host, _, port = config.broker.listen.rpartition(":")
     app = build_app(config)
     tls: dict[str, Any] = {}
@@ -206,7 +217,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_DENIED
+    try:
+        key = required_checkpoint_key_path(config.broker)
+    except UnsignedAuditRefused as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return EXIT_DENIED
     print(f"{path}: ok ({len(config.issuers)} issuers, {len(config.grants)} grants)")
+    if config.broker.audit_key_file is None:
+        print(f"audit checkpoints: signed with {key} (created 0600 on first start)")
     return EXIT_OK
 
 
@@ -256,7 +274,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     audit = open_store(
         config.broker.audit_store,
-        signing_key_path=config.broker.audit_key_file,
+        signing_key_path=checkpoint_key_path(config.broker),
         salt_path=config.broker.audit_salt_file,
         clock=_now,
     )

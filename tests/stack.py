@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.error
 import urllib.parse
@@ -95,6 +96,11 @@ def policy_toml(
     `audit_db` is an SQLite file, or a postgresql:// URL; `extra` is appended TOML.
     """
     store = audit_db if isinstance(audit_db, str) else f"sqlite:///{audit_db}"
+    if store.startswith("postgresql://") and "audit_key_file" not in broker_extra:
+        # Replicas on one database sign checkpoints with one key; serve refuses to start on
+        # PostgreSQL without one. Keyed by database name, so every replica of a test shares it.
+        key = Path(tempfile.gettempdir()) / "luigi-creds-test-keys" / f"{store.rsplit('/', 1)[-1]}"
+        broker_extra += f'\naudit_key_file = "{key}.ed25519"'
     return textwrap.dedent(
         f"""
         [broker]

@@ -12,6 +12,7 @@ except `prune`, which deletes what it was asked to.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -27,6 +28,7 @@ from broker.audit.ledger import SqlLedger
 from broker.audit.report import build_report, render
 from broker.audit.store import AuditUnavailable
 from broker.audit.verify import DEFAULT_DANGLING_GRACE, verify_ledger
+from broker.checkpoint_key import checkpoint_key_path
 from broker.config import BrokerSettings, Config, ConfigError, load_config
 
 EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2
@@ -117,6 +119,10 @@ def _load(args: argparse.Namespace) -> tuple[Config, str, Path | None]:
         config = Config(broker=BrokerSettings(), issuers=(), grants=())
     url = args.store or config.broker.audit_store
     key_file = args.key_file or config.broker.audit_key_file
+    if key_file is None:
+        # The key `serve` creates beside a local store, if it has done so.
+        default = checkpoint_key_path(dataclasses.replace(config.broker, audit_store=url))
+        key_file = default if default is not None and default.exists() else None
     return config, url, key_file
 
 

@@ -1,0 +1,144 @@
+"""Audit checkpoints are signed by default.
+
+Unit: which key file a configuration resolves to. Over real processes: `serve` on an SQLite store
+with no `audit_key_file` creates the Ed25519 key 0600 beside the database and signs with it, and
+`audit verify --config` finds that key; `serve` and `check-config` on a PostgreSQL store with no
+key refuse, saying what to set.
+"""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from servers import free_port, start_dev_issuer
+from stack import policy_toml, start_broker
+
+from broker.checkpoint_key import (
+    UnsignedAuditRefused,
+    checkpoint_key_path,
+    required_checkpoint_key_path,
+)
+from broker.config import BrokerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def test_sqlite_store_defaults_to_a_key_beside_the_database() -> None:
+    settings = BrokerSettings(audit_store="sqlite:///var/lib/luigi-creds/audit.db")
+    assert checkpoint_key_path(settings) == Path("/var/lib/luigi-creds/audit-checkpoint.ed25519")
+
+
+def test_an_explicit_key_file_wins() -> None:
+    for store in ("sqlite:///srv/a.db", "postgresql://broker@db/audit"):
+        settings = BrokerSettings(audit_store=store, audit_key_file=Path("/etc/k.pem"))
+        assert required_checkpoint_key_path(settings) == Path("/etc/k.pem")
+
+
+def test_postgresql_store_without_key_has_no_default() -> None:
+    settings = BrokerSettings(audit_store="postgresql://broker@db.internal/audit")
+    assert checkpoint_key_path(settings) is None
+    with pytest.raises(UnsignedAuditRefused, match="audit_key_file") as raised:
+        required_checkpoint_key_path(settings)
+    assert "openssl genpkey -algorithm ed25519" in str(raised.value)
+
+
+def _pg_policy(tmp_path: Path) -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [broker]
+            listen = "127.0.0.1:{free_port()}"
+            audit_store = "postgresql://postgres@127.0.0.1:5432/never_opened"
+
+            [[issuer]]
+            name = "gitlab"
+            url = "https://gitlab.com"
+            audiences = ["luigi-creds"]
+
+            [[grant]]
+            name = "etl-writer"
+            issuers = ["gitlab"]
+            [grant.match]
+            project_id = "55235664"
+            [grant.aws]
+            role_arn = "arn:aws:iam::123456789012:role/etl-writer"
+            """
+        )
+    )
+    return path
+
+
+def test_serve_on_postgresql_without_key_refuses_and_says_what_to_set(tmp_path: Path) -> None:
+    policy = _pg_policy(tmp_path)
+    done = _cli("serve", "--config", str(policy))
+    assert done.returncode == 2, done.stderr
+    assert "audit checkpoints cannot be signed" in done.stderr
+    assert "[broker] audit_key_file" in done.stderr
+    assert "Traceback" not in done.stderr
+    checked = _cli("check-config", str(policy))
+    assert checked.returncode == 1
+    assert "audit_key_file" in checked.stderr
+
+
+def test_serve_on_sqlite_creates_the_key_0600_and_signs_with_it(tmp_path: Path) -> None:
+    issuer = start_dev_issuer(tmp_path / "issuer")
+    try:
+        db = tmp_path / "state" / "audit.db"
+        config = policy_toml(
+            issuer_url=issuer.url,
+            audit_db=db,
+            listen=f"127.0.0.1:{free_port()}",
+            moto_url="http://127.0.0.1:9",
+            role_arn="arn:aws:iam::123456789012:role/etl-writer",
+        )
+        assert "audit_key_file" not in config
+        checked = _cli("check-config", str(_write(tmp_path / "check.toml", config)))
+        assert checked.returncode == 0, checked.stderr
+        assert f"signed with {db.parent / 'audit-checkpoint.ed25519'}" in checked.stdout
+        broker = start_broker(tmp_path / "broker", config)
+        try:
+            key = db.parent / "audit-checkpoint.ed25519"
+            assert key.exists()
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600
+            assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+            status, body, _ = broker.token(
+                {
+                    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                    "subject_token": "not-a-jwt",
+                    "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                    "audience": "etl-writer",
+                }
+            )
+            assert status == 400 and body["error"] == "invalid_request"
+        finally:
+            broker.stop()  # a clean stop signs a checkpoint over the deny record
+    finally:
+        issuer.stop()
+    verified = _cli("audit", "verify", "--config", str(broker.config_path))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK" in verified.stdout
+    assert "checkpoints verified" in verified.stdout
+    assert " 0 checkpoints verified" not in verified.stdout
+    assert "not checked (no key)" not in verified.stdout
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
