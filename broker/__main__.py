@@ -72,6 +72,19 @@ def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
     return GrantMinter(aws=aws, vault=vault, hash_ref=hash_ref, clock=_now)
 
 
+def _vault_readiness(config: Config, vault: Any) -> Callable[[], None]:
+    """Vault answers and our login works, then: our token may do what the grants need."""
+    from broker.upstream_check import VaultPermissionCheck
+
+    permissions = VaultPermissionCheck(config, vault.identity.token)
+
+    def check() -> None:
+        vault.check_ready()
+        permissions()
+
+    return check
+
+
 def reconcile_dangling(audit: AuditLedger) -> int:
     """Close intents a crash left without a terminal record: gaps in the ledger are never silent."""
     from broker.audit.events import Outcome
@@ -145,6 +158,8 @@ def build_app(config: Config) -> Any:
         "audit": exchanger.check_audit,
     }
     checks.update(minter.readiness_checks())
+    if minter.vault is not None:
+        checks["vault"] = _vault_readiness(config, minter.vault)
 
     def shutdown() -> None:
         # A signed checkpoint at a clean stop covers the records since the last one, which
@@ -225,7 +240,44 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{path}: ok ({len(config.issuers)} issuers, {len(config.grants)} grants)")
     if config.broker.audit_key_file is None:
         print(f"audit checkpoints: signed with {key} (created 0600 on first start)")
+    if args.online:
+        return EXIT_OK if _check_upstreams_online(config) else EXIT_DENIED
     return EXIT_OK
+
+
+def _check_upstreams_online(config: Config) -> bool:
+    """Ask Vault and AWS whether the broker's identities can do what the grants need; print
+    one line per finding. True when nothing is missing."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from broker.logs import scrub
+    from broker.mint import UpstreamError
+    from broker.upstream_check import AWS_UNCHECKABLE, VaultPermissionCheck, aws_identity
+
+    ok = True
+    minter = build_minter(config, hash_ref=lambda ref: ref)
+    if minter.vault is not None:
+        check = VaultPermissionCheck(config, minter.vault.identity.token)
+        try:
+            minter.vault.check_ready()
+            problems = check.problems()
+        except UpstreamError as exc:
+            problems = [f"Vault login or health failed ({exc.reason}): {exc.detail or '-'}"]
+        for problem in problems:
+            print(f"vault: MISSING {scrub(problem)}")
+        for note in check.notes:
+            print(f"vault: note {note}")
+        if not problems:
+            print("vault: ok, the broker's token has every capability its grants need")
+        ok = ok and not problems
+    if any(g.aws for g in config.grants):
+        try:
+            print(f"aws: ok, the broker is {aws_identity(_sts_client(config))}")
+        except (ClientError, BotoCoreError) as exc:
+            print(f"aws: FAIL sts:GetCallerIdentity: {scrub(str(exc))}")
+            ok = False
+        print(f"aws: not checked: {AWS_UNCHECKABLE}")
+    return ok
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -328,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", nargs="?", help="policy file (broker.toml)")
     check.add_argument("--config", help="policy file, as for every other subcommand")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask Vault and AWS whether the broker's own identities can do what the "
+        "grants need, and name what is missing",
+    )
     check.set_defaults(func=cmd_check_config)
 
     explain = sub.add_parser(

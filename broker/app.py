@@ -30,6 +30,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker.exchange import ExchangeError, Exchanger, TokenRequest
+from broker.logs import scrub
+from broker.mint import UpstreamError
+from broker.upstream_check import NotReady
 
 log = logging.getLogger("broker.app")
 
@@ -99,6 +102,17 @@ class Readiness:
     """Named checks for /readyz; each raises (any exception) when not ready."""
 
     checks: Mapping[str, Callable[[], None]]
+
+
+def readiness_problem(exc: BaseException) -> str:
+    """What /readyz and the log say about a failed check: operator-worded messages and the
+    upstream's own error text (scrubbed); for anything else only the class name, since an
+    arbitrary exception's text may carry an upstream payload."""
+    if isinstance(exc, NotReady):
+        return scrub(str(exc))
+    if isinstance(exc, UpstreamError):
+        return scrub(f"{exc.upstream or 'upstream'} {exc.reason}: {exc.detail or 'no detail'}")
+    return type(exc).__name__
 
 
 def new_request_id() -> str:
@@ -254,19 +268,20 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         results: dict[str, str] = {}
+        problems: dict[str, str] = {}
         for name, check in readiness.checks.items():
             try:
                 await run_in_threadpool(check)
                 results[name] = "ok"
             except Exception as exc:
-                # The class name is enough for operators; details go to the log.
-                log.warning("readiness check %s failed: %s", name, type(exc).__name__)
                 results[name] = "fail"
+                problems[name] = readiness_problem(exc)
+                log.warning("readiness check %s failed: %s", name, problems[name])
         ok = all(v == "ok" for v in results.values())
-        return JSONResponse(
-            {"status": "ready" if ok else "not_ready", "checks": results},
-            status_code=200 if ok else 503,
-        )
+        body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": results}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

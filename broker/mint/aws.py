@@ -158,7 +158,12 @@ class AwsMinter:
             raise _map_client_error(exc) from exc
         except BotoCoreError as exc:
             # Connection refused, timeouts, DNS: the upstream is unreachable.
-            raise UpstreamError("upstream_unavailable", retryable=True) from exc
+            raise UpstreamError(
+                "upstream_unavailable",
+                retryable=True,
+                upstream="sts",
+                detail=f"{type(exc).__name__}: {exc}",
+            ) from exc
         raw = response["Credentials"]
         expiration = raw["Expiration"]
         if expiration.tzinfo is None:
@@ -177,20 +182,33 @@ class AwsMinter:
         except ClientError as exc:
             raise _map_client_error(exc) from exc
         except BotoCoreError as exc:
-            raise UpstreamError("upstream_unavailable", retryable=True) from exc
+            raise UpstreamError(
+                "upstream_unavailable",
+                retryable=True,
+                upstream="sts",
+                detail=f"{type(exc).__name__}: {exc}",
+            ) from exc
 
 
 def _map_client_error(exc: ClientError) -> UpstreamError:
     """One table from STS's error classes to ours; classified by code and status, never text."""
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    metadata = exc.response.get("ResponseMetadata", {})
+    status = int(metadata.get("HTTPStatusCode", 0) or 0)
+    # STS's own words and request id, for the operator's log (CloudTrail has the same id).
+    detail = (
+        f"{code or 'error'} (HTTP {status}): {' '.join(str(error.get('Message', '')).split())}"
+        f" [AWS request id {metadata.get('RequestId') or '-'}]"
+    )
+
+    def refused(reason: str, retryable: bool) -> UpstreamError:
+        return UpstreamError(reason, retryable=retryable, upstream="sts", detail=detail)
+
     if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-        return UpstreamError(
-            "upstream_throttled" if "Throttl" in code else "upstream_unavailable", retryable=True
-        )
+        return refused("upstream_throttled" if "Throttl" in code else "upstream_unavailable", True)
     if code in {"AccessDenied", "AccessDeniedException"}:
-        return UpstreamError("upstream_denied", retryable=False)
+        return refused("upstream_denied", False)
     if code in {"RegionDisabledException", "ExpiredTokenException", "InvalidClientTokenId"}:
-        return UpstreamError("upstream_misconfigured", retryable=False)
-    return UpstreamError("upstream_rejected", retryable=False)
+        return refused("upstream_misconfigured", False)
+    return refused("upstream_rejected", False)

@@ -7,8 +7,9 @@ comes back as a `Minted`, the one shape the exchange use case audits, records an
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,9 @@ from broker.config import GrantConfig
 from broker.mint import UpstreamError
 from broker.mint.aws import AwsMinter, clamp_duration, plan_assume_role
 from broker.mint.vault import VaultMinter, clamp_ttl, plan_token
+from broker.upstream_check import refusal_hint
+
+log = logging.getLogger(__name__)
 
 TOKEN_TYPE_AWS = "urn:luigi-creds:token-type:aws-credentials"
 TOKEN_TYPE_VAULT_TOKEN = "urn:luigi-creds:token-type:vault-token"
@@ -55,6 +59,36 @@ class Prepared:
     run: Callable[[], Minted] = field(repr=False, compare=False)
 
 
+def _logging_refusals(prepared: Prepared, grant: str, request_id: str) -> Callable[[], Minted]:
+    """`prepared.run`, logging each upstream refusal with the request id and the upstream's own
+    words (the client only ever sees `temporarily_unavailable`)."""
+    run = prepared.run
+
+    def logged() -> Minted:
+        try:
+            return run()
+        except UpstreamError as exc:
+            log.warning(
+                "%s refused grant %s (%s): %s. %s",
+                exc.upstream or "upstream",
+                grant,
+                exc.reason,
+                exc.detail or "no detail",
+                refusal_hint(exc),
+                extra={
+                    "request_id": request_id,
+                    "grant": grant,
+                    "target": prepared.target,
+                    "upstream": exc.upstream,
+                    "reason": exc.reason,
+                    "upstream_error": exc.detail,
+                },
+            )
+            raise
+
+    return logged
+
+
 class GrantMinter:
     def __init__(
         self,
@@ -81,10 +115,12 @@ class GrantMinter:
     ) -> Prepared:
         """Plan the call for `grant`. `max_ttl` is what is left of the refresh session."""
         if grant.aws is not None:
-            return self._prepare_aws(grant, claims, requested, request_id)
-        if grant.vault is not None:
-            return self._prepare_vault(grant, requested, metadata, max_ttl)
-        raise UpstreamError("upstream_not_configured", retryable=False)
+            prepared = self._prepare_aws(grant, claims, requested, request_id)
+        elif grant.vault is not None:
+            prepared = self._prepare_vault(grant, requested, metadata, max_ttl)
+        else:
+            raise UpstreamError("upstream_not_configured", retryable=False)
+        return replace(prepared, run=_logging_refusals(prepared, grant.name, request_id))
 
     def _prepare_aws(
         self, grant: GrantConfig, claims: Mapping[str, Any], requested: int | None, request_id: str
@@ -158,6 +194,10 @@ class GrantMinter:
 
         target = "vault:token:" + ",".join(plan.policies)
         return Prepared(target=target, detail={"ttl": ttl, "orphan": plan.orphan}, run=create)
+
+    @property
+    def vault(self) -> VaultMinter | None:
+        return self._vault
 
     def readiness_checks(self) -> dict[str, Callable[[], None]]:
         """/readyz checks for the upstreams in use: STS answers; Vault is unsealed and we log in."""

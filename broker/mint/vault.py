@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
@@ -199,11 +200,23 @@ _ERROR_TABLE: tuple[tuple[type[BaseException], str, bool], ...] = (
 
 
 def map_error(exc: BaseException) -> UpstreamError:
-    """Map an hvac/requests error to `UpstreamError` through `_ERROR_TABLE`."""
+    """Map an hvac/requests error to `UpstreamError` through `_ERROR_TABLE`; Vault's own error
+    text goes into `detail` for the operator's log."""
+    detail = _error_detail(exc)
     for kind, reason, retryable in _ERROR_TABLE:
         if isinstance(exc, kind):
-            return UpstreamError(reason, retryable=retryable)
-    return UpstreamError("upstream_unavailable", retryable=True)
+            return UpstreamError(reason, retryable=retryable, upstream="vault", detail=detail)
+    return UpstreamError("upstream_unavailable", retryable=True, upstream="vault", detail=detail)
+
+
+def _error_detail(exc: BaseException) -> str:
+    """`<class>: <Vault's errors> on <METHOD> <path>`; the path never holds a token."""
+    if isinstance(exc, hvac.exceptions.VaultError):
+        errors = "; ".join(" ".join(str(e).split()) for e in (exc.errors or ())) or "no error text"
+        path = urlsplit(str(exc.url or "")).path
+        method = str(exc.method or "").upper()
+        return f"{type(exc).__name__}: {errors} on {method} {path}".strip()
+    return f"{type(exc).__name__}: {exc}"
 
 
 _MAPPED: tuple[type[BaseException], ...] = tuple(kind for kind, _, _ in _ERROR_TABLE)
@@ -454,7 +467,13 @@ class VaultMinter:
             # The role's allowed_policies or a default policy changed what we asked for: never
             # hand out a token whose powers differ from the grant's.
             self.revoke_accessor(token.accessor)
-            raise UpstreamError("upstream_rejected", retryable=False)
+            raise UpstreamError(
+                "upstream_rejected",
+                retryable=False,
+                upstream="vault",
+                detail=f"token role {role!r} issued policies {sorted(token.policies)}, the grant "
+                f"asked for {sorted(plan.policies)}: check the role's allowed_policies",
+            )
         return token
 
     def read_secret(self, path: str, *, ttl: int, metadata: Mapping[str, str]) -> VaultSecret:
