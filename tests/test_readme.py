@@ -33,7 +33,12 @@ from broker import config as broker_config
 from broker.dev.processes import start_process
 from luigi_creds import cli as client_cli
 from luigi_creds.identity import IdentityError
-from luigi_creds.luigi import ClientSettings, CredentialsMixin, build_broker_client
+from luigi_creds.luigi import (
+    ClientSettings,
+    ConfigError,
+    CredentialsMixin,
+    build_broker_client,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -130,12 +135,13 @@ def test_luigi_cfg_snippet_is_read_by_luigi_and_accepted(
     assert client is not None
 
 
-def test_luigi_cfg_check_catches_an_inline_comment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check above is not vacuous: the old README form keeps the comment in the value."""
+def test_luigi_cfg_check_catches_an_inline_comment() -> None:
+    """The check above is not vacuous: the old README form keeps the comment in the value, and
+    the client refuses it (at validation or at the latest when it builds the token source)."""
     text = "[luigi_creds]\nbroker_url = https://b.example\ntoken_source = gitlab  ; env:VAR\n"
     value = _read_with_luigi(text).get("luigi_creds", "token_source")
     assert value == "gitlab  ; env:VAR"
-    with pytest.raises(IdentityError, match="token_source"):
+    with pytest.raises((ConfigError, IdentityError), match="token_source"):
         settings = ClientSettings.from_mapping(
             {"broker_url": "https://b.example", "token_source": value}
         )

@@ -158,12 +158,7 @@ class AwsMinter:
             raise _map_client_error(exc) from exc
         except BotoCoreError as exc:
             # Connection refused, timeouts, DNS: the upstream is unreachable.
-            raise UpstreamError(
-                "upstream_unavailable",
-                retryable=True,
-                upstream="sts",
-                detail=f"{type(exc).__name__}: {exc}",
-            ) from exc
+            raise _unreachable(exc) from exc
         raw = response["Credentials"]
         expiration = raw["Expiration"]
         if expiration.tzinfo is None:
@@ -182,12 +177,16 @@ class AwsMinter:
         except ClientError as exc:
             raise _map_client_error(exc) from exc
         except BotoCoreError as exc:
-            raise UpstreamError(
-                "upstream_unavailable",
-                retryable=True,
-                upstream="sts",
-                detail=f"{type(exc).__name__}: {exc}",
-            ) from exc
+            raise _unreachable(exc) from exc
+
+
+def _unreachable(exc: BotoCoreError) -> UpstreamError:
+    return UpstreamError(
+        "upstream_unavailable",
+        retryable=True,
+        upstream="sts",
+        detail=f"{type(exc).__name__}: {exc}",
+    )
 
 
 def _map_client_error(exc: ClientError) -> UpstreamError:
