@@ -88,6 +88,7 @@ _MESSAGES: Final = {
     "nested_jwt": "Nested tokens are not accepted.",
     "key_alg_mismatch": "The token's algorithm does not fit its key.",
     "bad_signature": "The token's signature is invalid.",
+    "non_canonical_signature": "The token's signature is not in canonical (low-S) form.",
     "expired": "The token has expired.",
     "not_yet_valid": "The token is not valid yet.",
     "issued_in_future": "The token was issued in the future.",
@@ -140,6 +141,16 @@ class UnverifiedToken:
     signing_input: bytes = field(repr=False)
     signature: bytes = field(repr=False)
     sha256: str  # hex sha256 of the raw token: what the audit records, never the token
+
+    @property
+    def signed_sha256(self) -> str:
+        """Hex SHA-256 of the signing input (`header.payload`), the bytes the signature covers.
+
+        The replay key for tokens without `jti`: a signature can be re-encoded without the
+        issuer's key (an ECDSA (r, s) has the twin (r, n - s)), so a key over the whole token
+        would let one spent token pass again under a second encoding.
+        """
+        return hashlib.sha256(self.signing_input).hexdigest()
 
     @property
     def kid(self) -> str | None:
@@ -276,7 +287,15 @@ def _verify_ecdsa(
     # to the backend.
     if not (0 < r < order and 0 < s < order):
         raise InvalidSignature
+    # Low-S only: (r, s) and (r, n - s) both verify, so anyone holding a token can make a second,
+    # different token from it without the key. Only the canonical s <= n/2 is accepted (as in
+    # Bitcoin's BIP 62 and libsecp256k1). Cost: an issuer whose signer does not normalise s
+    # sees about half its ES* tokens refused, under its own reason so the audit shows why; the
+    # CI issuers we target sign RS256.
+    # Checked after the signature verified, so a forgery still reads bad_signature.
     key.verify(encode_dss_signature(r, s), message, ec.ECDSA(_ECDSA[alg]))
+    if s > order // 2:
+        raise TokenError("non_canonical_signature")
 
 
 def _verify_ed25519(key: Ed25519PublicKey, message: bytes, signature: bytes) -> None:

@@ -99,6 +99,8 @@ class Signer:
         if family == "ES":
             der = self.private.sign(message, ec.ECDSA(HASHES[bits]()))
             r, s = decode_dss_signature(der)
+            order = _EC_ORDER[self.private.curve.name]
+            s = min(s, order - s)  # the canonical low-S form, as the broker requires
             size = (self.private.curve.key_size + 7) // 8
             return r.to_bytes(size, "big") + s.to_bytes(size, "big")
         return cast(bytes, self.private.sign(message))  # EdDSA
@@ -692,17 +694,35 @@ def test_malformed_ecdsa_signature_is_rejected(kit: Kit, form: str) -> None:
 
 
 @pytest.mark.parametrize("signer_name", ["es", "es384", "es512"])
-def test_ecdsa_range_check_uses_the_true_group_order(kit: Kit, signer_name: str) -> None:
-    """(r, n - s) still verifies, proving the order the range check uses is the curve's n."""
+def test_ecdsa_high_s_twin_is_refused_and_low_s_accepted(kit: Kit, signer_name: str) -> None:
+    """Of the pair (r, s) / (r, n - s) only the low-S one verifies; its twin is refused as
+    non-canonical. The twin verifying with low S proves the check uses the curve's true n."""
     signer = cast(Signer, getattr(kit, signer_name))
     header, payload, signature = signer.token().split(".")
     raw_sig = unb64(signature)
     size = len(raw_sig) // 2
     order = _EC_ORDER[signer.private.curve.name]
-    flipped = raw_sig[:size] + (order - int.from_bytes(raw_sig[size:], "big")).to_bytes(size, "big")
+    low = int.from_bytes(raw_sig[size:], "big")
+    assert 0 < low <= order // 2
+    twin = raw_sig[:size] + (order - low).to_bytes(size, "big")
+    algorithms = (signer.alg,)
+    assert outcome(f"{header}.{payload}.{signature}", kit, algorithms=algorithms) == "accepted"
     assert (
-        outcome(f"{header}.{payload}.{b64(flipped)}", kit, algorithms=(signer.alg,)) == "accepted"
+        outcome(f"{header}.{payload}.{b64(twin)}", kit, algorithms=algorithms)
+        == "non_canonical_signature"
     )
+
+
+def test_signed_sha256_is_the_same_for_a_token_and_its_signature_twin(kit: Kit) -> None:
+    """The replay key covers the signing input, so re-encoding the signature does not change it,
+    while the raw-token hash (what the audit records) does."""
+    header, payload, signature = kit.es.token().split(".")
+    raw_sig = unb64(signature)
+    twin = raw_sig[:32] + (P256_N - int.from_bytes(raw_sig[32:], "big")).to_bytes(32, "big")
+    first = parse_token(f"{header}.{payload}.{signature}")
+    second = parse_token(f"{header}.{payload}.{b64(twin)}")
+    assert first.signed_sha256 == second.signed_sha256
+    assert first.sha256 != second.sha256
 
 
 def _rsa_variants(kit: Kit) -> dict[str, str]:

