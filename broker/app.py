@@ -177,7 +177,7 @@ def create_app(
         started = time.perf_counter()
         request_id = new_request_id()
         client = request.client.host if request.client else ""
-        grant = "-"
+        audience = ""
         try:
             form = await audited_form(request, request_id, client, _TOKEN_FIELDS)
             req = TokenRequest(
@@ -192,14 +192,17 @@ def create_app(
                 duration=form.get("duration", ""),
                 task=form.get("task", ""),
             )
-            grant = _known(req.audience, exchanger)
+            audience = req.audience
             issued = await run_in_threadpool(exchanger.handle, req)
         except ExchangeError as exc:
+            # A grant label only once the caller authenticated: otherwise junk with
+            # audience=<name> would tell anyone which grant names exist.
+            grant = _known(audience, exchanger) if exc.authenticated else "-"
             metrics.requests.labels("token", grant, exc.error).inc()
             return error_response(exc, request_id)
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
-        metrics.requests.labels("token", grant, "issued").inc()
+        metrics.requests.labels("token", _known(audience, exchanger), "issued").inc()
         return JSONResponse(issued.wire(), headers=_NO_STORE)
 
     async def revoke(request: Request) -> Response:

@@ -169,3 +169,49 @@ def test_audit_csv_export_and_report_neutralise_formulas(stack: Stack) -> None:
     assert result.returncode == 0, result.stderr
     assert "@SUM(1+1)*cmd|&#x27; /C calc&#x27;!A0" in result.stdout
     assert FORMULA_GRANT not in result.stdout
+
+
+# -- grant names through /metrics -----------------------------------------------------------------
+
+
+def _requests_metric(broker: Broker) -> dict[tuple[str, str], float]:
+    """luigi_creds_requests_total for endpoint=token, keyed by (grant, outcome)."""
+    _, text = broker.get("/metrics")
+    values: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith('luigi_creds_requests_total{endpoint="token"'):
+            labels, value = line.rsplit(" ", 1)
+            grant = labels.split('grant="', 1)[1].split('"', 1)[0]
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            values[(grant, outcome)] = float(value)
+    return values
+
+
+def test_metrics_label_a_grant_only_after_the_request_authenticated(stack: Stack) -> None:
+    """Junk naming a real grant and junk naming no grant count under the same fixed label, so
+    /metrics does not tell which grants exist; an authenticated request is labelled."""
+    before = _requests_metric(stack.broker)
+    junk = stack.issuer.mint("gitlab").rsplit(".", 1)[0] + ".AAAA"
+    for grant in ("etl-writer", "no-such-grant"):
+        status, body, _ = stack.broker.exchange(junk, grant=grant)
+        assert (status, body["error"]) == (400, "invalid_request")
+        assert [(e.outcome, e.reason) for e in stack.events_for(body["request_id"])] == [
+            (Outcome.DENIED, "bad_signature")
+        ]
+    after = _requests_metric(stack.broker)
+    assert after.get(("etl-writer", "invalid_request"), 0) == before.get(
+        ("etl-writer", "invalid_request"), 0
+    )
+    assert after[("-", "invalid_request")] == before.get(("-", "invalid_request"), 0) + 2
+
+    # Authenticated but refused by the policy: now the grant is named.
+    other = stack.issuer.mint("gitlab", project_id="1")
+    status, body, _ = stack.broker.exchange(other, grant="etl-writer")
+    assert (status, body["error"]) == (400, "invalid_target")
+    records = stack.events_for(body["request_id"])
+    assert [e.outcome for e in records] == [Outcome.DENIED]  # no intent: STS not called
+    final = _requests_metric(stack.broker)
+    assert (
+        final[("etl-writer", "invalid_target")]
+        == before.get(("etl-writer", "invalid_target"), 0) + 1
+    )
