@@ -181,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "ssl_keyfile": str(config.broker.tls_key_file),
         }
     log.info("listening", extra={"listen": config.broker.listen, "tls": bool(tls)})
+    proxies = list(config.broker.trusted_proxies)
     uvicorn.run(
         app,
         host=host.strip("[]"),
@@ -188,6 +189,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 (or $FORWARDED_ALLOW_IPS) by default;
+        # the audited client address must come from the socket unless a proxy is configured.
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or [],
         **tls,
     )
     return EXIT_OK

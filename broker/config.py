@@ -68,6 +68,10 @@ class BrokerSettings:
     rate_limit_identity: RateLimit = RateLimit(per_second=10.0, burst=50)
     rate_limit_grant: RateLimit = RateLimit(per_second=50.0, burst=200)
     deny_cache_seconds: int = 30
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDR networks). Empty:
+    # forwarded headers are ignored from everyone, loopback included, so a local sidecar cannot
+    # let a caller forge the audited client address.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,7 @@ _BROKER_KEYS = frozenset(
         "rate_limit_identity",
         "rate_limit_grant",
         "deny_cache_seconds",
+        "trusted_proxies",
     }
 )
 _RATE_KEYS = frozenset({"per_second", "burst"})
@@ -681,7 +686,21 @@ class _Lint:
             rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),
             rate_limit_grant=self.rate(t, "rate_limit_grant", d.rate_limit_grant),
             deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
+            trusted_proxies=self.trusted_proxies(t, w),
         )
+
+    def trusted_proxies(self, t: Mapping[str, Any], w: str) -> tuple[str, ...]:
+        proxies = self.str_list(t, "trusted_proxies", w)
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                # "*" (trust every peer) is refused too: it is exactly the forgery this guards.
+                self.add(
+                    f"{w}.trusted_proxies",
+                    f"{proxy!r}: expected an IP address or CIDR network of a proxy",
+                )
+        return proxies
 
     def listen_host(self, listen: str, where: str) -> str | None:
         host, sep, port = listen.rpartition(":")

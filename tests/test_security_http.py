@@ -11,9 +11,13 @@ import base64
 import csv
 import io
 import json
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import DevIssuer, free_port, start_dev_issuer
@@ -21,6 +25,7 @@ from stack import Broker, Moto, policy_toml, start_broker, start_moto
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.config import ConfigError, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -215,3 +220,89 @@ def test_metrics_label_a_grant_only_after_the_request_authenticated(stack: Stack
         final[("etl-writer", "invalid_target")]
         == before.get(("etl-writer", "invalid_target"), 0) + 1
     )
+
+
+# -- forwarded headers ----------------------------------------------------------------------------
+
+FORGED_CLIENT = "203.0.113.9"
+
+
+def _exchange_forwarded(broker: Broker, token: str) -> tuple[int, dict[str, Any]]:
+    """An exchange sent from 127.0.0.1 that claims, in X-Forwarded-For, to come from elsewhere."""
+    data = urllib.parse.urlencode(
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": "etl-writer",
+        }
+    ).encode("ascii")
+    request = urllib.request.Request(
+        broker.url + "/v1/token",
+        data=data,
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Forwarded-For": FORGED_CLIENT,
+        },
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_forwarded_for_from_loopback_is_ignored_by_default(stack: Stack) -> None:
+    """Without trusted_proxies, X-Forwarded-For from 127.0.0.1 is not believed: every audit
+    record of the exchange (intent and issued) names the socket's peer."""
+    status, body = _exchange_forwarded(stack.broker, stack.issuer.mint("gitlab"))
+    assert status == 200, body
+    records = stack.events_for(body["request_id"])
+    assert [e.outcome for e in records] == [Outcome.INTENT, Outcome.ISSUED]
+    assert {e.client_addr for e in records} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"),
+    [
+        (["127.0.0.1"], FORGED_CLIENT),
+        (["127.0.0.0/8"], FORGED_CLIENT),
+        (["10.0.0.0/8"], "127.0.0.1"),
+    ],
+    ids=["loopback-ip", "loopback-network", "other-proxy"],
+)
+def test_forwarded_for_is_honoured_only_from_a_configured_proxy(
+    stack: Stack, tmp_path: Path, trusted: list[str], expected: str
+) -> None:
+    """With trusted_proxies naming the peer, its X-Forwarded-For is the audited client address,
+    also on a denial; a proxy list that does not include the peer leaves the header ignored."""
+    broker = start_broker(
+        tmp_path, stack.config(tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}")
+    )
+    try:
+        status, body = _exchange_forwarded(broker, stack.issuer.mint("gitlab"))
+        assert status == 200, body
+        records = [e for e in audit_of(tmp_path / "audit.db") if e.request_id == body["request_id"]]
+        assert [e.outcome for e in records] == [Outcome.INTENT, Outcome.ISSUED]
+        assert {e.client_addr for e in records} == {expected}
+        junk = stack.issuer.mint("gitlab").rsplit(".", 1)[0] + ".AAAA"
+        status, body = _exchange_forwarded(broker, junk)
+        assert status == 400
+        records = [e for e in audit_of(tmp_path / "audit.db") if e.request_id == body["request_id"]]
+        assert [(e.outcome, e.client_addr) for e in records] == [(Outcome.DENIED, expected)]
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("value", ["*", "proxy.internal", "10.0.0.0/33"])
+def test_trusted_proxies_must_be_addresses_or_networks(tmp_path: Path, value: str) -> None:
+    """`*` (trust everyone), host names and bad networks are refused by the loader."""
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        f'[broker]\ntrusted_proxies = ["{value}"]\n'
+        '[[issuer]]\nname = "gitlab"\nurl = "https://gitlab.com"\naudiences = ["x"]\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_config(path)
