@@ -438,7 +438,7 @@ class Exchanger:
         except UnknownKey as exc:
             raise _bad_request("unknown_kid") from exc
         except IssuerUnavailable as exc:
-            raise _unavailable("issuer_unavailable") from exc
+            raise _unavailable(exc.audit_reason, retry_after=exc.retry_after) from exc
         try:
             verify_signature(token, key, issuer.algorithms)
             validate_claims(

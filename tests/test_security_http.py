@@ -11,6 +11,9 @@ import base64
 import csv
 import io
 import json
+import secrets
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -51,10 +54,18 @@ class Stack:
     def events_for(self, request_id: str) -> list[AuditEvent]:
         return [e for e in self.events() if e.request_id == request_id]
 
-    def config(self, workdir: Path, *, broker_extra: str = "", issuer_extra: str = "") -> str:
-        """A policy for a further broker on this stack's issuer and moto, with its own audit."""
+    def config(
+        self,
+        workdir: Path,
+        *,
+        broker_extra: str = "",
+        issuer_extra: str = "",
+        issuer_url: str | None = None,
+        cooldown: str = "1s",
+    ) -> str:
+        """A policy for a further broker on this stack's moto (and issuer), with its own audit."""
         text = policy_toml(
-            issuer_url=self.issuer.url,
+            issuer_url=issuer_url or self.issuer.url,
             audit_db=workdir / "audit.db",
             listen=f"127.0.0.1:{free_port()}",
             moto_url=self.moto.url,
@@ -62,7 +73,8 @@ class Stack:
             broker_extra=broker_extra,
         )
         return text.replace(
-            'jwks_refetch_cooldown = "1s"', 'jwks_refetch_cooldown = "1s"\n' + issuer_extra
+            'jwks_refetch_cooldown = "1s"',
+            f'jwks_refetch_cooldown = "{cooldown}"\n' + issuer_extra,
         )
 
 
@@ -306,3 +318,78 @@ def test_trusted_proxies_must_be_addresses_or_networks(tmp_path: Path, value: st
     )
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_config(path)
+
+
+# -- unknown kid during the refetch cooldown ------------------------------------------------------
+
+
+def test_key_rotation_succeeds_during_a_random_kid_flood(stack: Stack, tmp_path: Path) -> None:
+    """Random kids flood the broker while the issuer rotates its key. The rotated token, arriving
+    while the flood holds the refetch cooldown, is answered 503 with Retry-After (audited as
+    kid_refetch_pending), and succeeds when retried after it; the flood costs at most one JWKS
+    fetch per cooldown and never reaches STS."""
+    cooldown = 3
+    issuer = start_dev_issuer(tmp_path / "issuer")
+    broker = start_broker(tmp_path, stack.config(tmp_path, issuer_url=issuer.url, cooldown="3s"))
+    audit_db = tmp_path / "audit.db"
+    stop = threading.Event()
+    flood_statuses: list[int] = []
+    template = issuer.mint("gitlab")
+
+    def flood() -> None:
+        header, payload, signature = template.split(".")
+        while not stop.is_set():
+            kid = secrets.token_urlsafe(8)
+            forged = json.loads(_unb64(header)) | {"kid": kid}
+            token = f"{_b64(json.dumps(forged).encode())}.{payload}.{signature}"
+            flood_statuses.append(broker.exchange(token)[0])
+
+    try:
+        assert broker.exchange(issuer.mint("gitlab"))[0] == 200
+        fetches_before = issuer.stats()["jwks_fetches"]
+        threads = [threading.Thread(target=flood) for _ in range(2)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        while len(flood_statuses) < 5:  # the flood has spent the refetch: cooldown running
+            time.sleep(0.01)
+        issuer.rotate("RS256")
+        token = issuer.mint("gitlab")
+        answers: list[tuple[int, str, int]] = []
+        for _ in range(4):
+            status, body, headers = broker.exchange(token)
+            answers.append((status, body.get("error", ""), int(headers.get("Retry-After") or 0)))
+            if status != 503:
+                break
+            assert 1 <= int(headers["Retry-After"]) <= cooldown
+            time.sleep(int(headers["Retry-After"]))
+        stop.set()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        fetches = issuer.stats()["jwks_fetches"] - fetches_before
+    finally:
+        stop.set()
+        broker.stop()
+        issuer.stop()
+
+    assert answers[0][:2] == (503, "temporarily_unavailable"), answers
+    assert answers[-1][0] == 200, answers
+    assert len(answers) <= 3, answers  # at most: pending, (pending while the flood refetched), ok
+    events = audit_of(audit_db)
+    ok_id = body["request_id"]
+    assert [e.outcome for e in events if e.request_id == ok_id] == [Outcome.INTENT, Outcome.ISSUED]
+    pending = [e for e in events if e.reason == "kid_refetch_pending"]
+    assert pending and {e.outcome for e in pending} == {Outcome.ERROR}
+    assert set(flood_statuses) <= {400, 503}
+    assert 400 in flood_statuses and 503 in flood_statuses
+    intents = [e for e in events if e.outcome == Outcome.INTENT]
+    assert len(intents) == 2  # the warm-up and the rotated token: the flood never reached STS
+    # One refetch per cooldown at most (plus the one a fetch in progress may straddle).
+    assert 1 <= fetches <= elapsed / cooldown + 2, (fetches, elapsed)
+    refetched = [e for e in events if e.reason == "unknown_kid"]
+    assert len(refetched) <= fetches  # a final "unknown kid" only from a request that refetched
+    print(
+        f"flood: {len(flood_statuses)} requests in {elapsed:.1f} s "
+        f"({len(flood_statuses) / elapsed:.0f}/s), {fetches} JWKS fetches, answers {answers}"
+    )
