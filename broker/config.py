@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from broker.durations import DurationError, seconds
@@ -85,7 +85,7 @@ class IssuerConfig:
     require_jti: bool = True  # false: the token's sha256 is consumed instead of its jti
     # Header `typ` values this issuer's tokens must carry (case-insensitive, "application/"
     # optional, RFC 8725 §3.11); empty accepts any. Keeps e.g. Okta access tokens ("at+jwt")
-    # from being presented where only ID tokens are meant (HOSTILE #33).
+    # from being presented where only ID tokens are meant (cross-JWT confusion).
     token_types: tuple[str, ...] = ()
     jwks_cache_ttl: int = 900  # seconds before keys are refetched in the background
     jwks_refetch_cooldown: int = 60  # seconds between refetches triggered by unknown kids
@@ -857,6 +857,7 @@ class _Lint:
     def match(self, t: Mapping[str, Any], where: str) -> Mapping[str, MatchValue]:
         out: dict[str, MatchValue] = {}
         binds = False
+        unbound: list[str] = []
         for claim, raw in t.items():
             w = f"{where}.{claim}"
             if not _CLAIM_NAME.fullmatch(claim):
@@ -875,12 +876,16 @@ class _Lint:
             elif patterns:
                 out[claim] = patterns[0]
             if claim in TENANT_CLAIMS and patterns and len(patterns) == len(items):
-                binds = binds or not any(_matches_everything(p) for p in patterns)
+                why = [w for w in (_binds_no_tenant(claim, p) for p in patterns) if w]
+                binds = binds or not why
+                unbound.extend(f"{claim}: {w}" for w in why)
         if not binds:
             names = ", ".join(sorted(TENANT_CLAIMS))
+            detail = f" ({'; '.join(unbound)})" if unbound else ""
             self.add(
                 where,
-                f"no tenant-binding claim; bind one of {names} to a value other than '*'",
+                f"no tenant-binding claim{detail}; bind one of {names} to a value whose owner "
+                "segment is written out",
             )
         return MappingProxyType(out)
 
@@ -1066,15 +1071,76 @@ def _label(kind: str, entry: object, index: int) -> str:
     return f"{kind}[{name}]" if isinstance(name, str) and name else f"{kind}[{index}]"
 
 
-# Probe strings a tenant binding must not accept all of: if a pattern fullmatches every one,
-# it binds nothing (`*`, `**`, `.*`, `[^/]*`, ...).
-_PROBES = ("x", "evil", "123456789", "attacker", "{00000000-0000-0000-0000-000000000000}")
+# Probe values a tenant binding must not accept all of, one family per shape of value, every
+# segment attacker-chosen: a pattern that fullmatches a whole family binds nothing (`*`, `.*`,
+# `*/*`, `[^/]+/[^/]+`, ...). Families of one shape, because `*/*` matches no one-segment value
+# yet every repository.
+_PROBE_FAMILIES: Final = (
+    ("x", "evil", "attacker"),
+    ("1", "123456789", "987654321"),
+    ("{00000000-0000-0000-0000-000000000000}", "{ffffffff-ffff-ffff-ffff-ffffffffffff}"),
+    ("attacker/x", "evil/evil", "x/y"),
+    ("attacker/x/y", "evil/evil/evil", "x/y/z"),
+    ("attacker:x", "evil:evil", "x:y"),
+    ("repo:attacker/x:ref:refs/heads/main", "repo:evil/y:ref:refs/heads/x"),
+    ("repo:attacker/x:environment:prod", "repo:evil/y:environment:x"),
+    ("repo:attacker/x:pull_request", "repo:evil/y:pull_request"),
+    (
+        "project_path:attacker/x:ref_type:branch:ref:main",
+        "project_path:evil/y/z:ref_type:tag:ref:x",
+    ),
+)
+
+# `sub` values are `field:value[:field:value...]` (GitHub `repo:owner/name:...`, GitLab
+# `project_path:group/project:...`, custom GitHub sub templates): when the first `:` segment is
+# one of these field names, the owner is the first `/` segment of the value after it.
+_SUB_FIELDS: Final = frozenset(
+    {
+        "repo",
+        "project_path",
+        "namespace_path",
+        "repository",
+        "repository_owner",
+        "repository_owner_id",
+        "repository_id",
+        "project_id",
+        "namespace_id",
+        "workspace",
+    }
+)
 
 
-def _matches_everything(pattern: str | RegexPattern) -> bool:
+def _owner_segment(claim: str, glob: str) -> str:
+    """The part of a tenant-claim glob that names the owner: the first `/` segment of the value
+    (`octo` in `octo/app`; `octo` in sub `repo:octo/app:ref:...`)."""
+    value = glob
+    if claim == "sub":
+        field, sep, rest = glob.partition(":")
+        if sep and field in _SUB_FIELDS:
+            value = rest.partition(":")[0]
+    return value.partition("/")[0]
+
+
+def _binds_no_tenant(claim: str, pattern: str | RegexPattern) -> str | None:
+    """Why `pattern` in tenant claim `claim` binds no tenant, or None when it binds one.
+
+    A glob binds a tenant only when its owner segment is written out: a wildcard there (`*/*`,
+    `*/app`, sub `repo:*/app:*`) matches an owner anyone can create. A regex cannot be read
+    segment by segment, so it is run against probe values of every shape (see _PROBE_FAMILIES);
+    one matching a whole family binds nothing.
+    """
+    if isinstance(pattern, str) and "*" in _owner_segment(claim, pattern):
+        return f"{pattern!r} has a wildcard where the owner is named"
     regex = glob_to_regex(pattern) if isinstance(pattern, str) else pattern.regex
     try:
         compiled = re.compile(regex)
     except re.error:
-        return False
-    return all(compiled.fullmatch(probe) for probe in _PROBES)
+        return None
+    for family in _PROBE_FAMILIES:
+        if all(compiled.fullmatch(probe) for probe in family):
+            return f"{_shown(pattern)} matches every value shaped like {family[0]!r}"
+    return None
+
+
+def _shown(pattern: str | RegexPattern) -> str:
+    return repr(pattern) if isinstance(pattern, str) else f"regex {pattern.regex!r}"
