@@ -11,18 +11,24 @@ import base64
 import csv
 import io
 import json
+import os
 import secrets
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, Moto, policy_toml, start_broker, start_moto
 
@@ -393,3 +399,66 @@ def test_key_rotation_succeeds_during_a_random_kid_flood(stack: Stack, tmp_path:
         f"flood: {len(flood_statuses)} requests in {elapsed:.1f} s "
         f"({len(flood_statuses) / elapsed:.0f}/s), {fetches} JWKS fetches, answers {answers}"
     )
+
+
+# -- schemathesis against the running broker ------------------------------------------------------
+
+SCHEMA_EXAMPLES = int(os.environ.get("LUIGI_CREDS_SCHEMA_EXAMPLES", "60"))
+MAX_RESPONSE_SECONDS = 5.0
+
+
+@dataclass
+class FuzzTally:
+    ran: Counter[str]
+    statuses: Counter[int]
+    slowest: float = 0.0
+
+
+def _fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, tally: FuzzTally) -> None:
+    """Run schemathesis' cases for one operation and generation mode against `base_url`."""
+
+    @settings(
+        max_examples=SCHEMA_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def call(case: schemathesis.Case) -> None:
+        started = time.monotonic()
+        response = case.call(base_url=base_url, timeout=30)
+        elapsed = time.monotonic() - started
+        tally.slowest = max(tally.slowest, elapsed)
+        tally.ran[f"{case.method} {case.path} {mode.value}"] += 1
+        tally.statuses[response.status_code] += 1
+        assert response.status_code < 500, (case.body, response.text)
+        assert elapsed < MAX_RESPONSE_SECONDS, (case.body, elapsed)
+
+    try:
+        call()
+    except Unsatisfiable:
+        # GET /healthz and friends take no input: nothing can violate their schema.
+        assert mode is GenerationMode.NEGATIVE and operation.method.lower() == "get"
+
+
+def test_schemathesis_finds_no_5xx_and_no_slow_answer(stack: Stack) -> None:
+    """Every operation of /openapi.json, with schema-valid and schema-violating inputs
+    (schemathesis, derandomised): no 5xx, every answer within 5 s, the broker still healthy, and
+    the ledger still verifies after all those refusals."""
+    schema = schemathesis.openapi.from_url(stack.broker.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/token", "/v1/revoke", "/v1/explain"}
+    tally = FuzzTally(Counter(), Counter())
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _fuzz_operation(operation, mode, stack.broker.url, tally)
+    total = sum(tally.ran.values())
+    print(
+        f"schemathesis: {total} cases, statuses {dict(tally.statuses)}, "
+        f"slowest {tally.slowest:.2f} s; per operation {dict(tally.ran)}"
+    )
+    assert total >= len(operations) * 10
+    assert stack.broker.get("/healthz")[0] == 200
+    result = stack.broker.cli("audit", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
