@@ -114,7 +114,8 @@ def error_response(exc: ExchangeError, request_id: str) -> JSONResponse:
 
 
 async def read_form(request: Request, *, max_bytes: int, allowed: frozenset[str]) -> dict[str, str]:
-    """Parse an application/x-www-form-urlencoded body strictly (HOSTILE #6, #61)."""
+    """Parse an application/x-www-form-urlencoded body strictly: bounded size, UTF-8 only,
+    no unknown or repeated parameters (parameter pollution)."""
     content_type = request.headers.get("content-type", "")
     media, _, params = content_type.partition(";")
     if media.strip().lower() != "application/x-www-form-urlencoded":

@@ -1,10 +1,10 @@
 """The broker's policy file: TOML parsed into frozen, typed config.
 
-Owns the schema of `broker.toml` (SPEC.md, "Policy file") and its lint. Talks to nothing but the
+Owns the schema of `broker.toml` and its lint. Talks to nothing but the
 file system, and only in `load_config`. Every problem found is collected into one `ConfigError`
 so an operator fixes the whole file in one pass.
 
-Documented forms the SPEC leaves open:
+Forms chosen here (and documented in the README):
 - durations: "900s", "15m", "1h30m", "12h", "2d" or an integer number of seconds;
 - rate limits: `rate_limit_identity = { per_second = 10, burst = 50 }` (a table, never "10/s",
   because a bucket needs both numbers);

@@ -4,7 +4,8 @@ Owns the decision "is this token authentic and current for this issuer". Pure: t
 external system and never reads the clock (`now` is passed in); keys come from `broker.keys`
 (fetched by `broker.issuers`). Built on `cryptography` alone so that every check is ours to see.
 
-Order of work, cheapest first, and everything before any cryptography (HOSTILE.md A-D):
+Order of work, cheapest first, and everything before any cryptography, so junk costs no
+signature check:
 length cap, then the compact-form regex, then per-segment caps, canonical base64url, strict
 UTF-8/JSON, then header rules. `verify_signature` enforces the issuer's algorithm allowlist and
 the key/alg binding; `validate_claims` checks iss/aud/exp/iat/nbf/sub/jti.
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from broker.keys import JoseDecodeError, VerificationKey, b64url_decode, loads_strict_json
 
-MAX_TOKEN_LENGTH: Final = 8192  # HOSTILE.md #6; CI ID tokens are 1-2 KiB
+MAX_TOKEN_LENGTH: Final = 8192  # CI ID tokens are 1-2 KiB; bounds all work on one token
 MAX_HEADER_BYTES: Final = 1024  # decoded; joserfc's header limit is 512, real headers ~100 B
 MAX_SIGNATURE_BYTES: Final = 1024  # an RSA-8192 signature, the largest key keys.py accepts
 MAX_KID_LENGTH: Final = 256
@@ -44,9 +45,9 @@ _COMPACT_JWS: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]
 _KID_CHARS: Final = re.compile(r"[\x20-\x7e]+")  # printable ASCII: no NUL, newline or Unicode
 
 # Header members that point at keys or certificates: never dereferenced, never trusted. Any
-# token carrying one is refused outright (RFC 8725 §3.10; HOSTILE.md #21-23). `enc`, `zip`,
-# `epk` and `p2c` mark JWE, compression, ECDH-ES or PBES2, which a signed JWT never uses
-# (HOSTILE.md #31).
+# token carrying one is refused outright (RFC 8725 §3.10): a token must not choose the key that
+# verifies it. `enc`, `zip`, `epk` and `p2c` mark JWE, compression, ECDH-ES or PBES2, which a
+# signed JWT never uses (nothing to decrypt or inflate before the signature is checked).
 _FORBIDDEN_HEADERS: Final = frozenset({"jku", "x5u", "x5c", "jwk", "enc", "zip", "epk", "p2c"})
 
 _RSA_PKCS1: Final = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
@@ -179,9 +180,9 @@ def _check_header(header: Any) -> None:
         raise TokenError("malformed")
     alg = header.get("alg")
     if not isinstance(alg, str) or not alg:
-        raise TokenError("bad_header")  # missing, null, number or list (HOSTILE.md #16)
+        raise TokenError("bad_header")  # missing, null, number or list
     if alg.strip().lower() == "none":
-        raise TokenError("alg_none")  # "none", "NONE", "nOnE", "none " (HOSTILE.md #11)
+        raise TokenError("alg_none")  # "none", "NONE", "nOnE", "none "
     if _FORBIDDEN_HEADERS & header.keys():
         raise TokenError("forbidden_header")
     # We implement no JWS extension, so any `crit` (even empty or malformed) is refused
@@ -197,7 +198,7 @@ def _check_header(header: Any) -> None:
         if not isinstance(cty, str):
             raise TokenError("bad_header")
         if cty.lower() in ("jwt", "application/jwt"):
-            raise TokenError("nested_jwt")  # RFC 8725 §3.3 (HOSTILE.md #32)
+            raise TokenError("nested_jwt")  # RFC 8725 §3.3: no token inside a token
     if "typ" in header and not isinstance(header["typ"], str):
         raise TokenError("bad_header")
 
@@ -247,7 +248,7 @@ def parse_token(raw: str, *, max_length: int = MAX_TOKEN_LENGTH) -> UnverifiedTo
     except JoseDecodeError as exc:
         raise TokenError(exc.reason) from exc
     if not isinstance(claims, dict):
-        raise TokenError("malformed")  # `[]`, `"x"`, `1`, `null` (HOSTILE.md #8)
+        raise TokenError("malformed")  # `[]`, `"x"`, `1`, `null`
     return UnverifiedToken(
         header=jws.header,
         claims=MappingProxyType(claims),
@@ -386,7 +387,7 @@ def validate_claims(
         raise TypeError("audiences must be a sequence of strings, not a string")
 
     iss = _non_empty_str(claims, "iss", "missing_claim")
-    if iss != issuer:  # exact, byte-for-byte: no normalisation (HOSTILE.md #40)
+    if iss != issuer:  # exact, byte-for-byte: a trailing / or case change is another issuer
         raise TokenError("wrong_issuer")
 
     if "aud" not in claims:
@@ -397,7 +398,7 @@ def validate_claims(
     elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
         presented = aud
     else:
-        raise TokenError("bad_claim_type")  # [], [["broker"]], 1, null (HOSTILE.md #43)
+        raise TokenError("bad_claim_type")  # [], [["broker"]], 1, null
     # Any-of, as Vault and SPIRE do. An empty `audiences` allowlist matches nothing: the
     # vacuous case denies, so a misconfigured issuer cannot accept every audience.
     if not any(entry in audiences for entry in presented):

@@ -1,8 +1,8 @@
-"""Issue 4 end to end: Vault credentials through the broker over real HTTP.
+"""End to end: Vault credentials through the broker over real HTTP.
 
 A local OIDC issuer, an OpenBao dev server (AppRole for the broker, KV, the database secrets
-engine on the real PostgreSQL) and `luigi-creds-broker serve` run as child processes. Every
-"Must show" of issue 4 goes through POST /v1/token and /v1/revoke: token grants that read only
+engine on the real PostgreSQL) and `luigi-creds-broker serve` run as child processes. Everything
+below goes through POST /v1/token and /v1/revoke: token grants that read only
 their KV path and carry our metadata, dynamic PostgreSQL logins dropped on revoke, a 10 s token
 the client keeps alive for 30 s, fail-closed minting while OpenBao is down (and recovery of the
 same broker process), revocation of a credential minted but not audited, and session end revoking
