@@ -86,7 +86,8 @@ def _vault_readiness(config: Config, vault: Any) -> Callable[[], None]:
 
 
 def reconcile_dangling(audit: AuditLedger) -> int:
-    """Close intents a crash left without a terminal record: gaps in the ledger are never silent."""
+    """Close intents a crash left without a terminal record (a gap in the ledger is never
+    silent)."""
     from broker.audit.events import Outcome
 
     dangling = audit.dangling_intents()
@@ -207,6 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "ssl_keyfile": str(config.broker.tls_key_file),
         }
     log.info("listening", extra={"listen": config.broker.listen, "tls": bool(tls)})
+    proxies = list(config.broker.trusted_proxies)
     uvicorn.run(
         app,
         host=host.strip("[]"),
@@ -214,6 +216,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 (or $FORWARDED_ALLOW_IPS) by default;
+        # the audited client address must come from the socket unless a proxy is configured.
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or [],
         **tls,
     )
     return EXIT_OK

@@ -128,8 +128,8 @@ def error_response(exc: ExchangeError, request_id: str) -> JSONResponse:
 
 
 async def read_form(request: Request, *, max_bytes: int, allowed: frozenset[str]) -> dict[str, str]:
-    """Parse an application/x-www-form-urlencoded body strictly: size-capped, one content type,
-    no repeated or unknown fields."""
+    """Parse an application/x-www-form-urlencoded body strictly: bounded size, UTF-8 only,
+    no unknown or repeated parameters (parameter pollution)."""
     content_type = request.headers.get("content-type", "")
     media, _, params = content_type.partition(";")
     if media.strip().lower() != "application/x-www-form-urlencoded":
@@ -192,7 +192,7 @@ def create_app(
         started = time.perf_counter()
         request_id = new_request_id()
         client = request.client.host if request.client else ""
-        grant = "-"
+        audience = ""
         try:
             form = await audited_form(request, request_id, client, _TOKEN_FIELDS)
             req = TokenRequest(
@@ -207,14 +207,17 @@ def create_app(
                 duration=form.get("duration", ""),
                 task=form.get("task", ""),
             )
-            grant = _known(req.audience, exchanger)
+            audience = req.audience
             issued = await run_in_threadpool(exchanger.handle, req)
         except ExchangeError as exc:
+            # A grant label only once the caller authenticated: otherwise junk with
+            # audience=<name> would tell anyone which grant names exist.
+            grant = _known(audience, exchanger) if exc.authenticated else "-"
             metrics.requests.labels("token", grant, exc.error).inc()
             return error_response(exc, request_id)
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
-        metrics.requests.labels("token", grant, "issued").inc()
+        metrics.requests.labels("token", _known(audience, exchanger), "issued").inc()
         return JSONResponse(issued.wire(), headers=_NO_STORE)
 
     async def revoke(request: Request) -> Response:

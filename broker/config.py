@@ -1,10 +1,10 @@
 """The broker's policy file: TOML parsed into frozen, typed config.
 
-Owns the schema of `broker.toml` (docs/protocol.md, "Policy file") and its lint. Talks to
-nothing but the file system, and only in `load_config`. Every problem found is collected into
-one `ConfigError` so an operator fixes the whole file in one pass.
+Owns the schema of `broker.toml` and its lint. Talks to nothing but the
+file system, and only in `load_config`. Every problem found is collected into one `ConfigError`
+so an operator fixes the whole file in one pass.
 
-Forms the documented contract leaves open, fixed here:
+Forms chosen here (and documented in the README):
 - durations: "900s", "15m", "1h30m", "12h", "2d" or an integer number of seconds;
 - rate limits: `rate_limit_identity = { per_second = 10, burst = 50 }` (a table, never "10/s",
   because a bucket needs both numbers);
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from broker.durations import DurationError, seconds
@@ -68,6 +68,10 @@ class BrokerSettings:
     rate_limit_identity: RateLimit = RateLimit(per_second=10.0, burst=50)
     rate_limit_grant: RateLimit = RateLimit(per_second=50.0, burst=200)
     deny_cache_seconds: int = 30
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDR networks). Empty:
+    # forwarded headers are ignored from everyone, loopback included, so a local sidecar cannot
+    # let a caller forge the audited client address.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,7 @@ class IssuerConfig:
     require_jti: bool = True  # false: the token's sha256 is consumed instead of its jti
     # Header `typ` values this issuer's tokens must carry (case-insensitive, "application/"
     # optional, RFC 8725 §3.11); empty accepts any. Keeps e.g. Okta access tokens ("at+jwt")
-    # from being presented where only ID tokens are meant
-    # (one issuer's JWT replayed as another kind of token).
+    # from being presented where only ID tokens are meant (cross-JWT confusion).
     token_types: tuple[str, ...] = ()
     jwks_cache_ttl: int = 900  # seconds before keys are refetched in the background
     jwks_refetch_cooldown: int = 60  # seconds between refetches triggered by unknown kids
@@ -299,6 +302,7 @@ _BROKER_KEYS = frozenset(
         "rate_limit_identity",
         "rate_limit_grant",
         "deny_cache_seconds",
+        "trusted_proxies",
     }
 )
 _RATE_KEYS = frozenset({"per_second", "burst"})
@@ -682,7 +686,21 @@ class _Lint:
             rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),
             rate_limit_grant=self.rate(t, "rate_limit_grant", d.rate_limit_grant),
             deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
+            trusted_proxies=self.trusted_proxies(t, w),
         )
+
+    def trusted_proxies(self, t: Mapping[str, Any], w: str) -> tuple[str, ...]:
+        proxies = self.str_list(t, "trusted_proxies", w)
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                # "*" (trust every peer) is refused too: it is exactly the forgery this guards.
+                self.add(
+                    f"{w}.trusted_proxies",
+                    f"{proxy!r}: expected an IP address or CIDR network of a proxy",
+                )
+        return proxies
 
     def listen_host(self, listen: str, where: str) -> str | None:
         host, sep, port = listen.rpartition(":")
@@ -839,6 +857,7 @@ class _Lint:
     def match(self, t: Mapping[str, Any], where: str) -> Mapping[str, MatchValue]:
         out: dict[str, MatchValue] = {}
         binds = False
+        unbound: list[str] = []
         for claim, raw in t.items():
             w = f"{where}.{claim}"
             if not _CLAIM_NAME.fullmatch(claim):
@@ -857,12 +876,16 @@ class _Lint:
             elif patterns:
                 out[claim] = patterns[0]
             if claim in TENANT_CLAIMS and patterns and len(patterns) == len(items):
-                binds = binds or not any(_matches_everything(p) for p in patterns)
+                why = [w for w in (_binds_no_tenant(claim, p) for p in patterns) if w]
+                binds = binds or not why
+                unbound.extend(f"{claim}: {w}" for w in why)
         if not binds:
             names = ", ".join(sorted(TENANT_CLAIMS))
+            detail = f" ({'; '.join(unbound)})" if unbound else ""
             self.add(
                 where,
-                f"no tenant-binding claim; bind one of {names} to a value other than '*'",
+                f"no tenant-binding claim{detail}; bind one of {names} to a value whose owner "
+                "segment is written out",
             )
         return MappingProxyType(out)
 
@@ -1048,15 +1071,76 @@ def _label(kind: str, entry: object, index: int) -> str:
     return f"{kind}[{name}]" if isinstance(name, str) and name else f"{kind}[{index}]"
 
 
-# Probe strings a tenant binding must not accept all of: if a pattern fullmatches every one,
-# it binds nothing (`*`, `**`, `.*`, `[^/]*`, ...).
-_PROBES = ("x", "evil", "123456789", "attacker", "{00000000-0000-0000-0000-000000000000}")
+# Probe values a tenant binding must not accept all of, one family per shape of value, every
+# segment attacker-chosen: a pattern that fullmatches a whole family binds nothing (`*`, `.*`,
+# `*/*`, `[^/]+/[^/]+`, ...). Families of one shape, because `*/*` matches no one-segment value
+# yet every repository.
+_PROBE_FAMILIES: Final = (
+    ("x", "evil", "attacker"),
+    ("1", "123456789", "987654321"),
+    ("{00000000-0000-0000-0000-000000000000}", "{ffffffff-ffff-ffff-ffff-ffffffffffff}"),
+    ("attacker/x", "evil/evil", "x/y"),
+    ("attacker/x/y", "evil/evil/evil", "x/y/z"),
+    ("attacker:x", "evil:evil", "x:y"),
+    ("repo:attacker/x:ref:refs/heads/main", "repo:evil/y:ref:refs/heads/x"),
+    ("repo:attacker/x:environment:prod", "repo:evil/y:environment:x"),
+    ("repo:attacker/x:pull_request", "repo:evil/y:pull_request"),
+    (
+        "project_path:attacker/x:ref_type:branch:ref:main",
+        "project_path:evil/y/z:ref_type:tag:ref:x",
+    ),
+)
+
+# `sub` values are `field:value[:field:value...]` (GitHub `repo:owner/name:...`, GitLab
+# `project_path:group/project:...`, custom GitHub sub templates): when the first `:` segment is
+# one of these field names, the owner is the first `/` segment of the value after it.
+_SUB_FIELDS: Final = frozenset(
+    {
+        "repo",
+        "project_path",
+        "namespace_path",
+        "repository",
+        "repository_owner",
+        "repository_owner_id",
+        "repository_id",
+        "project_id",
+        "namespace_id",
+        "workspace",
+    }
+)
 
 
-def _matches_everything(pattern: str | RegexPattern) -> bool:
+def _owner_segment(claim: str, glob: str) -> str:
+    """The part of a tenant-claim glob that names the owner: the first `/` segment of the value
+    (`octo` in `octo/app`; `octo` in sub `repo:octo/app:ref:...`)."""
+    value = glob
+    if claim == "sub":
+        field, sep, rest = glob.partition(":")
+        if sep and field in _SUB_FIELDS:
+            value = rest.partition(":")[0]
+    return value.partition("/")[0]
+
+
+def _binds_no_tenant(claim: str, pattern: str | RegexPattern) -> str | None:
+    """Why `pattern` in tenant claim `claim` binds no tenant, or None when it binds one.
+
+    A glob binds a tenant only when its owner segment is written out: a wildcard there (`*/*`,
+    `*/app`, sub `repo:*/app:*`) matches an owner anyone can create. A regex cannot be read
+    segment by segment, so it is run against probe values of every shape (see _PROBE_FAMILIES);
+    one matching a whole family binds nothing.
+    """
+    if isinstance(pattern, str) and "*" in _owner_segment(claim, pattern):
+        return f"{pattern!r} has a wildcard where the owner is named"
     regex = glob_to_regex(pattern) if isinstance(pattern, str) else pattern.regex
     try:
         compiled = re.compile(regex)
     except re.error:
-        return False
-    return all(compiled.fullmatch(probe) for probe in _PROBES)
+        return None
+    for family in _PROBE_FAMILIES:
+        if all(compiled.fullmatch(probe) for probe in family):
+            return f"{_shown(pattern)} matches every value shaped like {family[0]!r}"
+    return None
+
+
+def _shown(pattern: str | RegexPattern) -> str:
+    return repr(pattern) if isinstance(pattern, str) else f"regex {pattern.regex!r}"

@@ -73,7 +73,10 @@ class ExchangeError(Exception):
 
     `reason` is the stable code for audit and logs; callers see only `error` and a generic
     description, never the reason's details (SPEC: no policy or upstream internals).
+    `authenticated`: the caller had proven an identity (token or session) before the refusal.
     """
+
+    authenticated = False
 
     def __init__(
         self, status: int, error: str, reason: str, *, retry_after: int | None = None
@@ -435,7 +438,7 @@ class Exchanger:
         except UnknownKey as exc:
             raise _bad_request("unknown_kid") from exc
         except IssuerUnavailable as exc:
-            raise _unavailable("issuer_unavailable") from exc
+            raise _unavailable(exc.audit_reason, retry_after=exc.retry_after) from exc
         try:
             verify_signature(token, key, issuer.algorithms)
             validate_claims(
@@ -688,6 +691,7 @@ class Exchanger:
         try:
             yield
         except ExchangeError as exc:
+            exc.authenticated = bool(record.event.subject)
             # After the audit store just failed, a second write would only wait out its
             # deadline again (HOSTILE F2): the request is refused at once and logged instead.
             if not record.terminal_written and exc.reason != "audit_unavailable":

@@ -4,7 +4,7 @@ Owns the fetch policy towards the OIDC issuers (GitLab, GitHub, Bitbucket, Okta,
 issuer): OpenID discovery at `<url>/.well-known/openid-configuration`, then the JWKS it names,
 both over HTTP(S) through the injected httpx client. Keys are parsed and validated by
 `broker.keys`; this module decides when to fetch, what to trust, and what to keep when a fetch
-goes wrong (an issuer that is down, slow, oversized, redirecting or serving poisoned keys):
+goes wrong:
 
 - the discovery `issuer` must equal the configured url byte for byte, and `jwks_uri` must be on
   the issuer's own scheme, host and port (pinned); plain HTTP only for loopback hosts;
@@ -17,8 +17,8 @@ goes wrong (an issuer that is down, slow, oversized, redirecting or serving pois
 - an issuer with `jwks_file` uses those pinned keys and never touches the network.
 
 `by_url` maps a token's `iss` to its configuration with an exact string lookup and no I/O, so a
-token from an unknown issuer is rejected before anything is fetched (so a token cannot make the
-broker fetch from a URL it names).
+token from an unknown issuer is rejected before anything is fetched: an attacker-chosen `iss`
+never makes the broker fetch from a URL of the attacker's choosing.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,11 +41,10 @@ from broker.keys import KeySet, KeySetError, VerificationKey, parse_jwks
 log = logging.getLogger(__name__)
 
 # octo-sts caps discovery/JWKS at 100 KiB; large IdPs publish a handful of keys (< 10 KiB), and
-# bounding memory per fetch matters more than the exact figure. We take 256 KiB to leave room
-# for x5c-carrying key sets.
+# 256 KiB leaves room for x5c-carrying key sets while bounding memory per fetch.
 MAX_BODY_BYTES = 256 * 1024
-# Total wall time for one fetch (discovery + JWKS together), drip-feed included: a
-# server sending one byte a second must not hold a fetch open.
+# Total wall time for one fetch (discovery + JWKS together), drip-feed included, so a slow issuer
+# cannot hold a worker thread.
 FETCH_DEADLINE_SECONDS = 5.0
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
@@ -53,12 +53,30 @@ OK = "ok"
 
 
 class IssuerUnavailable(Exception):
-    """No usable keys for the issuer and it cannot be reached now; the broker answers 503."""
+    """No usable keys for the issuer and it cannot be reached now; the broker answers 503.
 
-    def __init__(self, issuer: str, reason: str) -> None:
+    `audit_reason` is the reason the refusal is audited under; `retry_after` (seconds) is when
+    asking again may help.
+    """
+
+    audit_reason = "issuer_unavailable"
+
+    def __init__(self, issuer: str, reason: str, *, retry_after: int = 5) -> None:
         super().__init__(f"issuer {issuer!r} has no usable keys ({reason})")
         self.issuer = issuer
         self.reason = reason
+        self.retry_after = retry_after
+
+
+class KeyRefetchPending(IssuerUnavailable):
+    """The `kid` is unknown and the keys cannot be refetched before the cooldown ends.
+
+    The key may have been rotated in since the last fetch, so the answer is "retry after the
+    cooldown" (503), not "no such key" (400): otherwise a stream of random kids, each spending
+    the one refetch per cooldown, keeps a freshly rotated legitimate key refused for good.
+    """
+
+    audit_reason = "kid_refetch_pending"
 
 
 class UnknownKey(Exception):
@@ -163,18 +181,22 @@ class IssuerRegistry:
             if key is None:
                 raise UnknownKey(issuer.name, kid, alg)
             return key
+        attempts_before = entry.attempts
         keys = self._usable_keys(entry)
         key = keys.find(kid, alg)
         if key is not None:
             return key
-        keys = self._refetch_for_unknown_kid(entry)
+        keys, retry_in = self._refetch_for_unknown_kid(entry)
         key = keys.find(kid, alg)
         if key is not None:
             return key
         if not entry.last_attempt_ok:
-            # While the issuer serves garbage or is down we cannot tell a
-            # rotated-in key from a forged kid, so the caller retries later (503), not 400.
+            # While the issuer serves garbage or is down we cannot tell a rotated-in key from a
+            # forged kid, so the caller retries later (503), not 400.
             raise IssuerUnavailable(issuer.name, entry.last_error or "refetch failed")
+        if entry.attempts == attempts_before:
+            # No fetch since this request began: the cooldown held the refetch back.
+            raise KeyRefetchPending(issuer.name, "refetch cooldown", retry_after=retry_in)
         raise UnknownKey(issuer.name, kid, alg)
 
     def warm(self) -> None:
@@ -237,8 +259,11 @@ class IssuerRegistry:
             return True
         return now - entry.last_success >= timedelta(seconds=config.jwks_cache_ttl)
 
-    def _refetch_for_unknown_kid(self, entry: _Entry) -> KeySet:
-        """Refetch because a kid was not found, at most once per cooldown per issuer."""
+    def _refetch_for_unknown_kid(self, entry: _Entry) -> tuple[KeySet, int]:
+        """Refetch because a kid was not found, at most once per cooldown per issuer.
+
+        Returns the keys and the whole seconds (at least 1) until the next refetch may run.
+        """
         observed = entry.attempts
         with entry.fetch_lock:
             now = self._clock()
@@ -254,7 +279,9 @@ class IssuerRegistry:
             if not self._has_usable(entry, now):
                 raise IssuerUnavailable(entry.config.name, entry.last_error or "stale")
             assert entry.keys is not None
-            return entry.keys
+            last_forced = entry.last_forced or now
+            retry_in = math.ceil((last_forced + cooldown - now).total_seconds())
+            return entry.keys, max(1, retry_in)
 
     def _fetch_locked(self, entry: _Entry, now: datetime) -> None:
         """One fetch; on success replace the keys, on failure keep the last good ones."""
@@ -302,7 +329,8 @@ class IssuerRegistry:
             jwks_url = httpx.URL(jwks_uri)
         except httpx.InvalidURL as exc:
             raise _FetchFailed("jwks_uri_not_pinned", "jwks_uri does not parse") from exc
-        # SSRF guard: the keys must come from the issuer's own origin.
+        # SSRF guard: the keys must come from the issuer's own origin, never a URL the discovery
+        # document (or whoever spoofs it) points elsewhere.
         if _origin(jwks_url) != _origin(issuer_url) or jwks_url.userinfo:
             raise _FetchFailed("jwks_uri_not_pinned", f"jwks_uri off the issuer origin: {jwks_uri}")
         body = self._get(jwks_uri, deadline)

@@ -4,8 +4,8 @@ Owns the decision "is this token authentic and current for this issuer". Pure: t
 external system and never reads the clock (`now` is passed in); keys come from `broker.keys`
 (fetched by `broker.issuers`). Built on `cryptography` alone so that every check is ours to see.
 
-Order of work, cheapest first, and everything before any cryptography (a forged or oversized token
-costs the least work we can manage):
+Order of work, cheapest first, and everything before any cryptography, so junk costs no
+signature check:
 length cap, then the compact-form regex, then per-segment caps, canonical base64url, strict
 UTF-8/JSON, then header rules. `verify_signature` enforces the issuer's algorithm allowlist and
 the key/alg binding; `validate_claims` checks iss/aud/exp/iat/nbf/sub/jti.
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from broker.keys import JoseDecodeError, VerificationKey, b64url_decode, loads_strict_json
 
-MAX_TOKEN_LENGTH: Final = 8192  # CI ID tokens are 1-2 KiB; the cap bounds parse work
+MAX_TOKEN_LENGTH: Final = 8192  # CI ID tokens are 1-2 KiB; bounds all work on one token
 MAX_HEADER_BYTES: Final = 1024  # decoded; joserfc's header limit is 512, real headers ~100 B
 MAX_SIGNATURE_BYTES: Final = 1024  # an RSA-8192 signature, the largest key keys.py accepts
 MAX_KID_LENGTH: Final = 256
@@ -45,8 +45,9 @@ _COMPACT_JWS: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]
 _KID_CHARS: Final = re.compile(r"[\x20-\x7e]+")  # printable ASCII: no NUL, newline or Unicode
 
 # Header members that point at keys or certificates: never dereferenced, never trusted. Any
-# token carrying one is refused outright (RFC 8725 §3.10). `enc`, `zip`,
-# `epk` and `p2c` mark JWE, compression, ECDH-ES or PBES2, which a signed JWT never uses.
+# token carrying one is refused outright (RFC 8725 §3.10): a token must not choose the key that
+# verifies it. `enc`, `zip`, `epk` and `p2c` mark JWE, compression, ECDH-ES or PBES2, which a
+# signed JWT never uses (nothing to decrypt or inflate before the signature is checked).
 _FORBIDDEN_HEADERS: Final = frozenset({"jku", "x5u", "x5c", "jwk", "enc", "zip", "epk", "p2c"})
 
 _RSA_PKCS1: Final = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
@@ -88,6 +89,7 @@ _MESSAGES: Final = {
     "nested_jwt": "Nested tokens are not accepted.",
     "key_alg_mismatch": "The token's algorithm does not fit its key.",
     "bad_signature": "The token's signature is invalid.",
+    "non_canonical_signature": "The token's signature is not in canonical (low-S) form.",
     "expired": "The token has expired.",
     "not_yet_valid": "The token is not valid yet.",
     "issued_in_future": "The token was issued in the future.",
@@ -142,6 +144,16 @@ class UnverifiedToken:
     sha256: str  # hex sha256 of the raw token: what the audit records, never the token
 
     @property
+    def signed_sha256(self) -> str:
+        """Hex SHA-256 of the signing input (`header.payload`), the bytes the signature covers.
+
+        The replay key for tokens without `jti`: a signature can be re-encoded without the
+        issuer's key (an ECDSA (r, s) has the twin (r, n - s)), so a key over the whole token
+        would let one spent token pass again under a second encoding.
+        """
+        return hashlib.sha256(self.signing_input).hexdigest()
+
+    @property
     def kid(self) -> str | None:
         kid = self.header.get("kid")
         return kid if isinstance(kid, str) else None
@@ -170,7 +182,7 @@ def _check_header(header: Any) -> None:
     if not isinstance(alg, str) or not alg:
         raise TokenError("bad_header")  # missing, null, number or list
     if alg.strip().lower() == "none":
-        raise TokenError("alg_none")  # "none", "NONE", "nOnE", "none ": any spelling
+        raise TokenError("alg_none")  # "none", "NONE", "nOnE", "none "
     if _FORBIDDEN_HEADERS & header.keys():
         raise TokenError("forbidden_header")
     # We implement no JWS extension, so any `crit` (even empty or malformed) is refused
@@ -186,7 +198,7 @@ def _check_header(header: Any) -> None:
         if not isinstance(cty, str):
             raise TokenError("bad_header")
         if cty.lower() in ("jwt", "application/jwt"):
-            raise TokenError("nested_jwt")  # RFC 8725 §3.3: a JWT inside a JWT
+            raise TokenError("nested_jwt")  # RFC 8725 §3.3: no token inside a token
     if "typ" in header and not isinstance(header["typ"], str):
         raise TokenError("bad_header")
 
@@ -236,7 +248,7 @@ def parse_token(raw: str, *, max_length: int = MAX_TOKEN_LENGTH) -> UnverifiedTo
     except JoseDecodeError as exc:
         raise TokenError(exc.reason) from exc
     if not isinstance(claims, dict):
-        raise TokenError("malformed")  # `[]`, `"x"`, `1`, `null`: a payload must be an object
+        raise TokenError("malformed")  # `[]`, `"x"`, `1`, `null`
     return UnverifiedToken(
         header=jws.header,
         claims=MappingProxyType(claims),
@@ -276,7 +288,15 @@ def _verify_ecdsa(
     # to the backend.
     if not (0 < r < order and 0 < s < order):
         raise InvalidSignature
+    # Low-S only: (r, s) and (r, n - s) both verify, so anyone holding a token can make a second,
+    # different token from it without the key. Only the canonical s <= n/2 is accepted (as in
+    # Bitcoin's BIP 62 and libsecp256k1). Cost: an issuer whose signer does not normalise s
+    # sees about half its ES* tokens refused, under its own reason so the audit shows why; the
+    # CI issuers we target sign RS256.
+    # Checked after the signature verified, so a forgery still reads bad_signature.
     key.verify(encode_dss_signature(r, s), message, ec.ECDSA(_ECDSA[alg]))
+    if s > order // 2:
+        raise TokenError("non_canonical_signature")
 
 
 def _verify_ed25519(key: Ed25519PublicKey, message: bytes, signature: bytes) -> None:
@@ -367,7 +387,7 @@ def validate_claims(
         raise TypeError("audiences must be a sequence of strings, not a string")
 
     iss = _non_empty_str(claims, "iss", "missing_claim")
-    if iss != issuer:  # exact, byte-for-byte: no normalisation (trailing slash, case)
+    if iss != issuer:  # exact, byte-for-byte: a trailing / or case change is another issuer
         raise TokenError("wrong_issuer")
 
     if "aud" not in claims:
@@ -378,9 +398,7 @@ def validate_claims(
     elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
         presented = aud
     else:
-        raise TokenError(
-            "bad_claim_type"
-        )  # [], [["broker"]], 1, null: a string or a flat list of strings
+        raise TokenError("bad_claim_type")  # [], [["broker"]], 1, null
     # Any-of, as Vault and SPIRE do. An empty `audiences` allowlist matches nothing: the
     # vacuous case denies, so a misconfigured issuer cannot accept every audience.
     if not any(entry in audiences for entry in presented):

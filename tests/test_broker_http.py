@@ -1,6 +1,6 @@
 """Broker core over real HTTP: local OIDC issuer, moto server and `luigi-creds-broker serve`.
 
-End-to-end claims: a GitLab-shaped token becomes working AWS credentials, every
+End to end: a GitLab-shaped token becomes working AWS credentials, every
 hostile token is refused with the documented error and a deny record, and an unwritable audit
 store refuses to hand out anything.
 """
@@ -191,6 +191,14 @@ def _psychic_es256(s: Stack) -> str:
     return f"{h}.{p}.{_b64(bytes(64))}"
 
 
+def _unknown_kid(s: Stack, kid: str) -> str:
+    """A token naming `kid`, sent once the policy's 1 s refetch cooldown has surely passed: an
+    unknown kid is a final 400 only for the request that refetched; within the cooldown it is
+    503 with Retry-After (test_security_http covers that)."""
+    time.sleep(1.1)
+    return s.issuer.mint("gitlab", header={"kid": kid})
+
+
 def _resign(s: Stack, claims_change: dict[str, Any], header: dict[str, Any] | None = None) -> str:
     """Re-sign a preset token with the issuer's real key after changing claims (None deletes)."""
     _, claims, _ = _segments(s.issuer.mint("gitlab"))
@@ -249,7 +257,7 @@ REFUSED_TOKENS: list[tuple[str, Callable[[Stack], str], str, str | None]] = [
     ("hs256-with-rsa-public-key", _hs256_with_public_key, "invalid_request", None),
     (
         "unknown-kid",
-        lambda s: s.issuer.mint("gitlab", header={"kid": "nope"}),
+        lambda s: _unknown_kid(s, "nope"),
         "invalid_request",
         "unknown_kid",
     ),
@@ -261,7 +269,7 @@ REFUSED_TOKENS: list[tuple[str, Callable[[Stack], str], str, str | None]] = [
     ),
     (
         "kid-path-traversal",
-        lambda s: s.issuer.mint("gitlab", header={"kid": "../../../../dev/null"}),
+        lambda s: _unknown_kid(s, "../../../../dev/null"),
         "invalid_request",
         None,
     ),
@@ -377,7 +385,7 @@ def test_hostile_token_is_refused_and_audited(
     assert records[0].reason
     if reason is not None:
         assert records[0].reason == reason
-    # Error-body hygiene: small, and no token bytes in it.
+    # Error-body hygiene: small, and no token bytes in it (an error page must not echo secrets).
     raw = json.dumps(body)
     assert len(raw) < 1024
     if token:

@@ -1244,7 +1244,7 @@ def test_approle_setup_creates_a_bound_approle_with_0600_files(
         assert mode == 0o600, f"{name}: {oct(mode)}"
         assert (out / name).read_text(encoding="utf-8").strip()
     role = openbao.root().read("auth/approle/role/luigi-creds-broker")["data"]
-    assert role["token_policies"] == ["luigi-creds-broker"]
+    assert role["token_policies"] == ["luigi-creds-broker", "luigi-creds-lease-renew"]
     # OpenBao normalises a /32 token binding to the bare address.
     assert role["token_bound_cidrs"] in (["127.0.0.1"], ["127.0.0.1/32"])
     assert role["secret_id_bound_cidrs"] in (["127.0.0.1"], ["127.0.0.1/32"])
@@ -1307,6 +1307,14 @@ secret_id_file = "{out / "vault-secret-id"}"
     assert minter.renew_lease(secret.lease_id, 90) == 90
     renewer = hvac.Client(url=openbao.url, token=secret.renew_token)
     assert renewer.sys.renew_lease(secret.lease_id, increment=80)["lease_duration"] == 80
+    # The renew token carries lease-renew.hcl alone (no `default`): it cannot even look itself up.
+    assert root.auth.token.lookup(secret.renew_token)["data"]["policies"] == [
+        "luigi-creds-lease-renew"
+    ]
+    with pytest.raises(hvac.exceptions.Forbidden):
+        renewer.auth.token.lookup_self()
+    with pytest.raises(hvac.exceptions.Forbidden):
+        renewer.write("cubbyhole/x", value="y")
 
     # The broker's own login: lookup by accessor works; it cannot copy itself or read secrets.
     login = hvac.Client(url=openbao.url, token=minter.identity.token())
@@ -1317,6 +1325,17 @@ secret_id_file = "{out / "vault-secret-id"}"
     for policies in (None, ["luigi-creds-broker"], ["default", "luigi-creds-broker"]):
         with pytest.raises(hvac.exceptions.Forbidden):
             login.auth.token.create(policies=policies, ttl="60s")
+    # Renew-only children only, and only without `default`.
+    for no_default in (None, False):
+        with pytest.raises(hvac.exceptions.Forbidden):
+            login.auth.token.create(
+                policies=["luigi-creds-lease-renew"], no_default_policy=no_default, ttl="60s"
+            )
+    child = login.auth.token.create(
+        policies=["luigi-creds-lease-renew"], no_default_policy=True, ttl="60s"
+    )["auth"]
+    assert child["policies"] == ["luigi-creds-lease-renew"]
+    login.auth.token.revoke_accessor(child["accessor"])
     with pytest.raises(hvac.exceptions.Forbidden):
         login.read("secret/data/etl/db")
 

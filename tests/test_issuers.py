@@ -21,7 +21,7 @@ from servers import DevIssuer
 import broker.issuers
 from broker.config import IssuerConfig
 from broker.dev.issuer import SigningKey
-from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
+from broker.issuers import IssuerRegistry, IssuerUnavailable, KeyRefetchPending, UnknownKey
 from broker.keys import b64url_decode
 
 URL = "https://idp.example"
@@ -142,17 +142,44 @@ def test_cache_ttl_expiry_refetches_and_drops_removed_keys() -> None:
 
 
 def test_unknown_kid_flood_costs_at_most_one_fetch_per_cooldown() -> None:
-    """A thousand unknown kids cause one refetch per cooldown and are all rejected."""
+    """A thousand unknown kids cause one refetch per cooldown and are all refused: the one that
+    refetched as unknown, the rest as pending until the cooldown ends."""
     idp = FakeIdP()
     registry, config, clock, _ = registry_for(idp)
     registry.warm()
+    with pytest.raises(UnknownKey):
+        registry.resolve_key(config, "kid-first", "ES256")
     for i in range(1000):
-        with pytest.raises(UnknownKey):
+        with pytest.raises(KeyRefetchPending) as pending:
             registry.resolve_key(config, f"kid-{i}", "ES256")
+        assert pending.value.retry_after == COOLDOWN
     assert idp.jwks_fetches == 2
-    clock.advance(COOLDOWN)
+    clock.advance(COOLDOWN / 2)
+    with pytest.raises(KeyRefetchPending) as pending:
+        registry.resolve_key(config, "kid-half-way", "ES256")
+    assert pending.value.retry_after == COOLDOWN / 2
+    clock.advance(COOLDOWN / 2)
     with pytest.raises(UnknownKey):
         registry.resolve_key(config, "kid-after-cooldown", "ES256")
+    assert idp.jwks_fetches == 3
+
+
+def test_rotated_in_kid_resolves_after_the_cooldown_of_a_kid_flood() -> None:
+    """A key rotated in just after a random kid spent the refetch is pending (retry later), not
+    unknown; once the cooldown passes, whichever request refetches brings it in."""
+    idp = FakeIdP()
+    registry, config, clock, _ = registry_for(idp)
+    registry.warm()
+    with pytest.raises(UnknownKey):
+        registry.resolve_key(config, "random-1", "ES256")
+    new = SigningKey.generate("ES256")
+    idp.keys.append(new)
+    with pytest.raises(KeyRefetchPending) as pending:
+        registry.resolve_key(config, new.kid, "ES256")
+    clock.advance(pending.value.retry_after)
+    with pytest.raises(UnknownKey):
+        registry.resolve_key(config, "random-2", "ES256")  # the flood wins the refetch
+    assert registry.resolve_key(config, new.kid, "ES256").kid == new.kid
     assert idp.jwks_fetches == 3
 
 
@@ -458,7 +485,8 @@ def test_live_keys_verify_tokens_from_the_dev_issuer(
 def test_live_rotation_resolves_after_one_refetch_and_floods_are_rate_limited(
     live: tuple[DevIssuer, IssuerRegistry, IssuerConfig, Clock],
 ) -> None:
-    """A rotated-in kid resolves after one refetch; then a kid flood causes no further fetch."""
+    """A rotated-in kid resolves after one refetch; then a kid flood causes no further fetch
+    and is answered pending until the cooldown ends."""
     issuer, registry, config, clock = live
     registry.warm()
     issuer.rotate("RS256")
@@ -466,7 +494,7 @@ def test_live_rotation_resolves_after_one_refetch_and_floods_are_rate_limited(
     assert _verifies(token, registry.resolve_key(config, _kid(token), "RS256").public_key)
     assert issuer.stats()["jwks_fetches"] == 2
     for i in range(200):
-        with pytest.raises(UnknownKey):
+        with pytest.raises(KeyRefetchPending):
             registry.resolve_key(config, f"flood-{i}", "RS256")
     assert issuer.stats()["jwks_fetches"] == 2
     clock.advance(COOLDOWN)

@@ -1,4 +1,4 @@
-"""Unit tests for broker.tokens: every hostile JWT of HOSTILE.md A-F, and good tokens passing.
+"""Unit tests for broker.tokens: hostile JWTs of every known family, and good tokens passing.
 
 Keys are generated at test time and tokens are signed here with `cryptography`, so each case
 differs from a valid-signed token only in the defect it names. `outcome()` runs the pipeline the
@@ -99,6 +99,8 @@ class Signer:
         if family == "ES":
             der = self.private.sign(message, ec.ECDSA(HASHES[bits]()))
             r, s = decode_dss_signature(der)
+            order = _EC_ORDER[self.private.curve.name]
+            s = min(s, order - s)  # the canonical low-S form, as the broker requires
             size = (self.private.curve.key_size + 7) // 8
             return r.to_bytes(size, "big") + s.to_bytes(size, "big")
         return cast(bytes, self.private.sign(message))  # EdDSA
@@ -361,7 +363,7 @@ FRAMING: list[Case] = [
 
 @cases(FRAMING)
 def test_framing_defects_are_rejected(kit: Kit, build: Callable[[Kit], Any], reason: str) -> None:
-    """Tokens that are not exactly three canonical base64url segments are rejected (HOSTILE 1-6)."""
+    """Tokens that are not exactly three canonical base64url segments are rejected."""
     assert outcome(build(kit), kit) == reason
 
 
@@ -400,7 +402,7 @@ def _signature_with_unused_bits(kit: Kit) -> str:
 
 
 def test_non_canonical_base64url_is_rejected_even_when_validly_signed(kit: Kit) -> None:
-    """Segments whose last character has non-zero unused bits are refused (HOSTILE 5)."""
+    """Segments whose last character has non-zero unused bits are refused."""
     for raw in (_payload_with_unused_bits(kit), _header_with_unused_bits(kit)):
         assert outcome(raw, kit) == "bad_encoding"
     assert outcome(_signature_with_unused_bits(kit), kit) == "bad_encoding"
@@ -544,7 +546,7 @@ NONE_VARIANTS = ["none", "None", "NONE", "nOnE", "none ", " none", "\tnone"]
 
 @pytest.mark.parametrize("alg", NONE_VARIANTS, ids=repr)
 def test_alg_none_is_rejected(kit: Kit, alg: str) -> None:
-    """alg "none" in any case or padding is refused, with or without a signature (HOSTILE 11-12)."""
+    """alg "none" in any case or padding is refused, with or without a signature."""
     header, payload, _ = kit.rs.token(alg=alg).split(".")
     assert outcome(f"{header}.{payload}.", kit) == "malformed"
     assert outcome(f"{header}.{payload}.c2ln", kit) == "alg_none"
@@ -576,7 +578,7 @@ def _public_encodings(public: Any, jwk: Mapping[str, Any]) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("signer_name", ["rs", "es"])
 def test_hmac_key_confusion_is_rejected(kit: Kit, signer_name: str) -> None:
-    """HS256 tokens MACed with the issuer's public key in any encoding never verify (HOSTILE 13)."""
+    """HS256 tokens MACed with the issuer's public key in any encoding never verify."""
     signer = cast(Signer, getattr(kit, signer_name))
     public = signer.private.public_key()
     key = kit.key(signer.kid)
@@ -607,13 +609,13 @@ def test_hmac_key_confusion_is_rejected(kit: Kit, signer_name: str) -> None:
     ids=lambda v: str(v),
 )
 def test_alg_outside_issuer_allowlist_is_rejected(kit: Kit, signer_name: str, alg: str) -> None:
-    """A validly signed token whose alg the issuer does not allow is refused (HOSTILE 14)."""
+    """A validly signed token whose alg the issuer does not allow is refused."""
     signer = cast(Signer, getattr(kit, signer_name)).as_(alg)
     assert outcome(signer.token(), kit, algorithms=("RS256",)) == "alg_not_allowed"
 
 
 def test_alg_that_disagrees_with_the_key_is_rejected(kit: Kit) -> None:
-    """Header alg must fit the key's kty, crv and JWK alg (HOSTILE 15, Wycheproof 331-340)."""
+    """Header alg must fit the key's kty, crv and JWK alg (as Wycheproof's JWS cases 331-340)."""
     pinned = parse_jwk(kit.rs.public_jwk(alg="PS256"))
     ps384 = parse_token(kit.rs.as_("PS384").token())
     mismatches: list[tuple[UnverifiedToken, VerificationKey, str]] = [
@@ -637,7 +639,7 @@ def test_alg_that_disagrees_with_the_key_is_rejected(kit: Kit) -> None:
     ids=["list", "null", "number", "empty", "object", "bool", "missing"],
 )
 def test_alg_of_wrong_type_is_rejected(kit: Kit, alg: Any) -> None:
-    """A header alg that is not a non-empty string is refused (HOSTILE 16)."""
+    """A header alg that is not a non-empty string is refused."""
     assert outcome(kit.rs.token(alg=alg), kit) == "bad_header"
 
 
@@ -652,7 +654,7 @@ SPECIAL_SCALARS = {"0": 0, "1": 1, "n-1": P256_N - 1, "n": P256_N}
 @pytest.mark.parametrize("r_name", list(SPECIAL_SCALARS))
 @pytest.mark.parametrize("s_name", list(SPECIAL_SCALARS))
 def test_ecdsa_special_scalars_are_rejected(kit: Kit, r_name: str, s_name: str) -> None:
-    """ES256 signatures with r, s in {0, 1, n-1, n} never verify (CVE-2022-21449, HOSTILE 17)."""
+    """ES256 signatures with r, s in {0, 1, n-1, n} never verify (CVE-2022-21449)."""
     r, s = SPECIAL_SCALARS[r_name], SPECIAL_SCALARS[s_name]
     raw = _es256_with(kit, r.to_bytes(32, "big") + s.to_bytes(32, "big"))
     assert outcome(raw, kit, algorithms=("ES256",)) == "bad_signature"
@@ -685,24 +687,42 @@ ECDSA_FORMS: dict[str, Callable[[bytes], bytes]] = {
 
 @pytest.mark.parametrize("form", list(ECDSA_FORMS))
 def test_malformed_ecdsa_signature_is_rejected(kit: Kit, form: str) -> None:
-    """Only the raw 64-byte r||s form of a correct ES256 signature verifies (HOSTILE 17)."""
+    """Only the raw 64-byte r||s form of a correct ES256 signature verifies."""
     signing_input, signature = _es256_signature(kit)
     raw = f"{signing_input}.{b64(ECDSA_FORMS[form](signature))}"
     assert outcome(raw, kit, algorithms=("ES256",)) == "bad_signature"
 
 
 @pytest.mark.parametrize("signer_name", ["es", "es384", "es512"])
-def test_ecdsa_range_check_uses_the_true_group_order(kit: Kit, signer_name: str) -> None:
-    """(r, n - s) still verifies, proving the order the range check uses is the curve's n."""
+def test_ecdsa_high_s_twin_is_refused_and_low_s_accepted(kit: Kit, signer_name: str) -> None:
+    """Of the pair (r, s) / (r, n - s) only the low-S one verifies; its twin is refused as
+    non-canonical. The twin verifying with low S proves the check uses the curve's true n."""
     signer = cast(Signer, getattr(kit, signer_name))
     header, payload, signature = signer.token().split(".")
     raw_sig = unb64(signature)
     size = len(raw_sig) // 2
     order = _EC_ORDER[signer.private.curve.name]
-    flipped = raw_sig[:size] + (order - int.from_bytes(raw_sig[size:], "big")).to_bytes(size, "big")
+    low = int.from_bytes(raw_sig[size:], "big")
+    assert 0 < low <= order // 2
+    twin = raw_sig[:size] + (order - low).to_bytes(size, "big")
+    algorithms = (signer.alg,)
+    assert outcome(f"{header}.{payload}.{signature}", kit, algorithms=algorithms) == "accepted"
     assert (
-        outcome(f"{header}.{payload}.{b64(flipped)}", kit, algorithms=(signer.alg,)) == "accepted"
+        outcome(f"{header}.{payload}.{b64(twin)}", kit, algorithms=algorithms)
+        == "non_canonical_signature"
     )
+
+
+def test_signed_sha256_is_the_same_for_a_token_and_its_signature_twin(kit: Kit) -> None:
+    """The replay key covers the signing input, so re-encoding the signature does not change it,
+    while the raw-token hash (what the audit records) does."""
+    header, payload, signature = kit.es.token().split(".")
+    raw_sig = unb64(signature)
+    twin = raw_sig[:32] + (P256_N - int.from_bytes(raw_sig[32:], "big")).to_bytes(32, "big")
+    first = parse_token(f"{header}.{payload}.{signature}")
+    second = parse_token(f"{header}.{payload}.{b64(twin)}")
+    assert first.signed_sha256 == second.signed_sha256
+    assert first.sha256 != second.sha256
 
 
 def _rsa_variants(kit: Kit) -> dict[str, str]:
@@ -753,7 +773,7 @@ def _rsa_variants(kit: Kit) -> dict[str, str]:
     ],
 )
 def test_rsa_signature_malleability_is_rejected(kit: Kit, variant: str) -> None:
-    """RSA signatures of the wrong length, range, padding or PSS salt length fail (HOSTILE 18)."""
+    """RSA signatures of the wrong length, range, padding or PSS salt length fail."""
     raw = _rsa_variants(kit)[variant]
     assert outcome(raw, kit, algorithms=("RS256", "PS256")) == "bad_signature"
 
@@ -761,7 +781,7 @@ def test_rsa_signature_malleability_is_rejected(kit: Kit, variant: str) -> None:
 @pytest.mark.parametrize("byte_index", [0, 1, 127, 254, 255])
 @pytest.mark.parametrize("bit", [0, 7])
 def test_signature_bit_flip_is_rejected(kit: Kit, byte_index: int, bit: int) -> None:
-    """Flipping any single bit of an RS256 signature makes it invalid (HOSTILE 19)."""
+    """Flipping any single bit of an RS256 signature makes it invalid."""
     header, payload, signature = kit.rs.token().split(".")
     sig = bytearray(unb64(signature))
     sig[byte_index] ^= 1 << bit
@@ -770,7 +790,7 @@ def test_signature_bit_flip_is_rejected(kit: Kit, byte_index: int, bit: int) -> 
 
 @pytest.mark.parametrize("signer_name", ["rs", "ps", "es", "ed"])
 def test_header_and_payload_changes_break_the_signature(kit: Kit, signer_name: str) -> None:
-    """A changed header or payload under the original signature is rejected (HOSTILE 19)."""
+    """A changed header or payload under the original signature is rejected."""
     signer = cast(Signer, getattr(kit, signer_name))
     header, payload, signature = signer.token().split(".")
     other_payload = b64(json.dumps(claims(sub=SUB.replace("main", "mainX"))).encode())
@@ -862,7 +882,7 @@ KEY_HEADERS: list[Case] = [
 def test_key_and_extension_headers_are_rejected(
     kit: Kit, build: Callable[[Kit], Any], reason: str, no_network: list[Any]
 ) -> None:
-    """jwk/jku/x5u/x5c, bad kids and any crit/b64 are refused with no I/O (HOSTILE 21-30)."""
+    """jwk/jku/x5u/x5c, bad kids and any crit/b64 are refused with no I/O."""
     assert outcome(build(kit), kit) == reason
 
 
@@ -929,7 +949,7 @@ NESTING: list[Case] = [
 def test_jwe_and_nested_tokens_are_rejected(
     kit: Kit, build: Callable[[Kit], Any], reason: str
 ) -> None:
-    """JWE, compressed and nested tokens are refused before any decryption (HOSTILE 31-32)."""
+    """JWE, compressed and nested tokens are refused before any decryption."""
     assert outcome(build(kit), kit) == reason
 
 
@@ -1050,7 +1070,7 @@ IDENTITY_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("changes", "reason"), [c[1:] for c in IDENTITY_CASES], ids=[c[0] for c in IDENTITY_CASES]
 )
 def test_identity_claims(changes: dict[str, Any], reason: str) -> None:
-    """iss matches exactly, aud any-of, sub and jti are non-empty strings (HOSTILE 40-43, 46)."""
+    """iss matches exactly, aud any-of, sub and jti are non-empty strings."""
     assert claim_outcome(claims(**changes)) == reason
 
 

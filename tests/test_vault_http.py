@@ -1,8 +1,8 @@
 """End to end: Vault credentials through the broker over real HTTP.
 
 A local OIDC issuer, an OpenBao dev server (AppRole for the broker, KV, the database secrets
-engine on the real PostgreSQL) and `luigi-creds-broker serve` run as child processes. Every
-Vault promise goes through POST /v1/token and /v1/revoke: token grants that read only
+engine on the real PostgreSQL) and `luigi-creds-broker serve` run as child processes. Everything
+below goes through POST /v1/token and /v1/revoke: token grants that read only
 their KV path and carry our metadata, dynamic PostgreSQL logins dropped on revoke, a 10 s token
 the client keeps alive for 30 s, fail-closed minting while OpenBao is down (and recovery of the
 same broker process), revocation of a credential minted but not audited, and session end revoking
@@ -332,7 +332,7 @@ def test_database_login_works_until_lease_revoke_and_session_revoke(stack: Stack
     assert renewer.sys.renew_lease(one["lease_id"], increment=90)["lease_duration"] == 90
     with pytest.raises(hvac.exceptions.Forbidden):
         renewer.read(f"database/creds/{DB_ROLE}")
-    meta = renewer.auth.token.lookup_self()["data"]["meta"]
+    meta = stack.root().auth.token.lookup(one["renew_token"])["data"]["meta"]
     issued = issued_event(stack, first["request_id"])
     assert (meta["session"], meta["task"]) == (issued.session_id, "Load_a")
     assert meta["request_id"] == first["request_id"]
@@ -353,6 +353,42 @@ def test_database_login_works_until_lease_revoke_and_session_revoke(stack: Stack
         stack, *(c[k] for c in (one, two) for k in ("renew_token",)), one["data"]["password"]
     )
     assert_not_leaked(stack, two["data"]["password"], handle)
+
+
+def test_renew_token_can_renew_its_lease_and_nothing_else(stack: Stack) -> None:
+    """The renew_token carries only luigi-creds-lease-renew, not `default`: it extends the lease
+    (Vault's answer says so) and is refused everything `default` would have allowed: looking
+    itself up, its cubbyhole, response wrapping, random bytes, making tokens, reading or
+    revoking secrets."""
+    body, handle = exchange(stack, SECRET_GRANT, task="Renew_only")
+    creds = body["credentials"]
+    assert [e.outcome for e in events(stack, body["request_id"])] == [
+        Outcome.INTENT,
+        Outcome.ISSUED,
+    ]
+    looked = stack.root().auth.token.lookup(creds["renew_token"])["data"]
+    assert looked["policies"] == ["luigi-creds-lease-renew"]
+    assert looked["renewable"] is False and looked["num_uses"] == 0
+
+    renewer = hvac.Client(url=stack.bao.url, token=creds["renew_token"])
+    assert renewer.sys.renew_lease(creds["lease_id"], increment=70)["lease_duration"] == 70
+    refused: dict[str, Callable[[], Any]] = {
+        "lookup-self": renewer.auth.token.lookup_self,
+        "renew-self": renewer.auth.token.renew_self,
+        "cubbyhole write": lambda: renewer.write("cubbyhole/x", value="y"),
+        "response wrapping": lambda: renewer.adapter.post("/v1/sys/wrapping/wrap", json={"a": 1}),
+        "sys/tools/random": lambda: renewer.adapter.post("/v1/sys/tools/random/16", json={}),
+        "token create": lambda: renewer.auth.token.create(ttl="60s"),
+        "read secret": lambda: renewer.read(f"database/creds/{DB_ROLE}"),
+        "revoke lease": lambda: renewer.sys.revoke_lease(creds["lease_id"]),
+    }
+    for name, call in refused.items():
+        with pytest.raises(hvac.exceptions.Forbidden):
+            call()
+            pytest.fail(f"{name} was allowed")
+    assert lease_alive(stack.root(), creds["lease_id"])
+    assert stack.broker.revoke(handle)[0] == 200
+    assert wait_for(lambda: secret_gone(stack, creds))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ Join keys:
   with `sys/audit-hash`) it joins Vault's audit log. `vault_lease_id` is in clear in both logs.
 - `request_id` joins our own records; `seq` and `entry_hash` let a row be checked against the
   ledger (`audit verify`) after it left it.
+
+CSV cells are spreadsheet-safe (`broker.audit.spreadsheet`): a value such as a task id starting
+with `=` gets a leading `'`. JSON lines carry every value exactly as recorded.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from broker.audit.ledger import StoredRecord
+from broker.audit.spreadsheet import spreadsheet_safe
 
 COLUMNS = (
     "seq",
@@ -78,5 +82,5 @@ def export_csv(records: Iterable[StoredRecord]) -> Iterator[str]:
     for stored in records:
         buf.seek(0)
         buf.truncate()
-        writer.writerow(export_row(stored))
+        writer.writerow({k: spreadsheet_safe(v) for k, v in export_row(stored).items()})
         yield buf.getvalue()

@@ -30,6 +30,7 @@ from typing import Any
 
 from broker.audit.chain import format_time
 from broker.audit.events import AuditEvent, Outcome
+from broker.audit.spreadsheet import spreadsheet_safe
 from broker.config import Config, GrantConfig, MatchValue, RegexPattern, glob_to_regex
 
 WATCHED_CLAIMS = ("ref", "environment")
@@ -335,14 +336,17 @@ def render_json(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
-    """One CSV: each row starts with its section title; a section's first row names its columns."""
+    """One CSV: each row starts with its section title; a section's first row names its columns.
+
+    Cells are spreadsheet-safe: subjects, refs and grant names come from tokens and requests,
+    so one starting with `=` must not run as a formula where the auditor opens the file."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["section", "c1", "c2", "c3", "c4", "c5", "c6"])
     for title, headers, rows in _sections(report):
         writer.writerow([title, *headers])
         for row in rows:
-            writer.writerow([title, *row])
+            writer.writerow([spreadsheet_safe(cell) for cell in (title, *row)])
     return buf.getvalue()
 
 

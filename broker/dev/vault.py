@@ -37,11 +37,23 @@ path "auth/token/create/luigi-creds-orphan" { capabilities = ["update"] }
 path "auth/token/roles/luigi-creds" { capabilities = ["read"] }
 path "auth/token/roles/luigi-creds-orphan" { capabilities = ["read"] }
 path "auth/token/create-orphan" { capabilities = ["update"] }
-path "auth/token/create" { capabilities = ["update"] }
+path "auth/token/create" {
+  capabilities = ["update"]
+  required_parameters = ["policies", "no_default_policy"]
+  allowed_parameters = {
+    "policies" = [["luigi-creds-lease-renew"]]
+    "no_default_policy" = [true]
+    "*" = []
+  }
+}
 path "auth/token/revoke-accessor" { capabilities = ["update"] }
 path "sys/leases/revoke" { capabilities = ["update"] }
 path "database/creds/*" { capabilities = ["read"] }
 """
+# The renew-only token's policy (deploy/vault/lease-renew.hcl): extend a lease, nothing else.
+# The broker's login carries it so that the holder tokens it reads secrets with may grant it.
+RENEW_POLICY = "luigi-creds-lease-renew"
+RENEW_POLICY_HCL = 'path "sys/leases/renew" { capabilities = ["update"] }\n'
 # A grant's policy: read the ETL secrets in the dev server's KV v2 mount, nothing else.
 ETL_POLICY = "etl-read"
 ETL_POLICY_HCL = 'path "secret/data/etl/*" { capabilities = ["read"] }\n'
@@ -157,10 +169,11 @@ def setup_broker(
     root = bao.root()
     root.sys.enable_auth_method("approle")
     root.sys.create_or_update_policy(BROKER_POLICY, BROKER_POLICY_HCL)
+    root.sys.create_or_update_policy(RENEW_POLICY, RENEW_POLICY_HCL)
     root.sys.create_or_update_policy(ETL_POLICY, ETL_POLICY_HCL)
     root.auth.approle.create_or_update_approle(
         BROKER_ROLE,
-        token_policies=[BROKER_POLICY],
+        token_policies=[BROKER_POLICY, RENEW_POLICY],
         token_ttl=login_ttl,
         token_max_ttl=login_max_ttl,
     )

@@ -21,7 +21,8 @@ Decisions:
   to the grant's lifetime instead, and revoking the holder by accessor revokes the lease.
 - Lease renewal while a task runs goes *directly* from the client to Vault, not through the
   broker: the response carries a `renew_token`, a non-renewable child of the holder with only the
-  `default` policy (which allows `sys/leases/renew` and nothing that reads secrets), living no
+  `luigi-creds-lease-renew` policy (`sys/leases/renew`, deploy/vault/lease-renew.hcl) and not
+  `default` (lookup-self, cubbyhole, wrapping, and whatever an operator adds), living no
   longer than the holder. Vault lets any token with that capability renew a lease whose id it
   knows (checked on OpenBao 2.7), and the client already holds the lease id and the secret, so
   this token adds no power beyond keeping this lease alive, and never past the grant's TTL: when
@@ -67,9 +68,9 @@ _META_VALUE_MAX = 256
 # Renew the broker's token once this fraction of its lease has passed (Vault's LifetimeWatcher
 # renews at about 2/3 of the lease).
 _RENEW_FRACTION = 2 / 3
-# The renew token is only ever used against sys/leases/renew; `default` grants exactly that among
-# its secret-free paths.
-_RENEW_TOKEN_POLICIES = ("default",)
+# The renew token is only ever used against sys/leases/renew: it carries one policy granting just
+# that, without `default` (see the module docstring).
+_RENEW_TOKEN_POLICIES = ("luigi-creds-lease-renew",)
 # Shortest TTL handed out: renewing at 2/3 of a 10 s lease still leaves ~3 s for the round trip.
 VAULT_MIN_TTL = 10
 
@@ -504,6 +505,7 @@ class VaultMinter:
                 raise UpstreamError("upstream_rejected", retryable=False)
             renew = as_holder.auth.token.create(
                 policies=list(_RENEW_TOKEN_POLICIES),
+                no_default_policy=True,
                 ttl=f"{ttl}s",
                 explicit_max_ttl=f"{ttl}s",
                 renewable=False,

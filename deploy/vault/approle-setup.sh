@@ -44,8 +44,10 @@ if ! grep -q '"approle/"' <<<"$auth_mounts"; then
   v auth enable approle
 fi
 
-# 2. The broker's policy.
+# 2. The broker's policy, and the policy of the renew-only tokens it hands out with dynamic
+#    secrets (the broker's login carries it too, so the tokens it reads secrets with may grant it).
 v policy write luigi-creds-broker "$HERE/broker.hcl"
+v policy write luigi-creds-lease-renew "$HERE/lease-renew.hcl"
 
 # 3. Token roles: allowed_policies is the ceiling on what any grant can issue. Non-orphan client
 #    tokens are children of the broker's login and die with it (at TOKEN_MAX_TTL), so grants
@@ -65,7 +67,7 @@ done
 # 4. The broker's AppRole: service tokens (batch tokens cannot create child tokens), bound to
 #    the broker's addresses, secret ids that expire.
 v write auth/approle/role/luigi-creds-broker \
-  token_policies=luigi-creds-broker \
+  token_policies=luigi-creds-broker,luigi-creds-lease-renew \
   token_type=service \
   token_ttl="$TOKEN_TTL" \
   token_max_ttl="$TOKEN_MAX_TTL" \

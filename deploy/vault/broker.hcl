@@ -21,21 +21,24 @@ path "auth/token/create-orphan" {
   capabilities = ["update"]
 }
 
-# The holder makes one child for the client: a renew-only token carrying just `default` (which
-# allows sys/leases/renew on a lease id it knows and reads nothing). No other policy may be asked
-# for on this path.
+# The holder makes one child for the client: a renew-only token carrying just the
+# luigi-creds-lease-renew policy (lease-renew.hcl: sys/leases/renew and nothing else) and NOT
+# `default`, which an operator may widen and which would also give lookup-self, cubbyhole and
+# response wrapping. No other policy may be asked for on this path, and no_default_policy must
+# be sent. The holder can grant luigi-creds-lease-renew because the broker's AppRole carries it
+# (approle-setup.sh) and the holder inherits the broker's policies.
 path "auth/token/create" {
   capabilities = ["update"]
-  required_parameters = ["policies"]
+  required_parameters = ["policies", "no_default_policy"]
   allowed_parameters = {
-    "policies"          = [["default"]]
+    "policies"          = [["luigi-creds-lease-renew"]]
+    "no_default_policy" = [true]
     "ttl"               = []
     "explicit_max_ttl"  = []
     "renewable"         = []
     "meta"              = []
     "display_name"      = []
     "num_uses"          = []
-    "no_default_policy" = []
     # hvac always sends no_parent=false; Vault honours no_parent only for root or sudo callers.
     "no_parent"         = []
   }
