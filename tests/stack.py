@@ -1,7 +1,8 @@
 """The broker's real neighbours for integration tests: moto in server mode and the broker itself.
 
-Starts `moto_server` and `luigi-creds-broker serve` as child processes on free loopback ports
-(through servers.py) and writes the broker's policy file for a test. Talks to them over HTTP only.
+Starts `moto_server` (IAM enforcement on, see broker.dev.aws) and `luigi-creds-broker serve` as
+child processes on free loopback ports (through servers.py) and writes the broker's policy file for
+a test. Talks to them over HTTP only.
 """
 
 from __future__ import annotations
@@ -16,68 +17,61 @@ import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import psycopg
-from servers import ManagedProcess, free_port, start_process
+from servers import ManagedProcess, start_process
 
-# moto accepts any credentials; these names only make boto3 sign requests.
-MOTO_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-broker",
-    "AWS_SECRET_ACCESS_KEY": "testing-broker-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-ACCOUNT = "123456789012"
-TRUST_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
-                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"],
-            }
-        ],
-    }
-)
+from broker.dev.aws import Allow, AwsKeys, MotoServer
+from broker.dev.aws import start_moto as start_moto_server
+
+# The role a test's grant assumes unless it asks for less: S3 only, on any bucket. Tests of
+# scoping create roles with narrower policies (tests/test_aws_enforced.py).
+ANY_S3 = Allow(("s3:*",), ("arn:aws:s3:::*",))
 
 
 @dataclass
 class Moto:
-    process: ManagedProcess
-    url: str
+    """moto with IAM enforcement on (broker.dev.aws): unknown keys, wrong session tokens and
+    requests outside the caller's policies are refused."""
+
+    server: MotoServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def process(self) -> ManagedProcess:
+        return self.server.process
+
+    @property
+    def broker_env(self) -> dict[str, str]:
+        """The environment a broker signs its STS calls with: its own IAM user's key."""
+        return self.server.broker.env()
 
     def client(self, service: str, **creds: str) -> Any:
-        return boto3.session.Session(
-            aws_access_key_id=creds.get("AccessKeyId", MOTO_ENV["AWS_ACCESS_KEY_ID"]),
-            aws_secret_access_key=creds.get("SecretAccessKey", MOTO_ENV["AWS_SECRET_ACCESS_KEY"]),
-            aws_session_token=creds.get("SessionToken"),
-            region_name="us-east-1",
-        ).client(service, endpoint_url=self.url)
+        """A client signing with minted `creds` (AccessKeyId, ...), else as the administrator."""
+        if not creds:
+            return self.server.client(service)
+        keys = AwsKeys(creds["AccessKeyId"], creds["SecretAccessKey"])
+        return self.server.client(service, keys, creds.get("SessionToken"))
 
-    def create_role(self, name: str) -> str:
-        iam = self.client("iam")
-        role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=TRUST_POLICY)
-        return str(role["Role"]["Arn"])
+    def create_role(
+        self, name: str, allow: Sequence[Allow] = (ANY_S3,), *, trusted: str | None = None
+    ) -> str:
+        """A role the broker may assume (trust names its user) with `allow` as permissions."""
+        return self.server.create_role(name, allow, trusted=trusted)
 
     def stop(self) -> None:
-        self.process.stop()
+        self.server.stop()
 
 
 def start_moto(workdir: Path) -> Moto:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = start_process(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        log_path=workdir / "moto.log",
-        ready_url=url + "/moto-api/",
-        env=MOTO_ENV,
-    )
-    return Moto(process, url)
+    return Moto(start_moto_server(workdir / "moto.log"))
 
 
 def policy_toml(
@@ -203,7 +197,10 @@ class Broker:
 def start_broker(
     workdir: Path, config_text: str, *, env: Mapping[str, str] | None = None
 ) -> Broker:
-    """Run `luigi-creds-broker serve` for `config_text` (its `listen` must be a free port)."""
+    """Run `luigi-creds-broker serve` for `config_text` (its `listen` must be a free port).
+
+    A broker with AWS grants needs `env=moto.broker_env`: moto refuses any other key.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "broker.toml"
     config_path.write_text(config_text, encoding="utf-8")
@@ -217,7 +214,7 @@ def start_broker(
         [sys.executable, "-m", "broker", "serve", "--config", str(config_path)],
         log_path=workdir / "broker.log",
         ready_url=url + "/healthz",
-        env={**MOTO_ENV, **(env or {})},
+        env=env,
     )
     return Broker(process, url, config_path)
 

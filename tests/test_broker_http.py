@@ -72,7 +72,7 @@ def _start_stack(workdir: Path) -> Stack:
         moto_url=moto.url,
         role_arn=role_arn,
     )
-    broker = start_broker(workdir, config)
+    broker = start_broker(workdir, config, env=moto.broker_env)
     return Stack(issuer, moto, broker, audit_db, workdir, role_arn)
 
 

@@ -174,7 +174,9 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
     key_file = workdir / "audit-key.pem"
     sts_seen = len(up.proxy.requests("AssumeRole"))
     dropped_seen = len(up.proxy.dropped("AssumeRole"))
-    first = start_broker(workdir / "killed", _broker_config(up, store_url, key_file))
+    first = start_broker(
+        workdir / "killed", _broker_config(up, store_url, key_file), env=up.moto.broker_env
+    )
     answers: list[Answer] = []  # list.append is atomic under the GIL
     stop = threading.Event()
     clients = [
@@ -206,7 +208,9 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
     assert pre.returncode == 0, pre.stdout + pre.stderr
     verify_before = json.loads(pre.stdout)
 
-    second = start_broker(workdir / "restarted", _broker_config(up, store_url, key_file))
+    second = start_broker(
+        workdir / "restarted", _broker_config(up, store_url, key_file), env=up.moto.broker_env
+    )
     try:
         verify_after_restart = _verify(second)
         token = up.issuer.mint("gitlab")
@@ -486,7 +490,9 @@ def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
     bound = HANG_BOUND[kind]
     with _hung_store(kind, tmp_path) as (url, hold_lock):
         broker = start_broker(
-            tmp_path / "broker", _broker_config(upstreams, url, tmp_path / "key.pem")
+            tmp_path / "broker",
+            _broker_config(upstreams, url, tmp_path / "key.pem"),
+            env=upstreams.moto.broker_env,
         )
         try:
             status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
@@ -557,7 +563,7 @@ def test_credential_minted_while_the_store_hangs_is_withheld_and_recorded(
     try:
         with _hung_store(kind, tmp_path) as (url, hold_lock):
             config = _broker_config(upstreams, url, tmp_path / "key.pem", sts_url=proxy.url)
-            broker = start_broker(tmp_path / "broker", config)
+            broker = start_broker(tmp_path / "broker", config, env=upstreams.moto.broker_env)
             try:
                 answer: list[Any] = []
                 worker = threading.Thread(
