@@ -125,6 +125,22 @@ def policy_toml(
     ) + textwrap.dedent(extra)
 
 
+def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
+    """The form of POST /v1/token exchanging a CI token for `grant`."""
+    return {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": subject_token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": grant,
+        **extra,
+    }
+
+
+def refresh_form(handle: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
+    """The form of POST /v1/token refreshing a session for `grant`."""
+    return {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant, **extra}
+
+
 @dataclass
 class Broker:
     process: ManagedProcess
@@ -161,20 +177,10 @@ class Broker:
             return exc.code, exc.read().decode()
 
     def exchange(self, subject_token: str, grant: str = "etl-writer", **extra: str) -> Any:
-        return self.token(
-            {
-                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-                "subject_token": subject_token,
-                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-                "audience": grant,
-                **extra,
-            }
-        )
+        return self.token(exchange_form(subject_token, grant, **extra))
 
     def refresh(self, handle: str, grant: str = "etl-writer", **extra: str) -> Any:
-        return self.token(
-            {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant, **extra}
-        )
+        return self.token(refresh_form(handle, grant, **extra))
 
     def revoke(self, handle: str) -> Any:
         data = urllib.parse.urlencode({"token": handle, "token_type_hint": "refresh_token"})
