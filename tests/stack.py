@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,8 @@ class Broker:
     process: ManagedProcess
     url: str
     config_path: Path
+    # Trust for an https:// broker (the test CA); None for plain loopback HTTP.
+    tls: ssl.SSLContext | None = None
 
     def token(self, form: Mapping[str, str]) -> tuple[int, dict[str, Any], Mapping[str, str]]:
         """POST /v1/token; returns status, JSON body and headers (errors included)."""
@@ -162,7 +165,7 @@ class Broker:
             self.url + path, data=data, headers={"Content-Type": content_type}, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30, context=self.tls) as response:
                 raw = response.read()
                 return response.status, json.loads(raw) if raw else {}, response.headers
         except urllib.error.HTTPError as exc:
@@ -171,7 +174,7 @@ class Broker:
 
     def get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            with urllib.request.urlopen(self.url + path, timeout=30, context=self.tls) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -201,11 +204,17 @@ class Broker:
 
 
 def start_broker(
-    workdir: Path, config_text: str, *, env: Mapping[str, str] | None = None
+    workdir: Path,
+    config_text: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    ca_file: Path | None = None,
 ) -> Broker:
     """Run `luigi-creds-broker serve` for `config_text` (its `listen` must be a free port).
 
-    A broker with AWS grants needs `env=moto.broker_env`: moto refuses any other key.
+    A broker with AWS grants needs `env=moto.broker_env`: moto refuses any other key. A broker
+    whose config serves TLS needs `ca_file`, the CA its certificate chains to: it is then
+    reached (and its readiness checked) over https, verifying that chain.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "broker.toml"
@@ -215,14 +224,23 @@ def start_broker(
         for line in config_text.splitlines()
         if line.strip().startswith("listen")
     )
-    url = f"http://{listen}"
+    tls = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    url = f"{'https' if tls else 'http'}://{listen}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2, context=tls) as response:
+                return int(response.status) == 200
+        except OSError:
+            return False
+
     process = start_process(
         [sys.executable, "-m", "broker", "serve", "--config", str(config_path)],
         log_path=workdir / "broker.log",
-        ready_url=url + "/healthz",
+        ready=ready,
         env=env,
     )
-    return Broker(process, url, config_path)
+    return Broker(process, url, config_path, tls)
 
 
 PG_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
