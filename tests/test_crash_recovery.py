@@ -242,7 +242,7 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
     try:
         deadline = time.monotonic() + 30
         while not (
-            sum(a.status == 200 for a in answers) >= DELIVERED_BEFORE_KILL
+            sum(a.status == 200 and not a.broken for a in answers) >= DELIVERED_BEFORE_KILL
             and up.proxy.waiting("before", min_left=KILL_MARGIN) >= 1
             and up.proxy.waiting("after") >= 1
         ):
