@@ -4,8 +4,6 @@ package needs, and its HEALTHCHECK passes against a running broker over real TLS
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
 import os
 import ssl
@@ -18,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from servers import ManagedProcess, free_port, start_process
+from pki import TestCA
+from servers import free_port
+from stack import Broker, start_broker
 
 from broker.__main__ import build_parser as broker_parser
 
@@ -92,38 +89,6 @@ def healthcheck_argv() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1 and its key, generated for this test."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "luigi-creds.test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
 def pinned_jwks(path: Path) -> None:
     """Write a JWKS with one fresh ES256 public key (the issuer is pinned: no network)."""
     numbers = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
@@ -153,16 +118,15 @@ def https_get(url: str, cafile: Path) -> int:
 
 
 @pytest.fixture
-def tls_broker(tmp_path: Path) -> Iterator[tuple[str, Path, ManagedProcess]]:
-    """`luigi-creds-broker serve` over TLS on a free loopback port, as the image runs it."""
-    cert, key = self_signed(tmp_path)
+def tls_broker(tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
+    """`luigi-creds-broker serve` over TLS on a free loopback port, as the image runs it, with a
+    certificate from a CA made for this test; yields the broker and that CA's certificate."""
+    ca = TestCA.create(tmp_path / "ca", "luigi-creds deploy test CA")
+    cert, key = ca.issue_server(tmp_path / "tls")
     pinned_jwks(tmp_path / "jwks.json")
-    port = free_port()
-    config = tmp_path / "broker.toml"
-    config.write_text(
-        f"""
+    config = f"""
 [broker]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:{free_port()}"
 tls_cert_file = "{cert}"
 tls_key_file = "{key}"
 audit_store = "sqlite:///{tmp_path / "audit.db"}"
@@ -173,34 +137,21 @@ url = "https://idp.deploy-test.internal"
 audiences = ["luigi-creds"]
 algorithms = ["ES256"]
 jwks_file = "{tmp_path / "jwks.json"}"
-""",
-        encoding="utf-8",
-    )
-    url = f"https://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return https_get(url + "/healthz", cert) == 200
-        except OSError:
-            return False
-
-    process = start_process(
-        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
-        log_path=tmp_path / "broker.log",
-        ready=ready,
-    )
+"""
+    broker = start_broker(tmp_path / "broker", config, ca_file=ca.cert_file)
     try:
-        yield url, cert, process
+        yield broker, ca.cert_file
     finally:
-        process.stop()
+        broker.stop()
 
 
 @pytest.mark.integration
 def test_healthcheck_passes_on_a_serving_broker_and_fails_once_it_stops(
-    tls_broker: tuple[str, Path, ManagedProcess],
+    tls_broker: tuple[Broker, Path],
 ) -> None:
     """The image's HEALTHCHECK exits 0 against a live TLS broker and non-zero after it stops."""
-    url, cert, process = tls_broker
+    broker, cert = tls_broker
+    url, process = broker.url, broker.process
     env = {**os.environ, "LUIGI_CREDS_HEALTH_URL": url + "/healthz"}
     result = subprocess.run(
         healthcheck_argv(), env=env, capture_output=True, timeout=30, check=False
