@@ -139,6 +139,19 @@ def commands(script: str, program: str) -> list[list[str]]:
     return out
 
 
+def secret_files(config: Config) -> list[Path | None]:
+    """The secret files a deployed policy names: TLS pair, audit keys, Vault AppRole ids."""
+    assert config.vault is not None
+    return [
+        config.broker.tls_cert_file,
+        config.broker.tls_key_file,
+        config.broker.audit_key_file,
+        config.broker.audit_salt_file,
+        config.vault.role_id_file,
+        config.vault.secret_id_file,
+    ]
+
+
 def grant(config: Config, name: str) -> GrantConfig:
     found = config.grant(name)
     assert found is not None, f"no grant {name!r}"

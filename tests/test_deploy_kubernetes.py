@@ -32,6 +32,7 @@ from deploy_files import (
     k8s_objects,
     luigi_creds_section,
     rel,
+    secret_files,
 )
 
 
@@ -121,15 +122,7 @@ def test_configmap_policy_loads_and_every_file_it_names_is_mounted() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert config.vault is not None
-    named = [
-        config.broker.tls_cert_file,
-        config.broker.tls_key_file,
-        config.broker.audit_key_file,
-        config.broker.audit_salt_file,
-        config.vault.role_id_file,
-        config.vault.secret_id_file,
-        config.vault.ca_cert,
-    ]
+    named = [*secret_files(config), config.vault.ca_cert]
     store_files = re.findall(r"(?:sslrootcert|sslcert|sslkey)=([^&]+)", config.broker.audit_store)
     assert len(store_files) == 3
     for path in [*named, *(Path(p) for p in store_files)]:

@@ -30,6 +30,7 @@ from deploy_files import (
     grant,
     installed_tool,
     luigi_creds_section,
+    secret_files,
     unit_directives,
 )
 
@@ -76,14 +77,7 @@ def test_load_credential_ids_match_the_policy_file_paths() -> None:
         delivered[name] = source
     config = load_config(SYSTEMD / "broker.toml")
     assert config.vault is not None
-    named = [
-        config.broker.tls_cert_file,
-        config.broker.tls_key_file,
-        config.broker.audit_key_file,
-        config.broker.audit_salt_file,
-        config.vault.role_id_file,
-        config.vault.secret_id_file,
-    ]
+    named = secret_files(config)
     for path in named:
         assert path is not None and str(path.parent) == CREDENTIALS_DIR
         assert path.name in delivered, f"{path} is not delivered by LoadCredential="

@@ -33,6 +33,7 @@ from deploy_files import (
     configmap_policy,
     k8s_objects,
     rel,
+    secret_files,
 )
 
 
@@ -64,14 +65,7 @@ def test_loader_accepts_secret_file_paths_that_do_not_exist_here() -> None:
     """The production policy names credential files that exist only on the target host."""
     config = load_config(SYSTEMD / "broker.toml")
     assert config.vault is not None and config.vault.secret_id_file is not None
-    paths = [
-        config.broker.tls_cert_file,
-        config.broker.tls_key_file,
-        config.broker.audit_key_file,
-        config.broker.audit_salt_file,
-        config.vault.role_id_file,
-        config.vault.secret_id_file,
-    ]
+    paths = secret_files(config)
     assert all(p is not None and p.is_absolute() and not p.exists() for p in paths)
 
 
@@ -85,15 +79,7 @@ def test_deployed_policies_serve_tls_and_read_secrets_from_absolute_paths() -> N
         assert config.broker.audit_key_file and config.broker.audit_salt_file
         assert config.vault is not None and config.vault.auth == "approle"
         assert config.vault.url.startswith("https://")
-        files = [
-            config.broker.tls_cert_file,
-            config.broker.tls_key_file,
-            config.broker.audit_key_file,
-            config.broker.audit_salt_file,
-            config.vault.role_id_file,
-            config.vault.secret_id_file,
-            config.vault.ca_cert,
-        ]
+        files = [*secret_files(config), config.vault.ca_cert]
         assert all(f is not None and f.is_absolute() for f in files)
 
 
