@@ -295,7 +295,7 @@ def running_stack(
             role_id_file=vault.role_id_file,
             secret_id_file=vault.secret_id_file,
         )
-        broker = start_broker(workdir / "broker", text)
+        broker = start_broker(workdir / "broker", text, env=moto.broker_env)
         stop.callback(broker.stop)
         yield Stack(issuer, signer, bao, moto, broker, attacker=SigningKey.generate("RS256"))
 

@@ -2,10 +2,10 @@
 
 `start_delaying_proxy` puts a slow hop between the broker and an upstream (moto's STS) so that
 requests sit between the broker's `intent` record and its `issued` record long enough to be cut
-by a SIGKILL; it also counts what reached the upstream, the ground truth for "nothing issued
-upstream without an audit record".
+by a SIGKILL; it also counts what reached the upstream, the ground truth for "every upstream call
+follows an intent record".
 `hold_sqlite_write_lock` takes an SQLite database's write lock from the test process, so every
-writer in the broker waits on its busy timeout ("the audit sink hangs");
+writer in the broker waits on its busy timeout (the audit sink hangs);
 `hold_pg_audit_head_lock` does the same to the PostgreSQL ledger's head row.
 Talks to the upstream over loopback HTTP, to SQLite files and to PostgreSQL (psycopg).
 """

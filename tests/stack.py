@@ -1,7 +1,8 @@
 """The broker's real neighbours for integration tests: moto in server mode and the broker itself.
 
-Starts `moto_server` and `luigi-creds-broker serve` as child processes on free loopback ports
-(through servers.py) and writes the broker's policy file for a test. Talks to them over HTTP only.
+Starts `moto_server` (IAM enforcement on, see broker.dev.aws) and `luigi-creds-broker serve` as
+child processes on free loopback ports (through servers.py) and writes the broker's policy file for
+a test. Talks to them over HTTP only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -17,68 +19,61 @@ import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import psycopg
-from servers import ManagedProcess, free_port, start_process
+from servers import ManagedProcess, start_process
 
-# moto accepts any credentials; these names only make boto3 sign requests.
-MOTO_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-broker",
-    "AWS_SECRET_ACCESS_KEY": "testing-broker-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-ACCOUNT = "123456789012"
-TRUST_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
-                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"],
-            }
-        ],
-    }
-)
+from broker.dev.aws import Allow, AwsKeys, MotoServer
+from broker.dev.aws import start_moto as start_moto_server
+
+# The role a test's grant assumes unless it asks for less: S3 only, on any bucket. Tests of
+# scoping create roles with narrower policies (tests/test_aws_enforced.py).
+ANY_S3 = Allow(("s3:*",), ("arn:aws:s3:::*",))
 
 
 @dataclass
 class Moto:
-    process: ManagedProcess
-    url: str
+    """moto with IAM enforcement on (broker.dev.aws): unknown keys, wrong session tokens and
+    requests outside the caller's policies are refused."""
+
+    server: MotoServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def process(self) -> ManagedProcess:
+        return self.server.process
+
+    @property
+    def broker_env(self) -> dict[str, str]:
+        """The environment a broker signs its STS calls with: its own IAM user's key."""
+        return self.server.broker.env()
 
     def client(self, service: str, **creds: str) -> Any:
-        return boto3.session.Session(
-            aws_access_key_id=creds.get("AccessKeyId", MOTO_ENV["AWS_ACCESS_KEY_ID"]),
-            aws_secret_access_key=creds.get("SecretAccessKey", MOTO_ENV["AWS_SECRET_ACCESS_KEY"]),
-            aws_session_token=creds.get("SessionToken"),
-            region_name="us-east-1",
-        ).client(service, endpoint_url=self.url)
+        """A client signing with minted `creds` (AccessKeyId, ...), else as the administrator."""
+        if not creds:
+            return self.server.client(service)
+        keys = AwsKeys(creds["AccessKeyId"], creds["SecretAccessKey"])
+        return self.server.client(service, keys, creds.get("SessionToken"))
 
-    def create_role(self, name: str) -> str:
-        iam = self.client("iam")
-        role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=TRUST_POLICY)
-        return str(role["Role"]["Arn"])
+    def create_role(
+        self, name: str, allow: Sequence[Allow] = (ANY_S3,), *, trusted: str | None = None
+    ) -> str:
+        """A role the broker may assume (trust names its user) with `allow` as permissions."""
+        return self.server.create_role(name, allow, trusted=trusted)
 
     def stop(self) -> None:
-        self.process.stop()
+        self.server.stop()
 
 
 def start_moto(workdir: Path) -> Moto:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = start_process(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        log_path=workdir / "moto.log",
-        ready_url=url + "/moto-api/",
-        env=MOTO_ENV,
-    )
-    return Moto(process, url)
+    return Moto(start_moto_server(workdir / "moto.log"))
 
 
 def policy_toml(
@@ -137,11 +132,29 @@ def policy_toml(
     ) + textwrap.dedent(extra)
 
 
+def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
+    """The form of POST /v1/token exchanging a CI token for `grant`."""
+    return {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": subject_token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": grant,
+        **extra,
+    }
+
+
+def refresh_form(handle: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
+    """The form of POST /v1/token refreshing a session for `grant`."""
+    return {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant, **extra}
+
+
 @dataclass
 class Broker:
     process: ManagedProcess
     url: str
     config_path: Path
+    # Trust for an https:// broker (the test CA); None for plain loopback HTTP.
+    tls: ssl.SSLContext | None = None
 
     def token(self, form: Mapping[str, str]) -> tuple[int, dict[str, Any], Mapping[str, str]]:
         """POST /v1/token; returns status, JSON body and headers (errors included)."""
@@ -158,7 +171,7 @@ class Broker:
             self.url + path, data=data, headers={"Content-Type": content_type}, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30, context=self.tls) as response:
                 raw = response.read()
                 return response.status, json.loads(raw) if raw else {}, response.headers
         except urllib.error.HTTPError as exc:
@@ -167,26 +180,16 @@ class Broker:
 
     def get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            with urllib.request.urlopen(self.url + path, timeout=30, context=self.tls) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
     def exchange(self, subject_token: str, grant: str = "etl-writer", **extra: str) -> Any:
-        return self.token(
-            {
-                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-                "subject_token": subject_token,
-                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-                "audience": grant,
-                **extra,
-            }
-        )
+        return self.token(exchange_form(subject_token, grant, **extra))
 
     def refresh(self, handle: str, grant: str = "etl-writer", **extra: str) -> Any:
-        return self.token(
-            {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant, **extra}
-        )
+        return self.token(refresh_form(handle, grant, **extra))
 
     def revoke(self, handle: str) -> Any:
         data = urllib.parse.urlencode({"token": handle, "token_type_hint": "refresh_token"})
@@ -207,9 +210,18 @@ class Broker:
 
 
 def start_broker(
-    workdir: Path, config_text: str, *, env: Mapping[str, str] | None = None
+    workdir: Path,
+    config_text: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    ca_file: Path | None = None,
 ) -> Broker:
-    """Run `luigi-creds-broker serve` for `config_text` (its `listen` must be a free port)."""
+    """Run `luigi-creds-broker serve` for `config_text` (its `listen` must be a free port).
+
+    A broker with AWS grants needs `env=moto.broker_env`: moto refuses any other key. A broker
+    whose config serves TLS needs `ca_file`, the CA its certificate chains to: it is then
+    reached (and its readiness checked) over https, verifying that chain.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "broker.toml"
     config_path.write_text(config_text, encoding="utf-8")
@@ -218,14 +230,23 @@ def start_broker(
         for line in config_text.splitlines()
         if line.strip().startswith("listen")
     )
-    url = f"http://{listen}"
+    tls = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    url = f"{'https' if tls else 'http'}://{listen}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2, context=tls) as response:
+                return int(response.status) == 200
+        except OSError:
+            return False
+
     process = start_process(
         [sys.executable, "-m", "broker", "serve", "--config", str(config_path)],
         log_path=workdir / "broker.log",
-        ready_url=url + "/healthz",
-        env={**MOTO_ENV, **(env or {})},
+        ready=ready,
+        env=env,
     )
-    return Broker(process, url, config_path)
+    return Broker(process, url, config_path, tls)
 
 
 PG_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

@@ -1,6 +1,6 @@
 """Broker core over real HTTP: local OIDC issuer, moto server and `luigi-creds-broker serve`.
 
-End to end: a GitLab-shaped token becomes working AWS credentials, every
+End to end: a GitLab-shaped token becomes working AWS credentials (moto enforces IAM), every
 hostile token is refused with the documented error and a deny record, and an unwritable audit
 store refuses to hand out anything.
 """
@@ -72,7 +72,7 @@ def _start_stack(workdir: Path) -> Stack:
         moto_url=moto.url,
         role_arn=role_arn,
     )
-    broker = start_broker(workdir, config)
+    broker = start_broker(workdir, config, env=moto.broker_env)
     return Stack(issuer, moto, broker, audit_db, workdir, role_arn)
 
 
@@ -385,7 +385,7 @@ def test_hostile_token_is_refused_and_audited(
     assert records[0].reason
     if reason is not None:
         assert records[0].reason == reason
-    # Error-body hygiene: small, and no token bytes in it (an error page must not echo secrets).
+    # Error bodies stay small and never echo the token, so nothing of it reaches a client's log.
     raw = json.dumps(body)
     assert len(raw) < 1024
     if token:

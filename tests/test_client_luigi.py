@@ -258,6 +258,15 @@ def test_start_failure_fails_the_task_at_first_use(broker: FakeBroker, tmp_path:
     )
     assert result.status.name == "FAILED"
     assert (tmp_path / "1.txt").exists()
+    # What the user reads as the failed task's error (the worker reports it to the scheduler):
+    # the broker, the grant, the broker's error code and its request id.
+    task_id = Denied(out=str(tmp_path)).task_id
+    error = result.worker._scheduler.fetch_error(task_id)["error"]
+    expected = (
+        f"luigi_creds.client.BrokerError: broker {broker.url} refused grant "
+        "'denied' with HTTP 400 invalid_target (request_id r-denied)"
+    )
+    assert expected in error, error
 
 
 class Failing(CredentialsMixin, ExternalProgramTask):

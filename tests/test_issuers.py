@@ -249,9 +249,12 @@ def test_drip_fed_jwks_is_abandoned_at_the_deadline(monkeypatch: pytest.MonkeyPa
     idp = FakeIdP()
     body = json.dumps(idp.jwks()).encode()
 
+    sent: list[int] = []
+
     def drip() -> Iterator[bytes]:
         for i in range(len(body)):
             time.sleep(0.1)
+            sent.append(i)
             yield body[i : i + 1]
 
     idp.jwks_answer = lambda: httpx.Response(200, content=drip())
@@ -259,7 +262,10 @@ def test_drip_fed_jwks_is_abandoned_at_the_deadline(monkeypatch: pytest.MonkeyPa
     started = time.monotonic()
     with pytest.raises(IssuerUnavailable):
         registry.resolve_key(config, idp.keys[0].kid, "ES256")
-    assert time.monotonic() - started < 1.5
+    # Abandoned, not read to the end: the whole drip takes len(body)/10 s (tens of seconds).
+    assert len(sent) < len(body) // 2
+    # The promised deadline, with a margin that holds on a busy 2-core machine.
+    assert time.monotonic() - started < broker.issuers.FETCH_DEADLINE_SECONDS + 5.0
     assert outcomes == [("idp", "timeout")]
 
 
@@ -549,5 +555,6 @@ def test_live_jwks_faults_keep_the_last_good_keys(
     clock.advance(TTL)
     started = time.monotonic()
     assert _verifies(token, registry.resolve_key(config, _kid(token), "RS256").public_key)
-    assert time.monotonic() - started < 3.0
+    # Within the promised fetch deadline, with a margin that holds on a busy 2-core machine.
+    assert time.monotonic() - started < broker.issuers.FETCH_DEADLINE_SECONDS + 5.0
     assert issuer.stats()["jwks_fetches"] == 2

@@ -158,7 +158,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 gh_issuer_url=gh_issuer.url, broker_url=broker_url, role_arn=role_arn, vault=files
             ),
         )
-        broker = start_broker(workdir / "broker", config)
+        broker = start_broker(workdir / "broker", config, env=moto.broker_env)
         started.append(broker)
         yield Stack(workdir, issuer, gh_issuer, moto, role_arn, bao, broker, f"sqlite:///{db}")
     finally:
@@ -700,7 +700,7 @@ def test_broker_stopped_mid_pipeline(stack: Stack, tmp_path: Path) -> None:
         moto_url=stack.moto.url,
         role_arn=stack.role_arn,
     )
-    broker = start_broker(tmp_path / "down-broker", config)
+    broker = start_broker(tmp_path / "down-broker", config, env=stack.moto.broker_env)
     ci_token = stack.gitlab_token()
     try:
         job = start_job(

@@ -59,7 +59,7 @@ def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
 @pytest.fixture
 def broker(upstreams: Upstreams, tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
     db = tmp_path / "audit.db"
-    b = start_broker(tmp_path, upstreams.config(db))
+    b = start_broker(tmp_path, upstreams.config(db), env=upstreams.moto.broker_env)
     try:
         yield b, db
     finally:
@@ -170,7 +170,7 @@ def test_burst_from_one_identity_is_rate_limited_while_another_is_served(
         tmp_path / "audit.db",
         broker_extra="rate_limit_identity = { per_second = 0.1, burst = 3 }",
     )
-    b = start_broker(tmp_path, config)
+    b = start_broker(tmp_path, config, env=upstreams.moto.broker_env)
     try:
         greedy = "project_path:data-platform/etl:ref_type:branch:ref:greedy"
         statuses = []
@@ -190,8 +190,8 @@ def test_burst_from_one_identity_is_rate_limited_while_another_is_served(
 def test_two_brokers_on_one_postgresql_agree(upstreams: Upstreams, tmp_path: Path) -> None:
     """Replays and rotated handles are refused at the other broker sharing the database."""
     with fresh_pg_database("luigi_creds_ha") as url:
-        one = start_broker(tmp_path / "one", upstreams.config(url))
-        two = start_broker(tmp_path / "two", upstreams.config(url))
+        one = start_broker(tmp_path / "one", upstreams.config(url), env=upstreams.moto.broker_env)
+        two = start_broker(tmp_path / "two", upstreams.config(url), env=upstreams.moto.broker_env)
         try:
             token = upstreams.issuer.mint("gitlab")
             status, body, _ = one.exchange(token)

@@ -1,8 +1,8 @@
-"""End to end: Vault credentials through the broker over real HTTP.
+"""Vault credentials through the broker over real HTTP, end to end.
 
 A local OIDC issuer, an OpenBao dev server (AppRole for the broker, KV, the database secrets
-engine on the real PostgreSQL) and `luigi-creds-broker serve` run as child processes. Everything
-below goes through POST /v1/token and /v1/revoke: token grants that read only
+engine on the real PostgreSQL) and `luigi-creds-broker serve` run as child processes. Every
+case goes through POST /v1/token and /v1/revoke: token grants that read only
 their KV path and carry our metadata, dynamic PostgreSQL logins dropped on revoke, a 10 s token
 the client keeps alive for 30 s, fail-closed minting while OpenBao is down (and recovery of the
 same broker process), revocation of a credential minted but not audited, and session end revoking
@@ -409,18 +409,23 @@ def test_ten_second_token_kept_alive_by_the_client_for_thirty_seconds(stack: Sta
         keeper = TokenKeeper(kept, stack.bao.url, remint=None)
         keeper.start()
         try:
+            # OpenBao expires the token on its own clock, so real time must pass: the loop runs
+            # until at least 30 s (three lifetimes) have gone by. That is a lower bound only; a
+            # slow machine makes fewer reads, and each one must still succeed.
             start, reads = time.monotonic(), 0
-            while time.monotonic() - start < 30:
+            while True:
                 secret = keeper.client.secrets.kv.v2.read_secret_version(
                     "etl/db", raise_on_deleted_version=True
                 )
                 assert secret["data"]["data"]["password"] == "etl-kv-value"
                 reads += 1
+                if time.monotonic() - start >= 30:
+                    break
                 time.sleep(1)
             looked = keeper.client.auth.token.lookup_self()["data"]
         finally:
             keeper.stop()
-        assert reads >= 25
+        assert reads >= 2
         assert looked["accessor"] == kept.accessor  # renewed, never re-minted
         assert looked["last_renewal_time"] and looked["ttl"] > 0
         assert not accessor_alive(stack.root(), control.accessor)

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from broker.dev.aws import REGION, Allow, MotoServer, s3_objects, start_moto
 from broker.dev.claims import BITBUCKET_REPOSITORY_UUID, GITHUB_REPOSITORY, GITLAB_PROJECT_ID
 from broker.dev.issuer import IssuerServer, write_private_json
 from broker.dev.processes import ManagedProcess, free_port, start_process
@@ -42,14 +43,6 @@ ISSUER_NAME = "dev"
 AUDIENCE = "luigi-creds"
 BUCKET = "luigi-creds-demo"
 ROLE_NAME = "luigi-creds-dev-etl"
-ACCOUNT = "123456789012"  # moto's default account id
-REGION = "us-east-1"
-# The broker's own AWS identity towards moto. moto accepts any keys; these only make boto3 sign.
-MOTO_ENV = {
-    "AWS_ACCESS_KEY_ID": "dev-broker",
-    "AWS_SECRET_ACCESS_KEY": "dev-broker-not-a-secret",
-    "AWS_DEFAULT_REGION": REGION,
-}
 # The dev token's GitHub repository id (broker.dev.claims) that the github grant binds.
 GITHUB_REPOSITORY_ID = "690215432"
 # Where the job's CI token is read from (luigi_creds' `token_source = env:...`), like GitLab's
@@ -59,18 +52,6 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 PG_ENV = "LUIGI_CREDS_TEST_PG"
 # moto_server imports all of moto on start: a few seconds on a slow machine, more under load.
 START_TIMEOUT_SECONDS = 60.0
-TRUST_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
-                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"],
-            }
-        ],
-    }
-)
 
 
 class DevStackError(Exception):
@@ -288,17 +269,6 @@ def grant_names(database: bool) -> tuple[str, ...]:
     return (*names, "warehouse") if database else names
 
 
-def _bin(name: str) -> str:
-    """A console script installed beside this interpreter (the venv), else found on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise DevStackError(f"{name} not found beside {sys.executable} nor on PATH")
-    return found
-
-
 class DevStack:
     """Issuer, OpenBao, moto and broker on loopback; `start()` them, `stop()` tears all down.
 
@@ -324,7 +294,7 @@ class DevStack:
         self.say = say
         self.issuer: IssuerServer | None = None
         self.bao: OpenBao | None = None
-        self.moto: ManagedProcess | None = None
+        self.moto: MotoServer | None = None
         self.broker: ManagedProcess | None = None
         self.state: DevState | None = None
         self._issuer_log: TextIO | None = None
@@ -390,17 +360,10 @@ class DevStack:
         )
         vault = setup_broker(self.bao, state_dir / "vault", pg_url=pg)
 
-        self.say("starting moto (STS, IAM, S3)")
-        moto_port = free_port()
-        moto_url = f"http://127.0.0.1:{moto_port}"
-        self.moto = start_process(
-            [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-            log_path=logs / "moto.log",
-            ready_url=moto_url + "/moto-api/",
-            env=MOTO_ENV,
-            timeout=START_TIMEOUT_SECONDS,
-        )
-        role_arn = self._prepare_aws(moto_url)
+        self.say("starting moto (STS, IAM, S3; every request checked against IAM policies)")
+        self.moto = start_moto(logs / "moto.log", timeout=START_TIMEOUT_SECONDS)
+        moto_url = self.moto.url
+        role_arn = self._prepare_aws(self.moto)
 
         port = self.broker_port or free_port()
         listen = f"127.0.0.1:{port}"
@@ -424,7 +387,7 @@ class DevStack:
             [sys.executable, "-m", "broker", "serve", "--config", str(self.config_path)],
             log_path=logs / "broker.log",
             ready_url=broker_url + "/healthz",
-            env=MOTO_ENV,
+            env=self.moto.broker.env(),
             timeout=START_TIMEOUT_SECONDS,
         )
         self._wait_ready(broker_url + "/readyz")
@@ -449,19 +412,21 @@ class DevStack:
             write_private_json(self.state_file, asdict(self.state))
         return self.state
 
-    def _prepare_aws(self, moto_url: str) -> str:
-        """The role the grants assume and the demo bucket, created in moto; returns the role ARN."""
-        import boto3
+    @staticmethod
+    def _prepare_aws(moto: MotoServer) -> str:
+        """The role the grants assume and the demo bucket, created in moto; returns the role ARN.
 
-        session = boto3.session.Session(
-            aws_access_key_id=MOTO_ENV["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=MOTO_ENV["AWS_SECRET_ACCESS_KEY"],
-            region_name=REGION,
+        The role may read, write and list the demo bucket and nothing else; moto refuses the rest.
+        """
+        role_arn = moto.create_role(
+            ROLE_NAME,
+            [
+                s3_objects(BUCKET),
+                Allow(("s3:ListBucket",), (f"arn:aws:s3:::{BUCKET}",)),
+            ],
         )
-        iam = session.client("iam", endpoint_url=moto_url)
-        role = iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=TRUST_POLICY)
-        session.client("s3", endpoint_url=moto_url).create_bucket(Bucket=BUCKET)
-        return str(role["Role"]["Arn"])
+        moto.client("s3").create_bucket(Bucket=BUCKET)
+        return role_arn
 
     def _wait_ready(self, url: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -485,14 +450,16 @@ class DevStack:
 
     def dead_parts(self) -> list[str]:
         """Names of the child servers that have exited since start."""
-        parts = {"broker": self.broker, "moto": self.moto}
+        parts = {"broker": self.broker, "moto": self.moto.process if self.moto else None}
         if self.bao is not None:
             parts["openbao"] = self.bao.process
         return [name for name, p in parts.items() if p is not None and not p.running()]
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
         """The end of a child's log ("broker", "moto" or "openbao")."""
-        process = {"broker": self.broker, "moto": self.moto}.get(name)
+        process = {"broker": self.broker, "moto": self.moto.process if self.moto else None}.get(
+            name
+        )
         if name == "openbao" and self.bao is not None:
             process = self.bao.process
         return process.log_text()[-chars:] if process is not None else ""
