@@ -114,27 +114,30 @@ def build_app(config: Config) -> Any:
 
     from broker.app import Metrics, Readiness, create_app
     from broker.audit import open_store
-    from broker.audit.store import AuditUnavailable
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
     from broker.openapi import OPENAPI
     from broker.policy import Policy
     from broker.revocation import SessionEnder
     from broker.sessions import open_state
+    from broker.storage import Database, StoreUnavailable
 
     metrics = Metrics()
     # NOTE: no redirects, short timeouts; issuers.py adds body caps and host pinning on top.
     http = httpx.Client(follow_redirects=False, timeout=httpx.Timeout(5.0), trust_env=False)
     issuers = IssuerRegistry(config.issuers, http, clock=_now, on_fetch=metrics.on_jwks_fetch)
     issuers.warm()
+    # One store for the audit ledger, the replay ledger and the sessions: their writes share
+    # transactions and one group-committing writer.
+    database = Database.open(config.broker.audit_store)
     audit = open_store(
-        config.broker.audit_store,
+        database,
         signing_key_path=required_checkpoint_key_path(config.broker),
         salt_path=config.broker.audit_salt_file,
         clock=_now,
     )
     reconcile_dangling(audit)
-    replay, sessions = open_state(config.broker.audit_store)
+    replay, sessions = open_state(database)
     minter = build_minter(config, audit.hash_ref)
     ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
     exchanger = Exchanger(
@@ -167,10 +170,9 @@ def build_app(config: Config) -> Any:
         # otherwise only the hash chain protects (see broker/audit/ledger.py).
         try:
             audit.checkpoint()
-        except AuditUnavailable:
+        except StoreUnavailable:
             log.error("no checkpoint at shutdown: audit store unavailable")
-        sessions.close()
-        audit.close()
+        database.close()
         http.close()
 
     return create_app(
@@ -310,9 +312,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from broker.audit import open_store
     from broker.revocation import SessionEnder
     from broker.sessions import open_state
+    from broker.storage import Database
 
     config = _load(args.config)
-    _, sessions = open_state(config.broker.audit_store)
+    database = Database.open(config.broker.audit_store)
+    _, sessions = open_state(database)
     now = _now()
     if args.action == "list":
         rows = sessions.list(
@@ -331,7 +335,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print("error: say which sessions: --session, --subject and/or --issuer", file=sys.stderr)
         return EXIT_USAGE
     audit = open_store(
-        config.broker.audit_store,
+        database,
         signing_key_path=checkpoint_key_path(config.broker),
         salt_path=config.broker.audit_salt_file,
         clock=_now,

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker.exchange import ExchangeError, Exchanger, TokenRequest
+from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
 from broker.logs import scrub
 from broker.mint import UpstreamError
 from broker.upstream_check import NotReady
@@ -119,8 +119,10 @@ def new_request_id() -> str:
     return secrets.token_hex(10)
 
 
-def error_response(exc: ExchangeError, request_id: str) -> JSONResponse:
+def error_response(exc: ExchangeError, request_id: str, *, server_timing: str = "") -> JSONResponse:
     headers = dict(_NO_STORE)
+    if server_timing:
+        headers["Server-Timing"] = server_timing
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     body = {"error": exc.error, "error_description": exc.description, "request_id": request_id}
@@ -128,8 +130,8 @@ def error_response(exc: ExchangeError, request_id: str) -> JSONResponse:
 
 
 async def read_form(request: Request, *, max_bytes: int, allowed: frozenset[str]) -> dict[str, str]:
-    """Parse an application/x-www-form-urlencoded body strictly: bounded size, UTF-8 only,
-    no unknown or repeated parameters (parameter pollution)."""
+    """Parse an application/x-www-form-urlencoded body strictly: one declared UTF-8 charset,
+    a size cap checked before and while reading, no unknown or repeated parameters."""
     content_type = request.headers.get("content-type", "")
     media, _, params = content_type.partition(";")
     if media.strip().lower() != "application/x-www-form-urlencoded":
@@ -193,6 +195,7 @@ def create_app(
         request_id = new_request_id()
         client = request.client.host if request.client else ""
         audience = ""
+        timings = Timings()
         try:
             form = await audited_form(request, request_id, client, _TOKEN_FIELDS)
             req = TokenRequest(
@@ -206,6 +209,7 @@ def create_app(
                 refresh_token=form.get("refresh_token", ""),
                 duration=form.get("duration", ""),
                 task=form.get("task", ""),
+                timings=timings,
             )
             audience = req.audience
             issued = await run_in_threadpool(exchanger.handle, req)
@@ -214,11 +218,14 @@ def create_app(
             # audience=<name> would tell anyone which grant names exist.
             grant = _known(audience, exchanger) if exc.authenticated else "-"
             metrics.requests.labels("token", grant, exc.error).inc()
-            return error_response(exc, request_id)
+            return error_response(exc, request_id, server_timing=timings.header())
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
         metrics.requests.labels("token", _known(audience, exchanger), "issued").inc()
-        return JSONResponse(issued.wire(), headers=_NO_STORE)
+        # Server-Timing: where the request's time went (verify, policy, state, audit, mint),
+        # in milliseconds; durations only, nothing about the identity or the credential.
+        headers = {**_NO_STORE, "Server-Timing": timings.header()}
+        return JSONResponse(issued.wire(), headers=headers)
 
     async def revoke(request: Request) -> Response:
         request_id = new_request_id()

@@ -1,12 +1,16 @@
 """The token endpoint's use cases: exchange, refresh, revoke and explain. No HTTP types here.
 
-Owns the order of operations and the fail-closed rules of SPEC.md:
+Owns the order of operations and the fail-closed rules:
 - a request ends in exactly one terminal audit record (`denied`, `error` or `issued`);
 - an `intent` is durable before any STS/Vault call (STS credentials cannot be revoked);
 - a credential leaves this module only after its `issued` record is durable; a Vault credential
   minted but not audited is revoked, an AWS one withheld;
 - a CI token's `jti` is consumed once; the answer carries a rotating refresh handle whose
   session mints further credentials until `session_max`.
+Durable writes are grouped so each request commits twice: the token's consumption, its new
+session and the first `intent` together before the upstream call; the credential's session
+record, the handle rotation (refresh) and `issued` together after it. Each group commits or
+rolls back whole, so a failed write leaves nothing to undo.
 Talks to the issuer registry, the audit store, the session store and the minters it is given;
 reads the clock only through the injected `clock` and `monotonic`.
 """
@@ -21,27 +25,29 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from broker.audit.events import AuditEvent, Outcome
-from broker.audit.store import AuditStore, AuditUnavailable
+from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
-from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, issued_token_type
+from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
 from broker.policy import Policy
 from broker.ratelimit import DenyCache, RateLimits, retry_after
+from broker.replay import ReplayLedger
 from broker.revocation import SessionEnder
 from broker.sessions import (
-    ReplayLedger,
     Session,
     SessionError,
     SessionStore,
-    StateUnavailable,
+    rotated,
 )
+from broker.storage import StoreUnavailable, Tx
 from broker.tokens import TokenError, parse_token, token_sha256, validate_claims, verify_signature
 
 log = logging.getLogger("broker.exchange")
+T = TypeVar("T")
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 GRANT_TYPE_REFRESH = "refresh_token"
@@ -56,7 +62,11 @@ SUBJECT_TOKEN_TYPES = frozenset(
 # A Luigi task id is `Family_param_hash`; 512 printable characters is far beyond real ones.
 _TASK_RE = re.compile(r"[\x21-\x7e]{1,512}")
 _DURATION_RE = re.compile(r"[0-9]{1,6}")
-# Bounded upstream retries inside the request deadline (HOSTILE F10: at most 2 retries).
+# Reasons that mean the store just failed a write: the request is refused without trying
+# another (terminal) write that would only wait out the same deadline.
+_STORE_FAILED = frozenset({"audit_unavailable", "store_unavailable"})
+# Bounded upstream retries inside the request deadline: at most 2 retries, so a failing
+# upstream is not hammered and the client's own timeout is not outlived.
 _MAX_UPSTREAM_ATTEMPTS = 3
 
 _DESCRIPTIONS = {
@@ -72,7 +82,7 @@ class ExchangeError(Exception):
     """A request that ends without a credential: RFC 6749 error code, HTTP status and reason.
 
     `reason` is the stable code for audit and logs; callers see only `error` and a generic
-    description, never the reason's details (SPEC: no policy or upstream internals).
+    description, never the reason's details: no policy or upstream internals leak.
     `authenticated`: the caller had proven an identity (token or session) before the refusal.
     """
 
@@ -100,6 +110,30 @@ def _unavailable(reason: str, retry_after: int = 5) -> ExchangeError:
     return ExchangeError(503, "temporarily_unavailable", reason, retry_after=retry_after)
 
 
+class Timings:
+    """Milliseconds one request spent per phase, for the HTTP edge's Server-Timing header.
+
+    Phases: verify (the subject token), policy (limits and rules), state (durable writes of
+    sessions and replay records, with the audit records that commit alongside), audit
+    (audit records written alone) and mint (the upstream call).
+    """
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000
+            self.ms[name] = self.ms.get(name, 0.0) + elapsed
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
+
+
 @dataclass(frozen=True)
 class TokenRequest:
     """The form fields of POST /v1/token (or /v1/revoke) after the HTTP edge checked framing."""
@@ -114,6 +148,7 @@ class TokenRequest:
     refresh_token: str = field(default="", repr=False)
     duration: str = ""
     task: str = ""
+    timings: Timings = field(default_factory=Timings, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -153,6 +188,7 @@ class _Record:
     """The audit event being built as the request goes; emitted on every path."""
 
     event: AuditEvent
+    timings: Timings
     terminal_written: bool = False
 
     def set(self, **changes: Any) -> None:
@@ -211,7 +247,7 @@ class Exchanger:
     def check_audit(self) -> None:
         """Readiness: not ready while the last append failed, even if a probe would pass."""
         if self._last_append_failed:
-            raise AuditUnavailable("the last audit append failed")
+            raise StoreUnavailable("the last audit append failed")
         self._audit.check_writable()
 
     def reject(self, req: TokenRequest, status: int, reason: str) -> Issued:
@@ -247,7 +283,7 @@ class Exchanger:
                 ended = self._sessions.revoke(
                     handle=req.refresh_token, reason="client_revoked", now=now
                 )
-            except StateUnavailable as exc:
+            except StoreUnavailable as exc:
                 raise _unavailable("state_unavailable") from exc
             for session in ended:
                 self._ender.end(session, reason="client_revoked", request_id=req.request_id)
@@ -273,7 +309,7 @@ class Exchanger:
                     session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
                 except SessionError as exc:
                     raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
-                except StateUnavailable as exc:
+                except StoreUnavailable as exc:
                     raise _unavailable("state_unavailable") from exc
                 identity = _Identity(
                     issuer=session.issuer, subject=session.subject, claims=session.claims
@@ -340,7 +376,7 @@ class Exchanger:
                 refs = self._sessions.credentials(session.id)
             except SessionError as exc:
                 self._session_refused(exc, record, req.request_id, now)
-            except StateUnavailable as exc:
+            except StoreUnavailable as exc:
                 raise _unavailable("state_unavailable") from exc
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             match = [
@@ -367,50 +403,57 @@ class Exchanger:
         if not req.audience:
             raise _bad_request("missing_audience")
         now = self._clock()
-        identity = self._verify(req.subject_token, now, record)
-        grant = self._authorize(identity, req, record)
+        with record.timings.phase("verify"):
+            identity = self._verify(req.subject_token, now, record)
+        with record.timings.phase("policy"):
+            grant = self._authorize(identity, req, record)
         requested = self._duration(req.duration)
 
-        # Consumed only now: a request the policy refuses does not burn the CI job's one token.
-        leeway = timedelta(seconds=self._config.broker.leeway)
-        token_expires = datetime.fromtimestamp(identity.token_exp or 0, UTC)
-        try:
-            first_use = self._replay.consume(
-                identity.issuer, identity.token_id, expires_at=token_expires + leeway, now=now
-            )
-        except StateUnavailable as exc:
-            # HOSTILE F12: without the ledger we cannot prove the jti unused; fail closed.
-            raise _unavailable("state_unavailable") from exc
-        if not first_use:
-            raise _bad_request("token_replayed")
-
         settings = self._config.broker
+        leeway = timedelta(seconds=settings.leeway)
+        token_expires = datetime.fromtimestamp(identity.token_exp or 0, UTC)
         session_end = min(
             now + timedelta(seconds=settings.session_max),
             token_expires + timedelta(seconds=settings.session_past_token_exp),
         )
+        session, handle, open_session = self._sessions.opening(
+            issuer=identity.issuer,
+            subject=identity.subject,
+            claims=dict(identity.claims),
+            now=now,
+            expires_at=session_end,
+        )
+        prepared = self._prepare(grant, identity.claims, requested, task, session, record)
+        # Consumed only now: a request the policy refuses does not burn the CI job's one token.
+        # The consumption, the session and the first intent commit together or not at all, so a
+        # failed write leaves the token unspent and nothing to undo.
+        consume = self._replay.consumer(
+            identity.issuer, identity.token_id, expires_at=token_expires + leeway, now=now
+        )
+        append_intent = self._audit.appender(
+            self._intent(replace(record.event, session_id=session.id), prepared, attempt=1)
+        )
+
+        def open_durably(tx: Tx) -> bool:
+            if not consume(tx):
+                return False
+            open_session(tx)
+            append_intent(tx)
+            return True
+
+        # Without the ledger we cannot prove the token unused: a failed write fails closed.
+        if not self._durably(open_durably, record):
+            raise _bad_request("token_replayed")
+        record.set(session_id=session.id, target=prepared.target, detail=dict(prepared.detail))
         try:
-            session, handle = self._sessions.create(
-                issuer=identity.issuer,
-                subject=identity.subject,
-                claims=dict(identity.claims),
-                now=now,
-                expires_at=session_end,
-            )
-        except StateUnavailable as exc:
-            self._release(identity)
-            raise _unavailable("state_unavailable") from exc
-        record.set(session_id=session.id)
-        try:
-            minted = self._mint(grant, identity.claims, requested, task, session, record)
+            minted = self._call_upstream(prepared, grant, session, record, intent_written=True)
         except ExchangeError:
             # Nothing was issued: free the token so the job can retry, and close the session.
-            if not record.event.credential_ref:
-                self._release(identity)
-            with contextlib.suppress(StateUnavailable):
+            self._release(identity)
+            with contextlib.suppress(StoreUnavailable):
                 self._sessions.revoke(session_id=session.id, reason="exchange_failed", now=now)
             raise
-        return self._issue(minted, handle, record)
+        return self._issue(minted, session, handle, record)
 
     def _verify(self, raw: str, now: datetime, record: _Record) -> _Identity:
         """Structure, issuer, key, signature, then claims; the cheapest checks first."""
@@ -421,18 +464,22 @@ class Exchanger:
         iss = token.claims.get("iss")
         if not isinstance(iss, str):
             raise _bad_request("missing_claim" if iss is None else "bad_claim_type")
-        # Static `iss` -> config map before any network I/O (HOSTILE #59).
+        # Static `iss` -> config map before any network I/O: an unknown issuer URL in a token
+        # must never make the broker fetch anything.
         issuer = self._issuers.by_url(iss)
         if issuer is None:
             raise _bad_request("unknown_issuer")
         record.set(issuer=issuer.name)
         if token.alg not in issuer.algorithms:
-            # Before key lookup: a foreign alg must not cost a JWKS refetch (HOSTILE #13, #14).
+            # Before key lookup: a foreign alg (none, HS256 with a public key as secret) must not
+            # cost a JWKS refetch.
             raise _bad_request("alg_not_allowed")
         if issuer.token_types and _media_type(token.header.get("typ")) not in {
             _media_type(t) for t in issuer.token_types
         }:
-            raise _bad_request("wrong_token_type")  # HOSTILE #33: cross-JWT confusion
+            # Another JWT kind of the same issuer (an access token for an ID token, say) is not
+            # accepted in its place.
+            raise _bad_request("wrong_token_type")
         try:
             key = self._issuers.resolve_key(issuer, token.kid, token.alg)
         except UnknownKey as exc:
@@ -460,12 +507,13 @@ class Exchanger:
             subject=subject,
             claims=token.claims,
             token_exp=int(token.claims["exp"]),
-            # Issuers configured without jti consume the token's hash instead (issue 3).
+            # Issuers configured without jti consume the token's hash instead: each token is
+            # still spent once.
             token_id=jti if isinstance(jti, str) and jti else "sha256:" + token.sha256,
         )
 
     def _release(self, identity: _Identity) -> None:
-        with contextlib.suppress(StateUnavailable):
+        with contextlib.suppress(StoreUnavailable):
             self._replay.release(identity.issuer, identity.token_id)
 
     # -- refresh -----------------------------------------------------------------------------
@@ -479,10 +527,11 @@ class Exchanger:
         now = self._clock()
         max_idle = timedelta(seconds=self._config.broker.session_idle)
         try:
-            session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
+            with record.timings.phase("state"):
+                session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
         except SessionError as exc:
             self._session_refused(exc, record, req.request_id, now)
-        except StateUnavailable as exc:
+        except StoreUnavailable as exc:
             raise _unavailable("state_unavailable") from exc
         record.set(
             session_id=session.id,
@@ -491,18 +540,21 @@ class Exchanger:
             jti=str(session.claims.get("jti", ""))[:256],
         )
         identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
-        grant = self._authorize(identity, req, record)
+        with record.timings.phase("policy"):
+            grant = self._authorize(identity, req, record)
         requested = self._duration(req.duration)
-        minted = self._mint(grant, session.claims, requested, task, session, record)
-        # Rotate only after minting, so an upstream failure leaves the client's handle valid.
+        prepared = self._prepare(grant, session.claims, requested, task, session, record)
+        minted = self._call_upstream(prepared, grant, session, record, intent_written=False)
+        # Rotate only after minting, so an upstream failure leaves the client's handle valid;
+        # the rotation commits with the issued record.
+        handle, rotation = self._sessions.rotation(req.refresh_token, now=now, max_idle=max_idle)
+        outcome = self._issue_outcome(minted, session, record, rotation)
         try:
-            _, handle = self._sessions.rotate(req.refresh_token, now=now, max_idle=max_idle)
-        except (SessionError, StateUnavailable) as exc:
+            rotated(outcome, handle)
+        except SessionError as exc:
             self._discard(minted, record)
-            if isinstance(exc, SessionError):
-                self._session_refused(exc, record, req.request_id, now)
-            raise _unavailable("state_unavailable") from exc
-        return self._issue(minted, handle, record)
+            self._session_refused(exc, record, req.request_id, now)
+        return self._answer(minted, handle, record)
 
     def _session_refused(
         self, exc: SessionError, record: _Record, request_id: str, now: datetime
@@ -512,7 +564,7 @@ class Exchanger:
         if session is not None:
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
         if exc.reason == "reused" and session is not None:
-            with contextlib.suppress(StateUnavailable):
+            with contextlib.suppress(StoreUnavailable):
                 self._sessions.revoke(session_id=session.id, reason="reuse_detected", now=now)
             self._ender.end(session, reason="reuse_detected", request_id=request_id)
         raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
@@ -563,7 +615,7 @@ class Exchanger:
             raise _bad_request("bad_duration")
         return int(raw)
 
-    def _mint(
+    def _prepare(
         self,
         grant: GrantConfig,
         claims: Mapping[str, Any],
@@ -571,12 +623,12 @@ class Exchanger:
         task: str,
         session: Session,
         record: _Record,
-    ) -> Minted:
-        """Intent, upstream call (bounded retries, one intent per attempt), session record."""
+    ) -> Prepared:
+        """Plan the upstream call for `grant` within what is left of `session`."""
         request_id = record.event.request_id
         remaining = int((session.expires_at - self._clock()).total_seconds())
         try:
-            prepared = self._minter.prepare(
+            return self._minter.prepare(
                 grant,
                 claims,
                 requested=requested,
@@ -592,14 +644,40 @@ class Exchanger:
             )
         except UpstreamError as exc:
             raise _unavailable(exc.reason) from exc
+
+    def _intent(self, event: AuditEvent, prepared: Prepared, attempt: int) -> AuditEvent:
+        return replace(
+            event,
+            target=prepared.target,
+            detail=dict(prepared.detail),
+            attempt=attempt,
+            outcome=Outcome.INTENT,
+            reason="minting",
+            time=self._clock(),
+        )
+
+    def _call_upstream(
+        self,
+        prepared: Prepared,
+        grant: GrantConfig,
+        session: Session,
+        record: _Record,
+        *,
+        intent_written: bool,
+    ) -> Minted:
+        """The upstream call with bounded retries, each attempt after its own durable intent.
+
+        `intent_written`: the first attempt's intent already committed with the session.
+        """
         record.set(target=prepared.target, detail=dict(prepared.detail))
         for attempt in range(1, _MAX_UPSTREAM_ATTEMPTS + 1):
             record.set(attempt=attempt)
-            self._append(
-                replace(record.event, outcome=Outcome.INTENT, reason="minting", time=self._clock())
-            )
+            if attempt > 1 or not intent_written:
+                with record.timings.phase("audit"):
+                    self._append(self._intent(record.event, prepared, attempt))
             try:
-                minted = prepared.run()
+                with record.timings.phase("mint"):
+                    minted = prepared.run()
                 break
             except UpstreamError as exc:
                 if exc.reason == "upstream_denied":
@@ -616,27 +694,55 @@ class Exchanger:
                 # Full jitter on a small base keeps the request well inside client timeouts.
                 self._sleep(random.uniform(0, 0.2 * 2**attempt))  # noqa: S311 - jitter, not crypto
         record.set(credential_ref=minted.audit_ref, expires_at=minted.expires_at)
-        kind, ref = minted.session_ref
-        try:
-            self._sessions.record_credential(
-                session.id, kind=kind, ref=ref, expires_at=minted.expires_at
-            )
-        except StateUnavailable as exc:
-            self._discard(minted, record)
-            raise _unavailable("state_unavailable") from exc
         return minted
 
-    def _issue(self, minted: Minted, handle: str, record: _Record) -> Issued:
-        """The issued record, then the answer; a failed record withholds the credential."""
+    def _issue(self, minted: Minted, session: Session, handle: str, record: _Record) -> Issued:
+        """The issued record (with the credential's session record), then the answer."""
+        self._issue_outcome(minted, session, record, None)
+        return self._answer(minted, handle, record)
+
+    def _issue_outcome(
+        self,
+        minted: Minted,
+        session: Session,
+        record: _Record,
+        rotation: Callable[[Tx], tuple[Session | None, str]] | None,
+    ) -> tuple[Session | None, str]:
+        """Commit the handle rotation (if any), the credential's record and `issued` together.
+
+        A refused rotation (reused, revoked, expired handle) commits alone, issuing nothing; its
+        outcome is returned for the caller to refuse. If the write fails, the credential is
+        withheld (a Vault one revoked) and the request answered 503.
+        """
+        kind, ref = minted.session_ref
+        remember = self._sessions.credential_recorder(
+            session.id, kind=kind, ref=ref, expires_at=minted.expires_at
+        )
+        append_issued = self._audit.appender(
+            replace(record.event, outcome=Outcome.ISSUED, reason="issued", time=self._clock())
+        )
+
+        def deliver(tx: Tx) -> tuple[Session | None, str]:
+            outcome: tuple[Session | None, str] = (session, "")
+            if rotation is not None:
+                outcome = rotation(tx)
+                if outcome[1]:
+                    return outcome
+            remember(tx)
+            append_issued(tx)
+            return outcome
+
         try:
-            self._write(
-                replace(record.event, outcome=Outcome.ISSUED, reason="issued", time=self._clock())
-            )
-        except AuditUnavailable as exc:
+            outcome = self._durably(deliver, record)
+        except ExchangeError:
             record.terminal_written = True
             self._discard(minted, record)
-            raise _unavailable("audit_unavailable") from exc
-        record.terminal_written = True
+            raise
+        if not outcome[1]:
+            record.terminal_written = True
+        return outcome
+
+    def _answer(self, minted: Minted, handle: str, record: _Record) -> Issued:
         expires_in = int((minted.expires_at - self._clock()).total_seconds())
         return Issued(
             request_id=record.event.request_id,
@@ -648,7 +754,7 @@ class Exchanger:
         )
 
     def _discard(self, minted: Minted, record: _Record) -> None:
-        """A minted credential that will not be returned: revoke it where the upstream can (F3).
+        """A minted credential that will not be returned: revoke it where the upstream can.
 
         Vault tokens and leases are revoked; an AWS session cannot be, so it is withheld and
         the intent (naming its session, joinable in CloudTrail) plus this error record remain.
@@ -659,7 +765,7 @@ class Exchanger:
             extra={"request_id": record.event.request_id, "revoked": revoked},
         )
         record.terminal_written = True
-        with contextlib.suppress(AuditUnavailable):
+        with contextlib.suppress(StoreUnavailable):
             self._write(
                 replace(
                     record.event,
@@ -682,7 +788,8 @@ class Exchanger:
                 client_addr=req.client_addr,
                 task=req.task[:512],
                 grant=req.audience[:128],
-            )
+            ),
+            req.timings,
         )
 
     @contextlib.contextmanager
@@ -693,8 +800,8 @@ class Exchanger:
         except ExchangeError as exc:
             exc.authenticated = bool(record.event.subject)
             # After the audit store just failed, a second write would only wait out its
-            # deadline again (HOSTILE F2): the request is refused at once and logged instead.
-            if not record.terminal_written and exc.reason != "audit_unavailable":
+            # deadline again: the request is refused at once and logged instead.
+            if not record.terminal_written and exc.reason not in _STORE_FAILED:
                 outcome = Outcome.ERROR if exc.status >= 500 else Outcome.DENIED
                 self._terminal(record, outcome, exc.reason)
             raise
@@ -707,7 +814,7 @@ class Exchanger:
     def _write(self, event: AuditEvent) -> None:
         try:
             self._audit.append(event)
-        except AuditUnavailable:
+        except StoreUnavailable:
             self._last_append_failed = True
             log.error(
                 "audit append failed; request refused",
@@ -716,13 +823,29 @@ class Exchanger:
             raise
         self._last_append_failed = False
 
+    def _durably(self, step: Callable[[Tx], T], record: _Record) -> T:
+        """Run `step` (state changes with their audit records) as one durable write."""
+        try:
+            with record.timings.phase("state"):
+                result = self._sessions.database.write(step)
+        except StoreUnavailable as exc:
+            self._last_append_failed = True
+            log.error(
+                "store write failed; request refused",
+                extra={"request_id": record.event.request_id},
+            )
+            raise _unavailable("store_unavailable") from exc
+        self._last_append_failed = False
+        return result
+
     def _append(self, event: AuditEvent) -> None:
         try:
             self._write(event)
-        except AuditUnavailable as exc:
+        except StoreUnavailable as exc:
             raise _unavailable("audit_unavailable") from exc
 
     def _terminal(self, record: _Record, outcome: Outcome, reason: str) -> None:
         """Write the one terminal record. If it cannot be written, the answer becomes 503."""
         record.terminal_written = True
-        self._append(replace(record.event, outcome=outcome, reason=reason, time=self._clock()))
+        with record.timings.phase("audit"):
+            self._append(replace(record.event, outcome=outcome, reason=reason, time=self._clock()))

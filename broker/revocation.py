@@ -14,9 +14,10 @@ from collections.abc import Callable
 from datetime import datetime
 
 from broker.audit.events import AuditEvent, Outcome
-from broker.audit.store import AuditStore, AuditUnavailable
+from broker.audit.store import AuditStore
 from broker.mint.grants import REF_AWS, GrantMinter
-from broker.sessions import Session, SessionStore, StateUnavailable
+from broker.sessions import Session, SessionStore
+from broker.storage import StoreUnavailable
 
 log = logging.getLogger("broker.revocation")
 
@@ -49,7 +50,7 @@ class SessionEnder:
             # says nothing about what is still alive. Vault does; GrantMinter.revoke counts a
             # credential that is already gone as revoked.
             refs = self._sessions.credentials(session.id)
-        except StateUnavailable:
+        except StoreUnavailable:
             log.error("cannot list a revoked session's credentials", extra={"session": session.id})
             refs = []
         aws_marked: list[str] = []
@@ -79,7 +80,7 @@ class SessionEnder:
         )
         try:
             self._audit.append(event)
-        except AuditUnavailable:
+        except StoreUnavailable:
             log.error("session end not audited", extra={"session": session.id})
             return False
         return not vault_failed

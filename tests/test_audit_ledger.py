@@ -25,8 +25,8 @@ from broker.audit import chain, open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.keys import load_or_create_signing_key, load_public_keys
 from broker.audit.ledger import SqlLedger
-from broker.audit.store import AuditUnavailable
 from broker.audit.verify import VerifyReport, verify_ledger
+from broker.storage import StoreUnavailable
 
 PG_BASE = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 11, 16, 8, 0, tzinfo=UTC)
@@ -416,37 +416,35 @@ def test_schema_is_versioned(ledger: Ledger) -> None:
     ledger.sql(
         "INSERT INTO audit_schema_migrations (version, name, applied_at) VALUES (99, 'f', 'x')"
     )
-    with pytest.raises(AuditUnavailable):
+    with pytest.raises(StoreUnavailable):
         ledger.open()
 
 
 def test_closed_store_fails_closed(ledger: Ledger) -> None:
-    """After close, append and check_writable raise AuditUnavailable rather than a driver error."""
+    """After close, append and check_writable raise StoreUnavailable rather than a driver error."""
     store = ledger.open()
     store.check_writable()
     store.close()
-    with pytest.raises(AuditUnavailable):
+    with pytest.raises(StoreUnavailable):
         store.append(event(0))
-    with pytest.raises(AuditUnavailable):
+    with pytest.raises(StoreUnavailable):
         store.check_writable()
 
 
 def test_sqlite_lock_held_elsewhere_fails_within_the_timeout(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """A writer blocked by another process's lock gets AuditUnavailable after its busy timeout."""
-    from broker.audit.sqlite import SqliteAuditStore
-
+    """A writer blocked by another process's lock gets StoreUnavailable after its busy timeout."""
     path = tmp_path / "a.db"
     open_store(f"sqlite:///{path}").close()
-    store = SqliteAuditStore(path, clock=FakeClock(), signing_key=None, salt=None, busy_timeout=0.2)
+    store = open_store(f"sqlite:///{path}", clock=FakeClock(), busy_timeout=0.2)
     request.addfinalizer(store.close)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        with pytest.raises(AuditUnavailable):
+        with pytest.raises(StoreUnavailable):
             store.append(event(0))
-        with pytest.raises(AuditUnavailable):
+        with pytest.raises(StoreUnavailable):
             store.check_writable()
     finally:
         blocker.execute("ROLLBACK")
@@ -455,17 +453,17 @@ def test_sqlite_lock_held_elsewhere_fails_within_the_timeout(
 
 
 def test_unwritable_sqlite_path_is_audit_unavailable(tmp_path: Path) -> None:
-    """A database file that cannot be created surfaces as AuditUnavailable, not sqlite3.Error."""
+    """A database file that cannot be created surfaces as StoreUnavailable, not sqlite3.Error."""
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
-    with pytest.raises(AuditUnavailable):
+    with pytest.raises(StoreUnavailable):
         open_store(f"sqlite:///{blocked}/audit.db")
 
 
 @pytest.mark.integration
 def test_unreachable_postgresql_is_audit_unavailable() -> None:
-    """A PostgreSQL server that does not answer surfaces as AuditUnavailable."""
-    with pytest.raises(AuditUnavailable):
+    """A PostgreSQL server that does not answer surfaces as StoreUnavailable."""
+    with pytest.raises(StoreUnavailable):
         open_store("postgresql://postgres@127.0.0.1:1/none?connect_timeout=1")
 
 
@@ -515,8 +513,8 @@ def test_hostile_text_is_recorded_not_fatal(ledger: Ledger) -> None:
 
 
 def test_unrecordable_event_fails_closed(ledger: Ledger) -> None:
-    """An event with a naive timestamp raises AuditUnavailable and writes nothing."""
+    """An event with a naive timestamp raises StoreUnavailable and writes nothing."""
     store = ledger.open()
-    with pytest.raises(AuditUnavailable):
+    with pytest.raises(StoreUnavailable):
         store.append(event(0, time=datetime(2026, 1, 1)))
     assert store.head().size == 0

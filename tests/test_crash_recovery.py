@@ -51,9 +51,7 @@ from stack import (
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.ledger import StoredCheckpoint
-from broker.audit.postgresql import LOCK_TIMEOUT_MS as PG_LOCK_TIMEOUT_MS
-from broker.audit.sqlite import BUSY_TIMEOUT as AUDIT_BUSY_SECONDS
-from broker.sessions import _SQLITE_BUSY_SECONDS as STATE_BUSY_SECONDS
+from broker.storage import BUSY_TIMEOUT, PG_LOCK_TIMEOUT_MS
 
 pytestmark = pytest.mark.integration
 
@@ -524,7 +522,7 @@ def test_edited_record_fails_verify_naming_its_seq(crash: CrashRun, tmp_path: Pa
 # (a thread dump shows no worker thread for it meanwhile; anyio's worker reuse is suspected, not
 # proven), so the bound allows two lock timeouts. 5 s: CPU slack on a busy shared machine.
 HANG_BOUND = {
-    "sqlite": STATE_BUSY_SECONDS + AUDIT_BUSY_SECONDS + 5.0,
+    "sqlite": 2 * BUSY_TIMEOUT + 5.0,
     "postgresql": 2 * PG_LOCK_TIMEOUT_MS / 1000 + 5.0,
 }
 # The liveness probe's timeoutSeconds in deploy/kubernetes/deployment.yaml.
@@ -615,7 +613,7 @@ def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
 ANSWER_DELAY = 0.5
 # What that first write is and how long it waits before failing: SQLite, the session's credential
 # row (sessions.py, same file); PostgreSQL, the `issued` record (the audit head row is locked).
-FIRST_WRITE_TIMEOUT = {"sqlite": STATE_BUSY_SECONDS, "postgresql": PG_LOCK_TIMEOUT_MS / 1000}
+FIRST_WRITE_TIMEOUT = {"sqlite": BUSY_TIMEOUT, "postgresql": PG_LOCK_TIMEOUT_MS / 1000}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

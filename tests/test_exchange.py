@@ -7,7 +7,7 @@ botocore Stubber, so what is faked is only the audit store's ability to fail on 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +19,6 @@ import pytest
 from botocore.stub import Stubber
 
 from broker.audit.events import AuditEvent, Outcome
-from broker.audit.store import AuditUnavailable
 from broker.config import parse_config
 from broker.dev.claims import preset_claims
 from broker.dev.issuer import SigningKey, encode_jwt
@@ -30,6 +29,7 @@ from broker.mint.grants import GrantMinter
 from broker.policy import Policy
 from broker.revocation import SessionEnder
 from broker.sessions import open_state
+from broker.storage import StoreUnavailable, Tx
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 ISSUER = "https://gitlab.example.com"
@@ -51,9 +51,13 @@ class MemoryAudit:
     def append(self, event: AuditEvent) -> int:
         self.calls += 1
         if self.calls in self.fail_on:
-            raise AuditUnavailable("disk full")
+            raise StoreUnavailable("disk full")
         self.events.append(event)
         return len(self.events) - 1
+
+    def appender(self, event: AuditEvent) -> Callable[[Tx], int]:
+        # Appends when its transaction runs the step; a failure rolls the transaction back.
+        return lambda tx: self.append(event)
 
     def check_writable(self) -> None:
         return None
@@ -186,12 +190,17 @@ def test_audit_failure_before_mint_calls_no_upstream(
     exchanger, audit, stubber = setup
     _sts_ok(stubber)
     audit.fail_on = {1, 2}
+    request = _request(key)
     with pytest.raises(ExchangeError) as caught:
-        exchanger.handle(_request(key))
+        exchanger.handle(request)
     assert (caught.value.status, caught.value.error) == (503, "temporarily_unavailable")
     with pytest.raises(AssertionError):
         stubber.assert_no_pending_responses()  # the queued STS answer was never asked for
     assert audit.events == []
+    # The intent commits with the token's consumption and the session, or none of them does:
+    # the token is still unspent.
+    audit.fail_on = set()
+    assert exchanger.handle(replace(request, request_id="req2")).refresh_token
 
 
 def test_audit_failure_after_mint_returns_nothing(

@@ -23,17 +23,17 @@ import psycopg
 import pytest
 from servers import free_port
 
+from broker.replay import ReplayLedger
 from broker.sessions import (
     HANDLE_PREFIX,
     REASON_REUSE,
-    ReplayLedger,
     SessionError,
     SessionStore,
-    StateUnavailable,
     canonical_claims,
     handle_hash,
     open_state,
 )
+from broker.storage import StoreUnavailable
 
 PG_ADMIN_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -501,10 +501,10 @@ def test_naive_times_are_refused(state: State) -> None:
 
 
 def test_unreachable_sqlite_is_state_unavailable(tmp_path: Path) -> None:
-    """A SQLite path that cannot be opened raises StateUnavailable at start-up."""
+    """A SQLite path that cannot be opened raises StoreUnavailable at start-up."""
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    with pytest.raises(StateUnavailable):
+    with pytest.raises(StoreUnavailable):
         open_state(f"sqlite:///{blocker}/state.db")
 
 
@@ -517,9 +517,9 @@ def test_unsupported_url_is_refused_without_echoing_it() -> None:
 
 @pytest.mark.integration
 def test_unreachable_postgresql_is_state_unavailable() -> None:
-    """A PostgreSQL nobody answers is StateUnavailable, and the password is not in the error."""
+    """A PostgreSQL nobody answers is StoreUnavailable, and the password is not in the error."""
     url = f"postgresql://postgres:sup3r-secret-pw@127.0.0.1:{free_port()}/nowhere"
-    with pytest.raises(StateUnavailable) as info:
+    with pytest.raises(StoreUnavailable) as info:
         open_state(url)
     text = f"{info.value!s} {info.value!r} {info.value.__cause__!s}"
     assert "sup3r-secret-pw" not in text
@@ -538,11 +538,11 @@ def test_postgresql_outage_fails_closed_then_recovers(pg_database: tuple[str, st
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
         )
     try:
-        with pytest.raises(StateUnavailable):
+        with pytest.raises(StoreUnavailable):
             ledger.consume("gitlab", "during-outage", expires_at=T0 + HOUR, now=T0)
-        with pytest.raises(StateUnavailable):
+        with pytest.raises(StoreUnavailable):
             store.rotate(handle, now=T0)
-        with pytest.raises(StateUnavailable):
+        with pytest.raises(StoreUnavailable):
             store.list(now=T0)
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:

@@ -1,8 +1,9 @@
 """The audit ledger: what was asked, what was decided, what was issued. See events.py and store.py.
 
-`open_store(url)` is the one entry point the broker uses: it picks the SQLite or PostgreSQL store
-by URL scheme, loads (or creates, see keys.py) the checkpoint key and accessor salt, and brings the
-schema up to date. It reads only the files it is given.
+`open_store(url)` is the one entry point the broker uses: it opens the ledger in the broker's
+store (broker/storage.py: SQLite or PostgreSQL by URL scheme), loads (or creates, see keys.py) the
+checkpoint key and accessor salt, and brings the schema up to date. It reads only the files it is
+given.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from broker.audit.keys import load_or_create_salt, load_or_create_signing_key
 from broker.audit.ledger import (
@@ -20,6 +20,7 @@ from broker.audit.ledger import (
     SqlLedger,
 )
 from broker.audit.store import AuditLedger
+from broker.storage import BUSY_TIMEOUT, Database
 
 
 def _utcnow() -> datetime:
@@ -27,7 +28,7 @@ def _utcnow() -> datetime:
 
 
 def open_store(
-    url: str,
+    store: str | Database,
     *,
     signing_key_path: Path | None = None,
     salt_path: Path | None = None,
@@ -36,53 +37,35 @@ def open_store(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     checkpoint_interval: timedelta = DEFAULT_CHECKPOINT_INTERVAL,
     migrate: bool = True,
+    busy_timeout: float = BUSY_TIMEOUT,
 ) -> SqlLedger:
-    """Open `sqlite:///abs/path.db` or `postgresql://user@host:port/db`; raise ValueError on others.
+    """The ledger in `store`: a URL (`sqlite:///abs/path.db`, `postgresql://user@host:port/db`;
+    ValueError on others) or a Database the broker already opened (shared with its sessions).
 
     Without `signing_key_path` checkpoints are recorded unsigned (verify says so); without
     `salt_path` the accessor salt is generated once and kept in the ledger database.
     """
     key = load_or_create_signing_key(signing_key_path) if signing_key_path else None
     salt = load_or_create_salt(salt_path) if salt_path else None
-    parts = urlsplit(url)
-    scheme = parts.scheme.split("+", 1)[0]
-    store: SqlLedger
-    if scheme == "sqlite":
-        path = unquote(parts.path)
-        if parts.netloc or not path.startswith("/"):
-            raise ValueError("an SQLite audit store URL is sqlite:///absolute/path.db")
-        from broker.audit.sqlite import SqliteAuditStore
-
-        store = SqliteAuditStore(
-            Path(path),
-            clock=clock,
-            signing_key=key,
-            salt=salt,
-            origin=origin,
-            checkpoint_every=checkpoint_every,
-            checkpoint_interval=checkpoint_interval,
-        )
-    elif scheme in ("postgresql", "postgres"):
-        from broker.audit.postgresql import PostgresAuditStore
-
-        store = PostgresAuditStore(
-            parts._replace(scheme="postgresql").geturl(),
-            clock=clock,
-            signing_key=key,
-            salt=salt,
-            origin=origin,
-            checkpoint_every=checkpoint_every,
-            checkpoint_interval=checkpoint_interval,
-        )
-    else:
-        raise ValueError(f"unsupported audit store scheme {parts.scheme!r}")
+    owned = isinstance(store, str)
+    database = Database.open(store, busy_timeout=busy_timeout) if isinstance(store, str) else store
+    ledger = SqlLedger(
+        database,
+        clock=clock,
+        signing_key=key,
+        salt=salt,
+        origin=origin,
+        checkpoint_every=checkpoint_every,
+        checkpoint_interval=checkpoint_interval,
+    )
     if migrate:
         try:
-            store.migrate()
+            ledger.migrate()
         except BaseException:
-            store.close()
+            if owned:
+                ledger.close()
             raise
-    return store
+    return ledger
 
 
 def _conforms(store: SqlLedger) -> AuditLedger:

@@ -26,10 +26,10 @@ from broker.audit.export import export_csv, export_jsonl
 from broker.audit.keys import KeyFileError, load_public_keys
 from broker.audit.ledger import SqlLedger
 from broker.audit.report import build_report, render
-from broker.audit.store import AuditUnavailable
 from broker.audit.verify import DEFAULT_DANGLING_GRACE, verify_ledger
 from broker.checkpoint_key import checkpoint_key_path
 from broker.config import BrokerSettings, Config, ConfigError, load_config
+from broker.storage import StoreUnavailable
 
 EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2
 _SPAN = re.compile(r"(\d+)([smhdw])")
@@ -168,7 +168,7 @@ def run(
     except KeyFileError as exc:
         err.write(f"audit: {exc}\n")
         return EXIT_USAGE
-    except AuditUnavailable as exc:
+    except StoreUnavailable as exc:
         err.write(f"audit: store unavailable: {exc}\n")
         return EXIT_USAGE
 

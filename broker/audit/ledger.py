@@ -1,24 +1,27 @@
 """The SQL audit ledger shared by the SQLite and PostgreSQL stores.
 
 Owns the audit tables (all prefixed `audit_`), their migrations, and the append algorithm. The
-dialect modules (sqlite.py, postgresql.py) supply connections, the write lock and error types.
+store itself (connections, transactions, the write lock, error mapping) is broker/storage.py,
+shared with the replay ledger and the sessions.
 
 Decisions:
 - Hand-written SQL over DB-API rather than SQLAlchemy Core: the schema is four tables, every
   statement below is portable SQL (only the `?`/`%s` placeholder differs), and the parts that are
   not portable - how a write transaction takes the ledger lock, WAL/fsync pragmas, advisory locks -
-  are dialect code either way. It keeps the broker's dependencies to psycopg (already required).
+  are dialect code in broker/storage.py either way. It keeps the broker's dependencies to
+  psycopg (already required).
 - One global sequence, not per-replica chains. Every append runs in one transaction that locks
   the single `audit_head` row (SQLite: `BEGIN IMMEDIATE`, the database write lock; PostgreSQL:
   `SELECT ... FOR UPDATE` on the head row), reads seq/prev_hash/frontier, inserts the record and
-  moves the head. Trade-off: appends from all replicas are serialised, one commit (one fsync) at a
-  time - a few thousand appends a second on ordinary disks, far above what a credential broker
-  issues - in exchange for one total order, one Merkle tree, one checkpoint stream and a verifier
-  that needs no merge rules. Per-replica chains would scale writes but make deletions at a
-  replica's tail invisible unless every replica's checkpoints are cross-witnessed.
+  moves the head. Trade-off: appends from all replicas are serialised, in exchange for one total
+  order, one Merkle tree, one checkpoint stream and a verifier that needs no merge rules. The
+  cost is bounded by group commit (broker/storage.py): one transaction, holding the head lock
+  once, carries every append queued in a process meanwhile, so a replica pays one lock wait and
+  one commit per batch rather than per record. Per-replica chains would scale writes but make
+  deletions at a replica's tail invisible unless every replica's checkpoints are cross-witnessed.
 - `append` returning means durable: SQLite in WAL mode with `synchronous=FULL` fsyncs the WAL at
   commit; PostgreSQL commits with `synchronous_commit=on`. Any driver error becomes
-  `AuditUnavailable` and the caller fails closed.
+  `StoreUnavailable` and the caller fails closed.
 - Checkpoints (C2SP, Ed25519-signed) are written inside the same transaction every
   `checkpoint_every` records, or on the first append after `checkpoint_interval` has passed.
   NOTE: there is no background timer; an idle ledger does not need new checkpoints.
@@ -28,13 +31,10 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import secrets
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import chain, keys
 from broker.audit.events import AuditEvent, Outcome
-from broker.audit.store import AuditUnavailable
+from broker.storage import Database, Migration, StoreUnavailable, Tx
 
 Clock = Callable[[], datetime]
 
@@ -54,11 +54,16 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_CHECKPOINT_INTERVAL = timedelta(minutes=5)
 PAGE = 1000  # rows per keyset page when streaming records
 
+_HEAD_SQL = (
+    "SELECT size, last_hash, frontier, checkpoint_size, checkpoint_time"
+    " FROM audit_head WHERE id = 1"
+)
+
 TERMINAL = frozenset({Outcome.ISSUED, Outcome.DENIED, Outcome.ERROR, Outcome.RECONCILED})
 
-# (version, name, statements). Append new versions; never edit an applied one.
-MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (
+# Append new versions; never edit an applied one.
+MIGRATIONS = (
+    Migration(
         1,
         "ledger, head, checkpoints, meta",
         (
@@ -93,7 +98,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
 )
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 @dataclass(frozen=True)
@@ -167,12 +172,11 @@ def _recordable(event: AuditEvent) -> AuditEvent:
 
 
 class SqlLedger:
-    """An AuditStore over a DB-API connection per thread. Subclasses supply the dialect."""
-
-    placeholder = "?"
+    """The AuditStore over the broker's store (broker/storage.py), SQLite or PostgreSQL."""
 
     def __init__(
         self,
+        database: Database,
         *,
         clock: Clock,
         signing_key: Ed25519PrivateKey | None,
@@ -183,118 +187,36 @@ class SqlLedger:
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every is at least 1")
+        self.database = database
         self._clock = clock
         self._signing_key = signing_key
         self._salt = salt
         self.origin = origin
         self._every = checkpoint_every
         self._interval = checkpoint_interval
-        self._local = threading.local()
-        self._conns: list[Any] = []
-        self._conns_lock = threading.Lock()
-        self._closed = False
 
-    # -- dialect hooks ------------------------------------------------------------------------
-
-    def _connect(self) -> Any:
-        raise NotImplementedError
-
-    def _write_txn(self, conn: Any) -> AbstractContextManager[Any]:
-        """A transaction holding the ledger's write lock; commits on clean exit."""
-        raise NotImplementedError
-
-    def _migration_txn(self, conn: Any) -> AbstractContextManager[Any]:
-        raise NotImplementedError
-
-    def _table_exists(self, conn: Any, name: str) -> bool:
-        raise NotImplementedError
-
-    def _local_lock(self) -> AbstractContextManager[Any]:
-        raise NotImplementedError
-
-    db_errors: tuple[type[BaseException], ...] = ()
-
-    # -- plumbing -----------------------------------------------------------------------------
-
-    def _sql(self, text: str) -> str:
-        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
-
-    def _conn(self) -> Any:
-        if self._closed:
-            raise AuditUnavailable("audit store is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    def _discard(self) -> None:
-        """Forget this thread's connection after an error; the next call reconnects."""
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            with self._conns_lock:
-                if conn in self._conns:
-                    self._conns.remove(conn)
-            with contextlib.suppress(*self.db_errors):  # already broken; best effort
-                conn.close()
-
-    def _rows(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(conn.execute(self._sql(sql), tuple(params)).fetchall())
-
-    def _exec(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> None:
-        conn.execute(self._sql(sql), tuple(params))
+    def __repr__(self) -> str:
+        return f"SqlLedger({self.database!r})"
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._rows(self._conn(), sql, params)
-        except self.db_errors as exc:
-            self._discard()
-            raise AuditUnavailable("audit store read failed") from exc
+        return self.database.read(lambda tx: tx.rows(sql, params))
 
     def migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION; safe when several processes start at once."""
-        try:
-            conn = self._conn()
-            with self._migration_txn(conn):
-                if not self._table_exists(conn, "audit_schema_migrations"):
-                    self._exec(
-                        conn,
-                        "CREATE TABLE audit_schema_migrations ("
-                        " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-                        " applied_at TEXT NOT NULL)",
-                    )
-                rows = self._rows(conn, "SELECT MAX(version) FROM audit_schema_migrations")
-                current = rows[0][0] or 0
-                if current > SCHEMA_VERSION:
-                    raise AuditUnavailable(
-                        f"audit schema version {current} is newer than this broker's "
-                        f"{SCHEMA_VERSION}"
-                    )
-                now = chain.format_time(self._clock())
-                for version, name, statements in MIGRATIONS:
-                    if version <= current:
-                        continue
-                    for statement in statements:
-                        self._exec(conn, statement)
-                    if version == 1:
-                        self._exec(
-                            conn,
-                            "INSERT INTO audit_head (id, size, last_hash, frontier,"
-                            " checkpoint_size, checkpoint_time) VALUES (1, 0, ?, '', 0, ?)",
-                            (chain.GENESIS_HASH, now),
-                        )
-                    self._exec(
-                        conn,
-                        "INSERT INTO audit_schema_migrations (version, name, applied_at)"
-                        " VALUES (?, ?, ?)",
-                        (version, name, now),
-                    )
-        except self.db_errors as exc:
-            self._discard()
-            raise AuditUnavailable("audit store schema migration failed") from exc
+        now = chain.format_time(self._clock())
+
+        def genesis(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO audit_head (id, size, last_hash, frontier,"
+                " checkpoint_size, checkpoint_time) VALUES (1, 0, ?, '', 0, ?)",
+                (chain.GENESIS_HASH, now),
+            )
+
+        migrations = [
+            Migration(m.version, m.name, (*m.steps, genesis)) if m.version == 1 else m
+            for m in MIGRATIONS
+        ]
+        self.database.migrate("audit_schema_migrations", migrations, lambda: now)
 
     def schema_version(self) -> int:
         return int(self._read("SELECT MAX(version) FROM audit_schema_migrations")[0][0] or 0)
@@ -302,89 +224,76 @@ class SqlLedger:
     # -- AuditStore ---------------------------------------------------------------------------
 
     def append(self, event: AuditEvent) -> int:
-        """Make `event` durable as the next record and return its seq; raise AuditUnavailable."""
+        """Make `event` durable as the next record and return its seq; raise StoreUnavailable."""
+        return self.database.write(self.appender(event))
+
+    def appender(self, event: AuditEvent) -> Callable[[Tx], int]:
+        """`append` as a step of a larger write transaction: the step returns the record's seq.
+
+        The record is durable when that transaction commits; if it rolls back, the head does too.
+        """
         event = _recordable(event)
-        try:
-            with self._local_lock():
-                conn = self._conn()
-                with self._write_txn(conn):
-                    head = self._head(conn)
-                    seq = head.size
-                    raw = chain.record_bytes(event, seq=seq, prev_hash=head.last_hash)
-                    digest = chain.entry_hash(raw)
-                    self._exec(
-                        conn,
-                        "INSERT INTO audit_log (seq, time, request_id, outcome, record,"
-                        " prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            seq,
-                            chain.format_time(event.time),
-                            event.request_id,
-                            str(event.outcome),
-                            raw.decode(),
-                            head.last_hash,
-                            digest,
-                        ),
-                    )
-                    frontier = chain.frontier_append(
-                        chain.decode_frontier(head.frontier), seq, bytes.fromhex(digest)
-                    )
-                    size = seq + 1
-                    cp_size, cp_time = head.checkpoint_size, head.checkpoint_time
-                    now = self._clock()
-                    if size - cp_size >= self._every or (
-                        now - chain.parse_time(cp_time) >= self._interval
-                    ):
-                        self._write_checkpoint(conn, size, frontier, digest, now)
-                        cp_size, cp_time = size, chain.format_time(now)
-                    self._exec(
-                        conn,
-                        "UPDATE audit_head SET size = ?, last_hash = ?, frontier = ?,"
-                        " checkpoint_size = ?, checkpoint_time = ? WHERE id = 1",
-                        (size, digest, chain.encode_frontier(frontier), cp_size, cp_time),
-                    )
-            return seq
-        except (TypeError, ValueError) as exc:
-            # Encoded once, inside the transaction (which rolls back): an event that cannot be
-            # put in canonical form fails closed without a second encoding on every append.
-            raise AuditUnavailable("the event cannot be recorded") from exc
-        except self.db_errors as exc:
-            self._discard()
-            raise AuditUnavailable("audit store could not make the record durable") from exc
+
+        def step(tx: Tx) -> int:
+            try:
+                return self._append(tx, event)
+            except (TypeError, ValueError) as exc:
+                # Encoded once, inside the transaction (which rolls back): an event that cannot
+                # be put in canonical form fails closed without a second encoding every time.
+                raise StoreUnavailable("the event cannot be recorded") from exc
+
+        return step
+
+    def _append(self, tx: Tx, event: AuditEvent) -> int:
+        head = self._head(tx)
+        seq = head.size
+        raw = chain.record_bytes(event, seq=seq, prev_hash=head.last_hash)
+        digest = chain.entry_hash(raw)
+        tx.execute(
+            "INSERT INTO audit_log (seq, time, request_id, outcome, record,"
+            " prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                seq,
+                chain.format_time(event.time),
+                event.request_id,
+                str(event.outcome),
+                raw.decode(),
+                head.last_hash,
+                digest,
+            ),
+        )
+        frontier = chain.frontier_append(
+            chain.decode_frontier(head.frontier), seq, bytes.fromhex(digest)
+        )
+        size = seq + 1
+        cp_size, cp_time = head.checkpoint_size, head.checkpoint_time
+        now = self._clock()
+        if size - cp_size >= self._every or (now - chain.parse_time(cp_time) >= self._interval):
+            self._write_checkpoint(tx, size, frontier, digest, now)
+            cp_size, cp_time = size, chain.format_time(now)
+        tx.execute(
+            "UPDATE audit_head SET size = ?, last_hash = ?, frontier = ?,"
+            " checkpoint_size = ?, checkpoint_time = ? WHERE id = 1",
+            (size, digest, chain.encode_frontier(frontier), cp_size, cp_time),
+        )
+        return seq
 
     def check_writable(self) -> None:
-        """Take and release the write lock without writing; raise AuditUnavailable if we can't."""
-        try:
-            with self._local_lock():
-                conn = self._conn()
-                with self._write_txn(conn):
-                    self._head(conn)
-        except self.db_errors as exc:
-            self._discard()
-            raise AuditUnavailable("audit store is not writable") from exc
+        """Take and release the write lock without writing; raise StoreUnavailable if we can't."""
+        self.database.write(self._head)
 
     def close(self) -> None:
-        self._closed = True
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(*self.db_errors):  # closing a broken one is best effort
-                conn.close()
+        self.database.close()
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _head(self, conn: Any) -> Head:
-        row = self._rows(conn, self._head_sql())[0]
+    def _head(self, tx: Tx) -> Head:
+        """The head, locked until commit: the ledger's write lock on PostgreSQL."""
+        row = tx.rows(_HEAD_SQL + tx.dialect.for_update)[0]
         return Head(int(row[0]), row[1], row[2], int(row[3]), row[4])
 
-    def _head_sql(self) -> str:
-        return (
-            "SELECT size, last_hash, frontier, checkpoint_size, checkpoint_time"
-            " FROM audit_head WHERE id = 1"
-        )
-
     def _write_checkpoint(
-        self, conn: Any, size: int, frontier: Sequence[bytes], last_hash: str, now: datetime
+        self, tx: Tx, size: int, frontier: Sequence[bytes], last_hash: str, now: datetime
     ) -> None:
         root = chain.frontier_root(frontier)
         checkpoint = chain.Checkpoint(origin=self.origin, size=size, root=root)
@@ -392,8 +301,7 @@ class SqlLedger:
             note = checkpoint.body()  # NOTE: unsigned; verify reports it as such
         else:
             note = chain.sign_checkpoint(checkpoint, self._signing_key)
-        self._exec(
-            conn,
+        tx.execute(
             "INSERT INTO audit_checkpoint (size, time, root, note, frontier, last_hash)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -408,31 +316,26 @@ class SqlLedger:
 
     def checkpoint(self) -> int:
         """Sign a checkpoint of the current head now (if it has grown); return its size."""
-        try:
-            with self._local_lock():
-                conn = self._conn()
-                with self._write_txn(conn):
-                    head = self._head(conn)
-                    if head.size == head.checkpoint_size and head.size > 0:
-                        return head.size
-                    now = self._clock()
-                    frontier = chain.decode_frontier(head.frontier)
-                    self._write_checkpoint(conn, head.size, frontier, head.last_hash, now)
-                    self._exec(
-                        conn,
-                        "UPDATE audit_head SET checkpoint_size = ?, checkpoint_time = ?"
-                        " WHERE id = 1",
-                        (head.size, chain.format_time(now)),
-                    )
-                    return head.size
-        except self.db_errors as exc:
-            self._discard()
-            raise AuditUnavailable("audit store could not write a checkpoint") from exc
+
+        def step(tx: Tx) -> int:
+            head = self._head(tx)
+            if head.size == head.checkpoint_size and head.size > 0:
+                return head.size
+            now = self._clock()
+            frontier = chain.decode_frontier(head.frontier)
+            self._write_checkpoint(tx, head.size, frontier, head.last_hash, now)
+            tx.execute(
+                "UPDATE audit_head SET checkpoint_size = ?, checkpoint_time = ? WHERE id = 1",
+                (head.size, chain.format_time(now)),
+            )
+            return head.size
+
+        return self.database.write(step)
 
     # -- reading ------------------------------------------------------------------------------
 
     def head(self) -> Head:
-        row = self._read(self._head_sql().replace(" FOR UPDATE", ""))[0]
+        row = self._read(_HEAD_SQL)[0]
         return Head(int(row[0]), row[1], row[2], int(row[3]), row[4])
 
     def records(self, start_seq: int = 0, since: datetime | None = None) -> Iterator[StoredRecord]:
@@ -513,21 +416,16 @@ class SqlLedger:
         rows = self._read("SELECT value FROM audit_meta WHERE key = 'accessor_salt'")
         if not rows:
             fresh = secrets.token_hex(keys.SALT_BYTES)
-            try:
-                with self._local_lock():
-                    conn = self._conn()
-                    with self._write_txn(conn):
-                        if not self._rows(
-                            conn, "SELECT value FROM audit_meta WHERE key = 'accessor_salt'"
-                        ):
-                            self._exec(
-                                conn,
-                                "INSERT INTO audit_meta (key, value) VALUES ('accessor_salt', ?)",
-                                (fresh,),
-                            )
-            except self.db_errors as exc:
-                self._discard()
-                raise AuditUnavailable("audit store could not keep the salt") from exc
+
+            def keep(tx: Tx) -> None:
+                # ON CONFLICT: another broker may have kept its salt first; theirs stays.
+                tx.execute(
+                    "INSERT INTO audit_meta (key, value) VALUES ('accessor_salt', ?)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (fresh,),
+                )
+
+            self.database.write(keep)
             rows = self._read("SELECT value FROM audit_meta WHERE key = 'accessor_salt'")
         self._salt = bytes.fromhex(rows[0][0])
         return self._salt
@@ -541,26 +439,21 @@ class SqlLedger:
         checkpoint (its stored frontier rebuilds the Merkle root). No record at or after `before`
         is deleted; checkpoints are kept (they are small and carry the history's signatures).
         """
-        try:
-            with self._local_lock():
-                conn = self._conn()
-                with self._write_txn(conn):
-                    head = self._head(conn)
-                    first = self._rows(conn, "SELECT MIN(seq) FROM audit_log")[0][0]
-                    newer = self._rows(
-                        conn,
-                        "SELECT MIN(seq) FROM audit_log WHERE time >= ?",
-                        (chain.format_time(before),),
-                    )[0][0]
-                    boundary = head.size if newer is None else int(newer)
-                    found = self._rows(
-                        conn, "SELECT MAX(size) FROM audit_checkpoint WHERE size <= ?", (boundary,)
-                    )[0][0]
-                    if first is None or found is None or int(found) <= int(first):
-                        return PruneResult(0, 0 if first is None else int(first))
-                    anchor = int(found)
-                    self._exec(conn, "DELETE FROM audit_log WHERE seq < ?", (anchor,))
-                    return PruneResult(anchor - int(first), anchor)
-        except self.db_errors as exc:
-            self._discard()
-            raise AuditUnavailable("audit store could not prune") from exc
+
+        def step(tx: Tx) -> PruneResult:
+            head = self._head(tx)
+            first = tx.rows("SELECT MIN(seq) FROM audit_log")[0][0]
+            newer = tx.rows(
+                "SELECT MIN(seq) FROM audit_log WHERE time >= ?", (chain.format_time(before),)
+            )[0][0]
+            boundary = head.size if newer is None else int(newer)
+            found = tx.rows("SELECT MAX(size) FROM audit_checkpoint WHERE size <= ?", (boundary,))[
+                0
+            ][0]
+            if first is None or found is None or int(found) <= int(first):
+                return PruneResult(0, 0 if first is None else int(first))
+            anchor = int(found)
+            tx.execute("DELETE FROM audit_log WHERE seq < ?", (anchor,))
+            return PruneResult(anchor - int(first), anchor)
+
+        return self.database.write(step)

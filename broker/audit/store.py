@@ -1,28 +1,30 @@
 """The audit store interface the rest of the broker writes through.
 
-Implementations live beside this file (sqlite, postgresql). `open_store(url)` picks one.
+The implementation is `SqlLedger` (ledger.py) over the broker's store; `open_store(url)` opens it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Protocol
 
 from broker.audit.events import AuditEvent
-
-
-class AuditUnavailable(Exception):
-    """The store could not make a record durable; the caller must fail closed (503)."""
+from broker.storage import Tx
 
 
 class AuditStore(Protocol):
     def append(self, event: AuditEvent) -> int:
-        """Make `event` durable and return its sequence number; raise AuditUnavailable."""
+        """Make `event` durable and return its sequence number; raise StoreUnavailable."""
+        ...
+
+    def appender(self, event: AuditEvent) -> Callable[[Tx], int]:
+        """`append` as a step of a write transaction in the broker's store (broker/storage.py):
+        the record commits, or not, with the rest of that transaction."""
         ...
 
     def check_writable(self) -> None:
-        """Raise AuditUnavailable if an append would fail now (readiness)."""
+        """Raise StoreUnavailable if an append would fail now (readiness)."""
         ...
 
     def close(self) -> None: ...

@@ -52,7 +52,8 @@ import hvac.exceptions
 import requests
 
 from broker.config import GrantConfig, UpstreamVault
-from broker.mint import UpstreamError
+from broker.mint import UpstreamError, vault_http
+from broker.mint.vault_http import VaultHTTP
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +418,13 @@ class VaultMinter:
             upstream, clock=clock, session=self._session, http_timeout=http_timeout
         )
         self._timeout = http_timeout
+        # The per-exchange call (token creation) goes through a lighter client; see vault_http.
+        self._http = VaultHTTP(
+            upstream.url,
+            timeout=http_timeout,
+            ca_cert=upstream.ca_cert,
+            namespace=upstream.namespace,
+        )
 
     @property
     def identity(self) -> VaultIdentity:
@@ -453,29 +461,40 @@ class VaultMinter:
         if plan.explicit_max_ttl:
             body["explicit_max_ttl"] = f"{plan.explicit_max_ttl}s"
 
-        def create(client: hvac.Client) -> Any:
-            return client.adapter.post(f"/v1/auth/token/create/{role}", json=body)
-
-        auth = self._call(create)["auth"]
-        token = VaultToken(
+        path = f"/v1/auth/token/create/{role}"
+        token = self._identity.token()
+        try:
+            answer = self._http.post(path, token, body)
+        except vault_http.Forbidden:
+            # The broker's token was revoked or expired early: log in again once and retry.
+            token = self._identity.relogin(stale_token=token)
+            try:
+                answer = self._http.post(path, token, body)
+            except vault_http.Forbidden:
+                raise vault_http.classify(403) from None
+        try:
+            auth = answer["auth"]
+        except (KeyError, TypeError) as exc:
+            raise UpstreamError("upstream_unavailable", retryable=True) from exc
+        minted = VaultToken(
             token=auth["client_token"],
             accessor=auth["accessor"],
             policies=tuple(auth.get("token_policies") or auth.get("policies") or ()),
             renewable=bool(auth["renewable"]),
             lease_duration=int(auth["lease_duration"]),
         )
-        if set(token.policies) - {"default"} != set(plan.policies):
+        if set(minted.policies) - {"default"} != set(plan.policies):
             # The role's allowed_policies or a default policy changed what we asked for: never
             # hand out a token whose powers differ from the grant's.
-            self.revoke_accessor(token.accessor)
+            self.revoke_accessor(minted.accessor)
             raise UpstreamError(
                 "upstream_rejected",
                 retryable=False,
                 upstream="vault",
-                detail=f"token role {role!r} issued policies {sorted(token.policies)}, the grant "
+                detail=f"token role {role!r} issued policies {sorted(minted.policies)}, the grant "
                 f"asked for {sorted(plan.policies)}: check the role's allowed_policies",
             )
-        return token
+        return minted
 
     def read_secret(self, path: str, *, ttl: int, metadata: Mapping[str, str]) -> VaultSecret:
         """Read a dynamic secret with a fresh holder token; return it with a renew-only token.

@@ -1,0 +1,120 @@
+"""The replay ledger: each (issuer, token id) is consumed once, by one broker or by many.
+
+A CI job's token is exchanged once; a second presentation is a replay. The primary key of
+`replay_tokens` decides, so the answer is the same for many threads in one broker and for
+several brokers sharing one PostgreSQL. Rows live until the token could verify no more (its exp
+plus the verification leeway); after that a replay fails verification anyway, so forgetting the
+row cannot let one through. Token ids are stored hashed, so an oversized jti cannot bloat the
+index. No function here reads the clock; every time is a `now` parameter (aware UTC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import datetime, timedelta
+
+from broker.storage import Database, Migration, Tx, utc
+
+# How often consume() also deletes rows past their expiry, measured on the callers' `now`.
+_PURGE_EVERY = timedelta(seconds=60)
+
+MIGRATIONS = (
+    Migration(
+        1,
+        "replay tokens",
+        (
+            """CREATE TABLE IF NOT EXISTS replay_tokens (
+            issuer TEXT NOT NULL,
+            token_hash TEXT NOT NULL,
+            expires_at {time} NOT NULL,
+            PRIMARY KEY (issuer, token_hash))""",
+            "CREATE INDEX IF NOT EXISTS replay_tokens_expires ON replay_tokens (expires_at)",
+        ),
+    ),
+)
+
+_INSERT = (
+    "INSERT INTO replay_tokens (issuer, token_hash, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (issuer, token_hash) DO NOTHING"
+)
+_DELETE_EXPIRED = "DELETE FROM replay_tokens WHERE expires_at <= ?"
+
+
+def _key(token_id: str) -> str:
+    return hashlib.sha256(token_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class ReplayLedger:
+    """Consume-once ledger of (issuer, token id)."""
+
+    def __init__(self, db: Database) -> None:
+        self.database = db
+        self._lock = threading.Lock()
+        self._last_purge: datetime | None = None
+
+    def consume(self, issuer: str, token_id: str, *, expires_at: datetime, now: datetime) -> bool:
+        """True the first time (issuer, token_id) is seen, False on every later call anywhere.
+
+        `expires_at` is the token's exp plus the verification leeway: until then a replay would
+        still verify, so the row must be kept at least that long. `token_id` is the jti, or the
+        token's sha256 for issuers that send none. Raises StoreUnavailable.
+        """
+        consume = self.consumer(issuer, token_id, expires_at=expires_at, now=now)
+        return self.database.write(consume)
+
+    def consumer(
+        self, issuer: str, token_id: str, *, expires_at: datetime, now: datetime
+    ) -> _Consume:
+        """`consume` as a step of a larger write transaction: call it with the transaction."""
+        now, expires_at = utc(now), utc(expires_at)
+        return _Consume(issuer, _key(token_id), expires_at, now, self._purge_due(now))
+
+    def release(self, issuer: str, token_id: str) -> None:
+        """Forget a consumption whose exchange issued nothing (upstream or audit failed first).
+
+        Safe against replay: only a token that produced no credential is released, so the token
+        still yields at most one issuance; the CI job can retry with the token it cannot renew.
+        """
+        key = _key(token_id)
+
+        def work(tx: Tx) -> None:
+            tx.execute(
+                "DELETE FROM replay_tokens WHERE issuer = ? AND token_hash = ?", (issuer, key)
+            )
+
+        self.database.write(work)
+
+    def purge(self, *, now: datetime) -> int:
+        """Delete every row whose expiry has passed; return how many went."""
+
+        def work(tx: Tx) -> int:
+            return max(tx.execute(_DELETE_EXPIRED, (tx.to_db(utc(now)),)).rowcount, 0)
+
+        return self.database.write(work)
+
+    def _purge_due(self, now: datetime) -> bool:
+        with self._lock:
+            if self._last_purge is not None and now - self._last_purge < _PURGE_EVERY:
+                return False
+            self._last_purge = now
+            return True
+
+    def close(self) -> None:
+        self.database.close()
+
+
+class _Consume:
+    """One consumption, ready to run inside a write transaction; returns True on first use."""
+
+    def __init__(
+        self, issuer: str, key: str, expires_at: datetime, now: datetime, purge: bool
+    ) -> None:
+        self._issuer, self._key = issuer, key
+        self._expires_at, self._now, self._purge = expires_at, now, purge
+
+    def __call__(self, tx: Tx) -> bool:
+        if self._purge:
+            tx.execute(_DELETE_EXPIRED, (tx.to_db(self._now),))
+        tx.execute(_INSERT, (self._issuer, self._key, tx.to_db(self._expires_at)))
+        return tx.rowcount == 1

@@ -1,0 +1,596 @@
+"""The broker's one durable store: SQLite or PostgreSQL behind one small interface.
+
+Everything the broker must not forget lives in one database (the `[broker] audit_store` URL):
+the audit ledger (`audit_*` tables, broker/audit/ledger.py), the replay ledger (`replay_*`,
+broker/replay.py) and refresh sessions (`session_*`, broker/sessions.py). This module owns what
+they share: URL parsing, connections and their settings, transactions, migrations, and the one
+error every failure becomes, `StoreUnavailable` (the broker then answers 503 and issues nothing).
+
+Writes are group-committed. `Database.write(work)` hands `work` to the process's single writer
+thread, which runs every write queued meanwhile in one transaction, each inside its own
+savepoint, and commits once: one fsync (SQLite) or one commit round trip (PostgreSQL) for the
+whole batch. A caller returns only after the commit that holds its own writes, so "returned"
+still means "durable". A batch holds the database write lock once: on SQLite `BEGIN IMMEDIATE`,
+on PostgreSQL the audit head row, locked by the batch's first append and kept until its commit,
+so the audit stays one hash chain in one order across every process and replica.
+
+Deadlines: a write waits at most `busy_timeout` seconds to start (queued behind this process's
+batches, then for another process's lock), then fails closed. A write that has started is never
+abandoned by its caller: once its batch holds the lock the outcome is known within one commit,
+and a caller told "unavailable" must be able to trust that nothing of its write is kept.
+
+Reads use a small pool of connections and plain read transactions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+
+T = TypeVar("T")
+
+# The write deadline: how long a write may wait for the lock before the request gets 503. Writes
+# take milliseconds, so only a hung or externally locked store ever reaches it.
+BUSY_TIMEOUT = 3.0
+# PostgreSQL: connection attempts give up after this (seconds, libpq connect_timeout).
+PG_CONNECT_TIMEOUT = 5
+# PostgreSQL: bounds any one statement, maintenance (prune) included.
+PG_STATEMENT_TIMEOUT_MS = 10_000
+# PostgreSQL: waiting for a row lock (the audit head) gives up after this, like BUSY_TIMEOUT.
+PG_LOCK_TIMEOUT_MS = int(BUSY_TIMEOUT * 1000)
+# Key of the transaction-level advisory lock that serialises schema migrations across brokers
+# starting at once: the ASCII bytes "lcau".
+MIGRATION_LOCK = 0x6C636175
+# Idle read connections kept; more concurrent readers open (and then close) extra ones.
+_POOL_IDLE = 8
+# Writes per batch: bounds one transaction's size and the time its lock is held.
+_MAX_BATCH = 128
+
+
+class StoreUnavailable(Exception):
+    """The store cannot answer or cannot make a write durable now; the caller fails closed."""
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed store URL: `sqlite` with an absolute file path, or a `postgresql` conninfo URL."""
+
+    dialect: str
+    target: str = field(repr=False)  # may carry a password: never shown
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        """`sqlite:///abs/path.db` or `postgresql://...` (`postgres`, `+driver` suffixes allowed).
+
+        The URL is never echoed in errors: a PostgreSQL URL may carry a password.
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.split("+", 1)[0]
+        if scheme == "sqlite":
+            path = unquote(parts.path)
+            if parts.netloc or not path.startswith("/"):
+                raise ValueError("an SQLite store URL is sqlite:///absolute/path.db")
+            return cls("sqlite", path)
+        if scheme in ("postgresql", "postgres"):
+            return cls("postgresql", parts._replace(scheme="postgresql").geturl())
+        raise ValueError("the store URL must be sqlite:///absolute/path.db or postgresql://...")
+
+
+class Tx:
+    """One transaction in progress, cursor-like. SQL is written with `?` placeholders."""
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self._conn = conn
+        self.dialect = dialect
+        self._cur: Any = None
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Tx:
+        self._cur = self._conn.execute(self.dialect.sql(sql), tuple(params))
+        return self
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self.execute(sql, params).fetchall()
+
+    def to_db(self, value: datetime | None) -> Any:
+        return self.dialect.to_db(value)
+
+    def from_db(self, value: Any) -> datetime | None:
+        return self.dialect.from_db(value)
+
+
+class Dialect:
+    """What differs between SQLite and PostgreSQL; everything else is portable SQL."""
+
+    name = ""
+    errors: tuple[type[BaseException], ...] = ()
+    # Appended to a SELECT that must lock the rows it reads until commit.
+    for_update = ""
+    # Column type of an aware instant, `{time}` in migration SQL.
+    time_type = ""
+
+    def __init__(self, target: str, busy_timeout: float) -> None:
+        self._target = target
+        self.busy_timeout = busy_timeout
+        self._sql_cache: dict[str, str] = {}
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def begin_write(self, conn: Any, timeout: float) -> None:
+        raise NotImplementedError
+
+    def begin_migration(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        raise NotImplementedError
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        return False
+
+    def to_db(self, value: datetime | None) -> Any:
+        raise NotImplementedError
+
+    def from_db(self, value: Any) -> datetime | None:
+        raise NotImplementedError
+
+
+class SqliteDialect(Dialect):
+    """One database file through sqlite3; WAL journal, `synchronous=FULL` (commit = fsync)."""
+
+    name = "sqlite"
+    errors = (sqlite3.Error, OSError)
+    time_type = "TEXT"  # fixed-width UTC text; see to_db
+
+    def connect(self) -> sqlite3.Connection:
+        Path(self._target).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so the lock mode is explicit.
+        # check_same_thread=False: a connection is used by one thread at a time, but may be
+        # closed from another.
+        conn = sqlite3.connect(
+            self._target,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            self._enable_wal(conn)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # WAL lets readers proceed while one writer holds the lock. Switching a fresh file needs
+        # an exclusive lock, and SQLite answers SQLITE_BUSY at once, without its busy handler,
+        # when another process is doing the same: retry until the busy timeout. WAL persists in
+        # the file, so later connections only read the mode.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                    return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError("could not switch the database to WAL")
+            time.sleep(0.02)
+
+    def begin_write(self, conn: Any, timeout: float) -> None:
+        # BEGIN IMMEDIATE takes the database write lock up front, so read-check-write sequences
+        # (the audit head, a handle rotation) are serialised across processes without
+        # deadlock-retry loops; the busy handler waits for another process at most `timeout`.
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
+        conn.execute("BEGIN IMMEDIATE")
+
+    def begin_migration(self, conn: Any) -> None:
+        self.begin_write(conn, self.busy_timeout)
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        return bool(
+            tx.rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        )
+
+    def to_db(self, value: datetime | None) -> Any:
+        # Fixed-width UTC text: string order is time order, so comparisons in SQL are correct.
+        return None if value is None else utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def from_db(self, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+class PostgresDialect(Dialect):
+    """One PostgreSQL database through psycopg 3; `synchronous_commit=on` (commit = on disk)."""
+
+    name = "postgresql"
+    errors = (psycopg.Error, OSError)
+    for_update = " FOR UPDATE"
+    time_type = "TIMESTAMPTZ"
+
+    def sql(self, text: str) -> str:
+        cached = self._sql_cache.get(text)
+        if cached is None:
+            cached = self._sql_cache[text] = text.replace("?", "%s")
+        return cached
+
+    def connect(self) -> psycopg.Connection[Any]:
+        # autocommit: transactions are opened with BEGIN explicitly, as on SQLite.
+        conn = psycopg.connect(self._target, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT)
+        try:
+            conn.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
+            conn.execute(f"SET lock_timeout = {PG_LOCK_TIMEOUT_MS}")
+            conn.execute("SET synchronous_commit = on")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def begin_write(self, conn: Any, timeout: float) -> None:
+        # READ COMMITTED; writers that must see the latest state lock the row they read
+        # (SELECT ... FOR UPDATE), which lock_timeout bounds.
+        conn.execute("BEGIN")
+
+    def begin_migration(self, conn: Any) -> None:
+        conn.execute("BEGIN")
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        return tx.rows("SELECT to_regclass(?)", (name,))[0][0] is not None
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        # psycopg raises these when the server went away or the connection is closed.
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+    def to_db(self, value: datetime | None) -> Any:
+        return None if value is None else utc(value)
+
+    def from_db(self, value: Any) -> datetime | None:
+        return None if value is None else utc(value)
+
+
+def utc(value: datetime) -> datetime:
+    """`value` in UTC; naive times are refused (every stored time is an aware instant)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("stored times must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+# A migration step: a SQL statement, or a function run in the migration's transaction.
+Step = str | Callable[[Tx], None]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    steps: tuple[Step, ...]
+
+
+@dataclass
+class _Write(Generic[T]):
+    """One caller's write, waiting in the writer's queue."""
+
+    work: Callable[[Tx], T]
+    deadline: float
+    done: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    cancelled: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Database:
+    """Connections to one store, its single group-committing writer, and its read pool."""
+
+    def __init__(self, url: StoreURL, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        dialect_class = SqliteDialect if url.dialect == "sqlite" else PostgresDialect
+        self.dialect: Dialect = dialect_class(url.target, busy_timeout)
+        self.busy_timeout = busy_timeout
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue(maxsize=_POOL_IDLE)
+        self._pending: list[_Write[Any]] = []
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._writer_conn: Any = None
+        self._closed = False
+        self.commits = 0  # write transactions committed (one per batch): for tests and stats
+
+    @classmethod
+    def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> Database:
+        """Parse `url` (ValueError if unsupported); StoreUnavailable if the store is silent."""
+        db = cls(StoreURL.parse(url), busy_timeout=busy_timeout)
+        try:
+            conn = db.dialect.connect()
+        except db.dialect.errors as exc:
+            raise StoreUnavailable("the store is unreachable") from exc
+        db._checkin(conn)
+        return db
+
+    def __repr__(self) -> str:
+        return f"Database({self.dialect.name})"  # never the URL: it may carry a password
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def write(self, work: Callable[[Tx], T]) -> T:
+        """Run `work` in a write transaction shared with concurrent writes; return once durable.
+
+        `work` runs on the writer thread inside its own savepoint: if it raises, only its own
+        statements are undone and the exception is raised here. Driver errors and missed
+        deadlines raise StoreUnavailable, and then nothing `work` wrote is kept.
+        """
+        item: _Write[T] = _Write(work, time.monotonic() + self.busy_timeout)
+        with self._wake:
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
+            self._pending.append(item)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="store-writer", daemon=True
+                )
+                self._writer.start()
+            self._wake.notify()
+        if not item.done.wait(self.busy_timeout):
+            with self._wake:
+                if not item.started:
+                    item.cancelled = True
+                    raise StoreUnavailable("the store did not take the write within its deadline")
+            # Started: the outcome is decided by one commit; wait for it.
+            item.done.wait()
+        if item.error is not None:
+            raise item.error
+        result: T = item.result
+        return result
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self._pending:
+                    return
+                batch = [w for w in self._pending[:_MAX_BATCH] if not w.cancelled]
+                del self._pending[:_MAX_BATCH]
+                for item in batch:
+                    item.started = True
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Write[Any]]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.deadline <= now:
+                self._finish(item, error=StoreUnavailable("the write waited past its deadline"))
+            else:
+                live.append(item)
+        if not live:
+            return
+        timeout = min(item.deadline for item in live) - now
+        try:
+            outcomes = self._transact(live, timeout)
+        except Exception as exc:  # the driver's, or anything else: no write of this batch is kept
+            self._drop_writer_conn()
+            for item in live:
+                failure = StoreUnavailable("the store could not make the write durable")
+                failure.__cause__ = exc
+                self._finish(item, error=failure)
+            return
+        for item, (result, error) in zip(live, outcomes, strict=True):
+            self._finish(item, result=result, error=error)
+
+    def _transact(
+        self, batch: list[_Write[Any]], timeout: float
+    ) -> list[tuple[Any, BaseException | None]]:
+        dialect = self.dialect
+        for attempt in (1, 2):
+            fresh = self._writer_conn is None
+            if fresh:
+                self._writer_conn = dialect.connect()
+            conn = self._writer_conn
+            try:
+                dialect.begin_write(conn, timeout)
+            except dialect.errors as exc:
+                if attempt == 1 and not fresh and dialect.is_connection_error(exc):
+                    # The server dropped this connection (a restart, an idle cut); nothing was
+                    # written, so retry once on a new one.
+                    self._drop_writer_conn()
+                    continue
+                raise
+            break
+        tx = Tx(conn, dialect)
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            single = len(batch) == 1
+            for item in batch:
+                if not single:
+                    conn.execute("SAVEPOINT w")
+                try:
+                    result = item.work(tx)
+                except dialect.errors:
+                    raise  # the store failed, not this write: the whole batch fails
+                except Exception as exc:
+                    # This write refused itself (a check failed, an event could not be
+                    # encoded): undo its statements only and hand it its exception.
+                    if single:
+                        conn.execute("ROLLBACK")
+                        return [(None, exc)]
+                    conn.execute("ROLLBACK TO SAVEPOINT w")
+                    conn.execute("RELEASE SAVEPOINT w")
+                    outcomes.append((None, exc))
+                    continue
+                if not single:
+                    conn.execute("RELEASE SAVEPOINT w")
+                outcomes.append((result, None))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(*dialect.errors):
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return outcomes
+
+    def _finish(
+        self, item: _Write[Any], result: Any = None, error: BaseException | None = None
+    ) -> None:
+        item.result, item.error = result, error
+        item.done.set()
+
+    def _drop_writer_conn(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            _discard(conn)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def read(self, work: Callable[[Tx], T]) -> T:
+        """Run `work` in a read transaction on a pooled connection; map failures."""
+        dialect = self.dialect
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        for attempt in (1, 2):
+            try:
+                conn, pooled = self._checkout(fresh=attempt > 1)
+            except dialect.errors as exc:
+                raise StoreUnavailable("the store is unreachable") from exc
+            try:
+                conn.execute("BEGIN")
+                try:
+                    result = work(Tx(conn, dialect))
+                finally:
+                    conn.execute("COMMIT" if dialect.name == "postgresql" else "ROLLBACK")
+            except dialect.errors as exc:
+                _discard(conn)
+                if pooled and attempt == 1 and dialect.is_connection_error(exc):
+                    self._drain()
+                    continue
+                raise StoreUnavailable("the store could not be read") from exc
+            except BaseException:
+                _discard(conn)
+                raise
+            self._checkin(conn)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _checkout(self, fresh: bool) -> tuple[Any, bool]:
+        if not fresh:
+            try:
+                return self._idle.get_nowait(), True
+            except queue.Empty:
+                pass
+        return self.dialect.connect(), False
+
+    def _checkin(self, conn: Any) -> None:
+        if self._closed:
+            _discard(conn)
+            return
+        try:
+            self._idle.put_nowait(conn)
+        except queue.Full:
+            _discard(conn)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                _discard(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+    # -- schema --------------------------------------------------------------------------------
+
+    def migrate(self, table: str, migrations: Sequence[Migration], clock: Callable[[], str]) -> int:
+        """Apply the `migrations` not yet recorded in `table`; return the schema version.
+
+        Safe when several brokers start at once (SQLite: the write lock; PostgreSQL: an
+        advisory lock). A database whose version is newer than the code's is refused.
+        """
+        dialect = self.dialect
+        latest = migrations[-1].version
+        try:
+            conn = dialect.connect()
+        except dialect.errors as exc:
+            raise StoreUnavailable("the store is unreachable") from exc
+        try:
+            dialect.begin_migration(conn)
+            try:
+                tx = Tx(conn, dialect)
+                if not dialect.table_exists(tx, table):
+                    tx.execute(
+                        f"CREATE TABLE {table} (version INTEGER PRIMARY KEY,"
+                        " name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                    )
+                current = int(tx.rows(f"SELECT MAX(version) FROM {table}")[0][0] or 0)  # noqa: S608
+                if current > latest:
+                    raise StoreUnavailable(
+                        f"{table}: schema version {current} is newer than this broker's {latest}"
+                    )
+                for migration in migrations:
+                    if migration.version <= current:
+                        continue
+                    for step in migration.steps:
+                        if isinstance(step, str):
+                            tx.execute(step.replace("{time}", dialect.time_type))
+                        else:
+                            step(tx)
+                    tx.execute(
+                        f"INSERT INTO {table} (version, name, applied_at) VALUES (?, ?, ?)",  # noqa: S608
+                        (migration.version, migration.name, clock()),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(*dialect.errors):
+                    conn.execute("ROLLBACK")
+                raise
+        except dialect.errors as exc:
+            raise StoreUnavailable(f"{table}: schema migration failed") from exc
+        finally:
+            _discard(conn)
+        return max(current, latest)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish queued writes, stop the writer, close every connection; later calls fail."""
+        with self._wake:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout=self.busy_timeout + 1)
+        self._drop_writer_conn()
+        self._drain()
+
+
+def _discard(conn: Any) -> None:
+    # Closing a connection that may already be broken is best effort.
+    with contextlib.suppress(Exception):
+        conn.close()

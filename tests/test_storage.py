@@ -1,0 +1,166 @@
+"""Tests for broker.storage: URL rules, group commit, per-write rollback, deadlines, failures.
+
+SQLite runs in the test's tmp_path; PostgreSQL is the real server at $LUIGI_CREDS_TEST_PG, in a
+uniquely named database dropped afterwards. Threads are synchronised with events, never sleeps.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+from stack import fresh_pg_database
+
+from broker.storage import Database, StoreUnavailable, StoreURL, Tx
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """An open store with one table `t (k TEXT PRIMARY KEY)`."""
+    pg = fresh_pg_database("storage") if request.param == "postgresql" else nullcontext("")
+    with pg as pg_url:
+        url = pg_url or f"sqlite:///{tmp_path}/store.db"
+        database = Database.open(url)
+        database.write(lambda tx: tx.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+        try:
+            yield database
+        finally:
+            database.close()
+
+
+def keys(db: Database) -> list[str]:
+    return [row[0] for row in db.read(lambda tx: tx.rows("SELECT k FROM t ORDER BY k"))]
+
+
+def insert(key: str) -> Callable[[Tx], int]:
+    def step(tx: Tx) -> int:
+        return tx.execute("INSERT INTO t (k) VALUES (?)", (key,)).rowcount
+
+    return step
+
+
+def test_urls_are_parsed_by_one_rule() -> None:
+    """SQLite needs an absolute path; postgres/postgresql (with +driver) are one dialect."""
+    assert StoreURL.parse("sqlite:///var/lib/a.db") == StoreURL("sqlite", "/var/lib/a.db")
+    assert StoreURL.parse("postgres://u@h/db").dialect == "postgresql"
+    assert StoreURL.parse("postgresql+psycopg://u@h/db").target == "postgresql://u@h/db"
+    for bad in ("sqlite://relative.db", "sqlite:relative.db", "mysql://root:pw@h/db"):
+        with pytest.raises(ValueError) as info:
+            StoreURL.parse(bad)
+        assert "pw" not in str(info.value)
+    assert "secret" not in repr(StoreURL.parse("postgresql://u:secret@h/db"))
+
+
+def test_concurrent_writes_share_one_commit(db: Database) -> None:
+    """Writes queued while a batch runs commit together, in one transaction, and all return."""
+    running, release = threading.Event(), threading.Event()
+
+    def blocking(tx: Tx) -> None:
+        running.set()
+        release.wait(10)
+        tx.execute("INSERT INTO t (k) VALUES ('first')")
+
+    first = threading.Thread(target=db.write, args=(blocking,))
+    first.start()
+    assert running.wait(10)
+    before = db.commits
+    results: list[object] = []
+    writers = [
+        threading.Thread(target=lambda i=i: results.append(db.write(insert(f"k{i:02}"))))
+        for i in range(10)
+    ]
+    for w in writers:
+        w.start()
+    while len(db._pending) < 10:  # all ten queued behind the running batch
+        threading.Event().wait(0.001)
+    release.set()
+    first.join()
+    for w in writers:
+        w.join()
+    assert results == [1] * 10
+    assert db.commits == before + 2  # the blocking write's batch, then one for all ten
+    assert keys(db) == ["first"] + [f"k{i:02}" for i in range(10)]
+
+
+def test_a_failing_write_rolls_back_alone(db: Database) -> None:
+    """A write that raises undoes only its own statements; its batch-mates commit."""
+    running, release = threading.Event(), threading.Event()
+
+    def blocking(tx: Tx) -> None:
+        running.set()
+        release.wait(10)
+
+    def half_then_fail(tx: Tx) -> None:
+        tx.execute("INSERT INTO t (k) VALUES ('half')")
+        raise RuntimeError("refused")
+
+    errors: list[BaseException] = []
+
+    def run_failing() -> None:
+        try:
+            db.write(half_then_fail)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    holder = threading.Thread(target=db.write, args=(blocking,))
+    holder.start()
+    assert running.wait(10)
+    threads = [
+        threading.Thread(target=db.write, args=(insert("a"),)),
+        threading.Thread(target=run_failing),
+        threading.Thread(target=db.write, args=(insert("b"),)),
+    ]
+    for t in threads:
+        t.start()
+    while len(db._pending) < 3:
+        threading.Event().wait(0.001)
+    release.set()
+    for t in [holder, *threads]:
+        t.join()
+    assert [str(e) for e in errors] == ["refused"]
+    assert keys(db) == ["a", "b"]
+
+
+def test_driver_error_fails_the_write_as_store_unavailable(db: Database) -> None:
+    """A statement the database refuses becomes StoreUnavailable and nothing is kept."""
+
+    def duplicate(tx: Tx) -> None:
+        tx.execute("INSERT INTO t (k) VALUES ('x')")
+        tx.execute("INSERT INTO t (k) VALUES ('x')")
+
+    with pytest.raises(StoreUnavailable):
+        db.write(duplicate)
+    assert keys(db) == []
+    db.write(insert("after"))  # the writer recovered
+    assert keys(db) == ["after"]
+
+
+def test_sqlite_write_locked_elsewhere_fails_within_the_deadline(tmp_path: Path) -> None:
+    """Another process holding the write lock: the write fails after busy_timeout, not later."""
+    path = tmp_path / "locked.db"
+    db = Database.open(f"sqlite:///{path}", busy_timeout=0.3)
+    db.write(lambda tx: tx.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable):
+            db.write(insert("during"))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    db.write(insert("after"))
+    assert keys(db) == ["after"]
+    db.close()
+
+
+def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
+    db = Database.open(f"sqlite:///{tmp_path}/c.db")
+    db.close()
+    with pytest.raises(StoreUnavailable):
+        db.write(lambda tx: None)
+    with pytest.raises(StoreUnavailable):
+        db.read(lambda tx: None)
