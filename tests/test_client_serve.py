@@ -85,7 +85,7 @@ def test_botocore_container_provider_reads_the_agent(agent, monkeypatch, tmp_pat
 def test_agent_client_round_trips_credentials(agent) -> None:  # type: ignore[no-untyped-def]
     """AgentClient.mint returns the typed credential the agent minted, with the task passed on."""
     _, endpoint, minter = agent
-    client = AgentClient(endpoint, http=httpx.Client())
+    client = AgentClient(endpoint)
     aws = client.mint("etl-writer", "T1")
     secret = client.mint("db", "T2")
     assert isinstance(aws, AwsCredentials) and aws.session_token == "st1"
@@ -96,7 +96,7 @@ def test_agent_client_round_trips_credentials(agent) -> None:  # type: ignore[no
 def test_agent_passes_broker_errors_through(agent) -> None:  # type: ignore[no-untyped-def]
     """A broker refusal reaches the worker with its code, status, request id and message."""
     _, endpoint, _ = agent
-    client = AgentClient(endpoint, http=httpx.Client())
+    client = AgentClient(endpoint)
     with pytest.raises(BrokerError, match="invalid_target") as info:
         client.mint("denied", "T1")
     assert (info.value.error, info.value.status, info.value.request_id) == (
@@ -112,7 +112,7 @@ def test_agent_gone_is_a_clear_error() -> None:
     endpoint = server.start()
     server.stop()
     with pytest.raises(BrokerError, match="credential agent") as info:
-        AgentClient(endpoint, http=httpx.Client()).mint("g")
+        AgentClient(endpoint).mint("g")
     assert info.value.error == "unreachable"
 
 
@@ -131,7 +131,7 @@ def test_agent_relays_lease_revocation() -> None:
     endpoint = server.start()
     try:
         with httpx.Client() as http:
-            client = AgentClient(endpoint, http=http)
+            client = AgentClient(endpoint)
             client.revoke_lease("database/creds/x/1")
             assert revoked == ["database/creds/x/1"]
             with pytest.raises(BrokerError) as info:
@@ -155,6 +155,6 @@ def test_agent_relays_lease_revocation() -> None:
 def test_agent_without_a_lease_revoker_refuses(agent) -> None:  # type: ignore[no-untyped-def]
     """An agent built without a revoke callable answers a lease revocation with an error."""
     _, endpoint, _ = agent
-    with httpx.Client() as http, pytest.raises(BrokerError) as info:
-        AgentClient(endpoint, http=http).revoke_lease("database/creds/x/1")
+    with pytest.raises(BrokerError) as info:
+        AgentClient(endpoint).revoke_lease("database/creds/x/1")
     assert info.value.error == "unsupported_token_type"
