@@ -58,7 +58,7 @@ def _settings(args: argparse.Namespace) -> Any:
         warnings.simplefilter("ignore", DeprecationWarning)
         import luigi.configuration
 
-        from luigi_creds.settings import from_luigi_config
+        from luigi_creds.luigi_config import from_luigi_config
     if args.config:
         luigi.configuration.add_config_path(args.config)  # type: ignore[no-untyped-call]
     return from_luigi_config()

@@ -3,9 +3,8 @@
 Owns what a user can configure and how a bad value is reported: every problem of every
 `[luigi_creds]` / `[luigi_creds:<TaskFamily>]` section in one `ConfigError`, each naming the key
 and the value. `ClientSettings.from_mapping` is pure (a mapping in, settings or an error out);
-`from_luigi_config` reads the section through `LuigiCredsConfig`, a `luigi.Config`, so Luigi's
-command-line overrides (`--luigi_creds-broker-url ...`) and `--help-all` work as for any Luigi
-section. Nothing here is secret.
+`luigi_config.py` reads the sections through Luigi. Standard library only. Nothing here is
+secret.
 
 Per-task-family grants: `[luigi_creds] aws_grant` / `vault_grant` are what every task's process
 gets under `TaskCredentials`; a section `[luigi_creds:<TaskFamily>]` with either key overrides it
@@ -18,7 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from luigi_creds.errors import LuigiCredsError
 
@@ -29,7 +28,6 @@ __all__ = [
     "ClientSettings",
     "ConfigError",
     "FamilyGrants",
-    "from_luigi_config",
 ]
 
 SECTION = "luigi_creds"
@@ -194,6 +192,8 @@ class ClientSettings:
 
     @classmethod
     def from_luigi_config(cls) -> ClientSettings:
+        from luigi_creds.luigi_config import from_luigi_config
+
         return from_luigi_config()
 
 
@@ -229,75 +229,3 @@ def _grant_problems(raw: Mapping[str, str], section: str) -> list[str]:
         if value and not _has_junk(value) and not GRANT_NAME.match(value):
             problems.append(f"{key} = {value!r} is not a grant name")
     return problems
-
-
-_config_class: Any = None
-
-
-def luigi_config_class() -> Any:
-    """The `luigi.Config` for `[luigi_creds]`, defined at first use (importing this module must
-    not import Luigi: `credential-process` under an agent needs neither)."""
-    global _config_class
-    if _config_class is not None:
-        return _config_class
-    import luigi
-
-    help_text = {
-        "broker_url": "The broker's URL (https unless on loopback).",
-        "token_source": "Where the job's identity comes from: env:VAR, file:PATH, gitlab, "
-        "github, bitbucket or okta.",
-        "ca_bundle": "A PEM file of CA certificates for the broker's TLS.",
-        "audience": "What the github source requests (default: broker_url).",
-        "gitlab_variable": f"The GitLab id_token variable (default {DEFAULT_GITLAB_VARIABLE}).",
-        "vault_addr": "Vault's address, set as VAULT_ADDR in tasks.",
-        "timeout": "Seconds per broker request (default 10).",
-        "okta_token_endpoint": "Okta authorization server token endpoint.",
-        "okta_client_id": "Okta service app client id.",
-        "okta_private_key_file": "The service app's private key (PEM) for private_key_jwt.",
-        "okta_scopes": "Space-separated scopes to request from Okta.",
-        "okta_key_id": "The kid of the service app's key in Okta.",
-        "aws_grant": "The grant whose AWS credentials every task's process gets "
-        "(TaskCredentials); [luigi_creds:<TaskFamily>] overrides it per family.",
-        "vault_grant": "The grant whose Vault token every task's process gets as VAULT_TOKEN "
-        "(TaskCredentials); [luigi_creds:<TaskFamily>] overrides it per family.",
-    }
-    params = {
-        key: luigi.Parameter(default="", description=help_text[key]) for key in ClientSettings.KEYS
-    }
-
-    def get_task_family(cls: Any) -> str:
-        return SECTION
-
-    attrs: dict[str, Any] = {
-        "__doc__": "luigi-creds: short-lived AWS and Vault credentials from the broker.",
-        "__module__": __name__,
-        "get_task_family": classmethod(get_task_family),
-        **params,
-    }
-    _config_class = type("LuigiCredsConfig", (luigi.Config,), attrs)
-    return _config_class
-
-
-def from_luigi_config() -> ClientSettings:
-    """`[luigi_creds]` as Luigi resolves it (config files, then command-line overrides), with
-    the `[luigi_creds:<TaskFamily>]` sections; every problem at once in a ConfigError."""
-    import luigi.configuration
-
-    config = luigi.configuration.get_config()  # type: ignore[no-untyped-call]
-    cls = luigi_config_class()
-    instance = cls()
-    values = {key: str(getattr(instance, key)) for key in ClientSettings.KEYS}
-    raw: dict[str, str] = {k: v for k, v in values.items() if v}
-    has_section = config.has_section(SECTION)
-    if has_section:
-        for key, _ in config.items(SECTION):
-            if key.replace("-", "_") not in ClientSettings.KEYS:
-                raw[key] = "?"
-    if not has_section and not raw:
-        raise ConfigError(f"luigi config has no [{SECTION}] section (nor --{SECTION}-* options)")
-    families = {
-        section[len(FAMILY_SECTION_PREFIX) :]: dict(config.items(section))
-        for section in config.sections()
-        if section.startswith(FAMILY_SECTION_PREFIX)
-    }
-    return ClientSettings.from_mapping(raw, families)

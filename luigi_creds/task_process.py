@@ -39,8 +39,8 @@ from typing import Any
 from luigi_creds.childenv import AWS_ENV_VARIABLES
 from luigi_creds.credentials import BrokerError, VaultToken, describe, iso
 from luigi_creds.errors import LuigiCredsError
+from luigi_creds.luigi_config import from_luigi_config
 from luigi_creds.serve import AGENT_TOKEN_VARIABLE, AGENT_URL_VARIABLE, AgentClient, container_env
-from luigi_creds.settings import from_luigi_config
 
 __all__ = ["TaskCredentials"]
 
