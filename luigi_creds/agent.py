@@ -110,6 +110,10 @@ class LazyBroker:
         if self._client is not None:
             self._client.revoke(retry=retry)
 
+    def report_refusal(self, grant: str, task: str | None) -> None:
+        if self._client is not None:
+            self._client.report_refusal(grant, task)
+
     def revoke_lease(self, lease_id: str) -> None:
         client = self._client
         if client is None:
@@ -133,7 +137,11 @@ def start_job_agent(broker: LazyBroker | BrokerClient) -> CredentialAgent:
             revoke(cred, addr, revoke_lease=broker.revoke_lease)
 
     return CredentialAgent(
-        broker.mint, clock=_utcnow, revoke_lease=broker.revoke_lease, release=release
+        broker.mint,
+        clock=_utcnow,
+        revoke_lease=broker.revoke_lease,
+        release=release,
+        report_refusal=broker.report_refusal,
     )
 
 

@@ -59,6 +59,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+# A requested_token_type no grant issues: how the job's agent has a refusal of its own recorded
+# by the broker (see BrokerClient.report_refusal).
+AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,35 @@ class BrokerClient:
                 return
             form = {"token": session.handle, "token_type_hint": "refresh_token"}
             self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
+
+    def report_refusal(self, grant: str, task: str | None) -> None:
+        """Put a refusal by the job's agent into the broker's audit ledger, on this session.
+
+        Sent as a refresh that the broker is bound to deny without minting or rotating the
+        handle: `requested_token_type` names a type no grant issues, which the broker checks
+        after the session and the policy and before anything upstream. The ledger then holds a
+        DENIED record with the session, the grant asked for and the task that asked. One
+        attempt, no retries; nothing to report without a session (nothing was minted yet).
+        """
+        with self._lock:
+            if self._session is None:
+                return
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": self._session.handle,
+                "audience": grant,
+                "requested_token_type": AGENT_REFUSED,
+            }
+            if task:
+                form["task"] = task
+            try:
+                body = self._post("/v1/token", form, grant=grant, expect_body=True, retry=False)
+            except BrokerError:
+                return  # the expected answer: refused, and recorded
+            handle = body.get("refresh_token")
+            if isinstance(handle, str) and handle:
+                # Should the broker ever have minted, its new handle is the one to keep.
+                self._session = _Session(handle=handle)
 
     def revoke_lease(self, lease_id: str) -> None:
         """Revoke one Vault lease this session minted, keeping the session (and its handle).

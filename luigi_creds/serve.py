@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, urlsplit
 
 from luigi_creds.credentials import (
@@ -178,6 +178,7 @@ class ScopeRefused(BrokerError):
 
 
 Release = Callable[[str, Sequence[Credential]], None]
+ReportRefusal = Callable[[str, str | None], None]
 
 
 class CredentialAgent:
@@ -197,8 +198,11 @@ class CredentialAgent:
         clock: Callable[[], datetime],
         revoke_lease: RevokeLease | None = None,
         release: Release | None = None,
+        report_refusal: ReportRefusal | None = None,
     ) -> None:
         self._mint = mint
+        self._report_refusal = report_refusal
+        self._reported: set[tuple[str, str | None]] = set()
         self._revoke_lease = revoke_lease
         self._release = release
         self._clock = clock
@@ -255,7 +259,8 @@ class CredentialAgent:
             self._refuse(
                 f"a bearer for {caller.describe()} cannot hand out one for {wanted.describe()}",
                 task=wanted.task,
-                grant=",".join(sorted(wanted.grants or ())),
+                grant=",".join(sorted(wanted.grants or ())) or "-",
+                asker=caller.task,
             )
         bearer = secrets.token_urlsafe(32)
         with self._lock:
@@ -334,12 +339,25 @@ class CredentialAgent:
                 f"({scope.describe()})",
                 task=task,
                 grant=grant,
+                asker=scope.task,
             )
         return task
 
-    def _refuse(self, reason: str, *, task: str | None, grant: str) -> None:
+    def _refuse(
+        self, reason: str, *, task: str | None, grant: str, asker: str | None = None
+    ) -> NoReturn:
+        """Refuse, log, and have the broker record it (each grant and asking task once, in the
+        background, so a looping child neither waits on nor floods the broker)."""
         self.refusals += 1
         log.warning("luigi-creds agent refused: %s", reason)
+        key = (grant, asker if asker is not None else task)
+        with self._lock:
+            first = key not in self._reported
+            self._reported.add(key)
+        if first and self._report_refusal is not None:
+            threading.Thread(
+                target=_report_quietly, args=(self._report_refusal, *key), daemon=True
+            ).start()
         raise ScopeRefused(
             f"the job's credential agent refused: {reason}",
             error="access_denied",
@@ -405,6 +423,13 @@ class CredentialAgent:
                 if scope.task is not None:
                     log.info("luigi-creds: task %s ended without releasing; releasing", scope.task)
                     self._end_task(scope.task)
+
+
+def _report_quietly(report: ReportRefusal, grant: str, task: str | None) -> None:
+    try:
+        report(grant, task)
+    except Exception as exc:
+        log.warning("luigi-creds: recording a refusal with the broker failed: %s", exc)
 
 
 def _release_quietly(release: Release, task: str, held: Sequence[Credential]) -> None:

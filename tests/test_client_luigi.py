@@ -1,6 +1,6 @@
 """Tests for luigi_creds.luigi: config, redaction, and real luigi.build runs against a fake broker.
 
-The fake broker is a stdlib HTTP server on a free loopback port that speaks SPEC.md's wire
+The fake broker is a stdlib HTTP server on a free loopback port that speaks the broker's wire
 protocol (exchange once, rotating refresh handles, reuse detection); the end-to-end tests against
 the real broker live elsewhere.
 """
