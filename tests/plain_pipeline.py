@@ -90,3 +90,56 @@ class PlainAll(luigi.WrapperTask):
 
     def requires(self) -> list[PlainWrite]:
         return [PlainWrite(n=n) for n in range(self.count)]
+
+
+class PlainVault(luigi.Task):
+    """Reads a KV secret with whatever `hvac.Client()` finds in VAULT_ADDR/VAULT_TOKEN; with
+    `die`, then kills its own process, as a timeout or the OOM killer would."""
+
+    n = luigi.IntParameter()
+    die = luigi.BoolParameter(default=False)
+
+    def complete(self) -> bool:
+        return (Path(os.environ[MARKERS_VARIABLE]) / f"vault-{self.n}.json").exists()
+
+    def run(self) -> None:
+        import signal
+
+        import hvac
+
+        client = hvac.Client()
+        secret = client.secrets.kv.v2.read_secret_version(
+            path="etl/db", mount_point="secret", raise_on_deleted_version=True
+        )
+        me = client.auth.token.lookup_self()["data"]
+        marker = {
+            "task": self.task_id,
+            "accessor": me["accessor"],
+            "read": secret["data"]["data"]["password"] == "etl-kv-value",
+            "aws": os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        }
+        out = Path(os.environ[MARKERS_VARIABLE]) / f"vault-{self.n}.json"
+        out.write_text(json.dumps(marker))
+        if self.die:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Linger(luigi.Task):
+    """Keeps the job (and its session) alive until the test says go."""
+
+    def complete(self) -> bool:
+        return (Path(os.environ[MARKERS_VARIABLE]) / "lingered").exists()
+
+    def run(self) -> None:
+        import time
+
+        go = Path(os.environ[MARKERS_VARIABLE]) / "go"
+        deadline = time.monotonic() + 120
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (Path(os.environ[MARKERS_VARIABLE]) / "lingered").touch()
+
+
+class VaultJob(luigi.WrapperTask):
+    def requires(self) -> list[luigi.Task]:
+        return [PlainVault(n=0), PlainVault(n=1, die=True), Linger()]

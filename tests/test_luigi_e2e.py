@@ -717,9 +717,19 @@ PLAIN_PIPELINE = ROOT / "tests" / "plain_pipeline.py"
 
 
 def _plain_job(
-    stack: Stack, workdir: Path, grants: list[str], extra_cfg: str = ""
+    stack: Stack, workdir: Path, grants: list[str], extra_cfg: str = "", task: str = "PlainAll"
 ) -> tuple[subprocess.CompletedProcess[str], Path, str]:
     """`luigi-creds exec --grant ... -- luigi --module plain_pipeline PlainAll --workers 3`."""
+    argv, env, markers, token = _plain_job_argv(stack, workdir, grants, extra_cfg, task)
+    out = subprocess.run(
+        argv, env=env, cwd=workdir, capture_output=True, text=True, timeout=300, check=False
+    )
+    return out, markers, token
+
+
+def _plain_job_argv(
+    stack: Stack, workdir: Path, grants: list[str], extra_cfg: str, task: str
+) -> tuple[list[str], dict[str, str], Path, str]:
     workdir.mkdir(parents=True, exist_ok=True)
     token_file = workdir / "ci-token"
     token_file.write_text(stack.gitlab_token())
@@ -754,12 +764,9 @@ def _plain_job(
     argv = ["luigi-creds", "exec"]
     for grant in grants:
         argv += ["--grant", grant]
-    argv += ["--", "luigi", "--module", "plain_pipeline", "PlainAll", "--workers", "3",
+    argv += ["--", "luigi", "--module", "plain_pipeline", task, "--workers", "3",
              "--local-scheduler"]  # fmt: skip
-    out = subprocess.run(
-        argv, env=env, cwd=workdir, capture_output=True, text=True, timeout=300, check=False
-    )
-    return out, markers, token_file.read_text()
+    return argv, env, markers, token_file.read_text()
 
 
 def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_path: Path) -> None:
@@ -850,3 +857,50 @@ def test_stock_pipeline_with_a_denied_grant_fails_naming_it(stack: Stack, tmp_pa
         assert listed.get("Contents", []) == []
     denied = [e for e in stack.events() if e.grant == "etl-admin"]
     assert denied and all(e.outcome == Outcome.DENIED for e in denied)
+
+
+def test_stock_task_vault_token_is_released_however_the_task_ends(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`hvac.Client()` in a stock task finds a Vault token of its own in VAULT_ADDR/VAULT_TOKEN;
+    the token of the task that succeeded and of the task whose process was SIGKILLed are both
+    revoked while the job (and its session) still runs; the Vault family gets no AWS."""
+    workdir = tmp_path / "vault"
+    extra = "\n[luigi_creds:PlainVault]\naws_grant =\nvault_grant = etl-vault\n"
+    argv, env, markers, ci_token = _plain_job_argv(
+        stack, workdir, ["etl-writer", "etl-vault"], extra, "VaultJob"
+    )
+    log_path = workdir / "job.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    job = Job(popen, markers, workdir / "none", log_path)
+    _jobs.append(job)
+    _wait_for([markers / "vault-0.json", markers / "vault-1.json"], job)
+    seen = [json.loads((markers / f"vault-{n}.json").read_text()) for n in (0, 1)]
+    assert all(m["read"] for m in seen) and all(m["aws"] is None for m in seen)
+    assert seen[0]["accessor"] != seen[1]["accessor"]
+    root = stack.bao.root()
+    deadline = time.monotonic() + 30
+    alive = {m["accessor"] for m in seen}
+    while alive and time.monotonic() < deadline:
+        for accessor in list(alive):
+            try:
+                root.auth.token.lookup_accessor(accessor)
+            except hvac.exceptions.InvalidRequest:
+                alive.discard(accessor)
+        time.sleep(0.1)
+    assert not alive, job.log()[-4000:]
+    assert popen.poll() is None  # released by the agent, not by the end of the session
+    (markers / "go").touch()
+    popen.wait(timeout=120)
+    log = job.log()
+    assert "ended without releasing; releasing" in log
+    assert f"task {seen[1]['task']} ended without releasing" in log
+    events = stack.events()
+    for m in seen:
+        (issued,) = _issued(events, {m["task"]})
+        assert issued.grant == "etl-vault"
+    assert ci_token not in log and "etl-kv-value" not in log
