@@ -45,6 +45,7 @@ class FakeBroker:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.mints: list[tuple[str, str, str]] = []
+        self.reported: list[tuple[str, str]] = []
         self.handles: set[str] = set()
         self.spent: set[str] = set()
         self.exchanges = 0
@@ -113,6 +114,11 @@ class FakeBroker:
         with self.lock:
             if self.down:
                 return 503, {"error": "temporarily_unavailable", "request_id": "r"}
+            if form.get("requested_token_type"):
+                # The real broker issues no such type: a refusal the agent reports is denied
+                # (and recorded) without rotating the handle.
+                self.reported.append((form["audience"], form.get("task", "")))
+                return 400, {"error": "invalid_request", "request_id": "r-reported"}
             if form["audience"] == "denied":
                 # Denied before the token's jti is consumed (the session is not started).
                 return 400, {"error": "invalid_target", "request_id": "r-denied"}
@@ -412,6 +418,13 @@ def test_task_credentials_give_each_forked_task_its_own_key(
     assert sorted(t for _, t, _ in task_context.mints) == sorted(t.task_id for t in tasks)
     assert {k for _, _, k in task_context.mints} == keys
     assert task_context.exchanges == 1
+    # Each refusal reached the broker's ledger once, against the task that asked.
+    deadline = time.monotonic() + 10
+    while len(task_context.reported) < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(task_context.reported) == sorted(
+        [("etl-vault", t.task_id) for t in tasks] + [("etl-writer", t.task_id) for t in tasks]
+    )
 
 
 def test_task_credentials_fail_a_denied_task_with_the_grant_named(
@@ -435,3 +448,29 @@ def test_task_credentials_fail_a_denied_task_with_the_grant_named(
     assert result.status.name == "FAILED"
     assert not (tmp_path / "plain-1.json").exists()
     assert [g for g, _, _ in task_context.mints] == []
+
+
+def test_plain_api_and_one_log_line_per_mint(
+    broker: FakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`luigi_creds.aws_session(grant)` works outside Luigi from the same settings; each mint
+    logs the grant, task, access key id and expiry, never a secret; errors share one base."""
+    import logging
+
+    import luigi_creds
+
+    caplog.set_level(logging.INFO, logger="luigi_creds")
+    session = luigi_creds.aws_session("etl-writer", task="notebook")
+    frozen = session.get_credentials().get_frozen_credentials()
+    assert frozen.access_key.startswith("AKIAFAKE")
+    assert broker.mints[-1] == ("etl-writer", "notebook", frozen.access_key)
+    lines = [r.getMessage() for r in caplog.records if "minted grant" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"luigi-creds: minted grant 'etl-writer' for task notebook: access key {frozen.access_key}"
+    )
+    assert " expires 20" in lines[0]
+    assert frozen.secret_key not in caplog.text and frozen.token not in caplog.text
+    with pytest.raises(luigi_creds.LuigiCredsError) as info:
+        luigi_creds.aws_session("denied").get_credentials()
+    assert "denied" in str(info.value)

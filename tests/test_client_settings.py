@@ -169,3 +169,18 @@ def test_luigi_command_line_overrides_and_help_all(tmp_path: Path) -> None:
         "--luigi-creds-token-source", "env:CI_TOKEN",
     )  # fmt: skip
     assert "SETTINGS env:CI_TOKEN etl-writer etl-writer" in run.stdout, run.stderr[-2000:]
+
+
+def test_the_readme_luigi_cfg_is_accepted_as_luigi_reads_it(tmp_path: Path) -> None:
+    """The README's zero-code luigi.cfg, parsed by Luigi's parser, is accepted as documented."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (ini,) = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    settings = _read(tmp_path, ini)
+    assert settings.broker_url == "https://broker.example.com"
+    assert settings.token_source == "gitlab"
+    default, load = settings.grants_for("Nightly"), settings.grants_for("LoadWarehouse")
+    assert (default.aws_grant, default.vault_grant) == ("etl-writer", "etl-vault")
+    assert (load.aws_grant, load.vault_grant) == ("warehouse-loader", None)
+    assert "task_process_context = luigi_creds.TaskCredentials" in ini
