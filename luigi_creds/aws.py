@@ -25,7 +25,7 @@ import botocore.session
 from botocore.credentials import CredentialProvider, RefreshableCredentials
 
 from luigi_creds.childenv import AWS_ENV_VARIABLES, scrub_aws_env
-from luigi_creds.client import AwsCredentials, BrokerError
+from luigi_creds.credentials import AwsCredentials, BrokerError
 from luigi_creds.refresh import Windows
 
 __all__ = [

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from luigi_creds.childenv import AWS_ENV_VARIABLES
@@ -51,11 +51,16 @@ log = logging.getLogger(__name__)
 class StartTimings:
     """Where the time from the context's entry to a usable credential went (seconds)."""
 
+    entered: float = 0.0  # time.perf_counter() when the context was entered
     settings: float = 0.0
     agent: float = 0.0  # the task's bearer (and the start of its AWS mint)
     aws: float = 0.0  # waiting for the first AWS credential (the agent's mint: broker, STS)
     vault: float = 0.0
-    marks: dict[str, float] = field(default_factory=dict)
+
+
+# The last task's timings in this process (bench/client.py reads them; one task per process
+# when Luigi forks).
+last_timings: StartTimings | None = None
 
 
 class TaskCredentials:
@@ -108,7 +113,10 @@ class TaskCredentials:
     # --- entry ---------------------------------------------------------------------------
 
     def _enter(self) -> None:
+        global last_timings
         started = time.perf_counter()
+        self.timings.entered = started
+        last_timings = self.timings
         task = self._task
         settings = from_luigi_config()
         family = settings.grants_for(task.task_family)
@@ -148,6 +156,7 @@ class TaskCredentials:
             # into the task's failure, with the grant and the broker's reason.
             aws = self._client.aws(family.aws_grant, task.task_id)
             self.timings.aws = time.perf_counter() - mark
+            _install_default_session(self._client, family.aws_grant, task.task_id)
             lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         if family.vault_grant:
             mark = time.perf_counter()
@@ -211,6 +220,25 @@ class TaskCredentials:
             raise error
 
         self._task.run = run
+
+
+def _install_default_session(client: AgentClient, grant: str, task_id: str) -> None:
+    """Give boto3's default session (boto3.client, luigi.contrib.s3) credentials that refresh
+    on windows scaled to their lifetime, when boto3 is already loaded.
+
+    botocore's container provider refreshes 15 minutes before expiry, so with the usual
+    15-minute credential it would ask the agent again on every API call. The default session
+    asks the same agent, for the same task, only when a refresh is due. Sessions the task builds
+    itself, and every subprocess, still use the container endpoint (correct, only chattier).
+    Importing boto3 here for a task that may never use it would cost more than it saves.
+    """
+    if "boto3" not in sys.modules:
+        return
+    import boto3
+
+    from luigi_creds.aws import aws_session
+
+    boto3.DEFAULT_SESSION = aws_session(lambda: client.aws(grant, task_id))
 
 
 def _reset_boto3() -> None:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import hvac
 import hvac.exceptions
 
-from luigi_creds.client import Credential, VaultSecret, VaultToken
+from luigi_creds.credentials import Credential, VaultSecret, VaultToken
 
 __all__ = ["LeaseKeeper", "TokenKeeper", "release", "renew_delay"]
 
