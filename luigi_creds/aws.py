@@ -24,7 +24,8 @@ import boto3
 import botocore.session
 from botocore.credentials import CredentialProvider, RefreshableCredentials
 
-from luigi_creds.client import AwsCredentials, BrokerError
+from luigi_creds.childenv import AWS_ENV_VARIABLES, scrub_aws_env
+from luigi_creds.credentials import AwsCredentials, BrokerError
 from luigi_creds.refresh import Windows
 
 __all__ = [
@@ -35,24 +36,6 @@ __all__ = [
     "refreshable_credentials",
     "scrub_aws_env",
 ]
-
-# Variables that, left in a child's environment, win over every other provider or point it at a
-# different identity; removed before our own are set (issue 5, "Traps").
-AWS_ENV_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_CREDENTIAL_EXPIRATION",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-)
 
 METHOD = "luigi-creds"
 
@@ -213,11 +196,6 @@ def aws_session(
     resolver = core.get_component("credential_provider")
     resolver.insert_before("env", BrokerCredentialProvider(fetch, clock=clock, windows=windows))
     return boto3.Session(botocore_session=core, region_name=region_name)
-
-
-def scrub_aws_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of `environ` without any AWS credential-selecting variable."""
-    return {k: v for k, v in environ.items() if k not in AWS_ENV_VARIABLES}
 
 
 def credential_env(creds: AwsCredentials, base: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,19 +21,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
-
-from luigi_creds.aws import scrub_aws_env
-from luigi_creds.client import (
-    AwsCredentials,
-    BrokerClient,
-    BrokerError,
-    Credential,
-    VaultSecret,
-    VaultToken,
-)
-from luigi_creds.identity import IdentityError
-from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent, container_env
+from luigi_creds.childenv import child_env
+from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
+from luigi_creds.errors import LuigiCredsError
+from luigi_creds.serve import AgentClient, AgentEndpoint
 
 __all__ = ["main"]
 
@@ -61,30 +53,31 @@ A CI token (GitLab, Bitbucket) is accepted by the broker once. Run several comma
 """
 
 
-def _luigi_face() -> Any:
-    """Import luigi_creds.luigi (and Luigi) lazily: `credential-process` under an agent needs
-    neither, and Luigi's import-time warning about [core] autoload_range is noise here."""
+def _settings(args: argparse.Namespace) -> Any:
+    """`[luigi_creds]` as Luigi reads it, plus `--config`. Luigi is imported only here:
+    `credential-process` under an agent needs neither, and Luigi's import-time warning about
+    [core] autoload_range is noise on this command line."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import luigi_creds.luigi as face
-    return face
-
-
-def _broker_minter(args: argparse.Namespace) -> Any:
-    face = _luigi_face()
-    if args.config:
         import luigi.configuration
 
+        from luigi_creds.luigi_config import from_luigi_config
+    if args.config:
         luigi.configuration.add_config_path(args.config)  # type: ignore[no-untyped-call]
-    settings = face.ClientSettings.from_luigi_config()
-    return face.build_broker_client(settings, environ=os.environ)
+    return from_luigi_config()
+
+
+def _broker_minter(args: argparse.Namespace) -> BrokerClient:
+    from luigi_creds.agent import build_broker_client
+
+    return build_broker_client(_settings(args), environ=os.environ)
 
 
 def _minter(args: argparse.Namespace) -> Any:
     """The job's agent when running under one, else a direct broker session."""
     endpoint = AgentEndpoint.from_env(os.environ)
     if endpoint is not None:
-        return AgentClient(endpoint, http=httpx.Client(timeout=120.0))
+        return AgentClient(endpoint)
     return _broker_minter(args)
 
 
@@ -106,60 +99,62 @@ def cmd_credential_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def _child_env(
-    creds: Sequence[Credential], agent: AgentEndpoint, task: str | None
-) -> dict[str, str]:
-    env = scrub_aws_env(os.environ)
-    env.update(agent.env())
-    aws_done = False
-    for cred in creds:
-        if isinstance(cred, AwsCredentials) and not aws_done:
-            # The child's SDKs refresh through the agent; no AWS secret sits in its environment.
-            env.update(container_env(agent, cred.grant, task))
-            aws_done = True
-        elif isinstance(cred, VaultToken):
-            env["VAULT_TOKEN"] = cred.token
-        elif isinstance(cred, VaultSecret):
-            prefix = "LUIGI_CREDS_" + "".join(c if c.isalnum() else "_" for c in cred.grant).upper()
-            for key, value in cred.data.items():
-                name = "".join(c if c.isalnum() else "_" for c in str(key)).upper()
-                env[f"{prefix}_{name}"] = str(value)
-    return env
+def _log_mints_to_stderr() -> None:
+    """exec's agent mints for everything the command runs: one line per mint on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("luigi_creds")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    """Run the command under one broker session, held here; the command gets a bearer for
+    exec's grants only (it may hand its own tasks narrower ones, as a Luigi job does)."""
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise SystemExit("luigi-creds exec: give the command after --")
-    from datetime import UTC, datetime
-
+    _log_mints_to_stderr()
     inherited = AgentEndpoint.from_env(os.environ)
     broker = None
     server = None
+    settings = None
     if inherited is None:
-        broker = _broker_minter(args)
-        server = CredentialAgent(
-            broker.mint, clock=lambda: datetime.now(UTC), revoke_lease=broker.revoke_lease
-        )
+        from luigi_creds.agent import build_broker_client, start_job_agent
+
+        settings = _settings(args)
+        broker = build_broker_client(settings, environ=os.environ)
+        server = start_job_agent(broker)
         endpoint = server.start()
     else:
         endpoint = inherited
     try:
-        client = AgentClient(endpoint, http=httpx.Client(timeout=120.0))
-        creds = [client.mint(grant, args.task, args.duration) for grant in args.grant]
-        env = _child_env(creds, endpoint, args.task)
+        client = AgentClient(endpoint)
+        grants = list(dict.fromkeys(args.grant))
+        # Each grant once, before the command starts: a refusal stops here, naming the grant.
+        # The agent keeps an AWS credential for the command's SDKs to read, not to mint again.
+        creds = [client.mint(grant, args.task, args.duration) for grant in grants]
         try:
-            child = subprocess.Popen(command, env=env)
+            child = client.scoped(grants, None, delegate=True)
+        except BrokerError as exc:
+            if exc.status != 403:
+                raise
+            child = endpoint  # already a narrow bearer (a task's): hand on no more than it
+        vault = settings.vault_addr if settings is not None else os.environ.get("VAULT_ADDR")
+        env = child_env(os.environ, creds, child, args.task, vault_addr=vault)
+        try:
+            process = subprocess.Popen(command, env=env)
         except OSError as exc:
             print(f"luigi-creds exec: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127
         try:
-            return child.wait()
+            return process.wait()
         except KeyboardInterrupt:
-            child.send_signal(signal.SIGINT)
-            return child.wait()
+            process.send_signal(signal.SIGINT)
+            return process.wait()
     finally:
         if server is not None:
             server.stop()
@@ -257,14 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (BrokerError, IdentityError) as exc:
+    except LuigiCredsError as exc:
         print(f"luigi-creds: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        if type(exc).__name__ == "ConfigError" and "luigi_creds" in type(exc).__module__:
-            print(f"luigi-creds: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The broker client: one token exchange per job, then a refresh session that mints per task.
 
-Owns the client side of the wire protocol (SPEC.md, "Wire protocol"): `POST /v1/token` for the
+Owns the client side of the broker's wire protocol: `POST /v1/token` for the
 RFC 8693 exchange and the `refresh_token` grant, `POST /v1/revoke`, retries, and the typed,
 frozen credential objects parsed from 200 bodies. Talks only to the broker, over the `httpx.Client`
 it is given.
@@ -18,14 +18,27 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
+from luigi_creds.credentials import (
+    AWS_CREDENTIALS,
+    VAULT_SECRET,
+    VAULT_TOKEN,
+    AwsCredentials,
+    BrokerError,
+    Credential,
+    VaultSecret,
+    VaultToken,
+    describe,
+    iso,
+    parse_credential,
+)
 from luigi_creds.identity import IdentityError, TokenSource
 
 __all__ = [
@@ -39,97 +52,16 @@ __all__ = [
     "RetryPolicy",
     "VaultSecret",
     "VaultToken",
+    "describe",
     "parse_credential",
 ]
 
 log = logging.getLogger(__name__)
 
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
-AWS_CREDENTIALS = "urn:luigi-creds:token-type:aws-credentials"
-VAULT_TOKEN = "urn:luigi-creds:token-type:vault-token"
-VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
-
-
-class BrokerError(Exception):
-    """The broker refused or could not be reached.
-
-    `error` is the RFC 6749 code (or `unreachable` / `invalid_response` / `identity_unavailable`
-    for client-side failures), `status` the HTTP status (0 when there was none), `request_id` the
-    broker's id for the audit trail. The message names the broker URL, the grant and the reason,
-    never a token or credential.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        error: str,
-        status: int = 0,
-        request_id: str | None = None,
-        grant: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.error = error
-        self.status = status
-        self.request_id = request_id
-        self.grant = grant
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class AwsCredentials:
-    """STS credentials for one grant; secrets hidden from repr."""
-
-    grant: str
-    request_id: str
-    access_key_id: str
-    secret_access_key: str = field(repr=False)
-    session_token: str = field(repr=False)
-    expires_at: datetime
-
-    def credential_process(self) -> dict[str, Any]:
-        """The AWS `credential_process` JSON shape (Version 1)."""
-        return {
-            "Version": 1,
-            "AccessKeyId": self.access_key_id,
-            "SecretAccessKey": self.secret_access_key,
-            "SessionToken": self.session_token,
-            "Expiration": _iso(self.expires_at),
-        }
-
-
-@dataclass(frozen=True)
-class VaultToken:
-    """A Vault token minted for one grant; the token hidden from repr."""
-
-    grant: str
-    request_id: str
-    token: str = field(repr=False)
-    accessor: str
-    policies: tuple[str, ...]
-    renewable: bool
-    lease_duration: int
-    expires_at: datetime
-
-
-@dataclass(frozen=True)
-class VaultSecret:
-    """A Vault dynamic secret (with its lease) for one grant; the data hidden from repr."""
-
-    grant: str
-    request_id: str
-    lease_id: str
-    lease_duration: int
-    renewable: bool
-    data: Mapping[str, Any] = field(repr=False)
-    expires_at: datetime
-    # A token that may only renew this lease (sys/leases/renew), issued by the broker so the
-    # client renews the lease with Vault directly; empty if the broker sent none.
-    renew_token: str = field(default="", repr=False)
-
-
-Credential = AwsCredentials | VaultToken | VaultSecret
+# A requested_token_type no grant issues: how the job's agent has a refusal of its own recorded
+# by the broker (see BrokerClient.report_refusal).
+AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
 
 
 @dataclass(frozen=True)
@@ -255,6 +187,35 @@ class BrokerClient:
             form = {"token": session.handle, "token_type_hint": "refresh_token"}
             self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
 
+    def report_refusal(self, grant: str, task: str | None) -> None:
+        """Put a refusal by the job's agent into the broker's audit ledger, on this session.
+
+        Sent as a refresh that the broker is bound to deny without minting or rotating the
+        handle: `requested_token_type` names a type no grant issues, which the broker checks
+        after the session and the policy and before anything upstream. The ledger then holds a
+        DENIED record with the session, the grant asked for and the task that asked. One
+        attempt, no retries; nothing to report without a session (nothing was minted yet).
+        """
+        with self._lock:
+            if self._session is None:
+                return
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": self._session.handle,
+                "audience": grant,
+                "requested_token_type": AGENT_REFUSED,
+            }
+            if task:
+                form["task"] = task
+            try:
+                body = self._post("/v1/token", form, grant=grant, expect_body=True, retry=False)
+            except BrokerError:
+                return  # the expected answer: refused, and recorded
+            handle = body.get("refresh_token")
+            if isinstance(handle, str) and handle:
+                # Should the broker ever have minted, its new handle is the one to keep.
+                self._session = _Session(handle=handle)
+
     def revoke_lease(self, lease_id: str) -> None:
         """Revoke one Vault lease this session minted, keeping the session (and its handle).
 
@@ -314,7 +275,7 @@ class BrokerClient:
             # Keep the newest handle before anything else can fail: the old one is spent now.
             self._session = _Session(handle=handle)
         try:
-            return parse_credential(body, grant=grant, now=self._clock())
+            cred = parse_credential(body, grant=grant, now=self._clock())
         except (KeyError, TypeError, ValueError) as exc:
             raise BrokerError(
                 f"broker {self.broker_url} answered grant {grant!r} with a malformed credential",
@@ -323,6 +284,15 @@ class BrokerClient:
                 request_id=_str_or_none(body.get("request_id")),
                 grant=grant,
             ) from exc
+        # One line per mint, in the job's log: what was issued and until when, never a secret.
+        log.info(
+            "luigi-creds: minted grant %r for task %s: %s, expires %s",
+            grant,
+            task or "-",
+            describe(cred),
+            iso(cred.expires_at),
+        )
+        return cred
 
     def _post(
         self,
@@ -416,89 +386,8 @@ class BrokerClient:
         )
 
 
-def parse_credential(body: Mapping[str, Any], *, grant: str, now: datetime) -> Credential:
-    """Parse a 200 `/v1/token` body into a typed credential (KeyError/TypeError/ValueError)."""
-    token_type = body["issued_token_type"]
-    creds = body["credentials"]
-    request_id = str(body.get("request_id", ""))
-    expires_in = body.get("expires_in")
-    fallback = (
-        now + timedelta(seconds=int(expires_in))
-        if isinstance(expires_in, int) and not isinstance(expires_in, bool)
-        else None
-    )
-    if not isinstance(creds, dict):
-        raise TypeError("credentials is not an object")
-    if token_type == AWS_CREDENTIALS:
-        return AwsCredentials(
-            grant=grant,
-            request_id=request_id,
-            access_key_id=_req_str(creds, "AccessKeyId"),
-            secret_access_key=_req_str(creds, "SecretAccessKey"),
-            session_token=_req_str(creds, "SessionToken"),
-            expires_at=_parse_time(_req_str(creds, "Expiration")),
-        )
-    if token_type == VAULT_TOKEN:
-        lease = _req_int(creds, "lease_duration")
-        policies = creds.get("policies") or []
-        if not isinstance(policies, list) or not all(isinstance(p, str) for p in policies):
-            raise TypeError("policies is not a list of strings")
-        return VaultToken(
-            grant=grant,
-            request_id=request_id,
-            token=_req_str(creds, "token"),
-            accessor=_req_str(creds, "accessor"),
-            policies=tuple(policies),
-            renewable=bool(creds.get("renewable", False)),
-            lease_duration=lease,
-            expires_at=fallback or now + timedelta(seconds=lease),
-        )
-    if token_type == VAULT_SECRET:
-        lease = _req_int(creds, "lease_duration")
-        data = creds.get("data")
-        if not isinstance(data, dict):
-            raise TypeError("data is not an object")
-        renew_token = creds.get("renew_token")
-        return VaultSecret(
-            grant=grant,
-            request_id=request_id,
-            lease_id=_req_str(creds, "lease_id"),
-            lease_duration=lease,
-            renewable=bool(creds.get("renewable", False)),
-            data=dict(data),
-            expires_at=now + timedelta(seconds=lease),
-            renew_token=renew_token if isinstance(renew_token, str) else "",
-        )
-    raise ValueError(f"unknown issued_token_type {token_type!r}")
-
-
-def _req_str(obj: Mapping[str, Any], key: str) -> str:
-    value = obj[key]
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{key} is not a non-empty string")
-    return value
-
-
-def _req_int(obj: Mapping[str, Any], key: str) -> int:
-    value = obj[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"{key} is not a non-negative integer")
-    return value
-
-
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-def _parse_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        raise ValueError("Expiration has no time zone")
-    return moment.astimezone(UTC)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _retry_after(value: str | None, now: datetime) -> float | None:

@@ -22,6 +22,9 @@ from urllib.parse import quote
 
 import httpx
 
+from luigi_creds.errors import LuigiCredsError
+from luigi_creds.settings import DEFAULT_GITLAB_VARIABLE
+
 __all__ = [
     "ACCESS_TOKEN_TYPE",
     "DEFAULT_GITLAB_VARIABLE",
@@ -38,15 +41,15 @@ __all__ = [
 
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
-DEFAULT_GITLAB_VARIABLE = "LUIGI_CREDS_ID_TOKEN"
 BITBUCKET_VARIABLE = "BITBUCKET_STEP_OIDC_TOKEN"
 GITHUB_URL_VARIABLE = "ACTIONS_ID_TOKEN_REQUEST_URL"
 GITHUB_TOKEN_VARIABLE = "ACTIONS_ID_TOKEN_REQUEST_TOKEN"
-# A JWT from any of our issuers is a few KiB; the broker refuses more than 8 KiB (HOSTILE.md #6).
+# A JWT from any of our issuers is a few KiB; the broker refuses more than 8 KiB
+# (an oversized token is an attack on its parser, not a credential).
 MAX_TOKEN_BYTES = 16 * 1024
 
 
-class IdentityError(Exception):
+class IdentityError(LuigiCredsError):
     """The token source could not produce a token; the message names the source, never a token."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
+from luigi_creds.errors import LuigiCredsError
+
 __all__ = ["RefreshError", "Refresher", "Snapshot", "Windows"]
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ T = TypeVar("T")
 Clock = Callable[[], datetime]
 
 
-class RefreshError(Exception):
+class RefreshError(LuigiCredsError):
     """A mandatory refresh failed, or the credential has expired and could not be replaced."""
 
 
@@ -119,6 +121,13 @@ class Refresher(Generic[T]):
             if snapshot is not None and not self._in_mandatory(snapshot, now):
                 return snapshot
             return self._refresh_locked(now)
+
+    def seed(self, value: T, expires_at: datetime) -> None:
+        """Start from a credential fetched elsewhere, unless one is cached already."""
+        _require_aware(expires_at)
+        with self._lock:
+            if self._current is None:
+                self._current = Snapshot(value=value, expires_at=expires_at, fetched_at=self._now())
 
     def invalidate(self) -> None:
         """Forget the cached snapshot: the next `get()` fetches, blocking."""

@@ -22,29 +22,32 @@ Talks to the broker only through the `mint` and `revoke_lease` callables it is g
 
 from __future__ import annotations
 
-import hmac
+import contextlib
+import hashlib
+import http.client
 import json
 import logging
+import os
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, urlsplit
 
-import httpx
-
-from luigi_creds.client import (
+from luigi_creds.credentials import (
     AWS_CREDENTIALS,
     VAULT_SECRET,
     VAULT_TOKEN,
     AwsCredentials,
     BrokerError,
     Credential,
+    VaultSecret,
     VaultToken,
     parse_credential,
+    parse_time,
 )
 from luigi_creds.refresh import Refresher
 
@@ -131,8 +134,62 @@ def container_env(endpoint: AgentEndpoint, grant: str, task: str | None) -> dict
     }
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What one bearer may do. The job's root bearer never leaves the process that owns the
+    session; everything handed to another process is a narrower scope derived from it.
+
+    `grants` None means every grant; `task` None means any task (only delegating scopes, held by
+    a scheduling process that starts tasks, have that). A task's scope names its task and its
+    grants and cannot delegate, so a task or anything it starts can mint nothing else. `pid` is
+    the process that asked for a task scope: when it is gone, the agent releases what the task
+    held, however the task ended.
+    """
+
+    grants: frozenset[str] | None
+    task: str | None
+    delegate: bool
+    pid: int | None = None
+
+    def allows(self, grant: str, task: str | None) -> bool:
+        if self.grants is not None and grant not in self.grants:
+            return False
+        return self.task is None or task == self.task
+
+    def covers(self, other: Scope) -> bool:
+        """True if `other` is no wider than this scope in any way (grants, task, delegation)."""
+        if self.grants is not None and (other.grants is None or not other.grants <= self.grants):
+            return False
+        if self.task is not None and other.task != self.task:
+            return False
+        return self.delegate or not other.delegate
+
+    def describe(self) -> str:
+        grants = "every grant" if self.grants is None else f"grants {sorted(self.grants)}"
+        task = "any task" if self.task is None else f"task {self.task!r}"
+        return f"{grants}, {task}"
+
+
+ROOT_SCOPE = Scope(grants=None, task=None, delegate=True)
+
+
+class ScopeRefused(BrokerError):
+    """A bearer asked for more than its scope allows; refused and logged (never minted)."""
+
+
+Release = Callable[[str, Sequence[Credential]], None]
+ReportRefusal = Callable[[str, str | None], None]
+
+
 class CredentialAgent:
-    """The loopback server. `start()` returns its endpoint; `stop()` shuts it down."""
+    """The loopback server. `start()` returns its root endpoint; `stop()` shuts it down.
+
+    `release(task, creds)` is called (on a background thread) with the Vault credentials minted
+    for a task when the task's scope ends: released by the task, or its process gone.
+    """
+
+    # How often the agent looks for task processes that died without releasing their scope.
+    REAP_INTERVAL = 0.5
 
     def __init__(
         self,
@@ -140,15 +197,26 @@ class CredentialAgent:
         *,
         clock: Callable[[], datetime],
         revoke_lease: RevokeLease | None = None,
+        release: Release | None = None,
+        report_refusal: ReportRefusal | None = None,
     ) -> None:
         self._mint = mint
+        self._report_refusal = report_refusal
+        self._reported: set[tuple[str, str | None]] = set()
         self._revoke_lease = revoke_lease
+        self._release = release
         self._clock = clock
         self._bearer = secrets.token_urlsafe(32)
         self._lock = threading.Lock()
+        self._scopes: dict[bytes, Scope] = {_digest(self._bearer): ROOT_SCOPE}
         self._aws: dict[tuple[str, str | None], Refresher[AwsCredentials]] = {}
+        # Vault credentials minted per task (released with the task) and each lease's task.
+        self._held: dict[str, list[Credential]] = {}
+        self._lease_task: dict[str, str | None] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.refusals = 0
 
     def __repr__(self) -> str:
         return f"CredentialAgent(running={self._server is not None})"
@@ -161,32 +229,143 @@ class CredentialAgent:
             target=server.serve_forever, args=(0.1,), name="luigi-creds-agent", daemon=True
         )
         self._thread.start()
+        threading.Thread(target=self._reap, name="luigi-creds-reaper", daemon=True).start()
         host, port = server.server_address[:2]
-        return AgentEndpoint(f"http://{host!s}:{port}", self._bearer)
+        self.url = f"http://{host!s}:{port}"
+        return AgentEndpoint(self.url, self._bearer)
 
     def stop(self) -> None:
+        self._stopped.set()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
             server.server_close()
 
-    def authorized(self, header: str | None) -> bool:
+    def scope_of(self, header: str | None) -> Scope | None:
+        """The scope of the bearer in an Authorization header, or None (unknown bearer)."""
         if not header:
-            return False
+            return None
         presented = header.removeprefix("Bearer ").strip()
-        return hmac.compare_digest(presented.encode(), self._bearer.encode())
+        with self._lock:
+            return self._scopes.get(_digest(presented))
 
-    def mint(self, grant: str, task: str | None, duration: int | None) -> Credential:
-        return self._mint(grant, task, duration)
+    def authorized(self, header: str | None) -> bool:
+        return self.scope_of(header) is not None
 
-    def revoke_lease(self, lease_id: str) -> None:
+    def issue(self, caller: Scope, wanted: Scope, prefetch: Sequence[str] = ()) -> str:
+        """A new bearer for `wanted`, which `caller` must cover; AWS grants in `prefetch` start
+        minting now, so the task's first SDK call finds them ready (or in flight)."""
+        if not caller.covers(wanted) or (wanted.task is None and not wanted.delegate):
+            self._refuse(
+                f"a bearer for {caller.describe()} cannot hand out one for {wanted.describe()}",
+                task=wanted.task,
+                grant=",".join(sorted(wanted.grants or ())) or "-",
+                asker=caller.task,
+            )
+        bearer = secrets.token_urlsafe(32)
+        with self._lock:
+            self._scopes[_digest(bearer)] = wanted
+        for grant in prefetch:
+            if wanted.allows(grant, wanted.task):
+                refresher = self._refresher(grant, wanted.task)
+                threading.Thread(target=self._warm, args=(refresher,), daemon=True).start()
+        return bearer
+
+    def release_scope(self, header: str | None) -> None:
+        """Forget the caller's bearer and release what its task held (the root is kept)."""
+        presented = (header or "").removeprefix("Bearer ").strip()
+        with self._lock:
+            scope = self._scopes.get(_digest(presented))
+            if scope is None or scope is ROOT_SCOPE:
+                return
+            del self._scopes[_digest(presented)]
+        if scope.task is not None:
+            self._end_task(scope.task)  # and every bearer the task handed on
+
+    def release_task(self, task: str, scope: Scope = ROOT_SCOPE) -> None:
+        """End `task` for a delegating caller: its bearers stop working, its Vault credentials
+        are released in the background."""
+        if not scope.delegate or scope.task is not None:
+            self._refuse(f"a bearer for {scope.describe()} cannot end tasks", task=task, grant="-")
+        self._end_task(task)
+
+    def mint(
+        self, grant: str, task: str | None, duration: int | None, scope: Scope = ROOT_SCOPE
+    ) -> Credential:
+        task = self._check(scope, grant, task)
+        cred = self._mint(grant, task, duration)
+        if isinstance(cred, AwsCredentials):
+            # The task's SDKs, asking the container endpoint, get this one instead of a new mint.
+            self._refresher(grant, task).seed(cred, cred.expires_at)
+        if isinstance(cred, VaultToken | VaultSecret) and task is not None:
+            with self._lock:
+                self._held.setdefault(task, []).append(cred)
+                if isinstance(cred, VaultSecret):
+                    self._lease_task[cred.lease_id] = task
+        return cred
+
+    def revoke_lease(self, lease_id: str, scope: Scope = ROOT_SCOPE) -> None:
         if self._revoke_lease is None:
             raise BrokerError(
                 "this credential agent cannot revoke Vault leases", error="unsupported_token_type"
             )
+        with self._lock:
+            task = self._lease_task.get(lease_id)
+        if scope.task is not None and task != scope.task:
+            self._refuse(
+                f"a bearer for {scope.describe()} cannot revoke a lease of another task",
+                task=scope.task,
+                grant="-",
+            )
         self._revoke_lease(lease_id)
+        with self._lock:
+            self._lease_task.pop(lease_id, None)
+            if task is not None:
+                held = self._held.get(task, [])
+                self._held[task] = [
+                    c for c in held if not (isinstance(c, VaultSecret) and c.lease_id == lease_id)
+                ]
 
-    def aws(self, grant: str, task: str | None) -> AwsCredentials:
+    def aws(self, grant: str, task: str | None, scope: Scope = ROOT_SCOPE) -> AwsCredentials:
+        task = self._check(scope, grant, task)
+        return self._refresher(grant, task).get().value
+
+    def _check(self, scope: Scope, grant: str, task: str | None) -> str | None:
+        if scope.task is not None and task is None:
+            task = scope.task  # a task's bearer mints for its own task by default
+        if not scope.allows(grant, task):
+            self._refuse(
+                f"grant {grant!r} for task {task!r} is outside this bearer's scope "
+                f"({scope.describe()})",
+                task=task,
+                grant=grant,
+                asker=scope.task,
+            )
+        return task
+
+    def _refuse(
+        self, reason: str, *, task: str | None, grant: str, asker: str | None = None
+    ) -> NoReturn:
+        """Refuse, log, and have the broker record it (each grant and asking task once, in the
+        background, so a looping child neither waits on nor floods the broker)."""
+        self.refusals += 1
+        log.warning("luigi-creds agent refused: %s", reason)
+        key = (grant, asker if asker is not None else task)
+        with self._lock:
+            first = key not in self._reported
+            self._reported.add(key)
+        if first and self._report_refusal is not None:
+            threading.Thread(
+                target=_report_quietly, args=(self._report_refusal, *key), daemon=True
+            ).start()
+        raise ScopeRefused(
+            f"the job's credential agent refused: {reason}",
+            error="access_denied",
+            status=403,
+            grant=grant,
+        )
+
+    def _refresher(self, grant: str, task: str | None) -> Refresher[AwsCredentials]:
         with self._lock:
             refresher = self._aws.get((grant, task))
             if refresher is None:
@@ -196,7 +375,13 @@ class CredentialAgent:
                     name=f"AWS credentials for grant {grant!r}",
                 )
                 self._aws[(grant, task)] = refresher
-        return refresher.get().value
+        return refresher
+
+    @staticmethod
+    def _warm(refresher: Refresher[AwsCredentials]) -> None:
+        # A failure here is seen again, with its reason, by the SDK call that needs the credential.
+        with contextlib.suppress(Exception):
+            refresher.get()
 
     def _fetch_aws(self, grant: str, task: str | None) -> tuple[AwsCredentials, datetime]:
         cred = self._mint(grant, task, None)
@@ -206,11 +391,89 @@ class CredentialAgent:
             )
         return cred, cred.expires_at
 
+    def _end_task(self, task: str) -> None:
+        with self._lock:
+            for digest in [d for d, s in self._scopes.items() if s.task == task]:
+                del self._scopes[digest]
+            for key in [k for k in self._aws if k[1] == task]:
+                del self._aws[key]
+            held = self._held.pop(task, [])
+            for cred in held:
+                if isinstance(cred, VaultSecret):
+                    self._lease_task.pop(cred.lease_id, None)
+        if held and self._release is not None:
+            release = self._release
+            # Nothing in the task waits for Vault to answer: it is released in the background.
+            threading.Thread(
+                target=_release_quietly, args=(release, task, held), daemon=True
+            ).start()
+
+    def _reap(self) -> None:
+        """Release the scope of every task process that exited without releasing it."""
+        while not self._stopped.wait(self.REAP_INTERVAL):
+            with self._lock:
+                dead = [
+                    (digest, scope)
+                    for digest, scope in self._scopes.items()
+                    if scope.pid is not None and not _alive(scope.pid)
+                ]
+                for digest, _ in dead:
+                    del self._scopes[digest]
+            for _, scope in dead:
+                if scope.task is not None:
+                    log.info("luigi-creds: task %s ended without releasing; releasing", scope.task)
+                    self._end_task(scope.task)
+
+
+def _report_quietly(report: ReportRefusal, grant: str, task: str | None) -> None:
+    try:
+        report(grant, task)
+    except Exception as exc:
+        log.warning("luigi-creds: recording a refusal with the broker failed: %s", exc)
+
+
+def _release_quietly(release: Release, task: str, held: Sequence[Credential]) -> None:
+    try:
+        release(task, held)
+    except Exception as exc:
+        # Vault's error bodies are not ours to vet; our own messages are secret-free.
+        reason = exc if isinstance(exc, BrokerError) else type(exc).__name__
+        log.warning("luigi-creds: releasing the Vault credentials of %s failed: %s", task, reason)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # A dead child not yet waited for is a zombie: gone for our purposes.
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b") ", 1)[1][:1] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _digest(bearer: str) -> bytes:
+    # Scopes are looked up by a hash of the bearer, so no comparison ever runs over the secret.
+    return hashlib.sha256(bearer.encode()).digest()
+
 
 def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "luigi-creds-agent"
         sys_version = ""
+        # Keep-alive: a worker's pooled connection serves all its requests, every answer has a
+        # Content-Length.
+        protocol_version = "HTTP/1.1"
+        # Buffered, flushed once per answer: headers and body leave in one segment. Written
+        # apart, Nagle's algorithm holds the body until the client's delayed ACK (about 40 ms
+        # per request on Linux) on a kept-alive connection.
+        wbufsize = -1
 
         def log_message(self, format: str, *args: Any) -> None:
             # NOTE: the default logs full request lines to stderr; task ids are fine, but keep
@@ -218,7 +481,8 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             log.debug("agent: " + format, *args)
 
         def do_GET(self) -> None:
-            if not self._authorized():
+            scope = self._scope()
+            if scope is None:
                 return
             parts = urlsplit(self.path)
             if parts.path != "/v1/aws":
@@ -231,7 +495,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 self._send(400, {"error": "invalid_request", "error_description": "grant"})
                 return
             try:
-                cred = agent.aws(grant, task)
+                cred = agent.aws(grant, task, scope)
             except Exception as exc:
                 self._fail(exc)
                 return
@@ -247,61 +511,98 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             )
 
         def do_POST(self) -> None:
-            if not self._authorized():
-                return
-            path = urlsplit(self.path).path
-            if path not in ("/v1/mint", "/v1/revoke-lease"):
-                self._send(404, {"error": "not_found"})
-                return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_REQUEST_BYTES:
+                self.close_connection = True
                 self._send(413, {"error": "invalid_request"})
                 return
-            if path == "/v1/revoke-lease":
-                self._revoke_lease(self.rfile.read(length))
+            raw = self.rfile.read(length)
+            scope = self._scope()
+            if scope is None:
+                return
+            path = urlsplit(self.path).path
+            handlers = {
+                "/v1/mint": self._mint,
+                "/v1/revoke-lease": self._revoke_lease,
+                "/v1/bearer": self._bearer,
+                "/v1/release": self._release,
+            }
+            handler = handlers.get(path)
+            if handler is None:
+                self._send(404, {"error": "not_found"})
                 return
             try:
-                request = json.loads(self.rfile.read(length) or b"{}")
-                grant = request["grant"]
-                task = request.get("task")
-                duration = request.get("duration")
-                if not isinstance(grant, str) or not (task is None or isinstance(task, str)):
+                request = json.loads(raw or b"{}")
+                if not isinstance(request, dict):
                     raise TypeError
-                if not (duration is None or isinstance(duration, int)):
-                    raise TypeError
+                handler(scope, request)
             except (ValueError, KeyError, TypeError):
                 self._send(400, {"error": "invalid_request", "error_description": "bad body"})
-                return
-            try:
-                cred = agent.mint(grant, task, duration)
             except Exception as exc:
                 self._fail(exc)
-                return
-            self._send(200, credential_to_wire(cred))
 
-        def _revoke_lease(self, raw: bytes) -> None:
-            try:
-                lease_id = json.loads(raw or b"{}")["lease_id"]
-                if not isinstance(lease_id, str) or not 0 < len(lease_id) <= MAX_LEASE_ID:
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                self._send(400, {"error": "invalid_request", "error_description": "bad body"})
-                return
-            try:
-                agent.revoke_lease(lease_id)
-            except Exception as exc:
-                self._fail(exc)
-                return
+        def _mint(self, scope: Scope, request: dict[str, Any]) -> None:
+            grant = request["grant"]
+            task = request.get("task")
+            duration = request.get("duration")
+            if not isinstance(grant, str) or not (task is None or isinstance(task, str)):
+                raise TypeError
+            if not (duration is None or isinstance(duration, int)):
+                raise TypeError
+            self._send(200, credential_to_wire(agent.mint(grant, task, duration, scope)))
+
+        def _revoke_lease(self, scope: Scope, request: dict[str, Any]) -> None:
+            lease_id = request["lease_id"]
+            if not isinstance(lease_id, str) or not 0 < len(lease_id) <= MAX_LEASE_ID:
+                raise TypeError
+            agent.revoke_lease(lease_id, scope)
+            self._no_content()
+
+        def _bearer(self, scope: Scope, request: dict[str, Any]) -> None:
+            grants = request.get("grants")
+            task = request.get("task")
+            pid = request.get("pid")
+            prefetch = request.get("prefetch") or []
+            delegate = request.get("delegate") is True
+            if grants is not None and not (
+                isinstance(grants, list) and all(isinstance(g, str) for g in grants)
+            ):
+                raise TypeError
+            if not (task is None or isinstance(task, str)):
+                raise TypeError
+            if not (pid is None or (isinstance(pid, int) and pid > 0)):
+                raise TypeError
+            if not (isinstance(prefetch, list) and all(isinstance(g, str) for g in prefetch)):
+                raise TypeError
+            wanted = Scope(
+                grants=None if grants is None else frozenset(grants),
+                task=task,
+                delegate=delegate,
+                pid=pid,
+            )
+            self._send(200, {"bearer": agent.issue(scope, wanted, prefetch)})
+
+        def _release(self, scope: Scope, request: dict[str, Any]) -> None:
+            task = request.get("task")
+            if task is None:
+                agent.release_scope(self.headers.get("Authorization"))
+            elif isinstance(task, str):
+                agent.release_task(task, scope)
+            else:
+                raise TypeError
+            self._no_content()
+
+        def _scope(self) -> Scope | None:
+            scope = agent.scope_of(self.headers.get("Authorization"))
+            if scope is None:
+                self._send(401, {"error": "unauthorized"})
+            return scope
+
+        def _no_content(self) -> None:
             self.send_response(204)
             self.send_header("Content-Length", "0")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-
-        def _authorized(self) -> bool:
-            if agent.authorized(self.headers.get("Authorization")):
-                return True
-            self._send(401, {"error": "unauthorized"})
-            return False
 
         def _fail(self, exc: Exception) -> None:
             cause: BaseException | None = exc
@@ -339,80 +640,99 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
 
 
 class AgentClient:
-    """Mints through a running agent; what forked workers and subprocesses use."""
+    """Mints through a running agent; what task processes and subprocesses use.
 
-    def __init__(self, endpoint: AgentEndpoint, *, http: httpx.Client) -> None:
+    Standard library HTTP (`http.client`) on one kept-alive connection: a task's process pays
+    neither an HTTP stack's import nor a connection per request. Thread-safe (one request at a
+    time); make one per process, since a connection must not cross a fork.
+    """
+
+    def __init__(self, endpoint: AgentEndpoint, *, timeout: float = 120.0) -> None:
         self.endpoint = endpoint
-        self._http = http
+        parts = urlsplit(endpoint.url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
 
     def __repr__(self) -> str:
         return f"AgentClient({self.endpoint.url!r})"
 
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __del__(self) -> None:
+        # A client dropped without close() must not leave its kept-alive socket to the GC.
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+
+    def scoped(
+        self,
+        grants: Sequence[str] | None,
+        task: str | None,
+        *,
+        delegate: bool = False,
+        pid: int | None = None,
+        prefetch: Sequence[str] = (),
+    ) -> AgentEndpoint:
+        """A bearer for a narrower scope (a task's own grants, or a delegate for a scheduling
+        process); the agent refuses what this client's own bearer does not cover."""
+        body = {
+            "grants": None if grants is None else list(grants),
+            "task": task,
+            "delegate": delegate,
+            "pid": pid,
+            "prefetch": list(prefetch),
+        }
+        payload = self._call("POST", "/v1/bearer", body, what="a task's bearer")
+        bearer = payload.get("bearer")
+        if not isinstance(bearer, str) or not bearer:
+            raise BrokerError(
+                "credential agent answered a bearer request with a malformed body",
+                error="invalid_response",
+            )
+        return AgentEndpoint(self.endpoint.url, bearer)
+
+    def release(self, task: str | None = None) -> None:
+        """End this client's own task scope, or (a delegating client) `task`: the agent forgets
+        the task's bearers and releases its Vault credentials in the background."""
+        self._call("POST", "/v1/release", {"task": task}, what="a release", expect=204)
+
     def revoke_lease(self, lease_id: str) -> None:
         """Ask the agent to revoke one Vault lease of the job's session (BrokerError if not)."""
+        body = {"lease_id": lease_id}
+        self._call("POST", "/v1/revoke-lease", body, what="a lease revoke", expect=204)
+
+    def aws(self, grant: str, task: str | None = None) -> AwsCredentials:
+        """The agent's cached AWS credentials for (grant, task), as the AWS SDKs get them."""
+        query = f"grant={quote(grant, safe='')}" + (f"&task={quote(task, safe='')}" if task else "")
+        body = self._call("GET", f"/v1/aws?{query}", None, what=f"grant {grant!r}", grant=grant)
         try:
-            response = self._http.post(
-                f"{self.endpoint.url}/v1/revoke-lease",
-                json={"lease_id": lease_id},
-                headers={"Authorization": f"Bearer {self.endpoint.bearer}"},
+            return AwsCredentials(
+                grant=grant,
+                request_id="",
+                access_key_id=body["AccessKeyId"],
+                secret_access_key=body["SecretAccessKey"],
+                session_token=body["Token"],
+                expires_at=parse_time(body["Expiration"]),
             )
-        except httpx.HTTPError as exc:
+        except (KeyError, TypeError, ValueError):
             raise BrokerError(
-                f"the job's credential agent at {self.endpoint.url} is unreachable to revoke a "
-                f"Vault lease ({type(exc).__name__})",
-                error="unreachable",
+                f"credential agent answered grant {grant!r} with malformed AWS credentials",
+                error="invalid_response",
+                grant=grant,
             ) from None
-        if response.status_code != 204:
-            try:
-                payload = response.json()
-            except ValueError:
-                payload = {}
-            payload = payload if isinstance(payload, dict) else {}
-            description = payload.get("error_description")
-            raise BrokerError(
-                description
-                if isinstance(description, str)
-                else f"credential agent answered HTTP {response.status_code} to a lease revoke",
-                error=str(payload.get("error") or f"http_{response.status_code}"),
-                status=response.status_code,
-            )
 
     def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
         body: dict[str, Any] = {"grant": grant, "task": task}
         if duration is not None:
             body["duration"] = duration
-        try:
-            response = self._http.post(
-                f"{self.endpoint.url}/v1/mint",
-                json=body,
-                headers={"Authorization": f"Bearer {self.endpoint.bearer}"},
-            )
-        except httpx.HTTPError as exc:
-            raise BrokerError(
-                f"the job's credential agent at {self.endpoint.url} is unreachable for grant "
-                f"{grant!r} ({type(exc).__name__}); did the process that started the job exit?",
-                error="unreachable",
-                grant=grant,
-            ) from None
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {}
-        if response.status_code != 200:
-            description = payload.get("error_description")
-            raise BrokerError(
-                description
-                if isinstance(description, str)
-                else f"credential agent answered HTTP {response.status_code} for grant {grant!r}",
-                error=str(payload.get("error") or f"http_{response.status_code}"),
-                status=response.status_code,
-                request_id=payload.get("request_id")
-                if isinstance(payload.get("request_id"), str)
-                else None,
-                grant=grant,
-            )
+        payload = self._call("POST", "/v1/mint", body, what=f"grant {grant!r}", grant=grant)
         expires_at = payload.get("expires_at")
         try:
             cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
@@ -426,3 +746,76 @@ class AgentClient:
                 grant=grant,
             ) from exc
         return cred
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        *,
+        what: str,
+        expect: int = 200,
+        grant: str | None = None,
+    ) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.endpoint.bearer}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        with self._lock:
+            try:
+                status, raw = self._send(method, path, data, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                raise BrokerError(
+                    f"the job's credential agent at {self.endpoint.url} is unreachable for "
+                    f"{what} ({type(exc).__name__}); did the process that started the job exit?",
+                    error="unreachable",
+                    grant=grant,
+                ) from None
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            payload = {}
+        payload = payload if isinstance(payload, dict) else {}
+        if status != expect:
+            description = payload.get("error_description")
+            request_id = payload.get("request_id")
+            raise BrokerError(
+                description
+                if isinstance(description, str)
+                else f"credential agent answered HTTP {status} for {what}",
+                error=str(payload.get("error") or f"http_{status}"),
+                status=status,
+                request_id=request_id if isinstance(request_id, str) else None,
+                grant=grant,
+            )
+        return payload
+
+    def _send(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            conn = self._conn
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            self._conn = None
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
+                raw = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                # A kept-alive connection the agent closed while idle: send once more on a
+                # new one. A fresh connection that fails is a real failure.
+                if not reused or attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self._conn = conn
+            return response.status, raw
+        raise AssertionError("unreachable")  # pragma: no cover

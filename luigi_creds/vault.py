@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import hvac
+import hvac.exceptions
 
-from luigi_creds.client import Credential, VaultSecret, VaultToken
+from luigi_creds.credentials import Credential, VaultSecret, VaultToken
 
 __all__ = ["LeaseKeeper", "TokenKeeper", "release", "renew_delay"]
 
@@ -66,9 +67,11 @@ class TokenKeeper:
         *,
         remint: Callable[[], Credential] | None = None,
         rng: Callable[[], float] = random.random,
+        on_new_token: Callable[[str], None] | None = None,
     ) -> None:
         self.client = hvac.Client(url=addr, token=cred.token)
         self._remint = remint
+        self._on_new_token = on_new_token
         self._rng = rng
         self._renewable = cred.renewable
         self._lease = float(cred.lease_duration)
@@ -88,14 +91,15 @@ class TokenKeeper:
         cred: VaultToken,
         addr: str | None,
         *,
-        duration: int | None = None,
+        remint: Callable[[], Credential] | None = None,
+        on_new_token: Callable[[str], None] | None = None,
     ) -> TokenKeeper:
-        """The keeper for (task, grant) in this process, started on first use; re-mints ask
-        for `duration` seconds, like the task's first mint."""
+        """The keeper for (task, grant) in this process, started on first use; `remint` gets a
+        new token for the same grant and task when the old one stops extending."""
         with cls._registry_lock:
             keeper = cls._registry.get((task_id, grant))
             if keeper is None:
-                keeper = cls(cred, addr, remint=lambda: _agent_mint(grant, task_id, duration))
+                keeper = cls(cred, addr, remint=remint, on_new_token=on_new_token)
                 keeper.start()
                 cls._registry[(task_id, grant)] = keeper
             return keeper
@@ -142,6 +146,8 @@ class TokenKeeper:
         if not isinstance(fresh, VaultToken):
             raise TypeError("re-mint did not return a Vault token")
         self.client.token = fresh.token
+        if self._on_new_token is not None:
+            self._on_new_token(fresh.token)
         self._renewable = fresh.renewable
         self._lease = self._initial_lease = float(fresh.lease_duration)
         self._final = False
@@ -235,36 +241,40 @@ class LeaseKeeper:
             self.done.set()
 
 
-def _agent_mint(grant: str, task_id: str, duration: int | None) -> Credential:
-    from luigi_creds.luigi import ensure_agent
-
-    return ensure_agent().mint(grant, task_id, duration)
-
-
-def _agent_revoke_lease(lease_id: str) -> None:
-    from luigi_creds.luigi import ensure_agent
-
-    ensure_agent().revoke_lease(lease_id)
-
-
 def release(
     task_id: str,
     grant: str,
     cred: Any,
     addr: str | None,
     *,
-    revoke_lease: Callable[[str], None] = _agent_revoke_lease,
+    revoke_lease: Callable[[str], None] | None = None,
 ) -> None:
     """End a task's Vault credential: stop renewing, then revoke the token (and its leases) or,
     for a dynamic secret, have the broker revoke the lease through `revoke_lease`."""
+    stop_keepers(task_id, grant)
+    revoke(cred, addr, revoke_lease=revoke_lease)
+
+
+def stop_keepers(task_id: str, grant: str) -> None:
+    """Stop renewing (task, grant)'s token and lease in this process."""
     lease_keeper = LeaseKeeper.pop(task_id, grant)
     if lease_keeper is not None:
         lease_keeper.stop()
     keeper = TokenKeeper.pop(task_id, grant)
     if keeper is not None:
         keeper.stop()
+
+
+def revoke(
+    cred: Any, addr: str | None, *, revoke_lease: Callable[[str], None] | None = None
+) -> None:
+    """Revoke a Vault token at `addr` (it revokes itself, with its child leases), or a dynamic
+    secret's lease through `revoke_lease` (the broker, which holds the power to revoke it).
+    A token that is already gone (expired, or revoked with its session) is not an error."""
     if isinstance(cred, VaultToken) and addr:
-        client = keeper.client if keeper is not None else hvac.Client(url=addr, token=cred.token)
-        client.auth.token.revoke_self()
-    elif isinstance(cred, VaultSecret) and cred.lease_id:
+        try:
+            hvac.Client(url=addr, token=cred.token).auth.token.revoke_self()
+        except hvac.exceptions.Forbidden:
+            log.debug("Vault token %s was already gone at release", cred.accessor)
+    elif isinstance(cred, VaultSecret) and cred.lease_id and revoke_lease is not None:
         revoke_lease(cred.lease_id)

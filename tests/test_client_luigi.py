@@ -45,6 +45,7 @@ class FakeBroker:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.mints: list[tuple[str, str, str]] = []
+        self.reported: list[tuple[str, str]] = []
         self.handles: set[str] = set()
         self.spent: set[str] = set()
         self.exchanges = 0
@@ -113,6 +114,11 @@ class FakeBroker:
         with self.lock:
             if self.down:
                 return 503, {"error": "temporarily_unavailable", "request_id": "r"}
+            if form.get("requested_token_type"):
+                # The real broker issues no such type: a refusal the agent reports is denied
+                # (and recorded) without rotating the handle.
+                self.reported.append((form["audience"], form.get("task", "")))
+                return 400, {"error": "invalid_request", "request_id": "r-reported"}
             if form["audience"] == "denied":
                 # Denied before the token's jti is consumed (the session is not started).
                 return 400, {"error": "invalid_target", "request_id": "r-denied"}
@@ -340,3 +346,140 @@ def test_complete_outside_run_gets_credentials(broker: FakeBroker) -> None:
     task = CheckedRemotely()
     assert luigi.build([task], workers=1, local_scheduler=True, log_level="WARNING")
     assert [t for _, t, _ in broker.mints] == [task.task_id]
+
+
+# --- TaskCredentials: per-task credentials with no code in the tasks ------------------------
+
+
+class PlainBoto(luigi.Task):
+    """A stock task: plain boto3, no luigi_creds import; records what its process was given."""
+
+    n = luigi.IntParameter()
+    out = luigi.Parameter()
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(f"{self.out}/plain-{self.n}.json")
+
+    def run(self) -> None:
+        import boto3
+
+        key = boto3.Session().get_credentials().get_frozen_credentials().access_key
+        # What a hostile task could try with what it holds: another grant, another task.
+        from luigi_creds.serve import AgentClient, AgentEndpoint
+
+        mine = AgentEndpoint.from_env(os.environ)
+        assert mine is not None
+        attempts = {}
+        for grant, task in (("etl-vault", self.task_id), ("etl-writer", "Other(n=1)")):
+            try:
+                AgentClient(mine).mint(grant, task)
+                attempts[f"{grant}/{task}"] = "minted"
+            except Exception as exc:
+                attempts[f"{grant}/{task}"] = str(getattr(exc, "status", exc))
+        with self.output().open("w") as f:
+            json.dump(
+                {
+                    "key": key,
+                    "pid": os.getpid(),
+                    "bearer": mine.bearer,
+                    "stray": os.environ.get("AWS_ACCESS_KEY_ID"),
+                    "attempts": attempts,
+                },
+                f,
+            )
+
+
+@pytest.fixture
+def task_context(broker: FakeBroker, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBroker]:
+    """[worker] task_process_context = luigi_creds.TaskCredentials, aws_grant = etl-writer,
+    and the job's agent started in this (the scheduling) process, as `luigi-creds exec` does."""
+    from luigi_creds.agent import ensure_agent
+
+    config = luigi.configuration.get_config()
+    config.set("worker", "task_process_context", "luigi_creds.TaskCredentials")
+    config.set("luigi_creds", "aws_grant", "etl-writer")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASTRAYSTRAYSTRAY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stray-secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    ensure_agent()
+    yield broker
+    config.remove_option("worker", "task_process_context")
+    config.remove_option("luigi_creds", "aws_grant")
+
+
+def test_task_credentials_give_each_forked_task_its_own_key(
+    task_context: FakeBroker, tmp_path: Path
+) -> None:
+    """Six stock tasks on three forked workers: each task's plain boto3 gets its own key,
+    minted with its task id; no stray static key wins; a task's bearer is its own and can
+    mint neither another grant nor for another task."""
+    tasks = [PlainBoto(n=i, out=str(tmp_path)) for i in range(6)]
+    assert luigi.build(tasks, workers=3, local_scheduler=True, log_level="WARNING")
+    seen = [json.loads((tmp_path / f"plain-{i}.json").read_text()) for i in range(6)]
+    keys = {s["key"] for s in seen}
+    assert len(keys) == 6 and "AKIASTRAYSTRAYSTRAY" not in keys
+    assert all(s["stray"] is None for s in seen)
+    assert len({s["bearer"] for s in seen}) == 6
+    assert os.environ["LUIGI_CREDS_AGENT_TOKEN"] not in {s["bearer"] for s in seen}
+    assert all(set(s["attempts"].values()) == {"403"} for s in seen), seen
+    # One mint per task, under its id, on the one session.
+    assert sorted(t for _, t, _ in task_context.mints) == sorted(t.task_id for t in tasks)
+    assert {k for _, _, k in task_context.mints} == keys
+    assert task_context.exchanges == 1
+    # Each refusal reached the broker's ledger once, against the task that asked.
+    deadline = time.monotonic() + 10
+    while len(task_context.reported) < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(task_context.reported) == sorted(
+        [("etl-vault", t.task_id) for t in tasks] + [("etl-writer", t.task_id) for t in tasks]
+    )
+
+
+def test_task_credentials_fail_a_denied_task_with_the_grant_named(
+    task_context: FakeBroker, tmp_path: Path
+) -> None:
+    """A family whose grant the broker denies fails through Luigi with the grant in the error;
+    its neighbour still runs; the denied task never ran its body."""
+    config = luigi.configuration.get_config()
+    config.add_section("luigi_creds:PlainBoto")
+    try:
+        config.set("luigi_creds:PlainBoto", "aws_grant", "denied")
+        result = luigi.build(
+            [PlainBoto(n=1, out=str(tmp_path))],
+            workers=1,
+            local_scheduler=True,
+            detailed_summary=True,
+            log_level="WARNING",
+        )
+    finally:
+        config.remove_section("luigi_creds:PlainBoto")
+    assert result.status.name == "FAILED"
+    assert not (tmp_path / "plain-1.json").exists()
+    assert [g for g, _, _ in task_context.mints] == []
+
+
+def test_plain_api_and_one_log_line_per_mint(
+    broker: FakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`luigi_creds.aws_session(grant)` works outside Luigi from the same settings; each mint
+    logs the grant, task, access key id and expiry, never a secret; errors share one base."""
+    import logging
+
+    import luigi_creds
+
+    caplog.set_level(logging.INFO, logger="luigi_creds")
+    session = luigi_creds.aws_session("etl-writer", task="notebook")
+    frozen = session.get_credentials().get_frozen_credentials()
+    assert frozen.access_key.startswith("AKIAFAKE")
+    assert broker.mints[-1] == ("etl-writer", "notebook", frozen.access_key)
+    lines = [r.getMessage() for r in caplog.records if "minted grant" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"luigi-creds: minted grant 'etl-writer' for task notebook: access key {frozen.access_key}"
+    )
+    assert " expires 20" in lines[0]
+    assert frozen.secret_key not in caplog.text and frozen.token not in caplog.text
+    with pytest.raises(luigi_creds.LuigiCredsError) as info:
+        luigi_creds.aws_session("denied").get_credentials()
+    assert "denied" in str(info.value)

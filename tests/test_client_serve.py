@@ -85,7 +85,7 @@ def test_botocore_container_provider_reads_the_agent(agent, monkeypatch, tmp_pat
 def test_agent_client_round_trips_credentials(agent) -> None:  # type: ignore[no-untyped-def]
     """AgentClient.mint returns the typed credential the agent minted, with the task passed on."""
     _, endpoint, minter = agent
-    client = AgentClient(endpoint, http=httpx.Client())
+    client = AgentClient(endpoint)
     aws = client.mint("etl-writer", "T1")
     secret = client.mint("db", "T2")
     assert isinstance(aws, AwsCredentials) and aws.session_token == "st1"
@@ -96,7 +96,7 @@ def test_agent_client_round_trips_credentials(agent) -> None:  # type: ignore[no
 def test_agent_passes_broker_errors_through(agent) -> None:  # type: ignore[no-untyped-def]
     """A broker refusal reaches the worker with its code, status, request id and message."""
     _, endpoint, _ = agent
-    client = AgentClient(endpoint, http=httpx.Client())
+    client = AgentClient(endpoint)
     with pytest.raises(BrokerError, match="invalid_target") as info:
         client.mint("denied", "T1")
     assert (info.value.error, info.value.status, info.value.request_id) == (
@@ -112,7 +112,7 @@ def test_agent_gone_is_a_clear_error() -> None:
     endpoint = server.start()
     server.stop()
     with pytest.raises(BrokerError, match="credential agent") as info:
-        AgentClient(endpoint, http=httpx.Client()).mint("g")
+        AgentClient(endpoint).mint("g")
     assert info.value.error == "unreachable"
 
 
@@ -131,7 +131,7 @@ def test_agent_relays_lease_revocation() -> None:
     endpoint = server.start()
     try:
         with httpx.Client() as http:
-            client = AgentClient(endpoint, http=http)
+            client = AgentClient(endpoint)
             client.revoke_lease("database/creds/x/1")
             assert revoked == ["database/creds/x/1"]
             with pytest.raises(BrokerError) as info:
@@ -155,6 +155,89 @@ def test_agent_relays_lease_revocation() -> None:
 def test_agent_without_a_lease_revoker_refuses(agent) -> None:  # type: ignore[no-untyped-def]
     """An agent built without a revoke callable answers a lease revocation with an error."""
     _, endpoint, _ = agent
-    with httpx.Client() as http, pytest.raises(BrokerError) as info:
-        AgentClient(endpoint, http=http).revoke_lease("database/creds/x/1")
+    with pytest.raises(BrokerError) as info:
+        AgentClient(endpoint).revoke_lease("database/creds/x/1")
     assert info.value.error == "unsupported_token_type"
+
+
+# --- scoped bearers -----------------------------------------------------------------------
+
+
+def test_a_task_bearer_mints_only_its_own_grants_for_its_own_task(agent, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A bearer scoped to (grants, task) mints those grants for that task; every other grant,
+    task, wider bearer or lease of another task is refused with 403 and logged; nothing minted."""
+    server, endpoint, minter = agent
+    root = AgentClient(endpoint)
+    delegate = AgentClient(root.scoped(["etl", "db"], None, delegate=True))
+    task = AgentClient(delegate.scoped(["etl"], "Task(a=1)"))
+    assert task.endpoint.bearer not in (endpoint.bearer, delegate.endpoint.bearer)
+
+    assert isinstance(task.mint("etl", "Task(a=1)"), AwsCredentials)
+    assert isinstance(task.mint("etl"), AwsCredentials)  # its own task by default
+    assert task.aws("etl").access_key_id.startswith("AKIAAGENT")
+    assert minter.calls == [("etl", "Task(a=1)")] * 2
+
+    refused = [
+        lambda: task.mint("other", "Task(a=1)"),
+        lambda: task.mint("etl", "Task(a=2)"),
+        lambda: task.aws("etl", "Task(a=2)"),
+        lambda: task.scoped(["etl", "other"], "Task(a=1)"),
+        lambda: task.scoped(["etl"], "Task(a=2)"),
+        lambda: task.scoped(["etl"], None, delegate=True),
+        lambda: delegate.mint("admin", "Task(a=1)"),
+        lambda: delegate.scoped(None, None, delegate=True),
+        lambda: task.release("Task(a=2)"),
+    ]
+    for attempt in refused:
+        with pytest.raises(BrokerError) as info:
+            attempt()
+        assert info.value.status == 403 and info.value.error == "access_denied"
+        assert "refused" in str(info.value)
+    assert server.refusals == len(refused)
+    assert minter.calls == [("etl", "Task(a=1)")] * 2
+    logged = [r.getMessage() for r in caplog.records if "agent refused" in r.getMessage()]
+    assert len(logged) == len(refused)
+    assert any("grant 'other' for task 'Task(a=1)'" in line for line in logged)
+    assert all(endpoint.bearer not in line for line in logged)
+
+    # A narrower bearer for the same task (a subprocess's) is fine; release ends them all.
+    child = AgentClient(task.scoped(["etl"], "Task(a=1)"))
+    task.release()
+    for gone in (task, child):
+        with pytest.raises(BrokerError) as info:
+            gone.mint("etl")
+        assert info.value.status == 401
+
+
+def test_a_dead_task_process_has_its_vault_credentials_released() -> None:
+    """A task scope bound to a process: when the process dies without releasing, the agent
+    releases what the task held (here a dynamic secret) by itself."""
+    import subprocess
+    import sys
+    import time
+
+    released: list[tuple[str, list[str]]] = []
+
+    def release(task: str, creds: object) -> None:
+        released.append((task, [c.lease_id for c in creds]))  # type: ignore[attr-defined]
+
+    server = CredentialAgent(Minter(), clock=lambda: datetime.now(UTC), release=release)
+    endpoint = server.start()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        task = AgentClient(AgentClient(endpoint).scoped(["db"], "T(1)", pid=child.pid))
+        assert isinstance(task.mint("db"), VaultSecret)
+        time.sleep(2 * CredentialAgent.REAP_INTERVAL)
+        assert released == []  # alive: nothing released
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 10
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert released == [("T(1)", ["database/creds/x/1"])]
+        with pytest.raises(BrokerError) as info:
+            task.mint("db")
+        assert info.value.status == 401
+    finally:
+        child.kill()
+        server.stop()

@@ -96,6 +96,15 @@ ref = "refs/heads/main"
 role_arn = "{role_arn}"
 
 [[grant]]
+name = "etl-admin"
+issuers = ["gitlab"]
+ttl = "15m"
+[grant.match]
+project_id = "1"
+[grant.aws]
+role_arn = "{role_arn}"
+
+[[grant]]
 name = "etl-vault"
 issuers = ["gitlab"]
 ttl = "5m"
@@ -478,8 +487,9 @@ def test_exec_runs_the_aws_cli_on_broker_credentials(stack: Stack, tmp_path: Pat
 
     events = stack.events()
     issued = _issued(events, {"cli-exec"})
-    # exec's own mint (an exchange), then the agent's for the AWS SDK's container provider.
-    assert [e.kind for e in issued] == ["exchange", "refresh"]
+    # exec's own mint (an exchange), which the agent then serves to the AWS SDK's container
+    # provider: no second mint for the same grant and task.
+    assert [e.kind for e in issued] == ["exchange"]
     session = issued[0].session_id
     assert [e.reason for e in events if e.kind == "revoke" and e.session_id == session] == [
         "client_revoked"
@@ -735,3 +745,198 @@ def test_broker_stopped_mid_pipeline(stack: Stack, tmp_path: Path) -> None:
     # At exit the job tries once to end its session, and says so in one line when it cannot.
     assert "luigi-creds: ending the job's broker session failed: broker" in log
     assert ci_token not in log
+
+
+# --- Must show 6: a stock pipeline, no code changes, under `luigi-creds exec` -----------------
+
+PLAIN_PIPELINE = ROOT / "tests" / "plain_pipeline.py"
+
+
+def _plain_job(
+    stack: Stack, workdir: Path, grants: list[str], extra_cfg: str = "", task: str = "PlainAll"
+) -> tuple[subprocess.CompletedProcess[str], Path, str]:
+    """`luigi-creds exec --grant ... -- luigi --module plain_pipeline PlainAll --workers 3`."""
+    argv, env, markers, token = _plain_job_argv(stack, workdir, grants, extra_cfg, task)
+    out = subprocess.run(
+        argv, env=env, cwd=workdir, capture_output=True, text=True, timeout=300, check=False
+    )
+    return out, markers, token
+
+
+def _plain_job_argv(
+    stack: Stack, workdir: Path, grants: list[str], extra_cfg: str, task: str
+) -> tuple[list[str], dict[str, str], Path, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    token_file = workdir / "ci-token"
+    token_file.write_text(stack.gitlab_token())
+    markers = workdir / "markers"
+    markers.mkdir()
+    cfg = workdir / "luigi.cfg"
+    cfg.write_text(
+        "[core]\nautoload_range = false\n"
+        "\n[retcode]\ntask_failed = 3\n"
+        "\n[worker]\nforce_multiprocessing = true\n"
+        "task_process_context = luigi_creds.TaskCredentials\n"
+        f"\n[s3]\nendpoint_url = {stack.moto.url}\n"
+        f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = file:{token_file}\n"
+        f"vault_addr = {stack.bao.url}\naws_grant = etl-writer\n{extra_cfg}"
+    )
+    env = {
+        **_clean_env(),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "LUIGI_CONFIG_PATH": str(cfg),
+        "PYTHONPATH": str(ROOT / "tests"),
+        "PIPELINE_S3_URL": stack.moto.url,
+        "PIPELINE_MARKERS": str(markers),
+        "PIPELINE_PREFIX": workdir.name,
+        "AWS_CONFIG_FILE": str(workdir / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # A stray static key: it must never be what a task signs with.
+        "AWS_ACCESS_KEY_ID": "AKIASTRAYSTRAYSTRAY",
+        "AWS_SECRET_ACCESS_KEY": "stray-secret-never-used",
+    }
+    argv = ["luigi-creds", "exec"]
+    for grant in grants:
+        argv += ["--grant", grant]
+    argv += ["--", "luigi", "--module", "plain_pipeline", task, "--workers", "3",
+             "--local-scheduler"]  # fmt: skip
+    return argv, env, markers, token_file.read_text()
+
+
+def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_path: Path) -> None:
+    """A pipeline that never imports luigi_creds (S3Target outputs, plain boto3, the aws CLI in
+    a subprocess), under `luigi-creds exec` with 3 forked workers: each task has its own
+    access key minted for its id, awscli sees the grant's role, the scheduling process's
+    exists() checks mint nothing of their own, and a child's bearer can mint neither another
+    grant nor for another task (refused, and recorded by the broker)."""
+    source = PLAIN_PIPELINE.read_text()
+    assert "import luigi_creds" not in source and "from luigi_creds" not in source
+    out, markers, ci_token = _plain_job(stack, tmp_path / "job", ["etl-writer"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    seen = [json.loads(p.read_text()) for p in sorted(markers.glob("plain-*.json"))]
+    assert len(seen) == 6
+    tasks = {m["task"] for m in seen}
+    keys = {m["access_key_id"] for m in seen}
+    assert len(tasks) == 6 and len(keys) == 6 and "AKIASTRAYSTRAYSTRAY" not in keys
+    assert len({m["pid"] for m in seen}) == 6  # a forked process per task
+    assert all(m["stray"] is None for m in seen)
+    for m in seen:
+        assert ":assumed-role/etl-writer/" in m["boto3_arn"]
+        assert ":assumed-role/etl-writer/" in m["cli_arn"]
+        assert m["probes"] == {
+            f"etl-writer {m['task']}": "200",
+            f"etl-vault {m['task']}": "403",
+            "etl-writer PlainWrite(n=99)": "403",
+        }
+    s3 = stack.moto.client("s3")
+    written = {
+        json.loads(s3.get_object(Bucket=BUCKET, Key=f"job/{n}.json")["Body"].read())["task"]
+        for n in range(6)
+    }
+    assert written == tasks
+
+    events = stack.events()
+    issued = [e for e in events if e.outcome == Outcome.ISSUED and e.task in tasks]
+    assert {(e.task, e.credential_ref) for e in issued} == {
+        (m["task"], m["access_key_id"]) for m in seen
+    }
+    session = issued[0].session_id
+    in_session = [e for e in events if e.session_id == session]
+    # exec's own mint (the scheduling process's credential, which every exists() check used),
+    # then one per task process, the wrapper's included (its process checks its requirements'
+    # S3 outputs); nothing else was issued on the session.
+    job_issued = [e for e in in_session if e.outcome == Outcome.ISSUED]
+    (wrapper,) = {e.task for e in job_issued if e.task.startswith("PlainAll_")}
+    assert sorted((e.kind, e.task) for e in job_issued) == sorted(
+        [("exchange", "")] + [("refresh", t) for t in {*tasks, wrapper}]
+    )
+    refused = [e for e in in_session if e.outcome == Outcome.DENIED]
+    assert sorted((e.task, e.grant) for e in refused) == sorted(
+        [(t, "etl-vault") for t in tasks] + [(t, "etl-writer") for t in tasks]
+    )
+    assert [e.reason for e in in_session if e.kind == "revoke"] == ["client_revoked"]
+
+    log = out.stderr
+    for m in seen:
+        assert (
+            f"minted grant 'etl-writer' for task {m['task']}: access key {m['access_key_id']}"
+            in log
+        )
+    assert log.count("luigi-creds agent refused") == 12
+    assert ci_token not in log + out.stdout and "stray-secret-never-used" not in log
+
+
+def test_stock_pipeline_with_a_denied_grant_fails_naming_it(stack: Stack, tmp_path: Path) -> None:
+    """A grant the policy denies fails the run before anything starts, naming the grant; a
+    family given a grant outside exec's fails its tasks, naming it; neither falls back to the
+    stray static key or anything else (nothing is written)."""
+    out, markers, _ = _plain_job(stack, tmp_path / "denied", ["etl-admin"])
+    assert out.returncode == 2
+    assert "refused grant 'etl-admin' with HTTP 400 invalid_target" in out.stderr
+    assert list(markers.iterdir()) == []
+
+    out, markers, _ = _plain_job(
+        stack,
+        tmp_path / "family",
+        ["etl-writer"],
+        "\n[luigi_creds:PlainWrite]\naws_grant = etl-admin\n",
+    )
+    assert out.returncode == 3  # luigi's [retcode] task_failed, passed on by exec
+    log = out.stdout + out.stderr
+    assert "luigi-creds: no credentials for PlainWrite" in log
+    assert "grants ['etl-admin']" in log
+    assert list(markers.iterdir()) == []
+    for prefix in ("denied/", "family/"):
+        listed = stack.moto.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+        assert listed.get("Contents", []) == []
+    denied = [e for e in stack.events() if e.grant == "etl-admin"]
+    assert denied and all(e.outcome == Outcome.DENIED for e in denied)
+
+
+def test_stock_task_vault_token_is_released_however_the_task_ends(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`hvac.Client()` in a stock task finds a Vault token of its own in VAULT_ADDR/VAULT_TOKEN;
+    the token of the task that succeeded and of the task whose process was SIGKILLed are both
+    revoked while the job (and its session) still runs; the Vault family gets no AWS."""
+    workdir = tmp_path / "vault"
+    extra = "\n[luigi_creds:PlainVault]\naws_grant =\nvault_grant = etl-vault\n"
+    argv, env, markers, ci_token = _plain_job_argv(
+        stack, workdir, ["etl-writer", "etl-vault"], extra, "VaultJob"
+    )
+    log_path = workdir / "job.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    job = Job(popen, markers, workdir / "none", log_path)
+    _jobs.append(job)
+    _wait_for([markers / "vault-0.json", markers / "vault-1.json"], job)
+    seen = [json.loads((markers / f"vault-{n}.json").read_text()) for n in (0, 1)]
+    assert all(m["read"] for m in seen) and all(m["aws"] is None for m in seen)
+    assert seen[0]["accessor"] != seen[1]["accessor"]
+    root = stack.bao.root()
+    deadline = time.monotonic() + 30
+    alive = {m["accessor"] for m in seen}
+    while alive and time.monotonic() < deadline:
+        for accessor in list(alive):
+            try:
+                root.auth.token.lookup_accessor(accessor)
+            except hvac.exceptions.InvalidRequest:
+                alive.discard(accessor)
+        time.sleep(0.1)
+    assert not alive, job.log()[-4000:]
+    assert popen.poll() is None  # released by the agent, not by the end of the session
+    (markers / "go").touch()
+    popen.wait(timeout=120)
+    log = job.log()
+    assert "ended without releasing; releasing" in log
+    assert f"task {seen[1]['task']} ended without releasing" in log
+    events = stack.events()
+    for m in seen:
+        (issued,) = _issued(events, {m["task"]})
+        assert issued.grant == "etl-vault"
+    assert ci_token not in log and "etl-kv-value" not in log

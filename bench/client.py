@@ -1,0 +1,533 @@
+"""Benchmark: what per-task credentials cost a Luigi pipeline, next to static credentials.
+
+Owns the client-side benchmark. One run starts, on loopback, the dev OIDC issuer, moto (STS, S3)
+and our broker (through the test suite's helpers in tests/), then:
+
+1. **pipeline**: the same pipeline (`--tasks` tasks, each one S3 put to moto, `--workers` workers,
+   `force_multiprocessing`) in a fresh job process per run, with
+   - `static`: the tasks' plain boto3 finds static keys in the environment (the peer);
+   - `zero`: the same task code, credentials from `[worker] task_process_context =
+     luigi_creds.TaskCredentials`, the job run under `luigi-creds exec` (the zero-code path);
+   - `mixin`: `CredentialsMixin` tasks using `self.aws_session(grant)`;
+   - `mixin-before` (with `--before DIR`): the mixin against an older luigi_creds package
+     (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run.
+   Variants alternate within each round (the order rotates every round); the wall time of
+   `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
+   the overhead over `static` are reported.
+2. **first credential** (zero-code): per task, from `TaskCredentials` entering to the task's first
+   usable credential (a boto3 client holding resolved keys), split into phases: settings, agent
+   (the task's bearer), mint wait (agent + broker + upstream), SDK construction. Compared with
+   the broker exchange itself: `--exchanges` sequential refresh mints straight to the broker
+   (p50), and a direct `AssumeRole` on the same moto (the upstream's share).
+3. **cached access**: µs per call of reading a credential a task already has: AWS through
+   botocore's refreshable credentials (the mixin's session, and the zero-code container
+   provider's), Vault through the mixin's `credential(grant)` and `VAULT_TOKEN`.
+
+The machine is shared and noisy: figures are medians of alternated runs and ratios to the peer
+in the same run. Talks to the servers over loopback HTTP only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "bench-client"
+GRANT = "etl-writer"
+# Moto accepts any keys: what the static peer signs with.
+STATIC_KEYS = {"AWS_ACCESS_KEY_ID": "AKIABENCHSTATIC00001", "AWS_SECRET_ACCESS_KEY": "bench-static"}
+VARIANTS = ("static", "zero", "mixin")
+UNLIMITED_RATE = "{ per_second = 1000000, burst = 1000000 }"
+
+
+# -- the job (runs in its own process: `python -m bench.client job ...`) -------------------------
+
+
+def _marker_dir() -> Path:
+    return Path(os.environ["BENCH_OUT"])
+
+
+def _put(s3: Any, n: int, key_id: str) -> None:
+    s3.put_object(Bucket=BUCKET, Key=f"bench/{os.getpid()}-{n}", Body=key_id.encode())
+
+
+def _timings() -> dict[str, float]:
+    """TaskCredentials' phases in this task's process (zero-code variant), if it ran."""
+    module = sys.modules.get("luigi_creds.task_process")
+    timings = getattr(module, "last_timings", None)
+    if timings is None:
+        return {}
+    return {
+        "entered": timings.entered,
+        "settings": timings.settings,
+        "agent": timings.agent,
+        "mint_wait": timings.aws,
+    }
+
+
+def _plain_run(task: Any) -> None:
+    """One S3 put with whatever boto3's default chain finds (static keys, or TaskCredentials')."""
+    import boto3
+
+    started = time.perf_counter()
+    if boto3.DEFAULT_SESSION is None:
+        boto3.setup_default_session()
+    session = boto3.DEFAULT_SESSION
+    key_id = session.get_credentials().get_frozen_credentials().access_key
+    usable = time.perf_counter()
+    s3 = session.client("s3", endpoint_url=os.environ["BENCH_S3_URL"], region_name="us-east-1")
+    built = time.perf_counter()
+    _put(s3, task.n, key_id)
+    marker = {
+        "task": task.task_id,
+        "key": key_id,
+        "sdk": usable - started,
+        "client": built - usable,
+        "usable": usable,
+    }
+    marker.update(_timings())
+    (_marker_dir() / f"{task.n}.json").write_text(json.dumps(marker))
+
+
+def _task_classes(variant: str) -> type:
+    """The task class of `variant`; the mixin's is defined only when asked for, so the static
+    and zero-code jobs never import luigi_creds in the job's own process."""
+    import luigi
+
+    if variant in ("static", "zero"):
+
+        class BenchPut(luigi.Task):
+            n = luigi.IntParameter()
+
+            def complete(self) -> bool:
+                return (_marker_dir() / f"{self.n}.json").exists()
+
+            def run(self) -> None:
+                _plain_run(self)
+
+        return BenchPut
+
+    from luigi_creds import CredentialsMixin
+
+    class BenchMixinPut(CredentialsMixin, luigi.Task):
+        grants = (GRANT,)
+        n = luigi.IntParameter()
+
+        def complete(self) -> bool:
+            return (_marker_dir() / f"{self.n}.json").exists()
+
+        def run(self) -> None:
+            started = time.perf_counter()
+            session = self.aws_session(GRANT, region_name="us-east-1")
+            s3 = session.client("s3", endpoint_url=os.environ["BENCH_S3_URL"])
+            key_id = session.get_credentials().get_frozen_credentials().access_key
+            usable = time.perf_counter()
+            _put(s3, self.n, key_id)
+            marker = {"task": self.task_id, "key": key_id, "sdk": usable - started}
+            (_marker_dir() / f"{self.n}.json").write_text(json.dumps(marker))
+
+    return BenchMixinPut
+
+
+def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
+    """Run the pipeline once in this process; the wall time of luigi.build and what it did."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import luigi
+
+    # As in a pipeline whose scheduling process checks S3 targets: boto3 is loaded before the
+    # workers fork, in every variant, so what is compared is credentials, not imports.
+    import boto3  # noqa: F401
+
+    cls = _task_classes(variant.removesuffix("-before"))
+    batch = [cls(n=n) for n in range(tasks)]
+    started = time.perf_counter()
+    ok = luigi.build(batch, workers=workers, local_scheduler=True, log_level="WARNING")
+    wall = time.perf_counter() - started
+    markers = [json.loads(p.read_text()) for p in sorted(_marker_dir().glob("*.json"))]
+    return {"ok": bool(ok), "wall": wall, "markers": markers}
+
+
+# -- the stack and the runs ---------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    issuer: Any
+    moto: Any
+    broker: Any
+    workdir: Path
+
+    def token(self) -> str:
+        return str(self.issuer.mint("gitlab", ttl=900))
+
+
+@contextmanager
+def running_stack(workdir: Path) -> Iterator[Stack]:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from servers import free_port, start_dev_issuer
+    from stack import policy_toml, start_broker, start_moto
+
+    with ExitStack() as stop:
+        issuer = start_dev_issuer(workdir, algs="RS256")
+        stop.callback(issuer.stop)
+        moto = start_moto(workdir)
+        stop.callback(moto.stop)
+        role_arn = moto.create_role(GRANT)
+        moto.client("s3").create_bucket(Bucket=BUCKET)
+        listen = f"127.0.0.1:{free_port()}"
+        config = policy_toml(
+            issuer_url=issuer.url,
+            audit_db=workdir / "audit.db",
+            listen=listen,
+            moto_url=moto.url,
+            role_arn=role_arn,
+            broker_extra=(
+                f"rate_limit_identity = {UNLIMITED_RATE}\nrate_limit_grant = {UNLIMITED_RATE}"
+            ),
+        )
+        broker = start_broker(workdir / "broker", config)
+        stop.callback(broker.stop)
+        yield Stack(issuer, moto, broker, workdir)
+
+
+def _job_env(
+    stack: Stack, variant: str, out: Path, cfg: Path, before: Path | None
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "LUIGI_CREDS_", "VAULT_", "LUIGI_CONFIG"))
+    }
+    python_path = [str(REPO_ROOT)]
+    if variant.endswith("-before") and before is not None:
+        env["BENCH_BEFORE"] = str(before.resolve())
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "LUIGI_CONFIG_PATH": str(cfg),
+            "BENCH_OUT": str(out),
+            "BENCH_S3_URL": stack.moto.url,
+            "BENCH_TOKEN": stack.token(),
+            "AWS_CONFIG_FILE": str(stack.workdir / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(stack.workdir / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    if variant == "static":
+        env.update(STATIC_KEYS)
+    return env
+
+
+def run_variant(
+    stack: Stack, variant: str, tasks: int, workers: int, before: Path | None
+) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=stack.workdir))
+    out = run_dir / "out"
+    out.mkdir()
+    cfg = run_dir / "luigi.cfg"
+    context = "task_process_context = luigi_creds.TaskCredentials\n" if variant == "zero" else ""
+    cfg.write_text(
+        "[core]\nautoload_range = false\n"
+        f"\n[worker]\nforce_multiprocessing = true\n{context}"
+        f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
+        + (f"aws_grant = {GRANT}\n" if variant == "zero" else "")
+    )
+    result = run_dir / "result.json"
+    argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
+            str(result)]  # fmt: skip
+    if variant == "zero":
+        argv = [str(BIN / "luigi-creds"), "exec", "--grant", GRANT, "--", *argv]
+    env = _job_env(stack, variant, out, cfg, before)
+    done = subprocess.run(
+        argv, env=env, cwd=run_dir, capture_output=True, text=True, timeout=900, check=False
+    )
+    if done.returncode != 0 or not result.exists():
+        raise SystemExit(f"{variant} job failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(result.read_text())
+    keys = {m["key"] for m in report["markers"]}
+    if not report["ok"] or len(report["markers"]) != tasks:
+        raise SystemExit(f"{variant} job did not run every task:\n{done.stderr[-3000:]}")
+    if variant != "static" and len(keys) != tasks:
+        raise SystemExit(f"{variant}: {len(keys)} distinct keys for {tasks} tasks")
+    return report
+
+
+def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
+    """p50 of the broker's own refresh mint (our client, straight to the broker) and of a
+    direct AssumeRole on the same moto (the upstream's share of it), in ms."""
+    import httpx
+
+    from luigi_creds.client import BrokerClient
+    from luigi_creds.identity import EnvTokenSource
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    environ = {"BENCH_TOKEN": stack.token()}
+    with httpx.Client(timeout=30) as http:
+        client = BrokerClient(
+            stack.broker.url, EnvTokenSource("BENCH_TOKEN", environ), http=http, clock=clock
+        )
+        client.mint(GRANT, task="bench-warmup")
+        mints = []
+        for n in range(count):
+            started = time.perf_counter()
+            client.mint(GRANT, task=f"bench-{n}")
+            mints.append(time.perf_counter() - started)
+        client.revoke()
+    sts = stack.moto.client("sts")
+    role = f"arn:aws:iam::123456789012:role/{GRANT}"
+    sts.assume_role(RoleArn=role, RoleSessionName="warm")
+    direct = []
+    for n in range(count):
+        started = time.perf_counter()
+        sts.assume_role(RoleArn=role, RoleSessionName=f"bench-{n}")
+        direct.append(time.perf_counter() - started)
+    return {
+        "broker_refresh_p50_ms": statistics.median(mints) * 1000,
+        "assume_role_p50_ms": statistics.median(direct) * 1000,
+    }
+
+
+def _per_call(fn: Callable[[], object], calls: int) -> float:
+    fn()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def cached_access(calls: int) -> dict[str, float]:
+    """µs per call of reading a credential a task already holds, each path as a task meets it.
+
+    A real agent (in this process, a fake mint behind it) serves the zero-code paths, with a
+    15-minute credential: botocore's container provider then asks the agent again on every
+    call (its refresh windows are 15/10 minutes), which is why TaskCredentials gives boto3's
+    default session a provider with windows scaled to the lifetime.
+    """
+    import boto3
+    import botocore.session
+
+    from luigi_creds.aws import aws_session
+    from luigi_creds.credentials import AwsCredentials
+    from luigi_creds.serve import AgentClient, CredentialAgent, container_env
+
+    def fake_mint(grant: str, task: str | None, duration: int | None) -> AwsCredentials:
+        expires = datetime.now(UTC) + timedelta(minutes=15)
+        return AwsCredentials(grant, "r", "AKIABENCH", "secret", "token", expires)
+
+    agent = CredentialAgent(fake_mint, clock=lambda: datetime.now(UTC))
+    root = AgentClient(agent.start())
+    task = AgentClient(root.scoped([GRANT], "Bench(n=1)"))
+    saved = dict(os.environ)
+    try:
+        os.environ.update(container_env(task.endpoint, GRANT, "Bench(n=1)"))
+        container = botocore.session.Session().get_credentials()
+        default = aws_session(lambda: task.aws(GRANT, "Bench(n=1)")).get_credentials()
+        mixin = aws_session(lambda: fake_mint(GRANT, None, None)).get_credentials()
+        vault_user = _vault_mixin_task()
+        os.environ["VAULT_TOKEN"] = "hvs.bench"
+        figures = {
+            "aws_mixin_session_us": _per_call(mixin.get_frozen_credentials, calls),
+            "aws_zero_code_default_session_us": _per_call(default.get_frozen_credentials, calls),
+            "aws_zero_code_container_provider_us": _per_call(
+                container.get_frozen_credentials, max(calls // 100, 100)
+            ),
+            "vault_mixin_credential_us": _per_call(
+                lambda: vault_user.credential("etl-vault"), calls
+            ),
+            "vault_zero_code_env_token_us": _per_call(lambda: os.environ["VAULT_TOKEN"], calls),
+        }
+        del boto3  # imported so the default-session path is what a task with boto3 loaded gets
+        return figures
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        task.close()
+        root.close()
+        agent.stop()
+
+
+def _vault_mixin_task() -> Any:
+    """A CredentialsMixin task holding a start-minted Vault token, as inside run()."""
+    import luigi
+
+    from luigi_creds.credentials import VaultToken
+    from luigi_creds.luigi import CredentialsMixin, _states, _TaskState
+
+    class VaultUser(CredentialsMixin, luigi.Task):
+        grants = ("etl-vault",)
+
+    user = VaultUser()
+    expires = datetime.now(UTC) + timedelta(minutes=15)
+    vault = VaultToken("etl-vault", "r", "hvs.bench", "acc", ("p",), True, 900, expires)
+    _states[user.task_id] = _TaskState(agent=None, minted={"etl-vault": vault})
+    return user
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float]) -> dict[str, Any]:
+    walls = {v: [r["wall"] for r in rs] for v, rs in runs.items()}
+    medians = {v: statistics.median(w) for v, w in walls.items()}
+    static = medians.get("static")
+    overhead = {v: (m / static - 1) * 100 for v, m in medians.items() if static and v != "static"}
+    first: dict[str, Any] = {}
+    zero = [m for r in runs.get("zero", []) for m in r["markers"] if "entered" in m]
+    if zero:
+        total = [m["usable"] - m["entered"] for m in zero]
+        phases = {
+            "settings": [m["settings"] for m in zero],
+            "agent (task bearer)": [m["agent"] for m in zero],
+            "mint wait (agent+broker+upstream)": [m["mint_wait"] for m in zero],
+            "SDK credential resolution": [m["sdk"] for m in zero],
+        }
+        clients = {
+            v: statistics.median([m["client"] for r in runs[v] for m in r["markers"]]) * 1000
+            for v in ("static", "zero")
+            if runs.get(v)
+        }
+        broker_ms = exchange["broker_refresh_p50_ms"]
+        first = {
+            "p50_ms": statistics.median(total) * 1000,
+            "p95_ms": _pct(total, 95) * 1000,
+            "phases_p50_ms": {k: statistics.median(v) * 1000 for k, v in phases.items()},
+            "ratio_to_broker_exchange": statistics.median(total) * 1000 / broker_ms,
+            # boto3 client construction (service model loading), after the credential is
+            # usable; the static peer pays the same.
+            "client_construction_p50_ms": clients,
+        }
+    return {
+        "wall_s": walls,
+        "median_s": medians,
+        "overhead_pct": overhead,
+        "first_credential": first,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        f"pipeline: {report['tasks']} tasks, --workers {report['workers']}, "
+        f"force_multiprocessing, {report['rounds']} alternated rounds",
+        f"{'variant':<14}{'median s':>10}{'overhead':>10}   runs (s)",
+    ]
+    for variant, median in s["median_s"].items():
+        over = s["overhead_pct"].get(variant)
+        runs = " ".join(f"{w:.2f}" for w in s["wall_s"][variant])
+        over_text = "peer" if over is None else f"{over:+.1f}%"
+        lines.append(f"{variant:<14}{median:>10.2f}{over_text:>10}   {runs}")
+    ex = report["exchange"]
+    lines.append(
+        f"broker refresh mint p50 {ex['broker_refresh_p50_ms']:.1f} ms; direct AssumeRole on "
+        f"moto p50 {ex['assume_role_p50_ms']:.1f} ms"
+    )
+    first = s["first_credential"]
+    if first:
+        lines.append(
+            f"zero-code task start -> first usable credential: p50 {first['p50_ms']:.1f} ms, "
+            f"p95 {first['p95_ms']:.1f} ms ({first['ratio_to_broker_exchange']:.2f}x the broker "
+            "exchange)"
+        )
+        for phase, ms in first["phases_p50_ms"].items():
+            lines.append(f"  {phase:<36}{ms:8.1f} ms (p50)")
+        built = ", ".join(
+            f"{v} {ms:.1f} ms" for v, ms in first["client_construction_p50_ms"].items()
+        )
+        lines.append(f"then the S3 client's construction (p50, not a credential cost): {built}")
+    lines.append("cached credential access (µs per call):")
+    for name, us in report["cached_us"].items():
+        lines.append(f"  {name:<36}{us:8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["job"]:
+        variant, tasks, workers, result = args[1], int(args[2]), int(args[3]), Path(args[4])
+        before = os.environ.get("BENCH_BEFORE")
+        if before:
+            # The older package must win over this checkout's editable install, whose finder
+            # comes before sys.path.
+            sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in str(f)]
+            sys.path.insert(0, before)
+        result.write_text(json.dumps(job(variant, tasks, workers)))
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.client", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--exchanges", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=200_000)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--before", type=Path, help="an older luigi_creds to compare the mixin")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--workdir", type=Path)
+    opts = parser.parse_args(args)
+    variants = [v for v in opts.variants.split(",") if v]
+    if opts.before is not None:
+        variants.append("mixin-before")
+    load = os.getloadavg()
+    with ExitStack() as stop:
+        workdir = opts.workdir or Path(
+            stop.enter_context(tempfile.TemporaryDirectory(prefix="bench-client-"))
+        )
+        workdir.mkdir(parents=True, exist_ok=True)
+        stack = stop.enter_context(running_stack(workdir))
+        exchange = broker_exchange(stack, opts.exchanges)
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for variant in variants:  # warm-up: caches, .pyc files, moto's first requests
+            run_variant(stack, variant, min(opts.tasks, 8), opts.workers, opts.before)
+        for round_ in range(opts.rounds):
+            order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
+            for variant in order:
+                report = run_variant(stack, variant, opts.tasks, opts.workers, opts.before)
+                runs[variant].append(report)
+                print(f"round {round_ + 1} {variant}: {report['wall']:.2f} s", file=sys.stderr)
+    full = {
+        "tasks": opts.tasks,
+        "workers": opts.workers,
+        "rounds": opts.rounds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_before": load,
+            "loadavg_after": os.getloadavg(),
+        },
+        "exchange": exchange,
+        "cached_us": cached_access(opts.calls),
+        "summary": summarize(runs, exchange),
+    }
+    print(render(full))
+    if opts.json:
+        opts.json.write_text(json.dumps(full, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Per-task credentials with no change to the tasks: `TaskCredentials` for Luigi's
+`[worker] task_process_context`.
+
+Owns what a task's process holds while the task runs. Luigi enters the context around the task's
+run in the task's own process (a forked `TaskProcess`, or the worker's process when tasks run in
+it). On entry, for the task family's grants (`[luigi_creds] aws_grant` / `vault_grant`, overridden
+by `[luigi_creds:<TaskFamily>]`, plus a `CredentialsMixin` task's own `grants`):
+
+- the process gets a bearer for its own task and grants only, from the job's agent; the wider
+  bearer it inherited is gone from its environment, so neither the task nor any subprocess can
+  mint another grant or for another task;
+- AWS: `AWS_CONTAINER_CREDENTIALS_FULL_URI` + `AWS_CONTAINER_AUTHORIZATION_TOKEN` point every AWS
+  SDK (boto3, awscli, luigi.contrib.s3) at the agent, which mints for this task id; every static
+  `AWS_*` variable is removed and boto3's default session is reset, so nothing cached from
+  another task is reused. The first credential is minted before the task runs (the agent starts
+  minting when it hands out the bearer), so a refusal fails the task with the broker's reason;
+- Vault: `VAULT_ADDR`/`VAULT_TOKEN` hold a token for this task, renewed in place while it runs
+  (re-minted, and `VAULT_TOKEN` updated, when it stops extending).
+
+On exit (success or failure) renewals stop and the agent releases the task's Vault credentials
+in the background; if the process is killed or times out, the agent sees it gone and releases
+them itself. A failure to get credentials fails the task through Luigi's normal path, with the
+reason as its error.
+
+Kept light on purpose: Luigi imports this module in every task's process, so it needs nothing
+beyond the standard library and Luigi until a Vault grant asks for hvac.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from luigi_creds.childenv import AWS_ENV_VARIABLES
+from luigi_creds.credentials import BrokerError, VaultToken, describe, iso
+from luigi_creds.errors import LuigiCredsError
+from luigi_creds.luigi_config import from_luigi_config
+from luigi_creds.serve import AGENT_TOKEN_VARIABLE, AGENT_URL_VARIABLE, AgentClient, container_env
+
+__all__ = ["TaskCredentials"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StartTimings:
+    """Where the time from the context's entry to a usable credential went (seconds)."""
+
+    entered: float = 0.0  # time.perf_counter() when the context was entered
+    settings: float = 0.0
+    agent: float = 0.0  # the task's bearer (and the start of its AWS mint)
+    aws: float = 0.0  # waiting for the first AWS credential (the agent's mint: broker, STS)
+    vault: float = 0.0
+
+
+# The last task's timings in this process (bench/client.py reads them; one task per process
+# when Luigi forks).
+last_timings: StartTimings | None = None
+
+
+class TaskCredentials:
+    """`[worker] task_process_context = luigi_creds.TaskCredentials`: see the module text."""
+
+    def __init__(self, task_process: Any) -> None:
+        self._task = task_process.task
+        # Luigi runs the task in a process of its own when it forks one per task.
+        self._own_process = bool(getattr(task_process, "use_multiprocessing", False))
+        self._saved_env: dict[str, str] | None = None
+        self._client: AgentClient | None = None
+        self._vault: list[tuple[str, VaultToken]] = []
+        self._started_agent = False
+        self._owner: AgentClient | None = None  # this process's own agent, when it runs one
+        self.timings = StartTimings()
+
+    def __repr__(self) -> str:
+        return f"TaskCredentials({self._task.task_id!r})"
+
+    def __enter__(self) -> TaskCredentials:
+        try:
+            self._enter()
+        except LuigiCredsError as exc:
+            self._fail_task(exc)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        task_id = self._task.task_id
+        if self._vault:
+            from luigi_creds.vault import stop_keepers
+
+            for grant, _ in self._vault:
+                stop_keepers(task_id, grant)
+        if self._client is not None:
+            try:
+                # The agent revokes the task's Vault credentials in the background.
+                self._client.release()
+            except BrokerError as exc:
+                log.warning("luigi-creds: releasing %s failed: %s", task_id, exc)
+            self._client.close()
+        _reset_boto3()
+        if self._started_agent:
+            from luigi_creds.agent import stop_agent
+
+            stop_agent(end_session=True)
+        if not self._own_process and self._saved_env is not None:
+            os.environ.clear()
+            os.environ.update(self._saved_env)
+
+    # --- entry ---------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        global last_timings
+        started = time.perf_counter()
+        self.timings.entered = started
+        last_timings = self.timings
+        task = self._task
+        settings = from_luigi_config()
+        family = settings.grants_for(task.task_family)
+        extra = tuple(getattr(task, "grants", ()) or ())  # a CredentialsMixin task's own
+        grants = [g for g in (family.aws_grant, family.vault_grant, *extra) if g]
+        grants = list(dict.fromkeys(grants))
+        self.timings.settings = time.perf_counter() - started
+        if not self._own_process:
+            self._saved_env = dict(os.environ)
+        for name in AWS_ENV_VARIABLES:
+            os.environ.pop(name, None)
+        _reset_boto3()
+        if not grants:
+            # Nothing for this family: it keeps no way to the agent either.
+            os.environ.pop(AGENT_URL_VARIABLE, None)
+            os.environ.pop(AGENT_TOKEN_VARIABLE, None)
+            return
+        mark = time.perf_counter()
+        parent = self._job_agent()
+        prefetch = [family.aws_grant] if family.aws_grant else []
+        endpoint = parent.scoped(
+            grants,
+            task.task_id,
+            pid=os.getpid() if self._own_process else None,
+            prefetch=prefetch,
+        )
+        if parent is not self._owner:
+            parent.close()  # the inherited, wider bearer's connection is of no further use
+        self._client = AgentClient(endpoint)
+        os.environ.update(endpoint.env())
+        self.timings.agent = time.perf_counter() - mark
+        lines = []
+        if family.aws_grant:
+            mark = time.perf_counter()
+            os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
+            # The SDK's first call would wait for this same mint; waiting here turns a refusal
+            # into the task's failure, with the grant and the broker's reason.
+            aws = self._client.aws(family.aws_grant, task.task_id)
+            self.timings.aws = time.perf_counter() - mark
+            _install_default_session(self._client, family.aws_grant, task.task_id)
+            lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
+        if family.vault_grant:
+            mark = time.perf_counter()
+            lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
+            self.timings.vault = time.perf_counter() - mark
+        log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
+
+    def _job_agent(self) -> AgentClient:
+        """This process's way to the job's agent: inherited, or (no agent in the environment)
+        started here, with a broker session of its own for this process."""
+        from luigi_creds.serve import AgentEndpoint
+
+        endpoint = AgentEndpoint.from_env(os.environ)
+        if endpoint is not None:
+            return AgentClient(endpoint)
+        from luigi_creds.agent import ensure_agent, owns_agent
+
+        had = owns_agent()
+        self._owner = ensure_agent()
+        # Forked task processes end by os._exit: the session started here ends with the task.
+        self._started_agent = not had and self._own_process
+        return self._owner
+
+    def _vault_token(self, addr: str | None, grant: str) -> str:
+        assert self._client is not None
+        task_id = self._task.task_id
+        client = self._client
+        cred = client.mint(grant, task_id)
+        if not isinstance(cred, VaultToken):
+            raise BrokerError(
+                f"vault_grant {grant!r} does not issue Vault tokens (a dynamic secret needs "
+                "CredentialsMixin.vault_secret)",
+                error="usage",
+                grant=grant,
+            )
+        from luigi_creds.vault import TokenKeeper
+
+        def remint() -> VaultToken:
+            fresh = client.mint(grant, task_id)
+            if not isinstance(fresh, VaultToken):
+                raise TypeError("re-mint did not return a Vault token")
+            return fresh
+
+        def on_new_token(token: str) -> None:
+            os.environ["VAULT_TOKEN"] = token
+
+        TokenKeeper.for_task(task_id, grant, cred, addr, remint=remint, on_new_token=on_new_token)
+        self._vault.append((grant, cred))
+        os.environ["VAULT_TOKEN"] = cred.token
+        if addr:
+            os.environ["VAULT_ADDR"] = addr
+        return f"Vault grant {grant!r}: {describe(cred)}, expires {iso(cred.expires_at)}"
+
+    def _fail_task(self, exc: LuigiCredsError) -> None:
+        """Fail the task through Luigi's own path (FAILURE event, on_failure, the scheduler),
+        with the reason as its error, instead of killing the process in the context."""
+        log.warning("luigi-creds: no credentials for %s: %s", self._task.task_id, exc)
+        error = exc.with_traceback(None)
+
+        def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            raise error
+
+        self._task.run = run
+
+
+def _install_default_session(client: AgentClient, grant: str, task_id: str) -> None:
+    """Give boto3's default session (boto3.client, luigi.contrib.s3) credentials that refresh
+    on windows scaled to their lifetime, when boto3 is already loaded.
+
+    botocore's container provider refreshes 15 minutes before expiry, so with the usual
+    15-minute credential it would ask the agent again on every API call. The default session
+    asks the same agent, for the same task, only when a refresh is due. Sessions the task builds
+    itself, and every subprocess, still use the container endpoint (correct, only chattier).
+    Importing boto3 here for a task that may never use it would cost more than it saves.
+    """
+    if "boto3" not in sys.modules:
+        return
+    import boto3
+
+    from luigi_creds.aws import aws_session
+
+    boto3.DEFAULT_SESSION = aws_session(lambda: client.aws(grant, task_id))
+
+
+def _reset_boto3() -> None:
+    """Forget boto3's default session (and the credentials it resolved), if boto3 is loaded."""
+    boto3: Any = sys.modules.get("boto3")
+    if boto3 is not None:
+        boto3.DEFAULT_SESSION = None
