@@ -328,12 +328,11 @@ def test_readme_admin_commands_run_against_the_dev_stack(dev: DevStack) -> None:
         timeout=60,
     )
     assert exchanged.status_code == 200, exchanged.text
-    # check-config --online asks STS as the broker would: the dev stack's stand-in credentials.
-    broker_aws = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    # check-config --online asks STS as the broker: in the broker's environment, which the dev
+    # stack keeps in its state dir (moto enforces IAM, so any other key is refused).
+    env_file = Path(dev.state["state_dir"]) / "broker.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    broker_aws = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
     outputs = {}
     for line in _admin_lines():
         done = dev.run(f"cd {dev.workdir} && {dev.substitute(line)}", broker_aws)

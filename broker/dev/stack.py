@@ -391,6 +391,12 @@ class DevStack:
             timeout=START_TIMEOUT_SECONDS,
         )
         self._wait_ready(broker_url + "/readyz")
+        # The broker's own AWS environment (moto-issued keys, dev only), so that admin commands
+        # that call AWS as the broker (`check-config --online`) can run in it: 0600, never printed.
+        broker_env = state_dir / "broker.env"
+        fd = os.open(broker_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(f"{k}={v}\n" for k, v in self.moto.broker.env().items())
         luigi_config = state_dir / "luigi.cfg"
         luigi_config.write_text(client_config(broker_url, self.bao.url), encoding="utf-8")
         self.state = DevState(
