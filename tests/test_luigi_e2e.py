@@ -364,7 +364,8 @@ def test_the_readmes_luigi_cfg_drives_a_real_build(stack: Stack, tmp_path: Path)
     """The README's [luigi_creds] section, verbatim but for the broker's address, configures a
     real luigi.build on three forked workers; the GitLab source reads the job's token variable."""
     readme = (ROOT / "README.md").read_text()
-    (section,) = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    blocks = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    (section,) = [block for block in blocks if "[luigi_creds]" in block]
     assert "token_source = gitlab\n" in section
     section = section.replace("https://broker.example.com", stack.broker.url)
     cfg = (
