@@ -507,9 +507,12 @@ class Exchanger:
             subject=subject,
             claims=token.claims,
             token_exp=int(token.claims["exp"]),
-            # Issuers configured without jti consume the token's hash instead: each token is
-            # still spent once.
-            token_id=jti if isinstance(jti, str) and jti else "sha256:" + token.sha256,
+            # Issuers configured without jti consume the hash of what the signature covers:
+            # each token is spent once, whatever encoding of its signature is presented (an
+            # ECDSA signature has a second valid encoding anyone can compute).
+            token_id=jti
+            if isinstance(jti, str) and jti
+            else "signed-sha256:" + token.signed_sha256,
         )
 
     def _release(self, identity: _Identity) -> None:

@@ -89,7 +89,6 @@ _MESSAGES: Final = {
     "nested_jwt": "Nested tokens are not accepted.",
     "key_alg_mismatch": "The token's algorithm does not fit its key.",
     "bad_signature": "The token's signature is invalid.",
-    "non_canonical_signature": "The token's signature is not in canonical (low-S) form.",
     "expired": "The token has expired.",
     "not_yet_valid": "The token is not valid yet.",
     "issued_in_future": "The token was issued in the future.",
@@ -288,15 +287,13 @@ def _verify_ecdsa(
     # to the backend.
     if not (0 < r < order and 0 < s < order):
         raise InvalidSignature
-    # Low-S only: (r, s) and (r, n - s) both verify, so anyone holding a token can make a second,
-    # different token from it without the key. Only the canonical s <= n/2 is accepted (as in
-    # Bitcoin's BIP 62 and libsecp256k1). Cost: an issuer whose signer does not normalise s
-    # sees about half its ES* tokens refused, under its own reason so the audit shows why; the
-    # CI issuers we target sign RS256.
-    # Checked after the signature verified, so a forgery still reads bad_signature.
+    # (r, s) and (r, n - s) both verify, so anyone holding a token can make a second encoding of
+    # it without the key. Both are accepted: JWS does not require low-S and stock signers (Go,
+    # KMS, HSMs) produce high S about half the time, so refusing it would refuse every second
+    # token of such an issuer. What must not be possible is spending one token twice; the replay
+    # ledger therefore keys jti-less tokens on `signed_sha256` (the signing input), which both
+    # encodings share.
     key.verify(encode_dss_signature(r, s), message, ec.ECDSA(_ECDSA[alg]))
-    if s > order // 2:
-        raise TokenError("non_canonical_signature")
 
 
 def _verify_ed25519(key: Ed25519PublicKey, message: bytes, signature: bytes) -> None:

@@ -40,6 +40,8 @@ VAULT_PATHS = (
     "sys/leases/revoke",
     "auth/token/revoke-accessor",
     "auth/token/lookup-accessor",
+    "auth/token/roles/luigi-creds",
+    "auth/token/roles/luigi-creds-orphan",
     "database/creds/*",
 )
 

@@ -101,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     role_arn = moto.create_role("etl-writer")
     s = Stack(issuer, moto, None, workdir / "audit.db", workdir, role_arn)  # type: ignore[arg-type]
     config = s.config(workdir, issuer_extra="require_jti = false")
-    s.broker = start_broker(workdir, config)
+    s.broker = start_broker(workdir, config, env=moto.broker_env)
     try:
         yield s
     finally:
@@ -122,28 +122,26 @@ def _unb64(text: str) -> bytes:
 
 
 def test_spent_es256_token_without_jti_is_refused_as_its_signature_twin(stack: Stack) -> None:
-    """A spent ES256 token without jti, re-encoded as (r, n - s), does not buy a second session:
-    the twin is refused as non-canonical, nothing reaches STS, and the original stays spent."""
+    """An ES256 token without jti and its re-encoded twin (r, n - s) are one token: whichever is
+    presented first is exchanged, the other is refused as replayed and nothing reaches STS."""
     token = stack.issuer.mint("gitlab", alg="ES256", jti=None)
     assert "jti" not in json.loads(_unb64(token.split(".")[1]))
-    status, body, _ = stack.broker.exchange(token)
+    header, payload, signature = token.split(".")
+    raw = _unb64(signature)
+    s = int.from_bytes(raw[32:], "big")
+    twin = f"{header}.{payload}.{_b64(raw[:32] + (P256_ORDER - s).to_bytes(32, 'big'))}"
+    # The twin first: whichever S the issuer produced, the other form is accepted as well.
+    status, body, _ = stack.broker.exchange(twin)
     assert status == 200, body
     first = stack.events_for(body["request_id"])
     assert [e.outcome for e in first] == [Outcome.INTENT, Outcome.ISSUED]
 
-    header, payload, signature = token.split(".")
-    raw = _unb64(signature)
-    s = int.from_bytes(raw[32:], "big")
-    assert s <= P256_ORDER // 2  # the issuer signs low-S, as the broker requires
-    twin = f"{header}.{payload}.{_b64(raw[:32] + (P256_ORDER - s).to_bytes(32, 'big'))}"
-    status, body, _ = stack.broker.exchange(twin)
-    assert (status, body["error"]) == (400, "invalid_request")
-    records = stack.events_for(body["request_id"])
-    assert [(e.outcome, e.reason) for e in records] == [(Outcome.DENIED, "non_canonical_signature")]
-    assert not records[0].session_id  # no session, no intent: STS was not called
-
     status, body, _ = stack.broker.exchange(token)
     assert (status, body["error"]) == (400, "invalid_request")
+    records = stack.events_for(body["request_id"])
+    assert [(e.outcome, e.reason) for e in records] == [(Outcome.DENIED, "token_replayed")]
+    assert not records[0].session_id  # no session, no intent: STS was not called
+    status, body, _ = stack.broker.exchange(twin)
     assert [e.reason for e in stack.events_for(body["request_id"])] == ["token_replayed"]
 
 
@@ -296,7 +294,9 @@ def test_forwarded_for_is_honoured_only_from_a_configured_proxy(
     """With trusted_proxies naming the peer, its X-Forwarded-For is the audited client address,
     also on a denial; a proxy list that does not include the peer leaves the header ignored."""
     broker = start_broker(
-        tmp_path, stack.config(tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}")
+        tmp_path,
+        stack.config(tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}"),
+        env=stack.moto.broker_env,
     )
     try:
         status, body = _exchange_forwarded(broker, stack.issuer.mint("gitlab"))
@@ -336,7 +336,11 @@ def test_key_rotation_succeeds_during_a_random_kid_flood(stack: Stack, tmp_path:
     fetch per cooldown and never reaches STS."""
     cooldown = 3
     issuer = start_dev_issuer(tmp_path / "issuer")
-    broker = start_broker(tmp_path, stack.config(tmp_path, issuer_url=issuer.url, cooldown="3s"))
+    broker = start_broker(
+        tmp_path,
+        stack.config(tmp_path, issuer_url=issuer.url, cooldown="3s"),
+        env=stack.moto.broker_env,
+    )
     audit_db = tmp_path / "audit.db"
     stop = threading.Event()
     flood_statuses: list[int] = []

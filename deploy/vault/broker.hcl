@@ -59,6 +59,16 @@ path "auth/token/lookup-accessor" {
   capabilities = ["update"]
 }
 
+# Read-only look at the two token roles, so /readyz and `check-config --online` can say that a
+# role is missing or that its allowed_policies do not cover a grant, instead of every Vault
+# grant failing with a bare 503.
+path "auth/token/roles/luigi-creds" {
+  capabilities = ["read"]
+}
+path "auth/token/roles/luigi-creds-orphan" {
+  capabilities = ["read"]
+}
+
 # Dynamic database credentials for `[grant.vault] secret = "database/creds/<role>"` grants.
 # Narrow this to the roles your grants name, e.g. "database/creds/warehouse-writer".
 path "database/creds/*" {
