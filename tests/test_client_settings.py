@@ -176,7 +176,8 @@ def test_the_readme_luigi_cfg_is_accepted_as_luigi_reads_it(tmp_path: Path) -> N
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (ini,) = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    blocks = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    (ini,) = [block for block in blocks if "[luigi_creds]" in block]
     settings = _read(tmp_path, ini)
     assert settings.broker_url == "https://broker.example.com"
     assert settings.token_source == "gitlab"
