@@ -269,7 +269,7 @@ def test_start_failure_fails_the_task_at_first_use(broker: FakeBroker, tmp_path:
     task_id = Denied(out=str(tmp_path)).task_id
     error = result.worker._scheduler.fetch_error(task_id)["error"]
     expected = (
-        f"luigi_creds.client.BrokerError: broker {broker.url} refused grant "
+        f"luigi_creds.credentials.BrokerError: broker {broker.url} refused grant "
         "'denied' with HTTP 400 invalid_target (request_id r-denied)"
     )
     assert expected in error, error

@@ -32,16 +32,27 @@ class Forbidden(Exception):
     """Vault answered 403: the broker's token is no longer good (log in again and retry)."""
 
 
-def classify(status: int) -> UpstreamError:
-    """A non-2xx answer as the broker's error, by status, like the hvac table in vault.py."""
+def classify(status: int, detail: str = "") -> UpstreamError:
+    """A non-2xx answer as the broker's error, by status, like the hvac table in vault.py;
+    `detail` (Vault's own error text, for the operator's log) rides along."""
     if status in (401, 403):
-        return UpstreamError("upstream_denied", retryable=False)
-    if status in (400, 404, 405):
-        return UpstreamError("upstream_rejected", retryable=False)
-    if status in (412, 429) or status >= 500:
+        reason, retryable = "upstream_denied", False
+    elif status in (412, 429) or status >= 500:
         # 412: a performance standby behind; 429: a quota; 5xx: sealed, down or broken.
-        return UpstreamError("upstream_unavailable", retryable=True)
-    return UpstreamError("upstream_rejected", retryable=False)
+        reason, retryable = "upstream_unavailable", True
+    else:  # 400, 404, 405 and anything else: Vault refused what we asked
+        reason, retryable = "upstream_rejected", False
+    return UpstreamError(reason, retryable=retryable, upstream="vault", detail=detail)
+
+
+def error_detail(status: int, data: bytes, method: str, path: str) -> str:
+    """`HTTP <status>: <Vault's errors> on <METHOD> <path>`; the path never holds a token."""
+    try:
+        errors = json.loads(data).get("errors") or ()
+        text = "; ".join(" ".join(str(e).split()) for e in errors)
+    except (ValueError, AttributeError):
+        text = ""
+    return f"HTTP {status}: {text or 'no error text'} on {method} {path}"
 
 
 class VaultHTTP:
@@ -99,7 +110,8 @@ class VaultHTTP:
         if response.status == 403:
             raise Forbidden()
         if not 200 <= response.status < 300:
-            raise classify(response.status)
+            path_only = self._prefix + path
+            raise classify(response.status, error_detail(response.status, data, "POST", path_only))
         try:
             answer = json.loads(data)
         except ValueError as exc:
