@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from servers import ManagedProcess, start_process
+from servers import DevIssuer, ManagedProcess, free_port, start_dev_issuer, start_process
 
+from broker.audit import open_store
+from broker.audit.events import AuditEvent
 from broker.dev.aws import Allow, AwsKeys, MotoServer
 from broker.dev.aws import start_moto as start_moto_server
+from broker.dev.issuer import SigningKey
 
 # The role a test's grant assumes unless it asks for less: S3 only, on any bucket. Tests of
 # scoping create roles with narrower policies (tests/test_aws_enforced.py).
@@ -263,3 +266,58 @@ def fresh_pg_database(prefix: str) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def audit_events(audit_db: Path) -> list[AuditEvent]:
+    """Every record of an SQLite audit store, read through the ledger."""
+    store = open_store(f"sqlite:///{audit_db}")
+    try:
+        return list(store.events())
+    finally:
+        store.close()
+
+
+@dataclass
+class Stack:
+    issuer: DevIssuer
+    moto: Moto
+    broker: Broker
+    audit_db: Path
+    workdir: Path
+    role_arn: str
+
+    def events(self) -> list[AuditEvent]:
+        return audit_events(self.audit_db)
+
+    def events_for(self, request_id: str) -> list[AuditEvent]:
+        return [e for e in self.events() if e.request_id == request_id]
+
+    def issuer_key(self, alg: str = "RS256") -> SigningKey:
+        """The issuer's active private key, read from its state dir (generated at test time)."""
+        entries = json.loads(
+            (self.workdir / "dev-issuer-state" / "signing-keys.json").read_text("utf-8")
+        )
+        return [SigningKey.from_json(e) for e in entries if e["alg"] == alg][-1]
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.moto.stop()
+        self.issuer.stop()
+
+
+def start_stack(workdir: Path, *, issuer_extra: str = "") -> Stack:
+    """Dev issuer + moto (with role etl-writer) + a broker on the policy_toml policy;
+    `issuer_extra` is TOML added to the issuer table (e.g. `require_jti = false`)."""
+    issuer = start_dev_issuer(workdir)
+    moto = start_moto(workdir)
+    role_arn = moto.create_role("etl-writer")
+    audit_db = workdir / "audit.db"
+    config = policy_toml(
+        issuer_url=issuer.url,
+        audit_db=audit_db,
+        listen=f"127.0.0.1:{free_port()}",
+        moto_url=moto.url,
+        role_arn=role_arn,
+    ).replace('jwks_refetch_cooldown = "1s"', 'jwks_refetch_cooldown = "1s"\n' + issuer_extra)
+    broker = start_broker(workdir, config, env=moto.broker_env)
+    return Stack(issuer, moto, broker, audit_db, workdir, role_arn)

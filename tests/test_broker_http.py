@@ -13,18 +13,15 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac, serialization
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
+from stack import Stack, start_stack
 
-from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
+from broker.audit.events import Outcome
 from broker.dev.claims import GITLAB_PROJECT_PATH
 from broker.dev.issuer import SigningKey, encode_jwt
 
@@ -33,54 +30,11 @@ pytestmark = pytest.mark.integration
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
-@dataclass
-class Stack:
-    issuer: DevIssuer
-    moto: Moto
-    broker: Broker
-    audit_db: Path
-    workdir: Path
-    role_arn: str
-
-    def events(self) -> list[AuditEvent]:
-        store = open_store(f"sqlite:///{self.audit_db}")
-        try:
-            return list(store.events())
-        finally:
-            store.close()
-
-    def events_for(self, request_id: str) -> list[AuditEvent]:
-        return [e for e in self.events() if e.request_id == request_id]
-
-    def issuer_key(self, alg: str = "RS256") -> SigningKey:
-        """The issuer's active private key, read from its state dir (generated at test time)."""
-        entries = json.loads(
-            (self.workdir / "dev-issuer-state" / "signing-keys.json").read_text("utf-8")
-        )
-        return [SigningKey.from_json(e) for e in entries if e["alg"] == alg][-1]
-
-
-def _start_stack(workdir: Path) -> Stack:
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    role_arn = moto.create_role("etl-writer")
-    audit_db = workdir / "audit.db"
-    config = policy_toml(
-        issuer_url=issuer.url,
-        audit_db=audit_db,
-        listen=f"127.0.0.1:{free_port()}",
-        moto_url=moto.url,
-        role_arn=role_arn,
-    )
-    broker = start_broker(workdir, config, env=moto.broker_env)
-    return Stack(issuer, moto, broker, audit_db, workdir, role_arn)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One issuer + moto + broker for the module (the hostile table shares it)."""
     workdir = tmp_path_factory.mktemp("stack")
-    s = _start_stack(workdir)
+    s = start_stack(workdir)
     try:
         yield s
     finally:
@@ -448,7 +402,7 @@ def test_health_metrics_and_openapi_answer(stack: Stack) -> None:
 
 def test_unwritable_audit_store_returns_503_and_no_credentials(tmp_path: Path) -> None:
     """With the audit store refusing writes the broker answers 503 and returns no credential."""
-    s = _start_stack(tmp_path)
+    s = start_stack(tmp_path)
     try:
         assert s.broker.exchange(s.issuer.mint("gitlab"))[0] == 200
         before = len(s.events())
@@ -497,7 +451,7 @@ def test_issued_event_time_is_aware_utc(stack: Stack) -> None:
 
 def test_issuer_key_rotation_is_picked_up_after_one_refetch(tmp_path: Path) -> None:
     """After the issuer swaps keys, new tokens verify after one refetch; old-key tokens fail."""
-    s = _start_stack(tmp_path)
+    s = start_stack(tmp_path)
     try:
         old_token = s.issuer.mint("gitlab")
         assert s.broker.exchange(s.issuer.mint("gitlab"))[0] == 200

@@ -29,11 +29,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
+from servers import free_port, start_dev_issuer
+from stack import Broker, Stack, audit_events, policy_toml, start_broker, start_stack
 
-from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
+from broker.audit.events import Outcome
 from broker.config import ConfigError, load_config
 
 pytestmark = pytest.mark.integration
@@ -41,73 +40,34 @@ pytestmark = pytest.mark.integration
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
-@dataclass
-class Stack:
-    issuer: DevIssuer
-    moto: Moto
-    broker: Broker
-    audit_db: Path
-    workdir: Path
-    role_arn: str
-
-    def events(self) -> list[AuditEvent]:
-        store = open_store(f"sqlite:///{self.audit_db}")
-        try:
-            return list(store.events())
-        finally:
-            store.close()
-
-    def events_for(self, request_id: str) -> list[AuditEvent]:
-        return [e for e in self.events() if e.request_id == request_id]
-
-    def config(
-        self,
-        workdir: Path,
-        *,
-        broker_extra: str = "",
-        issuer_extra: str = "",
-        issuer_url: str | None = None,
-        cooldown: str = "1s",
-    ) -> str:
-        """A policy for a further broker on this stack's moto (and issuer), with its own audit."""
-        text = policy_toml(
-            issuer_url=issuer_url or self.issuer.url,
-            audit_db=workdir / "audit.db",
-            listen=f"127.0.0.1:{free_port()}",
-            moto_url=self.moto.url,
-            role_arn=self.role_arn,
-            broker_extra=broker_extra,
-        )
-        return text.replace(
-            'jwks_refetch_cooldown = "1s"',
-            f'jwks_refetch_cooldown = "{cooldown}"\n' + issuer_extra,
-        )
-
-
-def audit_of(db: Path) -> list[AuditEvent]:
-    store = open_store(f"sqlite:///{db}")
-    try:
-        return list(store.events())
-    finally:
-        store.close()
+def further_config(
+    stack: Stack,
+    workdir: Path,
+    *,
+    broker_extra: str = "",
+    issuer_url: str | None = None,
+    cooldown: str = "1s",
+) -> str:
+    """A policy for a further broker on the stack's moto (and issuer), with its own audit."""
+    text = policy_toml(
+        issuer_url=issuer_url or stack.issuer.url,
+        audit_db=workdir / "audit.db",
+        listen=f"127.0.0.1:{free_port()}",
+        moto_url=stack.moto.url,
+        role_arn=stack.role_arn,
+        broker_extra=broker_extra,
+    )
+    return text.replace('jwks_refetch_cooldown = "1s"', f'jwks_refetch_cooldown = "{cooldown}"')
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Issuer + moto + a broker whose issuer has `require_jti = false` (tokens without jti)."""
-    workdir = tmp_path_factory.mktemp("security")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    role_arn = moto.create_role("etl-writer")
-    s = Stack(issuer, moto, None, workdir / "audit.db", workdir, role_arn)  # type: ignore[arg-type]
-    config = s.config(workdir, issuer_extra="require_jti = false")
-    s.broker = start_broker(workdir, config, env=moto.broker_env)
+    s = start_stack(tmp_path_factory.mktemp("security"), issuer_extra="require_jti = false")
     try:
         yield s
     finally:
-        s.broker.stop()
-        moto.stop()
-        issuer.stop()
+        s.stop()
 
 
 def _b64(data: bytes) -> str:
@@ -295,19 +255,23 @@ def test_forwarded_for_is_honoured_only_from_a_configured_proxy(
     also on a denial; a proxy list that does not include the peer leaves the header ignored."""
     broker = start_broker(
         tmp_path,
-        stack.config(tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}"),
+        further_config(stack, tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}"),
         env=stack.moto.broker_env,
     )
     try:
         status, body = _exchange_forwarded(broker, stack.issuer.mint("gitlab"))
         assert status == 200, body
-        records = [e for e in audit_of(tmp_path / "audit.db") if e.request_id == body["request_id"]]
+        records = [
+            e for e in audit_events(tmp_path / "audit.db") if e.request_id == body["request_id"]
+        ]
         assert [e.outcome for e in records] == [Outcome.INTENT, Outcome.ISSUED]
         assert {e.client_addr for e in records} == {expected}
         junk = stack.issuer.mint("gitlab").rsplit(".", 1)[0] + ".AAAA"
         status, body = _exchange_forwarded(broker, junk)
         assert status == 400
-        records = [e for e in audit_of(tmp_path / "audit.db") if e.request_id == body["request_id"]]
+        records = [
+            e for e in audit_events(tmp_path / "audit.db") if e.request_id == body["request_id"]
+        ]
         assert [(e.outcome, e.client_addr) for e in records] == [(Outcome.DENIED, expected)]
     finally:
         broker.stop()
@@ -338,7 +302,7 @@ def test_key_rotation_succeeds_during_a_random_kid_flood(stack: Stack, tmp_path:
     issuer = start_dev_issuer(tmp_path / "issuer")
     broker = start_broker(
         tmp_path,
-        stack.config(tmp_path, issuer_url=issuer.url, cooldown="3s"),
+        further_config(stack, tmp_path, issuer_url=issuer.url, cooldown="3s"),
         env=stack.moto.broker_env,
     )
     audit_db = tmp_path / "audit.db"
@@ -386,7 +350,7 @@ def test_key_rotation_succeeds_during_a_random_kid_flood(stack: Stack, tmp_path:
     assert answers[0][:2] == (503, "temporarily_unavailable"), answers
     assert answers[-1][0] == 200, answers
     assert len(answers) <= 3, answers  # at most: pending, (pending while the flood refetched), ok
-    events = audit_of(audit_db)
+    events = audit_events(audit_db)
     ok_id = body["request_id"]
     assert [e.outcome for e in events if e.request_id == ok_id] == [Outcome.INTENT, Outcome.ISSUED]
     pending = [e for e in events if e.reason == "kid_refetch_pending"]
