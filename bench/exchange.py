@@ -518,6 +518,7 @@ class Settings:
     peer_audit: bool = True
     load: bool = True
     pg_replicas: bool = True
+    load_scale: float = 1.0
 
 
 def _split(jobs: list[Job], warmup: int, threads: int) -> list[tuple[list[Job], list[Job]]]:
@@ -749,7 +750,13 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
         if settings.load:
             from bench.load import run_load
 
-            load = run_load(stack, workdir, _progress, two_replicas_pg=settings.pg_replicas)
+            load = run_load(
+                stack,
+                workdir,
+                _progress,
+                two_replicas_pg=settings.pg_replicas,
+                scale=settings.load_scale,
+            )
     return {
         "machine": machine_facts(load_before),
         "settings": {
@@ -807,6 +814,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-load", action="store_true", help="skip the load section (concurrency 1/16/64)"
     )
     parser.add_argument(
+        "--load-scale",
+        type=float,
+        default=1.0,
+        help="multiply the load section's requests per thread (at least 1 each)",
+    )
+    parser.add_argument(
         "--no-pg-replicas",
         action="store_true",
         help="skip two brokers on one PostgreSQL ($LUIGI_CREDS_TEST_PG) in the load section",
@@ -825,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peer_audit=not args.no_peer_audit,
         load=not args.no_load,
         pg_replicas=not args.no_pg_replicas,
+        load_scale=args.load_scale,
     )
     with ExitStack() as cleanup:
         if args.workdir is not None:

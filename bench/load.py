@@ -197,15 +197,20 @@ def _ceiling_job_factory(stack: Stack) -> Callable[[], Job]:
     return lambda: token_create_job(path, token)
 
 
+def _per_thread(threads: int, scale: float) -> int:
+    return max(1, round(PER_THREAD[threads] * scale))
+
+
 def run_level(
     stack: Stack,
     threads: int,
     ours: Target,
     own: OwnTime,
     progress: Callable[[dict[str, Any]], None],
+    scale: float,
 ) -> list[dict[str, Any]]:
     """Ceiling, peer and ours at `threads`; ours with CPU per exchange."""
-    count = (WARMUP_PER_THREAD + PER_THREAD[threads]) * threads
+    count = (WARMUP_PER_THREAD + _per_thread(threads, scale)) * threads
     phase = f"c{threads}"
     rows: list[dict[str, Any]] = []
     ceiling = _ceiling_job_factory(stack)
@@ -237,6 +242,7 @@ def run_load(
     progress: Callable[[dict[str, Any]], None],
     *,
     two_replicas_pg: bool,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
     """The load section on `stack` (and, with `two_replicas_pg`, on two brokers over PG)."""
     broker_pid = stack.broker.process.pid
@@ -245,13 +251,13 @@ def run_load(
     own_by_level: dict[str, Any] = {}
     for threads in LEVELS:
         own = OwnTime()
-        rows += run_level(stack, threads, ours, own, progress)
+        rows += run_level(stack, threads, ours, own, progress, scale)
         own_by_level[f"c{threads}"] = own.summary()
     rss = peak_rss_mb(broker_pid)
 
     # The refresh path at 16: each thread rotates its own session's handle.
     threads = 16
-    count = (WARMUP_PER_THREAD + PER_THREAD[threads]) * threads
+    count = (WARMUP_PER_THREAD + _per_thread(threads, scale)) * threads
     chains = [RefreshChain(_session_handle(stack), VAULT_GRANT) for _ in range(threads)]
     refresh: list[Job] = [chains[i % threads].step for i in range(count)]
     cpu_before = cpu_seconds(broker_pid)
@@ -261,7 +267,7 @@ def run_load(
     progress(row)
 
     # AWS: our grant next to the same AssumeRole sent straight to moto, one thread each.
-    count = WARMUP_PER_THREAD + PER_THREAD[1]
+    count = WARMUP_PER_THREAD + _per_thread(1, scale)
     role_arn = stack.moto.create_role(AWS_GRANT + "-direct")
     direct = [assume_role_job(role_arn, i) for i in range(count)]
     rows.append(
@@ -276,7 +282,7 @@ def run_load(
 
     replicas: list[dict[str, Any]] = []
     if two_replicas_pg:
-        replicas = run_two_replicas(stack, workdir, progress)
+        replicas = run_two_replicas(stack, workdir, progress, scale)
     return {
         "results": rows,
         "own_time": own_by_level,
@@ -286,7 +292,7 @@ def run_load(
 
 
 def run_two_replicas(
-    stack: Stack, workdir: Path, progress: Callable[[dict[str, Any]], None]
+    stack: Stack, workdir: Path, progress: Callable[[dict[str, Any]], None], scale: float
 ) -> list[dict[str, Any]]:
     """Ceiling, peer and two brokers on one PostgreSQL database, at 16 threads."""
     config = load_config(stack.broker.config_path)
@@ -313,7 +319,7 @@ def run_two_replicas(
             stop.callback(broker.stop)
             brokers.append(broker)
         target = Target([b.url for b in brokers], [b.process.pid for b in brokers])
-        rows = run_level(stack, 16, target, OwnTime(), progress)
+        rows = run_level(stack, 16, target, OwnTime(), progress, scale)
         for row in rows:
             row["phase"] = "pg2-c16"
         # The two brokers wrote one chain: it must verify end to end.
