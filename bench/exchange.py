@@ -347,7 +347,10 @@ class Connection:
 Job = Callable[[Connection], bool]
 
 
-def ours_exchange(token: str, grant: str) -> Job:
+def ours_exchange(
+    token: str, grant: str, on_issued: Callable[[Mapping[str, str]], None] | None = None
+) -> Job:
+    """Our exchange of `token` for `grant`; `on_issued` sees a 200 answer's headers."""
     body = urllib.parse.urlencode(
         {
             "grant_type": EXCHANGE,
@@ -359,6 +362,8 @@ def ours_exchange(token: str, grant: str) -> Job:
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
+        if on_issued is not None and status == 200:
+            on_issued(conn.last_headers)
         return status == 200 and bool(json.loads(raw).get("credentials"))
 
     return job

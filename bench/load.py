@@ -25,7 +25,7 @@ import json
 import os
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +35,7 @@ import hvac
 
 from bench.exchange import (
     AWS_GRANT,
-    EXCHANGE,
     FORM,
-    JWT_TYPE,
     PEER,
     VAULT_GRANT,
     Broker,
@@ -49,6 +47,7 @@ from bench.exchange import (
     broker_config,
     fresh_pg_database,
     measure,
+    ours_exchange,
     peer_login,
     start_broker,
     summarize,
@@ -89,14 +88,16 @@ class OwnTime:
         self.values: list[float] = []
         self._lock = threading.Lock()
 
-    def add(self, header: str) -> None:
-        total = 0.0
-        for part in header.split(","):
+    def add(self, headers: Mapping[str, str]) -> None:
+        total, seen = 0.0, False
+        for part in headers.get("server-timing", "").split(","):
             name, _, dur = part.strip().partition(";dur=")
             if name in self.PHASES and dur:
                 total += float(dur)
-        with self._lock:
-            self.values.append(total)
+                seen = True
+        if seen:  # a broker without Server-Timing reports nothing, not zero
+            with self._lock:
+                self.values.append(total)
 
     def summary(self) -> dict[str, float | None]:
         values = sorted(self.values)
@@ -106,25 +107,6 @@ class OwnTime:
             "p50_ms": round(values[len(values) // 2], 3),
             "p99_ms": round(values[min(len(values) - 1, int(len(values) * 0.99))], 3),
         }
-
-
-def exchange_job(token: str, grant: str, own: OwnTime | None = None) -> Job:
-    body = urllib.parse.urlencode(
-        {
-            "grant_type": EXCHANGE,
-            "subject_token": token,
-            "subject_token_type": JWT_TYPE,
-            "audience": grant,
-        }
-    ).encode("ascii")
-
-    def job(conn: Connection) -> bool:
-        status, raw = conn.post("/v1/token", body, FORM)
-        if own is not None and status == 200:
-            own.add(conn.last_headers.get("server-timing", ""))
-        return status == 200 and bool(json.loads(raw).get("credentials"))
-
-    return job
 
 
 def token_create_job(path: str, token: str) -> Job:
@@ -231,7 +213,7 @@ def run_level(
     record("vault_token", CEILING, [stack.bao.url], [ceiling() for _ in range(count)], [bao_pid])
     peer = [peer_login(stack.mint(), expect_ok=True) for _ in range(count)]
     record("vault_token", PEER, [stack.bao.url], peer, [bao_pid])
-    jobs = [exchange_job(stack.mint(), VAULT_GRANT, own) for _ in range(count)]
+    jobs = [ours_exchange(stack.mint(), VAULT_GRANT, own.add) for _ in range(count)]
     record("vault_token", OURS, ours.urls, jobs, ours.pids)
     return rows
 
@@ -276,7 +258,7 @@ def run_load(
         )
     )
     progress(rows[-1])
-    aws = [exchange_job(stack.mint(), AWS_GRANT) for _ in range(count)]
+    aws = [ours_exchange(stack.mint(), AWS_GRANT) for _ in range(count)]
     rows.append(summarize("c1", "aws_assume_role", OURS, measure(ours.urls, _split(aws, 1))))
     progress(rows[-1])
 
