@@ -68,7 +68,7 @@ def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
 
 
 def reconcile_dangling(audit: AuditLedger) -> int:
-    """Close intents a crash left without a terminal record (issue 6: gaps are never silent)."""
+    """Close intents a crash left without a terminal record: a gap in the audit is never silent."""
     from broker.audit.events import Outcome
 
     dangling = audit.dangling_intents()

@@ -8,7 +8,7 @@ Pure: talks to no external system; `broker.issuers` fetches the bytes and hands 
 
 A key set is all-or-nothing: one poisoned key (private member, symmetric key, weak RSA, off-curve
 point, duplicate `kid`, ...) rejects the whole set, so the caller keeps its last good keys
-(HOSTILE.md #57, Wycheproof `json_web_key_test.json`).
+(as Wycheproof's `json_web_key_test.json` cases expect).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ _JSON_STRING_OR_BRACKET: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.D
 
 def _json_depth_ok(text: str, limit: int) -> bool:
     """True when `[`/`{` nesting outside strings never exceeds `limit`; run before json.loads so
-    10,000 nested brackets cost a linear scan, not a RecursionError (HOSTILE.md #10)."""
+    10,000 nested brackets cost a linear scan, not a RecursionError."""
     depth = 0
     for match in _JSON_STRING_OR_BRACKET.finditer(text):
         token = match.group()
@@ -82,7 +82,8 @@ def _json_depth_ok(text: str, limit: int) -> bool:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # RFC 7515 §4 / RFC 7519 §4 allow "reject or last-wins"; we reject (HOSTILE.md #9).
+    # RFC 7515 §4 / RFC 7519 §4 allow "reject or last-wins"; we reject: two parsers reading one
+    # token differently is how claim smuggling starts.
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
@@ -375,7 +376,7 @@ class KeySet:
         """The key to verify a token with header `kid`/`alg`, or None.
 
         With a kid: the key of that kid, if it fits `alg`. Without: only when exactly one key
-        fits, because guessing among several is how key confusion starts (HOSTILE.md #25).
+        fits, because guessing among several is how key confusion starts.
         """
         if kid is not None:
             for key in self.keys:

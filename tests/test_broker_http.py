@@ -1,6 +1,6 @@
 """Broker core over real HTTP: local OIDC issuer, moto server and `luigi-creds-broker serve`.
 
-Shows issue 2's end-to-end claims: a GitLab-shaped token becomes working AWS credentials, every
+Shows end to end: a GitLab-shaped token becomes working AWS credentials, every
 hostile token is refused with the documented error and a deny record, and an unwritable audit
 store refuses to hand out anything.
 """
@@ -377,7 +377,7 @@ def test_hostile_token_is_refused_and_audited(
     assert records[0].reason
     if reason is not None:
         assert records[0].reason == reason
-    # Error-body hygiene (HOSTILE #64): small, and no token bytes in it.
+    # Error-body hygiene: small, and no token bytes in it.
     raw = json.dumps(body)
     assert len(raw) < 1024
     if token:

@@ -1,9 +1,9 @@
-"""Crash and fault tests for the audit ledger through the real broker (issue 6; HOSTILE F2,3,5,17).
+"""Crash and fault tests for the audit ledger through the real broker.
 
 A broker under load from several client threads, with STS slowed by a delaying reverse proxy in
 front of moto, is killed with SIGKILL while requests sit between their `intent` and `issued`
 records, then restarted on the same audit store (SQLite file, then PostgreSQL). The tests check
-the invariants of HOSTILE.md (b): no credential left without an `issued` record (I1), every
+the ledger's invariants: no credential left without an `issued` record (I1), every
 dangling intent reconciled by request id (I2), every STS call preceded by an intent (I3), the
 chain verifies (I4) and no secret reaches a log or the store (I5). A clean SIGTERM stop signs a
 checkpoint over the whole ledger; an edited record fails `audit verify`; a held store write lock
@@ -270,7 +270,7 @@ def crash(
         yield _crash_run(upstreams, workdir, url)
 
 
-# -- SIGKILL under load, restart (HOSTILE F5) ---------------------------------------------------
+# -- SIGKILL under load, restart ------------------------------------------------------------------
 
 
 def test_audit_verify_passes_after_sigkill_and_restart(crash: CrashRun) -> None:
@@ -348,8 +348,8 @@ def test_the_kill_cut_requests_on_both_sides_of_the_sts_call(crash: CrashRun) ->
     after_sts = [r for r in dangling if called(r, crash.sts_session_names)]
     assert before_sts and after_sts, (dangling, crash.dropped_session_names)
     assert not set(before_sts) & set(after_sts)
-    # NOTE: reconciliation does not look upstream (HOSTILE F5 suggests CloudTrail or Vault
-    # metadata), so both kinds are recorded alike, as a credential that may exist upstream.
+    # NOTE: reconciliation does not look upstream (CloudTrail or Vault metadata could tell), so
+    # both kinds are recorded alike, as a credential that may exist upstream.
     reasons = {e.request_id: e.reason for e in crash.after_stop if e.outcome == Outcome.RECONCILED}
     assert {reasons[r] for r in before_sts + after_sts} == {"issued_unknown_delivery"}
 
@@ -408,7 +408,7 @@ def test_clean_sigterm_signs_a_checkpoint_over_the_whole_ledger(crash: CrashRun)
     assert not [f for f in report["findings"] if f["kind"] in ("unsigned", "bad_signature")]
 
 
-# -- tampering after the run (HOSTILE F17) ------------------------------------------------------
+# -- tampering after the run ---------------------------------------------------------------------
 
 
 def test_edited_record_fails_verify_naming_its_seq(crash: CrashRun, tmp_path: Path) -> None:
@@ -450,7 +450,7 @@ def test_edited_record_fails_verify_naming_its_seq(crash: CrashRun, tmp_path: Pa
     assert json.loads(text)["ok"], "the original ledger must be untouched"
 
 
-# -- the audit store hangs (HOSTILE F2) ---------------------------------------------------------
+# -- the audit store hangs -----------------------------------------------------------------------
 
 # SQLite: one exchange meets the held lock twice. The replay ledger's write (sessions.py, same
 # file) waits out its busy timeout and fails, then the `error` record waits out the audit store's.
@@ -533,7 +533,7 @@ def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
     # that would hold it is the one that hangs) and the broker logs nothing of it either.
 
 
-# -- the store stops accepting writes after the STS call (HOSTILE F3) ---------------------------
+# -- the store stops accepting writes after the STS call -----------------------------------------
 
 # Seconds the proxy holds STS's answer once the test has taken the lock: the broker hears back
 # after the lock is in place, so the first write after the mint is the one that waits.

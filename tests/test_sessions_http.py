@@ -1,4 +1,4 @@
-"""Exchange once, refresh safely, over real HTTP (issue 3).
+"""Exchange once, refresh safely, over real HTTP.
 
 A local OIDC issuer, moto in server mode and `luigi-creds-broker serve` processes on SQLite and on
 a shared PostgreSQL database: replay protection, rotating refresh handles, reuse detection,

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from broker.audit.events import AuditEvent, Outcome
 
 # Version 1: the field set of AuditEvent as of this module. A verifier accepts every version listed
-# here so the chain stays continuous across an upgrade (HOSTILE.md F19).
+# here so the chain stays continuous across an upgrade (old records must still verify).
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = frozenset({1})
 
