@@ -690,6 +690,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line, rule, *body])
 
 
+RESULT_HEADERS = ("phase", "scenario", "system", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s")
+
+
+def result_cells(row: Mapping[str, Any]) -> list[Any]:
+    """The cells under RESULT_HEADERS for one result row."""
+    keys = ("phase", "scenario", "system", "requests", "errors", "p50_ms", "p95_ms", "p99_ms")
+    return [*(row[k] for k in keys), row["throughput_rps"]]
+
+
 def render(report: dict[str, Any]) -> str:
     machine = report["machine"]
     settings = report["settings"]
@@ -700,22 +709,8 @@ def render(report: dict[str, Any]) -> str:
         f"settings: {json.dumps(settings)}",
     ]
     results = table(
-        ["phase", "scenario", "system", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s", "jwks"],
-        [
-            [
-                r["phase"],
-                r["scenario"],
-                r["system"],
-                r["requests"],
-                r["errors"],
-                r["p50_ms"],
-                r["p95_ms"],
-                r["p99_ms"],
-                r["throughput_rps"],
-                r["jwks_fetches"],
-            ]
-            for r in report["results"]
-        ],
+        [*RESULT_HEADERS, "jwks"],
+        [[*result_cells(r), r["jwks_fetches"]] for r in report["results"]],
     )
     compared = table(
         ["phase", "ours", "peer", "p50 x", "p95 x", "p99 x", "req/s x"],

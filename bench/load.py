@@ -362,37 +362,12 @@ def load_ratios(load: dict[str, Any]) -> list[list[Any]]:
 
 
 def render_load(load: dict[str, Any]) -> str:
-    from bench.exchange import table
+    from bench.exchange import RESULT_HEADERS, result_cells, table
 
     rows = [r for r in [*load["results"], *load.get("two_replicas_pg", [])] if "scenario" in r]
     results = table(
-        [
-            "phase",
-            "scenario",
-            "system",
-            "n",
-            "err",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "req/s",
-            "cpu ms/req",
-        ],
-        [
-            [
-                r["phase"],
-                r["scenario"],
-                r["system"],
-                r["requests"],
-                r["errors"],
-                r["p50_ms"],
-                r["p95_ms"],
-                r["p99_ms"],
-                r["throughput_rps"],
-                r.get("cpu_ms_per_request"),
-            ]
-            for r in rows
-        ],
+        [*RESULT_HEADERS, "cpu ms/req"],
+        [[*result_cells(r), r.get("cpu_ms_per_request")] for r in rows],
     )
     judged = table(["figure", "value", "target"], load_ratios(load))
     own = table(
