@@ -39,7 +39,7 @@ import textwrap
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -314,11 +314,23 @@ class Connection:
             self._host, self._port, timeout=HTTP_TIMEOUT_SECONDS
         )
 
-    def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    last_headers: Mapping[str, str] = {}
+
+    def post(
+        self,
+        path: str,
+        body: bytes,
+        content_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes]:
         try:
-            self._conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+            self._conn.request(
+                "POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})}
+            )
             response = self._conn.getresponse()
-            return response.status, response.read()
+            data = response.read()
+            self.last_headers = {k.lower(): v for k, v in response.getheaders()}
+            return response.status, data
         except (http.client.HTTPException, OSError):
             # A broken connection is reported as status 0 by the caller's check; start afresh.
             self._conn.close()
@@ -335,7 +347,10 @@ class Connection:
 Job = Callable[[Connection], bool]
 
 
-def ours_exchange(token: str, grant: str) -> Job:
+def ours_exchange(
+    token: str, grant: str, on_issued: Callable[[Mapping[str, str]], None] | None = None
+) -> Job:
+    """Our exchange of `token` for `grant`; `on_issued` sees a 200 answer's headers."""
     body = urllib.parse.urlencode(
         {
             "grant_type": EXCHANGE,
@@ -347,6 +362,8 @@ def ours_exchange(token: str, grant: str) -> Job:
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
+        if on_issued is not None and status == 200:
+            on_issued(conn.last_headers)
         return status == 200 and bool(json.loads(raw).get("credentials"))
 
     return job
@@ -423,8 +440,12 @@ def _run_jobs(jobs: Sequence[Job], conn: Connection, out: list[float]) -> int:
     return errors
 
 
-def measure(url: str, workers: Sequence[tuple[Sequence[Job], Sequence[Job]]]) -> Measured:
+def measure(
+    url: str | Sequence[str], workers: Sequence[tuple[Sequence[Job], Sequence[Job]]]
+) -> Measured:
     """Run each worker's (warm-up, timed) jobs on its own thread and connection.
+
+    With several URLs (replicas of one service), worker i talks to URL i modulo their number.
 
     Warm-ups run first on every thread; the clock starts when all threads have finished them and
     stops when the last timed job returns.
@@ -439,8 +460,10 @@ def measure(url: str, workers: Sequence[tuple[Sequence[Job], Sequence[Job]]]) ->
     errors = [0] * len(workers)
     finished: list[float] = [0.0] * len(workers)
 
+    urls = [url] if isinstance(url, str) else list(url)
+
     def work(index: int, warmup: Sequence[Job], timed: Sequence[Job]) -> None:
-        conn = Connection(url)
+        conn = Connection(urls[index % len(urls)])
         try:
             _run_jobs(warmup, conn, [])
             barrier.wait()
@@ -498,6 +521,9 @@ class Settings:
     warmup: int
     store: str = "sqlite"
     peer_audit: bool = True
+    load: bool = True
+    pg_replicas: bool = True
+    load_scale: float = 1.0
 
 
 def _split(jobs: list[Job], warmup: int, threads: int) -> list[tuple[list[Job], list[Job]]]:
@@ -664,6 +690,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line, rule, *body])
 
 
+RESULT_HEADERS = ("phase", "scenario", "system", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s")
+
+
+def result_cells(row: Mapping[str, Any]) -> list[Any]:
+    """The cells under RESULT_HEADERS for one result row."""
+    keys = ("phase", "scenario", "system", "requests", "errors", "p50_ms", "p95_ms", "p99_ms")
+    return [*(row[k] for k in keys), row["throughput_rps"]]
+
+
 def render(report: dict[str, Any]) -> str:
     machine = report["machine"]
     settings = report["settings"]
@@ -674,22 +709,8 @@ def render(report: dict[str, Any]) -> str:
         f"settings: {json.dumps(settings)}",
     ]
     results = table(
-        ["phase", "scenario", "system", "n", "err", "p50 ms", "p95 ms", "p99 ms", "req/s", "jwks"],
-        [
-            [
-                r["phase"],
-                r["scenario"],
-                r["system"],
-                r["requests"],
-                r["errors"],
-                r["p50_ms"],
-                r["p95_ms"],
-                r["p99_ms"],
-                r["throughput_rps"],
-                r["jwks_fetches"],
-            ]
-            for r in report["results"]
-        ],
+        [*RESULT_HEADERS, "jwks"],
+        [[*result_cells(r), r["jwks_fetches"]] for r in report["results"]],
     )
     compared = table(
         ["phase", "ours", "peer", "p50 x", "p95 x", "p99 x", "req/s x"],
@@ -698,7 +719,13 @@ def render(report: dict[str, Any]) -> str:
             for r in report["ratios"]
         ],
     )
-    return "\n".join([*head, "", results, "", "ratios ours/peer:", compared])
+    parts = [*head, "", results, "", "ratios ours/peer:", compared]
+    if report.get("load"):
+        from bench.load import render_load
+
+        parts += ["", render_load(report["load"])]
+    parts.append(f"\ntotal run time {report['duration_s']} s")
+    return "\n".join(parts)
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -719,6 +746,17 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
         rows = run_phase(stack, "sequential", settings)
         if settings.concurrency > 1:
             rows += run_phase(stack, "concurrent", settings)
+        load: dict[str, Any] | None = None
+        if settings.load:
+            from bench.load import run_load
+
+            load = run_load(
+                stack,
+                workdir,
+                _progress,
+                two_replicas_pg=settings.pg_replicas,
+                scale=settings.load_scale,
+            )
     return {
         "machine": machine_facts(load_before),
         "settings": {
@@ -732,6 +770,7 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
         "vault_tokens": tokens,
         "results": rows,
         "ratios": ratios(rows),
+        "load": load,
         "duration_s": round(time.monotonic() - started, 1),
     }
 
@@ -771,6 +810,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="leave OpenBao without an audit device (by default it logs to a file, like ours)",
     )
+    parser.add_argument(
+        "--no-load", action="store_true", help="skip the load section (concurrency 1/16/64)"
+    )
+    parser.add_argument(
+        "--load-scale",
+        type=float,
+        default=1.0,
+        help="multiply the load section's requests per thread (at least 1 each)",
+    )
+    parser.add_argument(
+        "--no-pg-replicas",
+        action="store_true",
+        help="skip two brokers on one PostgreSQL ($LUIGI_CREDS_TEST_PG) in the load section",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep server logs here (default: a tmp dir)")
     args = parser.parse_args(argv)
@@ -783,6 +836,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.warmup,
         args.store,
         peer_audit=not args.no_peer_audit,
+        load=not args.no_load,
+        pg_replicas=not args.no_pg_replicas,
+        load_scale=args.load_scale,
     )
     with ExitStack() as cleanup:
         if args.workdir is not None:

@@ -18,12 +18,13 @@ reads the clock only through the injected `clock` and `monotonic`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -183,16 +184,35 @@ class _Identity:
     token_id: str = ""  # exchange only: jti, or the token hash for issuers without jti
 
 
-@dataclass
 class _Record:
-    """The audit event being built as the request goes; emitted on every path."""
+    """The audit event being built as the request goes; emitted on every path.
 
-    event: AuditEvent
-    timings: Timings
-    terminal_written: bool = False
+    Kept as a field dict and built into an AuditEvent only when read or emitted: a request
+    sets fields a dozen times, and copying the frozen event each time was measurable.
+    """
+
+    def __init__(self, event: AuditEvent, timings: Timings) -> None:
+        self._fields = {f.name: getattr(event, f.name) for f in _EVENT_FIELDS}
+        self._event: AuditEvent | None = event
+        self.timings = timings
+        self.terminal_written = False
+
+    @property
+    def event(self) -> AuditEvent:
+        if self._event is None:
+            self._event = AuditEvent(**self._fields)
+        return self._event
 
     def set(self, **changes: Any) -> None:
-        self.event = replace(self.event, **changes)
+        self._fields.update(changes)
+        self._event = None
+
+    def emit(self, **changes: Any) -> AuditEvent:
+        """The event as it stands with `changes`, without keeping them."""
+        return AuditEvent(**{**self._fields, **changes})
+
+
+_EVENT_FIELDS = dataclasses.fields(AuditEvent)
 
 
 def _media_type(typ: object) -> str:
@@ -431,7 +451,7 @@ class Exchanger:
             identity.issuer, identity.token_id, expires_at=token_expires + leeway, now=now
         )
         append_intent = self._audit.appender(
-            self._intent(replace(record.event, session_id=session.id), prepared, attempt=1)
+            self._intent(record, prepared, attempt=1, session_id=session.id)
         )
 
         def open_durably(tx: Tx) -> bool:
@@ -648,9 +668,11 @@ class Exchanger:
         except UpstreamError as exc:
             raise _unavailable(exc.reason) from exc
 
-    def _intent(self, event: AuditEvent, prepared: Prepared, attempt: int) -> AuditEvent:
-        return replace(
-            event,
+    def _intent(
+        self, record: _Record, prepared: Prepared, attempt: int, **changes: Any
+    ) -> AuditEvent:
+        return record.emit(
+            **changes,
             target=prepared.target,
             detail=dict(prepared.detail),
             attempt=attempt,
@@ -677,7 +699,7 @@ class Exchanger:
             record.set(attempt=attempt)
             if attempt > 1 or not intent_written:
                 with record.timings.phase("audit"):
-                    self._append(self._intent(record.event, prepared, attempt))
+                    self._append(self._intent(record, prepared, attempt))
             try:
                 with record.timings.phase("mint"):
                     minted = prepared.run()
@@ -722,7 +744,7 @@ class Exchanger:
             session.id, kind=kind, ref=ref, expires_at=minted.expires_at
         )
         append_issued = self._audit.appender(
-            replace(record.event, outcome=Outcome.ISSUED, reason="issued", time=self._clock())
+            record.emit(outcome=Outcome.ISSUED, reason="issued", time=self._clock())
         )
 
         def deliver(tx: Tx) -> tuple[Session | None, str]:
@@ -770,8 +792,7 @@ class Exchanger:
         record.terminal_written = True
         with contextlib.suppress(StoreUnavailable):
             self._write(
-                replace(
-                    record.event,
+                record.emit(
                     outcome=Outcome.ERROR,
                     reason="minted_not_delivered",
                     time=self._clock(),
@@ -851,4 +872,4 @@ class Exchanger:
         """Write the one terminal record. If it cannot be written, the answer becomes 503."""
         record.terminal_written = True
         with record.timings.phase("audit"):
-            self._append(replace(record.event, outcome=outcome, reason=reason, time=self._clock()))
+            self._append(record.emit(outcome=outcome, reason=reason, time=self._clock()))

@@ -133,7 +133,9 @@ def loads_strict_json(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise JoseDecodeError("bad_encoding") from exc
     if text.startswith("\ufeff"):  # RFC 8259 §8.1: MUST NOT add a BOM
         raise JoseDecodeError("bad_encoding")
-    if not _json_depth_ok(text, max_depth):
+    # Nesting never exceeds the number of openers: most documents need no scan at all.
+    openers = text.count("{") + text.count("[")
+    if openers > max_depth and not _json_depth_ok(text, max_depth):
         raise JoseDecodeError("bad_json")
     try:
         value = json.loads(
@@ -147,7 +149,9 @@ def loads_strict_json(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and ints beyond sys.int_info.str_digits_check_threshold
         raise JoseDecodeError("bad_json") from exc
-    _check_strings(value)
+    if "\\u" in text:
+        # Strictly decoded UTF-8 holds no surrogates, so only a \u escape can introduce one.
+        _check_strings(value)
     return value
 
 

@@ -298,11 +298,10 @@ class SessionStore:
         without revoking: peeking changes nothing.
         """
         now = utc(now)
-        db = self._dialect
         presented = _lookup_key(handle)
         if presented is None:
             raise SessionError("unknown")
-        select = db.sql(_SELECT_SESSIONS + " WHERE id = ?")
+        select = _SELECT_SESSIONS + " WHERE id = ?"
 
         def work(cur: Tx) -> tuple[Session | None, str]:
             found = self._find_handle(cur, presented)
@@ -362,7 +361,7 @@ class SessionStore:
                     where.append(f"{column} = ?")
                     params.append(value)
             cur.execute(
-                db.sql(
+                (
                     f"SELECT id FROM session_sessions WHERE {' AND '.join(where)}"  # noqa: S608
                     f" ORDER BY created_at, id{db.for_update}"
                 ),
@@ -393,7 +392,7 @@ class SessionStore:
                 where.append(f"{column} = ?")
                 params.append(value)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        sql = db.sql(f"{_SELECT_SESSIONS}{clause} ORDER BY created_at, id")
+        sql = f"{_SELECT_SESSIONS}{clause} ORDER BY created_at, id"
 
         def work(cur: Tx) -> builtins.list[Session]:
             cur.execute(sql, params)
@@ -403,8 +402,7 @@ class SessionStore:
 
     def get(self, session_id: str) -> Session | None:
         """The session with this id, whatever its state, or None."""
-        db = self._dialect
-        sql = db.sql(_SELECT_SESSIONS + " WHERE id = ?")
+        sql = _SELECT_SESSIONS + " WHERE id = ?"
 
         def work(cur: Tx) -> Session | None:
             cur.execute(sql, (session_id,))
@@ -455,7 +453,7 @@ class SessionStore:
             params.append(db.to_db(now))
         # NOTE: the rowid/ctid is not portable; (kind, ref) order is stable and good enough for
         # a revocation list.
-        sql = db.sql(sql + " ORDER BY kind, ref")
+        sql = sql + " ORDER BY kind, ref"
 
         def work(cur: Tx) -> builtins.list[tuple[str, str]]:
             cur.execute(sql, params)
@@ -470,7 +468,7 @@ class SessionStore:
         this table, is the record of what happened.
         """
         db = self._dialect
-        sql = db.sql(
+        sql = (
             "DELETE FROM session_sessions WHERE expires_at <= ? "
             "OR (revoked_at IS NOT NULL AND revoked_at <= ?)"
         )
@@ -491,7 +489,7 @@ class SessionStore:
     ) -> None:
         db = self._dialect
         cur.execute(
-            db.sql(
+            (
                 "INSERT INTO session_handles (handle_hash, session_id, generation, issued_at) "
                 "VALUES (?, ?, ?, ?)"
             ),
@@ -503,10 +501,7 @@ class SessionStore:
             return None
         db = self._dialect
         cur.execute(
-            db.sql(
-                "SELECT session_id, generation, issued_at FROM session_handles "
-                "WHERE handle_hash = ?"
-            ),
+            ("SELECT session_id, generation, issued_at FROM session_handles WHERE handle_hash = ?"),
             (key,),
         )
         row = cur.fetchone()
@@ -521,11 +516,11 @@ class SessionStore:
     ) -> builtins.list[Session]:
         db = self._dialect
         ended: builtins.list[Session] = []
-        update = db.sql(
+        update = (
             "UPDATE session_sessions SET revoked_at = ?, revoked_reason = ? "
             "WHERE id = ? AND revoked_at IS NULL"
         )
-        select = db.sql(_SELECT_SESSIONS + " WHERE id = ?")
+        select = _SELECT_SESSIONS + " WHERE id = ?"
         for session_id in ids:
             cur.execute(update, (db.to_db(now), reason, session_id))
             if cur.rowcount == 1:

@@ -242,8 +242,9 @@ def hold_sqlite_write_lock(path: Path) -> Iterator[sqlite3.Connection]:
 def hold_pg_audit_head_lock(url: str) -> Iterator[psycopg.Connection[Any]]:
     """Hold the audit ledger's head row (`SELECT ... FOR UPDATE`) until the block ends.
 
-    Every append locks that row first (broker/audit/postgresql.py), so each one waits out the
-    store's lock timeout; other tables, the replay ledger's among them, stay writable.
+    Every append locks that row first (broker/audit/ledger.py), so each one, and each write
+    transaction that carries one, waits out the store's lock timeout; writes without an audit
+    record stay possible.
     """
     with psycopg.connect(url) as conn:
         conn.execute("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -282,3 +283,23 @@ def test_checkpoint_ignores_unknown_cosignatures() -> None:
     cp = chain.Checkpoint(origin="o", size=1, root=ROOTS[0])
     note = chain.sign_checkpoint(cp, key) + "\u2014 witness AAAAAAAA\n"
     assert chain.verify_checkpoint(note, [key.public_key()], "o") == cp
+
+
+def test_canonical_json_fast_path_matches_the_reference_encoder() -> None:
+    """The json-module fast path writes the same bytes as the member-by-member encoder."""
+    when = datetime(2026, 5, 1, 12, 0, 0, 7, tzinfo=UTC)
+    values: list[Any] = [
+        {"b": 1, "a": [True, False, None, -(2**70)], "c": {"z": 'é\u2028"\\\x01', "y": when}},
+        {"": "", "a_b": [[], {}], "A": "\U0001f600"},
+        {"\ue000": 1, "\U0001f600": 2},  # non-ASCII names: UTF-16 order, the reference path
+        ["x", 0, {"k": [1, 2, 3]}],
+    ]
+    for value in values:
+        out: list[str] = []
+        chain._canonical(value, out)
+        assert chain.canonical_json(value) == "".join(out).encode("utf-8")
+    assert chain.canonical_json({"\ue000": 1, "\U0001f600": 2}).index(b"\xf0") < 5
+    with pytest.raises(TypeError):
+        chain.canonical_json({"a": 1.5})
+    with pytest.raises(TypeError):
+        chain.canonical_json({1: "a"})

@@ -75,6 +75,7 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
             "--concurrency=2",
             "--hostile=6",
             "--warmup=1",
+            "--load-scale=0.01",
             f"--json={out}",
             f"--workdir={tmp_path / 'work'}",
         ],
@@ -125,3 +126,21 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
             assert entry["p50"] > 0 and entry["throughput"] > 0
     assert "ratios ours/peer" in done.stdout
     assert "| phase" in done.stdout
+
+    # The load section: every level against ceiling and peer, refresh, AWS, two PG replicas.
+    load = report["load"]
+    rows = {(r["phase"], r["scenario"], r["system"]): r for r in load["results"]}
+    for level in ("c1", "c16", "c64"):
+        for system in ("openbao-create", "openbao", "luigi-creds"):
+            row = rows[(level, "vault_token", system)]
+            assert row["errors"] == 0 and row["throughput_rps"] > 0, row
+            assert row["cpu_ms_per_request"] > 0, row
+        assert load["own_time"][level]["p50_ms"] >= 0
+    assert rows[("c16", "vault_refresh", "luigi-creds")]["errors"] == 0
+    assert rows[("c1", "aws_assume_role", "moto-direct")]["errors"] == 0
+    assert rows[("c1", "aws_assume_role", "luigi-creds")]["errors"] == 0
+    assert 0 < load["peak_rss_mb_after_c64"] < 1024
+    replicas = load["two_replicas_pg"]
+    assert [r for r in replicas if "chain_verifies" in r] == [{"chain_verifies": True}]
+    assert all(r["errors"] == 0 for r in replicas if "errors" in r)
+    assert "ratios in this run" in done.stdout

@@ -186,7 +186,7 @@ def test_issue_writes_intent_then_issued(
 def test_audit_failure_before_mint_calls_no_upstream(
     setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
 ) -> None:
-    """If the intent cannot be written, STS is never called and the caller gets 503 (F1)."""
+    """If the intent cannot be written, STS is never called and the caller gets 503."""
     exchanger, audit, stubber = setup
     _sts_ok(stubber)
     audit.fail_on = {1, 2}
@@ -206,7 +206,7 @@ def test_audit_failure_before_mint_calls_no_upstream(
 def test_audit_failure_after_mint_returns_nothing(
     setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
 ) -> None:
-    """If the issued record cannot be written, the minted credential is withheld: 503 (F3)."""
+    """If the issued record cannot be written, the minted credential is withheld: 503."""
     exchanger, audit, stubber = setup
     _sts_ok(stubber)
     audit.fail_on = {2}
@@ -225,7 +225,7 @@ def test_audit_failure_after_mint_returns_nothing(
 def test_sts_throttling_is_retried_with_one_intent_per_attempt(
     setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
 ) -> None:
-    """Throttling is retried; every attempt has its own intent record with its number (F10)."""
+    """Throttling is retried; every attempt has its own intent record with its number."""
     exchanger, audit, stubber = setup
     stubber.add_client_error("assume_role", "Throttling", http_status_code=400)
     _sts_ok(stubber)

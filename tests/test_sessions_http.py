@@ -262,27 +262,49 @@ def test_whoami_cli_shows_identity_and_grants(
     assert b.exchange(token)[0] == 200
 
 
-def test_parallel_replays_of_one_token_issue_exactly_once(
-    upstreams: Upstreams, broker: tuple[Broker, Path]
-) -> None:
-    """Twenty simultaneous exchanges of one token: one 200, nineteen token_replayed denials."""
-    b, db = broker
-    token = upstreams.issuer.mint("gitlab")
+def _twenty_copies(brokers: list[Broker], token: str, store_url: str) -> None:
+    """Twenty simultaneous exchanges of `token` spread over `brokers`: exactly one issues."""
     start = threading.Barrier(20)
     answers: list[tuple[int, dict[str, object]]] = []
 
-    def exchange() -> None:
+    def exchange(b: Broker) -> None:
         start.wait()
         status, body, _ = b.exchange(token)
         answers.append((status, body))
 
-    threads = [threading.Thread(target=exchange) for _ in range(20)]
+    threads = [
+        threading.Thread(target=exchange, args=(brokers[i % len(brokers)],)) for i in range(20)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
     assert sorted(status for status, _ in answers) == [200] + [400] * 19
-    events = [e for e in _all_events(f"sqlite:///{db}") if e.token_sha256]
+    events = [e for e in _all_events(store_url) if e.token_sha256]
     mine = [e for e in events if e.request_id in {str(body["request_id"]) for _, body in answers}]
     assert sum(e.outcome == Outcome.ISSUED for e in mine) == 1
     assert sum(e.reason == "token_replayed" for e in mine) == 19
+
+
+def test_parallel_replays_of_one_token_issue_exactly_once(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """Twenty simultaneous exchanges of one token: one 200, nineteen token_replayed denials."""
+    b, db = broker
+    _twenty_copies([b], upstreams.issuer.mint("gitlab"), f"sqlite:///{db}")
+
+
+def test_parallel_replays_across_two_postgresql_replicas_issue_exactly_once(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """The same across two brokers sharing PostgreSQL, and their one audit chain verifies."""
+    with fresh_pg_database("luigi_creds_twenty") as url:
+        one = start_broker(tmp_path / "one", upstreams.config(url))
+        two = start_broker(tmp_path / "two", upstreams.config(url))
+        try:
+            _twenty_copies([one, two], upstreams.issuer.mint("gitlab"), url)
+            verified = one.cli("audit", "verify")
+            assert verified.returncode == 0, verified.stdout + verified.stderr
+        finally:
+            one.stop()
+            two.stop()

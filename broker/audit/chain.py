@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from broker.audit.events import AuditEvent, Outcome
 
 # Version 1: the field set of AuditEvent as of this module. A verifier accepts every version listed
-# here so the chain stays continuous across an upgrade (HOSTILE.md F19).
+# here so the chain stays continuous across an upgrade (old records must still verify).
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = frozenset({1})
 
@@ -56,6 +56,9 @@ def format_time(value: datetime) -> str:
 def parse_time(text: str) -> datetime:
     if not text.endswith("Z"):
         raise ValueError(f"not an RFC 3339 UTC time: {text!r}")
+    if len(text) == 27 and text[10] == "T" and text[19] == ".":
+        # The one form format_time writes; fromisoformat reads it some ten times faster.
+        return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC)
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
@@ -100,12 +103,50 @@ def _canonical(value: Any, out: list[str]) -> None:
         raise TypeError(f"canonical audit JSON cannot encode {type(value).__name__}")
 
 
+class _NonAsciiKey(Exception):
+    """A member name outside ASCII: code point order may differ from UTF-16 order."""
+
+
+def _checked(value: Any) -> Any:
+    """`value` with datetimes as text, after the checks `_canonical` makes; ASCII keys only."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        raise TypeError("canonical audit JSON carries no floats")
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, Mapping):
+        plain = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError("canonical audit JSON keys are strings")
+            if not key.isascii():
+                raise _NonAsciiKey
+            plain[key] = _checked(item)
+        return plain
+    if isinstance(value, list | tuple):
+        return [_checked(item) for item in value]
+    raise TypeError(f"canonical audit JSON cannot encode {type(value).__name__}")
+
+
+_ENCODE = json.JSONEncoder(
+    ensure_ascii=False, sort_keys=True, separators=(",", ":"), check_circular=False
+).encode
+
+
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no insignificant whitespace, UTF-8; datetimes as RFC 3339 UTC `Z`; no floats."""
-    out: list[str] = []
-    _canonical(value, out)
+    try:
+        # Fast path, byte for byte the same: with ASCII member names, code point order (what
+        # the json module sorts by) is UTF-16 order, and the json module writes strings,
+        # integers, booleans and null exactly as `_canonical` does.
+        text = _ENCODE(_checked(value))
+    except _NonAsciiKey:
+        out: list[str] = []
+        _canonical(value, out)
+        text = "".join(out)
     # strict UTF-8: a lone surrogate raises instead of producing bytes no other parser accepts.
-    return "".join(out).encode("utf-8")
+    return text.encode("utf-8")
 
 
 def event_body(event: AuditEvent) -> dict[str, Any]:

@@ -140,6 +140,8 @@ class PruneResult:
 def _text(value: str) -> str:
     # A hostile token can carry a lone surrogate ("\\ud800" in its JSON); it cannot be UTF-8, so
     # it is recorded as its escape text instead of failing the append (evidence kept, no 5xx).
+    if value.isascii():
+        return value
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

@@ -62,7 +62,7 @@ Clock = Callable[[], datetime]
 
 # Metadata keys the broker writes on every token it creates (so Vault's audit log joins ours).
 METADATA_KEYS = ("issuer", "subject", "grant", "session", "task", "request_id")
-# HOSTILE #52: metadata values come from claims and client input; keep an allowlisted alphabet
+# Metadata values come from claims and client input; keep an allowlisted alphabet
 # and a bounded length so nothing can look like a template or blow up Vault's audit lines.
 _META_UNSAFE = re.compile(r"[^\w .:/=+@,-]", re.ASCII)
 _META_VALUE_MAX = 256
@@ -87,7 +87,7 @@ class VaultToken:
     lease_duration: int
 
     def wire(self) -> dict[str, Any]:
-        """SPEC.md's `urn:luigi-creds:token-type:vault-token` credentials object."""
+        """The `credentials` object of a `urn:luigi-creds:token-type:vault-token` answer."""
         return {
             "token": self.token,
             "accessor": self.accessor,
@@ -113,7 +113,7 @@ class VaultSecret:
     renew_token: str = field(default="", repr=False)
 
     def wire(self) -> dict[str, Any]:
-        """SPEC.md's `urn:luigi-creds:token-type:vault-secret` object, plus `renew_token`."""
+        """The `credentials` object of a `urn:luigi-creds:token-type:vault-secret` answer."""
         return {
             "lease_id": self.lease_id,
             "lease_duration": self.lease_duration,
@@ -136,7 +136,8 @@ class TokenPlan:
 
 
 def sanitise_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
-    """Keep the known keys, with values in a safe alphabet and bounded (HOSTILE #52)."""
+    """Keep the known keys, with values in a safe alphabet and bounded: no template syntax or
+    oversized value from a token reaches Vault's metadata or audit log."""
     clean: dict[str, str] = {}
     for key in METADATA_KEYS:
         value = metadata.get(key)

@@ -1,0 +1,399 @@
+"""Benchmark, load section: the Vault-token exchange under concurrency, against its ceiling.
+
+Part of `make bench` (bench/exchange.py runs it after its latency phases, on the same stack).
+At each concurrency (1, 16, 64 client threads, one keep-alive connection each) and in one run:
+
+  ceiling   OpenBao creating a token through the broker's token role with the broker's own
+            AppRole login: the one upstream call an exchange must make, so no exchange can beat it
+  peer      OpenBao's own JWT login (what a user would use instead of the broker)
+  ours      the broker's Vault-token exchange
+
+plus the refresh path at 16, an AWS grant next to a direct AssumeRole on the same moto (one
+thread), and the broker's CPU per exchange (its process's user+system time over the requests
+served), OpenBao's CPU per token, the broker's peak RSS after the 64-thread run, and the
+broker's own time per exchange from its Server-Timing header (verify + policy + state + audit
+phases: everything but the upstream call and the HTTP framing). With `two_replicas_pg`, two
+brokers share one fresh PostgreSQL database and the client threads alternate between them.
+
+Every figure that matters is a ratio between systems measured in the same run: the machine is
+shared, so absolute numbers move with its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hvac
+
+from bench.exchange import (
+    AWS_GRANT,
+    FORM,
+    PEER,
+    VAULT_GRANT,
+    Broker,
+    Connection,
+    Job,
+    RefreshChain,
+    Stack,
+    _session_handle,
+    broker_config,
+    fresh_pg_database,
+    measure,
+    ours_exchange,
+    peer_login,
+    start_broker,
+    summarize,
+)
+from broker.config import load_config
+from broker.dev.processes import free_port
+from broker.dev.vault import ETL_POLICY
+
+OURS = "luigi-creds"
+CEILING = "openbao-create"
+LEVELS = (1, 16, 64)
+# Timed requests per thread at each concurrency: about the same total work per level.
+PER_THREAD = {1: 150, 16: 40, 64: 12}
+WARMUP_PER_THREAD = 2
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size (VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class OwnTime:
+    """The broker's own milliseconds per answered exchange, from its Server-Timing header."""
+
+    PHASES = ("verify", "policy", "state", "audit")
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self._lock = threading.Lock()
+
+    def add(self, headers: Mapping[str, str]) -> None:
+        total, seen = 0.0, False
+        for part in headers.get("server-timing", "").split(","):
+            name, _, dur = part.strip().partition(";dur=")
+            if name in self.PHASES and dur:
+                total += float(dur)
+                seen = True
+        if seen:  # a broker without Server-Timing reports nothing, not zero
+            with self._lock:
+                self.values.append(total)
+
+    def summary(self) -> dict[str, float | None]:
+        values = sorted(self.values)
+        if not values:
+            return {"p50_ms": None, "p99_ms": None}
+        return {
+            "p50_ms": round(values[len(values) // 2], 3),
+            "p99_ms": round(values[min(len(values) - 1, int(len(values) * 0.99))], 3),
+        }
+
+
+def token_create_job(path: str, token: str) -> Job:
+    """The broker's own upstream call, made directly: the ceiling for any exchange."""
+    body = json.dumps(
+        {
+            "policies": [ETL_POLICY],
+            "ttl": "900s",
+            "meta": {"grant": VAULT_GRANT, "request_id": "bench"},
+            "renewable": True,
+            "display_name": "luigi-creds-bench",
+        }
+    ).encode()
+
+    def job(conn: Connection) -> bool:
+        status, raw = conn.post(path, body, "application/json", {"X-Vault-Token": token})
+        return status == 200 and bool(json.loads(raw)["auth"]["client_token"])
+
+    return job
+
+
+def assume_role_job(role_arn: str, index: int) -> Job:
+    """A direct STS AssumeRole (Query API) at moto, as boto3 would send it, unsigned."""
+    body = urllib.parse.urlencode(
+        {
+            "Action": "AssumeRole",
+            "Version": "2011-06-15",
+            "RoleArn": role_arn,
+            "RoleSessionName": f"bench-{index}",
+            "DurationSeconds": "900",
+        }
+    ).encode()
+
+    # moto routes by the credential scope of the Authorization header and checks no signature.
+    auth = (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/sts/aws4_request,"
+        " SignedHeaders=host, Signature=0"
+    )
+
+    def job(conn: Connection) -> bool:
+        status, raw = conn.post("/", body, FORM, {"Authorization": auth})
+        return status == 200 and b"<AccessKeyId>" in raw
+
+    return job
+
+
+def _split(jobs: list[Job], threads: int) -> list[tuple[list[Job], list[Job]]]:
+    warm, timed = jobs[: WARMUP_PER_THREAD * threads], jobs[WARMUP_PER_THREAD * threads :]
+    return [(warm[i::threads], timed[i::threads]) for i in range(threads)]
+
+
+@dataclass
+class Target:
+    """Where a scenario's requests go: one or several URLs (threads alternate) and its pids."""
+
+    urls: Sequence[str]
+    pids: Sequence[int]
+
+
+def _ceiling_job_factory(stack: Stack) -> Callable[[], Job]:
+    config = load_config(stack.broker.config_path)
+    vault = config.vault
+    assert vault is not None and vault.role_id_file and vault.secret_id_file
+    login = hvac.Client(url=stack.bao.url, timeout=10).auth.approle.login(
+        role_id=vault.role_id_file.read_text().strip(),
+        secret_id=vault.secret_id_file.read_text().strip(),
+    )
+    token = str(login["auth"]["client_token"])
+    path = f"/v1/auth/token/create/{vault.token_role}"
+    return lambda: token_create_job(path, token)
+
+
+def _per_thread(threads: int, scale: float) -> int:
+    return max(1, round(PER_THREAD[threads] * scale))
+
+
+def run_level(
+    stack: Stack,
+    threads: int,
+    ours: Target,
+    own: OwnTime,
+    progress: Callable[[dict[str, Any]], None],
+    scale: float,
+) -> list[dict[str, Any]]:
+    """Ceiling, peer and ours at `threads`; ours with CPU per exchange."""
+    count = (WARMUP_PER_THREAD + _per_thread(threads, scale)) * threads
+    phase = f"c{threads}"
+    rows: list[dict[str, Any]] = []
+    ceiling = _ceiling_job_factory(stack)
+    bao_pid = stack.bao.process.pid if stack.bao.process else 0
+
+    def record(
+        scenario: str, system: str, urls: Sequence[str], jobs: list[Job], pids: Sequence[int]
+    ) -> None:
+        cpu_before = [cpu_seconds(p) for p in pids]
+        measured = measure(urls, _split(jobs, threads))
+        cpu = sum(cpu_seconds(p) for p in pids) - sum(cpu_before)
+        total = len(jobs)  # warm-ups included: the CPU clock ran for them too
+        row = summarize(phase, scenario, system, measured)
+        row["cpu_ms_per_request"] = round(cpu / total * 1000, 2) if pids else None
+        rows.append(row)
+        progress(row)
+
+    record("vault_token", CEILING, [stack.bao.url], [ceiling() for _ in range(count)], [bao_pid])
+    peer = [peer_login(stack.mint(), expect_ok=True) for _ in range(count)]
+    record("vault_token", PEER, [stack.bao.url], peer, [bao_pid])
+    jobs = [ours_exchange(stack.mint(), VAULT_GRANT, own.add) for _ in range(count)]
+    record("vault_token", OURS, ours.urls, jobs, ours.pids)
+    return rows
+
+
+def run_load(
+    stack: Stack,
+    workdir: Path,
+    progress: Callable[[dict[str, Any]], None],
+    *,
+    two_replicas_pg: bool,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """The load section on `stack` (and, with `two_replicas_pg`, on two brokers over PG)."""
+    broker_pid = stack.broker.process.pid
+    ours = Target([stack.broker.url], [broker_pid])
+    rows: list[dict[str, Any]] = []
+    own_by_level: dict[str, Any] = {}
+    for threads in LEVELS:
+        own = OwnTime()
+        rows += run_level(stack, threads, ours, own, progress, scale)
+        own_by_level[f"c{threads}"] = own.summary()
+    rss = peak_rss_mb(broker_pid)
+
+    # The refresh path at 16: each thread rotates its own session's handle.
+    threads = 16
+    count = (WARMUP_PER_THREAD + _per_thread(threads, scale)) * threads
+    chains = [RefreshChain(_session_handle(stack), VAULT_GRANT) for _ in range(threads)]
+    refresh: list[Job] = [chains[i % threads].step for i in range(count)]
+    cpu_before = cpu_seconds(broker_pid)
+    row = summarize("c16", "vault_refresh", OURS, measure(ours.urls, _split(refresh, threads)))
+    row["cpu_ms_per_request"] = round((cpu_seconds(broker_pid) - cpu_before) / count * 1000, 2)
+    rows.append(row)
+    progress(row)
+
+    # AWS: our grant next to the same AssumeRole sent straight to moto, one thread each.
+    count = WARMUP_PER_THREAD + _per_thread(1, scale)
+    role_arn = stack.moto.create_role(AWS_GRANT + "-direct")
+    direct = [assume_role_job(role_arn, i) for i in range(count)]
+    rows.append(
+        summarize(
+            "c1", "aws_assume_role", "moto-direct", measure([stack.moto.url], _split(direct, 1))
+        )
+    )
+    progress(rows[-1])
+    aws = [ours_exchange(stack.mint(), AWS_GRANT) for _ in range(count)]
+    rows.append(summarize("c1", "aws_assume_role", OURS, measure(ours.urls, _split(aws, 1))))
+    progress(rows[-1])
+
+    replicas: list[dict[str, Any]] = []
+    if two_replicas_pg:
+        replicas = run_two_replicas(stack, workdir, progress, scale)
+    return {
+        "results": rows,
+        "own_time": own_by_level,
+        "peak_rss_mb_after_c64": round(rss, 1),
+        "two_replicas_pg": replicas,
+    }
+
+
+def run_two_replicas(
+    stack: Stack, workdir: Path, progress: Callable[[dict[str, Any]], None], scale: float
+) -> list[dict[str, Any]]:
+    """Ceiling, peer and two brokers on one PostgreSQL database, at 16 threads."""
+    config = load_config(stack.broker.config_path)
+    vault = config.vault
+    aws = config.aws
+    assert vault is not None and vault.role_id_file and vault.secret_id_file and aws is not None
+    issuer_url = config.issuers[0].url
+    role_arn = next(g.aws.role_arn for g in config.grants if g.aws is not None)
+    with ExitStack() as stop:
+        url = stop.enter_context(fresh_pg_database("bench2"))
+        brokers: list[Broker] = []
+        for i in range(2):
+            text = broker_config(
+                listen=f"127.0.0.1:{free_port()}",
+                issuer_url=issuer_url,
+                audit_store=url,
+                moto_url=str(aws.endpoint_url),
+                role_arn=role_arn,
+                bao_url=vault.url,
+                role_id_file=vault.role_id_file,
+                secret_id_file=vault.secret_id_file,
+            )
+            broker = start_broker(workdir / f"replica-{i}", text)
+            stop.callback(broker.stop)
+            brokers.append(broker)
+        target = Target([b.url for b in brokers], [b.process.pid for b in brokers])
+        rows = run_level(stack, 16, target, OwnTime(), progress, scale)
+        for row in rows:
+            row["phase"] = "pg2-c16"
+        # The two brokers wrote one chain: it must verify end to end.
+        check = brokers[0].cli("audit", "verify")
+        rows.append({"chain_verifies": check.returncode == 0})
+        return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def load_ratios(load: dict[str, Any]) -> list[list[Any]]:
+    """[what, ratio, target] rows: the figures the broker is judged by."""
+    index = {(r.get("phase"), r.get("scenario"), r.get("system")): r for r in load["results"]}
+    out: list[list[Any]] = []
+    for threads in LEVELS:
+        phase = f"c{threads}"
+        ours = index.get((phase, "vault_token", OURS), {})
+        ceiling = index.get((phase, "vault_token", CEILING), {})
+        peer = index.get((phase, "vault_token", PEER), {})
+        target = ">= 0.6" if threads == 16 else ""
+        rps = "throughput_rps"
+        out.append(
+            [f"{phase} exchange / ceiling req/s", _ratio(ours.get(rps), ceiling.get(rps)), target]
+        )
+        out.append([f"{phase} exchange / peer req/s", _ratio(ours.get(rps), peer.get(rps)), ""])
+    refresh = index.get(("c16", "vault_refresh", OURS), {})
+    ceiling16 = index.get(("c16", "vault_token", CEILING), {})
+    out.append(
+        [
+            "c16 refresh / ceiling req/s",
+            _ratio(refresh.get("throughput_rps"), ceiling16.get("throughput_rps")),
+            "",
+        ]
+    )
+    aws = index.get(("c1", "aws_assume_role", OURS), {})
+    direct = index.get(("c1", "aws_assume_role", "moto-direct"), {})
+    out.append(
+        [
+            "c1 AWS grant / direct AssumeRole p50",
+            _ratio(aws.get("p50_ms"), direct.get("p50_ms")),
+            "<= 1.2",
+        ]
+    )
+    pg = {(r.get("scenario"), r.get("system")): r for r in load.get("two_replicas_pg", [])}
+    if pg:
+        ours_pg = pg.get(("vault_token", OURS), {})
+        ceil_pg = pg.get(("vault_token", CEILING), {})
+        out.append(
+            [
+                "pg2-c16 exchange / ceiling req/s",
+                _ratio(ours_pg.get("throughput_rps"), ceil_pg.get("throughput_rps")),
+                ">= 0.5",
+            ]
+        )
+    return out
+
+
+def render_load(load: dict[str, Any]) -> str:
+    from bench.exchange import RESULT_HEADERS, result_cells, table
+
+    rows = [r for r in [*load["results"], *load.get("two_replicas_pg", [])] if "scenario" in r]
+    results = table(
+        [*RESULT_HEADERS, "cpu ms/req"],
+        [[*result_cells(r), r.get("cpu_ms_per_request")] for r in rows],
+    )
+    judged = table(["figure", "value", "target"], load_ratios(load))
+    own = table(
+        ["level", "own p50 ms", "own p99 ms"],
+        [[level, v["p50_ms"], v["p99_ms"]] for level, v in load["own_time"].items()],
+    )
+    facts = [
+        f"broker peak RSS after c64: {load['peak_rss_mb_after_c64']} MiB (target <= 150)",
+    ]
+    chain = [r for r in load.get("two_replicas_pg", []) if "chain_verifies" in r]
+    if chain:
+        facts.append(
+            f"two PostgreSQL replicas wrote one chain; verifies: {chain[0]['chain_verifies']}"
+        )
+    return "\n".join(
+        [
+            "load section (cpu ms/req: the serving process's CPU over the requests, warm-ups in):",
+            results,
+            "",
+            "ratios in this run:",
+            judged,
+            "",
+            "broker's own time per exchange (Server-Timing verify+policy+state+audit;"
+            " targets p50 <= 1, p99 <= 5):",
+            own,
+            "",
+            *facts,
+        ]
+    )
