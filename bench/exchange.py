@@ -70,7 +70,7 @@ JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 FORM = "application/x-www-form-urlencoded"
 # Tokens are minted just before their scenario runs; 15 min outlives the longest phase.
 TOKEN_TTL_SECONDS = 900
-HOSTILE_KINDS = ("unknown_kid", "bad_signature", "alg_none")
+FORGED_KINDS = ("unknown_kid", "bad_signature", "alg_none")
 # Limits far above what two cores can push: the benchmark measures the pipeline, not the bucket.
 UNLIMITED_RATE = "{ per_second = 1000000, burst = 1000000 }"
 HTTP_TIMEOUT_SECONDS = 30.0
@@ -101,7 +101,7 @@ class Stack:
         )
 
     def hostile(self, kind: str) -> str:
-        """A token the issuer never signed, of `kind` (see HOSTILE_KINDS)."""
+        """A token the issuer never signed, of `kind` (see FORGED_KINDS)."""
         claims = preset_claims(
             "gitlab",
             issuer=self.signer.issuer_url,
@@ -198,13 +198,19 @@ def broker_config(
     bao_url: str,
     role_id_file: Path,
     secret_id_file: Path,
+    audit_key_file: Path | None = None,
 ) -> str:
-    """Our policy: a vault-token grant equivalent to the OpenBao role, and one AWS grant."""
+    """Our policy: a vault-token grant equivalent to the OpenBao role, and one AWS grant.
+
+    `audit_key_file`: the checkpoint key replicas on one PostgreSQL share (an SQLite store gets
+    one beside it by default)."""
+    key_line = f'audit_key_file = "{audit_key_file}"' if audit_key_file else ""
     return textwrap.dedent(
         f"""
         [broker]
         listen = "{listen}"
         audit_store = "{audit_store}"
+        {key_line}
         rate_limit_identity = {UNLIMITED_RATE}
         rate_limit_grant = {UNLIMITED_RATE}
 
@@ -388,7 +394,15 @@ class RefreshChain:
         return bool(answer.get("credentials"))
 
 
-def ours_reject(token: str, error: str = "invalid_request") -> Job:
+# How the broker refuses each kind. An unknown kid is answered 400 after the one refetch it may
+# trigger, and 503 + Retry-After while the refetch cooldown holds (the kid might belong to a key
+# the issuer is rotating in, so the caller is told to retry, not that the token is bad).
+REFUSALS: dict[str, set[tuple[int, str]]] = {
+    "unknown_kid": {(400, "invalid_request"), (503, "temporarily_unavailable")},
+}
+
+
+def ours_reject(token: str, error: str = "invalid_request", kind: str = "") -> Job:
     body = urllib.parse.urlencode(
         {
             "grant_type": EXCHANGE,
@@ -400,7 +414,9 @@ def ours_reject(token: str, error: str = "invalid_request") -> Job:
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
-        return status == 400 and json.loads(raw).get("error") == error
+        return (status, json.loads(raw).get("error")) in expected
+
+    expected = REFUSALS.get(kind, {(400, error)})
 
     return job
 
@@ -565,11 +581,11 @@ def run_phase(stack: Stack, phase: str, settings: Settings) -> list[dict[str, An
     # Hostile tokens: `hostile` in each phase, split evenly over the kinds, the same tokens for
     # both systems (OpenBao keeps no record of a token, so ours sees each one fresh). One extra
     # token per thread warms up.
-    hostile_per_thread = max(1, settings.hostile // len(HOSTILE_KINDS) // threads)
-    for kind in HOSTILE_KINDS:
+    hostile_per_thread = max(1, settings.hostile // len(FORGED_KINDS) // threads)
+    for kind in FORGED_KINDS:
         tokens = [stack.hostile(kind) for _ in range(threads * (1 + hostile_per_thread))]
         record(f"reject_{kind}", PEER, bao, [peer_login(t, expect_ok=False) for t in tokens], 1)
-        record(f"reject_{kind}", OURS, broker, [ours_reject(t) for t in tokens], 1)
+        record(f"reject_{kind}", OURS, broker, [ours_reject(t, kind=kind) for t in tokens], 1)
 
     # A genuine token of another project: signature and claims verify, the binding denies it
     # (OpenBao: bound_claims; ours: [grant.match], answered invalid_target).

@@ -32,6 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import hvac
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from bench.exchange import (
     AWS_GRANT,
@@ -128,8 +133,9 @@ def token_create_job(path: str, token: str) -> Job:
     return job
 
 
-def assume_role_job(role_arn: str, index: int) -> Job:
-    """A direct STS AssumeRole (Query API) at moto, as boto3 would send it, unsigned."""
+def assume_role_job(role_arn: str, index: int, moto_url: str, keys: Mapping[str, str]) -> Job:
+    """A direct STS AssumeRole (Query API) at moto, signed with SigV4 as boto3 signs it, by the
+    broker's own IAM user (moto enforces IAM, so an unsigned call would be refused)."""
     body = urllib.parse.urlencode(
         {
             "Action": "AssumeRole",
@@ -140,14 +146,17 @@ def assume_role_job(role_arn: str, index: int) -> Job:
         }
     ).encode()
 
-    # moto routes by the credential scope of the Authorization header and checks no signature.
-    auth = (
-        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/sts/aws4_request,"
-        " SignedHeaders=host, Signature=0"
+    signer = SigV4Auth(
+        Credentials(keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"]), "sts", "us-east-1"
     )
 
     def job(conn: Connection) -> bool:
-        status, raw = conn.post("/", body, FORM, {"Authorization": auth})
+        # Signed per request (timestamped), as a direct caller would: part of the direct cost.
+        request = AWSRequest(method="POST", url=moto_url + "/", data=body)
+        request.headers["Content-Type"] = FORM
+        signer.add_auth(request)
+        headers = {k: str(v) for k, v in request.headers.items() if k.lower() != "content-type"}
+        status, raw = conn.post("/", body, FORM, headers)
         return status == 200 and b"<AccessKeyId>" in raw
 
     return job
@@ -251,7 +260,9 @@ def run_load(
     # AWS: our grant next to the same AssumeRole sent straight to moto, one thread each.
     count = WARMUP_PER_THREAD + _per_thread(1, scale)
     role_arn = stack.moto.create_role(AWS_GRANT + "-direct")
-    direct = [assume_role_job(role_arn, i) for i in range(count)]
+    direct = [
+        assume_role_job(role_arn, i, stack.moto.url, stack.moto.broker_env) for i in range(count)
+    ]
     rows.append(
         summarize(
             "c1", "aws_assume_role", "moto-direct", measure([stack.moto.url], _split(direct, 1))
@@ -286,6 +297,14 @@ def run_two_replicas(
     with ExitStack() as stop:
         url = stop.enter_context(fresh_pg_database("bench2"))
         brokers: list[Broker] = []
+        # One checkpoint key for both replicas of the one ledger, made here (never committed).
+        key_file = workdir / "pg-audit-checkpoint.ed25519"
+        key_file.write_bytes(
+            Ed25519PrivateKey.generate().private_bytes(
+                Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+            )
+        )
+        key_file.chmod(0o600)
         for i in range(2):
             text = broker_config(
                 listen=f"127.0.0.1:{free_port()}",
@@ -296,8 +315,9 @@ def run_two_replicas(
                 bao_url=vault.url,
                 role_id_file=vault.role_id_file,
                 secret_id_file=vault.secret_id_file,
+                audit_key_file=key_file,
             )
-            broker = start_broker(workdir / f"replica-{i}", text)
+            broker = start_broker(workdir / f"replica-{i}", text, env=stack.moto.broker_env)
             stop.callback(broker.stop)
             brokers.append(broker)
         target = Target([b.url for b in brokers], [b.process.pid for b in brokers])

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.exchange import HOSTILE_KINDS, percentile, ratios
+from bench.exchange import FORGED_KINDS, percentile, ratios
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFUSED = [*(f"reject_{k}" for k in HOSTILE_KINDS), "deny_other_project"]
+REFUSED = [*(f"reject_{k}" for k in FORGED_KINDS), "deny_other_project"]
 SCENARIOS = ["vault_token", "vault_refresh", "aws_exchange", *REFUSED]
 PEERED = {"vault_token", *REFUSED}
 
