@@ -5,7 +5,7 @@ file system, and only in `load_config`. Every problem found is collected into on
 so an operator fixes the whole file in one pass.
 
 Forms chosen here (and documented in the README):
-- durations: "900s", "15m", "1h30m", "12h", "2d" or an integer number of seconds;
+- durations: "900s", "15m", "1h30m", "12h", "2d", "1w" or an integer number of seconds;
 - rate limits: `rate_limit_identity = { per_second = 10, burst = 50 }` (a table, never "10/s",
   because a bucket needs both numbers);
 - match values: a glob string, `{ regex = "..." }`, or a list of those (any-of). In globs only
@@ -191,7 +191,7 @@ def format_problems(err: ConfigError) -> str:
 
 
 def parse_duration(value: str | int, *, where: str) -> int:
-    """Parse "15m", "12h", "900s", "1h30m", "2d" or int seconds; raise ConfigError if invalid."""
+    """Parse "15m", "12h", "900s", "1h30m", "2d", "1w" or int seconds; raise ConfigError if invalid."""
     try:
         return seconds(value)
     except DurationError as exc:

@@ -1,16 +1,18 @@
-"""Human durations in the policy file: "15m", "12h", "900s", "1h30m", "2d", or int seconds.
+"""Human durations: "15m", "12h", "900s", "1h30m", "2d", "1w", or int seconds.
 
-Owns only the grammar; range checks belong to the caller that knows the upstream's limits.
-Talks to no external system.
+The one grammar for every duration the broker reads: the policy file and the admin commands'
+`--since`/`--before` alike, so a value that works in one works in the other. Owns only the
+grammar; range checks belong to the caller that knows the upstream's limits. Talks to no
+external system.
 """
 
 from __future__ import annotations
 
 import re
 
-# Units in descending order, each at most once: "1d2h3m4s". No fractions, no signs, no spaces,
+# Units in descending order, each at most once: "1w2d3h4m5s". No fractions, no signs, no spaces,
 # so a value reads the same to every operator and every parser.
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 # 10 years; anything longer is a typo, and keeps later arithmetic far from overflow surprises.
 MAX_SECONDS = 10 * 365 * 86400
@@ -32,10 +34,10 @@ def seconds(value: object) -> int:
         match = _DURATION.fullmatch(value)
         if not value or match is None:
             raise DurationError(
-                f"{value!r} is not a duration; use e.g. '900s', '15m', '1h30m', '12h', '2d'"
+                f"{value!r} is not a duration; use e.g. '900s', '15m', '1h30m', '12h', '2d', '1w'"
             )
-        days, hours, minutes, secs = (int(part) if part else 0 for part in match.groups())
-        total = days * 86400 + hours * 3600 + minutes * 60 + secs
+        weeks, days, hours, minutes, secs = (int(part) if part else 0 for part in match.groups())
+        total = weeks * 7 * 86400 + days * 86400 + hours * 3600 + minutes * 60 + secs
     else:
         kind = type(value).__name__
         raise DurationError(f"expected a duration such as '15m' or integer seconds, got {kind}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
+from broker.audit import cli as audit_cli
 from broker.config import (
     ConfigError,
     Problem,
@@ -532,6 +534,8 @@ def test_unreadable_file(tmp_path: Path) -> None:
         ("1h30m", 5400),
         ("2d", 172800),
         ("1d2h3m4s", 93784),
+        ("1w", 604800),
+        ("2w1d", 1296000),
         (3600, 3600),
         ("0s", 0),
     ],
@@ -541,9 +545,25 @@ def test_parse_duration(value: str | int, expected: int) -> None:
     assert parse_duration(value, where="x") == expected
 
 
-@pytest.mark.parametrize("value", ["", "15", "m", "1m1h", "1.5h", " 15m", "15M", "-5s", "1w"])
+@pytest.mark.parametrize(
+    "value", ["", "15", "m", "1m1h", "1.5h", " 15m", "15M", "-5s", "1d1w", "1W"]
+)
 def test_parse_duration_rejects(value: str) -> None:
     """Malformed durations raise a ConfigError naming where."""
     with pytest.raises(ConfigError) as info:
         parse_duration(value, where="grant[g].ttl")
     assert info.value.problems[0].where == "grant[g].ttl"
+
+
+@pytest.mark.parametrize(("text", "days"), [("7d", 7), ("2w", 14), ("1w3d", 10)])
+def test_audit_cli_spans_use_the_policy_files_grammar(text: str, days: int) -> None:
+    """`--since`/`--before` read durations with the same parser as the policy file."""
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    assert audit_cli._when(text, now) == now - timedelta(days=days)
+    assert parse_duration(text, where="x") == days * 86400
+
+
+@pytest.mark.parametrize("text", ["7x", "1d1w", "soon", ""])
+def test_audit_cli_refuses_what_the_policy_file_refuses(text: str) -> None:
+    with pytest.raises(audit_cli.UsageError, match="not a date or duration"):
+        audit_cli._when(text, datetime(2026, 12, 1, tzinfo=UTC))

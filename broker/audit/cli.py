@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
+from broker import durations
 from broker.audit import open_store
 from broker.audit.export import export_csv, export_jsonl
 from broker.audit.keys import KeyFileError, load_public_keys
@@ -32,8 +33,6 @@ from broker.config import BrokerSettings, Config, ConfigError, load_config
 from broker.storage import StoreUnavailable
 
 EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2
-_SPAN = re.compile(r"(\d+)([smhdw])")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class UsageError(Exception):
@@ -41,17 +40,22 @@ class UsageError(Exception):
 
 
 def _span(text: str) -> timedelta:
-    """'7d', '12h', '1h30m' -> timedelta."""
-    parts = _SPAN.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise UsageError(f"not a duration: {text!r} (use e.g. 7d, 12h, 90m)")
-    return timedelta(seconds=sum(int(n) * _UNIT[u] for n, u in parts))
+    """'7d', '12h', '1h30m', '2w' -> timedelta (the policy file's duration grammar)."""
+    try:
+        return timedelta(seconds=durations.seconds(text))
+    except durations.DurationError as exc:
+        raise UsageError(f"not a duration: {exc}") from None
 
 
 def _when(text: str, now: datetime) -> datetime:
     """A duration back from now ('7d') or an ISO date/datetime (UTC if no offset)."""
-    if _SPAN.match(text) and not re.match(r"\d{4}-", text):
-        return now - _span(text)
+    if not re.match(r"\d{4}-", text):
+        try:
+            return now - _span(text)
+        except UsageError:
+            raise UsageError(
+                f"not a date or duration: {text!r} (use e.g. 7d, 12h, 2w or 2026-01-31)"
+            ) from None
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
