@@ -88,7 +88,10 @@ class IssuerConfig:
     # from being presented where only ID tokens are meant (cross-JWT confusion).
     token_types: tuple[str, ...] = ()
     jwks_cache_ttl: int = 900  # seconds before keys are refetched in the background
-    jwks_refetch_cooldown: int = 60  # seconds between refetches triggered by unknown kids
+    # Seconds between refetches triggered by unknown kids. During it an unknown kid is answered
+    # 503 with Retry-After (the cooldown left), so it stays within what the client waits for a
+    # Retry-After (30 s): a key rotated in during a flood of junk kids is retried, not failed.
+    jwks_refetch_cooldown: int = 30
     jwks_max_stale: int = 24 * 3600  # seconds cached keys serve while the issuer is down
 
 
