@@ -194,7 +194,7 @@ def format_problems(err: ConfigError) -> str:
 
 
 def parse_duration(value: str | int, *, where: str) -> int:
-    """Parse "15m", "12h", "900s", "1h30m", "2d", "1w" or int seconds; raise ConfigError if invalid."""
+    """Parse a duration (`broker.durations`: "15m", "1h30m", "1w", int seconds) or raise ConfigError."""
     try:
         return seconds(value)
     except DurationError as exc:
