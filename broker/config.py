@@ -194,7 +194,7 @@ def format_problems(err: ConfigError) -> str:
 
 
 def parse_duration(value: str | int, *, where: str) -> int:
-    """Parse a duration (`broker.durations`: "15m", "1h30m", "1w", int seconds) or raise ConfigError."""
+    """Parse a duration ("15m", "1h30m", "1w", int seconds); raise ConfigError if invalid."""
     try:
         return seconds(value)
     except DurationError as exc:
