@@ -134,7 +134,9 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
         for system in ("openbao-create", "openbao", "luigi-creds"):
             row = rows[(level, "vault_token", system)]
             assert row["errors"] == 0 and row["throughput_rps"] > 0, row
-            assert row["cpu_ms_per_request"] > 0, row
+            # Present, but possibly 0 here: two requests can fall inside one clock tick of the
+            # process CPU counters (10 ms); the full run measures hundreds.
+            assert row["cpu_ms_per_request"] >= 0, row
         assert load["own_time"][level]["p50_ms"] >= 0
     assert rows[("c16", "vault_refresh", "luigi-creds")]["errors"] == 0
     assert rows[("c1", "aws_assume_role", "moto-direct")]["errors"] == 0
