@@ -114,6 +114,7 @@ def build_app(config: Config) -> Any:
 
     from broker.app import Metrics, Readiness, create_app
     from broker.audit import open_store
+    from broker.dpop import DpopGuard, NonceSource
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
     from broker.openapi import OPENAPI
@@ -150,6 +151,8 @@ def build_app(config: Config) -> Any:
         sessions=sessions,
         ender=ender,
         clock=_now,
+        # Nonces checkable by every replica on this store; proof jtis in the shared replay ledger.
+        dpop=DpopGuard(replay, NonceSource.from_store(database), leeway=config.broker.leeway),
     )
 
     def issuers_ready() -> None:
