@@ -425,7 +425,7 @@ def _looks_like_credential(value: str) -> str | None:
     return None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -593,7 +593,7 @@ class _Lint:
         parts = urlsplit(value)
         if parts.scheme == "https" and parts.hostname:
             return
-        if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
             return
         self.add(where, "must be an https:// URL (http:// only for 127.0.0.1, ::1 or localhost)")
 
@@ -668,7 +668,7 @@ class _Lint:
         host = self.listen_host(listen, f"{w}.listen")
         behind_proxy = self.typed(t, "plain_http_behind_proxy", w, bool, False)
         proxies = self.trusted_proxies(t, w)
-        plain_off_loopback = host is not None and not _is_loopback(host) and cert is None
+        plain_off_loopback = host is not None and not is_loopback(host) and cert is None
         if plain_off_loopback and not behind_proxy:
             self.add(
                 f"{w}.listen",
