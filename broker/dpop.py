@@ -11,7 +11,10 @@ Owns three things:
   server nonce are checked.
 - `NonceSource`: server nonces (RFC 9449 §8) that any replica can check without a write: the HMAC
   of a time window under a key kept in the shared store, valid for the current and the previous
-  window.
+  window. Required on every request on a bound session, so a proof made in advance (by someone
+  who had the key for a moment) expires with its nonce. Not required on the exchange, whose proof
+  is tied to a one-time subject token consumed by the same request: the nonce would add a round
+  trip to every job's start and protect nothing more. A nonce an exchange does send is checked.
 - `DpopGuard`: the use case's one call: verify, compare with the session's key, remember the
   proof's `jti` in the replay ledger (shared by every replica) so a captured proof is spent once.
 
@@ -120,6 +123,7 @@ def verify_proof(
     now: datetime,
     leeway: int,
     nonces: NonceSource,
+    nonce_required: bool = True,
 ) -> Proof:
     """Verify one DPoP proof JWT for a `method` request to `url`; raise ProofError otherwise.
 
@@ -167,6 +171,8 @@ def verify_proof(
         raise ProofError("dpop_iat_too_old", jkt=jkt)
     nonce = claims.get("nonce")
     if nonce is None:
+        if not nonce_required:
+            return Proof(jkt=jkt, jti=jti, iat=iat)
         raise ProofError("dpop_nonce_missing", error=ERROR_USE_NONCE, jkt=jkt)
     if not isinstance(nonce, str) or not nonces.valid(nonce, now):
         raise ProofError("dpop_nonce_stale", error=ERROR_USE_NONCE, jkt=jkt)
@@ -232,6 +238,7 @@ class DpopGuard:
         `headers`: every `DPoP` header value of the request (more than one is refused, RFC 9449
         §4.3 check 1). `bound_jkt`: the session's key; a proof by any other key is refused.
         `required`: a proof is needed even for an unbound request (policy `require_dpop`).
+        A server nonce is required on a bound session's requests only (see the module docstring).
         Raises ProofError; StoreUnavailable when the replay ledger cannot be written.
         """
         if not headers:
@@ -243,7 +250,13 @@ class DpopGuard:
         if len(headers) > 1:
             raise ProofError("dpop_multiple_proofs")
         proof = verify_proof(
-            headers[0], method=method, url=url, now=now, leeway=self._leeway, nonces=self.nonces
+            headers[0],
+            method=method,
+            url=url,
+            now=now,
+            leeway=self._leeway,
+            nonces=self.nonces,
+            nonce_required=bound_jkt is not None,
         )
         if bound_jkt is not None and not hmac.compare_digest(proof.jkt, bound_jkt):
             raise ProofError("dpop_wrong_key", jkt=proof.jkt)

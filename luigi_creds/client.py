@@ -13,8 +13,9 @@ before rotating) and connection failures before the request was sent.
 
 DPoP (RFC 9449): every request carries a proof signed by the job's ephemeral key
 (luigi_creds/dpop.py), so the session the exchange opens is bound to that key. The broker's newest
-`DPoP-Nonce` is kept and put into each proof; an answer `use_dpop_nonce` (nothing spent: the
-broker checks the proof before the token or the handle) is retried once with the nonce it carries.
+`DPoP-Nonce` is kept and put into each proof (the exchange needs none); an answer `use_dpop_nonce`
+(nothing spent: the broker checks the proof before the token or the handle) is retried once with
+the nonce it carries.
 """
 
 from __future__ import annotations

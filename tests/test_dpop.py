@@ -92,6 +92,20 @@ def test_nonces_missing_or_stale_ask_for_the_current_one() -> None:
     assert (stale.error, stale.reason) == (ERROR_USE_NONCE, "dpop_nonce_stale")
     forged = refused(key.proof("POST", URL, now=NOW, nonce=NonceSource.random().issue(NOW)))
     assert forged.reason == "dpop_nonce_stale"
+    # Where no nonce is required (an exchange), a proof without one passes; a bad one does not.
+    none = key.proof("POST", URL, now=NOW)
+    assert (
+        verify_proof(
+            none, method="POST", url=URL, now=NOW, leeway=30, nonces=NONCES, nonce_required=False
+        ).jkt
+        == key.thumbprint
+    )
+    with pytest.raises(ProofError) as caught:
+        verify_proof(
+            key.proof("POST", URL, now=NOW, nonce=old),
+            method="POST", url=URL, now=NOW, leeway=30, nonces=NONCES, nonce_required=False,
+        )  # fmt: skip
+    assert caught.value.error == ERROR_USE_NONCE
     # The previous window's nonce is still good: a nonce lives 5 to 10 minutes.
     previous = NONCES.issue(NOW - timedelta(minutes=5))
     assert verify(key.proof("POST", URL, now=NOW, nonce=previous)) == key.thumbprint

@@ -1,10 +1,10 @@
 """A stolen refresh handle is worthless without the job's DPoP key (RFC 9449), over real HTTP.
 
-A real `luigi-creds-broker serve` (grant `etl-writer` requires DPoP), a local OIDC issuer and
-moto. The real client exchanges once (its first proof has no nonce: the broker answers
-use_dpop_nonce, the client retries once) and its session is bound to its key. A thief holding the
-current refresh handle then tries it without a proof, with its own key, with proofs for another
-URL or method, with an old iat, and by replaying a proof the client sent: each is refused with
+A real `luigi-creds-broker serve` (grant `bound-writer` requires DPoP), a local OIDC issuer and
+moto. The real client exchanges once (no nonce needed; the answer carries one) and its session is
+bound to its key; with a stale nonce it is answered use_dpop_nonce and retries once. A thief
+holding the current refresh handle then tries it without a proof, with its own key, with proofs
+for another URL or method, with an old iat, and by replaying a proof the client sent: each is refused with
 RFC 9449's `invalid_dpop_proof` and audited with its reason, none of them ends the session, and
 the client keeps minting on it. An old handle (which would otherwise end the session as reuse)
 and revoke/explain without the key are refused the same way.
@@ -149,13 +149,10 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
     session = client._session
     assert session is not None and session.key_thumbprint == key.thumbprint
 
-    # The first proof carried no nonce: one use_dpop_nonce refusal (audited), then the retry.
+    # One request: the exchange needs no nonce; its answer gave the client one.
     token_url = broker.url + "/v1/token"
-    assert [url for url, _ in sent.proofs] == [token_url, token_url]
-    nonce_refusals = [
-        e for e in dpop_stack.events() if e.reason == "dpop_nonce_missing" and e.kind == "exchange"
-    ]
-    assert len(nonce_refusals) == 1 and nonce_refusals[0].outcome == Outcome.DENIED
+    assert [url for url, _ in sent.proofs] == [token_url]
+    assert client._dpop_nonce
     (issued,) = [
         e for e in dpop_stack.events() if e.outcome == Outcome.ISSUED and e.task == "Extract_1"
     ]
@@ -166,11 +163,17 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
     finally:
         sessions.close()
     assert stored is not None and stored.key_thumbprint == key.thumbprint
-    # The client's own proof went out with the exchange; the thief will replay it.
-    captured = sent.proofs[-1][1]
 
+    # A nonce the broker no longer accepts: use_dpop_nonce (audited), one retry, minted.
+    client._dpop_nonce = "1.stale"
     second = client.mint("bound-writer", task="Extract_2")
     assert isinstance(second, AwsCredentials)
+    assert len(sent.proofs) == 3
+    stale = [e for e in dpop_stack.events() if e.reason == "dpop_nonce_stale"]
+    assert len(stale) == 1 and stale[0].outcome == Outcome.DENIED
+    assert stale[0].detail["dpop_jkt"] == key.thumbprint
+    # The proof of that successful refresh, as a thief on the wire would capture it.
+    captured = sent.proofs[-1][1]
     old_handle = _handle(client)  # about to become an old generation
     client.mint("bound-writer", task="Extract_3")
     stolen = _handle(client)
