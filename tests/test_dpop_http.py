@@ -4,10 +4,10 @@ A real `luigi-creds-broker serve` (grant `bound-writer` requires DPoP), a local 
 moto. The real client exchanges once (no nonce needed; the answer carries one) and its session is
 bound to its key; with a stale nonce it is answered use_dpop_nonce and retries once. A thief
 holding the current refresh handle then tries it without a proof, with its own key, with proofs
-for another URL or method, with an old iat, and by replaying a proof the client sent: each is refused with
-RFC 9449's `invalid_dpop_proof` and audited with its reason, none of them ends the session, and
-the client keeps minting on it. An old handle (which would otherwise end the session as reuse)
-and revoke/explain without the key are refused the same way.
+for another URL or method, with an old iat, and by replaying a proof the client sent: each is
+refused with RFC 9449's `invalid_dpop_proof` and audited with its reason, none of them ends the
+session, and the client keeps minting on it. An old handle (which would otherwise end the session
+as reuse) and revoke/explain without the key are refused the same way.
 """
 
 from __future__ import annotations
