@@ -17,6 +17,8 @@ Owns three things:
   trip to every job's start and protect nothing more. A nonce an exchange does send is checked.
 - `DpopGuard`: the use case's one call: verify, compare with the session's key, remember the
   proof's `jti` in the replay ledger (shared by every replica) so a captured proof is spent once.
+  A caller with a write of its own to come (a refresh: the handle rotation) can have the check
+  only read the ledger and spend the jti in that write (`spender`), saving a durable write.
 
 Every refusal is a `ProofError` whose `reason` is the stable code for the audit record and whose
 `error` is the RFC 9449 error code (`invalid_dpop_proof`, or `use_dpop_nonce` with a fresh nonce
@@ -28,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -232,14 +234,17 @@ class DpopGuard:
         now: datetime,
         bound_jkt: str | None,
         required: bool,
-    ) -> str | None:
-        """The thumbprint the request proved, or None when it sent no proof and needed none.
+        spend: bool = True,
+    ) -> Proof | None:
+        """The proof the request carried, verified; None when it sent none and needed none.
 
         `headers`: every `DPoP` header value of the request (more than one is refused, RFC 9449
         §4.3 check 1). `bound_jkt`: the session's key; a proof by any other key is refused.
         `required`: a proof is needed even for an unbound request (policy `require_dpop`).
         A server nonce is required on a bound session's requests only (see the module docstring).
-        Raises ProofError; StoreUnavailable when the replay ledger cannot be written.
+        `spend`: consume the proof's jti now (a write); False: only refuse a jti already spent,
+        and the caller must run `spender(proof, now)` in its own write transaction.
+        Raises ProofError; StoreUnavailable when the replay ledger cannot be read or written.
         """
         if not headers:
             if bound_jkt is not None:
@@ -260,12 +265,19 @@ class DpopGuard:
         )
         if bound_jkt is not None and not hmac.compare_digest(proof.jkt, bound_jkt):
             raise ProofError("dpop_wrong_key", jkt=proof.jkt)
+        if spend:
+            if not self._replay.database.write(self.spender(proof, now)):
+                raise ProofError("dpop_replayed", jkt=proof.jkt)
+        elif self._replay.seen(_REPLAY_PREFIX + proof.jkt, proof.jti, now=now):
+            raise ProofError("dpop_replayed", jkt=proof.jkt)
+        return proof
+
+    def spender(self, proof: Proof, now: datetime) -> Callable[[Tx], bool]:
+        """The step spending `proof`'s jti inside a write transaction: False if already spent."""
         # Remembered until the proof could verify no more (iat + max age + leeway), so replicas
         # sharing the store refuse a replay for as long as it would otherwise pass.
         expires = datetime.fromtimestamp(proof.iat, now.tzinfo) + PROOF_MAX_AGE
         expires += timedelta(seconds=2 * self._leeway)
-        if not self._replay.consume(
+        return self._replay.consumer(
             _REPLAY_PREFIX + proof.jkt, proof.jti, expires_at=expires, now=now
-        ):
-            raise ProofError("dpop_replayed", jkt=proof.jkt)
-        return proof.jkt
+        )

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
-from broker.dpop import TOKEN_TYPE_DPOP, DpopGuard, NonceSource, ProofError
+from broker.dpop import TOKEN_TYPE_DPOP, DpopGuard, NonceSource, Proof, ProofError
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
 from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
@@ -212,6 +212,24 @@ def _media_type(typ: object) -> str:
 
 def _now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+_PROOF_REPLAYED = "dpop_replayed"
+
+
+def _spending_first(
+    spend: Callable[[Tx], bool],
+    rotation: Callable[[Tx], tuple[Session | None, str]],
+    session: Session,
+) -> Callable[[Tx], tuple[Session | None, str]]:
+    """A rotation step that first spends the DPoP proof's jti; a spent one refuses it."""
+
+    def step(tx: Tx) -> tuple[Session | None, str]:
+        if not spend(tx):
+            return session, _PROOF_REPLAYED
+        return rotation(tx)
+
+    return step
 
 
 class Exchanger:
@@ -439,7 +457,7 @@ class Exchanger:
             grant = self._authorize(identity, req, record)
         requested = self._duration(req.duration)
         # Before the token is consumed: a refused proof leaves the CI job's one token unspent.
-        jkt = self._prove(
+        proof = self._prove(
             req, record, now, bound=None, required=self._dpop_required(identity, grant)
         )
 
@@ -456,7 +474,7 @@ class Exchanger:
             claims=dict(identity.claims),
             now=now,
             expires_at=session_end,
-            key_thumbprint=jkt,
+            key_thumbprint=proof.jkt if proof else None,
         )
         prepared = self._prepare(grant, identity.claims, requested, task, session, record)
         # Consumed only now: a request the policy refuses does not burn the CI job's one token.
@@ -574,7 +592,8 @@ class Exchanger:
         except StoreUnavailable as exc:
             raise _unavailable("state_unavailable") from exc
         # Before anything else about the session: a stolen handle without its key learns nothing.
-        jkt = self._prove(req, record, now, bound=session.key_thumbprint)
+        # The proof's jti is spent with the handle's rotation (one write fewer per refresh).
+        proof = self._prove(req, record, now, bound=session.key_thumbprint, spend=False)
         record.set(
             session_id=session.id,
             issuer=session.issuer,
@@ -584,7 +603,7 @@ class Exchanger:
         identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
         with record.timings.phase("policy"):
             grant = self._authorize(identity, req, record)
-        if jkt is None and self._dpop_required(identity, grant):
+        if proof is None and self._dpop_required(identity, grant):
             # A session opened without a key cannot be bound later: the grant needs a new one.
             raise ExchangeError(400, "invalid_dpop_proof", "dpop_required")
         requested = self._duration(req.duration)
@@ -593,6 +612,8 @@ class Exchanger:
         # Rotate only after minting, so an upstream failure leaves the client's handle valid;
         # the rotation commits with the issued record.
         handle, rotation = self._sessions.rotation(req.refresh_token, now=now, max_idle=max_idle)
+        if proof is not None:
+            rotation = _spending_first(self._dpop.spender(proof, now), rotation, session)
         outcome = self._issue_outcome(minted, session, record, rotation)
         try:
             rotated(outcome, handle)
@@ -608,6 +629,9 @@ class Exchanger:
         session = exc.session
         if session is not None:
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
+        if exc.reason == _PROOF_REPLAYED:
+            # A proof spent by a concurrent request: refused, and the session left as it is.
+            raise ExchangeError(400, "invalid_dpop_proof", _PROOF_REPLAYED) from exc
         if exc.reason == "reused" and session is not None:
             with contextlib.suppress(StoreUnavailable):
                 self._sessions.revoke(session_id=session.id, reason="reuse_detected", now=now)
@@ -624,17 +648,21 @@ class Exchanger:
         *,
         bound: str | None,
         required: bool = False,
-    ) -> str | None:
-        """The key thumbprint `req` proved (None: no proof, none needed); refusals audited."""
+        spend: bool = True,
+    ) -> Proof | None:
+        """The proof `req` carried (None: no proof, none needed); refusals audited.
+
+        `spend=False`: the caller spends the jti in its own write (DpopGuard.spender)."""
         try:
             with record.timings.phase("verify"):
-                jkt = self._dpop.check(
+                proof = self._dpop.check(
                     req.dpop,
                     method=req.method,
                     url=req.url,
                     now=now,
                     bound_jkt=bound,
                     required=required,
+                    spend=spend,
                 )
         except ProofError as exc:
             if exc.jkt:
@@ -642,9 +670,9 @@ class Exchanger:
             raise ExchangeError(400, exc.error, exc.reason) from exc
         except StoreUnavailable as exc:
             raise _unavailable("state_unavailable") from exc
-        if jkt is not None:
-            record.set(detail={**record.event.detail, "dpop_jkt": jkt})
-        return jkt
+        if proof is not None:
+            record.set(detail={**record.event.detail, "dpop_jkt": proof.jkt})
+        return proof
 
     def _prove_refused(
         self, req: TokenRequest, exc: SessionError, record: _Record, now: datetime

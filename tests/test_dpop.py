@@ -160,7 +160,8 @@ def test_a_proof_jti_is_spent_once_across_brokers_on_one_store(store: str) -> No
     key = DpopKey()
     proof = key.proof("POST", URL, now=NOW, nonce=guards[0].nonces.issue(NOW))
     check = {"method": "POST", "url": URL, "now": NOW, "bound_jkt": key.thumbprint}
-    assert guards[1].check([proof], required=False, **check) == key.thumbprint  # type: ignore[arg-type]
+    accepted = guards[1].check([proof], required=False, **check)  # type: ignore[arg-type]
+    assert accepted is not None and accepted.jkt == key.thumbprint
     with pytest.raises(ProofError) as caught:
         guards[0].check([proof], required=False, **check)  # type: ignore[arg-type]
     assert caught.value.reason == "dpop_replayed"
@@ -186,3 +187,23 @@ def test_guard_binding_rules(store: str) -> None:
     assert reason(two, owner.thumbprint, False) == "dpop_multiple_proofs"
     stolen = [thief.proof("POST", URL, now=NOW, nonce=nonce)]
     assert reason(stolen, owner.thumbprint, False) == "dpop_wrong_key"
+
+
+def test_a_proof_checked_without_spending_is_spent_by_the_callers_write(store: str) -> None:
+    """A refresh checks the proof with a read and spends its jti in the rotation's write: until
+    then it passes the read check again; once spent, it is refused either way."""
+    db = Database.open(store)
+    replay, _sessions = open_state(db)
+    guard = DpopGuard(replay, NonceSource.from_store(db), leeway=30)
+    key = DpopKey()
+    proof = key.proof("POST", URL, now=NOW, nonce=guard.nonces.issue(NOW))
+    check = {"method": "POST", "url": URL, "now": NOW, "bound_jkt": key.thumbprint}
+    first = guard.check([proof], required=False, spend=False, **check)  # type: ignore[arg-type]
+    assert first is not None
+    assert guard.check([proof], required=False, spend=False, **check) is not None  # type: ignore[arg-type]
+    assert db.write(guard.spender(first, NOW)) is True
+    assert db.write(guard.spender(first, NOW)) is False
+    for spend in (False, True):
+        with pytest.raises(ProofError) as caught:
+            guard.check([proof], required=False, spend=spend, **check)  # type: ignore[arg-type]
+        assert caught.value.reason == "dpop_replayed"
