@@ -398,6 +398,8 @@ def _session_json(session: Any) -> dict[str, Any]:
         "created_at": session.created_at.isoformat(),
         "expires_at": session.expires_at.isoformat(),
         "revoked_at": session.revoked_at.isoformat() if session.revoked_at else None,
+        # RFC 7638 thumbprint of the DPoP key the session is bound to (RFC 9449 `cnf.jkt`).
+        "key_thumbprint": session.key_thumbprint,
         "revoked_reason": session.revoked_reason,
     }
 

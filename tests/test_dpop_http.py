@@ -12,6 +12,7 @@ as reuse) and revoke/explain without the key are refused the same way.
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -256,6 +257,10 @@ def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
     assert status == 200, body
     assert body["token_type"] == "DPoP"
     bound_handle = body["refresh_token"]
+    # The operator sees the binding: `sessions list --json` names the key's thumbprint.
+    listed = broker.cli("sessions", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert key.thumbprint in {s["key_thumbprint"] for s in json.loads(listed.stdout)}
 
     status, body, _ = broker.exchange(dpop_stack.issuer.mint("gitlab"), "etl-writer")
     assert status == 200 and body["token_type"] == "N_A"
