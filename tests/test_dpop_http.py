@@ -23,7 +23,16 @@ from typing import Any
 import httpx
 import pytest
 from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, exchange_form, policy_toml, refresh_form, start_broker, start_moto
+from stack import (
+    Broker,
+    Moto,
+    exchange_form,
+    fresh_pg_database,
+    policy_toml,
+    refresh_form,
+    start_broker,
+    start_moto,
+)
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
@@ -275,3 +284,58 @@ def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
     )
     form = {"token": bound_handle, "token_type_hint": "refresh_token"}
     assert _post(broker, "/v1/revoke", form, revoke)[0] == 200
+
+
+def test_two_brokers_on_one_postgresql_share_nonces_and_spent_proofs(
+    dpop_stack: DpopStack, tmp_path: Path
+) -> None:
+    """Two replicas behind one address (the load balancer passes the Host): a nonce one issued
+    is accepted by the other, and a proof spent at one is refused as a replay at the other."""
+    with fresh_pg_database("luigi_creds_dpop") as url:
+        role_arn = dpop_stack.moto.create_role("dpop-replicas")
+        replicas = []
+        for name in ("one", "two"):
+            config = policy_toml(
+                issuer_url=dpop_stack.issuer.url,
+                audit_db=url,
+                listen=f"127.0.0.1:{free_port()}",
+                moto_url=dpop_stack.moto.url,
+                role_arn=role_arn,
+                issuer_extra="require_dpop = true",
+            )
+            replicas.append(start_broker(tmp_path / name, config, env=dpop_stack.moto.broker_env))
+        one, two = replicas
+        try:
+            key = DpopKey()
+            token_url = one.url + "/v1/token"
+            as_one = {"Host": one.url.removeprefix("http://")}
+            now = datetime.now(UTC)
+            form = exchange_form(dpop_stack.issuer.mint("gitlab"))
+            status, body, headers = _post(
+                one, "/v1/token", form, key.proof("POST", token_url, now=now)
+            )
+            assert status == 200 and body["token_type"] == "DPoP", body
+            nonce_from_one = headers["DPoP-Nonce"]
+
+            proof = key.proof("POST", token_url, now=now, nonce=nonce_from_one)
+            data = urllib.parse.urlencode(refresh_form(body["refresh_token"], task="t1"))
+            status, at_two, _ = two.post_raw(
+                "/v1/token", data.encode("ascii"), headers={"DPoP": proof, **as_one}
+            )
+            assert status == 200, at_two
+            handle = at_two["refresh_token"]
+
+            status, replay, _ = _post(one, "/v1/token", refresh_form(handle, task="t2"), proof)
+            assert (status, replay["error"]) == (400, "invalid_dpop_proof")
+            store = open_store(url)
+            try:
+                reasons = [e.reason for e in store.events() if e.request_id == replay["request_id"]]
+            finally:
+                store.close()
+            assert reasons == ["dpop_replayed"]
+            fresh = key.proof("POST", token_url, now=datetime.now(UTC), nonce=nonce_from_one)
+            status, body, _ = _post(one, "/v1/token", refresh_form(handle, task="t3"), fresh)
+            assert status == 200, body
+        finally:
+            one.stop()
+            two.stop()
