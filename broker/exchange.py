@@ -384,7 +384,7 @@ class Exchanger:
                             "ttl": grant.ttl,
                         }
                     )
-            record.set(detail={"grants": [g["name"] for g in grants]})
+            record.set(detail={**record.event.detail, "grants": [g["name"] for g in grants]})
             self._terminal(record, Outcome.EXPLAINED, "explained")
             answer: dict[str, Any] = {
                 "issuer": identity.issuer,
