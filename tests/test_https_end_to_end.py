@@ -17,6 +17,8 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -311,5 +313,46 @@ def test_sighup_reloads_the_certificate_at_once(tls_stack: TlsStack, tmp_path: P
             "the certificate after SIGHUP",
         )
         assert broker.process.running()
+    finally:
+        broker.stop()
+
+
+def test_plain_http_off_loopback_only_behind_a_proxy_and_loudly(
+    tls_stack: TlsStack, tmp_path: Path
+) -> None:
+    """Plain HTTP on a non-loopback address: refused at start without plain_http_behind_proxy;
+    with it (and the proxy in trusted_proxies) served, with a warning on stderr and in the log."""
+    port = free_port()
+
+    def config(extra: str) -> str:
+        return policy_toml(
+            issuer_url=tls_stack.issuer.url,
+            audit_db=tmp_path / "audit.db",
+            listen=f"0.0.0.0:{port}",
+            moto_url=tls_stack.moto.url,
+            role_arn=tls_stack.role_arn,
+            broker_extra=extra,
+        )
+
+    refused_config = tmp_path / "refused.toml"
+    refused_config.write_text(config(""), encoding="utf-8")
+    refused = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(refused_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "plain HTTP only on a loopback address" in refused.stderr
+
+    broker = start_broker(
+        tmp_path / "proxied",
+        config('plain_http_behind_proxy = true\ntrusted_proxies = ["127.0.0.1/32"]'),
+        env=tls_stack.moto.broker_env,
+    )
+    try:
+        assert broker.get("/healthz")[0] == 200
+        assert f"WARNING: SERVING PLAIN HTTP on 0.0.0.0:{port}" in broker.process.log_text()
     finally:
         broker.stop()
