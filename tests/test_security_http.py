@@ -101,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     role_arn = moto.create_role("etl-writer")
     s = Stack(issuer, moto, None, workdir / "audit.db", workdir, role_arn)  # type: ignore[arg-type]
     config = s.config(workdir, issuer_extra="require_jti = false")
-    s.broker = start_broker(workdir, config, env=moto.broker_env)
+    s.broker = start_broker(workdir, config)
     try:
         yield s
     finally:
@@ -296,9 +296,7 @@ def test_forwarded_for_is_honoured_only_from_a_configured_proxy(
     """With trusted_proxies naming the peer, its X-Forwarded-For is the audited client address,
     also on a denial; a proxy list that does not include the peer leaves the header ignored."""
     broker = start_broker(
-        tmp_path,
-        stack.config(tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}"),
-        env=stack.moto.broker_env,
+        tmp_path, stack.config(tmp_path, broker_extra=f"trusted_proxies = {json.dumps(trusted)}")
     )
     try:
         status, body = _exchange_forwarded(broker, stack.issuer.mint("gitlab"))
@@ -338,11 +336,7 @@ def test_key_rotation_succeeds_during_a_random_kid_flood(stack: Stack, tmp_path:
     fetch per cooldown and never reaches STS."""
     cooldown = 3
     issuer = start_dev_issuer(tmp_path / "issuer")
-    broker = start_broker(
-        tmp_path,
-        stack.config(tmp_path, issuer_url=issuer.url, cooldown="3s"),
-        env=stack.moto.broker_env,
-    )
+    broker = start_broker(tmp_path, stack.config(tmp_path, issuer_url=issuer.url, cooldown="3s"))
     audit_db = tmp_path / "audit.db"
     stop = threading.Event()
     flood_statuses: list[int] = []
