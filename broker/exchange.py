@@ -767,7 +767,7 @@ class Exchanger:
         return replace(
             event,
             target=prepared.target,
-            detail={**event.detail, **prepared.detail},
+            detail=dict(prepared.detail),
             attempt=attempt,
             outcome=Outcome.INTENT,
             reason="minting",
