@@ -24,7 +24,7 @@ from broker.checkpoint_key import (
     checkpoint_key_path,
     required_checkpoint_key_path,
 )
-from broker.config import Config, ConfigError, load_config
+from broker.config import Config, ConfigError, is_loopback, load_config
 
 if TYPE_CHECKING:
     from broker.audit.store import AuditLedger
@@ -114,6 +114,7 @@ def build_app(config: Config) -> Any:
 
     from broker.app import Metrics, Readiness, create_app
     from broker.audit import open_store
+    from broker.dpop import DpopGuard, NonceSource
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
     from broker.openapi import OPENAPI
@@ -150,6 +151,8 @@ def build_app(config: Config) -> Any:
         sessions=sessions,
         ender=ender,
         clock=_now,
+        # Nonces checkable by every replica on this store; proof jtis in the shared replay ledger.
+        dpop=DpopGuard(replay, NonceSource.from_store(database), leeway=config.broker.leeway),
     )
 
     def issuers_ready() -> None:
@@ -186,9 +189,12 @@ def build_app(config: Config) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ssl
+
     import uvicorn
 
     from broker import logs
+    from broker.tls import CertificateReloader
 
     logs.configure(args.log_level)
     # `kill -USR1 <pid>` prints every thread's stack to stderr (code locations only, no values):
@@ -203,15 +209,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     host, _, port = config.broker.listen.rpartition(":")
     app = build_app(config)
-    tls: dict[str, Any] = {}
-    if config.broker.tls_cert_file and config.broker.tls_key_file:
-        tls = {
-            "ssl_certfile": str(config.broker.tls_cert_file),
-            "ssl_keyfile": str(config.broker.tls_key_file),
-        }
-    log.info("listening", extra={"listen": config.broker.listen, "tls": bool(tls)})
-    proxies = list(config.broker.trusted_proxies)
-    uvicorn.run(
+    settings = config.broker
+    reloader: CertificateReloader | None = None
+
+    def tls_context(server_config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        # uvicorn's own context, kept by a reloader that renews its certificate in place.
+        nonlocal reloader
+        assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+        context = default()
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        reloader = CertificateReloader(context, settings.tls_cert_file, settings.tls_key_file)
+        return context
+
+    tls = settings.tls_cert_file is not None and settings.tls_key_file is not None
+    if not tls and not is_loopback(host.strip("[]")):
+        # Allowed by plain_http_behind_proxy only (config validation refuses it otherwise).
+        message = (
+            f"SERVING PLAIN HTTP on {settings.listen}: tokens and credentials cross the network "
+            "unencrypted unless the TLS-terminating proxy in trusted_proxies is the only way in"
+        )
+        log.warning(message)
+        print(f"WARNING: {message}", file=sys.stderr)
+    log.info("listening", extra={"listen": settings.listen, "tls": tls})
+    proxies = list(settings.trusted_proxies)
+    server_config = uvicorn.Config(
         app,
         host=host.strip("[]"),
         port=int(port),
@@ -222,8 +243,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the audited client address must come from the socket unless a proxy is configured.
         proxy_headers=bool(proxies),
         forwarded_allow_ips=proxies or [],
-        **tls,
+        ssl_certfile=str(settings.tls_cert_file) if tls else None,
+        ssl_keyfile=str(settings.tls_key_file) if tls else None,
+        ssl_context_factory=tls_context if tls else None,
     )
+    server_config.load()
+    if reloader is not None:
+        watched = reloader
+        log.info("serving TLS certificate", extra={"serving": watched.served})
+        watched.start(interval=settings.tls_reload_seconds)
+        # SIGHUP: reload now (the handler only wakes the reloader's thread).
+        signal.signal(signal.SIGHUP, lambda signum, frame: watched.request_reload())
+    try:
+        uvicorn.Server(server_config).run()
+    finally:
+        if reloader is not None:
+            reloader.stop()
     return EXIT_OK
 
 
@@ -363,6 +398,8 @@ def _session_json(session: Any) -> dict[str, Any]:
         "created_at": session.created_at.isoformat(),
         "expires_at": session.expires_at.isoformat(),
         "revoked_at": session.revoked_at.isoformat() if session.revoked_at else None,
+        # RFC 7638 thumbprint of the DPoP key the session is bound to (RFC 9449 `cnf.jkt`).
+        "key_thumbprint": session.key_thumbprint,
         "revoked_reason": session.revoked_reason,
     }
 

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from broker.dpop import NONCE_HEADER
 from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
 from broker.logs import scrub
 from broker.mint import UpstreamError
@@ -119,8 +120,14 @@ def new_request_id() -> str:
     return secrets.token_hex(10)
 
 
-def error_response(exc: ExchangeError, request_id: str, *, server_timing: str = "") -> JSONResponse:
-    headers = dict(_NO_STORE)
+def error_response(
+    exc: ExchangeError,
+    request_id: str,
+    *,
+    server_timing: str = "",
+    extra_headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    headers = {**_NO_STORE, **(extra_headers or {})}
     if server_timing:
         headers["Server-Timing"] = server_timing
     if exc.retry_after is not None:
@@ -179,6 +186,20 @@ def create_app(
     openapi: Mapping[str, Any],
     on_shutdown: Callable[[], None] | None = None,
 ) -> Starlette:
+    def dpop_fields(request: Request) -> dict[str, Any]:
+        """What a DPoP proof is checked against: its header values, the method and the URL
+        (scheme and host as the client addressed us; through a trusted proxy, as it says)."""
+        return {
+            "dpop": tuple(request.headers.getlist("dpop")),
+            "method": request.method,
+            "url": str(request.url),
+        }
+
+    def nonce_header() -> dict[str, str]:
+        # Every answer carries a current nonce (RFC 9449 §8.2), so a client rarely needs the
+        # use_dpop_nonce round trip more than once per job.
+        return {NONCE_HEADER: exchanger.dpop_nonce()}
+
     async def audited_form(
         request: Request, request_id: str, client: str, allowed: frozenset[str]
     ) -> dict[str, str]:
@@ -210,6 +231,7 @@ def create_app(
                 duration=form.get("duration", ""),
                 task=form.get("task", ""),
                 timings=timings,
+                **dpop_fields(request),
             )
             audience = req.audience
             issued = await run_in_threadpool(exchanger.handle, req)
@@ -218,13 +240,15 @@ def create_app(
             # audience=<name> would tell anyone which grant names exist.
             grant = _known(audience, exchanger) if exc.authenticated else "-"
             metrics.requests.labels("token", grant, exc.error).inc()
-            return error_response(exc, request_id, server_timing=timings.header())
+            return error_response(
+                exc, request_id, server_timing=timings.header(), extra_headers=nonce_header()
+            )
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
         metrics.requests.labels("token", _known(audience, exchanger), "issued").inc()
         # Server-Timing: where the request's time went (verify, policy, state, audit, mint),
         # in milliseconds; durations only, nothing about the identity or the credential.
-        headers = {**_NO_STORE, "Server-Timing": timings.header()}
+        headers = {**_NO_STORE, "Server-Timing": timings.header(), **nonce_header()}
         return JSONResponse(issued.wire(), headers=headers)
 
     async def revoke(request: Request) -> Response:
@@ -239,6 +263,7 @@ def create_app(
                 client_addr=client,
                 grant_type="revoke",
                 refresh_token=form.get("refresh_token" if lease else "token", ""),
+                **dpop_fields(request),
             )
             if lease:
                 await run_in_threadpool(exchanger.revoke_lease, req, form.get("token", ""))
@@ -249,9 +274,9 @@ def create_app(
                 await run_in_threadpool(exchanger.revoke, req)
         except ExchangeError as exc:
             metrics.requests.labels("revoke", "-", exc.error).inc()
-            return error_response(exc, request_id)
+            return error_response(exc, request_id, extra_headers=nonce_header())
         metrics.requests.labels("revoke", "-", "revoked").inc()
-        return Response(status_code=200, headers=_NO_STORE)
+        return Response(status_code=200, headers={**_NO_STORE, **nonce_header()})
 
     async def explain(request: Request) -> Response:
         request_id = new_request_id()
@@ -265,13 +290,14 @@ def create_app(
                 subject_token=form.get("subject_token", ""),
                 subject_token_type=form.get("subject_token_type", ""),
                 refresh_token=form.get("refresh_token", ""),
+                **dpop_fields(request),
             )
             answer = await run_in_threadpool(exchanger.explain, req)
         except ExchangeError as exc:
             metrics.requests.labels("explain", "-", exc.error).inc()
-            return error_response(exc, request_id)
+            return error_response(exc, request_id, extra_headers=nonce_header())
         metrics.requests.labels("explain", "-", "explained").inc()
-        return JSONResponse(answer, headers=_NO_STORE)
+        return JSONResponse(answer, headers={**_NO_STORE, **nonce_header()})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -72,6 +72,12 @@ class BrokerSettings:
     # forwarded headers are ignored from everyone, loopback included, so a local sidecar cannot
     # let a caller forge the audited client address.
     trusted_proxies: tuple[str, ...] = ()
+    # Plain HTTP on a non-loopback address, for a TLS-terminating proxy in front (the proxy
+    # must be in trusted_proxies). Off: plain HTTP is refused anywhere but loopback.
+    plain_http_behind_proxy: bool = False
+    # Seconds between checks of tls_cert_file/tls_key_file for a renewed pair (SIGHUP reloads
+    # at once); 0 turns the file check off.
+    tls_reload_seconds: int = 30
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ class IssuerConfig:
     # Retry-After (30 s): a key rotated in during a flood of junk kids is retried, not failed.
     jwks_refetch_cooldown: int = 30
     jwks_max_stale: int = 24 * 3600  # seconds cached keys serve while the issuer is down
+    # Every exchange of this issuer's tokens must carry a DPoP proof (RFC 9449), so every
+    # session it opens is bound to the client's key.
+    require_dpop: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,8 @@ class GrantConfig:
     aws: AwsGrant | None = None
     vault: VaultGrant | None = None
     description: str = ""
+    # Minted only on a DPoP-bound session (RFC 9449): an exchange without a proof is refused.
+    require_dpop: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,6 +317,8 @@ _BROKER_KEYS = frozenset(
         "rate_limit_grant",
         "deny_cache_seconds",
         "trusted_proxies",
+        "plain_http_behind_proxy",
+        "tls_reload_seconds",
     }
 )
 _RATE_KEYS = frozenset({"per_second", "burst"})
@@ -322,9 +335,12 @@ _ISSUER_KEYS = frozenset(
         "jwks_cache_ttl",
         "jwks_refetch_cooldown",
         "jwks_max_stale",
+        "require_dpop",
     }
 )
-_GRANT_KEYS = frozenset({"name", "issuers", "match", "ttl", "aws", "vault", "description"})
+_GRANT_KEYS = frozenset(
+    {"name", "issuers", "match", "ttl", "aws", "vault", "description", "require_dpop"}
+)
 _AWS_GRANT_KEYS = frozenset({"role_arn", "session_tags", "source_identity", "session_name"})
 _VAULT_GRANT_KEYS = frozenset({"secret", "token_policies", "orphan", "num_uses"})
 _UPSTREAM_KEYS = frozenset({"aws", "vault"})
@@ -412,7 +428,7 @@ def _looks_like_credential(value: str) -> str | None:
     return None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -580,7 +596,7 @@ class _Lint:
         parts = urlsplit(value)
         if parts.scheme == "https" and parts.hostname:
             return
-        if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
             return
         self.add(where, "must be an https:// URL (http:// only for 127.0.0.1, ::1 or localhost)")
 
@@ -653,11 +669,21 @@ class _Lint:
         if (cert is None) != (key is None):
             self.add(f"{w}.tls_cert_file", "tls_cert_file and tls_key_file go together")
         host = self.listen_host(listen, f"{w}.listen")
-        if host is not None and not _is_loopback(host) and (cert is None or key is None):
+        behind_proxy = self.typed(t, "plain_http_behind_proxy", w, bool, False)
+        proxies = self.trusted_proxies(t, w)
+        plain_off_loopback = host is not None and not is_loopback(host) and cert is None
+        if plain_off_loopback and not behind_proxy:
             self.add(
                 f"{w}.listen",
-                "plain HTTP only on a loopback address; set tls_cert_file and tls_key_file",
+                "plain HTTP only on a loopback address; set tls_cert_file and tls_key_file "
+                "(or plain_http_behind_proxy = true behind a TLS-terminating proxy)",
             )
+        if behind_proxy and not proxies:
+            # The proxy that terminates TLS is the one whose X-Forwarded-Proto says "https".
+            self.add(f"{w}.plain_http_behind_proxy", "needs the proxy in trusted_proxies")
+        if behind_proxy and cert is not None:
+            self.add(f"{w}.plain_http_behind_proxy", "the broker serves TLS itself; remove it")
+        tls_reload = self.duration(t, "tls_reload_seconds", w, d.tls_reload_seconds)
         audit_store = self.typed(t, "audit_store", w, str, d.audit_store)
         self.audit_store(audit_store, f"{w}.audit_store")
         session_max = self.duration(t, "session_max", w, d.session_max)
@@ -689,7 +715,9 @@ class _Lint:
             rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),
             rate_limit_grant=self.rate(t, "rate_limit_grant", d.rate_limit_grant),
             deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
-            trusted_proxies=self.trusted_proxies(t, w),
+            trusted_proxies=proxies,
+            plain_http_behind_proxy=behind_proxy,
+            tls_reload_seconds=tls_reload,
         )
 
     def trusted_proxies(self, t: Mapping[str, Any], w: str) -> tuple[str, ...]:
@@ -777,6 +805,7 @@ class _Lint:
                         t, "jwks_refetch_cooldown", w, d.jwks_refetch_cooldown
                     ),
                     jwks_max_stale=self.duration(t, "jwks_max_stale", w, d.jwks_max_stale),
+                    require_dpop=self.typed(t, "require_dpop", w, bool, d.require_dpop),
                 )
             )
         self.unique((i.name for i in out), "issuer")
@@ -853,6 +882,7 @@ class _Lint:
             aws=aws,
             vault=vault,
             description=description,
+            require_dpop=self.typed(t, "require_dpop", w, bool, False),
         )
 
     # -- match ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
+from broker.dpop import TOKEN_TYPE_DPOP, DpopGuard, NonceSource, Proof, ProofError
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
 from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
@@ -76,6 +77,8 @@ _DESCRIPTIONS = {
     "invalid_target": "The requested grant is not available to this identity.",
     "unsupported_grant_type": "The grant_type is not supported.",
     "temporarily_unavailable": "The service is temporarily unavailable; retry later.",
+    "invalid_dpop_proof": "The DPoP proof is missing or not valid for this request.",
+    "use_dpop_nonce": "The DPoP proof must carry the nonce in the DPoP-Nonce header.",
 }
 
 
@@ -150,6 +153,10 @@ class TokenRequest:
     duration: str = ""
     task: str = ""
     timings: Timings = field(default_factory=Timings, repr=False, compare=False)
+    # DPoP (RFC 9449): every `DPoP` header value, and the method and URL the proof must name.
+    dpop: tuple[str, ...] = field(default=(), repr=False)
+    method: str = "POST"
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,12 +167,13 @@ class Issued:
     expires_in: int
     credentials: Mapping[str, Any] = field(repr=False)
     refresh_token: str = field(default="", repr=False)
+    token_type: str = "N_A"  # "DPoP" when the session is bound to the client's key
 
     def wire(self) -> dict[str, Any]:
         return {
             "access_token": self.access_token,
             "issued_token_type": self.issued_token_type,
-            "token_type": "N_A",
+            "token_type": self.token_type,
             "expires_in": self.expires_in,
             "refresh_token": self.refresh_token,
             "request_id": self.request_id,
@@ -226,6 +234,24 @@ def _now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+_PROOF_REPLAYED = "dpop_replayed"
+
+
+def _spending_first(
+    spend: Callable[[Tx], bool],
+    rotation: Callable[[Tx], tuple[Session | None, str]],
+    session: Session,
+) -> Callable[[Tx], tuple[Session | None, str]]:
+    """A rotation step that first spends the DPoP proof's jti; a spent one refuses it."""
+
+    def step(tx: Tx) -> tuple[Session | None, str]:
+        if not spend(tx):
+            return session, _PROOF_REPLAYED
+        return rotation(tx)
+
+    return step
+
+
 class Exchanger:
     def __init__(
         self,
@@ -243,6 +269,7 @@ class Exchanger:
         clock: Callable[[], datetime] = _now_utc,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        dpop: DpopGuard | None = None,
     ) -> None:
         self._config = config
         self._policy = policy
@@ -258,11 +285,17 @@ class Exchanger:
         self._monotonic = monotonic
         self._sleep = sleep
         self._last_append_failed = False
+        # Replicas share the nonce key through the store (see build_app); alone, any key works.
+        self._dpop = dpop or DpopGuard(replay, NonceSource.random(), leeway=config.broker.leeway)
 
     # -- entry points ------------------------------------------------------------------------
 
     def knows_grant(self, name: str) -> bool:
         return self._policy.grant(name) is not None
+
+    def dpop_nonce(self) -> str:
+        """The server nonce (RFC 9449 §8) every token, revoke and explain answer carries."""
+        return self._dpop.nonces.issue(self._clock())
 
     def check_audit(self) -> None:
         """Readiness: not ready while the last append failed, even if a probe would pass."""
@@ -300,6 +333,14 @@ class Exchanger:
                 raise _bad_request("missing_token")
             now = self._clock()
             try:
+                named: Session | None = self._sessions.peek(req.refresh_token, now=now)
+            except SessionError as exc:
+                named = exc.session
+            except StoreUnavailable as exc:
+                raise _unavailable("state_unavailable") from exc
+            if named is not None:
+                self._prove(req, record, now, bound=named.key_thumbprint)
+            try:
                 ended = self._sessions.revoke(
                     handle=req.refresh_token, reason="client_revoked", now=now
                 )
@@ -328,9 +369,11 @@ class Exchanger:
                 try:
                     session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
                 except SessionError as exc:
+                    self._prove_refused(req, exc, record, now)
                     raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
                 except StoreUnavailable as exc:
                     raise _unavailable("state_unavailable") from exc
+                self._prove(req, record, now, bound=session.key_thumbprint)
                 identity = _Identity(
                     issuer=session.issuer, subject=session.subject, claims=session.claims
                 )
@@ -361,7 +404,7 @@ class Exchanger:
                             "ttl": grant.ttl,
                         }
                     )
-            record.set(detail={"grants": [g["name"] for g in grants]})
+            record.set(detail={**record.event.detail, "grants": [g["name"] for g in grants]})
             self._terminal(record, Outcome.EXPLAINED, "explained")
             answer: dict[str, Any] = {
                 "issuer": identity.issuer,
@@ -374,6 +417,9 @@ class Exchanger:
                     "id": session.id,
                     "expires_at": session.expires_at.isoformat(),
                 }
+                if session.key_thumbprint:
+                    # RFC 9449 §6: the key the session is bound to, as a confirmation claim.
+                    answer["session"]["cnf"] = {"jkt": session.key_thumbprint}
             return answer
         raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
 
@@ -395,9 +441,11 @@ class Exchanger:
                 session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
                 refs = self._sessions.credentials(session.id)
             except SessionError as exc:
+                self._prove_refused(req, exc, record, now)
                 self._session_refused(exc, record, req.request_id, now)
             except StoreUnavailable as exc:
                 raise _unavailable("state_unavailable") from exc
+            self._prove(req, record, now, bound=session.key_thumbprint)
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             match = [
                 (kind, ref)
@@ -428,6 +476,10 @@ class Exchanger:
         with record.timings.phase("policy"):
             grant = self._authorize(identity, req, record)
         requested = self._duration(req.duration)
+        # Before the token is consumed: a refused proof leaves the CI job's one token unspent.
+        proof = self._prove(
+            req, record, now, bound=None, required=self._dpop_required(identity, grant)
+        )
 
         settings = self._config.broker
         leeway = timedelta(seconds=settings.leeway)
@@ -442,6 +494,7 @@ class Exchanger:
             claims=dict(identity.claims),
             now=now,
             expires_at=session_end,
+            key_thumbprint=proof.jkt if proof else None,
         )
         prepared = self._prepare(grant, identity.claims, requested, task, session, record)
         # Consumed only now: a request the policy refuses does not burn the CI job's one token.
@@ -464,7 +517,11 @@ class Exchanger:
         # Without the ledger we cannot prove the token unused: a failed write fails closed.
         if not self._durably(open_durably, record):
             raise _bad_request("token_replayed")
-        record.set(session_id=session.id, target=prepared.target, detail=dict(prepared.detail))
+        record.set(
+            session_id=session.id,
+            target=prepared.target,
+            detail={**record.event.detail, **prepared.detail},
+        )
         try:
             minted = self._call_upstream(prepared, grant, session, record, intent_written=True)
         except ExchangeError:
@@ -553,9 +610,13 @@ class Exchanger:
             with record.timings.phase("state"):
                 session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
         except SessionError as exc:
+            self._prove_refused(req, exc, record, now)
             self._session_refused(exc, record, req.request_id, now)
         except StoreUnavailable as exc:
             raise _unavailable("state_unavailable") from exc
+        # Before anything else about the session: a stolen handle without its key learns nothing.
+        # The proof's jti is spent with the handle's rotation (one write fewer per refresh).
+        proof = self._prove(req, record, now, bound=session.key_thumbprint, spend=False)
         record.set(
             session_id=session.id,
             issuer=session.issuer,
@@ -565,19 +626,24 @@ class Exchanger:
         identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
         with record.timings.phase("policy"):
             grant = self._authorize(identity, req, record)
+        if proof is None and self._dpop_required(identity, grant):
+            # A session opened without a key cannot be bound later: the grant needs a new one.
+            raise ExchangeError(400, "invalid_dpop_proof", "dpop_required")
         requested = self._duration(req.duration)
         prepared = self._prepare(grant, session.claims, requested, task, session, record)
         minted = self._call_upstream(prepared, grant, session, record, intent_written=False)
         # Rotate only after minting, so an upstream failure leaves the client's handle valid;
         # the rotation commits with the issued record.
         handle, rotation = self._sessions.rotation(req.refresh_token, now=now, max_idle=max_idle)
+        if proof is not None:
+            rotation = _spending_first(self._dpop.spender(proof, now), rotation, session)
         outcome = self._issue_outcome(minted, session, record, rotation)
         try:
             rotated(outcome, handle)
         except SessionError as exc:
             self._discard(minted, record)
             self._session_refused(exc, record, req.request_id, now)
-        return self._answer(minted, handle, record)
+        return self._answer(minted, handle, record, session)
 
     def _session_refused(
         self, exc: SessionError, record: _Record, request_id: str, now: datetime
@@ -586,11 +652,63 @@ class Exchanger:
         session = exc.session
         if session is not None:
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
+        if exc.reason == _PROOF_REPLAYED:
+            # A proof spent by a concurrent request: refused, and the session left as it is.
+            raise ExchangeError(400, "invalid_dpop_proof", _PROOF_REPLAYED) from exc
         if exc.reason == "reused" and session is not None:
             with contextlib.suppress(StoreUnavailable):
                 self._sessions.revoke(session_id=session.id, reason="reuse_detected", now=now)
             self._ender.end(session, reason="reuse_detected", request_id=request_id)
         raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
+
+    # -- DPoP (RFC 9449): the checks live in broker/dpop.py ----------------------------------
+
+    def _prove(
+        self,
+        req: TokenRequest,
+        record: _Record,
+        now: datetime,
+        *,
+        bound: str | None,
+        required: bool = False,
+        spend: bool = True,
+    ) -> Proof | None:
+        """The proof `req` carried (None: no proof, none needed); refusals audited.
+
+        `spend=False`: the caller spends the jti in its own write (DpopGuard.spender)."""
+        try:
+            with record.timings.phase("verify"):
+                proof = self._dpop.check(
+                    req.dpop,
+                    method=req.method,
+                    url=req.url,
+                    now=now,
+                    bound_jkt=bound,
+                    required=required,
+                    spend=spend,
+                )
+        except ProofError as exc:
+            if exc.jkt:
+                record.set(detail={**record.event.detail, "dpop_jkt": exc.jkt})
+            raise ExchangeError(400, exc.error, exc.reason) from exc
+        except StoreUnavailable as exc:
+            raise _unavailable("state_unavailable") from exc
+        if proof is not None:
+            record.set(detail={**record.event.detail, "dpop_jkt": proof.jkt})
+        return proof
+
+    def _prove_refused(
+        self, req: TokenRequest, exc: SessionError, record: _Record, now: datetime
+    ) -> None:
+        """A refused handle of a bound session is answered as refused only to its key holder:
+        without the key, the caller learns nothing and an old handle cannot end the session
+        (reuse detection would otherwise let a thief revoke the owner's session)."""
+        if exc.session is not None and exc.session.key_thumbprint is not None:
+            self._prove(req, record, now, bound=exc.session.key_thumbprint)
+
+    def _dpop_required(self, identity: _Identity, grant: GrantConfig) -> bool:
+        issuer = self._config.issuer(identity.issuer)
+        return grant.require_dpop or (issuer is not None and issuer.require_dpop)
 
     # -- shared steps ------------------------------------------------------------------------
 
@@ -694,7 +812,7 @@ class Exchanger:
 
         `intent_written`: the first attempt's intent already committed with the session.
         """
-        record.set(target=prepared.target, detail=dict(prepared.detail))
+        record.set(target=prepared.target, detail={**record.event.detail, **prepared.detail})
         for attempt in range(1, _MAX_UPSTREAM_ATTEMPTS + 1):
             record.set(attempt=attempt)
             if attempt > 1 or not intent_written:
@@ -724,7 +842,7 @@ class Exchanger:
     def _issue(self, minted: Minted, session: Session, handle: str, record: _Record) -> Issued:
         """The issued record (with the credential's session record), then the answer."""
         self._issue_outcome(minted, session, record, None)
-        return self._answer(minted, handle, record)
+        return self._answer(minted, handle, record, session)
 
     def _issue_outcome(
         self,
@@ -767,9 +885,10 @@ class Exchanger:
             record.terminal_written = True
         return outcome
 
-    def _answer(self, minted: Minted, handle: str, record: _Record) -> Issued:
+    def _answer(self, minted: Minted, handle: str, record: _Record, session: Session) -> Issued:
         expires_in = int((minted.expires_at - self._clock()).total_seconds())
         return Issued(
+            token_type=TOKEN_TYPE_DPOP if session.key_thumbprint else "N_A",
             request_id=record.event.request_id,
             issued_token_type=minted.token_type,
             access_token=minted.access_token,

@@ -21,11 +21,23 @@ _ERROR = {
                 "invalid_target",
                 "unsupported_grant_type",
                 "temporarily_unavailable",
+                "invalid_dpop_proof",
+                "use_dpop_nonce",
             ],
         },
         "error_description": {"type": "string"},
         "request_id": {"type": "string"},
     },
+}
+
+
+# RFC 9449: a proof of possession of the key a session is bound to (see docs/protocol.md).
+_DPOP_HEADER = {
+    "name": "DPoP",
+    "in": "header",
+    "required": False,
+    "description": "DPoP proof JWT (RFC 9449); required on a session bound to a key",
+    "schema": {"type": "string"},
 }
 
 
@@ -49,6 +61,7 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/v1/token": {
             "post": {
+                "parameters": [_DPOP_HEADER],
                 "summary": "Exchange a subject token (or a refresh handle) for a credential",
                 "requestBody": {
                     "required": True,
@@ -100,6 +113,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/revoke": {
             "post": {
+                "parameters": [_DPOP_HEADER],
                 "summary": "End a refresh session (RFC 7009), or revoke one Vault lease it minted",
                 "requestBody": {
                     "required": True,
@@ -138,6 +152,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/explain": {
             "post": {
+                "parameters": [_DPOP_HEADER],
                 "summary": "Who a token or session is, and which grants it may use (no jti spent)",
                 "requestBody": {
                     "required": True,
@@ -195,7 +210,7 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "access_token": {"type": "string"},
                     "issued_token_type": {"type": "string"},
-                    "token_type": {"type": "string", "const": "N_A"},
+                    "token_type": {"type": "string", "enum": ["N_A", "DPoP"]},
                     "expires_in": {"type": "integer"},
                     "refresh_token": {"type": "string"},
                     "request_id": {"type": "string"},

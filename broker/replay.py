@@ -70,6 +70,24 @@ class ReplayLedger:
         now, expires_at = utc(now), utc(expires_at)
         return _Consume(issuer, _key(token_id), expires_at, now, self._purge_due(now))
 
+    def seen(self, issuer: str, token_id: str, *, now: datetime) -> bool:
+        """Whether (issuer, token_id) was consumed and its row has not expired; a read only.
+
+        For a caller that consumes inside a later write transaction (`consumer`) and wants a
+        replay refused before it does any work; the consumption still decides.
+        """
+        key = _key(token_id)
+
+        def work(tx: Tx) -> bool:
+            tx.execute(
+                "SELECT 1 FROM replay_tokens "
+                "WHERE issuer = ? AND token_hash = ? AND expires_at > ?",
+                (issuer, key, tx.to_db(utc(now))),
+            )
+            return tx.fetchone() is not None
+
+        return self.database.read(work)
+
     def release(self, issuer: str, token_id: str) -> None:
         """Forget a consumption whose exchange issued nothing (upstream or audit failed first).
 

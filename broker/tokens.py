@@ -174,7 +174,7 @@ def _decode_json_segment(segment: str) -> Any:
         raise TokenError(exc.reason) from exc
 
 
-def _check_header(header: Any) -> None:
+def _check_header(header: Any, forbidden: frozenset[str] = _FORBIDDEN_HEADERS) -> None:
     if not isinstance(header, dict):
         raise TokenError("malformed")
     alg = header.get("alg")
@@ -182,7 +182,7 @@ def _check_header(header: Any) -> None:
         raise TokenError("bad_header")  # missing, null, number or list
     if alg.strip().lower() == "none":
         raise TokenError("alg_none")  # "none", "NONE", "nOnE", "none "
-    if _FORBIDDEN_HEADERS & header.keys():
+    if forbidden & header.keys():
         raise TokenError("forbidden_header")
     # We implement no JWS extension, so any `crit` (even empty or malformed) is refused
     # (RFC 7515 §4.1.11); `b64` only has meaning through crit (RFC 7797), refused either way.
@@ -202,7 +202,12 @@ def _check_header(header: Any) -> None:
         raise TokenError("bad_header")
 
 
-def _parse(raw: object, max_length: int, pattern: re.Pattern[str]) -> ParsedJws:
+def _parse(
+    raw: object,
+    max_length: int,
+    pattern: re.Pattern[str],
+    forbidden: frozenset[str] = _FORBIDDEN_HEADERS,
+) -> ParsedJws:
     if not isinstance(raw, str):
         raise TokenError("malformed")
     if len(raw) > max_length:
@@ -218,7 +223,7 @@ def _parse(raw: object, max_length: int, pattern: re.Pattern[str]) -> ParsedJws:
     if len(signature_b64) > MAX_SIGNATURE_BYTES * 4 // 3 + 2:
         raise TokenError("too_large")
     header = _decode_json_segment(header_b64)
-    _check_header(header)
+    _check_header(header, forbidden)
     try:
         payload = b64url_decode(payload_b64)
         signature = b64url_decode(signature_b64)
@@ -239,9 +244,18 @@ def parse_jws(raw: str, *, max_length: int = MAX_TOKEN_LENGTH) -> ParsedJws:
     return _parse(raw, max_length, _COMPACT_JWS)
 
 
-def parse_token(raw: str, *, max_length: int = MAX_TOKEN_LENGTH) -> UnverifiedToken:
-    """Parse a compact JWS JWT; reject anything malformed before any cryptography runs."""
-    jws = _parse(raw, max_length, _COMPACT_JWT)
+def parse_token(
+    raw: str, *, max_length: int = MAX_TOKEN_LENGTH, embedded_key: bool = False
+) -> UnverifiedToken:
+    """Parse a compact JWS JWT; reject anything malformed before any cryptography runs.
+
+    `embedded_key`: the header's `jwk` member is allowed (every other key or certificate
+    pointer still is not). Only for DPoP proofs (RFC 9449 §4.2), whose signing key is the public
+    key the header carries and which are trusted only through that key's thumbprint; a subject
+    token never chooses its own key.
+    """
+    forbidden = _FORBIDDEN_HEADERS - {"jwk"} if embedded_key else _FORBIDDEN_HEADERS
+    jws = _parse(raw, max_length, _COMPACT_JWT, forbidden)
     try:
         claims = loads_strict_json(jws.payload)
     except JoseDecodeError as exc:

@@ -10,6 +10,12 @@ as theft (the whole session is revoked). So every request that spends the handle
 from send to parse, and the newest handle replaces the old one before the lock is released.
 Retries happen only where the handle cannot have been spent: 429/503 answers (the broker rejects
 before rotating) and connection failures before the request was sent.
+
+DPoP (RFC 9449): every request carries a proof signed by the job's ephemeral key
+(luigi_creds/dpop.py), so the session the exchange opens is bound to that key. The broker's newest
+`DPoP-Nonce` is kept and put into each proof (the exchange needs none); an answer `use_dpop_nonce`
+(nothing spent: the broker checks the proof before the token or the handle) is retried once with
+the nonce it carries.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from luigi_creds.credentials import (
     iso,
     parse_credential,
 )
+from luigi_creds.dpop import DpopKey
 from luigi_creds.identity import IdentityError, TokenSource
 
 __all__ = [
@@ -80,8 +87,7 @@ class _Session:
     """The refresh session: the newest handle and when it was last rotated."""
 
     handle: str = field(repr=False)
-    # NOTE: DPoP (RFC 9449) will bind the session to a per-job key; its thumbprint goes here and
-    # each request then carries a proof signed with that key.
+    # The DPoP key the broker bound the session to (token_type "DPoP"), else None.
     key_thumbprint: str | None = None
 
 
@@ -103,6 +109,7 @@ class BrokerClient:
         rng: Callable[[], float] = random.random,
         retry: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        dpop_key: DpopKey | None = None,
     ) -> None:
         self.broker_url = broker_url.rstrip("/")
         self._source = token_source
@@ -114,6 +121,9 @@ class BrokerClient:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._session: _Session | None = None
+        # One key per client, i.e. per job: made here, in the process that owns the session.
+        self._dpop = dpop_key or DpopKey()
+        self._dpop_nonce: str | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._session else "none"
@@ -214,7 +224,7 @@ class BrokerClient:
             handle = body.get("refresh_token")
             if isinstance(handle, str) and handle:
                 # Should the broker ever have minted, its new handle is the one to keep.
-                self._session = _Session(handle=handle)
+                self._session = self._new_session(handle, body)
 
     def revoke_lease(self, lease_id: str) -> None:
         """Revoke one Vault lease this session minted, keeping the session (and its handle).
@@ -273,7 +283,7 @@ class BrokerClient:
         handle = body.get("refresh_token")
         if isinstance(handle, str) and handle:
             # Keep the newest handle before anything else can fail: the old one is spent now.
-            self._session = _Session(handle=handle)
+            self._session = self._new_session(handle, body)
         try:
             cred = parse_credential(body, grant=grant, now=self._clock())
         except (KeyError, TypeError, ValueError) as exc:
@@ -294,6 +304,10 @@ class BrokerClient:
         )
         return cred
 
+    def _new_session(self, handle: str, body: dict[str, Any]) -> _Session:
+        bound = body.get("token_type") == "DPoP"
+        return _Session(handle=handle, key_thumbprint=self._dpop.thumbprint if bound else None)
+
     def _post(
         self,
         path: str,
@@ -308,10 +322,13 @@ class BrokerClient:
         what = f"grant {grant!r}" if grant else what
         started = self._monotonic()
         attempt = 0
+        nonce_retried = False
         while True:
             attempt += 1
+            proof = self._dpop.proof("POST", url, now=self._clock(), nonce=self._dpop_nonce)
+            headers = {"Accept": "application/json", "DPoP": proof}
             try:
-                response = self._http.post(url, data=form, headers={"Accept": "application/json"})
+                response = self._http.post(url, data=form, headers=headers)
             except httpx.HTTPError as exc:
                 # Only failures before the request left can be retried without spending the handle.
                 retryable = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
@@ -323,11 +340,19 @@ class BrokerClient:
                 if not (retry and retryable) or not self._wait(attempt, started, None):
                     raise error from None
                 continue
+            nonce = response.headers.get("dpop-nonce")
+            if nonce:
+                self._dpop_nonce = nonce
             if response.status_code == 200:
                 if not expect_body:
                     return {}
                 return self._json_body(response, what, grant)
             error = self._error(response, what, grant)
+            if error.error == "use_dpop_nonce" and nonce and not nonce_retried:
+                # RFC 9449 §8: once, with the nonce just given; not counted as an attempt.
+                nonce_retried = True
+                attempt -= 1
+                continue
             if (
                 not retry
                 or response.status_code not in (429, 503)

@@ -88,10 +88,12 @@ def policy_toml(
     role_arn: str,
     extra: str = "",
     broker_extra: str = "",
+    issuer_extra: str = "",
 ) -> str:
     """A policy file for the GitLab-shaped dev token: one AWS grant bound to the project id.
 
-    `audit_db` is an SQLite file, or a postgresql:// URL; `extra` is appended TOML.
+    `audit_db` is an SQLite file, or a postgresql:// URL; `extra` is appended TOML;
+    `issuer_extra` goes into the issuer's table (e.g. `require_dpop = true`).
     """
     store = audit_db if isinstance(audit_db, str) else f"sqlite:///{audit_db}"
     if store.startswith("postgresql://") and "audit_key_file" not in broker_extra:
@@ -113,6 +115,7 @@ def policy_toml(
         audiences = ["luigi-creds"]
         algorithms = ["RS256", "ES256"]
         jwks_refetch_cooldown = "1s"
+        {issuer_extra}
 
         [[grant]]
         name = "etl-writer"
@@ -159,19 +162,25 @@ class Broker:
     # Trust for an https:// broker (the test CA); None for plain loopback HTTP.
     tls: ssl.SSLContext | None = None
 
-    def token(self, form: Mapping[str, str]) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+    def token(
+        self, form: Mapping[str, str], headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
         """POST /v1/token; returns status, JSON body and headers (errors included)."""
         data = urllib.parse.urlencode(form).encode("ascii")
-        return self.post_raw("/v1/token", data)
+        return self.post_raw("/v1/token", data, headers=headers)
 
     def post_raw(
         self,
         path: str,
         data: bytes,
         content_type: str = "application/x-www-form-urlencoded",
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], Mapping[str, str]]:
         request = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": content_type}, method="POST"
+            self.url + path,
+            data=data,
+            headers={"Content-Type": content_type, **(headers or {})},
+            method="POST",
         )
         try:
             with urllib.request.urlopen(request, timeout=30, context=self.tls) as response:

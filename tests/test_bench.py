@@ -146,3 +146,22 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
     assert [r for r in replicas if "chain_verifies" in r] == [{"chain_verifies": True}]
     assert all(r["errors"] == 0 for r in replicas if "errors" in r)
     assert "ratios in this run" in done.stdout
+
+
+@pytest.mark.integration
+def test_tiny_dpop_benchmark_run_compares_bound_and_unbound(tmp_path: Path) -> None:
+    """bench/dpop.py: a tiny run drives both sessions in both scenarios and reports ratios."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.dpop", "--requests=4", "--refreshes=2", "--batch=2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for scenario in ("explain", "refresh"):
+        row = report[scenario]
+        assert row["bound_p50_ms"] > 0 and row["unbound_p50_ms"] > 0
+        assert row["ratio_p50"] == round(row["bound_p50_ms"] / row["unbound_p50_ms"], 2)

@@ -479,6 +479,18 @@ def test_upstream_vault_auth() -> None:
         ('listen = "0.0.0.0:8443"\ntls_cert_file = "c.pem"\ntls_key_file = "k.pem"', True),
         ('listen = "0.0.0.0:8443"\ntls_cert_file = "c.pem"', False),
         ('listen = "8480"', False),
+        # Behind a TLS-terminating proxy, and only naming it.
+        (
+            'listen = "0.0.0.0:8480"\nplain_http_behind_proxy = true\n'
+            'trusted_proxies = ["10.0.0.0/8"]',
+            True,
+        ),
+        ('listen = "0.0.0.0:8480"\nplain_http_behind_proxy = true', False),
+        (
+            'listen = "0.0.0.0:8443"\ntls_cert_file = "c.pem"\ntls_key_file = "k.pem"\n'
+            'plain_http_behind_proxy = true\ntrusted_proxies = ["10.0.0.0/8"]',
+            False,
+        ),
     ],
 )
 def test_listen_requires_tls_off_loopback(broker: str, ok: bool) -> None:
@@ -567,3 +579,23 @@ def test_audit_cli_spans_use_the_policy_files_grammar(text: str, days: int) -> N
 def test_audit_cli_refuses_what_the_policy_file_refuses(text: str) -> None:
     with pytest.raises(audit_cli.UsageError, match="not a date or duration"):
         audit_cli._when(text, datetime(2026, 12, 1, tzinfo=UTC))
+
+
+def test_require_dpop_on_grants_and_issuers() -> None:
+    """`require_dpop` is a boolean on a grant and on an issuer; off unless set."""
+    issuers = ISSUERS.replace(
+        'audiences = ["api://luigi-creds"]',
+        'audiences = ["api://luigi-creds"]\nrequire_dpop = true',
+    )
+    config = parse_config(issuers + grant('project_id = "1"', extra="require_dpop = true"))
+    assert config.grants[0].require_dpop
+    assert [i.require_dpop for i in config.issuers] == [False, True]
+    assert not parse_config(ISSUERS + grant('project_id = "1"')).grants[0].require_dpop
+    found = problems(ISSUERS + grant('project_id = "1"', extra='require_dpop = "yes"'))
+    assert has(found, "grant[g].require_dpop", "")
+
+
+def test_tls_reload_seconds_is_a_duration() -> None:
+    text = ISSUERS + grant('project_id = "1"') + '\n[broker]\ntls_reload_seconds = "2m"\n'
+    assert parse_config(text).broker.tls_reload_seconds == 120
+    assert parse_config(ISSUERS + grant('project_id = "1"')).broker.tls_reload_seconds == 30

@@ -5,16 +5,29 @@ serves it (`tls_cert_file`/`tls_key_file`). The client is built from a `[luigi_c
 as a Luigi job builds it: with `ca_bundle` naming that CA it verifies the broker and mints AWS
 credentials that work against moto (IAM enforced); with another CA's bundle, or the system's
 trust store, the handshake is refused before anything is sent, so the one-shot CI token is not
-spent and works afterwards.
+spent and works afterwards. A certificate renewed on disk is served without a restart (file
+check and SIGHUP), while connections opened before keep working.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pki import TestCA
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, Moto, policy_toml, start_broker, start_moto
@@ -37,6 +50,7 @@ class TlsStack:
     broker: Broker
     ca: TestCA
     wrong_ca: TestCA
+    role_arn: str
 
 
 def close(client: BrokerClient) -> None:
@@ -54,17 +68,18 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     moto = start_moto(workdir)
     try:
         moto.client("s3").create_bucket(Bucket=BUCKET)
+        role_arn = moto.create_role("etl-writer")
         config = policy_toml(
             issuer_url=issuer.url,
             audit_db=workdir / "audit.db",
             listen=f"127.0.0.1:{free_port()}",
             moto_url=moto.url,
-            role_arn=moto.create_role("etl-writer"),
+            role_arn=role_arn,
             broker_extra=f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"',
         )
         broker = start_broker(workdir / "broker", config, env=moto.broker_env, ca_file=ca.cert_file)
         try:
-            yield TlsStack(issuer, moto, broker, ca, wrong_ca)
+            yield TlsStack(issuer, moto, broker, ca, wrong_ca, role_arn)
         finally:
             broker.stop()
     finally:
@@ -145,3 +160,199 @@ def test_a_broker_certificate_from_another_ca_is_refused(tls_stack: TlsStack, tr
         trusted.revoke()
     finally:
         close(trusted)
+
+
+# --- certificates renewed on disk, served without a restart ---------------------------------------
+
+
+class KeptAlive:
+    """One TLS connection to the broker, opened once and reused for several HTTP/1.1 requests."""
+
+    def __init__(self, url: str, context: ssl.SSLContext) -> None:
+        host, port = url.removeprefix("https://").split(":")
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname=host)
+        self.reader = self.sock.makefile("rb")
+
+    def fingerprint(self) -> str:
+        der = self.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return hashlib.sha256(der).hexdigest()
+
+    def healthz(self) -> int:
+        self.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: broker\r\n\r\n")
+        status = int(self.reader.readline().split()[1])
+        length = 0
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        self.reader.read(length)
+        return status
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def served_fingerprint(url: str, context: ssl.SSLContext) -> str:
+    """The certificate a new handshake gets."""
+    conn = KeptAlive(url, context)
+    try:
+        return conn.fingerprint()
+    finally:
+        conn.close()
+
+
+def pem_fingerprint(cert_file: Path) -> str:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def swap_in(source: Path, target: Path) -> None:
+    """Replace `target` atomically (a new inode), as cert-manager or `mv` does."""
+    staged = target.with_suffix(".new")
+    shutil.copyfile(source, staged)
+    os.replace(staged, target)
+
+
+def start_rotating_broker(
+    tls_stack: TlsStack, workdir: Path, reload_seconds: str
+) -> tuple[Broker, Path, Path]:
+    live = workdir / "live"
+    cert, key = tls_stack.ca.issue_server(live)
+    config = policy_toml(
+        issuer_url=tls_stack.issuer.url,
+        audit_db=workdir / "audit.db",
+        listen=f"127.0.0.1:{free_port()}",
+        moto_url=tls_stack.moto.url,
+        role_arn=tls_stack.role_arn,
+        broker_extra=(
+            f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+            f'tls_reload_seconds = "{reload_seconds}"'
+        ),
+    )
+    broker = start_broker(
+        workdir / "broker", config, env=tls_stack.moto.broker_env, ca_file=tls_stack.ca.cert_file
+    )
+    return broker, cert, key
+
+
+def test_a_certificate_renewed_on_disk_is_served_without_a_restart(
+    tls_stack: TlsStack, tmp_path: Path
+) -> None:
+    """The broker watches its files: a half-renewed pair (new certificate, old key) is refused
+    and the old certificate still served; once the key follows, new handshakes get the new
+    certificate, a connection opened before keeps working on the old one, and the client
+    helper mints through the new certificate."""
+    broker, cert, key = start_rotating_broker(tls_stack, tmp_path, "1s")
+    try:
+        trust = ssl.create_default_context(cafile=str(tls_stack.ca.cert_file))
+        old = pem_fingerprint(cert)
+        before = KeptAlive(broker.url, trust)
+        assert before.fingerprint() == old and before.healthz() == 200
+        new_cert, new_key = tls_stack.ca.issue_server(tmp_path / "renewed")
+        new = pem_fingerprint(new_cert)
+
+        swap_in(new_cert, cert)  # the key does not match this certificate yet
+        wait_for(
+            lambda: "TLS certificate not reloaded" in broker.process.log_text(),
+            "the half-renewed pair to be refused",
+        )
+        assert served_fingerprint(broker.url, trust) == old
+        assert before.healthz() == 200
+
+        swap_in(new_key, key)
+        wait_for(lambda: served_fingerprint(broker.url, trust) == new, "the renewed certificate")
+        assert broker.process.running() and "TLS certificate reloaded" in broker.process.log_text()
+        # The connection opened before the renewal was not dropped and keeps its certificate.
+        assert before.healthz() == 200 and before.fingerprint() == old
+        before.close()
+
+        client = build_broker_client(
+            ClientSettings.from_mapping(
+                {
+                    "broker_url": broker.url,
+                    "token_source": "env:CI_ID_TOKEN",
+                    "ca_bundle": str(tls_stack.ca.cert_file),
+                }
+            ),
+            environ={"CI_ID_TOKEN": tls_stack.issuer.mint("gitlab")},
+        )
+        try:
+            assert isinstance(client.mint("etl-writer", task="AfterRenewal"), AwsCredentials)
+            client.revoke()
+        finally:
+            close(client)
+    finally:
+        broker.stop()
+
+
+def test_sighup_reloads_the_certificate_at_once(tls_stack: TlsStack, tmp_path: Path) -> None:
+    """With the file check off, a renewed pair waits for SIGHUP, then is served at once."""
+    broker, cert, key = start_rotating_broker(tls_stack, tmp_path, "0s")
+    try:
+        trust = ssl.create_default_context(cafile=str(tls_stack.ca.cert_file))
+        old = pem_fingerprint(cert)
+        new_cert, new_key = tls_stack.ca.issue_server(tmp_path / "renewed")
+        swap_in(new_key, key)
+        swap_in(new_cert, cert)
+        time.sleep(1.5)
+        assert served_fingerprint(broker.url, trust) == old
+        os.kill(broker.process.pid, signal.SIGHUP)
+        wait_for(
+            lambda: served_fingerprint(broker.url, trust) == pem_fingerprint(new_cert),
+            "the certificate after SIGHUP",
+        )
+        assert broker.process.running()
+    finally:
+        broker.stop()
+
+
+def test_plain_http_off_loopback_only_behind_a_proxy_and_loudly(
+    tls_stack: TlsStack, tmp_path: Path
+) -> None:
+    """Plain HTTP on a non-loopback address: refused at start without plain_http_behind_proxy;
+    with it (and the proxy in trusted_proxies) served, with a warning on stderr and in the log."""
+    port = free_port()
+
+    def config(extra: str) -> str:
+        return policy_toml(
+            issuer_url=tls_stack.issuer.url,
+            audit_db=tmp_path / "audit.db",
+            listen=f"0.0.0.0:{port}",
+            moto_url=tls_stack.moto.url,
+            role_arn=tls_stack.role_arn,
+            broker_extra=extra,
+        )
+
+    refused_config = tmp_path / "refused.toml"
+    refused_config.write_text(config(""), encoding="utf-8")
+    refused = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(refused_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "plain HTTP only on a loopback address" in refused.stderr
+
+    broker = start_broker(
+        tmp_path / "proxied",
+        config('plain_http_behind_proxy = true\ntrusted_proxies = ["127.0.0.1/32"]'),
+        env=tls_stack.moto.broker_env,
+    )
+    try:
+        assert broker.get("/healthz")[0] == 200
+        assert f"WARNING: SERVING PLAIN HTTP on 0.0.0.0:{port}" in broker.process.log_text()
+    finally:
+        broker.stop()

@@ -39,6 +39,7 @@ from vault_server import DB_ROLE, BrokerVault, OpenBao, pg_url, setup_broker, st
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
 from luigi_creds.identity import parse_token_source
 
@@ -85,6 +86,7 @@ name = "github"
 url = "{gh_issuer_url}"
 audiences = ["{broker_url}"]
 algorithms = ["RS256"]
+require_dpop = true
 
 [[grant]]
 name = "gh-writer"
@@ -164,6 +166,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             listen=f"127.0.0.1:{port}",
             moto_url=moto.url,
             role_arn=role_arn,
+            # Every job in this module runs on sessions bound to its DPoP key (RFC 9449).
+            issuer_extra="require_dpop = true",
             extra=_grants_toml(
                 gh_issuer_url=gh_issuer.url, broker_url=broker_url, role_arn=role_arn, vault=files
             ),
@@ -221,6 +225,20 @@ def _no_job_left_behind() -> Iterator[None]:
     yield
     while _jobs:
         _jobs.pop().kill()
+
+
+def _assert_bound_to_one_key(stack: Stack, issued: list[AuditEvent]) -> None:
+    """Every credential of the job's session was minted on a proof by one DPoP key, the key
+    the session row is bound to (the issuer requires DPoP, so nothing else could mint)."""
+    (jkt,) = {e.detail.get("dpop_jkt") for e in issued}
+    assert isinstance(jkt, str) and len(jkt) == 43
+    _replay, sessions = open_state(stack.audit_url)
+    try:
+        (session_id,) = {e.session_id for e in issued}
+        session = sessions.get(session_id)
+        assert session is not None and session.key_thumbprint == jkt
+    finally:
+        sessions.close()
 
 
 def _clean_env() -> dict[str, str]:
@@ -351,6 +369,7 @@ def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
     # One exchange of the file's token, then eleven mints on the same refresh session.
     assert sorted(e.kind for e in issued) == ["exchange"] + ["refresh"] * 11
     assert len({e.session_id for e in issued}) == 1
+    _assert_bound_to_one_key(stack, issued)
     # The job's process ended the session when it exited.
     ended = [
         e for e in stack.events() if e.kind == "revoke" and e.session_id == issued[0].session_id
@@ -858,6 +877,7 @@ def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_p
     # then one per task process, the wrapper's included (its process checks its requirements'
     # S3 outputs); nothing else was issued on the session.
     job_issued = [e for e in in_session if e.outcome == Outcome.ISSUED]
+    _assert_bound_to_one_key(stack, job_issued)
     (wrapper,) = {e.task for e in job_issued if e.task.startswith("PlainAll_")}
     assert sorted((e.kind, e.task) for e in job_issued) == sorted(
         [("exchange", "")] + [("refresh", t) for t in {*tasks, wrapper}]

@@ -1,0 +1,141 @@
+"""The broker's TLS certificate, renewed on disk and served without a restart.
+
+`tls_cert_file`/`tls_key_file` are read again on SIGHUP and whenever either file changes (its
+inode, size or mtime, or where a symlink points: cert-manager and Kubernetes secret volumes swap a
+`..data` symlink). A renewed pair is loaded into the listening socket's one `ssl.SSLContext`:
+OpenSSL copies the certificate into each connection when its handshake starts, so new handshakes
+get the new certificate while connections already open keep theirs. Nothing is dropped.
+
+A pair that does not load (half-written, the key not matching the certificate, unreadable) is
+refused and logged, and the previous certificate stays in service: the pair is first loaded
+into a scratch context, and only bytes that loaded there are loaded into the live one. (Loading a
+mismatched key into a live context would clear its certificate and fail every new handshake.)
+Both loads read one in-memory copy of the files, so a renewal landing between them cannot slip a
+different pair into the live context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+log = logging.getLogger("broker.tls")
+
+_Stamp = tuple[tuple[str, int, int, int], ...]
+
+
+class CertificateReloader:
+    """Keeps `context` serving the pair currently on disk; see the module docstring."""
+
+    def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+        self.context = context
+        self._files = (cert_file, key_file)
+        self._stamp = self._current_stamp()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.served = _describe(cert_file.read_bytes())
+
+    def reload(self) -> bool:
+        """Load the pair on disk into the live context; False (and logged) if it is refused."""
+        self._stamp = self._current_stamp()
+        try:
+            cert_pem, key_pem = (path.read_bytes() for path in self._files)
+            with _private_copies(cert_pem, key_pem) as (cert_path, key_path):
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+                self.context.load_cert_chain(cert_path, key_path)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error(
+                "TLS certificate not reloaded; the previous one is still served",
+                extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "serving": self.served},
+            )
+            return False
+        self.served = _describe(cert_pem)
+        log.info("TLS certificate reloaded", extra={"serving": self.served})
+        return True
+
+    def changed(self) -> bool:
+        return self._current_stamp() != self._stamp
+
+    def request_reload(self) -> None:
+        """Ask the watcher to reload now (safe from a signal handler: it only sets an event)."""
+        self._wake.set()
+
+    def start(self, interval: float) -> None:
+        """Watch the files every `interval` seconds (0: only on request_reload) in a thread."""
+
+        def watch() -> None:
+            while not self._stop.is_set():
+                requested = self._wake.wait(interval if interval > 0 else None)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
+                if requested or self.changed():
+                    self.reload()
+
+        self._thread = threading.Thread(target=watch, name="tls-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _current_stamp(self) -> _Stamp:
+        stamps = []
+        for path in self._files:
+            try:
+                info = path.stat()
+                stamps.append((os.path.realpath(path), info.st_ino, info.st_size, info.st_mtime_ns))
+            except OSError:
+                stamps.append((str(path), -1, -1, -1))  # missing now: a change to watch for
+        return tuple(stamps)
+
+
+@contextlib.contextmanager
+def _private_copies(cert_pem: bytes, key_pem: bytes) -> Iterator[tuple[str, str]]:
+    """Paths `load_cert_chain` can read the two in-memory copies from, readable by us only.
+
+    Linux: anonymous memory files, so the private key is never written to a disk. Elsewhere: a
+    0700 temporary directory, removed at once.
+    """
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("tls-cert", "tls-key")]
+        try:
+            for fd, data in zip(fds, (cert_pem, key_pem), strict=True):
+                os.write(fd, data)
+            yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="luigi-creds-tls-") as tmp:  # pragma: no cover
+        paths = []
+        for name, data in (("cert.pem", cert_pem), ("key.pem", key_pem)):
+            path = Path(tmp, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            paths.append(str(path))
+        yield paths[0], paths[1]
+
+
+def _describe(cert_pem: bytes) -> str:
+    """The served certificate for the log: SHA-256 fingerprint and expiry (no key material)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return "unparsable certificate"
+    fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
+    return f"sha256:{fingerprint} not_after={cert.not_valid_after_utc.isoformat()}"

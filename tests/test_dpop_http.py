@@ -1,0 +1,341 @@
+"""A stolen refresh handle is worthless without the job's DPoP key (RFC 9449), over real HTTP.
+
+A real `luigi-creds-broker serve` (grant `bound-writer` requires DPoP), a local OIDC issuer and
+moto. The real client exchanges once (no nonce needed; the answer carries one) and its session is
+bound to its key; with a stale nonce it is answered use_dpop_nonce and retries once. A thief
+holding the current refresh handle then tries it without a proof, with its own key, with proofs
+for another URL or method, with an old iat, and by replaying a proof the client sent: each is
+refused with RFC 9449's `invalid_dpop_proof` and audited with its reason, none of them ends the
+session, and the client keeps minting on it. An old handle (which would otherwise end the session
+as reuse) and revoke/explain without the key are refused the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from servers import DevIssuer, free_port, start_dev_issuer
+from stack import (
+    Broker,
+    Moto,
+    exchange_form,
+    fresh_pg_database,
+    policy_toml,
+    refresh_form,
+    start_broker,
+    start_moto,
+)
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+from broker.sessions import open_state
+from luigi_creds.client import AwsCredentials, BrokerClient
+from luigi_creds.dpop import DpopKey
+from luigi_creds.identity import parse_token_source
+
+pytestmark = pytest.mark.integration
+
+GRANT_REQUIRES_DPOP = """
+[[grant]]
+name = "bound-writer"
+issuers = ["gitlab"]
+ttl = "15m"
+require_dpop = true
+[grant.match]
+project_id = "55235664"
+[grant.aws]
+role_arn = "{role_arn}"
+"""
+
+
+@dataclass
+class DpopStack:
+    issuer: DevIssuer
+    moto: Moto
+    broker: Broker
+    store: str
+
+    def events(self, request_id: str | None = None) -> list[AuditEvent]:
+        store = open_store(self.store)
+        try:
+            return [e for e in store.events() if request_id in (None, e.request_id)]
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="module")
+def dpop_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DpopStack]:
+    workdir = tmp_path_factory.mktemp("dpop")
+    issuer = start_dev_issuer(workdir)
+    moto = start_moto(workdir)
+    try:
+        role_arn = moto.create_role("etl-writer")
+        db = workdir / "audit.db"
+        config = policy_toml(
+            issuer_url=issuer.url,
+            audit_db=db,
+            listen=f"127.0.0.1:{free_port()}",
+            moto_url=moto.url,
+            role_arn=role_arn,
+            extra=GRANT_REQUIRES_DPOP.format(role_arn=role_arn),
+        )
+        broker = start_broker(workdir / "broker", config, env=moto.broker_env)
+        try:
+            yield DpopStack(issuer, moto, broker, f"sqlite:///{db}")
+        finally:
+            broker.stop()
+    finally:
+        moto.stop()
+        issuer.stop()
+
+
+@dataclass
+class Sent:
+    """Every request the real client sent: its URL and its DPoP proof."""
+
+    proofs: list[tuple[str, str]] = field(default_factory=list)
+
+    def record(self, request: httpx.Request) -> None:
+        self.proofs.append((str(request.url), request.headers.get("dpop", "")))
+
+
+@pytest.fixture
+def owner(dpop_stack: DpopStack) -> Iterator[tuple[BrokerClient, Sent]]:
+    """The job's real client, its token from the environment (not renewable: if its session
+    ended, it could not mint again)."""
+    sent = Sent()
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    with httpx.Client(timeout=30, event_hooks={"request": [sent.record]}) as http:
+        source = parse_token_source(
+            "env:CI_ID_TOKEN",
+            environ={"CI_ID_TOKEN": dpop_stack.issuer.mint("gitlab")},
+            http=http,
+            audience=dpop_stack.broker.url,
+            clock=clock,
+        )
+        client = BrokerClient(dpop_stack.broker.url, source, http=http, clock=clock)
+        yield client, sent
+        client.revoke(retry=False)
+
+
+def _handle(client: BrokerClient) -> str:
+    session = client._session
+    assert session is not None
+    return session.handle
+
+
+def _nonce(broker: Broker) -> str:
+    """A current server nonce, as any caller can get one (every answer carries it)."""
+    _status, _body, headers = broker.token({"grant_type": "refresh_token"})
+    nonce = headers["DPoP-Nonce"]
+    assert nonce
+    return nonce
+
+
+def _post(broker: Broker, path: str, form: dict[str, str], proof: str | None) -> Any:
+    data = urllib.parse.urlencode(form).encode("ascii")
+    return broker.post_raw(path, data, headers={"DPoP": proof} if proof else None)
+
+
+def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
+    dpop_stack: DpopStack, owner: tuple[BrokerClient, Sent]
+) -> None:
+    client, sent = owner
+    broker = dpop_stack.broker
+    first = client.mint("bound-writer", task="Extract_1")
+    assert isinstance(first, AwsCredentials)
+    key = client._dpop
+    session = client._session
+    assert session is not None and session.key_thumbprint == key.thumbprint
+
+    # One request: the exchange needs no nonce; its answer gave the client one.
+    token_url = broker.url + "/v1/token"
+    assert [url for url, _ in sent.proofs] == [token_url]
+    assert client._dpop_nonce
+    (issued,) = [
+        e for e in dpop_stack.events() if e.outcome == Outcome.ISSUED and e.task == "Extract_1"
+    ]
+    assert issued.detail["dpop_jkt"] == key.thumbprint
+    _replay, sessions = open_state(dpop_stack.store)
+    try:
+        stored = sessions.get(issued.session_id)
+    finally:
+        sessions.close()
+    assert stored is not None and stored.key_thumbprint == key.thumbprint
+
+    # A nonce the broker no longer accepts: use_dpop_nonce (audited), one retry, minted.
+    client._dpop_nonce = "1.stale"
+    second = client.mint("bound-writer", task="Extract_2")
+    assert isinstance(second, AwsCredentials)
+    assert len(sent.proofs) == 3
+    stale = [e for e in dpop_stack.events() if e.reason == "dpop_nonce_stale"]
+    assert len(stale) == 1 and stale[0].outcome == Outcome.DENIED
+    assert stale[0].detail["dpop_jkt"] == key.thumbprint
+    # The proof of that successful refresh, as a thief on the wire would capture it.
+    captured = sent.proofs[-1][1]
+    old_handle = _handle(client)  # about to become an old generation
+    client.mint("bound-writer", task="Extract_3")
+    stolen = _handle(client)
+
+    now = datetime.now(UTC)
+    thief = DpopKey()
+    nonce = _nonce(broker)
+    attempts = {
+        "dpop_missing_for_bound_session": None,
+        "dpop_wrong_key": thief.proof("POST", token_url, now=now, nonce=nonce),
+        "dpop_htu_mismatch": key.proof("POST", broker.url + "/v1/revoke", now=now, nonce=nonce),
+        "dpop_htm_mismatch": key.proof("GET", token_url, now=now, nonce=nonce),
+        "dpop_iat_too_old": key.proof(
+            "POST", token_url, now=now - timedelta(minutes=10), nonce=nonce
+        ),
+    }
+    # (The key's proofs above stand for proofs the thief found; the key itself never leaves
+    # the client's memory.)
+    for reason, proof in attempts.items():
+        status, body, headers = _post(
+            broker, "/v1/token", refresh_form(stolen, "bound-writer", task="Steal"), proof
+        )
+        assert (status, body["error"]) == (400, "invalid_dpop_proof"), (reason, body)
+        assert "DPoP-Nonce" in headers
+        (denied,) = dpop_stack.events(body["request_id"])
+        assert (denied.outcome, denied.reason) == (Outcome.DENIED, reason)
+        assert denied.session_id == ""  # refused before anything about the session was used
+        if proof is not None and reason != "dpop_wrong_key":
+            assert denied.detail["dpop_jkt"] == key.thumbprint
+    wrong = [e for e in dpop_stack.events() if e.reason == "dpop_wrong_key"]
+    assert wrong[-1].detail["dpop_jkt"] == thief.thumbprint
+
+    # A proof the client sent, replayed (its jti is remembered; its htu is the token endpoint).
+    status, body, _ = _post(
+        broker, "/v1/token", refresh_form(stolen, "bound-writer", task="Steal"), captured
+    )
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_replayed"]
+
+    # An old handle would end the session as reuse; without the key it ends nothing.
+    status, body, _ = _post(broker, "/v1/token", refresh_form(old_handle, "bound-writer"), None)
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+    assert [e.reason for e in dpop_stack.events(body["request_id"])] == [
+        "dpop_missing_for_bound_session"
+    ]
+    # Nor can the thief revoke the session, or ask about it.
+    revoke_form = {"token": stolen, "token_type_hint": "refresh_token"}
+    status, body, _ = _post(broker, "/v1/revoke", revoke_form, None)
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+    revoke_proof = thief.proof("POST", broker.url + "/v1/revoke", now=now, nonce=nonce)
+    status, body, _ = _post(broker, "/v1/revoke", revoke_form, revoke_proof)
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_wrong_key"]
+    status, body, _ = _post(broker, "/v1/explain", {"refresh_token": stolen}, None)
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+
+    # The session lives on: the client mints on it (its token source cannot renew).
+    assert not any(e.outcome == Outcome.REVOKED for e in dpop_stack.events())
+    after = client.mint("bound-writer", task="Load_1")
+    assert isinstance(after, AwsCredentials)
+    assert after.access_key_id not in (first.access_key_id, second.access_key_id)
+    explained = client.explain()
+    assert explained["session"]["cnf"] == {"jkt": key.thumbprint}
+
+
+def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
+    dpop_stack: DpopStack, tmp_path: Path
+) -> None:
+    """Refused before the token is consumed: the same token then exchanges with a proof. A
+    grant that does not require DPoP still serves a client without one (unbound, N_A)."""
+    broker = dpop_stack.broker
+    token = dpop_stack.issuer.mint("gitlab")
+    status, body, _ = broker.exchange(token, "bound-writer")
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_required"]
+
+    key = DpopKey()
+    proof = key.proof("POST", broker.url + "/v1/token", now=datetime.now(UTC), nonce=_nonce(broker))
+    status, body, _ = _post(broker, "/v1/token", exchange_form(token, "bound-writer"), proof)
+    assert status == 200, body
+    assert body["token_type"] == "DPoP"
+    bound_handle = body["refresh_token"]
+    # The operator sees the binding: `sessions list --json` names the key's thumbprint.
+    listed = broker.cli("sessions", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert key.thumbprint in {s["key_thumbprint"] for s in json.loads(listed.stdout)}
+
+    status, body, _ = broker.exchange(dpop_stack.issuer.mint("gitlab"), "etl-writer")
+    assert status == 200 and body["token_type"] == "N_A"
+    # An unbound session cannot mint a grant that requires DPoP.
+    status, body, _ = broker.refresh(body["refresh_token"], "bound-writer")
+    assert (status, body["error"]) == (400, "invalid_dpop_proof")
+    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_required"]
+
+    # The bound session ends with a proof by its key.
+    revoke = key.proof(
+        "POST", broker.url + "/v1/revoke", now=datetime.now(UTC), nonce=_nonce(broker)
+    )
+    form = {"token": bound_handle, "token_type_hint": "refresh_token"}
+    assert _post(broker, "/v1/revoke", form, revoke)[0] == 200
+
+
+def test_two_brokers_on_one_postgresql_share_nonces_and_spent_proofs(
+    dpop_stack: DpopStack, tmp_path: Path
+) -> None:
+    """Two replicas behind one address (the load balancer passes the Host): a nonce one issued
+    is accepted by the other, and a proof spent at one is refused as a replay at the other."""
+    with fresh_pg_database("luigi_creds_dpop") as url:
+        role_arn = dpop_stack.moto.create_role("dpop-replicas")
+        replicas = []
+        for name in ("one", "two"):
+            config = policy_toml(
+                issuer_url=dpop_stack.issuer.url,
+                audit_db=url,
+                listen=f"127.0.0.1:{free_port()}",
+                moto_url=dpop_stack.moto.url,
+                role_arn=role_arn,
+                issuer_extra="require_dpop = true",
+            )
+            replicas.append(start_broker(tmp_path / name, config, env=dpop_stack.moto.broker_env))
+        one, two = replicas
+        try:
+            key = DpopKey()
+            token_url = one.url + "/v1/token"
+            as_one = {"Host": one.url.removeprefix("http://")}
+            now = datetime.now(UTC)
+            form = exchange_form(dpop_stack.issuer.mint("gitlab"))
+            status, body, headers = _post(
+                one, "/v1/token", form, key.proof("POST", token_url, now=now)
+            )
+            assert status == 200 and body["token_type"] == "DPoP", body
+            nonce_from_one = headers["DPoP-Nonce"]
+
+            proof = key.proof("POST", token_url, now=now, nonce=nonce_from_one)
+            data = urllib.parse.urlencode(refresh_form(body["refresh_token"], task="t1"))
+            status, at_two, _ = two.post_raw(
+                "/v1/token", data.encode("ascii"), headers={"DPoP": proof, **as_one}
+            )
+            assert status == 200, at_two
+            handle = at_two["refresh_token"]
+
+            status, replay, _ = _post(one, "/v1/token", refresh_form(handle, task="t2"), proof)
+            assert (status, replay["error"]) == (400, "invalid_dpop_proof")
+            store = open_store(url)
+            try:
+                reasons = [e.reason for e in store.events() if e.request_id == replay["request_id"]]
+            finally:
+                store.close()
+            assert reasons == ["dpop_replayed"]
+            fresh = key.proof("POST", token_url, now=datetime.now(UTC), nonce=nonce_from_one)
+            status, body, _ = _post(one, "/v1/token", refresh_form(handle, task="t3"), fresh)
+            assert status == 200, body
+        finally:
+            one.stop()
+            two.stop()
