@@ -8,6 +8,7 @@ audit, sessions, dev.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -118,11 +119,21 @@ def build_app(config: Config) -> Any:
     from broker.issuers import IssuerRegistry
     from broker.openapi import OPENAPI
     from broker.policy import Policy
+    from broker.policy_reload import ActivePolicy, LoadedPolicy, PolicyMetrics, read_policy
     from broker.revocation import SessionEnder
     from broker.sessions import open_state
     from broker.storage import Database, StoreUnavailable
 
     metrics = Metrics()
+    # The policy in force starts as the file's current bytes (hashed for the audit); a policy
+    # built in memory (no file) is served as is and never reloaded.
+    policy_file = Path(config.source)
+    if policy_file.is_file():
+        loaded = read_policy(policy_file, _now)
+        config = loaded.config
+    else:
+        loaded = LoadedPolicy(config, Policy.compile(config), "", _now())
+    active = ActivePolicy(loaded)
     # NOTE: no redirects, short timeouts; issuers.py adds body caps and host pinning on top.
     http = httpx.Client(follow_redirects=False, timeout=httpx.Timeout(5.0), trust_env=False)
     issuers = IssuerRegistry(config.issuers, http, clock=_now, on_fetch=metrics.on_jwks_fetch)
@@ -142,7 +153,7 @@ def build_app(config: Config) -> Any:
     ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
     exchanger = Exchanger(
         config,
-        Policy.compile(config),
+        loaded.policy,
         issuers,
         audit,
         minter=minter,
@@ -150,7 +161,9 @@ def build_app(config: Config) -> Any:
         sessions=sessions,
         ender=ender,
         clock=_now,
+        active=active,
     )
+    reloader = _policy_reloader(policy_file, active, audit, minter, PolicyMetrics(metrics.registry))
 
     def issuers_ready() -> None:
         missing = [name for name, ok in issuers.status().items() if not ok]
@@ -166,6 +179,8 @@ def build_app(config: Config) -> Any:
         checks["vault"] = _vault_readiness(config, minter.vault)
 
     def shutdown() -> None:
+        if reloader is not None:
+            reloader.stop()
         # A signed checkpoint at a clean stop covers the records since the last one, which
         # otherwise only the hash chain protects (see broker/audit/ledger.py).
         try:
@@ -175,14 +190,51 @@ def build_app(config: Config) -> Any:
         database.close()
         http.close()
 
+    details = {"policy": reloader.status} if reloader is not None else {}
     return create_app(
         exchanger,
-        readiness=Readiness(checks),
+        readiness=Readiness(checks, details),
         metrics=metrics,
         max_body_bytes=config.broker.max_body_bytes,
         openapi=OPENAPI,
         on_shutdown=shutdown,
     )
+
+
+def _policy_reloader(
+    path: Path, active: Any, audit: AuditLedger, minter: GrantMinter, metrics: Any
+) -> Any:
+    """Audit the policy in force, then watch its file (SIGHUP or a change on disk reloads it).
+
+    None for a policy built in memory: there is no file to watch."""
+    from broker.policy_reload import PolicyReloader
+
+    if not active.current.sha256:
+        return None
+
+    def can_mint(grant: Any) -> str | None:
+        if grant.aws is not None and not minter.mints_aws:
+            return "an aws grant needs a restart: the broker started without AWS grants"
+        if grant.vault is not None and minter.vault is None:
+            return "a vault grant needs a restart: the broker started without Vault grants"
+        return None
+
+    reloader = PolicyReloader(
+        path,
+        active,
+        audit,
+        _now,
+        metrics=metrics,
+        can_mint=can_mint,
+        stamp=audit.stamp_policy,
+    )
+    reloader.announce()
+    reloader.start()
+    # SIGHUP reloads at once. Installed here, in the main thread, before uvicorn runs (it
+    # handles SIGINT and SIGTERM only); the handler only wakes the watcher thread.
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding test): poll only
+        signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request_reload())
+    return reloader
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

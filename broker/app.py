@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -99,9 +99,12 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Readiness:
-    """Named checks for /readyz; each raises (any exception) when not ready."""
+    """Named checks for /readyz; each raises (any exception) when not ready. `details` are
+    shown in the body under their name and never change the status (e.g. the policy in force
+    and a refused policy file: the old policy still serves, so the replica stays in rotation)."""
 
     checks: Mapping[str, Callable[[], None]]
+    details: Mapping[str, Callable[[], Mapping[str, Any]]] = field(default_factory=dict)
 
 
 def readiness_problem(exc: BaseException) -> str:
@@ -291,6 +294,8 @@ def create_app(
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": results}
         if problems:
             body["problems"] = problems
+        for name, detail in readiness.details.items():
+            body[name] = dict(detail())
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -196,6 +196,10 @@ class GrantMinter:
         return Prepared(target=target, detail={"ttl": ttl, "orphan": plan.orphan}, run=create)
 
     @property
+    def mints_aws(self) -> bool:
+        return self._aws is not None
+
+    @property
     def vault(self) -> VaultMinter | None:
         return self._vault
 
