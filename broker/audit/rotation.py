@@ -184,7 +184,7 @@ def _credential(
         state, ended, lifetime_end = "expired", e.expires_at, e.expires_at
     else:
         state, ended, lifetime_end = "issued", None, e.expires_at
-    lifetime = None if lifetime_end is None else int((lifetime_end - e.time).total_seconds())
+    lifetime = None if lifetime_end is None else round((lifetime_end - e.time).total_seconds())
     return Credential(
         request_id=e.request_id,
         task=e.task,
