@@ -60,13 +60,37 @@ def _sts_client(config: Config) -> Any:
     )
 
 
+def _sts_client_at(config: Config, where: Any) -> Any:
+    """An STS client for a grant's own region, endpoint and/or profile (broker/mint/aws.py).
+
+    The endpoint is the grant's, else [upstream.aws].endpoint_url when the grant stays in the
+    upstream region's partition (a private endpoint or a test server), else the region's own
+    (boto3 knows aws-cn's and aws-us-gov's hosts)."""
+    import boto3
+
+    from broker.config import AWS_PARTITIONS
+
+    region = where.region or config.aws.region
+
+    def partition(name: str) -> str:
+        return next((p for p, pre in AWS_PARTITIONS.items() if pre and name.startswith(pre)), "aws")
+
+    endpoint = where.endpoint_url
+    if endpoint is None and partition(region) == partition(config.aws.region):
+        endpoint = config.aws.endpoint_url
+    session = boto3.session.Session(profile_name=where.profile)
+    return session.client("sts", region_name=region, endpoint_url=endpoint)
+
+
 def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
     """The AWS and Vault minters the policy needs, and nothing it does not."""
     from broker.mint.aws import AwsMinter
     from broker.mint.grants import GrantMinter
     from broker.mint.vault import VaultMinter
 
-    aws = AwsMinter(_sts_client(config)) if any(g.aws for g in config.grants) else None
+    aws = None
+    if any(g.aws for g in config.grants):
+        aws = AwsMinter(_sts_client(config), lambda where: _sts_client_at(config, where))
     vault = None
     if config.vault is not None and any(g.vault for g in config.grants):
         vault = VaultMinter(config.vault, clock=_now)

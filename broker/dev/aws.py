@@ -103,18 +103,24 @@ class MotoServer:
         """A boto3 client signing with `keys` (default: the administrator)."""
         return session(keys or self.admin, token).client(service, endpoint_url=self.url)
 
-    def create_role(self, name: str, allow: Sequence[Allow], *, trusted: str | None = None) -> str:
-        """A role trusting `trusted` (default: the broker) with `allow` inline; returns its ARN."""
-        trust = {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Effect": "Allow",
-                    "Principal": {"AWS": trusted or self.broker_arn},
-                    "Action": list(BROKER_ACTIONS),
-                }
-            ],
+    def create_role(
+        self,
+        name: str,
+        allow: Sequence[Allow],
+        *,
+        trusted: str | None = None,
+        external_id: str | None = None,
+    ) -> str:
+        """A role trusting `trusted` (default: the broker) with `allow` inline; returns its ARN.
+        With `external_id` the trust requires that sts:ExternalId (moto checks this one)."""
+        statement: dict[str, Any] = {
+            "Effect": "Allow",
+            "Principal": {"AWS": trusted or self.broker_arn},
+            "Action": list(BROKER_ACTIONS),
         }
+        if external_id is not None:
+            statement["Condition"] = {"StringEquals": {"sts:ExternalId": external_id}}
+        trust = {"Version": "2012-10-17", "Statement": [statement]}
         iam = self.client("iam")
         role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
         if allow:

@@ -147,7 +147,18 @@ class GrantMinter:
                 session_ref=(REF_AWS, creds.access_key_id),
             )
 
-        detail = {"duration": plan.duration_seconds, "session_name": plan.role_session_name}
+        detail: dict[str, Any] = {
+            "duration": plan.duration_seconds,
+            "session_name": plan.role_session_name,
+        }
+        # What narrows or relocates the session, in the intent record (nothing here is secret;
+        # an ExternalId is a confused-deputy guard, not a credential, and is not recorded).
+        if plan.policy is not None:
+            detail["session_policy"] = plan.policy
+        if plan.transitive_tag_keys:
+            detail["transitive_tags"] = list(plan.transitive_tag_keys)
+        if plan.location.region or plan.location.endpoint_url:
+            detail["sts"] = plan.location.endpoint_url or plan.location.region
         return Prepared(target=plan.role_arn, detail=detail, run=run)
 
     def _prepare_vault(
