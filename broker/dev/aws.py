@@ -12,7 +12,8 @@ What moto does not enforce (so tests cover it another way): credential expiry (a
 until moto stops), condition keys in identity policies (a Condition is treated as met, so an
 Allow with one always allows and a Deny with one always denies), trust-policy conditions other
 than `StringEquals` on `sts:ExternalId` (session tags, source identity and `aws:TagKeys` are not
-checked), session policies, permission boundaries and resource policies (bucket policies).
+checked; and a call with no ExternalId at all passes that one), session policies (an inline
+Policy is accepted and ignored), permission boundaries and resource policies (bucket policies).
 
 Talks to moto over loopback HTTP: boto3 for IAM and S3, urllib for moto's own /moto-api/.
 """
