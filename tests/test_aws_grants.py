@@ -44,6 +44,8 @@ Action = ["s3:PutObject", "s3:GetObject"]
 Resource = ["arn:aws:s3:::lake/{project_path}/*"]
 """
 
+POLICY = "[grant.aws.session_policy]"
+TAGS = 'session_tags = { project = "{project_path}" }'
 CLAIMS = {"project_path": "data-platform/etl", "pipeline_id": "42", "project_id": "1"}
 
 
@@ -108,9 +110,10 @@ def test_a_rendered_policy_over_the_sts_limit_is_refused() -> None:
 @pytest.mark.parametrize(
     ("body", "role", "where", "fragment"),
     [
-        ("[grant.aws.session_policy]\nVersion = \"2012-10-17\"", None, "session_policy", "Statement"),
-        ('[grant.aws.session_policy]\nStatement = [{ Resource = "{bad claim}" }]', None, "session_policy.Statement[0].Resource", "placeholders"),
-        ('transitive_tags = ["team"]\nsession_tags = { project = "{project_path}" }', None, "transitive_tags", "'team'"),
+        (f"{POLICY}\nVersion = \"2012-10-17\"", None, "session_policy", "Statement"),
+        (f'{POLICY}\nStatement = [{{ Resource = "{{bad claim}}" }}]', None,
+         "session_policy.Statement[0].Resource", "placeholders"),
+        (f"transitive_tags = ['team']\n{TAGS}", None, "transitive_tags", "'team'"),
         ('external_id = "x"', None, "external_id", "2-1224"),
         ('external_id = "has space"', None, "external_id", "2-1224"),
         ("", CN_ROLE, "region", "required for a role in partition aws-cn"),

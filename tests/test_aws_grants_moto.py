@@ -3,9 +3,10 @@ region, a session policy templated from the token's project path, transitive tag
 
 What moto enforces here: the role's trust policy principal and its `StringEquals` on
 `sts:ExternalId` (a grant sending another ExternalId is refused by moto; one sending none is let
-through by moto, where AWS refuses it), signatures, and the role's own permission policy. What it does not: session policies (an inline Policy is accepted and
-then ignored, so a write outside the project's prefix succeeds on moto where AWS refuses it),
-session tags and transitive tag keys. For those the tests assert what the broker sent to STS:
+through by moto, where AWS refuses it), signatures, and the role's own permission policy. What
+it does not: session policies (an inline Policy is accepted and then ignored, so a write
+outside the project's prefix succeeds on moto where AWS refuses it), session tags and
+transitive tag keys. For those the tests assert what the broker sent to STS:
 the rendered policy and tags in the intent record, and AssumeRole's parameters in
 test_aws_grants.py.
 """
