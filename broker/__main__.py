@@ -137,10 +137,11 @@ def build_app(config: Config) -> Any:
     """Wire the broker from config: the one place clients and stores are constructed."""
     import httpx
 
-    from broker.app import Metrics, Readiness, create_app
+    from broker.app import Readiness, create_app
     from broker.audit import open_store
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
+    from broker.metrics import Metrics, now_active
     from broker.openapi import OPENAPI
     from broker.policy import Policy
     from broker.policy_reload import ActivePolicy, LoadedPolicy, PolicyMetrics, read_policy
@@ -174,6 +175,12 @@ def build_app(config: Config) -> Any:
     reconcile_dangling(audit)
     replay, sessions = open_state(database)
     minter = build_minter(config, audit.hash_ref)
+    minter.observe = metrics.on_upstream
+    database.on_write = metrics.on_store_write
+    database.on_batch = metrics.on_store_batch
+    metrics.watch(
+        active_sessions=now_active(sessions.count_active, _now), key_ages=issuers.key_ages
+    )
     ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
     exchanger = Exchanger(
         config,

@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -31,6 +25,7 @@ from starlette.routing import Route
 
 from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
 from broker.logs import scrub
+from broker.metrics import Metrics
 from broker.mint import UpstreamError
 from broker.upstream_check import NotReady
 
@@ -66,35 +61,6 @@ class BadForm(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-class Metrics:
-    """Prometheus series for requests, latency and JWKS refreshes, on a private registry."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "luigi_creds_requests",
-            "Token endpoint requests by grant and outcome.",
-            ["endpoint", "grant", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "luigi_creds_request_seconds",
-            "Token endpoint latency.",
-            ["endpoint"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
-        self.jwks_fetches = Counter(
-            "luigi_creds_jwks_fetches",
-            "JWKS and discovery fetches by issuer and outcome.",
-            ["issuer", "outcome"],
-            registry=self.registry,
-        )
-
-    def on_jwks_fetch(self, issuer: str, outcome: str) -> None:
-        self.jwks_fetches.labels(issuer=issuer, outcome=outcome).inc()
 
 
 @dataclass(frozen=True)
@@ -221,6 +187,7 @@ def create_app(
             # audience=<name> would tell anyone which grant names exist.
             grant = _known(audience, exchanger) if exc.authenticated else "-"
             metrics.requests.labels("token", grant, exc.error).inc()
+            metrics.denials.labels("token", exc.reason).inc()
             return error_response(exc, request_id, server_timing=timings.header())
         finally:
             metrics.latency.labels("token").observe(time.perf_counter() - started)
@@ -252,6 +219,7 @@ def create_app(
                 await run_in_threadpool(exchanger.revoke, req)
         except ExchangeError as exc:
             metrics.requests.labels("revoke", "-", exc.error).inc()
+            metrics.denials.labels("revoke", exc.reason).inc()
             return error_response(exc, request_id)
         metrics.requests.labels("revoke", "-", "revoked").inc()
         return Response(status_code=200, headers=_NO_STORE)
@@ -272,6 +240,7 @@ def create_app(
             answer = await run_in_threadpool(exchanger.explain, req)
         except ExchangeError as exc:
             metrics.requests.labels("explain", "-", exc.error).inc()
+            metrics.denials.labels("explain", exc.reason).inc()
             return error_response(exc, request_id)
         metrics.requests.labels("explain", "-", "explained").inc()
         return JSONResponse(answer, headers=_NO_STORE)
