@@ -7,18 +7,16 @@ checked for the chart's colours.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import shutil
 import sqlite3
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_audit_report import _png_pixels
+from screenshots import chromium_screenshot
+from test_audit_report import _parser
 
 from broker.audit import cli, open_store
 from broker.audit.events import AuditEvent, Outcome
@@ -188,12 +186,6 @@ def day() -> list[AuditEvent]:
     ]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="luigi-creds-broker")
-    cli.register(parser.add_subparsers(dest="command"))
-    return parser
-
-
 def _run(*argv: str) -> tuple[int, str, str]:
     args = _parser().parse_args(list(argv))
     out, err = io.StringIO(), io.StringIO()
@@ -346,32 +338,14 @@ def test_ref_kinds() -> None:
 def test_rotation_html_screenshot(seeded: Path, tmp_path: Path) -> None:
     """Headless Chromium renders the report; the screenshot shows the verdict and the denial
     bars in their reasons' colours. The PNG is kept in the test's tmp dir (path printed)."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium package is needed for this test"
     page = tmp_path / "rotation.html"
     code, _, _ = _run(
         "audit", "rotation", "--config", str(seeded), "--since", "24h", "--output", str(page)
     )
     assert code == 0
     shot = tmp_path / "rotation.png"
-    subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1000,560",
-            f"--screenshot={shot}",
-            page.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    width, height, rows = chromium_screenshot(page, shot, 1000, 560)
     print(f"\nrotation report screenshot: {shot}")
-    width, height, rows = _png_pixels(shot.read_bytes())
     assert (width, height) == (1000, 560)
 
     def count(rgb: tuple[int, int, int]) -> int:

@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import httpx
 import hvac.exceptions
 import psycopg
 import pytest
+from screenshots import chromium_screenshot
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, Moto, policy_toml, start_broker, start_moto
 from vault_server import DB_ROLE, BrokerVault, OpenBao, pg_url, setup_broker, start_openbao
@@ -929,16 +929,9 @@ def test_stock_pipeline_job_summary_and_rotation_report(stack: Stack, tmp_path: 
     assert report.returncode == 0, report.stderr
     html_text = page.read_text()
     assert all(m["access_key_id"] in html_text for m in seen)
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium package is needed for this test"
     shot = tmp_path / "rotation.png"
-    subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900",
-         f"--screenshot={shot}", page.as_uri()],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    assert shot.stat().st_size > 10_000
+    width, _, _ = chromium_screenshot(page, shot, 1200, 900)
+    assert width == 1200 and shot.stat().st_size > 10_000
     print(f"rotation report for this job: {page}\nscreenshot: {shot}")
 
 
