@@ -877,7 +877,7 @@ def test_stock_pipeline_job_summary_and_rotation_report(stack: Stack, tmp_path: 
     task's key, exec's own), naming task, grant, key id, lifetime and the broker's request id,
     and no secret. The broker's rotation report shows the same keys under the same tasks; its
     HTML is rendered by headless Chromium (screenshot path printed)."""
-    workdir = tmp_path / "job"
+    workdir = tmp_path / "summary-job"  # its own S3 prefix: earlier runs' outputs are complete
     argv, env, markers, ci_token = _plain_job_argv(stack, workdir, ["etl-writer"], "", "PlainAll")
     step = tmp_path / "github-step-summary.md"
     step.write_text("## an earlier step\n")
