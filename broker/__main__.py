@@ -8,6 +8,7 @@ audit, sessions, dev.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -59,13 +60,37 @@ def _sts_client(config: Config) -> Any:
     )
 
 
+def _sts_client_at(config: Config, where: Any) -> Any:
+    """An STS client for a grant's own region, endpoint and/or profile (broker/mint/aws.py).
+
+    The endpoint is the grant's, else [upstream.aws].endpoint_url when the grant stays in the
+    upstream region's partition (a private endpoint or a test server), else the region's own
+    (boto3 knows aws-cn's and aws-us-gov's hosts)."""
+    import boto3
+
+    from broker.config import AWS_PARTITIONS
+
+    region = where.region or config.aws.region
+
+    def partition(name: str) -> str:
+        return next((p for p, pre in AWS_PARTITIONS.items() if pre and name.startswith(pre)), "aws")
+
+    endpoint = where.endpoint_url
+    if endpoint is None and partition(region) == partition(config.aws.region):
+        endpoint = config.aws.endpoint_url
+    session = boto3.session.Session(profile_name=where.profile)
+    return session.client("sts", region_name=region, endpoint_url=endpoint)
+
+
 def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
     """The AWS and Vault minters the policy needs, and nothing it does not."""
     from broker.mint.aws import AwsMinter
     from broker.mint.grants import GrantMinter
     from broker.mint.vault import VaultMinter
 
-    aws = AwsMinter(_sts_client(config)) if any(g.aws for g in config.grants) else None
+    aws = None
+    if any(g.aws for g in config.grants):
+        aws = AwsMinter(_sts_client(config), lambda where: _sts_client_at(config, where))
     vault = None
     if config.vault is not None and any(g.vault for g in config.grants):
         vault = VaultMinter(config.vault, clock=_now)
@@ -112,18 +137,29 @@ def build_app(config: Config) -> Any:
     """Wire the broker from config: the one place clients and stores are constructed."""
     import httpx
 
-    from broker.app import Metrics, Readiness, create_app
+    from broker.app import Readiness, create_app
     from broker.audit import open_store
     from broker.dpop import DpopGuard, NonceSource
     from broker.exchange import Exchanger
     from broker.issuers import IssuerRegistry
+    from broker.metrics import Metrics, now_active
     from broker.openapi import OPENAPI
     from broker.policy import Policy
+    from broker.policy_reload import ActivePolicy, LoadedPolicy, PolicyMetrics, read_policy
     from broker.revocation import SessionEnder
     from broker.sessions import open_state
     from broker.storage import Database, StoreUnavailable
 
     metrics = Metrics()
+    # The policy in force starts as the file's current bytes (hashed for the audit); a policy
+    # built in memory (no file) is served as is and never reloaded.
+    policy_file = Path(config.source)
+    if policy_file.is_file():
+        loaded = read_policy(policy_file, _now)
+        config = loaded.config
+    else:
+        loaded = LoadedPolicy(config, Policy.compile(config), "", _now())
+    active = ActivePolicy(loaded)
     # NOTE: no redirects, short timeouts; issuers.py adds body caps and host pinning on top.
     http = httpx.Client(follow_redirects=False, timeout=httpx.Timeout(5.0), trust_env=False)
     issuers = IssuerRegistry(config.issuers, http, clock=_now, on_fetch=metrics.on_jwks_fetch)
@@ -140,10 +176,16 @@ def build_app(config: Config) -> Any:
     reconcile_dangling(audit)
     replay, sessions = open_state(database)
     minter = build_minter(config, audit.hash_ref)
+    minter.observe = metrics.on_upstream
+    database.on_write = metrics.on_store_write
+    database.on_batch = metrics.on_store_batch
+    metrics.watch(
+        active_sessions=now_active(sessions.count_active, _now), key_ages=issuers.key_ages
+    )
     ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
     exchanger = Exchanger(
         config,
-        Policy.compile(config),
+        loaded.policy,
         issuers,
         audit,
         minter=minter,
@@ -153,7 +195,9 @@ def build_app(config: Config) -> Any:
         clock=_now,
         # Nonces checkable by every replica on this store; proof jtis in the shared replay ledger.
         dpop=DpopGuard(replay, NonceSource.from_store(database), leeway=config.broker.leeway),
+        active=active,
     )
+    reloader = _policy_reloader(policy_file, active, audit, minter, PolicyMetrics(metrics.registry))
 
     def issuers_ready() -> None:
         missing = [name for name, ok in issuers.status().items() if not ok]
@@ -169,6 +213,8 @@ def build_app(config: Config) -> Any:
         checks["vault"] = _vault_readiness(config, minter.vault)
 
     def shutdown() -> None:
+        if reloader is not None:
+            reloader.stop()
         # A signed checkpoint at a clean stop covers the records since the last one, which
         # otherwise only the hash chain protects (see broker/audit/ledger.py).
         try:
@@ -178,14 +224,51 @@ def build_app(config: Config) -> Any:
         database.close()
         http.close()
 
+    details = {"policy": reloader.status} if reloader is not None else {}
     return create_app(
         exchanger,
-        readiness=Readiness(checks),
+        readiness=Readiness(checks, details),
         metrics=metrics,
         max_body_bytes=config.broker.max_body_bytes,
         openapi=OPENAPI,
         on_shutdown=shutdown,
     )
+
+
+def _policy_reloader(
+    path: Path, active: Any, audit: AuditLedger, minter: GrantMinter, metrics: Any
+) -> Any:
+    """Audit the policy in force, then watch its file (SIGHUP or a change on disk reloads it).
+
+    None for a policy built in memory: there is no file to watch."""
+    from broker.policy_reload import PolicyReloader
+
+    if not active.current.sha256:
+        return None
+
+    def can_mint(grant: Any) -> str | None:
+        if grant.aws is not None and not minter.mints_aws:
+            return "an aws grant needs a restart: the broker started without AWS grants"
+        if grant.vault is not None and minter.vault is None:
+            return "a vault grant needs a restart: the broker started without Vault grants"
+        return None
+
+    reloader = PolicyReloader(
+        path,
+        active,
+        audit,
+        _now,
+        metrics=metrics,
+        can_mint=can_mint,
+        stamp=audit.stamp_policy,
+    )
+    reloader.announce()
+    reloader.start()
+    # SIGHUP reloads at once. Installed here, in the main thread, before uvicorn runs (it
+    # handles SIGINT and SIGTERM only); the handler only wakes the watcher thread.
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding test): poll only
+        signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request_reload())
+    return reloader
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -12,17 +12,11 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -32,6 +26,7 @@ from starlette.routing import Route
 from broker.dpop import NONCE_HEADER
 from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
 from broker.logs import scrub
+from broker.metrics import Metrics
 from broker.mint import UpstreamError
 from broker.upstream_check import NotReady
 
@@ -69,40 +64,14 @@ class BadForm(Exception):
         self.reason = reason
 
 
-class Metrics:
-    """Prometheus series for requests, latency and JWKS refreshes, on a private registry."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "luigi_creds_requests",
-            "Token endpoint requests by grant and outcome.",
-            ["endpoint", "grant", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "luigi_creds_request_seconds",
-            "Token endpoint latency.",
-            ["endpoint"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
-        self.jwks_fetches = Counter(
-            "luigi_creds_jwks_fetches",
-            "JWKS and discovery fetches by issuer and outcome.",
-            ["issuer", "outcome"],
-            registry=self.registry,
-        )
-
-    def on_jwks_fetch(self, issuer: str, outcome: str) -> None:
-        self.jwks_fetches.labels(issuer=issuer, outcome=outcome).inc()
-
-
 @dataclass(frozen=True)
 class Readiness:
-    """Named checks for /readyz; each raises (any exception) when not ready."""
+    """Named checks for /readyz; each raises (any exception) when not ready. `details` are
+    shown in the body under their name and never change the status (e.g. the policy in force
+    and a refused policy file: the old policy still serves, so the replica stays in rotation)."""
 
     checks: Mapping[str, Callable[[], None]]
+    details: Mapping[str, Callable[[], Mapping[str, Any]]] = field(default_factory=dict)
 
 
 def readiness_problem(exc: BaseException) -> str:
@@ -240,6 +209,7 @@ def create_app(
             # audience=<name> would tell anyone which grant names exist.
             grant = _known(audience, exchanger) if exc.authenticated else "-"
             metrics.requests.labels("token", grant, exc.error).inc()
+            metrics.denials.labels("token", exc.reason).inc()
             return error_response(
                 exc, request_id, server_timing=timings.header(), extra_headers=nonce_header()
             )
@@ -274,6 +244,7 @@ def create_app(
                 await run_in_threadpool(exchanger.revoke, req)
         except ExchangeError as exc:
             metrics.requests.labels("revoke", "-", exc.error).inc()
+            metrics.denials.labels("revoke", exc.reason).inc()
             return error_response(exc, request_id, extra_headers=nonce_header())
         metrics.requests.labels("revoke", "-", "revoked").inc()
         return Response(status_code=200, headers={**_NO_STORE, **nonce_header()})
@@ -295,6 +266,7 @@ def create_app(
             answer = await run_in_threadpool(exchanger.explain, req)
         except ExchangeError as exc:
             metrics.requests.labels("explain", "-", exc.error).inc()
+            metrics.denials.labels("explain", exc.reason).inc()
             return error_response(exc, request_id, extra_headers=nonce_header())
         metrics.requests.labels("explain", "-", "explained").inc()
         return JSONResponse(answer, headers={**_NO_STORE, **nonce_header()})
@@ -317,6 +289,8 @@ def create_app(
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": results}
         if problems:
             body["problems"] = problems
+        for name, detail in readiness.details.items():
+            body[name] = dict(detail())
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics_endpoint(request: Request) -> Response:

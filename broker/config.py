@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import math
 import re
 import tomllib
@@ -110,6 +111,19 @@ class AwsGrant:
     session_tags: Mapping[str, str] = field(default_factory=dict)  # values are claim templates
     source_identity: str | None = None  # claim template, e.g. "{user_login}"
     session_name: str | None = None  # claim template; default "<grant>-<request id>"
+    # An inline session policy (IAM JSON, kept as canonical JSON text) whose string values are
+    # claim templates: the credentials get the intersection of the role's policy and this.
+    session_policy: str | None = None
+    external_id: str | None = None  # sts:ExternalId the role's trust policy may require
+    transitive_tags: tuple[str, ...] = ()  # session_tags keys that survive role chaining
+    region: str | None = None  # STS region for this grant (default: [upstream.aws].region)
+    sts_endpoint: str | None = None  # STS endpoint URL (default: the region's)
+    profile: str | None = None  # AWS profile the broker signs with (another partition's identity)
+
+    @property
+    def partition(self) -> str:
+        """The role's partition, from its ARN: aws, aws-cn or aws-us-gov."""
+        return self.role_arn.split(":", 2)[1] if self.role_arn.count(":") >= 2 else "aws"
 
 
 @dataclass(frozen=True)
@@ -341,7 +355,27 @@ _ISSUER_KEYS = frozenset(
 _GRANT_KEYS = frozenset(
     {"name", "issuers", "match", "ttl", "aws", "vault", "description", "require_dpop"}
 )
-_AWS_GRANT_KEYS = frozenset({"role_arn", "session_tags", "source_identity", "session_name"})
+_AWS_GRANT_KEYS = frozenset(
+    {
+        "role_arn",
+        "session_tags",
+        "source_identity",
+        "session_name",
+        "session_policy",
+        "external_id",
+        "transitive_tags",
+        "region",
+        "sts_endpoint",
+        "profile",
+        "partition",
+    }
+)
+# AWS partitions and the region names each holds.
+AWS_PARTITIONS: Final = {"aws": "", "aws-cn": "cn-", "aws-us-gov": "us-gov-"}
+_REGION = re.compile(r"[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d")
+# STS: ExternalId is 2..1224 characters of [\w+=,.@:/-]; the inline Policy at most 2048.
+_EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
+STS_POLICY_MAX = 2048
 _VAULT_GRANT_KEYS = frozenset({"secret", "token_policies", "orphan", "num_uses"})
 _UPSTREAM_KEYS = frozenset({"aws", "vault"})
 _UPSTREAM_AWS_KEYS = frozenset({"region", "endpoint_url"})
@@ -1013,12 +1047,81 @@ class _Lint:
             tags[key] = value
         source_identity = self.optional_template(t, "source_identity", w)
         session_name = self.optional_template(t, "session_name", w)
-        return AwsGrant(
+        transitive = self.str_list(t, "transitive_tags", w) if "transitive_tags" in t else ()
+        for key in transitive:
+            if key not in tags:
+                self.add(f"{w}.transitive_tags", f"{key!r} is not one of this grant's session_tags")
+        external_id = self.typed(t, "external_id", w, str, "") or None
+        if external_id is not None and not _EXTERNAL_ID.fullmatch(external_id):
+            self.add(f"{w}.external_id", "STS takes 2-1224 characters of A-Z a-z 0-9 +=,.@:/-_")
+        grant = AwsGrant(
             role_arn=role_arn,
             session_tags=MappingProxyType(tags),
             source_identity=source_identity,
             session_name=session_name,
+            session_policy=self.session_policy(t, w),
+            external_id=external_id,
+            transitive_tags=transitive,
+            region=self.typed(t, "region", w, str, "") or None,
+            sts_endpoint=self.typed(t, "sts_endpoint", w, str, "") or None,
+            profile=self.typed(t, "profile", w, str, "") or None,
         )
+        self.aws_location(t, grant, w)
+        return grant
+
+    def aws_location(self, t: Mapping[str, Any], grant: AwsGrant, w: str) -> None:
+        """Partition, region and endpoint agree: a role in aws-cn is reached in a cn- region."""
+        partition = self.typed(t, "partition", w, str, "") or grant.partition
+        if partition not in AWS_PARTITIONS:
+            self.add(f"{w}.partition", f"expected one of {', '.join(AWS_PARTITIONS)}")
+            return
+        if grant.role_arn and grant.partition != partition:
+            self.add(f"{w}.role_arn", f"the role's partition is not {partition!r}")
+        if grant.region is not None:
+            prefix = AWS_PARTITIONS[partition]
+            in_partition = [
+                p for p, pre in AWS_PARTITIONS.items() if pre and grant.region.startswith(pre)
+            ]
+            if not _REGION.fullmatch(grant.region):
+                self.add(f"{w}.region", "expected a region name such as eu-west-1")
+            elif (in_partition[0] if in_partition else "aws") != partition:
+                where = f"a {prefix}* region" if prefix else "a region outside cn- and us-gov-"
+                self.add(f"{w}.region", f"partition {partition} needs {where}")
+        elif partition != "aws":
+            self.add(f"{w}.region", f"required for a role in partition {partition}")
+        if grant.sts_endpoint is not None:
+            self.url(grant.sts_endpoint, f"{w}.sts_endpoint")
+
+    def session_policy(self, t: Mapping[str, Any], w: str) -> str | None:
+        """The inline session policy table as canonical JSON; string values may hold claim
+        templates. Checked: a Statement, balanced placeholders, STS's 2048-character limit."""
+        if "session_policy" not in t:
+            return None
+        where = f"{w}.session_policy"
+        policy = self.table(t["session_policy"], where)
+        if policy is None:
+            return None
+        if "Statement" not in policy:
+            self.add(where, "an IAM policy needs a Statement")
+
+        def walk(node: object, at: str) -> None:
+            if isinstance(node, str):
+                self.template(node, at)
+            elif isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{at}.{key}")
+            elif isinstance(node, list):
+                for i, value in enumerate(node):
+                    walk(value, f"{at}[{i}]")
+
+        walk(policy, where)
+        text = json.dumps(policy, separators=(",", ":"), sort_keys=True, default=str)
+        # Placeholders count at their rendered size, unknown here: checked again when minting.
+        if len(_PLACEHOLDER.sub("", text)) > STS_POLICY_MAX:
+            self.add(
+                where, f"STS takes an inline session policy of at most {STS_POLICY_MAX} characters"
+            )
+        return text
 
     def optional_template(self, t: Mapping[str, Any], key: str, w: str) -> str | None:
         value = self.typed(t, key, w, str, "")

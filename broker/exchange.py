@@ -36,6 +36,7 @@ from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
 from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
 from broker.policy import Policy
+from broker.policy_reload import ActivePolicy, LoadedPolicy
 from broker.ratelimit import DenyCache, RateLimits, retry_after
 from broker.replay import ReplayLedger
 from broker.revocation import SessionEnder
@@ -270,9 +271,13 @@ class Exchanger:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         dpop: DpopGuard | None = None,
+        active: ActivePolicy | None = None,
     ) -> None:
+        # Policy reload: `active` may swap the grants (broker/policy_reload.py); [broker]
+        # settings never change without a restart, so `self._config.broker` stays valid.
         self._config = config
-        self._policy = policy
+        self._active = active or ActivePolicy(LoadedPolicy(config, policy, ""))
+        self._active.subscribe(self._policy_swapped)
         self._issuers = issuers
         self._audit = audit
         self._minter = minter
@@ -287,6 +292,14 @@ class Exchanger:
         self._last_append_failed = False
         # Replicas share the nonce key through the store (see build_app); alone, any key works.
         self._dpop = dpop or DpopGuard(replay, NonceSource.random(), leeway=config.broker.leeway)
+
+    @property
+    def _policy(self) -> Policy:
+        return self._active.current.policy
+
+    def _policy_swapped(self, loaded: LoadedPolicy) -> None:
+        # A cached denial was decided under the old policy: a fixed policy applies at once.
+        self._deny_cache.clear()
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -714,7 +727,9 @@ class Exchanger:
 
     def _authorize(self, identity: _Identity, req: TokenRequest, record: _Record) -> GrantConfig:
         """Rate limits, the deny cache, then the policy, for the grant named by `audience`."""
-        grant = self._policy.grant(req.audience)
+        active = self._active.current  # one policy for the whole decision, named in the record
+        record.set(policy_sha256=active.sha256)
+        grant = active.policy.grant(req.audience)
         if grant is None:
             raise ExchangeError(400, "invalid_target", "unknown_grant")
         now_mono = self._monotonic()
@@ -734,7 +749,7 @@ class Exchanger:
             raise _unavailable(
                 f"cached_{cached}", retry_after=self._config.broker.deny_cache_seconds or 1
             )
-        decision = self._policy.evaluate(grant.name, identity.issuer, identity.claims)
+        decision = active.policy.evaluate(grant.name, identity.issuer, identity.claims)
         record.set(claims=dict(decision.claims_read))
         if not decision.allowed:
             # NOTE: policy denials are not cached: evaluating is cheap and the next token may

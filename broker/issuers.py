@@ -209,6 +209,14 @@ class IssuerRegistry:
                 if entry.attempts == observed:
                     self._fetch_locked(entry, self._clock())
 
+    def key_ages(self) -> Mapping[str, float | None]:
+        """Issuer name -> seconds since its keys were last fetched (or loaded); None if never."""
+        now = self._clock()
+        return {
+            name: None if e.last_success is None else (now - e.last_success).total_seconds()
+            for name, e in self._entries.items()
+        }
+
     def status(self) -> Mapping[str, bool]:
         """Issuer name -> whether it has keys that may be used now (for /readyz)."""
         now = self._clock()

@@ -372,6 +372,14 @@ class SessionStore:
 
         return self.database.write(work)
 
+    def count_active(self, now: datetime) -> int:
+        """Refresh sessions neither revoked nor expired at `now` (the active-sessions gauge)."""
+        db = self._dialect
+        sql = db.sql(
+            "SELECT COUNT(*) FROM session_sessions WHERE revoked_at IS NULL AND expires_at > ?"
+        )
+        return int(self.database.read(lambda tx: tx.rows(sql, (db.to_db(now),)))[0][0])
+
     def list(
         self,
         *,

@@ -322,6 +322,10 @@ class Database:
         self._writer_conn: Any = None
         self._closed = False
         self.commits = 0  # write transactions committed (one per batch): for tests and stats
+        # Metrics hooks (broker/metrics.py): a committed batch's size and commit seconds, and
+        # each write's seconds from submission until durable (or failed).
+        self.on_batch: Callable[[int, float], None] | None = None
+        self.on_write: Callable[[float], None] | None = None
 
     @classmethod
     def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> Database:
@@ -346,7 +350,8 @@ class Database:
         statements are undone and the exception is raised here. Driver errors and missed
         deadlines raise StoreUnavailable, and then nothing `work` wrote is kept.
         """
-        item: _Write[T] = _Write(work, time.monotonic() + self.busy_timeout)
+        submitted = time.monotonic()
+        item: _Write[T] = _Write(work, submitted + self.busy_timeout)
         with self._wake:
             if self._closed:
                 raise StoreUnavailable("the store is closed")
@@ -364,6 +369,8 @@ class Database:
                     raise StoreUnavailable("the store did not take the write within its deadline")
             # Started: the outcome is decided by one commit; wait for it.
             item.done.wait()
+        if self.on_write is not None:
+            self.on_write(time.monotonic() - submitted)
         if item.error is not None:
             raise item.error
         result: T = item.result
@@ -403,6 +410,8 @@ class Database:
                 failure.__cause__ = exc
                 self._finish(item, error=failure)
             return
+        if self.on_batch is not None:
+            self.on_batch(len(live), time.monotonic() - now)
         for item, (result, error) in zip(live, outcomes, strict=True):
             self._finish(item, result=result, error=error)
 

@@ -32,6 +32,7 @@ from luigi_creds.identity import OktaSettings, parse_token_source
 from luigi_creds.luigi_config import from_luigi_config
 from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent
 from luigi_creds.settings import ClientSettings, ConfigError
+from luigi_creds.summary import MintLog
 
 __all__ = [
     "build_broker_client",
@@ -136,12 +137,14 @@ def start_job_agent(broker: LazyBroker | BrokerClient) -> CredentialAgent:
         for cred in creds:
             revoke(cred, addr, revoke_lease=broker.revoke_lease)
 
+    mint_log = MintLog(_utcnow)  # the job summary's source: every mint, refreshes included
     return CredentialAgent(
-        broker.mint,
+        mint_log.wrap(broker.mint),
         clock=_utcnow,
         revoke_lease=broker.revoke_lease,
         release=release,
         report_refusal=broker.report_refusal,
+        mint_log=mint_log,
     )
 
 

@@ -19,12 +19,20 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from luigi_creds.childenv import child_env
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.serve import AgentClient, AgentEndpoint
+from luigi_creds.summary import (
+    SUMMARY_FILE_ENV,
+    from_json,
+    publish,
+    publish_summary,
+    render_markdown,
+)
 
 __all__ = ["main"]
 
@@ -157,12 +165,41 @@ def cmd_exec(args: argparse.Namespace) -> int:
             return process.wait()
     finally:
         if server is not None:
+            # The job summary: exec owns the agent, so it knows every credential minted.
+            if server.mint_log is not None:
+                publish_summary(server.mint_log, os.environ, args.summary)
             server.stop()
         if broker is not None:
             try:
                 broker.revoke()
             except BrokerError as exc:
                 print(f"luigi-creds exec: revoking the session failed: {exc}", file=sys.stderr)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """The job summary so far, from the job's agent (inside `luigi-creds exec` or a Luigi job):
+    printed, or appended to $GITHUB_STEP_SUMMARY and/or written to --output."""
+    endpoint = AgentEndpoint.from_env(os.environ)
+    if endpoint is None:
+        print(
+            "luigi-creds summary: no job agent here; run it inside `luigi-creds exec` or a "
+            "Luigi job (it asks the agent that holds the job's session)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        entries = from_json(AgentClient(endpoint).summary())
+    except ValueError as exc:
+        raise BrokerError(
+            f"the job's agent sent a malformed summary: {exc}", error="invalid_response"
+        ) from exc
+    markdown = render_markdown(entries)
+    if args.output is None and not os.environ.get("GITHUB_STEP_SUMMARY"):
+        print(markdown)
+        return 0
+    for path in publish(markdown, os.environ, args.output):
+        print(f"luigi-creds summary: wrote {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_whoami(args: argparse.Namespace) -> int:
@@ -224,8 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grant", action="append", required=True, help="grant name (repeatable)")
     common(p)
+    p.add_argument(
+        "--summary",
+        type=Path,
+        help="when CMD ends, write a Markdown summary of the job's credentials here (default: "
+        f"${SUMMARY_FILE_ENV}); it is always appended to $GITHUB_STEP_SUMMARY when that is set",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
     p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser(
+        "summary",
+        help="Markdown summary of the job's credentials so far (inside exec or a Luigi job)",
+        description="Ask the job's agent which credentials it minted (task, grant, key id, "
+        "accessor or lease id, lifetime, request id; never a secret) and print them as "
+        "Markdown, or append them to $GITHUB_STEP_SUMMARY and/or write them to --output.",
+    )
+    p.add_argument("--output", type=Path, help="write the Markdown to this file")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser(
         "credential-process",

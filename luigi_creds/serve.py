@@ -50,6 +50,7 @@ from luigi_creds.credentials import (
     parse_time,
 )
 from luigi_creds.refresh import Refresher
+from luigi_creds.summary import MintLog
 
 __all__ = [
     "AGENT_TOKEN_VARIABLE",
@@ -199,8 +200,11 @@ class CredentialAgent:
         revoke_lease: RevokeLease | None = None,
         release: Release | None = None,
         report_refusal: ReportRefusal | None = None,
+        mint_log: MintLog | None = None,
     ) -> None:
         self._mint = mint
+        # What was minted (nothing secret), for the job summary: GET /v1/summary.
+        self.mint_log = mint_log
         self._report_refusal = report_refusal
         self._reported: set[tuple[str, str | None]] = set()
         self._revoke_lease = revoke_lease
@@ -485,6 +489,9 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             if scope is None:
                 return
             parts = urlsplit(self.path)
+            if parts.path == "/v1/summary" and agent.mint_log is not None:
+                self._send(200, agent.mint_log.as_json())
+                return
             if parts.path != "/v1/aws":
                 self._send(404, {"error": "not_found"})
                 return
@@ -727,6 +734,10 @@ class AgentClient:
                 error="invalid_response",
                 grant=grant,
             ) from None
+
+    def summary(self) -> dict[str, Any]:
+        """What the job's agent minted so far (luigi_creds/summary.py; nothing secret)."""
+        return self._call("GET", "/v1/summary", None, what="the job summary")
 
     def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
         body: dict[str, Any] = {"grant": grant, "task": task}

@@ -66,10 +66,15 @@ class Moto:
         return self.server.client(service, keys, creds.get("SessionToken"))
 
     def create_role(
-        self, name: str, allow: Sequence[Allow] = (ANY_S3,), *, trusted: str | None = None
+        self,
+        name: str,
+        allow: Sequence[Allow] = (ANY_S3,),
+        *,
+        trusted: str | None = None,
+        external_id: str | None = None,
     ) -> str:
         """A role the broker may assume (trust names its user) with `allow` as permissions."""
-        return self.server.create_role(name, allow, trusted=trusted)
+        return self.server.create_role(name, allow, trusted=trusted, external_id=external_id)
 
     def stop(self) -> None:
         self.server.stop()

@@ -9,15 +9,12 @@ import csv
 import io
 import json
 import re
-import shutil
-import struct
-import subprocess
-import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from screenshots import chromium_screenshot
 
 from broker.audit import cli, open_store
 from broker.audit.events import AuditEvent, Outcome
@@ -362,77 +359,12 @@ def test_cli_prune_keeps_the_ledger_verifiable(seeded_config: Path) -> None:
 # ----------------------------------------------------------------------------- headless Chromium
 
 
-def _png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
-    """Decode an 8-bit RGB/RGBA non-interlaced PNG (what Chromium writes) into rows of pixels."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, header = 8, b"", b""
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            header = body
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", header)
-    assert depth == 8 and color in (2, 6) and interlace == 0
-    bpp = 3 if color == 2 else 4
-    raw = zlib.decompress(idat)
-    stride = width * bpp
-    rows: list[bytes] = []
-    prev = bytearray(stride)
-    for y in range(height):
-        kind = raw[y * (stride + 1)]
-        line = bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
-        for i in range(stride):
-            a = line[i - bpp] if i >= bpp else 0
-            b = prev[i]
-            c = prev[i - bpp] if i >= bpp else 0
-            if kind == 1:
-                line[i] = (line[i] + a) & 0xFF
-            elif kind == 2:
-                line[i] = (line[i] + b) & 0xFF
-            elif kind == 3:
-                line[i] = (line[i] + (a + b) // 2) & 0xFF
-            elif kind == 4:
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                line[i] = (line[i] + pred) & 0xFF
-        rows.append(
-            bytes(line)
-            if bpp == 3
-            else bytes(v for j in range(0, stride, 4) for v in line[j : j + 3])
-        )
-        prev = line
-    return width, height, rows
-
-
 @pytest.mark.integration
 def test_html_report_screenshot_shows_the_charts(tmp_path: Path) -> None:
     """Headless Chromium renders the HTML report and the screenshot shows timeline dots and bars."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium package is needed for this test"
     page = tmp_path / "report.html"
     page.write_text(render(build_report(week(), CONFIG, since=T0, until=NOW), CONFIG, "html"))
-    shot = tmp_path / "report.png"
-    subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=940,420",
-            f"--screenshot={shot}",
-            page.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    width, height, rows = _png_pixels(shot.read_bytes())
+    width, height, rows = chromium_screenshot(page, tmp_path / "report.png", 940, 420)
     assert (width, height) == (940, 420)
 
     def count(rgb: tuple[int, int, int], top: int, bottom: int) -> int:

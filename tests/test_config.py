@@ -86,6 +86,11 @@ def test_example_policy_loads_clean() -> None:
     assert config.vault is not None
     assert config.vault.secret_id_file == ROOT / "examples" / "keys" / "vault-secret-id"
     assert {g.name for g in config.grants if g.vault} == {"warehouse-load", "etl-vault"}
+    lake = config.grant("etl-project-lake")
+    assert lake is not None and lake.aws is not None and lake.aws.session_policy is not None
+    assert lake.aws.transitive_tags == ("project",)
+    cn = config.grant("etl-cn-writer")
+    assert cn is not None and cn.aws is not None and cn.aws.partition == "aws-cn"
 
 
 def test_minimal_policy_loads_with_defaults() -> None:

@@ -33,14 +33,25 @@ def ci_settings(script: str) -> ClientSettings:
 
 
 def check_ci_commands(script: str, config: Config) -> None:
-    """The script runs a Luigi pipeline, and each `luigi-creds` call parses with our CLI."""
-    assert commands(script, "luigi"), "no luigi run"
+    """The script runs a Luigi pipeline (on its own or under `luigi-creds exec`), and each
+    `luigi-creds` call parses with our CLI."""
     calls = commands(script, "luigi-creds")
     assert calls
+    under_exec = [argv[argv.index("--") + 1 :] for argv in calls if "--" in argv]
+    assert commands(script, "luigi") or any(c[:1] == ["luigi"] for c in under_exec), "no luigi"
     for argv in calls:
         args = client_parser().parse_args(argv)
         for name in getattr(args, "grant", None) or []:
             grant(config, name)
+
+
+def summary_of_luigi_run(script: str) -> str | None:
+    """The --summary file of the `luigi-creds exec` that runs the Luigi pipeline."""
+    for argv in commands(script, "luigi-creds"):
+        if argv[:1] == ["exec"] and argv[argv.index("--") + 1 :][:1] == ["luigi"]:
+            summary = client_parser().parse_args(argv).summary
+            return None if summary is None else str(summary)
+    raise AssertionError("no luigi run under luigi-creds exec")
 
 
 def test_gitlab_ci_requests_an_id_token_for_the_broker_audience() -> None:
@@ -57,6 +68,10 @@ def test_gitlab_ci_requests_an_id_token_for_the_broker_audience() -> None:
     assert settings.token_source == "gitlab"
     assert settings.gitlab_variable == variable
     check_ci_commands(script, config)
+    # The job summary exec writes is kept as an artifact, also when the pipeline fails (that is
+    # when one wants to know which keys it held).
+    assert job["artifacts"]["when"] == "always"
+    assert job["artifacts"]["paths"] == [summary_of_luigi_run(script)]
 
 
 def test_github_workflow_has_id_token_write_and_the_github_source() -> None:
@@ -74,6 +89,8 @@ def test_github_workflow_has_id_token_write_and_the_github_source() -> None:
     assert github is not None and settings.audience in github.audiences
     check_ci_commands(script, config)
     assert "github" in grant(config, "gh-etl-writer").issuers
+    # GitHub shows the summary from $GITHUB_STEP_SUMMARY: no file needed.
+    assert summary_of_luigi_run(script) is None
 
 
 def test_bitbucket_pipeline_enables_oidc_with_the_bitbucket_source() -> None:
@@ -86,3 +103,5 @@ def test_bitbucket_pipeline_enables_oidc_with_the_bitbucket_source() -> None:
     settings = ci_settings(script)
     assert settings.token_source == "bitbucket"
     check_ci_commands(script, load_config(SYSTEMD / "broker.toml"))
+    # The job summary file exec writes is the step's artifact.
+    assert step["artifacts"] == [summary_of_luigi_run(script)]

@@ -33,6 +33,7 @@ import httpx
 import hvac.exceptions
 import psycopg
 import pytest
+from screenshots import chromium_screenshot
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, Moto, policy_toml, start_broker, start_moto
 from vault_server import DB_ROLE, BrokerVault, OpenBao, pg_url, setup_broker, start_openbao
@@ -247,6 +248,7 @@ def _clean_env() -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("AWS_", "LUIGI_CREDS_", "VAULT_", "BAO_", "ACTIONS_"))
+        and k != "GITHUB_STEP_SUMMARY"  # a job summary goes where a test says, not to CI's page
     }
 
 
@@ -896,6 +898,85 @@ def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_p
         )
     assert log.count("luigi-creds agent refused") == 12
     assert ci_token not in log + out.stdout and "stray-secret-never-used" not in log
+
+
+def test_stock_pipeline_job_summary_and_rotation_report(stack: Stack, tmp_path: Path) -> None:
+    """The stock pipeline under `luigi-creds exec --summary FILE` with $GITHUB_STEP_SUMMARY set:
+    when it ends, both hold the same Markdown, one row per credential the job was given (each
+    task's key, exec's own), naming task, grant, key id, lifetime and the broker's request id,
+    and no secret. The broker's rotation report shows the same keys under the same tasks; its
+    HTML is rendered by headless Chromium (screenshot path printed)."""
+    workdir = tmp_path / "summary-job"  # its own S3 prefix: earlier runs' outputs are complete
+    argv, env, markers, ci_token = _plain_job_argv(stack, workdir, ["etl-writer"], "", "PlainAll")
+    step = tmp_path / "github-step-summary.md"
+    step.write_text("## an earlier step\n")
+    env["GITHUB_STEP_SUMMARY"] = str(step)
+    artifact = tmp_path / "artifacts" / "luigi-creds-summary.md"
+    argv = [*argv[:2], "--summary", str(artifact), *argv[2:]]
+    out = subprocess.run(
+        argv, env=env, cwd=workdir, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    seen = [json.loads(p.read_text()) for p in sorted(markers.glob("plain-*.json"))]
+    summary = artifact.read_text()
+    assert step.read_text() == "## an earlier step\n" + summary
+    print(f"\njob summary ({artifact}):\n{summary}")
+
+    events = stack.events()
+    tasks = {m["task"] for m in seen}
+    issued = {e.credential_ref: e for e in events if e.outcome == Outcome.ISSUED}
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "`" in line]
+    for m in seen:
+        (row,) = [r for r in rows if f"`{m['access_key_id']}`" in r]
+        record = issued[m["access_key_id"]]
+        assert row.startswith(f"| {m['task']} | etl-writer | AWS key |")
+        assert f"`{record.request_id}`" in row and "| 15m00s |" in row
+    # exec's own credential (the scheduling process's), the wrapper's, and one per task.
+    assert len(rows) == len(tasks) + 2
+    secrets = [ci_token, "stray-secret-never-used", "SecretAccessKey", "SessionToken"]
+    assert not [s for s in secrets if s in summary]
+
+    # The rotation report over the same ledger: each task -> etl-writer -> role -> its key.
+    report = stack.broker.cli("audit", "rotation", "--since", "1h", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    data = json.loads(report.stdout)
+    assert data["ledger"]["ok"] is True
+    chains = {c["credential_ref"]: c for c in data["credentials"]}
+    for m in seen:
+        chain = chains[m["access_key_id"]]
+        assert (chain["task"], chain["grant"], chain["target"]) == (
+            m["task"],
+            "etl-writer",
+            stack.role_arn,
+        )
+        # exec ended the session: the keys are marked revoked, and (STS keys cannot be revoked
+        # early) their lifetime is still the 15 minutes to expiry.
+        assert (chain["state"], chain["revoked_reason"]) == ("revoked", "client_revoked")
+        assert chain["lifetime_seconds"] == 900
+    page = tmp_path / "rotation.html"
+    report = stack.broker.cli("audit", "rotation", "--since", "1h", "--output", str(page))
+    assert report.returncode == 0, report.stderr
+    html_text = page.read_text()
+    assert all(m["access_key_id"] in html_text for m in seen)
+    shot = tmp_path / "rotation.png"
+    width, _, _ = chromium_screenshot(page, shot, 1200, 900)
+    assert width == 1200 and shot.stat().st_size > 10_000
+    print(f"rotation report for this job: {page}\nscreenshot: {shot}")
+
+
+def test_summary_command_asks_the_running_agent(stack: Stack, tmp_path: Path) -> None:
+    """`luigi-creds summary` inside exec prints what exec's agent minted so far."""
+    token_file = tmp_path / "ci-token"
+    token_file.write_text(stack.gitlab_token())
+    env = _cli_env(stack, tmp_path, token_source=f"file:{token_file}")
+    argv = ["luigi-creds", "exec", "--grant", "etl-writer", "--task", "cli-summary"]
+    out = _run([*argv, "--", "luigi-creds", "summary"], env)
+    assert out.returncode == 0, out.stderr
+    [row] = [line for line in out.stdout.splitlines() if line.startswith("| cli-summary |")]
+    [issued] = _issued(stack.events(), {"cli-summary"})
+    assert f"`{issued.credential_ref}`" in row and f"`{issued.request_id}`" in row
+    outside = _run(["luigi-creds", "summary"], env)
+    assert outside.returncode == 2 and "no job agent" in outside.stderr
 
 
 def test_stock_pipeline_with_a_denied_grant_fails_naming_it(stack: Stack, tmp_path: Path) -> None:

@@ -419,6 +419,8 @@ def test_allowed_grants_lists_the_issuers_grants(policy: Policy) -> None:
     decisions = policy.allowed_grants("gitlab", claims("gitlab"))
     assert [(d.grant, d.allowed) for d in decisions] == [
         ("etl-writer", True),
+        ("etl-project-lake", True),
+        ("etl-cn-writer", True),
         ("etl-vault", True),
     ]
     assert all(isinstance(d, Decision) for d in decisions)

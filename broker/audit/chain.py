@@ -28,10 +28,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from broker.audit.events import AuditEvent, Outcome
 
-# Version 1: the field set of AuditEvent as of this module. A verifier accepts every version listed
-# here so the chain stays continuous across an upgrade (old records must still verify).
+# Version 1: the original field set. Version 2 adds `policy_sha256`; a record carries version 2
+# exactly when it has that field, so an event without it encodes byte for byte as before. A
+# verifier accepts every version listed here so the chain stays continuous across an upgrade.
 SCHEMA_VERSION = 1
-KNOWN_SCHEMA_VERSIONS = frozenset({1})
+SCHEMA_VERSION_POLICY = 2
+KNOWN_SCHEMA_VERSIONS = frozenset({1, 2})
 
 HASH_SIZE = 32
 GENESIS_HASH = "00" * HASH_SIZE  # prev_hash of seq 0
@@ -171,13 +173,13 @@ def event_body(event: AuditEvent) -> dict[str, Any]:
         "client_addr": event.client_addr,
         "attempt": event.attempt,
         "detail": dict(event.detail),
-    }
+    } | ({"policy_sha256": event.policy_sha256} if event.policy_sha256 else {})
 
 
 def record_bytes(event: AuditEvent, *, seq: int, prev_hash: str) -> bytes:
     """The canonical record stored at `seq`: the event plus schema_version, seq and prev_hash."""
     body = event_body(event)
-    body["schema_version"] = SCHEMA_VERSION
+    body["schema_version"] = SCHEMA_VERSION_POLICY if event.policy_sha256 else SCHEMA_VERSION
     body["seq"] = seq
     body["prev_hash"] = prev_hash
     return canonical_json(body)
@@ -208,6 +210,7 @@ def event_from_record(record: Mapping[str, Any]) -> AuditEvent:
         client_addr=record.get("client_addr", ""),
         attempt=record.get("attempt", 0),
         detail=record.get("detail", {}),
+        policy_sha256=record.get("policy_sha256", ""),
     )
 
 

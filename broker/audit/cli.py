@@ -1,4 +1,4 @@
-"""`luigi-creds-broker audit verify|report|export|prune`: the ledger's admin commands.
+"""`luigi-creds-broker audit verify|report|rotation|export|prune`: the ledger's admin commands.
 
 Owns argument parsing and exit codes for the audit subcommands; it is their composition root, so
 it is where the policy file and key files are read and the wall clock is consulted. Talks to the
@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import TextIO
 
 from broker import durations
-from broker.audit import open_store
+from broker.audit import chain, open_store
 from broker.audit.export import export_csv, export_jsonl
 from broker.audit.keys import KeyFileError, load_public_keys
 from broker.audit.ledger import SqlLedger
 from broker.audit.report import build_report, render
+from broker.audit.rotation import Checkpoint as RotationCheckpoint
+from broker.audit.rotation import (
+    LedgerTrust,
+    build_rotation,
+    checkpoint_signature,
+    ledger_trust,
+)
+from broker.audit.rotation import render as render_rotation
 from broker.audit.verify import DEFAULT_DANGLING_GRACE, verify_ledger
 from broker.checkpoint_key import checkpoint_key_path
 from broker.config import BrokerSettings, Config, ConfigError, load_config
@@ -100,6 +108,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     report.add_argument("--format", choices=("table", "json", "csv", "html"), default="table")
     report.add_argument("--output", type=Path, help="write here instead of stdout")
 
+    rotation = commands.add_parser(
+        "rotation",
+        help="rotation audit: per task the grant, target, key or accessor, state and lifetime, "
+        "with the ledger's verification and newest checkpoint signature on top",
+    )
+    common(rotation)
+    rotation.add_argument("--since", default="7d", help="7d, 24h, or an ISO date")
+    rotation.add_argument("--until", help="ISO date (default: now)")
+    rotation.add_argument("--format", choices=("html", "json"), default="html")
+    rotation.add_argument("--output", type=Path, help="write here instead of stdout")
+
     export = commands.add_parser("export", help="records as JSON lines or CSV for a SIEM")
     common(export)
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
@@ -128,6 +147,33 @@ def _load(args: argparse.Namespace) -> tuple[Config, str, Path | None]:
         default = checkpoint_key_path(dataclasses.replace(config.broker, audit_store=url))
         key_file = default if default is not None and default.exists() else None
     return config, url, key_file
+
+
+def _ledger_trust(store: SqlLedger, key_file: Path | None, now: datetime) -> LedgerTrust:
+    """The whole ledger verified (not just the window) and its newest checkpoint's signature."""
+    if key_file is not None and not key_file.exists():
+        raise UsageError(f"{key_file}: key file not found")
+    keys = load_public_keys(key_file) if key_file is not None else None
+    verification = verify_ledger(store, public_keys=keys, now=now)
+    checkpoints = store.checkpoints()
+    newest = None
+    if checkpoints:
+        cp = max(checkpoints, key=lambda c: c.size)
+        verified = False
+        if keys:
+            try:
+                chain.verify_checkpoint(cp.note, keys, store.origin)
+                verified = True
+            except chain.ChainError:
+                verified = False
+        newest = RotationCheckpoint(
+            size=cp.size,
+            time=cp.time,
+            root=cp.root,
+            signature=checkpoint_signature(cp.note),
+            verified=verified,
+        )
+    return ledger_trust(verification, newest, keys_checked=keys is not None)
 
 
 def _open(url: str) -> SqlLedger:
@@ -222,6 +268,15 @@ def _dispatch(
         until = _when(args.until, now) if args.until else now
         result = build_report(store.events(since=since), config, since=since, until=until)
         _write([render(result, config, args.format)], args.output, out)
+        return EXIT_OK
+    if command == "rotation":
+        since = _when(args.since, now)
+        until = _when(args.until, now) if args.until else now
+        trust = _ledger_trust(store, key_file, now)
+        rotation_report = build_rotation(
+            store.events(since=since), config, since=since, until=until, ledger=trust
+        )
+        _write([render_rotation(rotation_report, args.format)], args.output, out)
         return EXIT_OK
     if command == "export":
         start = _when(args.since, now) if args.since else None

@@ -23,6 +23,8 @@ class Outcome(StrEnum):
     RECONCILED = "reconciled"  # written at start-up for an intent a crash left dangling
     RECOVERY = "recovery"  # first record after a torn write or crash
     EXPLAINED = "explained"  # POST /v1/explain answered: grants listed, nothing minted
+    LOADED = "loaded"  # a policy file took effect (kind "policy"; at start-up and on reload)
+    REFUSED = "refused"  # a changed policy file was refused; the policy in force keeps serving
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,6 @@ class AuditEvent:
     client_addr: str = ""
     attempt: int = 0
     detail: Mapping[str, Any] = field(default_factory=dict)  # small, non-secret extras
+    # sha256 of the policy file in force when the record was written (for a decision: the one
+    # it was decided under). "" in records written before the broker recorded it.
+    policy_sha256: str = ""

@@ -196,6 +196,7 @@ class SqlLedger:
         self.origin = origin
         self._every = checkpoint_every
         self._interval = checkpoint_interval
+        self._policy_sha256 = ""
 
     def __repr__(self) -> str:
         return f"SqlLedger({self.database!r})"
@@ -234,6 +235,8 @@ class SqlLedger:
 
         The record is durable when that transaction commits; if it rolls back, the head does too.
         """
+        if not event.policy_sha256 and self._policy_sha256:
+            event = dataclasses.replace(event, policy_sha256=self._policy_sha256)
         event = _recordable(event)
 
         def step(tx: Tx) -> int:
@@ -279,6 +282,10 @@ class SqlLedger:
             (size, digest, chain.encode_frontier(frontier), cp_size, cp_time),
         )
         return seq
+
+    def stamp_policy(self, sha256: str) -> None:
+        """Name the policy in force in every later record that does not name one itself."""
+        self._policy_sha256 = sha256
 
     def check_writable(self) -> None:
         """Take and release the write lock without writing; raise StoreUnavailable if we can't."""

@@ -47,3 +47,7 @@ class AuditLedger(AuditStore, Protocol):
     def events(self, since: datetime | None = None) -> Iterator[AuditEvent]:
         """Events in seq order whose time is at or after `since`."""
         ...
+
+    def stamp_policy(self, sha256: str) -> None:
+        """Record `sha256` as the policy in force in every later record that names none."""
+        ...

@@ -12,7 +12,8 @@ What moto does not enforce (so tests cover it another way): credential expiry (a
 until moto stops), condition keys in identity policies (a Condition is treated as met, so an
 Allow with one always allows and a Deny with one always denies), trust-policy conditions other
 than `StringEquals` on `sts:ExternalId` (session tags, source identity and `aws:TagKeys` are not
-checked), session policies, permission boundaries and resource policies (bucket policies).
+checked; and a call with no ExternalId at all passes that one), session policies (an inline
+Policy is accepted and ignored), permission boundaries and resource policies (bucket policies).
 
 Talks to moto over loopback HTTP: boto3 for IAM and S3, urllib for moto's own /moto-api/.
 """
@@ -103,18 +104,24 @@ class MotoServer:
         """A boto3 client signing with `keys` (default: the administrator)."""
         return session(keys or self.admin, token).client(service, endpoint_url=self.url)
 
-    def create_role(self, name: str, allow: Sequence[Allow], *, trusted: str | None = None) -> str:
-        """A role trusting `trusted` (default: the broker) with `allow` inline; returns its ARN."""
-        trust = {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Effect": "Allow",
-                    "Principal": {"AWS": trusted or self.broker_arn},
-                    "Action": list(BROKER_ACTIONS),
-                }
-            ],
+    def create_role(
+        self,
+        name: str,
+        allow: Sequence[Allow],
+        *,
+        trusted: str | None = None,
+        external_id: str | None = None,
+    ) -> str:
+        """A role trusting `trusted` (default: the broker) with `allow` inline; returns its ARN.
+        With `external_id` the trust requires that sts:ExternalId (moto checks this one)."""
+        statement: dict[str, Any] = {
+            "Effect": "Allow",
+            "Principal": {"AWS": trusted or self.broker_arn},
+            "Action": list(BROKER_ACTIONS),
         }
+        if external_id is not None:
+            statement["Condition"] = {"StringEquals": {"sts:ExternalId": external_id}}
+        trust = {"Version": "2012-10-17", "Statement": [statement]}
         iam = self.client("iam")
         role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
         if allow:

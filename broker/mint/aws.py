@@ -7,8 +7,10 @@ boto3 client that the composition root builds and passes in.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +31,11 @@ _TAG_UNSAFE = re.compile(r"[^\w .:/=+@-]", re.ASCII)
 _TAG_KEY_MAX = 128
 _TAG_VALUE_MAX = 256
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
+# A claim value put into a session policy may hold only these: no IAM wildcard (* ?), no policy
+# variable (${...}), no quote; and it may not be empty, which would turn "lake/{p}/*" into
+# "lake//*". Anything else refuses the mint rather than widen what the policy grants.
+_POLICY_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@=+/-]*", re.ASCII)
+STS_POLICY_MAX = 2048
 
 # Error codes STS answers with when another attempt may succeed.
 _RETRYABLE_CODES = frozenset(
@@ -44,6 +51,15 @@ _RETRYABLE_CODES = frozenset(
 
 
 @dataclass(frozen=True)
+class StsLocation:
+    """Where the AssumeRole call goes and whose credentials sign it (None: the defaults)."""
+
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
 class AssumeRolePlan:
     """Exactly what will be sent to STS; also what `explain` shows."""
 
@@ -52,6 +68,63 @@ class AssumeRolePlan:
     duration_seconds: int
     source_identity: str | None
     tags: tuple[tuple[str, str], ...]
+    policy: str | None = None  # the rendered inline session policy (compact JSON)
+    external_id: str | None = None
+    transitive_tag_keys: tuple[str, ...] = ()
+    location: StsLocation = StsLocation()
+
+    def params(self) -> dict[str, Any]:
+        """The AssumeRole parameters, exactly as sent."""
+        params: dict[str, Any] = {
+            "RoleArn": self.role_arn,
+            "RoleSessionName": self.role_session_name,
+            "DurationSeconds": self.duration_seconds,
+        }
+        if self.source_identity:
+            params["SourceIdentity"] = self.source_identity
+        if self.tags:
+            params["Tags"] = [{"Key": k, "Value": v} for k, v in self.tags]
+        if self.transitive_tag_keys:
+            params["TransitiveTagKeys"] = list(self.transitive_tag_keys)
+        if self.policy is not None:
+            params["Policy"] = self.policy
+        if self.external_id is not None:
+            params["ExternalId"] = self.external_id
+        return params
+
+
+class SessionPolicyRefused(UpstreamError):
+    """A claim the session policy needs is missing or holds characters it may not."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "session_policy_claim_unsafe", retryable=False, upstream="sts", detail=detail
+        )
+
+
+def render_session_policy(template: str, claims: Mapping[str, Any]) -> str:
+    """Fill every `{claim}` in the policy's string values; refuse unsafe or missing values.
+    Pure. The result is compact JSON, at most STS's 2048 characters."""
+
+    def value(match: re.Match[str]) -> str:
+        text = _claim_text(claims, match.group(1))
+        if not _POLICY_VALUE.fullmatch(text):
+            raise SessionPolicyRefused(f"claim {match.group(1)!r} is missing or unsafe here")
+        return text
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, str):
+            return _PLACEHOLDER.sub(value, node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    rendered = json.dumps(walk(json.loads(template)), separators=(",", ":"), sort_keys=True)
+    if len(rendered) > STS_POLICY_MAX:
+        raise SessionPolicyRefused(f"rendered session policy is {len(rendered)} characters")
+    return rendered
 
 
 @dataclass(frozen=True)
@@ -127,33 +200,52 @@ def plan_assume_role(
     for key, template in grant.session_tags.items():
         value = _TAG_UNSAFE.sub("-", render_template(template, claims))[:_TAG_VALUE_MAX]
         tags.append((_TAG_UNSAFE.sub("-", key)[:_TAG_KEY_MAX], value))
+    kept = {k for k, _ in tags}
     return AssumeRolePlan(
         role_arn=grant.role_arn,
         role_session_name=session_name,
         duration_seconds=duration,
         source_identity=source_identity,
         tags=tuple(tags),
+        policy=None
+        if grant.session_policy is None
+        else render_session_policy(grant.session_policy, claims),
+        external_id=grant.external_id,
+        transitive_tag_keys=tuple(
+            _TAG_UNSAFE.sub("-", k)[:_TAG_KEY_MAX]
+            for k in grant.transitive_tags
+            if _TAG_UNSAFE.sub("-", k)[:_TAG_KEY_MAX] in kept
+        ),
+        location=StsLocation(grant.region, grant.sts_endpoint, grant.profile),
     )
 
 
 class AwsMinter:
-    """Calls STS with the broker's own credentials (boto3 default chain, built by the caller)."""
+    """Calls STS with the broker's own credentials (boto3 default chain, built by the caller).
 
-    def __init__(self, sts_client: Any) -> None:
+    A grant with its own region, endpoint or profile gets an STS client of its own, built once
+    by `client_for` (the composition root's factory) and kept."""
+
+    def __init__(
+        self, sts_client: Any, client_for: Callable[[StsLocation], Any] | None = None
+    ) -> None:
         self._sts = sts_client
+        self._client_for = client_for
+        self._clients: dict[StsLocation, Any] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, location: StsLocation) -> Any:
+        if location == StsLocation() or self._client_for is None:
+            return self._sts
+        with self._lock:
+            if location not in self._clients:
+                self._clients[location] = self._client_for(location)
+            return self._clients[location]
 
     def assume_role(self, plan: AssumeRolePlan) -> AwsCredentials:
-        params: dict[str, Any] = {
-            "RoleArn": plan.role_arn,
-            "RoleSessionName": plan.role_session_name,
-            "DurationSeconds": plan.duration_seconds,
-        }
-        if plan.source_identity:
-            params["SourceIdentity"] = plan.source_identity
-        if plan.tags:
-            params["Tags"] = [{"Key": k, "Value": v} for k, v in plan.tags]
+        params = plan.params()
         try:
-            response = self._sts.assume_role(**params)
+            response = self._client(plan.location).assume_role(**params)
         except ClientError as exc:
             raise _map_client_error(exc) from exc
         except BotoCoreError as exc:

@@ -8,6 +8,7 @@ comes back as a `Minted`, the one shape the exchange use case audits, records an
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -89,6 +90,27 @@ def _logging_refusals(prepared: Prepared, grant: str, request_id: str) -> Callab
     return logged
 
 
+# observe(upstream, grant, seconds, outcome): one upstream call's latency and result
+# ("ok" or the UpstreamError reason), for the broker's metrics.
+Observe = Callable[[str, str, float, str], None]
+
+
+def _timed(
+    run: Callable[[], Minted], upstream: str, grant: str, observe: Observe
+) -> Callable[[], Minted]:
+    def timed() -> Minted:
+        started = time.perf_counter()
+        try:
+            minted = run()
+        except UpstreamError as exc:
+            observe(upstream, grant, time.perf_counter() - started, exc.reason)
+            raise
+        observe(upstream, grant, time.perf_counter() - started, "ok")
+        return minted
+
+    return timed
+
+
 class GrantMinter:
     def __init__(
         self,
@@ -97,11 +119,13 @@ class GrantMinter:
         vault: VaultMinter | None,
         hash_ref: Callable[[str], str],
         clock: Callable[[], datetime],
+        observe: Observe | None = None,
     ) -> None:
         self._aws = aws
         self._vault = vault
         self._hash_ref = hash_ref
         self._clock = clock
+        self.observe = observe
 
     def prepare(
         self,
@@ -120,7 +144,11 @@ class GrantMinter:
             prepared = self._prepare_vault(grant, requested, metadata, max_ttl)
         else:
             raise UpstreamError("upstream_not_configured", retryable=False)
-        return replace(prepared, run=_logging_refusals(prepared, grant.name, request_id))
+        run = _logging_refusals(prepared, grant.name, request_id)
+        if self.observe is not None:
+            # Only authorised requests reach here, so the grant label is a configured name.
+            run = _timed(run, "sts" if grant.aws else "vault", grant.name, self.observe)
+        return replace(prepared, run=run)
 
     def _prepare_aws(
         self, grant: GrantConfig, claims: Mapping[str, Any], requested: int | None, request_id: str
@@ -147,7 +175,18 @@ class GrantMinter:
                 session_ref=(REF_AWS, creds.access_key_id),
             )
 
-        detail = {"duration": plan.duration_seconds, "session_name": plan.role_session_name}
+        detail: dict[str, Any] = {
+            "duration": plan.duration_seconds,
+            "session_name": plan.role_session_name,
+        }
+        # What narrows or relocates the session, in the intent record (nothing here is secret;
+        # an ExternalId is a confused-deputy guard, not a credential, and is not recorded).
+        if plan.policy is not None:
+            detail["session_policy"] = plan.policy
+        if plan.transitive_tag_keys:
+            detail["transitive_tags"] = list(plan.transitive_tag_keys)
+        if plan.location.region or plan.location.endpoint_url:
+            detail["sts"] = plan.location.endpoint_url or plan.location.region
         return Prepared(target=plan.role_arn, detail=detail, run=run)
 
     def _prepare_vault(
@@ -194,6 +233,10 @@ class GrantMinter:
 
         target = "vault:token:" + ",".join(plan.policies)
         return Prepared(target=target, detail={"ttl": ttl, "orphan": plan.orphan}, run=create)
+
+    @property
+    def mints_aws(self) -> bool:
+        return self._aws is not None
 
     @property
     def vault(self) -> VaultMinter | None:
