@@ -67,6 +67,9 @@ class BrokerSettings:
     max_body_bytes: int = 64 * 1024
     rate_limit_identity: RateLimit = RateLimit(per_second=10.0, burst=50)
     rate_limit_grant: RateLimit = RateLimit(per_second=50.0, burst=200)
+    # Requests that fail to authenticate, per client address (the audited one: see
+    # trusted_proxies); past it the broker answers 429 before verifying anything.
+    rate_limit_client_failures: RateLimit = RateLimit(per_second=5.0, burst=50)
     deny_cache_seconds: int = 30
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDR networks). Empty:
     # forwarded headers are ignored from everyone, loopback included, so a local sidecar cannot
@@ -301,6 +304,7 @@ _BROKER_KEYS = frozenset(
         "max_body_bytes",
         "rate_limit_identity",
         "rate_limit_grant",
+        "rate_limit_client_failures",
         "deny_cache_seconds",
         "trusted_proxies",
     }
@@ -685,6 +689,9 @@ class _Lint:
             max_body_bytes=max_body,
             rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),
             rate_limit_grant=self.rate(t, "rate_limit_grant", d.rate_limit_grant),
+            rate_limit_client_failures=self.rate(
+                t, "rate_limit_client_failures", d.rate_limit_client_failures
+            ),
             deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
             trusted_proxies=self.trusted_proxies(t, w),
         )

@@ -524,6 +524,33 @@ def test_reusing_an_old_handle_revokes_every_token_and_lease_of_the_session(stac
     assert len(ended.detail["vault_revoked"]) == 3 and not ended.detail["vault_revoke_failed"]
 
 
+def test_explain_with_a_superseded_handle_is_reuse_and_ends_the_session(stack: Stack) -> None:
+    """/v1/explain with a spent handle revokes the session and its Vault token like refresh."""
+    first, h0 = exchange(stack, TOKEN_GRANT, task="A")
+    status, second, _ = stack.broker.refresh(h0, TOKEN_GRANT, task="B")
+    assert status == 200, second
+    session_id = issued_event(stack, first["request_id"]).session_id
+    tokens = [first["credentials"], second["credentials"]]
+    assert [token_alive(stack.bao, t["token"]) for t in tokens] == [True, True]
+
+    form = urllib.parse.urlencode({"refresh_token": h0}).encode()
+    status, body, _ = stack.broker.post_raw("/v1/explain", form)
+    assert (status, body["error"]) == (400, "invalid_grant")
+    for token in tokens:
+        assert not accessor_alive(stack.root(), token["accessor"])
+    trail = [(e.kind, e.outcome, e.reason) for e in events(stack, body["request_id"])]
+    assert trail == [
+        ("session", Outcome.REVOKED, "reuse_detected"),
+        ("explain", Outcome.DENIED, "session_reused"),
+    ]
+    (ended,) = [e for e in events(stack, body["request_id"]) if e.kind == "session"]
+    assert ended.session_id == session_id and len(ended.detail["vault_revoked"]) == 2
+    # The current handle is dead too: the thief and the job both lose the session.
+    status, body, _ = stack.broker.refresh(second["refresh_token"], TOKEN_GRANT, task="C")
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert [e.reason for e in events(stack, body["request_id"])] == ["session_revoked"]
+
+
 def test_operator_sessions_revoke_revokes_every_token_and_lease(stack: Stack) -> None:
     """`luigi-creds-broker sessions revoke` revokes the session's Vault token and lease."""
     first, handle = exchange(stack, TOKEN_GRANT, task="A")

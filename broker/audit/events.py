@@ -23,6 +23,9 @@ class Outcome(StrEnum):
     RECONCILED = "reconciled"  # written at start-up for an intent a crash left dangling
     RECOVERY = "recovery"  # first record after a torn write or crash
     EXPLAINED = "explained"  # POST /v1/explain answered: grants listed, nothing minted
+    # Counts of one window's refusals of requests that never authenticated (broker/denials.py),
+    # written instead of one record each; `detail` holds the counts.
+    TALLIED = "tallied"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class AuditEvent:
     request_id: str
     outcome: Outcome
     reason: str = ""  # stable reason code, e.g. "expired", "policy_denied", "issued"
-    kind: str = "exchange"  # exchange | refresh | revoke | session | system
+    kind: str = "exchange"  # exchange | refresh | revoke | explain | session | denials | system
     issuer: str = ""  # issuer name from config
     subject: str = ""
     jti: str = ""
