@@ -24,8 +24,9 @@ import psycopg
 import pytest
 from servers import free_port
 
+from broker.audit import open_store
 from broker.replay import ReplayLedger
-from broker.sealing import RefSealer
+from broker.sealing import RefSealer, SealError
 from broker.sessions import (
     HANDLE_PREFIX,
     REASON_REUSE,
@@ -613,3 +614,45 @@ def test_pooled_connection_cut_by_server_is_replaced(pg_database: tuple[str, str
     assert not ledger.consume("gitlab", "cut-1", expires_at=T0 + HOUR, now=T0)
     ledger.close()
     store.close()
+
+
+def test_references_stored_in_clear_by_an_older_broker_are_sealed_at_start(
+    tmp_path: Path,
+) -> None:
+    """Rows and a database-kept salt from before sealing: the salt moves to its file (earlier
+    HMACs still match), every reference is sealed, and revocation still lists them."""
+    url = f"sqlite:///{tmp_path}/state.db"
+    legacy = open_store(url)  # no salt file: the old default kept the salt in the database
+    old_hmac = legacy.hash_ref("accessor-1")
+    legacy.close()
+    ledger, store = open_state(url, sealer=SEALER)
+    session, _ = store.create(issuer="gitlab", subject="s", claims={}, now=T0, expires_at=T0 + HOUR)
+    ledger.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute(
+            "INSERT INTO session_credentials (session_id, kind, ref) VALUES (?, ?, ?)",
+            (session.id, "vault_token", "accessor-1"),
+        )
+
+    salt_file = tmp_path / "audit-accessor.salt"
+    audit = open_store(url, salt_path=salt_file)
+    assert audit.hash_ref("accessor-1") == old_hmac
+    sealer = RefSealer(audit.accessor_salt())
+    audit.close()
+    ledger, store = open_state(url, sealer=sealer)
+    try:
+        assert store.credentials(session.id) == [("vault_token", "accessor-1")]
+        assert store.seal_existing() == 0
+    finally:
+        ledger.close()
+    dump = dump_tables(url)
+    assert "accessor-1" not in dump
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert not db.execute("SELECT 1 FROM audit_meta WHERE key = 'accessor_salt'").fetchall()
+    # Another deployment's key does not open the sealed reference.
+    _, other = open_state(url, sealer=RefSealer(secrets.token_bytes(32)))
+    try:
+        with pytest.raises(SealError):
+            other.credentials(session.id)
+    finally:
+        other.close()
