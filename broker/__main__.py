@@ -27,7 +27,6 @@ from broker.checkpoint_key import (
     required_checkpoint_key_path,
 )
 from broker.config import Config, ConfigError, load_config
-from broker.denials import DEFAULT_WINDOW_SECONDS
 from broker.sealing import RefSealer
 
 if TYPE_CHECKING:
@@ -169,7 +168,7 @@ def build_app(config: Config) -> Any:
     if minter.vault is not None:
         checks["vault"] = _vault_readiness(config, minter.vault)
 
-    flusher = _DenialFlusher(exchanger.flush_denials)
+    flusher = _DenialFlusher(exchanger.flush_denials, config.broker.denial_tally_seconds)
     flusher.start()
 
     def shutdown() -> None:
@@ -198,7 +197,7 @@ def build_app(config: Config) -> Any:
 class _DenialFlusher(threading.Thread):
     """Writes the tally of unauthenticated refusals once per window, even when junk stops."""
 
-    def __init__(self, flush: Callable[[], int], period: float = DEFAULT_WINDOW_SECONDS) -> None:
+    def __init__(self, flush: Callable[[], int], period: float) -> None:
         super().__init__(name="denial-flusher", daemon=True)
         self._flush = flush
         self._period = period

@@ -71,6 +71,9 @@ class BrokerSettings:
     # trusted_proxies); past it the broker answers 429 before verifying anything.
     rate_limit_client_failures: RateLimit = RateLimit(per_second=5.0, burst=50)
     deny_cache_seconds: int = 30
+    # Refusals of requests that never authenticated are counted, not recorded one by one, and
+    # written as one `tallied` audit record per this many seconds (broker/denials.py).
+    denial_tally_seconds: int = 60
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDR networks). Empty:
     # forwarded headers are ignored from everyone, loopback included, so a local sidecar cannot
     # let a caller forge the audited client address.
@@ -306,6 +309,7 @@ _BROKER_KEYS = frozenset(
         "rate_limit_grant",
         "rate_limit_client_failures",
         "deny_cache_seconds",
+        "denial_tally_seconds",
         "trusted_proxies",
     }
 )
@@ -693,6 +697,9 @@ class _Lint:
                 t, "rate_limit_client_failures", d.rate_limit_client_failures
             ),
             deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
+            denial_tally_seconds=max(
+                1, self.duration(t, "denial_tally_seconds", w, d.denial_tally_seconds)
+            ),
             trusted_proxies=self.trusted_proxies(t, w),
         )
 

@@ -256,7 +256,7 @@ class Exchanger:
         self._ender = ender
         self._limits = limits or RateLimits.from_settings(config.broker)
         self._deny_cache = deny_cache or DenyCache.from_settings(config.broker)
-        self._tally = tally or DenialTally()
+        self._tally = tally or DenialTally(config.broker.denial_tally_seconds)
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep

@@ -299,8 +299,8 @@ def test_parallel_replays_across_two_postgresql_replicas_issue_exactly_once(
 ) -> None:
     """The same across two brokers sharing PostgreSQL, and their one audit chain verifies."""
     with fresh_pg_database("luigi_creds_twenty") as url:
-        one = start_broker(tmp_path / "one", upstreams.config(url))
-        two = start_broker(tmp_path / "two", upstreams.config(url))
+        one = start_broker(tmp_path / "one", upstreams.config(url), env=upstreams.moto.broker_env)
+        two = start_broker(tmp_path / "two", upstreams.config(url), env=upstreams.moto.broker_env)
         try:
             _twenty_copies([one, two], upstreams.issuer.mint("gitlab"), url)
             verified = one.cli("audit", "verify")
