@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
@@ -595,7 +595,7 @@ class Exchanger:
 
     def _session_refused(
         self, exc: SessionError, record: _Record, request_id: str, now: datetime
-    ) -> Any:
+    ) -> NoReturn:
         """Map a refused handle to invalid_grant; a reused one ends its whole session."""
         session = exc.session
         if session is not None:
