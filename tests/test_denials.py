@@ -11,17 +11,14 @@ from broker.denials import MAX_CLIENTS, OTHER_CLIENTS, DenialTally
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
+def add(tally: DenialTally, client: str, now: datetime, reason: str = "malformed") -> None:
+    tally.add(kind="exchange", outcome="denied", reason=reason, issuer="", client=client, now=now)
+
+
 def test_counts_per_reason_and_client_in_one_record() -> None:
     tally = DenialTally(window_seconds=60)
     for i in range(5):
-        tally.add(
-            kind="exchange",
-            outcome="denied",
-            reason="bad_signature",
-            issuer="gitlab",
-            client="10.0.0.1",
-            now=T0 + timedelta(seconds=i),
-        )
+        add(tally, "10.0.0.1", T0 + timedelta(seconds=i), reason="bad_signature")
     tally.add(
         kind="revoke",
         outcome="revoked",
@@ -51,25 +48,11 @@ def test_counts_per_reason_and_client_in_one_record() -> None:
 def test_clients_are_bounded_and_a_failed_write_keeps_the_counts() -> None:
     tally = DenialTally()
     for i in range(MAX_CLIENTS + 50):
-        tally.add(
-            kind="exchange",
-            outcome="denied",
-            reason="malformed",
-            issuer="",
-            client=f"10.0.{i // 256}.{i % 256}",
-            now=T0,
-        )
+        add(tally, f"10.0.{i // 256}.{i % 256}", T0)
     window = tally.take()
     assert window is not None
     assert len(window.clients) == MAX_CLIENTS + 1 and window.clients[OTHER_CLIENTS] == 50
-    tally.add(
-        kind="exchange",
-        outcome="denied",
-        reason="malformed",
-        issuer="",
-        client="x",
-        now=T0 + timedelta(seconds=5),
-    )
+    add(tally, "x", T0 + timedelta(seconds=5))
     tally.put_back(window)
     merged = tally.take()
     assert merged is not None and merged.total() == MAX_CLIENTS + 51
