@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from broker.checkpoint_key import (
     UnsignedAuditRefused,
+    accessor_salt_path,
     checkpoint_key_path,
     required_checkpoint_key_path,
 )
 from broker.config import Config, ConfigError, is_loopback, load_config
+from broker.sealing import RefSealer
 
 if TYPE_CHECKING:
     from broker.audit.store import AuditLedger
@@ -170,11 +173,11 @@ def build_app(config: Config) -> Any:
     audit = open_store(
         database,
         signing_key_path=required_checkpoint_key_path(config.broker),
-        salt_path=config.broker.audit_salt_file,
+        salt_path=accessor_salt_path(config.broker),
         clock=_now,
     )
     reconcile_dangling(audit)
-    replay, sessions = open_state(database)
+    replay, sessions = open_state(database, sealer=RefSealer(audit.accessor_salt()))
     minter = build_minter(config, audit.hash_ref)
     minter.observe = metrics.on_upstream
     database.on_write = metrics.on_store_write
@@ -212,9 +215,15 @@ def build_app(config: Config) -> Any:
     if minter.vault is not None:
         checks["vault"] = _vault_readiness(config, minter.vault)
 
+    flusher = _DenialFlusher(exchanger.flush_denials, config.broker.denial_tally_seconds)
+    flusher.start()
+
     def shutdown() -> None:
         if reloader is not None:
             reloader.stop()
+        # The last window of unauthenticated refusals is written before the final checkpoint.
+        flusher.stop()
+        exchanger.flush_denials()
         # A signed checkpoint at a clean stop covers the records since the last one, which
         # otherwise only the hash chain protects (see broker/audit/ledger.py).
         try:
@@ -269,6 +278,25 @@ def _policy_reloader(
     with contextlib.suppress(ValueError):  # not the main thread (an embedding test): poll only
         signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request_reload())
     return reloader
+
+
+class _DenialFlusher(threading.Thread):
+    """Writes the tally of unauthenticated refusals once per window, even when junk stops."""
+
+    def __init__(self, flush: Callable[[], int], period: float) -> None:
+        super().__init__(name="denial-flusher", daemon=True)
+        self._flush = flush
+        self._period = period
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._period):
+            self._flush()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive():
+            self.join(timeout=5)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -433,8 +461,19 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from broker.storage import Database
 
     config = _load(args.config)
+    salt_path = accessor_salt_path(config.broker)
+    if salt_path is None:
+        # Only a PostgreSQL store without audit_key_file gets here, which `serve` refuses too.
+        print("error: set [broker] audit_salt_file (or audit_key_file)", file=sys.stderr)
+        return EXIT_USAGE
     database = Database.open(config.broker.audit_store)
-    _, sessions = open_state(database)
+    audit = open_store(
+        database,
+        signing_key_path=checkpoint_key_path(config.broker),
+        salt_path=salt_path,
+        clock=_now,
+    )
+    _, sessions = open_state(database, sealer=RefSealer(audit.accessor_salt()))
     now = _now()
     if args.action == "list":
         rows = sessions.list(
@@ -452,12 +491,6 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     if not (args.session or args.subject or args.issuer):
         print("error: say which sessions: --session, --subject and/or --issuer", file=sys.stderr)
         return EXIT_USAGE
-    audit = open_store(
-        database,
-        signing_key_path=checkpoint_key_path(config.broker),
-        salt_path=config.broker.audit_salt_file,
-        clock=_now,
-    )
     minter = build_minter(config, audit.hash_ref)
     ender = SessionEnder(sessions, minter, audit, hash_ref=audit.hash_ref, clock=_now)
     ended = sessions.revoke(

@@ -17,6 +17,10 @@ from urllib.parse import unquote, urlsplit
 from broker.config import BrokerSettings
 
 DEFAULT_KEY_NAME = "audit-checkpoint.ed25519"
+# The accessor salt's default file, beside the checkpoint key: kept out of the database, since it
+# both keys the audit's HMAC of Vault accessors and seals the session store's references
+# (broker/sealing.py). Replicas sharing a PostgreSQL store share it as they share the key.
+DEFAULT_SALT_NAME = "audit-accessor.salt"
 
 
 class UnsignedAuditRefused(Exception):
@@ -52,3 +56,11 @@ def required_checkpoint_key_path(settings: BrokerSettings) -> Path:
             "`luigi-creds-broker dev` sets one for you."
         )
     return path
+
+
+def accessor_salt_path(settings: BrokerSettings) -> Path | None:
+    """`[broker] audit_salt_file`, else the salt file beside the checkpoint key, else None."""
+    if settings.audit_salt_file is not None:
+        return settings.audit_salt_file
+    key = checkpoint_key_path(settings)
+    return key.parent / DEFAULT_SALT_NAME if key is not None else None

@@ -68,7 +68,13 @@ class BrokerSettings:
     max_body_bytes: int = 64 * 1024
     rate_limit_identity: RateLimit = RateLimit(per_second=10.0, burst=50)
     rate_limit_grant: RateLimit = RateLimit(per_second=50.0, burst=200)
+    # Requests that fail to authenticate, per client address (the audited one: see
+    # trusted_proxies); past it the broker answers 429 before verifying anything.
+    rate_limit_client_failures: RateLimit = RateLimit(per_second=5.0, burst=50)
     deny_cache_seconds: int = 30
+    # Refusals of requests that never authenticated are counted, not recorded one by one, and
+    # written as one `tallied` audit record per this many seconds (broker/denials.py).
+    denial_tally_seconds: int = 60
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDR networks). Empty:
     # forwarded headers are ignored from everyone, loopback included, so a local sidecar cannot
     # let a caller forge the audited client address.
@@ -329,7 +335,9 @@ _BROKER_KEYS = frozenset(
         "max_body_bytes",
         "rate_limit_identity",
         "rate_limit_grant",
+        "rate_limit_client_failures",
         "deny_cache_seconds",
+        "denial_tally_seconds",
         "trusted_proxies",
         "plain_http_behind_proxy",
         "tls_reload_seconds",
@@ -748,7 +756,13 @@ class _Lint:
             max_body_bytes=max_body,
             rate_limit_identity=self.rate(t, "rate_limit_identity", d.rate_limit_identity),
             rate_limit_grant=self.rate(t, "rate_limit_grant", d.rate_limit_grant),
+            rate_limit_client_failures=self.rate(
+                t, "rate_limit_client_failures", d.rate_limit_client_failures
+            ),
             deny_cache_seconds=self.duration(t, "deny_cache_seconds", w, d.deny_cache_seconds),
+            denial_tally_seconds=max(
+                1, self.duration(t, "denial_tally_seconds", w, d.denial_tally_seconds)
+            ),
             trusted_proxies=proxies,
             plain_http_behind_proxy=behind_proxy,
             tls_reload_seconds=tls_reload,

@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
+from broker.denials import DenialTally
 from broker.dpop import TOKEN_TYPE_DPOP, DpopGuard, NonceSource, Proof, ProofError
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
@@ -267,6 +268,7 @@ class Exchanger:
         ender: SessionEnder,
         limits: RateLimits | None = None,
         deny_cache: DenyCache | None = None,
+        tally: DenialTally | None = None,
         clock: Callable[[], datetime] = _now_utc,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -286,6 +288,7 @@ class Exchanger:
         self._ender = ender
         self._limits = limits or RateLimits.from_settings(config.broker)
         self._deny_cache = deny_cache or DenyCache.from_settings(config.broker)
+        self._tally = tally or DenialTally(config.broker.denial_tally_seconds)
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
@@ -319,7 +322,7 @@ class Exchanger:
     def reject(self, req: TokenRequest, status: int, reason: str) -> Issued:
         """Audit and refuse a request the HTTP edge found malformed (bad framing, too large)."""
         record = self._new_record(req, "exchange")
-        self._terminal(record, Outcome.DENIED, reason)
+        self._unauthenticated(record, Outcome.DENIED, reason)
         raise ExchangeError(status, "invalid_request", reason)
 
     def handle(self, req: TokenRequest) -> Issued:
@@ -327,6 +330,7 @@ class Exchanger:
         kind = "refresh" if req.grant_type == GRANT_TYPE_REFRESH else "exchange"
         record = self._new_record(req, kind)
         with self._terminal_on_error(record):
+            self._admit(req)
             if req.grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
                 return self._exchange(req, record)
             if req.grant_type == GRANT_TYPE_REFRESH:
@@ -342,6 +346,7 @@ class Exchanger:
         """
         record = self._new_record(req, "revoke")
         with self._terminal_on_error(record):
+            self._admit(req)
             if not req.refresh_token:
                 raise _bad_request("missing_token")
             now = self._clock()
@@ -361,10 +366,13 @@ class Exchanger:
                 raise _unavailable("state_unavailable") from exc
             for session in ended:
                 self._ender.end(session, reason="client_revoked", request_id=req.request_id)
-            if ended:
-                first = ended[0]
-                record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
-            self._terminal(record, Outcome.REVOKED, "client_revoked" if ended else "unknown_handle")
+            if not ended:
+                # Names no live session: proves nothing about anyone, so it is only counted.
+                self._unauthenticated(record, Outcome.REVOKED, "unknown_handle")
+                return
+            first = ended[0]
+            record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
+            self._terminal(record, Outcome.REVOKED, "client_revoked")
 
     def explain(self, req: TokenRequest) -> dict[str, Any]:
         """POST /v1/explain: who the token (or session) is and which grants it may use.
@@ -375,6 +383,7 @@ class Exchanger:
         """
         record = self._new_record(req, "explain")
         with self._terminal_on_error(record):
+            self._admit(req)
             now = self._clock()
             session: Session | None = None
             if req.refresh_token:
@@ -382,8 +391,11 @@ class Exchanger:
                 try:
                     session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
                 except SessionError as exc:
+                    # A superseded handle shown here is reuse like anywhere else: one of its two
+                    # holders is an attacker, so the session ends, not a silent probe. For a
+                    # key-bound session only its key holder gets that far.
                     self._prove_refused(req, exc, record, now)
-                    raise ExchangeError(400, "invalid_grant", f"session_{exc.reason}") from exc
+                    self._session_refused(exc, record, req.request_id, now)
                 except StoreUnavailable as exc:
                     raise _unavailable("state_unavailable") from exc
                 self._prove(req, record, now, bound=session.key_thumbprint)
@@ -398,8 +410,10 @@ class Exchanger:
                 if req.subject_token_type not in SUBJECT_TOKEN_TYPES:
                     raise _bad_request("unsupported_subject_token_type")
                 identity = self._verify(req.subject_token, now, record)
-            wait = self._limits.check(
-                issuer=identity.issuer, subject=identity.subject, grant="-", now=self._monotonic()
+            # The identity's own budget only: a shared explain bucket would let one identity
+            # (or many the policy refuses) starve everyone else's explain.
+            wait = self._limits.identity(
+                issuer=identity.issuer, subject=identity.subject, now=self._monotonic()
             )
             if wait is not None:
                 raise ExchangeError(
@@ -446,6 +460,7 @@ class Exchanger:
         """
         record = self._new_record(req, "revoke")
         with self._terminal_on_error(record):
+            self._admit(req)
             if not req.refresh_token or not lease_id:
                 raise _bad_request("missing_token")
             now = self._clock()
@@ -660,7 +675,7 @@ class Exchanger:
 
     def _session_refused(
         self, exc: SessionError, record: _Record, request_id: str, now: datetime
-    ) -> Any:
+    ) -> NoReturn:
         """Map a refused handle to invalid_grant; a reused one ends its whole session."""
         session = exc.session
         if session is not None:
@@ -733,9 +748,9 @@ class Exchanger:
         if grant is None:
             raise ExchangeError(400, "invalid_target", "unknown_grant")
         now_mono = self._monotonic()
-        wait = self._limits.check(
-            issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
-        )
+        # The identity's own budget first; the grant's is spent only once the policy allowed
+        # (below), so identities it refuses cannot starve the grant's real users.
+        wait = self._limits.identity(issuer=identity.issuer, subject=identity.subject, now=now_mono)
         if wait is not None:
             raise ExchangeError(
                 429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
@@ -757,6 +772,13 @@ class Exchanger:
             raise ExchangeError(400, "invalid_target", decision.reason)
         if req.requested_token_type and req.requested_token_type != issued_token_type(grant):
             raise _bad_request("unsupported_requested_token_type")
+        wait = self._limits.grant(
+            issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
+        )
+        if wait is not None:
+            raise ExchangeError(
+                429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
+            )
         return grant
 
     def _check_task(self, task: str) -> str:
@@ -961,7 +983,10 @@ class Exchanger:
             # deadline again: the request is refused at once and logged instead.
             if not record.terminal_written and exc.reason not in _STORE_FAILED:
                 outcome = Outcome.ERROR if exc.status >= 500 else Outcome.DENIED
-                self._terminal(record, outcome, exc.reason)
+                if exc.authenticated:
+                    self._terminal(record, outcome, exc.reason)
+                else:
+                    self._unauthenticated(record, outcome, exc.reason)
             raise
         except Exception as exc:
             log.exception("unexpected failure", extra={"request_id": record.event.request_id})
@@ -1001,6 +1026,47 @@ class Exchanger:
             self._write(event)
         except StoreUnavailable as exc:
             raise _unavailable("audit_unavailable") from exc
+
+    def _admit(self, req: TokenRequest) -> None:
+        """Before any verification: a client address that keeps failing to authenticate waits."""
+        wait = self._limits.client_wait(req.client_addr, self._monotonic())
+        if wait is not None:
+            raise ExchangeError(
+                429, "temporarily_unavailable", "client_rate_limited", retry_after=retry_after(wait)
+            )
+
+    def _unauthenticated(self, record: _Record, outcome: Outcome, reason: str) -> None:
+        """A refusal of a request that proved no identity: counted, and spends its client's
+        failure budget, instead of a durable record each (see broker/denials.py)."""
+        record.terminal_written = True
+        event = record.event
+        self._limits.client_failed(event.client_addr, self._monotonic())
+        self._tally.add(
+            kind=event.kind,
+            outcome=str(outcome),
+            reason=reason,
+            issuer=event.issuer,
+            client=event.client_addr,
+            now=self._clock(),
+        )
+        if self._tally.due(self._clock()):
+            self.flush_denials()
+
+    def flush_denials(self) -> int:
+        """Write the tally of unauthenticated refusals as one `tallied` record; return its count.
+
+        Called when a window is due, periodically and at shutdown; the write joins the store's
+        group commit. If the store fails, the counts are kept for the next flush.
+        """
+        window = self._tally.take()
+        if window is None:
+            return 0
+        try:
+            self._write(window.event(self._clock()))
+        except StoreUnavailable:
+            self._tally.put_back(window)
+            return 0
+        return window.total()
 
     def _terminal(self, record: _Record, outcome: Outcome, reason: str) -> None:
         """Write the one terminal record. If it cannot be written, the answer becomes 503."""

@@ -115,33 +115,88 @@ class RateLimiter:
 
 
 class RateLimits:
-    """The broker's two limits: per identity (issuer, subject) and per grant.
+    """The broker's three limits: per client address, per identity and per grant.
 
-    A request spends one token from each, or from neither: a request refused by the grant limit
-    does not also use up the identity's budget, and the other way round.
+    Each budget is spent only by requests that have earned a claim on it, so one tenant cannot
+    spend another's:
+    - the client address's budget (`client_failures`) by requests that fail to authenticate:
+      junk is shed before any verification, and legitimate jobs behind one NAT address are
+      not limited by each other's successes;
+    - the identity's (issuer, subject) by every request of that verified identity, before the
+      policy runs, allowed or not: it is its own budget;
+    - the grant's only by requests the policy allowed for it. Spending it earlier would let
+      identities the policy refuses flood `audience=<grant>` and starve its real users.
+    A request refused by the grant limit gets its identity token back, so it spends from both
+    or from neither.
     """
 
     def __init__(
-        self, identity: RateLimit, grant: RateLimit, *, max_keys: int = DEFAULT_MAX_KEYS
+        self,
+        identity: RateLimit,
+        grant: RateLimit,
+        client: RateLimit | None = None,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
         self._identity = _Buckets(identity, max_keys)
         self._grant = _Buckets(grant, max_keys)
+        self._client = _Buckets(client or BrokerSettings.rate_limit_client_failures, max_keys)
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> RateLimits:
-        return cls(settings.rate_limit_identity, settings.rate_limit_grant)
+        return cls(
+            settings.rate_limit_identity,
+            settings.rate_limit_grant,
+            settings.rate_limit_client_failures,
+        )
 
-    def check(self, *, issuer: str, subject: str, grant: str, now: float) -> float | None:
-        """None if the request may proceed (tokens spent), else seconds to wait (nothing spent)."""
-        identity_key = (issuer, subject)
+    def client_wait(self, client: str, now: float) -> float | None:
+        """Before verification: None if `client` may try, else seconds until it may again.
+
+        Spends nothing: only `client_failed` does, once the request failed to authenticate.
+        """
         with self._lock:
-            wait = max(self._identity.wait(identity_key, now), self._grant.wait(grant, now))
+            wait = self._client.wait(client, now)
+            return wait if wait > 0.0 else None
+
+    def client_failed(self, client: str, now: float) -> None:
+        """`client` sent a request that did not authenticate: one token of its budget."""
+        with self._lock:
+            if self._client.wait(client, now) == 0.0:
+                self._client.take(client, now)
+
+    def identity(self, *, issuer: str, subject: str, now: float) -> float | None:
+        """Spend one token of the identity's budget: None if allowed, else seconds to wait."""
+        with self._lock:
+            key = (issuer, subject)
+            wait = self._identity.wait(key, now)
             if wait > 0.0:
                 return wait
-            self._identity.take(identity_key, now)
+            self._identity.take(key, now)
+            return None
+
+    def grant(self, *, issuer: str, subject: str, grant: str, now: float) -> float | None:
+        """After the policy allowed: spend one token of `grant`'s budget, None if allowed.
+
+        When the grant has none left, the identity token spent by `identity` is given back.
+        """
+        with self._lock:
+            wait = self._grant.wait(grant, now)
+            if wait > 0.0:
+                bucket = self._identity.buckets.get((issuer, subject))
+                if bucket is not None:
+                    bucket.tokens = min(self._identity.burst, bucket.tokens + 1.0)
+                return wait
             self._grant.take(grant, now)
             return None
+
+    def check(self, *, issuer: str, subject: str, grant: str, now: float) -> float | None:
+        """`identity` then `grant` for a request already allowed: both spent, or neither."""
+        wait = self.identity(issuer=issuer, subject=subject, now=now)
+        if wait is not None:
+            return wait
+        return self.grant(issuer=issuer, subject=subject, grant=grant, now=now)
 
 
 class DenyCache:

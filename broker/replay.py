@@ -5,7 +5,9 @@ A CI job's token is exchanged once; a second presentation is a replay. The prima
 several brokers sharing one PostgreSQL. Rows live until the token could verify no more (its exp
 plus the verification leeway); after that a replay fails verification anyway, so forgetting the
 row cannot let one through. Token ids are stored hashed, so an oversized jti cannot bloat the
-index. No function here reads the clock; every time is a `now` parameter (aware UTC).
+index. Expired rows are purged by the database's clock, never a replica's: a replica whose clock
+runs ahead must not delete rows that the others would still need to refuse a replay. Otherwise no
+function here reads a clock; every other time is a `now` parameter (aware UTC).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from datetime import datetime, timedelta
 
 from broker.storage import Database, Migration, Tx, utc
 
-# How often consume() also deletes rows past their expiry, measured on the callers' `now`.
+# How often consume() also deletes rows past their expiry, measured on the callers' `now`
+# (only the pace: which rows have expired is decided by the database's clock).
 _PURGE_EVERY = timedelta(seconds=60)
 
 MIGRATIONS = (
@@ -38,7 +41,12 @@ _INSERT = (
     "INSERT INTO replay_tokens (issuer, token_hash, expires_at) VALUES (?, ?, ?) "
     "ON CONFLICT (issuer, token_hash) DO NOTHING"
 )
-_DELETE_EXPIRED = "DELETE FROM replay_tokens WHERE expires_at <= ?"
+_DELETE_EXPIRED = "DELETE FROM replay_tokens WHERE expires_at <= {now}"
+
+
+def _delete_expired(tx: Tx) -> int:
+    """Delete rows whose expiry has passed by the database's clock; return how many went."""
+    return max(tx.execute(_DELETE_EXPIRED.format(now=tx.dialect.now_sql)).rowcount, 0)
 
 
 def _key(token_id: str) -> str:
@@ -68,7 +76,7 @@ class ReplayLedger:
     ) -> _Consume:
         """`consume` as a step of a larger write transaction: call it with the transaction."""
         now, expires_at = utc(now), utc(expires_at)
-        return _Consume(issuer, _key(token_id), expires_at, now, self._purge_due(now))
+        return _Consume(issuer, _key(token_id), expires_at, self._purge_due(now))
 
     def seen(self, issuer: str, token_id: str, *, now: datetime) -> bool:
         """Whether (issuer, token_id) was consumed and its row has not expired; a read only.
@@ -103,13 +111,9 @@ class ReplayLedger:
 
         self.database.write(work)
 
-    def purge(self, *, now: datetime) -> int:
-        """Delete every row whose expiry has passed; return how many went."""
-
-        def work(tx: Tx) -> int:
-            return max(tx.execute(_DELETE_EXPIRED, (tx.to_db(utc(now)),)).rowcount, 0)
-
-        return self.database.write(work)
+    def purge(self) -> int:
+        """Delete every row whose expiry has passed by the database's clock; return how many."""
+        return self.database.write(_delete_expired)
 
     def _purge_due(self, now: datetime) -> bool:
         with self._lock:
@@ -125,14 +129,12 @@ class ReplayLedger:
 class _Consume:
     """One consumption, ready to run inside a write transaction; returns True on first use."""
 
-    def __init__(
-        self, issuer: str, key: str, expires_at: datetime, now: datetime, purge: bool
-    ) -> None:
+    def __init__(self, issuer: str, key: str, expires_at: datetime, purge: bool) -> None:
         self._issuer, self._key = issuer, key
-        self._expires_at, self._now, self._purge = expires_at, now, purge
+        self._expires_at, self._purge = expires_at, purge
 
     def __call__(self, tx: Tx) -> bool:
         if self._purge:
-            tx.execute(_DELETE_EXPIRED, (tx.to_db(self._now),))
+            _delete_expired(tx)
         tx.execute(_INSERT, (self._issuer, self._key, tx.to_db(self._expires_at)))
         return tx.rowcount == 1

@@ -16,6 +16,7 @@ from datetime import datetime
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
 from broker.mint.grants import REF_AWS, GrantMinter
+from broker.sealing import SealError
 from broker.sessions import Session, SessionStore
 from broker.storage import StoreUnavailable
 
@@ -50,7 +51,8 @@ class SessionEnder:
             # says nothing about what is still alive. Vault does; GrantMinter.revoke counts a
             # credential that is already gone as revoked.
             refs = self._sessions.credentials(session.id)
-        except StoreUnavailable:
+        except (StoreUnavailable, SealError):
+            # SealError: the references were sealed under another salt file than this broker's.
             log.error("cannot list a revoked session's credentials", extra={"session": session.id})
             refs = []
         aws_marked: list[str] = []

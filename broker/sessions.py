@@ -29,6 +29,7 @@ from typing import Any
 
 from broker import replay
 from broker.replay import ReplayLedger
+from broker.sealing import SEALED_PREFIX, RefSealer
 from broker.storage import Database, Migration, Tx, utc
 
 HANDLE_PREFIX = "lcr_"  # "luigi-creds refresh": lets secret scanners and log filters spot handles
@@ -81,22 +82,25 @@ def _now_text() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def open_state(store: str | Database) -> tuple[ReplayLedger, SessionStore]:
+def open_state(store: str | Database, *, sealer: RefSealer) -> tuple[ReplayLedger, SessionStore]:
     """The replay ledger and session store in `store` (a URL or an open Database); migrate.
 
     A URL is the `[broker] audit_store` value: ValueError if unsupported, StoreUnavailable if
-    the database cannot be reached or prepared. Both objects share the Database; `close()` on
-    either closes it.
+    the database cannot be reached or prepared. `sealer` encrypts the credential references
+    kept per session (broker/sealing.py); references stored in clear by an older broker are
+    sealed here. Both objects share the Database; `close()` on either closes it.
     """
     db = Database.open(store) if isinstance(store, str) else store
     try:
         db.migrate("replay_schema_migrations", replay.MIGRATIONS, _now_text)
         db.migrate("session_schema_migrations", MIGRATIONS, _now_text)
+        sessions = SessionStore(db, sealer)
+        sessions.seal_existing()
     except BaseException:
         if isinstance(store, str):
             db.close()
         raise
-    return ReplayLedger(db), SessionStore(db)
+    return ReplayLedger(db), sessions
 
 
 class SessionError(Exception):
@@ -163,9 +167,10 @@ class SessionStore:
     on revocation, or on reuse of an old handle. Ended sessions stay listed until `purge`.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, sealer: RefSealer) -> None:
         self.database = db
         self._dialect = db.dialect
+        self._sealer = sealer
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -426,7 +431,8 @@ class SessionStore:
     ) -> None:
         """Remember a revocable credential (Vault accessor, lease id) minted under a session.
 
-        `ref` is what revocation needs (never the secret itself). Recording twice is a no-op.
+        `ref` is what revocation needs (never the secret itself); it is stored sealed, so the
+        database alone does not yield it. Recording twice is a no-op.
         """
         self.database.write(
             self.credential_recorder(session_id, kind=kind, ref=ref, expires_at=expires_at)
@@ -437,11 +443,13 @@ class SessionStore:
     ) -> Callable[[Tx], None]:
         """`record_credential` as a step of a larger write transaction."""
 
+        sealed = self._sealer.seal(session_id, kind, ref)
+
         def step(tx: Tx) -> None:
             tx.execute(
                 "INSERT INTO session_credentials (session_id, kind, ref, expires_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (session_id, kind, ref) DO NOTHING",
-                (session_id, kind, ref, tx.to_db(expires_at)),
+                (session_id, kind, sealed, tx.to_db(expires_at)),
             )
 
         return step
@@ -467,7 +475,27 @@ class SessionStore:
             cur.execute(sql, params)
             return [(str(kind), str(ref)) for kind, ref in cur.fetchall()]
 
-        return self.database.read(work)
+        opened = self._sealer.open
+        return [(kind, opened(session_id, kind, ref)) for kind, ref in self.database.read(work)]
+
+    def seal_existing(self) -> int:
+        """Seal references an older broker stored in clear; return how many. Idempotent."""
+        sealer = self._sealer
+
+        def work(cur: Tx) -> int:
+            rows = cur.rows(
+                "SELECT session_id, kind, ref FROM session_credentials WHERE ref NOT LIKE ?",
+                (SEALED_PREFIX + "%",),
+            )
+            for session_id, kind, ref in rows:
+                cur.execute(
+                    "UPDATE session_credentials SET ref = ? "
+                    "WHERE session_id = ? AND kind = ? AND ref = ?",
+                    (sealer.seal(session_id, kind, ref), session_id, kind, ref),
+                )
+            return len(rows)
+
+        return self.database.write(work)
 
     def purge(self, *, before: datetime) -> int:
         """Delete sessions (with their handles and credentials) that ended before `before`.

@@ -128,6 +128,9 @@ class Dialect:
     for_update = ""
     # Column type of an aware instant, `{time}` in migration SQL.
     time_type = ""
+    # The database's own clock as an SQL expression comparable with stored instants. Used
+    # where replicas must agree on "now" (purging replay rows): one clock, not one per host.
+    now_sql = ""
 
     def __init__(self, target: str, busy_timeout: float) -> None:
         self._target = target
@@ -165,6 +168,9 @@ class SqliteDialect(Dialect):
     name = "sqlite"
     errors = (sqlite3.Error, OSError)
     time_type = "TEXT"  # fixed-width UTC text; see to_db
+    # The clock of the host the one database file lives on (every replica sharing a SQLite file
+    # runs there), in to_db's format: %f gives milliseconds, padded to microseconds.
+    now_sql = "(strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000Z')"
 
     def connect(self) -> sqlite3.Connection:
         Path(self._target).parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +241,7 @@ class PostgresDialect(Dialect):
     errors = (psycopg.Error, OSError)
     for_update = " FOR UPDATE"
     time_type = "TIMESTAMPTZ"
+    now_sql = "now()"  # the server's clock at the start of the transaction
 
     def sql(self, text: str) -> str:
         cached = self._sql_cache.get(text)

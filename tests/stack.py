@@ -16,9 +16,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ import psycopg
 from servers import DevIssuer, ManagedProcess, free_port, start_dev_issuer, start_process
 
 from broker.audit import open_store
-from broker.audit.events import AuditEvent
+from broker.audit.events import AuditEvent, Outcome
 from broker.dev.aws import Allow, AwsKeys, MotoServer
 from broker.dev.aws import start_moto as start_moto_server
 from broker.dev.issuer import SigningKey
@@ -282,6 +284,30 @@ def fresh_pg_database(prefix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def tally_counts(audit_db: Path) -> Counter[tuple[str, str, str]]:
+    """(kind, outcome, reason) -> how many unauthenticated refusals the `tallied` records count."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for event in audit_events(audit_db):
+        if event.outcome == Outcome.TALLIED:
+            for entry in event.detail["counts"]:
+                counts[(entry["kind"], entry["outcome"], entry["reason"])] += entry["count"]
+    return counts
+
+
+def wait_tallied(
+    audit_db: Path, before: Counter[tuple[str, str, str]], kind: str, reason: str | None
+) -> Counter[tuple[str, str, str]]:
+    """Wait (a few tally windows) until the tallies count one more refusal of `kind` with
+    `reason` (any reason if None) than `before`; return the new counts' increase."""
+    deadline = time.monotonic() + 10
+    while True:
+        grown = tally_counts(audit_db) - before
+        if any(k[0] == kind and (reason is None or k[2] == reason) for k in grown):
+            return grown
+        assert time.monotonic() < deadline, f"no {kind} refusal {reason} tallied"
+        time.sleep(0.2)
+
+
 def audit_events(audit_db: Path) -> list[AuditEvent]:
     """Every record of an SQLite audit store, read through the ledger."""
     store = open_store(f"sqlite:///{audit_db}")
@@ -305,6 +331,16 @@ class Stack:
 
     def events_for(self, request_id: str) -> list[AuditEvent]:
         return [e for e in self.events() if e.request_id == request_id]
+
+    def tallies(self) -> Counter[tuple[str, str, str]]:
+        return tally_counts(self.audit_db)
+
+    def assert_tallied(
+        self, request_id: str, before: Counter[tuple[str, str, str]], reason: str | None
+    ) -> Counter[tuple[str, str, str]]:
+        """An unauthenticated refusal: no record of its own, counted in a `tallied` record."""
+        assert self.events_for(request_id) == []
+        return wait_tallied(self.audit_db, before, "exchange", reason)
 
     def issuer_key(self, alg: str = "RS256") -> SigningKey:
         """The issuer's active private key, read from its state dir (generated at test time)."""
@@ -332,6 +368,8 @@ def start_stack(workdir: Path, *, issuer_extra: str = "") -> Stack:
         listen=f"127.0.0.1:{free_port()}",
         moto_url=moto.url,
         role_arn=role_arn,
+        # Unauthenticated refusals are tallied; a short window lets tests see them soon.
+        broker_extra='denial_tally_seconds = "1s"',
     ).replace('jwks_refetch_cooldown = "1s"', 'jwks_refetch_cooldown = "1s"\n' + issuer_extra)
     broker = start_broker(workdir, config, env=moto.broker_env)
     return Stack(issuer, moto, broker, audit_db, workdir, role_arn)

@@ -7,6 +7,7 @@ botocore Stubber, so what is faked is only the audit store's ability to fail on 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -28,8 +29,12 @@ from broker.mint.aws import AwsMinter
 from broker.mint.grants import GrantMinter
 from broker.policy import Policy
 from broker.revocation import SessionEnder
+from broker.sealing import RefSealer
 from broker.sessions import open_state
 from broker.storage import StoreUnavailable, Tx
+
+# Seals the session store's credential references; generated per test run.
+SEALER = RefSealer(secrets.token_bytes(32))
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 ISSUER = "https://gitlab.example.com"
@@ -121,7 +126,7 @@ def setup(
     ).client("sts")
     stubber = Stubber(sts)
     audit = MemoryAudit()
-    replay, sessions = open_state(f"sqlite:///{tmp_path}/state.db")
+    replay, sessions = open_state(f"sqlite:///{tmp_path}/state.db", sealer=SEALER)
     minter = GrantMinter(aws=AwsMinter(sts), vault=None, hash_ref=_hash_ref, clock=clock)
     with httpx.Client() as http:
         registry = IssuerRegistry(config.issuers, http, clock=lambda: NOW)

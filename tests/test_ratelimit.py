@@ -183,3 +183,34 @@ def test_deny_cache_ttl_zero_disables() -> None:
     cache = DenyCache(0)
     cache.remember(issuer="i", subject="s", grant="g", reason="r", now=0.0)
     assert cache.check(issuer="i", subject="s", grant="g", now=0.0) is None
+
+
+def test_grant_budget_is_spent_only_after_the_policy_allowed() -> None:
+    """Identities spend their own buckets; only `grant` (after the policy) spends the grant's,
+    and a request it refuses gets its identity token back."""
+    limits = RateLimits(RateLimit(per_second=0.001, burst=2), RateLimit(per_second=0.001, burst=1))
+    for i in range(50):  # refused identities: their own budget, never the grant's
+        limits.identity(issuer="gitlab", subject=f"evil-{i}", now=0.0)
+    assert limits.identity(issuer="gitlab", subject="victim", now=0.0) is None
+    assert limits.grant(issuer="gitlab", subject="victim", grant="etl", now=0.0) is None
+    assert limits.identity(issuer="gitlab", subject="other", now=0.0) is None
+    assert limits.grant(issuer="gitlab", subject="other", grant="etl", now=0.0) is not None
+    # The refused one got its identity token back: two more identity checks pass.
+    assert limits.identity(issuer="gitlab", subject="other", now=0.0) is None
+    assert limits.identity(issuer="gitlab", subject="other", now=0.0) is None
+    assert limits.identity(issuer="gitlab", subject="other", now=0.0) is not None
+
+
+def test_client_failure_budget_is_spent_by_failures_only() -> None:
+    limits = RateLimits(
+        RateLimit(per_second=1, burst=1),
+        RateLimit(per_second=1, burst=1),
+        RateLimit(per_second=0.5, burst=3),
+    )
+    for _ in range(3):
+        assert limits.client_wait("10.0.0.1", 0.0) is None
+        limits.client_failed("10.0.0.1", 0.0)
+    wait = limits.client_wait("10.0.0.1", 0.0)
+    assert wait is not None and wait == pytest.approx(2.0)
+    assert limits.client_wait("10.0.0.2", 0.0) is None
+    assert limits.client_wait("10.0.0.1", 2.0) is None

@@ -12,6 +12,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,9 @@ import psycopg
 import pytest
 from servers import free_port
 
+from broker.audit import open_store
 from broker.replay import ReplayLedger
+from broker.sealing import RefSealer, SealError
 from broker.sessions import (
     HANDLE_PREFIX,
     REASON_REUSE,
@@ -35,8 +38,13 @@ from broker.sessions import (
 )
 from broker.storage import StoreUnavailable
 
+# Seals the session store's credential references; generated per test run.
+SEALER = RefSealer(secrets.token_bytes(32))
+
 PG_ADMIN_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+# Now, to the second: replay rows are purged by the database's clock, so their expiries must be
+# real times; the session tests pass their own `now` and need no particular instant.
+T0 = datetime.now(UTC).replace(microsecond=0)
 HOUR = timedelta(hours=1)
 TABLES = ("session_credentials", "session_handles", "session_sessions", "replay_tokens")
 CLAIMS = {"project_path": "data/etl", "ref": "main", "ref_protected": "true", "sub": "s"}
@@ -68,7 +76,7 @@ class State:
 
     def open_another(self) -> tuple[ReplayLedger, SessionStore]:
         """A second broker's view: its own connections to the same database."""
-        return open_state(self.url)
+        return open_state(self.url, sealer=SEALER)
 
 
 @pytest.fixture(
@@ -84,7 +92,7 @@ def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
             exists = conn.execute("SELECT to_regclass('session_sessions')").fetchone()
             if exists is not None and exists[0] is not None:
                 conn.execute(f"TRUNCATE {', '.join(TABLES)}")
-    ledger, store = open_state(url)
+    ledger, store = open_state(url, sealer=SEALER)
     try:
         yield State(url, ledger, store)
     finally:
@@ -158,22 +166,46 @@ def test_consume_twenty_threads_one_winner(state: State) -> None:
 
 
 def test_replay_rows_kept_until_expiry_then_purged(state: State) -> None:
-    """A consumed id stays refused until its expiry, and is purged after it."""
+    """A consumed id stays refused until its expiry by the database's clock, then is purged."""
     ledger = state.ledger
-    assert ledger.consume("gitlab", "short", expires_at=T0 + timedelta(minutes=5), now=T0)
-    assert ledger.consume("gitlab", "long", expires_at=T0 + HOUR, now=T0)
-    assert ledger.purge(now=T0 + timedelta(minutes=4)) == 0
-    assert not ledger.consume("gitlab", "short", expires_at=T0 + HOUR, now=T0)
-    assert ledger.purge(now=T0 + timedelta(minutes=5)) == 1
-    assert not ledger.consume("gitlab", "long", expires_at=T0 + HOUR, now=T0)
+    now = datetime.now(UTC)
+    assert ledger.consume("gitlab", "short", expires_at=now + timedelta(seconds=1), now=now)
+    assert ledger.consume("gitlab", "long", expires_at=now + HOUR, now=now)
+    assert ledger.purge() == 0
+    assert not ledger.consume("gitlab", "short", expires_at=now + HOUR, now=now)
+    time.sleep(1.2)
+    assert ledger.purge() == 1
+    assert not ledger.consume("gitlab", "long", expires_at=now + HOUR, now=now)
     assert "long" not in dump_tables(state.url)
+
+
+def test_purge_goes_by_the_database_clock_not_the_replicas(state: State) -> None:
+    """A replica whose clock runs a day ahead purges nothing the database still holds live.
+
+    Its own `now` only paces the purges; a row deleted by that clock would let a replay through
+    at every replica whose clock is right.
+    """
+    ledger = state.ledger
+    now = datetime.now(UTC)
+    assert ledger.consume("gitlab", "live", expires_at=now + HOUR, now=now)
+    ahead, _ = state.open_another()
+    try:
+        skewed = now + timedelta(days=1)
+        # The skewed replica's consumption is due a purge on its clock; the row survives.
+        assert ahead.consume("gitlab", "other", expires_at=skewed + HOUR, now=skewed)
+        assert not ahead.consume("gitlab", "live", expires_at=skewed + HOUR, now=skewed)
+        assert not ledger.consume("gitlab", "live", expires_at=now + HOUR, now=now)
+        assert ahead.purge() == 0
+    finally:
+        ahead.close()
 
 
 def test_consume_purges_expired_rows_opportunistically(state: State) -> None:
     """Consuming purges rows past their expiry without a separate purge call."""
     ledger = state.ledger
-    ledger.consume("gitlab", "old", expires_at=T0 + timedelta(minutes=1), now=T0)
-    later = T0 + timedelta(minutes=10)
+    now = datetime.now(UTC)
+    ledger.consume("gitlab", "old", expires_at=now - timedelta(seconds=1), now=now)
+    later = now + timedelta(minutes=10)  # paces the purge: one is due
     ledger.consume("gitlab", "new", expires_at=later + HOUR, now=later)
     assert dump_tables(state.url).count("gitlab") == 1
 
@@ -191,7 +223,7 @@ def test_two_ledgers_share_one_database(state: State) -> None:
 
 def _consume_all(url: str, ids: list[str], barrier: Any, out: Any) -> None:
     """Child process body: open the state, wait for the other process, consume every id."""
-    ledger, store = open_state(url)
+    ledger, store = open_state(url, sealer=SEALER)
     barrier.wait()
     won = [i for i in ids if ledger.consume("gitlab", i, expires_at=T0 + HOUR, now=T0)]
     out.put(won)
@@ -505,13 +537,13 @@ def test_unreachable_sqlite_is_state_unavailable(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     with pytest.raises(StoreUnavailable):
-        open_state(f"sqlite:///{blocker}/state.db")
+        open_state(f"sqlite:///{blocker}/state.db", sealer=SEALER)
 
 
 def test_unsupported_url_is_refused_without_echoing_it() -> None:
     """An unsupported URL scheme is a ValueError that does not repeat the URL."""
     with pytest.raises(ValueError) as info:
-        open_state("mysql://admin:hunter2@db/x")
+        open_state("mysql://admin:hunter2@db/x", sealer=SEALER)
     assert "hunter2" not in str(info.value)
 
 
@@ -520,7 +552,7 @@ def test_unreachable_postgresql_is_state_unavailable() -> None:
     """A PostgreSQL nobody answers is StoreUnavailable, and the password is not in the error."""
     url = f"postgresql://postgres:sup3r-secret-pw@127.0.0.1:{free_port()}/nowhere"
     with pytest.raises(StoreUnavailable) as info:
-        open_state(url)
+        open_state(url, sealer=SEALER)
     text = f"{info.value!s} {info.value!r} {info.value.__cause__!s}"
     assert "sup3r-secret-pw" not in text
 
@@ -529,7 +561,7 @@ def test_unreachable_postgresql_is_state_unavailable() -> None:
 def test_postgresql_outage_fails_closed_then_recovers(pg_database: tuple[str, str]) -> None:
     """While the database refuses connections every call fails closed; afterwards it recovers."""
     url, name = pg_database
-    ledger, store = open_state(url)
+    ledger, store = open_state(url, sealer=SEALER)
     _, handle = new_session(store)
     assert ledger.consume("gitlab", "before-outage", expires_at=T0 + HOUR, now=T0)
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
@@ -558,7 +590,7 @@ def test_postgresql_outage_fails_closed_then_recovers(pg_database: tuple[str, st
 def test_pooled_connection_cut_by_server_is_replaced(pg_database: tuple[str, str]) -> None:
     """Idle pooled connections killed by the server are replaced transparently on next use."""
     url, name = pg_database
-    ledger, store = open_state(url)
+    ledger, store = open_state(url, sealer=SEALER)
     # Fill the idle pool with several connections, as a busy broker would.
     barrier = threading.Barrier(4)
 
@@ -582,3 +614,45 @@ def test_pooled_connection_cut_by_server_is_replaced(pg_database: tuple[str, str
     assert not ledger.consume("gitlab", "cut-1", expires_at=T0 + HOUR, now=T0)
     ledger.close()
     store.close()
+
+
+def test_references_stored_in_clear_by_an_older_broker_are_sealed_at_start(
+    tmp_path: Path,
+) -> None:
+    """Rows and a database-kept salt from before sealing: the salt moves to its file (earlier
+    HMACs still match), every reference is sealed, and revocation still lists them."""
+    url = f"sqlite:///{tmp_path}/state.db"
+    legacy = open_store(url)  # no salt file: the old default kept the salt in the database
+    old_hmac = legacy.hash_ref("accessor-1")
+    legacy.close()
+    ledger, store = open_state(url, sealer=SEALER)
+    session, _ = store.create(issuer="gitlab", subject="s", claims={}, now=T0, expires_at=T0 + HOUR)
+    ledger.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute(
+            "INSERT INTO session_credentials (session_id, kind, ref) VALUES (?, ?, ?)",
+            (session.id, "vault_token", "accessor-1"),
+        )
+
+    salt_file = tmp_path / "audit-accessor.salt"
+    audit = open_store(url, salt_path=salt_file)
+    assert audit.hash_ref("accessor-1") == old_hmac
+    sealer = RefSealer(audit.accessor_salt())
+    audit.close()
+    ledger, store = open_state(url, sealer=sealer)
+    try:
+        assert store.credentials(session.id) == [("vault_token", "accessor-1")]
+        assert store.seal_existing() == 0
+    finally:
+        ledger.close()
+    dump = dump_tables(url)
+    assert "accessor-1" not in dump
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert not db.execute("SELECT 1 FROM audit_meta WHERE key = 'accessor_salt'").fetchall()
+    # Another deployment's key does not open the sealed reference.
+    _, other = open_state(url, sealer=RefSealer(secrets.token_bytes(32)))
+    try:
+        with pytest.raises(SealError):
+            other.credentials(session.id)
+    finally:
+        other.close()

@@ -41,6 +41,7 @@ from vault_server import (
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.audit.keys import hmac_ref
 from luigi_creds.client import BrokerClient, VaultToken
 from luigi_creds.identity import EnvTokenSource
 from luigi_creds.vault import TokenKeeper
@@ -522,6 +523,70 @@ def test_reusing_an_old_handle_revokes_every_token_and_lease_of_the_session(stac
     assert wait_for(lambda: secret_gone(stack, lease))
     (ended,) = [e for e in events(stack, body["request_id"]) if e.reason == "reuse_detected"]
     assert len(ended.detail["vault_revoked"]) == 3 and not ended.detail["vault_revoke_failed"]
+
+
+def test_accessors_and_lease_ids_are_sealed_at_rest_and_revocation_still_works(
+    stack: Stack,
+) -> None:
+    """The store holds no Vault accessor, lease id or salt in clear; session revoke uses them."""
+    first, handle = exchange(stack, TOKEN_GRANT, task="A")
+    status, second, _ = stack.broker.refresh(handle, SECRET_GRANT, task="B")
+    assert status == 200, second
+    accessor = first["credentials"]["accessor"]
+    stored = b"".join(
+        path.read_bytes()
+        for path in stack.audit_db.parent.glob(stack.audit_db.name + "*")
+        if path.is_file()
+    )
+    # (A lease id is in the audit by design: Vault's own audit names it too; it revokes
+    # nothing without a token allowed to, and its holder's accessor is sealed.)
+    assert accessor.encode() not in stored
+    renew = stack.root().auth.token.lookup(second["credentials"]["renew_token"])["data"]
+    assert renew["accessor"].encode() not in stored
+    salt = bytes.fromhex((stack.audit_db.parent / "audit-accessor.salt").read_text().strip())
+    assert salt.hex().encode() not in stored and salt not in stored
+    with sqlite3.connect(stack.audit_db) as db:
+        refs = [row[0] for row in db.execute("SELECT ref FROM session_credentials")]
+        meta = [row[0] for row in db.execute("SELECT key FROM audit_meta")]
+    assert refs and all(ref.startswith("sealed1:") for ref in refs)
+    assert "accessor_salt" not in meta
+    # The audit's HMAC of the accessor is keyed by the salt file.
+    assert issued_event(stack, first["request_id"]).credential_ref == hmac_ref(salt, accessor)
+
+    session_id = issued_event(stack, first["request_id"]).session_id
+    done = stack.broker.cli("sessions", "revoke", "--session", session_id)
+    assert done.returncode == 0, done.stderr
+    assert not accessor_alive(stack.root(), accessor)
+    assert wait_for(lambda: secret_gone(stack, second["credentials"]))
+    (ended,) = [e for e in session_events(stack, session_id) if e.kind == "session"]
+    assert ended.detail["vault_revoked"] and not ended.detail["vault_revoke_failed"]
+
+
+def test_explain_with_a_superseded_handle_is_reuse_and_ends_the_session(stack: Stack) -> None:
+    """/v1/explain with a spent handle revokes the session and its Vault token like refresh."""
+    first, h0 = exchange(stack, TOKEN_GRANT, task="A")
+    status, second, _ = stack.broker.refresh(h0, TOKEN_GRANT, task="B")
+    assert status == 200, second
+    session_id = issued_event(stack, first["request_id"]).session_id
+    tokens = [first["credentials"], second["credentials"]]
+    assert [token_alive(stack.bao, t["token"]) for t in tokens] == [True, True]
+
+    form = urllib.parse.urlencode({"refresh_token": h0}).encode()
+    status, body, _ = stack.broker.post_raw("/v1/explain", form)
+    assert (status, body["error"]) == (400, "invalid_grant")
+    for token in tokens:
+        assert not accessor_alive(stack.root(), token["accessor"])
+    trail = [(e.kind, e.outcome, e.reason) for e in events(stack, body["request_id"])]
+    assert trail == [
+        ("session", Outcome.REVOKED, "reuse_detected"),
+        ("explain", Outcome.DENIED, "session_reused"),
+    ]
+    (ended,) = [e for e in events(stack, body["request_id"]) if e.kind == "session"]
+    assert ended.session_id == session_id and len(ended.detail["vault_revoked"]) == 2
+    # The current handle is dead too: the thief and the job both lose the session.
+    status, body, _ = stack.broker.refresh(second["refresh_token"], TOKEN_GRANT, task="C")
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert [e.reason for e in events(stack, body["request_id"])] == ["session_revoked"]
 
 
 def test_operator_sessions_revoke_revokes_every_token_and_lease(stack: Stack) -> None:

@@ -25,6 +25,9 @@ class Outcome(StrEnum):
     EXPLAINED = "explained"  # POST /v1/explain answered: grants listed, nothing minted
     LOADED = "loaded"  # a policy file took effect (kind "policy"; at start-up and on reload)
     REFUSED = "refused"  # a changed policy file was refused; the policy in force keeps serving
+    # Counts of one window's refusals of requests that never authenticated (broker/denials.py),
+    # written instead of one record each; `detail` holds the counts.
+    TALLIED = "tallied"
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class AuditEvent:
     request_id: str
     outcome: Outcome
     reason: str = ""  # stable reason code, e.g. "expired", "policy_denied", "issued"
-    kind: str = "exchange"  # exchange | refresh | revoke | session | system
+    kind: str = "exchange"  # exchange | refresh | revoke | explain | session | denials | system
     issuer: str = ""  # issuer name from config
     subject: str = ""
     jti: str = ""

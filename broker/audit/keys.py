@@ -97,11 +97,16 @@ def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
     return keys
 
 
+def write_salt(path: Path, salt: bytes) -> bool:
+    """Create the salt file at `path` holding `salt`; False if the file already existed."""
+    return _create_exclusive(path, salt.hex().encode() + b"\n")
+
+
 def load_or_create_salt(path: Path) -> bytes:
     """The per-deployment HMAC salt (hex text) at `path`, generated there if absent."""
     if not path.exists():
         fresh = secrets.token_bytes(SALT_BYTES)
-        if _create_exclusive(path, fresh.hex().encode() + b"\n"):
+        if write_salt(path, fresh):
             return fresh
     try:
         salt = bytes.fromhex(path.read_text().strip())

@@ -418,6 +418,10 @@ class SqlLedger:
         """HMAC a Vault accessor (or other reference) with the per-deployment salt."""
         return keys.hmac_ref(self._salt_bytes(), value)
 
+    def accessor_salt(self) -> bytes:
+        """The per-deployment salt: keys `hash_ref` and, derived, the session store's sealing."""
+        return self._salt_bytes()
+
     def _salt_bytes(self) -> bytes:
         if self._salt is not None:
             return self._salt

@@ -146,6 +146,12 @@ def build_report(
             sessions[event.session_id].append(event)
         if event.outcome == Outcome.DENIED:
             denials[(event.grant, event.reason or "unspecified")] += 1
+        if event.outcome == Outcome.TALLIED:
+            # Refusals of requests that never authenticated, counted per window: they name no
+            # grant anyone proved a claim on, so they are listed under "-".
+            for entry in event.detail.get("counts", ()):
+                if entry.get("outcome") == Outcome.DENIED:
+                    denials[("", str(entry.get("reason") or "unspecified"))] += int(entry["count"])
         if event.outcome != Outcome.ISSUED:
             continue
         key = (event.grant, _identity(event))

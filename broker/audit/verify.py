@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -200,6 +200,14 @@ def verify_ledger(
                     )
                 )
             prev_time = event.time
+            if event.outcome == Outcome.TALLIED and not tally_well_formed(event.detail):
+                findings.append(
+                    Finding(
+                        "malformed_tally",
+                        row.seq,
+                        f"record {row.seq} is a tally whose counts do not add up",
+                    )
+                )
             if event.outcome == Outcome.INTENT:
                 intents[event.request_id] = (row.seq, event.time)
             elif event.outcome in TERMINAL:
@@ -309,3 +317,20 @@ def verify_ledger(
         findings=tuple(findings),
         in_flight=tuple(in_flight),
     )
+
+
+def tally_well_formed(detail: Mapping[str, Any]) -> bool:
+    """A `tallied` record (broker/denials.py): a window start <= end, positive counts per reason
+    and per client address, both summing to `total`."""
+    try:
+        start = datetime.fromisoformat(detail["window_start"])
+        end = datetime.fromisoformat(detail["window_end"])
+        total = detail["total"]
+        by_reason = [entry["count"] for entry in detail["counts"]]
+        by_client = [entry["count"] for entry in detail["clients"]]
+    except (KeyError, TypeError, ValueError):
+        return False
+    counts = [total, *by_reason, *by_client]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        return False
+    return start <= end and sum(by_reason) == total == sum(by_client)
