@@ -21,9 +21,15 @@ from broker.dpop import (
     verify_proof,
 )
 from broker.keys import b64url_decode, b64url_encode
+from broker.sealing import RefSealer
 from broker.sessions import open_state
 from broker.storage import Database
 from luigi_creds.dpop import DpopKey
+
+# These tests read sessions and replay rows, never a sealed credential reference, so any
+# sealing key serves.
+READ_ONLY_SEALER = RefSealer(bytes(32))
+
 
 URL = "https://broker.example:8443/v1/token"
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
@@ -155,7 +161,7 @@ def test_a_proof_jti_is_spent_once_across_brokers_on_one_store(store: str) -> No
     guards = []
     for _ in range(2):
         db = Database.open(store)
-        replay, _sessions = open_state(db)
+        replay, _sessions = open_state(db, sealer=READ_ONLY_SEALER)
         guards.append(DpopGuard(replay, NonceSource.from_store(db), leeway=30))
     key = DpopKey()
     proof = key.proof("POST", URL, now=NOW, nonce=guards[0].nonces.issue(NOW))
@@ -169,7 +175,7 @@ def test_a_proof_jti_is_spent_once_across_brokers_on_one_store(store: str) -> No
 
 def test_guard_binding_rules(store: str) -> None:
     db = Database.open(store)
-    replay, _sessions = open_state(db)
+    replay, _sessions = open_state(db, sealer=READ_ONLY_SEALER)
     guard = DpopGuard(replay, NonceSource.from_store(db), leeway=30)
     owner, thief = DpopKey(), DpopKey()
     nonce = guard.nonces.issue(NOW)
@@ -193,7 +199,7 @@ def test_a_proof_checked_without_spending_is_spent_by_the_callers_write(store: s
     """A refresh checks the proof with a read and spends its jti in the rotation's write: until
     then it passes the read check again; once spent, it is refused either way."""
     db = Database.open(store)
-    replay, _sessions = open_state(db)
+    replay, _sessions = open_state(db, sealer=READ_ONLY_SEALER)
     guard = DpopGuard(replay, NonceSource.from_store(db), leeway=30)
     key = DpopKey()
     proof = key.proof("POST", URL, now=NOW, nonce=guard.nonces.issue(NOW))

@@ -36,12 +36,18 @@ from stack import (
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.sealing import RefSealer
 from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient
 from luigi_creds.dpop import DpopKey
 from luigi_creds.identity import parse_token_source
 
 pytestmark = pytest.mark.integration
+
+# These tests read sessions and replay rows, never a sealed credential reference, so any
+# sealing key serves.
+READ_ONLY_SEALER = RefSealer(bytes(32))
+
 
 GRANT_REQUIRES_DPOP = """
 [[grant]]
@@ -167,7 +173,7 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
         e for e in dpop_stack.events() if e.outcome == Outcome.ISSUED and e.task == "Extract_1"
     ]
     assert issued.detail["dpop_jkt"] == key.thumbprint
-    _replay, sessions = open_state(dpop_stack.store)
+    _replay, sessions = open_state(dpop_stack.store, sealer=READ_ONLY_SEALER)
     try:
         stored = sessions.get(issued.session_id)
     finally:

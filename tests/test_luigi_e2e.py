@@ -40,11 +40,17 @@ from vault_server import DB_ROLE, BrokerVault, OpenBao, pg_url, setup_broker, st
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.sealing import RefSealer
 from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
 from luigi_creds.identity import parse_token_source
 
 pytestmark = pytest.mark.integration
+
+# These tests read sessions and replay rows, never a sealed credential reference, so any
+# sealing key serves.
+READ_ONLY_SEALER = RefSealer(bytes(32))
+
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -233,7 +239,7 @@ def _assert_bound_to_one_key(stack: Stack, issued: list[AuditEvent]) -> None:
     the session row is bound to (the issuer requires DPoP, so nothing else could mint)."""
     (jkt,) = {e.detail.get("dpop_jkt") for e in issued}
     assert isinstance(jkt, str) and len(jkt) == 43
-    _replay, sessions = open_state(stack.audit_url)
+    _replay, sessions = open_state(stack.audit_url, sealer=READ_ONLY_SEALER)
     try:
         (session_id,) = {e.session_id for e in issued}
         session = sessions.get(session_id)
