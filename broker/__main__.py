@@ -50,12 +50,38 @@ def _load(path: str | None) -> Config:
 # -- serve ---------------------------------------------------------------------------------------
 
 
-def _sts_client(config: Config) -> Any:
+def _sts_session_client(config: Config) -> tuple[Any, Any]:
     import boto3
 
     # The broker's own AWS identity comes from boto3's default chain (env, instance profile, ...).
-    return boto3.session.Session().client(
+    session = boto3.session.Session()
+    client = session.client(
         "sts", region_name=config.aws.region, endpoint_url=config.aws.endpoint_url
+    )
+    return session, client
+
+
+def _sts_client(config: Config) -> Any:
+    """A boto3 STS client, for the admin commands."""
+    return _sts_session_client(config)[1]
+
+
+# boto3's default would be 60 s to connect and 60 s to read: an exchange waiting that long has
+# lost its caller long before.
+_STS_TIMEOUT = 10.0
+
+
+def _sts_http(config: Config) -> Any:
+    """The signed STS client every AWS exchange uses; boto3 resolves the broker's credentials
+    (its default chain) and the regional endpoint once, here."""
+    from broker.mint.sts_http import StsHTTP
+
+    session, client = _sts_session_client(config)
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise SystemExit("error: no AWS credentials for the broker (boto3's default chain)")
+    return StsHTTP(
+        client.meta.endpoint_url, client.meta.region_name, credentials, timeout=_STS_TIMEOUT
     )
 
 
@@ -65,7 +91,7 @@ def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
     from broker.mint.grants import GrantMinter
     from broker.mint.vault import VaultMinter
 
-    aws = AwsMinter(_sts_client(config)) if any(g.aws for g in config.grants) else None
+    aws = AwsMinter(_sts_http(config)) if any(g.aws for g in config.grants) else None
     vault = None
     if config.vault is not None and any(g.vault for g in config.grants):
         vault = VaultMinter(config.vault, clock=_now)
