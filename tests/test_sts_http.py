@@ -109,6 +109,23 @@ def test_refusals_map_by_code_and_keep_sts_words_and_request_id(
     )
 
 
+def test_the_other_query_error_shape_is_read_too(fake: FakeSts, minter: AwsMinter) -> None:
+    """<Response><Errors><Error>, as moto's IAM enforcement and other Query services answer."""
+    fake.add_raw(
+        403,
+        "<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>AccessDenied"
+        "</Code><Message>User: arn:x is not authorized to perform: sts:AssumeRole</Message>"
+        "</Error></Errors><RequestID>7a62c49f</RequestID></Response>",
+    )
+    with pytest.raises(UpstreamError) as caught:
+        minter.assume_role(PLAN)
+    assert caught.value.reason == "upstream_denied"
+    assert caught.value.detail == (
+        "AccessDenied (HTTP 403): User: arn:x is not authorized to perform: sts:AssumeRole"
+        " [AWS request id 7a62c49f]"
+    )
+
+
 @pytest.mark.parametrize(
     "body",
     [

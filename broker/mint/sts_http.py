@@ -97,7 +97,7 @@ class StsHTTP:
 
 def text(parent: ET.Element, path: str) -> str:
     """The text at `path` (namespace-agnostic, `/`-separated); StsUnreachable if absent."""
-    node = parent.find("/".join(f"{{*}}{step}" for step in path.split("/")))
+    node = parent.find(_path(path))
     if node is None or not node.text:
         raise StsUnreachable(f"the STS answer has no {path}")
     return node.text
@@ -115,15 +115,23 @@ def _parse(data: bytes) -> ET.Element | None:
 
 
 def _refusal(status: int, root: ET.Element | None) -> StsRefusal:
-    def find(path: str) -> str:
-        if root is None:
-            return ""
-        node = root.find("/".join(f"{{*}}{step}" for step in path.split("/")))
-        return (node.text or "") if node is not None else ""
+    # The Query API's two error shapes, as botocore reads them: <ErrorResponse><Error> (STS)
+    # and <Response><Errors><Error> (other Query services, and moto's IAM enforcement).
+    def find(*paths: str) -> str:
+        for path in paths:
+            node = None if root is None else root.find(_path(path))
+            if node is not None and node.text:
+                return node.text
+        return ""
 
     return StsRefusal(
-        code=find("Error/Code"),
+        code=find("Error/Code", "Errors/Error/Code"),
         status=status,
-        message=" ".join(find("Error/Message").split()),
-        request_id=find("RequestId"),
+        message=" ".join(find("Error/Message", "Errors/Error/Message").split()),
+        request_id=find("RequestId", "RequestID", "ResponseMetadata/RequestId"),
     )
+
+
+def _path(path: str) -> str:
+    """`a/b` in any namespace, as ElementTree spells it."""
+    return "/".join(f"{{*}}{step}" for step in path.split("/"))
