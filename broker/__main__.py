@@ -77,11 +77,12 @@ def _sts_http(config: Config) -> Any:
     from broker.mint.sts_http import StsHTTP
 
     session, client = _sts_session_client(config)
-    credentials = session.get_credentials()
-    if credentials is None:
-        raise SystemExit("error: no AWS credentials for the broker (boto3's default chain)")
+    # The session keeps the credentials once found (and refreshes refreshable ones).
     return StsHTTP(
-        client.meta.endpoint_url, client.meta.region_name, credentials, timeout=_STS_TIMEOUT
+        client.meta.endpoint_url,
+        client.meta.region_name,
+        session.get_credentials,
+        timeout=_STS_TIMEOUT,
     )
 
 

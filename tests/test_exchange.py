@@ -119,7 +119,7 @@ def setup(
         """
     )
     fake_sts = FakeSts()
-    sts = StsHTTP(fake_sts.url, "us-east-1", Credentials("AKIAEXAMPLE", "y"), timeout=5.0)
+    sts = StsHTTP(fake_sts.url, "us-east-1", lambda: Credentials("AKIAEXAMPLE", "y"), timeout=5.0)
     audit = MemoryAudit()
     replay, sessions = open_state(f"sqlite:///{tmp_path}/state.db")
     minter = GrantMinter(aws=AwsMinter(sts), vault=None, hash_ref=_hash_ref, clock=clock)

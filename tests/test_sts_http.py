@@ -38,7 +38,9 @@ def fake() -> Iterator[FakeSts]:
 
 @pytest.fixture
 def minter(fake: FakeSts) -> Iterator[AwsMinter]:
-    sts = StsHTTP(fake.url, "eu-west-1", Credentials("AKIAEXAMPLE", "secret", "tok"), timeout=5)
+    sts = StsHTTP(
+        fake.url, "eu-west-1", lambda: Credentials("AKIAEXAMPLE", "secret", "tok"), timeout=5
+    )
     yield AwsMinter(sts)
     sts.close()
 
@@ -148,12 +150,28 @@ def test_an_answer_that_is_not_sts_s_is_unavailable_not_credentials(
 
 def test_an_unreachable_sts_is_unavailable_and_retryable() -> None:
     sts = StsHTTP(
-        f"http://127.0.0.1:{free_port()}", "us-east-1", Credentials("AKIAX", "y"), timeout=2
+        f"http://127.0.0.1:{free_port()}", "us-east-1", lambda: Credentials("AKIAX", "y"), timeout=2
     )
     with pytest.raises(UpstreamError) as caught:
         AwsMinter(sts).assume_role(PLAN)
     assert (caught.value.reason, caught.value.retryable) == ("upstream_unavailable", True)
     assert "ConnectionRefusedError" in caught.value.detail
+
+
+def test_no_credentials_yet_is_unavailable_until_they_appear(fake: FakeSts) -> None:
+    """A broker whose credential chain finds nothing (an instance profile not answering yet)
+    mints nothing and sends nothing, and works once credentials are found, without a restart."""
+    found: list[Credentials] = []
+    sts = StsHTTP(fake.url, "us-east-1", lambda: found[0] if found else None, timeout=5)
+    with pytest.raises(UpstreamError) as caught:
+        AwsMinter(sts).assume_role(PLAN)
+    assert (caught.value.reason, caught.value.retryable) == ("upstream_unavailable", True)
+    assert "no AWS credentials" in caught.value.detail and not fake.requests
+    found.append(Credentials("AKIALATE", "y"))
+    fake.add_credentials("ASIAEXAMPLE01", "s" * 40, "t" * 100, EXPIRES)
+    assert AwsMinter(sts).assume_role(PLAN).access_key_id == "ASIAEXAMPLE01"
+    assert "Credential=AKIALATE/" in fake.requests[0][1]["authorization"]
+    sts.close()
 
 
 def test_readiness_is_a_signed_get_caller_identity(fake: FakeSts, minter: AwsMinter) -> None:

@@ -10,8 +10,9 @@ an exchange to own the algorithm for) and sends on a pooled `http.client` connec
 (keepalive.py); the answer is a few fixed elements, read with ElementTree after refusing
 anything with a DTD.
 
-boto3 still resolves what it is good at, once, at startup: the broker's credentials (its default
-chain; refreshable credentials refresh themselves) and the regional endpoint.
+boto3 still resolves what it is good at: the regional endpoint, once at startup, and the
+broker's credentials through its default chain (kept by the boto3 session once found;
+refreshable credentials refresh themselves).
 
 No retries here: the exchange retries retryable failures itself, each attempt after its own
 durable `intent`, so an attempt the audit does not know about is never made.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import http.client
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -55,8 +56,12 @@ class StsUnreachable(Exception):
 class StsHTTP:
     """Signed Query API POSTs to one STS endpoint over pooled keep-alive connections."""
 
-    def __init__(self, endpoint_url: str, region: str, credentials: Any, *, timeout: float) -> None:
-        """`credentials`: botocore credentials (plain or refreshable), read once per call."""
+    def __init__(
+        self, endpoint_url: str, region: str, credentials: Callable[[], Any], *, timeout: float
+    ) -> None:
+        """`credentials()`: the broker's botocore credentials (plain or refreshable), or None
+        while none can be found; asked once per call, so a broker started before its instance
+        profile answered becomes able to mint without a restart (and is not ready until then)."""
         parts = urlsplit(endpoint_url)
         self._url = endpoint_url.rstrip("/") + "/"
         self._path = (parts.path.rstrip("/") or "") + "/"
@@ -75,8 +80,11 @@ class StsHTTP:
         request = AWSRequest(
             method="POST", url=self._url, data=body, headers={"Content-Type": _FORM}
         )
+        credentials = self._credentials()
+        if credentials is None:
+            raise StsUnreachable("no AWS credentials found for the broker")
         # Frozen per call: a refreshable set may rotate between reading its three parts.
-        SigV4Auth(self._credentials.get_frozen_credentials(), "sts", self._region).add_auth(request)
+        SigV4Auth(credentials.get_frozen_credentials(), "sts", self._region).add_auth(request)
         conn = self._pool.checkout()
         try:
             conn.request("POST", self._path, body=body, headers=dict(request.headers.items()))
