@@ -134,11 +134,14 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
         for system in ("openbao-create", "openbao", "luigi-creds"):
             row = rows[(level, "vault_token", system)]
             assert row["errors"] == 0 and row["throughput_rps"] > 0, row
-            assert row["cpu_ms_per_request"] > 0, row
+            # Shape only: the kernel counts CPU in 10 ms ticks, so the few requests of a tiny
+            # run may well cost OpenBao zero ticks.
+            assert row["cpu_ms_per_request"] >= 0, row
         assert load["own_time"][level]["p50_ms"] >= 0
     assert rows[("c16", "vault_refresh", "luigi-creds")]["errors"] == 0
     assert rows[("c1", "aws_assume_role", "moto-direct")]["errors"] == 0
     assert rows[("c1", "aws_assume_role", "luigi-creds")]["errors"] == 0
+    assert rows[("c1", "aws_assume_role", "luigi-creds")]["cpu_ms_per_request"] >= 0
     assert 0 < load["peak_rss_mb_after_c64"] < 1024
     replicas = load["two_replicas_pg"]
     assert [r for r in replicas if "chain_verifies" in r] == [{"chain_verifies": True}]
