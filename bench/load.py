@@ -270,8 +270,11 @@ def run_load(
     )
     progress(rows[-1])
     aws = [ours_exchange(stack.mint(), AWS_GRANT) for _ in range(count)]
-    rows.append(summarize("c1", "aws_assume_role", OURS, measure(ours.urls, _split(aws, 1))))
-    progress(rows[-1])
+    cpu_before = cpu_seconds(broker_pid)
+    row = summarize("c1", "aws_assume_role", OURS, measure(ours.urls, _split(aws, 1)))
+    row["cpu_ms_per_request"] = round((cpu_seconds(broker_pid) - cpu_before) / count * 1000, 2)
+    rows.append(row)
+    progress(row)
 
     replicas: list[dict[str, Any]] = []
     if two_replicas_pg:

@@ -54,16 +54,51 @@ def _load(path: str | None) -> Config:
 # -- serve ---------------------------------------------------------------------------------------
 
 
-def _sts_client(config: Config) -> Any:
+def _sts_session_client(config: Config) -> tuple[Any, Any]:
     import boto3
 
     # The broker's own AWS identity comes from boto3's default chain (env, instance profile, ...).
-    return boto3.session.Session().client(
+    session = boto3.session.Session()
+    client = session.client(
         "sts", region_name=config.aws.region, endpoint_url=config.aws.endpoint_url
+    )
+    return session, client
+
+
+def _sts_client(config: Config) -> Any:
+    """A boto3 STS client, for the admin commands."""
+    return _sts_session_client(config)[1]
+
+
+# boto3's default would be 60 s to connect and 60 s to read: an exchange waiting that long has
+# lost its caller long before.
+_STS_TIMEOUT = 10.0
+
+
+def _sts_http(config: Config, where: Any = None) -> Any:
+    """The signed STS client every AWS exchange uses; boto3 resolves the broker's credentials
+    (its default chain) and the regional endpoint once, here. `where`: a grant's own region,
+    endpoint or profile (broker/mint/aws.py StsLocation), else [upstream.aws]."""
+    from broker.mint.sts_http import StsHTTP
+
+    session, client = (
+        _sts_session_client(config) if where is None else _sts_session_client_at(config, where)
+    )
+    # The session keeps the credentials once found (and refreshes refreshable ones).
+    return StsHTTP(
+        client.meta.endpoint_url,
+        client.meta.region_name,
+        session.get_credentials,
+        timeout=_STS_TIMEOUT,
     )
 
 
 def _sts_client_at(config: Config, where: Any) -> Any:
+    """A boto3 STS client for a grant's location (see `_sts_session_client_at`)."""
+    return _sts_session_client_at(config, where)[1]
+
+
+def _sts_session_client_at(config: Config, where: Any) -> tuple[Any, Any]:
     """An STS client for a grant's own region, endpoint and/or profile (broker/mint/aws.py).
 
     The endpoint is the grant's, else [upstream.aws].endpoint_url when the grant stays in the
@@ -82,7 +117,7 @@ def _sts_client_at(config: Config, where: Any) -> Any:
     if endpoint is None and partition(region) == partition(config.aws.region):
         endpoint = config.aws.endpoint_url
     session = boto3.session.Session(profile_name=where.profile)
-    return session.client("sts", region_name=region, endpoint_url=endpoint)
+    return session, session.client("sts", region_name=region, endpoint_url=endpoint)
 
 
 def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
@@ -93,7 +128,7 @@ def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
 
     aws = None
     if any(g.aws for g in config.grants):
-        aws = AwsMinter(_sts_client(config), lambda where: _sts_client_at(config, where))
+        aws = AwsMinter(_sts_http(config), lambda where: _sts_http(config, where))
     vault = None
     if config.vault is not None and any(g.vault for g in config.grants):
         vault = VaultMinter(config.vault, clock=_now)

@@ -357,7 +357,7 @@ class Exchanger:
             except StoreUnavailable as exc:
                 raise _unavailable("state_unavailable") from exc
             if named is not None:
-                self._prove(req, record, now, bound=named.key_thumbprint)
+                self._prove(req, record, now, bound=named.key_thumbprint, holder=named)
             try:
                 ended = self._sessions.revoke(
                     handle=req.refresh_token, reason="client_revoked", now=now
@@ -398,7 +398,7 @@ class Exchanger:
                     self._session_refused(exc, record, req.request_id, now)
                 except StoreUnavailable as exc:
                     raise _unavailable("state_unavailable") from exc
-                self._prove(req, record, now, bound=session.key_thumbprint)
+                self._prove(req, record, now, bound=session.key_thumbprint, holder=session)
                 identity = _Identity(
                     issuer=session.issuer, subject=session.subject, claims=session.claims
                 )
@@ -473,7 +473,7 @@ class Exchanger:
                 self._session_refused(exc, record, req.request_id, now)
             except StoreUnavailable as exc:
                 raise _unavailable("state_unavailable") from exc
-            self._prove(req, record, now, bound=session.key_thumbprint)
+            self._prove(req, record, now, bound=session.key_thumbprint, holder=session)
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             match = [
                 (kind, ref)
@@ -644,7 +644,9 @@ class Exchanger:
             raise _unavailable("state_unavailable") from exc
         # Before anything else about the session: a stolen handle without its key learns nothing.
         # The proof's jti is spent with the handle's rotation (one write fewer per refresh).
-        proof = self._prove(req, record, now, bound=session.key_thumbprint, spend=False)
+        proof = self._prove(
+            req, record, now, bound=session.key_thumbprint, holder=session, spend=False
+        )
         record.set(
             session_id=session.id,
             issuer=session.issuer,
@@ -700,10 +702,15 @@ class Exchanger:
         bound: str | None,
         required: bool = False,
         spend: bool = True,
+        holder: Session | None = None,
     ) -> Proof | None:
         """The proof `req` carried (None: no proof, none needed); refusals audited.
 
-        `spend=False`: the caller spends the jti in its own write (DpopGuard.spender)."""
+        `spend=False`: the caller spends the jti in its own write (DpopGuard.spender).
+        `holder`: the live session whose handle came with the proof. A refused proof is then
+        recorded one by one against that session (someone holds its handle without its key:
+        the owner's security team wants that record), not folded into the tally of requests
+        that proved nothing."""
         try:
             with record.timings.phase("verify"):
                 proof = self._dpop.check(
@@ -718,6 +725,8 @@ class Exchanger:
         except ProofError as exc:
             if exc.jkt:
                 record.set(detail={**record.event.detail, "dpop_jkt": exc.jkt})
+            if holder is not None:
+                record.set(session_id=holder.id, issuer=holder.issuer, subject=holder.subject)
             raise ExchangeError(400, exc.error, exc.reason) from exc
         except StoreUnavailable as exc:
             raise _unavailable("state_unavailable") from exc
@@ -732,7 +741,7 @@ class Exchanger:
         without the key, the caller learns nothing and an old handle cannot end the session
         (reuse detection would otherwise let a thief revoke the owner's session)."""
         if exc.session is not None and exc.session.key_thumbprint is not None:
-            self._prove(req, record, now, bound=exc.session.key_thumbprint)
+            self._prove(req, record, now, bound=exc.session.key_thumbprint, holder=exc.session)
 
     def _dpop_required(self, identity: _Identity, grant: GrantConfig) -> bool:
         issuer = self._config.issuer(identity.issuer)

@@ -5,6 +5,7 @@ STS endpoint each grant's partition and region reach. On moto: test_aws_grants_m
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
@@ -140,22 +141,23 @@ def test_partitions_load_with_their_regions() -> None:
 
 
 class RecordingSts:
+    """Stands in for the signed STS client (broker/mint/sts_http.py): records each call's
+    Query parameters and answers with AssumeRole's XML shape."""
+
     def __init__(self, name: str) -> None:
         self.name = name
-        self.calls: list[dict[str, Any]] = []
+        self.calls: list[dict[str, str]] = []
 
-    def assume_role(self, **params: Any) -> dict[str, Any]:
-        from datetime import UTC, datetime
-
+    def call(self, action: str, params: dict[str, str]) -> ET.Element:
+        assert action == "AssumeRole"
         self.calls.append(params)
-        return {
-            "Credentials": {
-                "AccessKeyId": f"ASIA{self.name.upper():0<16}"[:20],
-                "SecretAccessKey": "s",
-                "SessionToken": "t",
-                "Expiration": datetime(2030, 1, 1, tzinfo=UTC),
-            }
-        }
+        key = f"ASIA{self.name.upper():0<16}"[:20]
+        return ET.fromstring(  # noqa: S314 (our own literal, not untrusted input)
+            "<AssumeRoleResult><Credentials>"
+            f"<AccessKeyId>{key}</AccessKeyId><SecretAccessKey>s</SecretAccessKey>"
+            "<SessionToken>t</SessionToken><Expiration>2030-01-01T00:00:00Z</Expiration>"
+            "</Credentials></AssumeRoleResult>"
+        )
 
 
 def test_each_location_gets_its_own_client_built_once() -> None:
@@ -166,7 +168,7 @@ def test_each_location_gets_its_own_client_built_once() -> None:
         built.append(location)
         return RecordingSts("other")
 
-    minter = AwsMinter(default, client_for)
+    minter = AwsMinter(default, client_for)  # type: ignore[arg-type]
     grant = parse_config(ISSUERS + DEEP).grant("g")
     assert grant is not None and grant.aws is not None
     plan = plan_assume_role("g", grant.aws, CLAIMS, request_id="rid", duration=900)

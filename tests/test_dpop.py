@@ -32,7 +32,9 @@ READ_ONLY_SEALER = RefSealer(bytes(32))
 
 
 URL = "https://broker.example:8443/v1/token"
-NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+# Near the real time: spent proof jtis expire by the database's clock (a replica's own clock
+# never decides when a replay row may go), so a fixed date would let them lapse at once.
+NOW = datetime.now(UTC).replace(microsecond=0)
 NONCES = NonceSource(b"k" * 32)
 
 

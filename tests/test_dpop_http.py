@@ -216,7 +216,9 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
         assert "DPoP-Nonce" in headers
         (denied,) = dpop_stack.events(body["request_id"])
         assert (denied.outcome, denied.reason) == (Outcome.DENIED, reason)
-        assert denied.session_id == ""  # refused before anything about the session was used
+        # Recorded one by one against the session whose handle came without its key (not
+        # folded into the tally of requests that proved nothing); the session itself lives on.
+        assert denied.session_id == stored.id
         if proof is not None and reason != "dpop_wrong_key":
             assert denied.detail["dpop_jkt"] == key.thumbprint
     wrong = [e for e in dpop_stack.events() if e.reason == "dpop_wrong_key"]

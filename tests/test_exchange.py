@@ -1,7 +1,8 @@
 """Unit tests of the exchange use case's fail-closed rules, with an in-memory audit store.
 
 The issuer keys are pinned (jwks_file, no network), tokens are really signed, and STS is a
-botocore Stubber, so what is faked is only the audit store's ability to fail on demand.
+scripted server on loopback (tests/fake_sts.py) that the broker's own signed client talks to,
+so what is faked is only the audit store's ability to fail on demand and STS's answers.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
-from botocore.stub import Stubber
+from botocore.credentials import Credentials
+from fake_sts import FakeSts
 
 from broker.audit.events import AuditEvent, Outcome
 from broker.config import parse_config
@@ -27,6 +28,7 @@ from broker.exchange import GRANT_TYPE_TOKEN_EXCHANGE, ExchangeError, Exchanger,
 from broker.issuers import IssuerRegistry
 from broker.mint.aws import AwsMinter
 from broker.mint.grants import GrantMinter
+from broker.mint.sts_http import StsHTTP
 from broker.policy import Policy
 from broker.revocation import SessionEnder
 from broker.sealing import RefSealer
@@ -94,7 +96,7 @@ def clock() -> Clock:
 @pytest.fixture
 def setup(
     tmp_path: Path, key: SigningKey, clock: Clock, request: pytest.FixtureRequest
-) -> Iterator[tuple[Exchanger, MemoryAudit, Stubber]]:
+) -> Iterator[tuple[Exchanger, MemoryAudit, FakeSts]]:
     """An exchanger for one GitLab issuer and one AWS grant; `request.param` extends the issuer."""
     issuer_extra = getattr(request, "param", "")
     jwks = tmp_path / "jwks.json"
@@ -121,10 +123,8 @@ def setup(
         role_arn = "{ROLE}"
         """
     )
-    sts = boto3.session.Session(
-        aws_access_key_id="x", aws_secret_access_key="y", region_name="us-east-1"
-    ).client("sts")
-    stubber = Stubber(sts)
+    fake_sts = FakeSts()
+    sts = StsHTTP(fake_sts.url, "us-east-1", lambda: Credentials("AKIAEXAMPLE", "y"), timeout=5.0)
     audit = MemoryAudit()
     replay, sessions = open_state(f"sqlite:///{tmp_path}/state.db", sealer=SEALER)
     minter = GrantMinter(aws=AwsMinter(sts), vault=None, hash_ref=_hash_ref, clock=clock)
@@ -142,8 +142,11 @@ def setup(
             clock=clock,
             sleep=lambda _: None,
         )
-        with stubber:
-            yield exchanger, audit, stubber
+        try:
+            yield exchanger, audit, fake_sts
+        finally:
+            sts.close()
+            fake_sts.close()
     sessions.close()
 
 
@@ -160,26 +163,18 @@ def _request(key: SigningKey, **claims: Any) -> TokenRequest:
     )
 
 
-def _sts_ok(stubber: Stubber) -> None:
-    stubber.add_response(
-        "assume_role",
-        {
-            "Credentials": {
-                "AccessKeyId": "ASIAEXAMPLEEXAMPLE01",
-                "SecretAccessKey": "s" * 40,
-                "SessionToken": "t" * 100,
-                "Expiration": NOW + timedelta(minutes=15),
-            }
-        },
+def _sts_ok(fake_sts: FakeSts) -> None:
+    fake_sts.add_credentials(
+        "ASIAEXAMPLEEXAMPLE01", "s" * 40, "t" * 100, NOW + timedelta(minutes=15)
     )
 
 
 def test_issue_writes_intent_then_issued(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """A good token yields credentials after an intent and an issued record, in that order."""
-    exchanger, audit, stubber = setup
-    _sts_ok(stubber)
+    exchanger, audit, fake_sts = setup
+    _sts_ok(fake_sts)
     issued = exchanger.handle(_request(key))
     assert issued.credentials["AccessKeyId"] == "ASIAEXAMPLEEXAMPLE01"
     assert issued.expires_in == 900
@@ -189,18 +184,17 @@ def test_issue_writes_intent_then_issued(
 
 
 def test_audit_failure_before_mint_calls_no_upstream(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """If the intent cannot be written, STS is never called and the caller gets 503."""
-    exchanger, audit, stubber = setup
-    _sts_ok(stubber)
+    exchanger, audit, fake_sts = setup
+    _sts_ok(fake_sts)
     audit.fail_on = {1, 2}
     request = _request(key)
     with pytest.raises(ExchangeError) as caught:
         exchanger.handle(request)
     assert (caught.value.status, caught.value.error) == (503, "temporarily_unavailable")
-    with pytest.raises(AssertionError):
-        stubber.assert_no_pending_responses()  # the queued STS answer was never asked for
+    assert not fake_sts.requests and len(fake_sts.answers) == 1  # STS was never asked
     assert audit.events == []
     # The intent commits with the token's consumption and the session, or none of them does:
     # the token is still unspent.
@@ -209,16 +203,16 @@ def test_audit_failure_before_mint_calls_no_upstream(
 
 
 def test_audit_failure_after_mint_returns_nothing(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """If the issued record cannot be written, the minted credential is withheld: 503."""
-    exchanger, audit, stubber = setup
-    _sts_ok(stubber)
+    exchanger, audit, fake_sts = setup
+    _sts_ok(fake_sts)
     audit.fail_on = {2}
     with pytest.raises(ExchangeError) as caught:
         exchanger.handle(_request(key))
     assert caught.value.status == 503
-    stubber.assert_no_pending_responses()
+    assert not fake_sts.answers
     # The intent names the session, so the orphan can be joined in CloudTrail; the terminal
     # record says the credential was minted but withheld.
     assert [e.outcome for e in audit.events] == [Outcome.INTENT, Outcome.ERROR]
@@ -228,12 +222,12 @@ def test_audit_failure_after_mint_returns_nothing(
 
 
 def test_sts_throttling_is_retried_with_one_intent_per_attempt(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """Throttling is retried; every attempt has its own intent record with its number."""
-    exchanger, audit, stubber = setup
-    stubber.add_client_error("assume_role", "Throttling", http_status_code=400)
-    _sts_ok(stubber)
+    exchanger, audit, fake_sts = setup
+    fake_sts.add_error("Throttling", 400)
+    _sts_ok(fake_sts)
     exchanger.handle(_request(key))
     assert [(e.outcome, e.attempt) for e in audit.events] == [
         (Outcome.INTENT, 1),
@@ -243,12 +237,12 @@ def test_sts_throttling_is_retried_with_one_intent_per_attempt(
 
 
 def test_sts_down_gives_503_after_bounded_attempts(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """A persistently failing STS ends in 503 with an error record after three attempts."""
-    exchanger, audit, stubber = setup
+    exchanger, audit, fake_sts = setup
     for _ in range(3):
-        stubber.add_client_error("assume_role", "ServiceUnavailable", http_status_code=503)
+        fake_sts.add_error("ServiceUnavailable", 503)
     with pytest.raises(ExchangeError) as caught:
         exchanger.handle(_request(key))
     assert caught.value.status == 503 and caught.value.retry_after
@@ -256,11 +250,11 @@ def test_sts_down_gives_503_after_bounded_attempts(
 
 
 def test_sts_access_denied_is_not_retried(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """AccessDenied from STS is final: one attempt, 503, reason upstream_denied."""
-    exchanger, audit, stubber = setup
-    stubber.add_client_error("assume_role", "AccessDenied", http_status_code=403)
+    exchanger, audit, fake_sts = setup
+    fake_sts.add_error("AccessDenied", 403)
     with pytest.raises(ExchangeError):
         exchanger.handle(_request(key))
     assert audit.events[-1].reason == "upstream_denied"
@@ -268,7 +262,7 @@ def test_sts_access_denied_is_not_retried(
 
 
 def test_denial_is_audited_with_the_claims_read(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """A policy denial is invalid_target, audited with only the claims the policy read."""
     exchanger, audit, _ = setup
@@ -281,7 +275,7 @@ def test_denial_is_audited_with_the_claims_read(
 
 
 def test_denial_that_cannot_be_audited_becomes_503(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """Nothing goes unaudited: a deny whose record fails is answered 503 instead."""
     exchanger, audit, _ = setup
@@ -303,14 +297,14 @@ def _refresh(handle: str, task: str) -> TokenRequest:
 
 
 def test_session_ends_at_session_max(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey, clock: Clock
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey, clock: Clock
 ) -> None:
     """A refresh handle works until session_max after the exchange and is refused after it."""
-    exchanger, audit, stubber = setup
-    _sts_ok(stubber)
+    exchanger, audit, fake_sts = setup
+    _sts_ok(fake_sts)
     handle = exchanger.handle(_request(key)).refresh_token
     clock.now = NOW + timedelta(minutes=50)
-    _sts_ok(stubber)
+    _sts_ok(fake_sts)
     handle = exchanger.handle(_refresh(handle, "t1")).refresh_token
     clock.now = NOW + timedelta(minutes=61)
     with pytest.raises(ExchangeError) as caught:
@@ -320,16 +314,16 @@ def test_session_ends_at_session_max(
 
 
 def test_failed_exchange_leaves_the_token_usable(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """An exchange that minted nothing does not consume the CI job's one token."""
-    exchanger, _, stubber = setup
+    exchanger, _, fake_sts = setup
     for _ in range(3):
-        stubber.add_client_error("assume_role", "ServiceUnavailable", http_status_code=503)
+        fake_sts.add_error("ServiceUnavailable", 503)
     request = _request(key)
     with pytest.raises(ExchangeError):
         exchanger.handle(request)
-    _sts_ok(stubber)
+    _sts_ok(fake_sts)
     assert exchanger.handle(replace(request, request_id="req2")).refresh_token
     with pytest.raises(ExchangeError) as caught:
         exchanger.handle(replace(request, request_id="req3"))
@@ -337,11 +331,11 @@ def test_failed_exchange_leaves_the_token_usable(
 
 
 def test_upstream_denial_is_cached_without_asking_sts_again(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """After STS AccessDenied the same identity and grant get 503 from the cache, not STS."""
-    exchanger, audit, stubber = setup
-    stubber.add_client_error("assume_role", "AccessDenied", http_status_code=403)
+    exchanger, audit, fake_sts = setup
+    fake_sts.add_error("AccessDenied", 403)
     with pytest.raises(ExchangeError):
         exchanger.handle(_request(key))
     with pytest.raises(ExchangeError) as caught:
@@ -352,16 +346,16 @@ def test_upstream_denial_is_cached_without_asking_sts_again(
 
 @pytest.mark.parametrize("setup", ['token_types = ["JWT"]'], indirect=True)
 def test_issuer_typ_profile_refuses_other_token_types(
-    setup: tuple[Exchanger, MemoryAudit, Stubber], key: SigningKey
+    setup: tuple[Exchanger, MemoryAudit, FakeSts], key: SigningKey
 ) -> None:
     """With token_types = ["JWT"], an access token (typ at+jwt) is refused before any key use."""
-    exchanger, _, stubber = setup
+    exchanger, _, fake_sts = setup
     body = preset_claims("gitlab", issuer=ISSUER, audience="luigi-creds", now=NOW)
     access = encode_jwt(body, key, header={"typ": "at+jwt"})
     with pytest.raises(ExchangeError) as caught:
         exchanger.handle(replace(_request(key), subject_token=access))
     assert caught.value.reason == "wrong_token_type"
     # "application/JWT" is the same media type as "JWT" (RFC 7515 §4.1.9).
-    _sts_ok(stubber)
+    _sts_ok(fake_sts)
     id_token = encode_jwt(body, key, header={"typ": "application/JWT"})
     assert exchanger.handle(replace(_request(key), request_id="r2", subject_token=id_token))

@@ -23,14 +23,14 @@ from pathlib import Path
 import httpx
 import hvac.exceptions
 import pytest
-from botocore.exceptions import ClientError
 from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, start_broker
 from vault_server import ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 
 from broker.config import parse_config
 from broker.mint import UpstreamError
-from broker.mint.aws import _map_client_error
+from broker.mint.aws import map_sts_refusal
+from broker.mint.sts_http import StsRefusal
 from broker.mint.vault import map_error
 from broker.upstream_check import (
     Need,
@@ -144,14 +144,8 @@ def test_vault_errors_keep_vaults_words_and_the_path_not_the_host() -> None:
 
 
 def test_sts_errors_keep_code_message_and_aws_request_id() -> None:
-    exc = ClientError(
-        {
-            "Error": {"Code": "AccessDenied", "Message": "User: arn:x is not authorized"},
-            "ResponseMetadata": {"HTTPStatusCode": 403, "RequestId": "4f1c-77"},
-        },
-        "AssumeRole",
-    )
-    mapped = _map_client_error(exc)
+    exc = StsRefusal("AccessDenied", 403, "User: arn:x is not authorized", "4f1c-77")
+    mapped = map_sts_refusal(exc)
     assert (mapped.reason, mapped.upstream) == ("upstream_denied", "sts")
     assert mapped.detail == (
         "AccessDenied (HTTP 403): User: arn:x is not authorized [AWS request id 4f1c-77]"

@@ -1,8 +1,8 @@
 """AWS STS minting: AssumeRole with the broker's own credentials, templated from token claims.
 
 Owns the translation from a grant + verified claims into an `sts:AssumeRole` call within STS
-limits, and the mapping of STS errors onto `UpstreamError`. Talks to AWS STS (or moto) through a
-boto3 client that the composition root builds and passes in.
+limits, and the mapping of STS errors onto `UpstreamError`. Talks to AWS STS (or moto) through the
+signed keep-alive client in sts_http.py that the composition root builds and passes in.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from broker.config import AwsGrant
 from broker.mint import UpstreamError
+from broker.mint.sts_http import StsHTTP, StsRefusal, StsUnreachable, text
 
 # STS: DurationSeconds 900..43200 (the role's MaxSessionDuration may lower the top).
 STS_MIN_DURATION = 900
@@ -91,6 +90,21 @@ class AssumeRolePlan:
         if self.external_id is not None:
             params["ExternalId"] = self.external_id
         return params
+
+    def query_params(self) -> dict[str, str]:
+        """The same parameters in the STS Query API's form, as they go on the wire."""
+        query: dict[str, str] = {}
+        for name, value in self.params().items():
+            if name == "Tags":
+                for n, tag in enumerate(value, start=1):
+                    query[f"Tags.member.{n}.Key"] = tag["Key"]
+                    query[f"Tags.member.{n}.Value"] = tag["Value"]
+            elif name == "TransitiveTagKeys":
+                for n, key in enumerate(value, start=1):
+                    query[f"TransitiveTagKeys.member.{n}"] = key
+            else:
+                query[name] = str(value)
+        return query
 
 
 class SessionPolicyRefused(UpstreamError):
@@ -221,20 +235,20 @@ def plan_assume_role(
 
 
 class AwsMinter:
-    """Calls STS with the broker's own credentials (boto3 default chain, built by the caller).
+    """Calls STS with the broker's own credentials (resolved by the caller, see sts_http.py).
 
     A grant with its own region, endpoint or profile gets an STS client of its own, built once
     by `client_for` (the composition root's factory) and kept."""
 
     def __init__(
-        self, sts_client: Any, client_for: Callable[[StsLocation], Any] | None = None
+        self, sts: StsHTTP, client_for: Callable[[StsLocation], StsHTTP] | None = None
     ) -> None:
-        self._sts = sts_client
+        self._sts = sts
         self._client_for = client_for
-        self._clients: dict[StsLocation, Any] = {}
+        self._clients: dict[StsLocation, StsHTTP] = {}
         self._lock = threading.Lock()
 
-    def _client(self, location: StsLocation) -> Any:
+    def _client(self, location: StsLocation) -> StsHTTP:
         if location == StsLocation() or self._client_for is None:
             return self._sts
         with self._lock:
@@ -243,36 +257,34 @@ class AwsMinter:
             return self._clients[location]
 
     def assume_role(self, plan: AssumeRolePlan) -> AwsCredentials:
-        params = plan.params()
         try:
-            response = self._client(plan.location).assume_role(**params)
-        except ClientError as exc:
-            raise _map_client_error(exc) from exc
-        except BotoCoreError as exc:
-            # Connection refused, timeouts, DNS: the upstream is unreachable.
+            result = self._client(plan.location).call("AssumeRole", plan.query_params())
+            expiration = datetime.fromisoformat(text(result, "Credentials/Expiration"))
+            if expiration.tzinfo is None:
+                expiration = expiration.replace(tzinfo=UTC)
+            return AwsCredentials(
+                access_key_id=text(result, "Credentials/AccessKeyId"),
+                secret_access_key=text(result, "Credentials/SecretAccessKey"),
+                session_token=text(result, "Credentials/SessionToken"),
+                expiration=expiration,
+            )
+        except StsRefusal as exc:
+            raise map_sts_refusal(exc) from exc
+        except (StsUnreachable, ValueError) as exc:
+            # Connection refused, timeouts, DNS, an answer that is not STS's: unreachable.
             raise _unreachable(exc) from exc
-        raw = response["Credentials"]
-        expiration = raw["Expiration"]
-        if expiration.tzinfo is None:
-            expiration = expiration.replace(tzinfo=UTC)
-        return AwsCredentials(
-            access_key_id=raw["AccessKeyId"],
-            secret_access_key=raw["SecretAccessKey"],
-            session_token=raw["SessionToken"],
-            expiration=expiration,
-        )
 
     def check_reachable(self) -> None:
         """Readiness: a cheap signed call that proves credentials and endpoint work."""
         try:
-            self._sts.get_caller_identity()
-        except ClientError as exc:
-            raise _map_client_error(exc) from exc
-        except BotoCoreError as exc:
+            self._sts.call("GetCallerIdentity", {})
+        except StsRefusal as exc:
+            raise map_sts_refusal(exc) from exc
+        except StsUnreachable as exc:
             raise _unreachable(exc) from exc
 
 
-def _unreachable(exc: BotoCoreError) -> UpstreamError:
+def _unreachable(exc: Exception) -> UpstreamError:
     return UpstreamError(
         "upstream_unavailable",
         retryable=True,
@@ -281,16 +293,12 @@ def _unreachable(exc: BotoCoreError) -> UpstreamError:
     )
 
 
-def _map_client_error(exc: ClientError) -> UpstreamError:
+def map_sts_refusal(exc: StsRefusal) -> UpstreamError:
     """One table from STS's error classes to ours; classified by code and status, never text."""
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    metadata = exc.response.get("ResponseMetadata", {})
-    status = int(metadata.get("HTTPStatusCode", 0) or 0)
+    code, status = exc.code, exc.status
     # STS's own words and request id, for the operator's log (CloudTrail has the same id).
     detail = (
-        f"{code or 'error'} (HTTP {status}): {' '.join(str(error.get('Message', '')).split())}"
-        f" [AWS request id {metadata.get('RequestId') or '-'}]"
+        f"{code or 'error'} (HTTP {status}): {exc.message} [AWS request id {exc.request_id or '-'}]"
     )
 
     def refused(reason: str, retryable: bool) -> UpstreamError:
