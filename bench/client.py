@@ -30,6 +30,7 @@ in the same run. Talks to the servers over loopback HTTP only.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -493,6 +494,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.before is not None:
         variants.append("mixin-before")
     load = os.getloadavg()
+    # An installed package ships compiled bytecode; this checkout's editable install, under
+    # PYTHONDONTWRITEBYTECODE, would compile luigi_creds again in every task process.
+    for package in (REPO_ROOT / "luigi_creds", opts.before):
+        if package is not None:
+            compileall.compile_dir(str(package), quiet=1)
     with ExitStack() as stop:
         workdir = opts.workdir or Path(
             stop.enter_context(tempfile.TemporaryDirectory(prefix="bench-client-"))

@@ -27,10 +27,11 @@ from typing import Any
 
 import httpx
 
+from luigi_creds.agent_client import AgentClient, AgentEndpoint
 from luigi_creds.client import BrokerClient, BrokerError, Credential
 from luigi_creds.identity import OktaSettings, parse_token_source
 from luigi_creds.luigi_config import from_luigi_config
-from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent
+from luigi_creds.serve import CredentialAgent
 from luigi_creds.settings import ClientSettings, ConfigError
 
 __all__ = [

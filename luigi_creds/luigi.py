@@ -38,11 +38,11 @@ from luigi_creds.agent import (
     stop_agent,
     vault_addr,
 )
+from luigi_creds.agent_client import AgentClient
 from luigi_creds.aws import aws_session as _aws_session
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
 from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
 from luigi_creds.refresh import Windows
-from luigi_creds.serve import AgentClient
 from luigi_creds.settings import ClientSettings, ConfigError
 
 __all__ = [

@@ -36,11 +36,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from luigi_creds.agent_client import (
+    AGENT_TOKEN_VARIABLE,
+    AGENT_URL_VARIABLE,
+    AgentClient,
+    AgentEndpoint,
+    container_env,
+)
 from luigi_creds.childenv import AWS_ENV_VARIABLES
 from luigi_creds.credentials import BrokerError, VaultToken, describe, iso
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.luigi_config import from_luigi_config
-from luigi_creds.serve import AGENT_TOKEN_VARIABLE, AGENT_URL_VARIABLE, AgentClient, container_env
 
 __all__ = ["TaskCredentials"]
 
@@ -167,7 +173,6 @@ class TaskCredentials:
     def _job_agent(self) -> AgentClient:
         """This process's way to the job's agent: inherited, or (no agent in the environment)
         started here, with a broker session of its own for this process."""
-        from luigi_creds.serve import AgentEndpoint
 
         endpoint = AgentEndpoint.from_env(os.environ)
         if endpoint is not None:
