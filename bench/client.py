@@ -73,12 +73,7 @@ def _timings() -> dict[str, float]:
     timings = getattr(module, "last_timings", None)
     if timings is None:
         return {}
-    return {
-        "entered": timings.entered,
-        "settings": timings.settings,
-        "agent": timings.agent,
-        "mint_wait": timings.aws,
-    }
+    return {"entered": timings.entered, "settings": timings.settings, "agent": timings.agent}
 
 
 def _plain_run(task: Any) -> None:
@@ -402,8 +397,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
         total = [m["usable"] - m["entered"] for m in zero]
         phases = {
             "settings": [m["settings"] for m in zero],
-            "agent (task bearer)": [m["agent"] for m in zero],
-            "mint wait (agent+broker+upstream)": [m["mint_wait"] for m in zero],
+            "bearer + first AWS credential": [m["agent"] for m in zero],
             "SDK credential resolution": [m["sdk"] for m in zero],
         }
         clients = {
@@ -412,7 +406,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
             if runs.get(v)
         }
         broker_ms = exchange["broker_refresh_p50_ms"]
+        upstream_ms = exchange["assume_role_p50_ms"]
+        agent_ms = statistics.median(phases["bearer + first AWS credential"]) * 1000
         first = {
+            # The round trip split with the broker's own figures, measured beside it.
+            "split_p50_ms": {
+                "agent (round trip minus the broker's mint)": agent_ms - broker_ms,
+                "broker (its mint minus AssumeRole)": broker_ms - upstream_ms,
+                "upstream (AssumeRole on moto)": upstream_ms,
+            },
             "p50_ms": statistics.median(total) * 1000,
             "p95_ms": _pct(total, 95) * 1000,
             "phases_p50_ms": {k: statistics.median(v) * 1000 for k, v in phases.items()},
@@ -454,7 +456,9 @@ def render(report: dict[str, Any]) -> str:
             "exchange)"
         )
         for phase, ms in first["phases_p50_ms"].items():
-            lines.append(f"  {phase:<36}{ms:8.1f} ms (p50)")
+            lines.append(f"  {phase:<44}{ms:8.1f} ms (p50)")
+        for phase, ms in first["split_p50_ms"].items():
+            lines.append(f"    {phase:<42}{ms:8.1f} ms (derived)")
         built = ", ".join(
             f"{v} {ms:.1f} ms" for v, ms in first["client_construction_p50_ms"].items()
         )

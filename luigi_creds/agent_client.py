@@ -103,7 +103,6 @@ class AgentClient:
         *,
         delegate: bool = False,
         pid: int | None = None,
-        prefetch: Sequence[str] = (),
     ) -> AgentEndpoint:
         """A bearer for a narrower scope (a task's own grants, or a delegate for a scheduling
         process); the agent refuses what this client's own bearer does not cover."""
@@ -112,7 +111,6 @@ class AgentClient:
             "task": task,
             "delegate": delegate,
             "pid": pid,
-            "prefetch": list(prefetch),
         }
         payload = self._call("POST", "/v1/bearer", body, what="a task's bearer")
         bearer = payload.get("bearer")
@@ -122,6 +120,29 @@ class AgentClient:
                 error="invalid_response",
             )
         return AgentEndpoint(self.endpoint.url, bearer)
+
+    def task_bearer(
+        self, grants: Sequence[str], task: str, *, pid: int | None, aws_grant: str | None
+    ) -> tuple[AgentEndpoint, AwsCredentials | None]:
+        """A bearer for `task` and `grants` and, in the same round trip, the task's first
+        credentials for `aws_grant` (minted now; a refusal raises, naming the grant)."""
+        body = {
+            "grants": list(grants),
+            "task": task,
+            "pid": pid,
+            "aws": [aws_grant] if aws_grant else [],
+        }
+        what = f"grant {aws_grant!r}" if aws_grant else "a task's bearer"
+        payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
+        bearer = payload.get("bearer")
+        aws = payload.get("aws") or {}
+        if not isinstance(bearer, str) or not bearer or not isinstance(aws, dict):
+            raise BrokerError(
+                "credential agent answered a bearer request with a malformed body",
+                error="invalid_response",
+            )
+        first = _aws_from_body(aws_grant, aws.get(aws_grant)) if aws_grant else None
+        return AgentEndpoint(self.endpoint.url, bearer), first
 
     def release(self, task: str | None = None) -> None:
         """End this client's own task scope, or (a delegating client) `task`: the agent forgets
@@ -137,21 +158,7 @@ class AgentClient:
         """The agent's cached AWS credentials for (grant, task), as the AWS SDKs get them."""
         query = f"grant={quote(grant, safe='')}" + (f"&task={quote(task, safe='')}" if task else "")
         body = self._call("GET", f"/v1/aws?{query}", None, what=f"grant {grant!r}", grant=grant)
-        try:
-            return AwsCredentials(
-                grant=grant,
-                request_id="",
-                access_key_id=body["AccessKeyId"],
-                secret_access_key=body["SecretAccessKey"],
-                session_token=body["Token"],
-                expires_at=parse_time(body["Expiration"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise BrokerError(
-                f"credential agent answered grant {grant!r} with malformed AWS credentials",
-                error="invalid_response",
-                grant=grant,
-            ) from None
+        return _aws_from_body(grant, body)
 
     def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
         body: dict[str, Any] = {"grant": grant, "task": task}
@@ -244,3 +251,22 @@ class AgentClient:
                 self._conn = conn
             return response.status, raw
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _aws_from_body(grant: str, body: Any) -> AwsCredentials:
+    """AWS credentials from a container-credentials answer (BrokerError if malformed)."""
+    try:
+        return AwsCredentials(
+            grant=grant,
+            request_id="",
+            access_key_id=body["AccessKeyId"],
+            secret_access_key=body["SecretAccessKey"],
+            session_token=body["Token"],
+            expires_at=parse_time(body["Expiration"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BrokerError(
+            f"credential agent answered grant {grant!r} with malformed AWS credentials",
+            error="invalid_response",
+            grant=grant,
+        ) from None

@@ -20,8 +20,8 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
 - `GET /v1/aws?grant=G&task=T`: the AWS container-credentials protocol (`AccessKeyId`,
   `SecretAccessKey`, `Token`, `Expiration`), refreshed per (grant, task) with `refresh.Refresher`;
   point `AWS_CONTAINER_CREDENTIALS_FULL_URI` at it and any AWS SDK refreshes by itself.
-- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "prefetch"}`: a narrower bearer;
-  AWS grants in `prefetch` start minting at once.
+- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws"}`: a narrower bearer and,
+  in the same answer, its first credentials for each AWS grant in `aws` (a task's start).
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
 - `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
@@ -32,7 +32,6 @@ Talks to the broker only through the callables it is given.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -237,9 +236,8 @@ class CredentialAgent:
     def authorized(self, header: str | None) -> bool:
         return self.scope_of(header) is not None
 
-    def issue(self, caller: Scope, wanted: Scope, prefetch: Sequence[str] = ()) -> str:
-        """A new bearer for `wanted`, which `caller` must cover; AWS grants in `prefetch` start
-        minting now, so the task's first SDK call finds them ready (or in flight)."""
+    def issue(self, caller: Scope, wanted: Scope) -> str:
+        """A new bearer for `wanted`, which `caller` must cover."""
         if not caller.covers(wanted) or (wanted.task is None and not wanted.delegate):
             self._refuse(
                 f"a bearer for {caller.describe()} cannot hand out one for {wanted.describe()}",
@@ -250,10 +248,6 @@ class CredentialAgent:
         bearer = secrets.token_urlsafe(32)
         with self._lock:
             self._scopes[_digest(bearer)] = wanted
-        for grant in prefetch:
-            if wanted.allows(grant, wanted.task):
-                refresher = self._refresher(grant, wanted.task)
-                threading.Thread(target=self._warm, args=(refresher,), daemon=True).start()
         return bearer
 
     def release_scope(self, header: str | None) -> None:
@@ -362,12 +356,6 @@ class CredentialAgent:
                 self._aws[(grant, task)] = refresher
         return refresher
 
-    @staticmethod
-    def _warm(refresher: Refresher[AwsCredentials]) -> None:
-        # A failure here is seen again, with its reason, by the SDK call that needs the credential.
-        with contextlib.suppress(Exception):
-            refresher.get()
-
     def _fetch_aws(self, grant: str, task: str | None) -> tuple[AwsCredentials, datetime]:
         cred = self._mint(grant, task, None)
         if not isinstance(cred, AwsCredentials):
@@ -408,6 +396,17 @@ class CredentialAgent:
                 if scope.task is not None:
                     log.info("luigi-creds: task %s ended without releasing; releasing", scope.task)
                     self._end_task(scope.task)
+
+
+def container_body(cred: AwsCredentials) -> dict[str, str]:
+    """The AWS container-credentials answer for `cred`."""
+    body = cred.credential_process()
+    return {
+        "AccessKeyId": body["AccessKeyId"],
+        "SecretAccessKey": body["SecretAccessKey"],
+        "Token": body["SessionToken"],
+        "Expiration": body["Expiration"],
+    }
 
 
 def _report_quietly(report: ReportRefusal, grant: str, task: str | None) -> None:
@@ -484,16 +483,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             except Exception as exc:
                 self._fail(exc)
                 return
-            body = cred.credential_process()
-            self._send(
-                200,
-                {
-                    "AccessKeyId": body["AccessKeyId"],
-                    "SecretAccessKey": body["SecretAccessKey"],
-                    "Token": body["SessionToken"],
-                    "Expiration": body["Expiration"],
-                },
-            )
+            self._send(200, container_body(cred))
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -547,7 +537,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             grants = request.get("grants")
             task = request.get("task")
             pid = request.get("pid")
-            prefetch = request.get("prefetch") or []
+            aws_grants = request.get("aws") or []
             delegate = request.get("delegate") is True
             if grants is not None and not (
                 isinstance(grants, list) and all(isinstance(g, str) for g in grants)
@@ -557,7 +547,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 raise TypeError
             if not (pid is None or (isinstance(pid, int) and pid > 0)):
                 raise TypeError
-            if not (isinstance(prefetch, list) and all(isinstance(g, str) for g in prefetch)):
+            if not (isinstance(aws_grants, list) and all(isinstance(g, str) for g in aws_grants)):
                 raise TypeError
             wanted = Scope(
                 grants=None if grants is None else frozenset(grants),
@@ -565,7 +555,10 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 delegate=delegate,
                 pid=pid,
             )
-            self._send(200, {"bearer": agent.issue(scope, wanted, prefetch)})
+            bearer = agent.issue(scope, wanted)
+            # One round trip for a task's start: its bearer and its first AWS credentials.
+            aws = {g: container_body(agent.aws(g, task, wanted)) for g in aws_grants}
+            self._send(200, {"bearer": bearer, "aws": aws})
 
         def _release(self, scope: Scope, request: dict[str, Any]) -> None:
             task = request.get("task")

@@ -44,7 +44,7 @@ from luigi_creds.agent_client import (
     container_env,
 )
 from luigi_creds.childenv import AWS_ENV_VARIABLES
-from luigi_creds.credentials import BrokerError, VaultToken, describe, iso
+from luigi_creds.credentials import AwsCredentials, BrokerError, VaultToken, describe, iso
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.luigi_config import from_luigi_config
 
@@ -59,8 +59,7 @@ class StartTimings:
 
     entered: float = 0.0  # time.perf_counter() when the context was entered
     settings: float = 0.0
-    agent: float = 0.0  # the task's bearer (and the start of its AWS mint)
-    aws: float = 0.0  # waiting for the first AWS credential (the agent's mint: broker, STS)
+    agent: float = 0.0  # the task's bearer and first AWS credential (agent, broker, STS)
     vault: float = 0.0
 
 
@@ -142,12 +141,14 @@ class TaskCredentials:
             return
         mark = time.perf_counter()
         parent = self._job_agent()
-        prefetch = [family.aws_grant] if family.aws_grant else []
-        endpoint = parent.scoped(
+        # One round trip: the task's bearer and its first AWS credentials. The SDK's first call
+        # would wait for this same mint; waiting here turns a refusal into the task's failure,
+        # with the grant and the broker's reason.
+        endpoint, aws = parent.task_bearer(
             grants,
             task.task_id,
             pid=os.getpid() if self._own_process else None,
-            prefetch=prefetch,
+            aws_grant=family.aws_grant,
         )
         if parent is not self._owner:
             parent.close()  # the inherited, wider bearer's connection is of no further use
@@ -155,14 +156,9 @@ class TaskCredentials:
         os.environ.update(endpoint.env())
         self.timings.agent = time.perf_counter() - mark
         lines = []
-        if family.aws_grant:
-            mark = time.perf_counter()
+        if family.aws_grant and aws is not None:
             os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            # The SDK's first call would wait for this same mint; waiting here turns a refusal
-            # into the task's failure, with the grant and the broker's reason.
-            aws = self._client.aws(family.aws_grant, task.task_id)
-            self.timings.aws = time.perf_counter() - mark
-            _install_default_session(self._client, family.aws_grant, task.task_id)
+            _install_default_session(self._client, aws, task.task_id)
             lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         if family.vault_grant:
             mark = time.perf_counter()
@@ -227,7 +223,7 @@ class TaskCredentials:
         self._task.run = run
 
 
-def _install_default_session(client: AgentClient, grant: str, task_id: str) -> None:
+def _install_default_session(client: AgentClient, first: AwsCredentials, task_id: str) -> None:
     """Give boto3's default session (boto3.client, luigi.contrib.s3) credentials that refresh
     on windows scaled to their lifetime, when boto3 is already loaded.
 
@@ -243,7 +239,12 @@ def _install_default_session(client: AgentClient, grant: str, task_id: str) -> N
 
     from luigi_creds.aws import aws_session
 
-    boto3.DEFAULT_SESSION = aws_session(lambda: client.aws(grant, task_id))
+    pending = [first]  # the credentials the task started with: no second round trip
+
+    def fetch() -> AwsCredentials:
+        return pending.pop() if pending else client.aws(first.grant, task_id)
+
+    boto3.DEFAULT_SESSION = aws_session(fetch)
 
 
 def _reset_boto3() -> None:
