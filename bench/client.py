@@ -73,7 +73,13 @@ def _timings() -> dict[str, float]:
     timings = getattr(module, "last_timings", None)
     if timings is None:
         return {}
-    return {"entered": timings.entered, "settings": timings.settings, "agent": timings.agent}
+    return {
+        "entered": timings.entered,
+        "settings": timings.settings,
+        "agent": timings.agent,
+        "aws_wait": timings.aws,
+        "context": timings.done - timings.entered,
+    }
 
 
 def _plain_run(task: Any) -> None:
@@ -95,6 +101,7 @@ def _plain_run(task: Any) -> None:
         "sdk": usable - started,
         "client": built - usable,
         "usable": usable,
+        "run_started": started,
     }
     marker.update(_timings())
     (_marker_dir() / f"{task.n}.json").write_text(json.dumps(marker))
@@ -397,9 +404,17 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
         total = [m["usable"] - m["entered"] for m in zero]
         phases = {
             "settings": [m["settings"] for m in zero],
-            "bearer + first AWS credential": [m["agent"] for m in zero],
+            "task bearer (the mint starts)": [m["agent"] for m in zero],
+            "set-up while the mint runs": [
+                m["context"] - m["settings"] - m["agent"] - m["aws_wait"] for m in zero
+            ],
+            "left to wait for the mint": [m["aws_wait"] for m in zero],
             "SDK credential resolution": [m["sdk"] for m in zero],
         }
+        # The whole context (settings, bearer, first credential, environment, default
+        # session), and Luigi's own work between the context and run().
+        context = [m["context"] for m in zero]
+        luigi_gap = [m["run_started"] - m["entered"] - m["context"] for m in zero]
         clients = {
             v: statistics.median([m["client"] for r in runs[v] for m in r["markers"]]) * 1000
             for v in ("static", "zero")
@@ -407,11 +422,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
         }
         broker_ms = exchange["broker_refresh_p50_ms"]
         upstream_ms = exchange["assume_role_p50_ms"]
-        agent_ms = statistics.median(phases["bearer + first AWS credential"]) * 1000
         first = {
-            # The round trip split with the broker's own figures, measured beside it.
+            # The mint the task waits for, split with figures measured beside it: the broker's
+            # own refresh mint and a direct AssumeRole on the same moto.
             "split_p50_ms": {
-                "agent (round trip minus the broker's mint)": agent_ms - broker_ms,
                 "broker (its mint minus AssumeRole)": broker_ms - upstream_ms,
                 "upstream (AssumeRole on moto)": upstream_ms,
             },
@@ -419,6 +433,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
             "p95_ms": _pct(total, 95) * 1000,
             "phases_p50_ms": {k: statistics.median(v) * 1000 for k, v in phases.items()},
             "ratio_to_broker_exchange": statistics.median(total) * 1000 / broker_ms,
+            "context_p50_ms": statistics.median(context) * 1000,
+            "luigi_before_run_p50_ms": statistics.median(luigi_gap) * 1000,
             # boto3 client construction (service model loading), after the credential is
             # usable; the static peer pays the same.
             "client_construction_p50_ms": clients,
@@ -457,6 +473,10 @@ def render(report: dict[str, Any]) -> str:
         )
         for phase, ms in first["phases_p50_ms"].items():
             lines.append(f"  {phase:<44}{ms:8.1f} ms (p50)")
+        lines.append(
+            f"  (the whole context {first['context_p50_ms']:.1f} ms; Luigi's own work before "
+            f"run() {first['luigi_before_run_p50_ms']:.1f} ms, p50)"
+        )
         for phase, ms in first["split_p50_ms"].items():
             lines.append(f"    {phase:<42}{ms:8.1f} ms (derived)")
         built = ", ".join(

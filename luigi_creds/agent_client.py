@@ -122,15 +122,23 @@ class AgentClient:
         return AgentEndpoint(self.endpoint.url, bearer)
 
     def task_bearer(
-        self, grants: Sequence[str], task: str, *, pid: int | None, aws_grant: str | None
+        self,
+        grants: Sequence[str],
+        task: str,
+        *,
+        pid: int | None,
+        aws_grant: str | None,
+        wait: bool = True,
     ) -> tuple[AgentEndpoint, AwsCredentials | None]:
-        """A bearer for `task` and `grants` and, in the same round trip, the task's first
-        credentials for `aws_grant` (minted now; a refusal raises, naming the grant)."""
+        """A bearer for `task` and `grants`; the agent starts minting `aws_grant` for the task
+        at once and, with `wait`, returns it in the same round trip (a refusal raises, naming
+        the grant). Without `wait`, `aws()` later waits for that same mint."""
         body = {
             "grants": list(grants),
             "task": task,
             "pid": pid,
             "aws": [aws_grant] if aws_grant else [],
+            "wait": wait,
         }
         what = f"grant {aws_grant!r}" if aws_grant else "a task's bearer"
         payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
@@ -141,7 +149,7 @@ class AgentClient:
                 "credential agent answered a bearer request with a malformed body",
                 error="invalid_response",
             )
-        first = _aws_from_body(aws_grant, aws.get(aws_grant)) if aws_grant else None
+        first = _aws_from_body(aws_grant, aws.get(aws_grant)) if aws_grant and wait else None
         return AgentEndpoint(self.endpoint.url, bearer), first
 
     def release(self, task: str | None = None) -> None:

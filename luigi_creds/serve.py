@@ -20,8 +20,9 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
 - `GET /v1/aws?grant=G&task=T`: the AWS container-credentials protocol (`AccessKeyId`,
   `SecretAccessKey`, `Token`, `Expiration`), refreshed per (grant, task) with `refresh.Refresher`;
   point `AWS_CONTAINER_CREDENTIALS_FULL_URI` at it and any AWS SDK refreshes by itself.
-- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws"}`: a narrower bearer and,
-  in the same answer, its first credentials for each AWS grant in `aws` (a task's start).
+- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws", "wait"}`: a narrower
+  bearer; each AWS grant in `aws` is minted at once and, unless `wait` is false, returned in the
+  same answer (a task's start).
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
 - `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
@@ -194,6 +195,8 @@ class CredentialAgent:
         self._lock = threading.Lock()
         self._scopes: dict[bytes, Scope] = {_digest(self._bearer): ROOT_SCOPE}
         self._aws: dict[tuple[str, str | None], Refresher[AwsCredentials]] = {}
+        self._prefetch_failed: dict[tuple[str, str | None], Exception] = {}
+        self._prefetching: dict[tuple[str, str | None], threading.Event] = {}
         # Vault credentials minted per task (released with the task) and each lease's task.
         self._held: dict[str, list[Credential]] = {}
         self._lease_task: dict[str, str | None] = {}
@@ -307,7 +310,37 @@ class CredentialAgent:
 
     def aws(self, grant: str, task: str | None, scope: Scope = ROOT_SCOPE) -> AwsCredentials:
         task = self._check(scope, grant, task)
-        return self._refresher(grant, task).get().value
+        refresher = self._refresher(grant, task)
+        with self._lock:
+            inflight = self._prefetching.get((grant, task))
+        if inflight is not None:
+            inflight.wait()
+        with self._lock:
+            failed = self._prefetch_failed.pop((grant, task), None)
+        if failed is not None and refresher.current is None:
+            raise failed
+        return refresher.get().value
+
+    def prefetch(self, grant: str, task: str | None, scope: Scope) -> None:
+        """Start minting (grant, task) in the background; `aws()` then waits for that mint."""
+        task = self._check(scope, grant, task)
+        done = threading.Event()
+        with self._lock:
+            self._prefetching[(grant, task)] = done
+        threading.Thread(target=self._warm, args=(grant, task, done), daemon=True).start()
+
+    def _warm(self, grant: str, task: str | None, done: threading.Event) -> None:
+        try:
+            self._refresher(grant, task).get()
+        except Exception as exc:
+            # Kept for whoever asks next (the task, at once), so a refusal reaches the broker
+            # once, not again for the same question.
+            with self._lock:
+                self._prefetch_failed[(grant, task)] = exc
+        finally:
+            with self._lock:
+                self._prefetching.pop((grant, task), None)
+            done.set()
 
     def _check(self, scope: Scope, grant: str, task: str | None) -> str | None:
         if scope.task is not None and task is None:
@@ -370,6 +403,8 @@ class CredentialAgent:
                 del self._scopes[digest]
             for key in [k for k in self._aws if k[1] == task]:
                 del self._aws[key]
+            for key in [k for k in self._prefetch_failed if k[1] == task]:
+                del self._prefetch_failed[key]
             held = self._held.pop(task, [])
             for cred in held:
                 if isinstance(cred, VaultSecret):
@@ -556,7 +591,13 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 pid=pid,
             )
             bearer = agent.issue(scope, wanted)
-            # One round trip for a task's start: its bearer and its first AWS credentials.
+            if request.get("wait") is False:
+                # Mint now, answer now: the task sets itself up while the broker works, and
+                # its first credential request waits for this same mint.
+                for grant in aws_grants:
+                    agent.prefetch(grant, task, wanted)
+                self._send(200, {"bearer": bearer, "aws": {}})
+                return
             aws = {g: container_body(agent.aws(g, task, wanted)) for g in aws_grants}
             self._send(200, {"bearer": bearer, "aws": aws})
 

@@ -59,7 +59,9 @@ class StartTimings:
 
     entered: float = 0.0  # time.perf_counter() when the context was entered
     settings: float = 0.0
-    agent: float = 0.0  # the task's bearer and first AWS credential (agent, broker, STS)
+    agent: float = 0.0  # the task's bearer (the AWS mint starts)
+    aws: float = 0.0  # what was left to wait for the first AWS credential after the set-up
+    done: float = 0.0  # time.perf_counter() when the context had set everything up
     vault: float = 0.0
 
 
@@ -141,30 +143,39 @@ class TaskCredentials:
             return
         mark = time.perf_counter()
         parent = self._job_agent()
-        # One round trip: the task's bearer and its first AWS credentials. The SDK's first call
-        # would wait for this same mint; waiting here turns a refusal into the task's failure,
-        # with the grant and the broker's reason.
-        endpoint, aws = parent.task_bearer(
+        # The agent starts minting the task's AWS credentials now and answers at once: the
+        # environment, boto3's session and the Vault token are set up while the broker works.
+        endpoint, _ = parent.task_bearer(
             grants,
             task.task_id,
             pid=os.getpid() if self._own_process else None,
             aws_grant=family.aws_grant,
+            wait=False,
         )
         if parent is not self._owner:
             parent.close()  # the inherited, wider bearer's connection is of no further use
-        self._client = AgentClient(endpoint)
+        client = self._client = AgentClient(endpoint)
         os.environ.update(endpoint.env())
         self.timings.agent = time.perf_counter() - mark
         lines = []
-        if family.aws_grant and aws is not None:
+        first: list[AwsCredentials] = []
+        if family.aws_grant:
             os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            _install_default_session(self._client, aws, task.task_id)
-            lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
+            _install_default_session(client, family.aws_grant, task.task_id, first)
         if family.vault_grant:
             mark = time.perf_counter()
             lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
             self.timings.vault = time.perf_counter() - mark
+        if family.aws_grant:
+            mark = time.perf_counter()
+            # Waiting here for the mint the task's first AWS call would wait for anyway turns a
+            # refusal into the task's failure, with the grant and the broker's reason.
+            aws = client.aws(family.aws_grant, task.task_id)
+            first.append(aws)
+            self.timings.aws = time.perf_counter() - mark
+            lines.insert(0, f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
+        self.timings.done = time.perf_counter()
 
     def _job_agent(self) -> AgentClient:
         """This process's way to the job's agent: inherited, or (no agent in the environment)
@@ -223,7 +234,9 @@ class TaskCredentials:
         self._task.run = run
 
 
-def _install_default_session(client: AgentClient, first: AwsCredentials, task_id: str) -> None:
+def _install_default_session(
+    client: AgentClient, grant: str, task_id: str, first: list[AwsCredentials]
+) -> None:
     """Give boto3's default session (boto3.client, luigi.contrib.s3) credentials that refresh
     on windows scaled to their lifetime, when boto3 is already loaded.
 
@@ -239,10 +252,9 @@ def _install_default_session(client: AgentClient, first: AwsCredentials, task_id
 
     from luigi_creds.aws import aws_session
 
-    pending = [first]  # the credentials the task started with: no second round trip
-
     def fetch() -> AwsCredentials:
-        return pending.pop() if pending else client.aws(first.grant, task_id)
+        # The task's first credentials (fetched before its code runs), then the agent's.
+        return first.pop() if first else client.aws(grant, task_id)
 
     boto3.DEFAULT_SESSION = aws_session(fetch)
 
