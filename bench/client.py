@@ -64,7 +64,7 @@ def _marker_dir() -> Path:
 
 
 def _put(s3: Any, n: int, key_id: str) -> None:
-    s3.put_object(Bucket=BUCKET, Key=f"bench/{os.getpid()}-{n}", Body=key_id.encode())
+    s3.put_object(Bucket=BUCKET, Key=f"{os.environ['BENCH_PREFIX']}/{n}", Body=key_id.encode())
 
 
 def _timings() -> dict[str, float]:
@@ -111,14 +111,17 @@ def _task_classes(variant: str) -> type:
     """The task class of `variant`; the mixin's is defined only when asked for, so the static
     and zero-code jobs never import luigi_creds in the job's own process."""
     import luigi
+    from luigi.contrib.s3 import S3Target
+
+    def s3_output(self: Any) -> S3Target:
+        # Checked with exists() by the scheduling process, as S3 pipelines do.
+        return S3Target(f"s3://{BUCKET}/{os.environ['BENCH_PREFIX']}/{self.n}")
 
     if variant in ("static", "zero"):
 
         class BenchPut(luigi.Task):
             n = luigi.IntParameter()
-
-            def complete(self) -> bool:
-                return (_marker_dir() / f"{self.n}.json").exists()
+            output = s3_output
 
             def run(self) -> None:
                 _plain_run(self)
@@ -130,9 +133,7 @@ def _task_classes(variant: str) -> type:
     class BenchMixinPut(CredentialsMixin, luigi.Task):
         grants = (GRANT,)
         n = luigi.IntParameter()
-
-        def complete(self) -> bool:
-            return (_marker_dir() / f"{self.n}.json").exists()
+        output = s3_output
 
         def run(self) -> None:
             started = time.perf_counter()
@@ -229,6 +230,7 @@ def _job_env(
             "LUIGI_CONFIG_PATH": str(cfg),
             "BENCH_OUT": str(out),
             "BENCH_S3_URL": stack.moto.url,
+            "BENCH_PREFIX": out.parent.name,
             "BENCH_TOKEN": stack.token(),
             "AWS_CONFIG_FILE": str(stack.workdir / "no-aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(stack.workdir / "no-aws-credentials"),
@@ -252,13 +254,15 @@ def run_variant(
     cfg.write_text(
         "[core]\nautoload_range = false\n"
         f"\n[worker]\nforce_multiprocessing = true\n{context}"
+        f"\n[s3]\nendpoint_url = {stack.moto.url}\nregion_name = us-east-1\n"
         f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
         + (f"aws_grant = {GRANT}\n" if variant == "zero" else "")
     )
     result = run_dir / "result.json"
     argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
             str(result)]  # fmt: skip
-    if variant == "zero":
+    if variant != "static":
+        # Under exec, the scheduling process has credentials for its S3 checks too.
         argv = [str(BIN / "luigi-creds"), "exec", "--grant", GRANT, "--", *argv]
     env = _job_env(stack, variant, out, cfg, before)
     done = subprocess.run(

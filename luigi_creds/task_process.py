@@ -135,6 +135,7 @@ class TaskCredentials:
             self._saved_env = dict(os.environ)
         for name in AWS_ENV_VARIABLES:
             os.environ.pop(name, None)
+        inherited = _default_session()
         _reset_boto3()
         if not grants:
             # Nothing for this family: it keeps no way to the agent either.
@@ -161,7 +162,9 @@ class TaskCredentials:
         first: list[AwsCredentials] = []
         if family.aws_grant:
             os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            _install_default_session(client, family.aws_grant, task.task_id, first)
+            _install_default_session(
+                client, family.aws_grant, task.task_id, first, inherited, self._own_process
+            )
         if family.vault_grant:
             mark = time.perf_counter()
             lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
@@ -234,29 +237,47 @@ class TaskCredentials:
         self._task.run = run
 
 
+def _default_session() -> Any:
+    """boto3's default session in this process, if boto3 is loaded and has one."""
+    boto3: Any = sys.modules.get("boto3")
+    return getattr(boto3, "DEFAULT_SESSION", None)
+
+
 def _install_default_session(
-    client: AgentClient, grant: str, task_id: str, first: list[AwsCredentials]
+    client: AgentClient,
+    grant: str,
+    task_id: str,
+    first: list[AwsCredentials],
+    inherited: Any,
+    own_process: bool,
 ) -> None:
-    """Give boto3's default session (boto3.client, luigi.contrib.s3) credentials that refresh
-    on windows scaled to their lifetime, when boto3 is already loaded.
+    """Give boto3's default session (boto3.client, luigi.contrib.s3) the task's credentials,
+    refreshed on windows scaled to their lifetime, when boto3 is already loaded.
 
     botocore's container provider refreshes 15 minutes before expiry, so with the usual
     15-minute credential it would ask the agent again on every API call. The default session
     asks the same agent, for the same task, only when a refresh is due. Sessions the task builds
     itself, and every subprocess, still use the container endpoint (correct, only chattier).
     Importing boto3 here for a task that may never use it would cost more than it saves.
+
+    A task with a process of its own keeps the default session it inherited (its service
+    models and handlers) with the inherited credentials dropped; otherwise a new session
+    shares only the inherited one's data loader.
     """
     if "boto3" not in sys.modules:
         return
     import boto3
 
-    from luigi_creds.aws import aws_session
+    from luigi_creds.aws import adopt_session, aws_session, session_loader
 
     def fetch() -> AwsCredentials:
         # The task's first credentials (fetched before its code runs), then the agent's.
         return first.pop() if first else client.aws(grant, task_id)
 
-    boto3.DEFAULT_SESSION = aws_session(fetch)
+    if own_process and inherited is not None and adopt_session(inherited, fetch):
+        boto3.DEFAULT_SESSION = inherited
+        return
+    boto3.DEFAULT_SESSION = aws_session(fetch, loader=session_loader(inherited))
 
 
 def _reset_boto3() -> None:
