@@ -34,6 +34,7 @@ import compileall
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,18 @@ class Stack:
     def token(self) -> str:
         return str(self.issuer.mint("gitlab", ttl=900))
 
+    def server_cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the broker and by moto (S3 and STS)."""
+        return {
+            "broker": _cpu_seconds(self.broker.process.pid),
+            "moto": _cpu_seconds(self.moto.process.pid),
+        }
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 @contextmanager
 def running_stack(workdir: Path) -> Iterator[Stack]:
@@ -265,9 +278,13 @@ def run_variant(
         # Under exec, the scheduling process has credentials for its S3 checks too.
         argv = [str(BIN / "luigi-creds"), "exec", "--grant", GRANT, "--", *argv]
     env = _job_env(stack, variant, out, cfg, before)
+    servers_before = stack.server_cpu()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         argv, env=env, cwd=run_dir, capture_output=True, text=True, timeout=900, check=False
     )
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    servers_after = stack.server_cpu()
     if done.returncode != 0 or not result.exists():
         raise SystemExit(f"{variant} job failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     report: dict[str, Any] = json.loads(result.read_text())
@@ -276,6 +293,14 @@ def run_variant(
         raise SystemExit(f"{variant} job did not run every task:\n{done.stderr[-3000:]}")
     if variant != "static" and len(keys) != tasks:
         raise SystemExit(f"{variant}: {len(keys)} distinct keys for {tasks} tasks")
+    # CPU seconds spent on the run: the job's whole process tree (exec and its agent, Luigi,
+    # every task process), and the servers it used. On a saturated machine wall time follows
+    # total CPU, so this says where an overhead comes from.
+    report["cpu_s"] = {
+        "job tree (client side)": (children_after.ru_utime + children_after.ru_stime)
+        - (children_before.ru_utime + children_before.ru_stime),
+        **{k: servers_after[k] - servers_before[k] for k in servers_after},
+    }
     return report
 
 
@@ -443,7 +468,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
             # usable; the static peer pays the same.
             "client_construction_p50_ms": clients,
         }
+    cpu = {
+        v: {k: statistics.median(r["cpu_s"][k] for r in rs) for k in rs[0]["cpu_s"]}
+        for v, rs in runs.items()
+        if rs
+    }
     return {
+        "cpu_s_median": cpu,
         "wall_s": walls,
         "median_s": medians,
         "overhead_pct": overhead,
@@ -463,6 +494,13 @@ def render(report: dict[str, Any]) -> str:
         runs = " ".join(f"{w:.2f}" for w in s["wall_s"][variant])
         over_text = "peer" if over is None else f"{over:+.1f}%"
         lines.append(f"{variant:<14}{median:>10.2f}{over_text:>10}   {runs}")
+    lines.append(
+        "CPU seconds per run (median): "
+        + "; ".join(
+            f"{v}: " + ", ".join(f"{k} {c:.1f}" for k, c in parts.items())
+            for v, parts in s["cpu_s_median"].items()
+        )
+    )
     ex = report["exchange"]
     lines.append(
         f"broker refresh mint p50 {ex['broker_refresh_p50_ms']:.1f} ms; direct AssumeRole on "
