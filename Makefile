@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.exchange
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.client
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -30,9 +30,11 @@ in the same run. Talks to the servers over loopback HTTP only.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,7 +65,7 @@ def _marker_dir() -> Path:
 
 
 def _put(s3: Any, n: int, key_id: str) -> None:
-    s3.put_object(Bucket=BUCKET, Key=f"bench/{os.getpid()}-{n}", Body=key_id.encode())
+    s3.put_object(Bucket=BUCKET, Key=f"{os.environ['BENCH_PREFIX']}/{n}", Body=key_id.encode())
 
 
 def _timings() -> dict[str, float]:
@@ -76,7 +78,8 @@ def _timings() -> dict[str, float]:
         "entered": timings.entered,
         "settings": timings.settings,
         "agent": timings.agent,
-        "mint_wait": timings.aws,
+        "aws_wait": timings.aws,
+        "context": timings.done - timings.entered,
     }
 
 
@@ -99,6 +102,7 @@ def _plain_run(task: Any) -> None:
         "sdk": usable - started,
         "client": built - usable,
         "usable": usable,
+        "run_started": started,
     }
     marker.update(_timings())
     (_marker_dir() / f"{task.n}.json").write_text(json.dumps(marker))
@@ -108,14 +112,17 @@ def _task_classes(variant: str) -> type:
     """The task class of `variant`; the mixin's is defined only when asked for, so the static
     and zero-code jobs never import luigi_creds in the job's own process."""
     import luigi
+    from luigi.contrib.s3 import S3Target
+
+    def s3_output(self: Any) -> S3Target:
+        # Checked with exists() by the scheduling process, as S3 pipelines do.
+        return S3Target(f"s3://{BUCKET}/{os.environ['BENCH_PREFIX']}/{self.n}")
 
     if variant in ("static", "zero"):
 
         class BenchPut(luigi.Task):
             n = luigi.IntParameter()
-
-            def complete(self) -> bool:
-                return (_marker_dir() / f"{self.n}.json").exists()
+            output = s3_output
 
             def run(self) -> None:
                 _plain_run(self)
@@ -127,9 +134,7 @@ def _task_classes(variant: str) -> type:
     class BenchMixinPut(CredentialsMixin, luigi.Task):
         grants = (GRANT,)
         n = luigi.IntParameter()
-
-        def complete(self) -> bool:
-            return (_marker_dir() / f"{self.n}.json").exists()
+        output = s3_output
 
         def run(self) -> None:
             started = time.perf_counter()
@@ -177,6 +182,18 @@ class Stack:
 
     def token(self) -> str:
         return str(self.issuer.mint("gitlab", ttl=900))
+
+    def server_cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the broker and by moto (S3 and STS)."""
+        return {
+            "broker": _cpu_seconds(self.broker.process.pid),
+            "moto": _cpu_seconds(self.moto.process.pid),
+        }
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -226,6 +243,7 @@ def _job_env(
             "LUIGI_CONFIG_PATH": str(cfg),
             "BENCH_OUT": str(out),
             "BENCH_S3_URL": stack.moto.url,
+            "BENCH_PREFIX": out.parent.name,
             "BENCH_TOKEN": stack.token(),
             "AWS_CONFIG_FILE": str(stack.workdir / "no-aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(stack.workdir / "no-aws-credentials"),
@@ -249,18 +267,24 @@ def run_variant(
     cfg.write_text(
         "[core]\nautoload_range = false\n"
         f"\n[worker]\nforce_multiprocessing = true\n{context}"
+        f"\n[s3]\nendpoint_url = {stack.moto.url}\nregion_name = us-east-1\n"
         f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
         + (f"aws_grant = {GRANT}\n" if variant == "zero" else "")
     )
     result = run_dir / "result.json"
     argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
             str(result)]  # fmt: skip
-    if variant == "zero":
+    if variant != "static":
+        # Under exec, the scheduling process has credentials for its S3 checks too.
         argv = [str(BIN / "luigi-creds"), "exec", "--grant", GRANT, "--", *argv]
     env = _job_env(stack, variant, out, cfg, before)
+    servers_before = stack.server_cpu()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         argv, env=env, cwd=run_dir, capture_output=True, text=True, timeout=900, check=False
     )
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    servers_after = stack.server_cpu()
     if done.returncode != 0 or not result.exists():
         raise SystemExit(f"{variant} job failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     report: dict[str, Any] = json.loads(result.read_text())
@@ -269,6 +293,14 @@ def run_variant(
         raise SystemExit(f"{variant} job did not run every task:\n{done.stderr[-3000:]}")
     if variant != "static" and len(keys) != tasks:
         raise SystemExit(f"{variant}: {len(keys)} distinct keys for {tasks} tasks")
+    # CPU seconds spent on the run: the job's whole process tree (exec and its agent, Luigi,
+    # every task process), and the servers it used. On a saturated machine wall time follows
+    # total CPU, so this says where an overhead comes from.
+    report["cpu_s"] = {
+        "job tree (client side)": (children_after.ru_utime + children_after.ru_stime)
+        - (children_before.ru_utime + children_before.ru_stime),
+        **{k: servers_after[k] - servers_before[k] for k in servers_after},
+    }
     return report
 
 
@@ -401,26 +433,48 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
         total = [m["usable"] - m["entered"] for m in zero]
         phases = {
             "settings": [m["settings"] for m in zero],
-            "agent (task bearer)": [m["agent"] for m in zero],
-            "mint wait (agent+broker+upstream)": [m["mint_wait"] for m in zero],
+            "task bearer (the mint starts)": [m["agent"] for m in zero],
+            "set-up while the mint runs": [
+                m["context"] - m["settings"] - m["agent"] - m["aws_wait"] for m in zero
+            ],
+            "left to wait for the mint": [m["aws_wait"] for m in zero],
             "SDK credential resolution": [m["sdk"] for m in zero],
         }
+        # The whole context (settings, bearer, first credential, environment, default
+        # session), and Luigi's own work between the context and run().
+        context = [m["context"] for m in zero]
+        luigi_gap = [m["run_started"] - m["entered"] - m["context"] for m in zero]
         clients = {
             v: statistics.median([m["client"] for r in runs[v] for m in r["markers"]]) * 1000
             for v in ("static", "zero")
             if runs.get(v)
         }
         broker_ms = exchange["broker_refresh_p50_ms"]
+        upstream_ms = exchange["assume_role_p50_ms"]
         first = {
+            # The mint the task waits for, split with figures measured beside it: the broker's
+            # own refresh mint and a direct AssumeRole on the same moto.
+            "split_p50_ms": {
+                "broker (its mint minus AssumeRole)": broker_ms - upstream_ms,
+                "upstream (AssumeRole on moto)": upstream_ms,
+            },
             "p50_ms": statistics.median(total) * 1000,
             "p95_ms": _pct(total, 95) * 1000,
             "phases_p50_ms": {k: statistics.median(v) * 1000 for k, v in phases.items()},
             "ratio_to_broker_exchange": statistics.median(total) * 1000 / broker_ms,
+            "context_p50_ms": statistics.median(context) * 1000,
+            "luigi_before_run_p50_ms": statistics.median(luigi_gap) * 1000,
             # boto3 client construction (service model loading), after the credential is
             # usable; the static peer pays the same.
             "client_construction_p50_ms": clients,
         }
+    cpu = {
+        v: {k: statistics.median(r["cpu_s"][k] for r in rs) for k in rs[0]["cpu_s"]}
+        for v, rs in runs.items()
+        if rs
+    }
     return {
+        "cpu_s_median": cpu,
         "wall_s": walls,
         "median_s": medians,
         "overhead_pct": overhead,
@@ -440,6 +494,13 @@ def render(report: dict[str, Any]) -> str:
         runs = " ".join(f"{w:.2f}" for w in s["wall_s"][variant])
         over_text = "peer" if over is None else f"{over:+.1f}%"
         lines.append(f"{variant:<14}{median:>10.2f}{over_text:>10}   {runs}")
+    lines.append(
+        "CPU seconds per run (median): "
+        + "; ".join(
+            f"{v}: " + ", ".join(f"{k} {c:.1f}" for k, c in parts.items())
+            for v, parts in s["cpu_s_median"].items()
+        )
+    )
     ex = report["exchange"]
     lines.append(
         f"broker refresh mint p50 {ex['broker_refresh_p50_ms']:.1f} ms; direct AssumeRole on "
@@ -453,7 +514,13 @@ def render(report: dict[str, Any]) -> str:
             "exchange)"
         )
         for phase, ms in first["phases_p50_ms"].items():
-            lines.append(f"  {phase:<36}{ms:8.1f} ms (p50)")
+            lines.append(f"  {phase:<44}{ms:8.1f} ms (p50)")
+        lines.append(
+            f"  (the whole context {first['context_p50_ms']:.1f} ms; Luigi's own work before "
+            f"run() {first['luigi_before_run_p50_ms']:.1f} ms, p50)"
+        )
+        for phase, ms in first["split_p50_ms"].items():
+            lines.append(f"    {phase:<42}{ms:8.1f} ms (derived)")
         built = ", ".join(
             f"{v} {ms:.1f} ms" for v, ms in first["client_construction_p50_ms"].items()
         )
@@ -493,6 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.before is not None:
         variants.append("mixin-before")
     load = os.getloadavg()
+    # An installed package ships compiled bytecode; this checkout's editable install, under
+    # PYTHONDONTWRITEBYTECODE, would compile luigi_creds again in every task process.
+    for package in (REPO_ROOT / "luigi_creds", opts.before):
+        if package is not None:
+            compileall.compile_dir(str(package), quiet=1)
     with ExitStack() as stop:
         workdir = opts.workdir or Path(
             stop.enter_context(tempfile.TemporaryDirectory(prefix="bench-client-"))

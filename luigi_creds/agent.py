@@ -27,10 +27,11 @@ from typing import Any
 
 import httpx
 
+from luigi_creds.agent_client import AgentClient, AgentEndpoint
 from luigi_creds.client import BrokerClient, BrokerError, Credential
 from luigi_creds.identity import OktaSettings, parse_token_source
 from luigi_creds.luigi_config import from_luigi_config
-from luigi_creds.serve import AgentClient, AgentEndpoint, CredentialAgent
+from luigi_creds.serve import CredentialAgent
 from luigi_creds.settings import ClientSettings, ConfigError
 from luigi_creds.summary import MintLog
 
@@ -202,18 +203,14 @@ def owns_agent() -> bool:
     return _root is not None and _broker_pid == os.getpid()
 
 
-def narrow_to_task(
-    task_id: str, grants: Sequence[str], *, prefetch: Sequence[str] = (), own_process: bool
-) -> AgentClient:
-    """A client whose bearer mints only `grants` for `task_id`; AWS grants in `prefetch` start
-    minting at once. With `own_process` (the task has this process to itself) the process's
-    agent variables are replaced by the task's bearer, so its code and its subprocesses hold
-    nothing wider, and the agent releases the task when this process is gone."""
+def narrow_to_task(task_id: str, grants: Sequence[str], *, own_process: bool) -> AgentClient:
+    """A client whose bearer mints only `grants` for `task_id`. With `own_process` (the task
+    has this process to itself) the process's agent variables are replaced by the task's
+    bearer, so its code and its subprocesses hold nothing wider, and the agent releases the
+    task when this process is gone."""
     global _client, _client_pid
     parent = ensure_agent()
-    endpoint = parent.scoped(
-        list(grants), task_id, pid=os.getpid() if own_process else None, prefetch=prefetch
-    )
+    endpoint = parent.scoped(list(grants), task_id, pid=os.getpid() if own_process else None)
     client = AgentClient(endpoint)
     if own_process:
         with _agent_lock:

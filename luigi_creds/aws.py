@@ -22,7 +22,7 @@ from typing import Any
 
 import boto3
 import botocore.session
-from botocore.credentials import CredentialProvider, RefreshableCredentials
+from botocore.credentials import CredentialProvider, CredentialResolver, RefreshableCredentials
 
 from luigi_creds.childenv import AWS_ENV_VARIABLES, scrub_aws_env
 from luigi_creds.credentials import AwsCredentials, BrokerError
@@ -31,10 +31,12 @@ from luigi_creds.refresh import Windows
 __all__ = [
     "AWS_ENV_VARIABLES",
     "BrokerCredentialProvider",
+    "adopt_session",
     "aws_session",
     "credential_env",
     "refreshable_credentials",
     "scrub_aws_env",
+    "session_loader",
 ]
 
 METHOD = "luigi-creds"
@@ -187,15 +189,48 @@ def aws_session(
     region_name: str | None = None,
     clock: Callable[[], datetime] = _utcnow,
     windows: Windows | None = None,
+    loader: Any = None,
 ) -> boto3.Session:
     """A boto3 Session whose credentials come from `fetch` and refresh themselves.
 
     The provider goes before `env`, so a stray `AWS_ACCESS_KEY_ID` in the process cannot win.
+    `loader` is a botocore data loader to share (service models and endpoint data already read
+    and parsed by another session); it holds no credentials.
     """
     core = botocore.session.Session()
+    if loader is not None:
+        core.register_component("data_loader", loader)
     resolver = core.get_component("credential_provider")
     resolver.insert_before("env", BrokerCredentialProvider(fetch, clock=clock, windows=windows))
     return boto3.Session(botocore_session=core, region_name=region_name)
+
+
+def session_loader(session: Any) -> Any:
+    """The data loader of a boto3 Session (by default boto3's default session), if any: the
+    service models and endpoint data it has parsed (often in the scheduling process, before
+    Luigi forked this one), which a new session can share. It holds no credentials."""
+    core = getattr(session, "_session", None)  # boto3.Session's botocore session
+    return core.get_component("data_loader") if core is not None else None
+
+
+def adopt_session(session: Any, fetch: Callable[[], AwsCredentials]) -> bool:
+    """Make an existing boto3 Session resolve credentials from `fetch` alone, forgetting the
+    ones it had; False (nothing changed) if botocore does not look as expected.
+
+    For a forked task process: the session it inherited has parsed service models and
+    registered its handlers already (building a new one costs tens of milliseconds), but its
+    credentials belong to the process it was forked from.
+    """
+    core = getattr(session, "_session", None)  # boto3.Session's botocore session
+    # NOTE: botocore caches resolved credentials in `_credentials` and offers no public way
+    # to drop them; if that ever changes, the caller builds a new session instead.
+    if core is None or not hasattr(core, "_credentials"):
+        return False
+    core.register_component(
+        "credential_provider", CredentialResolver([BrokerCredentialProvider(fetch)])
+    )
+    core._credentials = None
+    return True
 
 
 def credential_env(creds: AwsCredentials, base: Mapping[str, str] | None = None) -> dict[str, Any]:

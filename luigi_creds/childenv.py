@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from luigi_creds.agent_client import AGENT_TOKEN_VARIABLE, AgentEndpoint, container_env
 from luigi_creds.credentials import AwsCredentials, Credential, VaultSecret, VaultToken
-from luigi_creds.serve import AGENT_TOKEN_VARIABLE, AgentEndpoint, container_env
 
 __all__ = [
     "AWS_ENV_VARIABLES",

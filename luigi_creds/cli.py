@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from luigi_creds.agent_client import AgentClient, AgentEndpoint
 from luigi_creds.childenv import child_env
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
 from luigi_creds.errors import LuigiCredsError
-from luigi_creds.serve import AgentClient, AgentEndpoint
 from luigi_creds.summary import (
     SUMMARY_FILE_ENV,
     from_json,
@@ -38,18 +38,22 @@ __all__ = ["main"]
 
 EPILOG = """\
 configuration: the [luigi_creds] section of luigi.cfg (found the way Luigi finds it:
-LUIGI_CONFIG_PATH, ./luigi.cfg, /etc/luigi/luigi.cfg) or of the file given with --config:
+LUIGI_CONFIG_PATH, ./luigi.cfg, /etc/luigi/luigi.cfg) or of the file given with --config.
+Luigi keeps text after a value as part of it, so comments go on lines of their own:
 
   [luigi_creds]
   broker_url = https://broker.example.com
-  # one of env:VAR | file:PATH | gitlab | github | bitbucket | okta
+  # env:VAR | file:PATH | gitlab | github | bitbucket | okta
   token_source = gitlab
   ca_bundle = /etc/ssl/internal-ca.pem
+  # for [worker] task_process_context = luigi_creds.TaskCredentials
+  aws_grant = etl-writer
 
 (Luigi keeps everything after `=` as the value: put comments on their own lines.)
 
 examples:
   luigi-creds exec --grant etl-writer -- aws s3 ls s3://bucket/
+  luigi-creds exec --grant etl-writer -- luigi --module pipelines Nightly --workers 4
   luigi-creds credential-process --grant etl-writer     # in ~/.aws/config:
       [profile etl]
       credential_process = luigi-creds credential-process --grant etl-writer
@@ -256,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run CMD with credentials: AWS grants through a local endpoint the AWS "
         "SDKs and CLI refresh from by themselves (AWS_CONTAINER_CREDENTIALS_FULL_URI); Vault "
         "tokens as VAULT_TOKEN; dynamic secrets as LUIGI_CREDS_<GRANT>_<FIELD>. Stray "
-        "AWS_* credential variables are removed. The session is revoked when CMD exits, "
+        "AWS_* credential variables are removed. CMD holds a bearer for these grants only; "
+        "a Luigi job it runs with [worker] task_process_context = luigi_creds.TaskCredentials "
+        "gives each task process a narrower one, for its own task. Each grant is minted once "
+        "before CMD starts (a refusal stops here). The session is revoked when CMD exits, "
         "and CMD's exit status is returned.",
     )
     p.add_argument("--grant", action="append", required=True, help="grant name (repeatable)")

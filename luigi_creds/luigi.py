@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import boto3
 import luigi
 
 from luigi_creds.agent import (
@@ -38,11 +39,12 @@ from luigi_creds.agent import (
     stop_agent,
     vault_addr,
 )
+from luigi_creds.agent_client import AgentClient
 from luigi_creds.aws import aws_session as _aws_session
+from luigi_creds.aws import session_loader
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
 from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
 from luigi_creds.refresh import Windows
-from luigi_creds.serve import AgentClient
 from luigi_creds.settings import ClientSettings, ConfigError
 
 __all__ = [
@@ -165,7 +167,10 @@ class CredentialsMixin:
                 raise BrokerError(f"grant {grant!r} stopped issuing AWS credentials", error="usage")
             return cred
 
-        session = _aws_session(fetch, region_name=region_name)
+        # Shares what the default session has parsed (service models), never its credentials.
+        session = _aws_session(
+            fetch, region_name=region_name, loader=session_loader(boto3.DEFAULT_SESSION)
+        )
         with _states_lock:
             _sessions[key] = session
         return session

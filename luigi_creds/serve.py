@@ -1,42 +1,58 @@
-"""The job's local credential agent: one refresh session, shared with forked workers over loopback.
+"""The job's local credential agent: one refresh session, shared with other processes over loopback.
 
-Owns how a Luigi job's broker session is shared. The session (the rotating refresh handle) must
-have exactly one holder, or two processes would spend the same handle and the broker would revoke
-the whole session as stolen. So the process that starts the job holds the `BrokerClient` and runs
-this agent: an HTTP server on 127.0.0.1, port chosen by the kernel, guarded by a random 256-bit
-bearer token. Forked Luigi workers, `force_multiprocessing` task processes and any subprocess
-reach it through two environment variables (`LUIGI_CREDS_AGENT_URL`, `LUIGI_CREDS_AGENT_TOKEN`)
-and never see the handle. Nothing is written to disk.
+Owns how a Luigi job's broker session is shared, and what each process may do with it. The
+session (the rotating refresh handle) must have exactly one holder, or two processes would spend
+the same handle and the broker would revoke the whole session as stolen. So the process that
+starts the job holds the `BrokerClient` and runs this agent: an HTTP server on 127.0.0.1, port
+chosen by the kernel. Other processes reach it through `LUIGI_CREDS_AGENT_URL` and a bearer
+(`LUIGI_CREDS_AGENT_TOKEN`; agent_client.py) and never see the handle. Nothing is written to disk.
+
+Bearers are scoped (`Scope`): the root one (every grant, any task, may delegate) never leaves the
+owning process; a delegating one (some grants, any task) goes to a scheduling process; a task's
+(its grants, its task id, bound to its process) goes to the task and its children. Whatever asks
+beyond its scope is refused (403 `access_denied`), logged, and reported to the broker's audit.
+When a task's scope ends (released, or its process gone), the Vault credentials minted for the
+task are released in the background and its bearers stop working.
 
 Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
 - `POST /v1/mint` JSON `{"grant", "task", "duration"?}`: mints through the job session; the body
   is the broker's 200 shape (`issued_token_type`, `credentials`, `request_id`, `expires_in`).
-- `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
-  broker's `/v1/revoke` with `token_type_hint` vault-secret and the current refresh handle), so a
-  task's dynamic secret ends with the task while the job's session lives on. 204 on success.
 - `GET /v1/aws?grant=G&task=T`: the AWS container-credentials protocol (`AccessKeyId`,
   `SecretAccessKey`, `Token`, `Expiration`), refreshed per (grant, task) with `refresh.Refresher`;
   point `AWS_CONTAINER_CREDENTIALS_FULL_URI` at it and any AWS SDK refreshes by itself.
-Talks to the broker only through the `mint` and `revoke_lease` callables it is given.
+- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws", "wait"}`: a narrower
+  bearer; each AWS grant in `aws` is minted at once and, unless `wait` is false, returned in the
+  same answer (a task's start).
+- `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
+  caller, `task`). 204.
+- `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
+  broker's `/v1/revoke` with `token_type_hint` vault-secret and the current refresh handle), so a
+  task's dynamic secret ends with the task while the job's session lives on. 204 on success.
+Talks to the broker only through the callables it is given.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import http.client
 import json
 import logging
 import os
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
+from luigi_creds.agent_client import (
+    AGENT_TOKEN_VARIABLE,
+    AGENT_URL_VARIABLE,
+    AgentClient,
+    AgentEndpoint,
+    container_env,
+)
 from luigi_creds.credentials import (
     AWS_CREDENTIALS,
     VAULT_SECRET,
@@ -46,8 +62,6 @@ from luigi_creds.credentials import (
     Credential,
     VaultSecret,
     VaultToken,
-    parse_credential,
-    parse_time,
 )
 from luigi_creds.refresh import Refresher
 from luigi_creds.summary import MintLog
@@ -64,8 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AGENT_URL_VARIABLE = "LUIGI_CREDS_AGENT_URL"
-AGENT_TOKEN_VARIABLE = "LUIGI_CREDS_AGENT_TOKEN"
 MAX_REQUEST_BYTES = 16 * 1024
 
 Mint = Callable[[str, str | None, int | None], Credential]
@@ -105,33 +117,6 @@ def credential_to_wire(cred: Credential) -> dict[str, Any]:
         "request_id": cred.request_id,
         "expires_in": max(remaining, 0),
         "expires_at": cred.expires_at.isoformat(),
-    }
-
-
-@dataclass(frozen=True)
-class AgentEndpoint:
-    """Where a running agent listens, and the bearer that opens it."""
-
-    url: str
-    bearer: str = field(repr=False)
-
-    def env(self) -> dict[str, str]:
-        return {AGENT_URL_VARIABLE: self.url, AGENT_TOKEN_VARIABLE: self.bearer}
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> AgentEndpoint | None:
-        url, bearer = environ.get(AGENT_URL_VARIABLE), environ.get(AGENT_TOKEN_VARIABLE)
-        return cls(url, bearer) if url and bearer else None
-
-
-def container_env(endpoint: AgentEndpoint, grant: str, task: str | None) -> dict[str, str]:
-    """Variables that make any AWS SDK fetch `grant`'s credentials from the agent."""
-    query = f"grant={quote(grant, safe='')}"
-    if task:
-        query += f"&task={quote(task, safe='')}"
-    return {
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{endpoint.url}/v1/aws?{query}",
-        "AWS_CONTAINER_AUTHORIZATION_TOKEN": endpoint.bearer,
     }
 
 
@@ -214,6 +199,8 @@ class CredentialAgent:
         self._lock = threading.Lock()
         self._scopes: dict[bytes, Scope] = {_digest(self._bearer): ROOT_SCOPE}
         self._aws: dict[tuple[str, str | None], Refresher[AwsCredentials]] = {}
+        self._prefetch_failed: dict[tuple[str, str | None], Exception] = {}
+        self._prefetching: dict[tuple[str, str | None], threading.Event] = {}
         # Vault credentials minted per task (released with the task) and each lease's task.
         self._held: dict[str, list[Credential]] = {}
         self._lease_task: dict[str, str | None] = {}
@@ -256,9 +243,8 @@ class CredentialAgent:
     def authorized(self, header: str | None) -> bool:
         return self.scope_of(header) is not None
 
-    def issue(self, caller: Scope, wanted: Scope, prefetch: Sequence[str] = ()) -> str:
-        """A new bearer for `wanted`, which `caller` must cover; AWS grants in `prefetch` start
-        minting now, so the task's first SDK call finds them ready (or in flight)."""
+    def issue(self, caller: Scope, wanted: Scope) -> str:
+        """A new bearer for `wanted`, which `caller` must cover."""
         if not caller.covers(wanted) or (wanted.task is None and not wanted.delegate):
             self._refuse(
                 f"a bearer for {caller.describe()} cannot hand out one for {wanted.describe()}",
@@ -269,10 +255,6 @@ class CredentialAgent:
         bearer = secrets.token_urlsafe(32)
         with self._lock:
             self._scopes[_digest(bearer)] = wanted
-        for grant in prefetch:
-            if wanted.allows(grant, wanted.task):
-                refresher = self._refresher(grant, wanted.task)
-                threading.Thread(target=self._warm, args=(refresher,), daemon=True).start()
         return bearer
 
     def release_scope(self, header: str | None) -> None:
@@ -332,7 +314,37 @@ class CredentialAgent:
 
     def aws(self, grant: str, task: str | None, scope: Scope = ROOT_SCOPE) -> AwsCredentials:
         task = self._check(scope, grant, task)
-        return self._refresher(grant, task).get().value
+        refresher = self._refresher(grant, task)
+        with self._lock:
+            inflight = self._prefetching.get((grant, task))
+        if inflight is not None:
+            inflight.wait()
+        with self._lock:
+            failed = self._prefetch_failed.pop((grant, task), None)
+        if failed is not None and refresher.current is None:
+            raise failed
+        return refresher.get().value
+
+    def prefetch(self, grant: str, task: str | None, scope: Scope) -> None:
+        """Start minting (grant, task) in the background; `aws()` then waits for that mint."""
+        task = self._check(scope, grant, task)
+        done = threading.Event()
+        with self._lock:
+            self._prefetching[(grant, task)] = done
+        threading.Thread(target=self._warm, args=(grant, task, done), daemon=True).start()
+
+    def _warm(self, grant: str, task: str | None, done: threading.Event) -> None:
+        try:
+            self._refresher(grant, task).get()
+        except Exception as exc:
+            # Kept for whoever asks next (the task, at once), so a refusal reaches the broker
+            # once, not again for the same question.
+            with self._lock:
+                self._prefetch_failed[(grant, task)] = exc
+        finally:
+            with self._lock:
+                self._prefetching.pop((grant, task), None)
+            done.set()
 
     def _check(self, scope: Scope, grant: str, task: str | None) -> str | None:
         if scope.task is not None and task is None:
@@ -381,12 +393,6 @@ class CredentialAgent:
                 self._aws[(grant, task)] = refresher
         return refresher
 
-    @staticmethod
-    def _warm(refresher: Refresher[AwsCredentials]) -> None:
-        # A failure here is seen again, with its reason, by the SDK call that needs the credential.
-        with contextlib.suppress(Exception):
-            refresher.get()
-
     def _fetch_aws(self, grant: str, task: str | None) -> tuple[AwsCredentials, datetime]:
         cred = self._mint(grant, task, None)
         if not isinstance(cred, AwsCredentials):
@@ -401,6 +407,8 @@ class CredentialAgent:
                 del self._scopes[digest]
             for key in [k for k in self._aws if k[1] == task]:
                 del self._aws[key]
+            for key in [k for k in self._prefetch_failed if k[1] == task]:
+                del self._prefetch_failed[key]
             held = self._held.pop(task, [])
             for cred in held:
                 if isinstance(cred, VaultSecret):
@@ -427,6 +435,17 @@ class CredentialAgent:
                 if scope.task is not None:
                     log.info("luigi-creds: task %s ended without releasing; releasing", scope.task)
                     self._end_task(scope.task)
+
+
+def container_body(cred: AwsCredentials) -> dict[str, str]:
+    """The AWS container-credentials answer for `cred`."""
+    body = cred.credential_process()
+    return {
+        "AccessKeyId": body["AccessKeyId"],
+        "SecretAccessKey": body["SecretAccessKey"],
+        "Token": body["SessionToken"],
+        "Expiration": body["Expiration"],
+    }
 
 
 def _report_quietly(report: ReportRefusal, grant: str, task: str | None) -> None:
@@ -506,16 +525,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             except Exception as exc:
                 self._fail(exc)
                 return
-            body = cred.credential_process()
-            self._send(
-                200,
-                {
-                    "AccessKeyId": body["AccessKeyId"],
-                    "SecretAccessKey": body["SecretAccessKey"],
-                    "Token": body["SessionToken"],
-                    "Expiration": body["Expiration"],
-                },
-            )
+            self._send(200, container_body(cred))
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -569,7 +579,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             grants = request.get("grants")
             task = request.get("task")
             pid = request.get("pid")
-            prefetch = request.get("prefetch") or []
+            aws_grants = request.get("aws") or []
             delegate = request.get("delegate") is True
             if grants is not None and not (
                 isinstance(grants, list) and all(isinstance(g, str) for g in grants)
@@ -579,7 +589,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 raise TypeError
             if not (pid is None or (isinstance(pid, int) and pid > 0)):
                 raise TypeError
-            if not (isinstance(prefetch, list) and all(isinstance(g, str) for g in prefetch)):
+            if not (isinstance(aws_grants, list) and all(isinstance(g, str) for g in aws_grants)):
                 raise TypeError
             wanted = Scope(
                 grants=None if grants is None else frozenset(grants),
@@ -587,7 +597,16 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 delegate=delegate,
                 pid=pid,
             )
-            self._send(200, {"bearer": agent.issue(scope, wanted, prefetch)})
+            bearer = agent.issue(scope, wanted)
+            if request.get("wait") is False:
+                # Mint now, answer now: the task sets itself up while the broker works, and
+                # its first credential request waits for this same mint.
+                for grant in aws_grants:
+                    agent.prefetch(grant, task, wanted)
+                self._send(200, {"bearer": bearer, "aws": {}})
+                return
+            aws = {g: container_body(agent.aws(g, task, wanted)) for g in aws_grants}
+            self._send(200, {"bearer": bearer, "aws": aws})
 
         def _release(self, scope: Scope, request: dict[str, Any]) -> None:
             task = request.get("task")
@@ -644,189 +663,3 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
-
-
-class AgentClient:
-    """Mints through a running agent; what task processes and subprocesses use.
-
-    Standard library HTTP (`http.client`) on one kept-alive connection: a task's process pays
-    neither an HTTP stack's import nor a connection per request. Thread-safe (one request at a
-    time); make one per process, since a connection must not cross a fork.
-    """
-
-    def __init__(self, endpoint: AgentEndpoint, *, timeout: float = 120.0) -> None:
-        self.endpoint = endpoint
-        parts = urlsplit(endpoint.url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 80
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._conn: http.client.HTTPConnection | None = None
-
-    def __repr__(self) -> str:
-        return f"AgentClient({self.endpoint.url!r})"
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __del__(self) -> None:
-        # A client dropped without close() must not leave its kept-alive socket to the GC.
-        conn = getattr(self, "_conn", None)
-        if conn is not None:
-            conn.close()
-
-    def scoped(
-        self,
-        grants: Sequence[str] | None,
-        task: str | None,
-        *,
-        delegate: bool = False,
-        pid: int | None = None,
-        prefetch: Sequence[str] = (),
-    ) -> AgentEndpoint:
-        """A bearer for a narrower scope (a task's own grants, or a delegate for a scheduling
-        process); the agent refuses what this client's own bearer does not cover."""
-        body = {
-            "grants": None if grants is None else list(grants),
-            "task": task,
-            "delegate": delegate,
-            "pid": pid,
-            "prefetch": list(prefetch),
-        }
-        payload = self._call("POST", "/v1/bearer", body, what="a task's bearer")
-        bearer = payload.get("bearer")
-        if not isinstance(bearer, str) or not bearer:
-            raise BrokerError(
-                "credential agent answered a bearer request with a malformed body",
-                error="invalid_response",
-            )
-        return AgentEndpoint(self.endpoint.url, bearer)
-
-    def release(self, task: str | None = None) -> None:
-        """End this client's own task scope, or (a delegating client) `task`: the agent forgets
-        the task's bearers and releases its Vault credentials in the background."""
-        self._call("POST", "/v1/release", {"task": task}, what="a release", expect=204)
-
-    def revoke_lease(self, lease_id: str) -> None:
-        """Ask the agent to revoke one Vault lease of the job's session (BrokerError if not)."""
-        body = {"lease_id": lease_id}
-        self._call("POST", "/v1/revoke-lease", body, what="a lease revoke", expect=204)
-
-    def aws(self, grant: str, task: str | None = None) -> AwsCredentials:
-        """The agent's cached AWS credentials for (grant, task), as the AWS SDKs get them."""
-        query = f"grant={quote(grant, safe='')}" + (f"&task={quote(task, safe='')}" if task else "")
-        body = self._call("GET", f"/v1/aws?{query}", None, what=f"grant {grant!r}", grant=grant)
-        try:
-            return AwsCredentials(
-                grant=grant,
-                request_id="",
-                access_key_id=body["AccessKeyId"],
-                secret_access_key=body["SecretAccessKey"],
-                session_token=body["Token"],
-                expires_at=parse_time(body["Expiration"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise BrokerError(
-                f"credential agent answered grant {grant!r} with malformed AWS credentials",
-                error="invalid_response",
-                grant=grant,
-            ) from None
-
-    def summary(self) -> dict[str, Any]:
-        """What the job's agent minted so far (luigi_creds/summary.py; nothing secret)."""
-        return self._call("GET", "/v1/summary", None, what="the job summary")
-
-    def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
-        body: dict[str, Any] = {"grant": grant, "task": task}
-        if duration is not None:
-            body["duration"] = duration
-        payload = self._call("POST", "/v1/mint", body, what=f"grant {grant!r}", grant=grant)
-        expires_at = payload.get("expires_at")
-        try:
-            cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
-            if isinstance(expires_at, str) and not isinstance(cred, AwsCredentials):
-                cred = replace(cred, expires_at=datetime.fromisoformat(expires_at))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BrokerError(
-                f"credential agent answered grant {grant!r} with a malformed credential",
-                error="invalid_response",
-                status=200,
-                grant=grant,
-            ) from exc
-        return cred
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        body: Mapping[str, Any] | None,
-        *,
-        what: str,
-        expect: int = 200,
-        grant: str | None = None,
-    ) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self.endpoint.bearer}"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        with self._lock:
-            try:
-                status, raw = self._send(method, path, data, headers)
-            except (OSError, http.client.HTTPException) as exc:
-                raise BrokerError(
-                    f"the job's credential agent at {self.endpoint.url} is unreachable for "
-                    f"{what} ({type(exc).__name__}); did the process that started the job exit?",
-                    error="unreachable",
-                    grant=grant,
-                ) from None
-        try:
-            payload = json.loads(raw) if raw else {}
-        except ValueError:
-            payload = {}
-        payload = payload if isinstance(payload, dict) else {}
-        if status != expect:
-            description = payload.get("error_description")
-            request_id = payload.get("request_id")
-            raise BrokerError(
-                description
-                if isinstance(description, str)
-                else f"credential agent answered HTTP {status} for {what}",
-                error=str(payload.get("error") or f"http_{status}"),
-                status=status,
-                request_id=request_id if isinstance(request_id, str) else None,
-                grant=grant,
-            )
-        return payload
-
-    def _send(
-        self, method: str, path: str, data: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        for attempt in (1, 2):
-            conn = self._conn
-            reused = conn is not None
-            if conn is None:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-            self._conn = None
-            try:
-                conn.request(method, path, body=data, headers=headers)
-                response = conn.getresponse()
-                raw = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                # A kept-alive connection the agent closed while idle: send once more on a
-                # new one. A fresh connection that fails is a real failure.
-                if not reused or attempt == 2:
-                    raise
-                continue
-            except BaseException:
-                conn.close()
-                raise
-            if response.will_close:
-                conn.close()
-            else:
-                self._conn = conn
-            return response.status, raw
-        raise AssertionError("unreachable")  # pragma: no cover

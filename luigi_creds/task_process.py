@@ -36,11 +36,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from luigi_creds.agent_client import (
+    AGENT_TOKEN_VARIABLE,
+    AGENT_URL_VARIABLE,
+    AgentClient,
+    AgentEndpoint,
+    container_env,
+)
 from luigi_creds.childenv import AWS_ENV_VARIABLES
-from luigi_creds.credentials import BrokerError, VaultToken, describe, iso
+from luigi_creds.credentials import AwsCredentials, BrokerError, VaultToken, describe, iso
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.luigi_config import from_luigi_config
-from luigi_creds.serve import AGENT_TOKEN_VARIABLE, AGENT_URL_VARIABLE, AgentClient, container_env
 
 __all__ = ["TaskCredentials"]
 
@@ -53,8 +59,9 @@ class StartTimings:
 
     entered: float = 0.0  # time.perf_counter() when the context was entered
     settings: float = 0.0
-    agent: float = 0.0  # the task's bearer (and the start of its AWS mint)
-    aws: float = 0.0  # waiting for the first AWS credential (the agent's mint: broker, STS)
+    agent: float = 0.0  # the task's bearer (the AWS mint starts)
+    aws: float = 0.0  # what was left to wait for the first AWS credential after the set-up
+    done: float = 0.0  # time.perf_counter() when the context had set everything up
     vault: float = 0.0
 
 
@@ -128,6 +135,7 @@ class TaskCredentials:
             self._saved_env = dict(os.environ)
         for name in AWS_ENV_VARIABLES:
             os.environ.pop(name, None)
+        inherited = _default_session()
         _reset_boto3()
         if not grants:
             # Nothing for this family: it keeps no way to the agent either.
@@ -136,38 +144,45 @@ class TaskCredentials:
             return
         mark = time.perf_counter()
         parent = self._job_agent()
-        prefetch = [family.aws_grant] if family.aws_grant else []
-        endpoint = parent.scoped(
+        # The agent starts minting the task's AWS credentials now and answers at once: the
+        # environment, boto3's session and the Vault token are set up while the broker works.
+        endpoint, _ = parent.task_bearer(
             grants,
             task.task_id,
             pid=os.getpid() if self._own_process else None,
-            prefetch=prefetch,
+            aws_grant=family.aws_grant,
+            wait=False,
         )
         if parent is not self._owner:
             parent.close()  # the inherited, wider bearer's connection is of no further use
-        self._client = AgentClient(endpoint)
+        client = self._client = AgentClient(endpoint)
         os.environ.update(endpoint.env())
         self.timings.agent = time.perf_counter() - mark
         lines = []
+        first: list[AwsCredentials] = []
         if family.aws_grant:
-            mark = time.perf_counter()
             os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            # The SDK's first call would wait for this same mint; waiting here turns a refusal
-            # into the task's failure, with the grant and the broker's reason.
-            aws = self._client.aws(family.aws_grant, task.task_id)
-            self.timings.aws = time.perf_counter() - mark
-            _install_default_session(self._client, family.aws_grant, task.task_id)
-            lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
+            _install_default_session(
+                client, family.aws_grant, task.task_id, first, inherited, self._own_process
+            )
         if family.vault_grant:
             mark = time.perf_counter()
             lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
             self.timings.vault = time.perf_counter() - mark
+        if family.aws_grant:
+            mark = time.perf_counter()
+            # Waiting here for the mint the task's first AWS call would wait for anyway turns a
+            # refusal into the task's failure, with the grant and the broker's reason.
+            aws = client.aws(family.aws_grant, task.task_id)
+            first.append(aws)
+            self.timings.aws = time.perf_counter() - mark
+            lines.insert(0, f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
+        self.timings.done = time.perf_counter()
 
     def _job_agent(self) -> AgentClient:
         """This process's way to the job's agent: inherited, or (no agent in the environment)
         started here, with a broker session of its own for this process."""
-        from luigi_creds.serve import AgentEndpoint
 
         endpoint = AgentEndpoint.from_env(os.environ)
         if endpoint is not None:
@@ -222,23 +237,47 @@ class TaskCredentials:
         self._task.run = run
 
 
-def _install_default_session(client: AgentClient, grant: str, task_id: str) -> None:
-    """Give boto3's default session (boto3.client, luigi.contrib.s3) credentials that refresh
-    on windows scaled to their lifetime, when boto3 is already loaded.
+def _default_session() -> Any:
+    """boto3's default session in this process, if boto3 is loaded and has one."""
+    boto3: Any = sys.modules.get("boto3")
+    return getattr(boto3, "DEFAULT_SESSION", None)
+
+
+def _install_default_session(
+    client: AgentClient,
+    grant: str,
+    task_id: str,
+    first: list[AwsCredentials],
+    inherited: Any,
+    own_process: bool,
+) -> None:
+    """Give boto3's default session (boto3.client, luigi.contrib.s3) the task's credentials,
+    refreshed on windows scaled to their lifetime, when boto3 is already loaded.
 
     botocore's container provider refreshes 15 minutes before expiry, so with the usual
     15-minute credential it would ask the agent again on every API call. The default session
     asks the same agent, for the same task, only when a refresh is due. Sessions the task builds
     itself, and every subprocess, still use the container endpoint (correct, only chattier).
     Importing boto3 here for a task that may never use it would cost more than it saves.
+
+    A task with a process of its own keeps the default session it inherited (its service
+    models and handlers) with the inherited credentials dropped; otherwise a new session
+    shares only the inherited one's data loader.
     """
     if "boto3" not in sys.modules:
         return
     import boto3
 
-    from luigi_creds.aws import aws_session
+    from luigi_creds.aws import adopt_session, aws_session, session_loader
 
-    boto3.DEFAULT_SESSION = aws_session(lambda: client.aws(grant, task_id))
+    def fetch() -> AwsCredentials:
+        # The task's first credentials (fetched before its code runs), then the agent's.
+        return first.pop() if first else client.aws(grant, task_id)
+
+    if own_process and inherited is not None and adopt_session(inherited, fetch):
+        boto3.DEFAULT_SESSION = inherited
+        return
+    boto3.DEFAULT_SESSION = aws_session(fetch, loader=session_loader(inherited))
 
 
 def _reset_boto3() -> None:

@@ -165,3 +165,33 @@ def test_broker_outage_in_mandatory_time_fails_with_one_line(
     (record,) = [r for r in caplog.records if r.name == "botocore.credentials"]
     assert record.exc_info is None
     assert "mandatory" in record.getMessage() and "ConnectError" in record.getMessage()
+
+
+def test_an_adopted_session_forgets_its_credentials_and_keeps_what_it_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forked task process's inherited default session: the scheduling process's keys are
+    dropped, every credential comes from the task's fetch (a stray env key cannot win), and a
+    new session can share the parsed service models without any credential."""
+    import boto3
+
+    from luigi_creds.aws import adopt_session, aws_session, session_loader
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASCHEDULER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scheduler-secret")
+    inherited = boto3.Session(region_name="us-east-1")
+    assert inherited.get_credentials().get_frozen_credentials().access_key == "AKIASCHEDULER"
+    inherited.client("s3")  # parses the S3 model into the session's loader
+
+    expires = datetime.now(UTC) + timedelta(minutes=15)
+    task = AwsCredentials("etl-writer", "r", "AKIATASK", "task-secret", "task-token", expires)
+    assert adopt_session(inherited, lambda: task)
+    frozen = inherited.get_credentials().get_frozen_credentials()
+    assert (frozen.access_key, frozen.token) == ("AKIATASK", "task-token")
+
+    loader = session_loader(inherited)
+    assert loader is not None
+    fresh = aws_session(lambda: task, loader=loader)
+    assert session_loader(fresh) is loader
+    assert fresh.get_credentials().get_frozen_credentials().access_key == "AKIATASK"
+    assert not adopt_session(object(), lambda: task)

@@ -49,6 +49,8 @@ class FakeBroker:
         self.handles: set[str] = set()
         self.spent: set[str] = set()
         self.exchanges = 0
+        # A CI token is accepted once; a renewable source (okta, github) gives a new one each time.
+        self.exchanges_allowed = 1
         self.revoked = 0
         self.ttl = 900  # seconds each minted credential lives
         self.down = False
@@ -123,7 +125,7 @@ class FakeBroker:
                 # Denied before the token's jti is consumed (the session is not started).
                 return 400, {"error": "invalid_target", "request_id": "r-denied"}
             if form["grant_type"].endswith("token-exchange"):
-                if self.exchanges:
+                if self.exchanges >= self.exchanges_allowed:
                     return 400, {"error": "invalid_request", "request_id": "r"}
                 self.exchanges += 1
             else:
@@ -483,3 +485,36 @@ def test_plain_api_and_one_log_line_per_mint(
     with pytest.raises(luigi_creds.LuigiCredsError) as info:
         luigi_creds.aws_session("denied").get_credentials()
     assert "denied" in str(info.value)
+
+
+def test_task_credentials_without_exec_use_a_session_per_task_process(
+    broker: FakeBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no agent to inherit (luigi started directly) and a token source that gives a new
+    token each time, each forked task process exchanges for itself, mints for its task, and
+    ends its session when the task ends."""
+    config = luigi.configuration.get_config()
+    config.set("worker", "task_process_context", "luigi_creds.TaskCredentials")
+    config.set("luigi_creds", "aws_grant", "etl-writer")
+    for name in ("LUIGI_CREDS_AGENT_URL", "LUIGI_CREDS_AGENT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    broker.exchanges_allowed = 10
+    try:
+        tasks = [PlainBoto(n=i, out=str(tmp_path)) for i in range(3)]
+        assert luigi.build(tasks, workers=3, local_scheduler=True, log_level="WARNING")
+    finally:
+        config.remove_option("worker", "task_process_context")
+        config.remove_option("luigi_creds", "aws_grant")
+    seen = [json.loads((tmp_path / f"plain-{i}.json").read_text()) for i in range(3)]
+    assert len({s["key"] for s in seen}) == 3
+    assert all(set(s["attempts"].values()) == {"403"} for s in seen), seen
+    assert broker.exchanges == 3
+    assert sorted(t for _, t, _ in broker.mints) == sorted(t.task_id for t in tasks)
+    # Each task process ended its own session, after it reported its result to Luigi.
+    deadline = time.monotonic() + 10
+    while broker.revoked < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert broker.revoked == 3
+    assert "LUIGI_CREDS_AGENT_URL" not in os.environ  # the scheduling process started none

@@ -241,3 +241,25 @@ def test_a_dead_task_process_has_its_vault_credentials_released() -> None:
     finally:
         child.kill()
         server.stop()
+
+
+def test_a_task_start_mints_once_while_the_task_sets_up(agent) -> None:  # type: ignore[no-untyped-def]
+    """A task's bearer request starts its AWS mint and answers at once; the task's first
+    request waits for that same mint (one broker call), and a refusal comes back once, to the
+    task, with the broker's words, without a second try at the broker."""
+    _, endpoint, minter = agent
+    root = AgentClient(endpoint)
+    bearer, first = root.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
+    assert first is None
+    task = AgentClient(bearer)
+    assert task.aws("etl", "T(1)").access_key_id.startswith("AKIAAGENT")
+    assert minter.calls == [("etl", "T(1)")]
+
+    bearer, _ = root.task_bearer(["denied"], "T(2)", pid=None, aws_grant="denied", wait=False)
+    with pytest.raises(BrokerError) as info:
+        AgentClient(bearer).aws("denied", "T(2)")
+    assert "refused grant 'denied'" in str(info.value) and info.value.status == 400
+    assert minter.calls.count(("denied", "T(2)")) == 1
+
+    _, waited = root.task_bearer(["etl"], "T(3)", pid=None, aws_grant="etl")
+    assert waited is not None and waited.grant == "etl"

@@ -1057,3 +1057,40 @@ def test_stock_task_vault_token_is_released_however_the_task_ends(
         (issued,) = _issued(events, {m["task"]})
         assert issued.grant == "etl-vault"
     assert ci_token not in log and "etl-kv-value" not in log
+
+
+SCRIPT = """
+import json, sys
+import luigi_creds
+
+s3 = luigi_creds.aws_session("etl-writer", region_name="us-east-1", task="notebook-1").client(
+    "s3", endpoint_url=sys.argv[1])
+vault = luigi_creds.vault_client("etl-vault", task="notebook-1")
+secret = vault.secrets.kv.v2.read_secret_version(
+    path="etl/db", mount_point="secret", raise_on_deleted_version=True)
+print(json.dumps({
+    "buckets": [b["Name"] for b in s3.list_buckets()["Buckets"]],
+    "read": secret["data"]["data"]["password"] == "etl-kv-value",
+    "accessor": vault.auth.token.lookup_self()["data"]["accessor"],
+}))
+"""
+
+
+def test_plain_python_api_in_a_script(stack: Stack, tmp_path: Path) -> None:
+    """A script (no Luigi task) gets a boto3 session and an hvac client from the same
+    [luigi_creds] settings; both are recorded against its task label; its session ends with it."""
+    token_file = tmp_path / "ci-token"
+    token_file.write_text(stack.gitlab_token())
+    env = _cli_env(stack, tmp_path, token_source=f"file:{token_file}")
+    out = _run([sys.executable, "-c", SCRIPT, stack.moto.url], env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert BUCKET in seen["buckets"] and seen["read"]
+    issued = _issued(stack.events(), {"notebook-1"})
+    assert sorted(e.grant for e in issued) == ["etl-vault", "etl-writer"]
+    session = issued[0].session_id
+    assert {e.session_id for e in issued} == {session}
+    ended = [e.reason for e in stack.events() if e.kind == "revoke" and e.session_id == session]
+    assert ended == ["client_revoked"]
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        stack.bao.root().auth.token.lookup_accessor(seen["accessor"])

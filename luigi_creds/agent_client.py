@@ -1,0 +1,284 @@
+"""The way to the job's credential agent from any process: its endpoint and its client.
+
+Owns what a task's process (or any child) needs to reach the agent that `serve.py` runs: the two
+environment variables that carry the agent's URL and a bearer, the AWS container-credentials
+variables, and `AgentClient`. Standard library only (`http.client`): Luigi imports
+`TaskCredentials` in every task's process, which should pay for no HTTP stack or server code.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from luigi_creds.credentials import (
+    AwsCredentials,
+    BrokerError,
+    Credential,
+    parse_credential,
+    parse_time,
+)
+
+__all__ = [
+    "AGENT_TOKEN_VARIABLE",
+    "AGENT_URL_VARIABLE",
+    "AgentClient",
+    "AgentEndpoint",
+    "container_env",
+]
+
+AGENT_URL_VARIABLE = "LUIGI_CREDS_AGENT_URL"
+AGENT_TOKEN_VARIABLE = "LUIGI_CREDS_AGENT_TOKEN"
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """Where a running agent listens, and the bearer that opens it."""
+
+    url: str
+    bearer: str = field(repr=False)
+
+    def env(self) -> dict[str, str]:
+        return {AGENT_URL_VARIABLE: self.url, AGENT_TOKEN_VARIABLE: self.bearer}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AgentEndpoint | None:
+        url, bearer = environ.get(AGENT_URL_VARIABLE), environ.get(AGENT_TOKEN_VARIABLE)
+        return cls(url, bearer) if url and bearer else None
+
+
+def container_env(endpoint: AgentEndpoint, grant: str, task: str | None) -> dict[str, str]:
+    """Variables that make any AWS SDK fetch `grant`'s credentials from the agent."""
+    query = f"grant={quote(grant, safe='')}"
+    if task:
+        query += f"&task={quote(task, safe='')}"
+    return {
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{endpoint.url}/v1/aws?{query}",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN": endpoint.bearer,
+    }
+
+
+class AgentClient:
+    """Mints through a running agent; what task processes and subprocesses use.
+
+    Standard library HTTP (`http.client`) on one kept-alive connection: a task's process pays
+    neither an HTTP stack's import nor a connection per request. Thread-safe (one request at a
+    time); make one per process, since a connection must not cross a fork.
+    """
+
+    def __init__(self, endpoint: AgentEndpoint, *, timeout: float = 120.0) -> None:
+        self.endpoint = endpoint
+        parts = urlsplit(endpoint.url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.endpoint.url!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __del__(self) -> None:
+        # A client dropped without close() must not leave its kept-alive socket to the GC.
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+
+    def scoped(
+        self,
+        grants: Sequence[str] | None,
+        task: str | None,
+        *,
+        delegate: bool = False,
+        pid: int | None = None,
+    ) -> AgentEndpoint:
+        """A bearer for a narrower scope (a task's own grants, or a delegate for a scheduling
+        process); the agent refuses what this client's own bearer does not cover."""
+        body = {
+            "grants": None if grants is None else list(grants),
+            "task": task,
+            "delegate": delegate,
+            "pid": pid,
+        }
+        payload = self._call("POST", "/v1/bearer", body, what="a task's bearer")
+        bearer = payload.get("bearer")
+        if not isinstance(bearer, str) or not bearer:
+            raise BrokerError(
+                "credential agent answered a bearer request with a malformed body",
+                error="invalid_response",
+            )
+        return AgentEndpoint(self.endpoint.url, bearer)
+
+    def task_bearer(
+        self,
+        grants: Sequence[str],
+        task: str,
+        *,
+        pid: int | None,
+        aws_grant: str | None,
+        wait: bool = True,
+    ) -> tuple[AgentEndpoint, AwsCredentials | None]:
+        """A bearer for `task` and `grants`; the agent starts minting `aws_grant` for the task
+        at once and, with `wait`, returns it in the same round trip (a refusal raises, naming
+        the grant). Without `wait`, `aws()` later waits for that same mint."""
+        body = {
+            "grants": list(grants),
+            "task": task,
+            "pid": pid,
+            "aws": [aws_grant] if aws_grant else [],
+            "wait": wait,
+        }
+        what = f"grant {aws_grant!r}" if aws_grant else "a task's bearer"
+        payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
+        bearer = payload.get("bearer")
+        aws = payload.get("aws") or {}
+        if not isinstance(bearer, str) or not bearer or not isinstance(aws, dict):
+            raise BrokerError(
+                "credential agent answered a bearer request with a malformed body",
+                error="invalid_response",
+            )
+        first = _aws_from_body(aws_grant, aws.get(aws_grant)) if aws_grant and wait else None
+        return AgentEndpoint(self.endpoint.url, bearer), first
+
+    def release(self, task: str | None = None) -> None:
+        """End this client's own task scope, or (a delegating client) `task`: the agent forgets
+        the task's bearers and releases its Vault credentials in the background."""
+        self._call("POST", "/v1/release", {"task": task}, what="a release", expect=204)
+
+    def revoke_lease(self, lease_id: str) -> None:
+        """Ask the agent to revoke one Vault lease of the job's session (BrokerError if not)."""
+        body = {"lease_id": lease_id}
+        self._call("POST", "/v1/revoke-lease", body, what="a lease revoke", expect=204)
+
+    def aws(self, grant: str, task: str | None = None) -> AwsCredentials:
+        """The agent's cached AWS credentials for (grant, task), as the AWS SDKs get them."""
+        query = f"grant={quote(grant, safe='')}" + (f"&task={quote(task, safe='')}" if task else "")
+        body = self._call("GET", f"/v1/aws?{query}", None, what=f"grant {grant!r}", grant=grant)
+        return _aws_from_body(grant, body)
+
+    def summary(self) -> dict[str, Any]:
+        """What the job's agent minted so far (luigi_creds/summary.py; nothing secret)."""
+        return self._call("GET", "/v1/summary", None, what="the job summary")
+
+    def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
+        body: dict[str, Any] = {"grant": grant, "task": task}
+        if duration is not None:
+            body["duration"] = duration
+        payload = self._call("POST", "/v1/mint", body, what=f"grant {grant!r}", grant=grant)
+        expires_at = payload.get("expires_at")
+        try:
+            cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
+            if isinstance(expires_at, str) and not isinstance(cred, AwsCredentials):
+                cred = replace(cred, expires_at=datetime.fromisoformat(expires_at))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BrokerError(
+                f"credential agent answered grant {grant!r} with a malformed credential",
+                error="invalid_response",
+                status=200,
+                grant=grant,
+            ) from exc
+        return cred
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        *,
+        what: str,
+        expect: int = 200,
+        grant: str | None = None,
+    ) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.endpoint.bearer}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        with self._lock:
+            try:
+                status, raw = self._send(method, path, data, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                raise BrokerError(
+                    f"the job's credential agent at {self.endpoint.url} is unreachable for "
+                    f"{what} ({type(exc).__name__}); did the process that started the job exit?",
+                    error="unreachable",
+                    grant=grant,
+                ) from None
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            payload = {}
+        payload = payload if isinstance(payload, dict) else {}
+        if status != expect:
+            description = payload.get("error_description")
+            request_id = payload.get("request_id")
+            raise BrokerError(
+                description
+                if isinstance(description, str)
+                else f"credential agent answered HTTP {status} for {what}",
+                error=str(payload.get("error") or f"http_{status}"),
+                status=status,
+                request_id=request_id if isinstance(request_id, str) else None,
+                grant=grant,
+            )
+        return payload
+
+    def _send(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            conn = self._conn
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            self._conn = None
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
+                raw = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                # A kept-alive connection the agent closed while idle: send once more on a
+                # new one. A fresh connection that fails is a real failure.
+                if not reused or attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self._conn = conn
+            return response.status, raw
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _aws_from_body(grant: str, body: Any) -> AwsCredentials:
+    """AWS credentials from a container-credentials answer (BrokerError if malformed)."""
+    try:
+        return AwsCredentials(
+            grant=grant,
+            request_id="",
+            access_key_id=body["AccessKeyId"],
+            secret_access_key=body["SecretAccessKey"],
+            session_token=body["Token"],
+            expires_at=parse_time(body["Expiration"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BrokerError(
+            f"credential agent answered grant {grant!r} with malformed AWS credentials",
+            error="invalid_response",
+            grant=grant,
+        ) from None

@@ -1,0 +1,46 @@
+"""Smoke test of the client benchmark (bench/client.py): a tiny run, and the report's shape.
+
+Not a timed test: a few tasks per variant against the real servers the benchmark starts
+(issuer, moto, broker); no figure is asserted, only that every variant ran every task (each
+per-task variant with a distinct key per task) and that the report has every section.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_client_bench_run(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.client", "--tasks", "3", "--workers", "2", "--rounds", "1",
+         "--exchanges", "3", "--calls", "1000", "--json", str(out), "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert set(summary["median_s"]) == {"static", "zero", "mixin"}
+    assert set(summary["overhead_pct"]) == {"zero", "mixin"}
+    first = summary["first_credential"]
+    assert set(first["phases_p50_ms"]) == {
+        "settings",
+        "task bearer (the mint starts)",
+        "set-up while the mint runs",
+        "left to wait for the mint",
+        "SDK credential resolution",
+    }
+    assert len(first["split_p50_ms"]) == 2
+    assert first["p50_ms"] > 0 and first["ratio_to_broker_exchange"] > 0
+    assert report["exchange"]["broker_refresh_p50_ms"] > 0
+    assert all(us > 0 for us in report["cached_us"].values())
+    assert "overhead" in done.stdout and "cached credential access" in done.stdout
