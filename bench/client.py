@@ -52,7 +52,6 @@ BIN = Path(sys.executable).parent
 BUCKET = "bench-client"
 GRANT = "etl-writer"
 # Moto accepts any keys: what the static peer signs with.
-STATIC_KEYS = {"AWS_ACCESS_KEY_ID": "AKIABENCHSTATIC00001", "AWS_SECRET_ACCESS_KEY": "bench-static"}
 VARIANTS = ("static", "zero", "mixin")
 UNLIMITED_RATE = "{ per_second = 1000000, burst = 1000000 }"
 
@@ -220,7 +219,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
                 f"rate_limit_identity = {UNLIMITED_RATE}\nrate_limit_grant = {UNLIMITED_RATE}"
             ),
         )
-        broker = start_broker(workdir / "broker", config)
+        broker = start_broker(workdir / "broker", config, env=moto.broker_env)
         stop.callback(broker.stop)
         yield Stack(issuer, moto, broker, workdir)
 
@@ -252,7 +251,9 @@ def _job_env(
         }
     )
     if variant == "static":
-        env.update(STATIC_KEYS)
+        # Static credentials as a pipeline without luigi-creds has them: a long-lived IAM user
+        # key (moto's administrator, since moto checks every signature) in the environment.
+        env.update(stack.moto.server.admin.env())
     return env
 
 
@@ -327,7 +328,9 @@ def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
             client.mint(GRANT, task=f"bench-{n}")
             mints.append(time.perf_counter() - started)
         client.revoke()
-    sts = stack.moto.client("sts")
+    # The direct call as the broker makes it: signed by the broker's own IAM user, whom the
+    # role trusts (moto enforces that).
+    sts = stack.moto.server.client("sts", stack.moto.server.broker)
     role = f"arn:aws:iam::123456789012:role/{GRANT}"
     sts.assume_role(RoleArn=role, RoleSessionName="warm")
     direct = []
