@@ -308,11 +308,27 @@ def _policy_reloader(
     )
     reloader.announce()
     reloader.start()
-    # SIGHUP reloads at once. Installed here, in the main thread, before uvicorn runs (it
-    # handles SIGINT and SIGTERM only); the handler only wakes the watcher thread.
-    with contextlib.suppress(ValueError):  # not the main thread (an embedding test): poll only
-        signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request_reload())
+    # SIGHUP reloads at once; the handler only wakes the watcher thread.
+    on_sighup(reloader.request_reload)
     return reloader
+
+
+# What SIGHUP does: every reload registered here (the policy file, the TLS certificate). One
+# handler for all, so registering one reload never replaces another's.
+_SIGHUP_ACTIONS: list[Callable[[], None]] = []
+
+
+def on_sighup(action: Callable[[], None]) -> None:
+    """Run `action` on SIGHUP (it must be signal-safe: set an event and return)."""
+    _SIGHUP_ACTIONS.append(action)
+
+    def handler(signum: int, frame: object) -> None:
+        for registered in _SIGHUP_ACTIONS:
+            registered()
+
+    # Installed in the main thread before uvicorn runs (it handles SIGINT and SIGTERM only).
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding test): poll only
+        signal.signal(signal.SIGHUP, handler)
 
 
 class _DenialFlusher(threading.Thread):
@@ -399,7 +415,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("serving TLS certificate", extra={"serving": watched.served})
         watched.start(interval=settings.tls_reload_seconds)
         # SIGHUP: reload now (the handler only wakes the reloader's thread).
-        signal.signal(signal.SIGHUP, lambda signum, frame: watched.request_reload())
+        on_sighup(watched.request_reload)
     try:
         uvicorn.Server(server_config).run()
     finally:

@@ -2,16 +2,16 @@
 
 `tls_cert_file`/`tls_key_file` are read again on SIGHUP and whenever either file changes (its
 inode, size or mtime, or where a symlink points: cert-manager and Kubernetes secret volumes swap a
-`..data` symlink). A renewed pair is loaded into the listening socket's one `ssl.SSLContext`:
-OpenSSL copies the certificate into each connection when its handshake starts, so new handshakes
-get the new certificate while connections already open keep theirs. Nothing is dropped.
+`..data` symlink). A renewed pair is loaded into a fresh `ssl.SSLContext`, which then becomes
+the one new handshakes use: the listening socket's context hands each new connection over to it
+from its SNI callback (called for every ClientHello, with or without a server name). Connections
+already open keep their certificate; nothing is dropped, and no handshake ever sees a context
+half way through a load (loading into the live context in place would leave a window with the
+new certificate and the old key, where a handshake fails).
 
 A pair that does not load (half-written, the key not matching the certificate, unreadable) is
-refused and logged, and the previous certificate stays in service: the pair is first loaded
-into a scratch context, and only bytes that loaded there are loaded into the live one. (Loading a
-mismatched key into a live context would clear its certificate and fail every new handshake.)
-Both loads read one in-memory copy of the files, so a renewal landing between them cannot slip a
-different pair into the live context.
+refused and logged, and the previous context stays in service. The pair is read once into
+memory, so a renewal landing during the load cannot mix two pairs.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ class CertificateReloader:
     """Keeps `context` serving the pair currently on disk; see the module docstring."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
-        self.context = context
+        self.context = context  # the listening socket's; it serves until the first reload
+        self._current = context  # what new handshakes use: swapped whole, never edited
+        context.sni_callback = self._hand_over
         self._files = (cert_file, key_file)
         self._stamp = self._current_stamp()
         self._wake = threading.Event()
@@ -51,18 +53,29 @@ class CertificateReloader:
         self._stamp = self._current_stamp()
         try:
             cert_pem, key_pem = (path.read_bytes() for path in self._files)
+            fresh = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            fresh.minimum_version = self.context.minimum_version
+            fresh.options = self.context.options
             with _private_copies(cert_pem, key_pem) as (cert_path, key_path):
-                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
-                self.context.load_cert_chain(cert_path, key_path)
+                fresh.load_cert_chain(cert_path, key_path)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error(
                 "TLS certificate not reloaded; the previous one is still served",
                 extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "serving": self.served},
             )
             return False
+        self._current = fresh  # one reference assignment: the next handshake gets it whole
         self.served = _describe(cert_pem)
         log.info("TLS certificate reloaded", extra={"serving": self.served})
         return True
+
+    def _hand_over(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        """SNI callback of the listening context: move a new connection to the current one."""
+        current = self._current
+        if current is not self.context:
+            connection.context = current
 
     def changed(self) -> bool:
         return self._current_stamp() != self._stamp

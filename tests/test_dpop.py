@@ -166,8 +166,11 @@ def test_a_proof_jti_is_spent_once_across_brokers_on_one_store(store: str) -> No
         replay, _sessions = open_state(db, sealer=READ_ONLY_SEALER)
         guards.append(DpopGuard(replay, NonceSource.from_store(db), leeway=30))
     key = DpopKey()
-    proof = key.proof("POST", URL, now=NOW, nonce=guards[0].nonces.issue(NOW))
-    check = {"method": "POST", "url": URL, "now": NOW, "bound_jkt": key.thumbprint}
+    # The time of this test, not of the module's import: a spent jti lives about 90 s by the
+    # database's clock, and the suite may reach this test minutes after collecting it.
+    now = datetime.now(UTC).replace(microsecond=0)
+    proof = key.proof("POST", URL, now=now, nonce=guards[0].nonces.issue(now))
+    check = {"method": "POST", "url": URL, "now": now, "bound_jkt": key.thumbprint}
     accepted = guards[1].check([proof], required=False, **check)  # type: ignore[arg-type]
     assert accepted is not None and accepted.jkt == key.thumbprint
     with pytest.raises(ProofError) as caught:
@@ -203,14 +206,15 @@ def test_a_proof_checked_without_spending_is_spent_by_the_callers_write(store: s
     db = Database.open(store)
     replay, _sessions = open_state(db, sealer=READ_ONLY_SEALER)
     guard = DpopGuard(replay, NonceSource.from_store(db), leeway=30)
+    now = datetime.now(UTC).replace(microsecond=0)  # spent jtis expire by the database clock
     key = DpopKey()
-    proof = key.proof("POST", URL, now=NOW, nonce=guard.nonces.issue(NOW))
-    check = {"method": "POST", "url": URL, "now": NOW, "bound_jkt": key.thumbprint}
+    proof = key.proof("POST", URL, now=now, nonce=guard.nonces.issue(now))
+    check = {"method": "POST", "url": URL, "now": now, "bound_jkt": key.thumbprint}
     first = guard.check([proof], required=False, spend=False, **check)  # type: ignore[arg-type]
     assert first is not None
     assert guard.check([proof], required=False, spend=False, **check) is not None  # type: ignore[arg-type]
-    assert db.write(guard.spender(first, NOW)) is True
-    assert db.write(guard.spender(first, NOW)) is False
+    assert db.write(guard.spender(first, now)) is True
+    assert db.write(guard.spender(first, now)) is False
     for spend in (False, True):
         with pytest.raises(ProofError) as caught:
             guard.check([proof], required=False, spend=spend, **check)  # type: ignore[arg-type]
