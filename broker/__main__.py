@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.checkpoint_key import (
+from broker.audit.key_files import (
     UnsignedAuditRefused,
     checkpoint_key_path,
     required_checkpoint_key_path,

@@ -22,7 +22,7 @@ import broker.issuers
 from broker.config import IssuerConfig
 from broker.dev.issuer import SigningKey
 from broker.issuers import IssuerRegistry, IssuerUnavailable, KeyRefetchPending, UnknownKey
-from broker.keys import b64url_decode
+from broker.jwk import b64url_decode
 
 URL = "https://idp.example"
 START = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)

@@ -18,7 +18,7 @@ import pytest
 from servers import free_port, start_dev_issuer
 from stack import policy_toml, start_broker
 
-from broker.checkpoint_key import (
+from broker.audit.key_files import (
     UnsignedAuditRefused,
     checkpoint_key_path,
     required_checkpoint_key_path,
