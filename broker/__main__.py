@@ -25,7 +25,8 @@ from broker.audit.key_files import (
     checkpoint_key_path,
     required_checkpoint_key_path,
 )
-from broker.config import Config, ConfigError, is_loopback, load_config
+from broker.config import Config, ConfigError
+from broker.config_lint import is_loopback, load_config
 
 if TYPE_CHECKING:
     from broker.audit.store import AuditLedger

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from servers import REPO_ROOT, free_port, http_ok, start_process
 
-from broker.config import load_config, parse_config
+from broker.config_lint import load_config, parse_config
 from broker.dev.cli import parse_claims
 from broker.dev.stack import DevStack, DevStackError, _private_dir, grant_names, policy_text
 

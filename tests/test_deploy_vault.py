@@ -17,7 +17,8 @@ import hvac.exceptions
 import pytest
 from vault_server import BAO, DB_ROLE, OpenBao, enable_database, pg_url, start_openbao
 
-from broker.config import GrantConfig, VaultGrant, parse_config
+from broker.config import GrantConfig, VaultGrant
+from broker.config_lint import parse_config
 from broker.mint import UpstreamError
 from broker.mint.vault import VaultMinter, plan_token
 

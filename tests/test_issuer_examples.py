@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import Config, load_config, parse_config
+from broker.config import Config
+from broker.config_lint import load_config, parse_config
 from broker.dev.claims import preset_claims
 from broker.dev.issuer import SigningKey, encode_jwt
 from broker.explain import explain

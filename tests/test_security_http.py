@@ -33,7 +33,8 @@ from servers import free_port, start_dev_issuer
 from stack import Broker, Stack, audit_events, policy_toml, start_broker, start_stack
 
 from broker.audit.events import Outcome
-from broker.config import ConfigError, load_config
+from broker.config import ConfigError
+from broker.config_lint import load_config
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from servers import DevIssuer, free_port, start_dev_issuer
 from stack import Broker, start_broker
 from vault_server import ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 
-from broker.config import parse_config
+from broker.config_lint import parse_config
 from broker.mint import UpstreamError
 from broker.mint.aws import _map_client_error
 from broker.mint.vault import map_error

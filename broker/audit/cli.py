@@ -36,7 +36,8 @@ from broker.audit.rotation import (
 )
 from broker.audit.rotation import render as render_rotation
 from broker.audit.verify import DEFAULT_DANGLING_GRACE, verify_ledger
-from broker.config import BrokerSettings, Config, ConfigError, load_config
+from broker.config import BrokerSettings, Config, ConfigError
+from broker.config_lint import load_config
 from broker.storage import StoreUnavailable
 
 EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2

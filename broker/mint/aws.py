@@ -17,25 +17,26 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from broker.config import AwsGrant
+from broker.config import (
+    STS_MAX_DURATION,
+    STS_MIN_DURATION,
+    STS_POLICY_MAX,
+    AwsGrant,
+)
+from broker.config import STS_TAG_KEY_MAX as _TAG_KEY_MAX
+from broker.config import STS_TAG_VALUE_MAX as _TAG_VALUE_MAX
 from broker.mint import UpstreamError
 
-# STS: DurationSeconds 900..43200 (the role's MaxSessionDuration may lower the top).
-STS_MIN_DURATION = 900
-STS_MAX_DURATION = 43200
 # STS: RoleSessionName and SourceIdentity are 2..64 chars of [\w+=,.@-].
 _STS_NAME_UNSAFE = re.compile(r"[^\w+=,.@-]", re.ASCII)
 _STS_NAME_MAX = 64
 # STS: at most 50 session tags; key 1..128, value 0..256 of letters, digits, spaces and _.:/=+-@.
 _TAG_UNSAFE = re.compile(r"[^\w .:/=+@-]", re.ASCII)
-_TAG_KEY_MAX = 128
-_TAG_VALUE_MAX = 256
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 # A claim value put into a session policy may hold only these: no IAM wildcard (* ?), no policy
 # variable (${...}), no quote; and it may not be empty, which would turn "lake/{p}/*" into
 # "lake//*". Anything else refuses the mint rather than widen what the policy grants.
 _POLICY_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@=+/-]*", re.ASCII)
-STS_POLICY_MAX = 2048
 
 # Error codes STS answers with when another attempt may succeed.
 _RETRYABLE_CODES = frozenset(
