@@ -49,17 +49,18 @@ from typing import Any
 import hvac
 
 from broker.dev.claims import GITLAB_PROJECT_ID, preset_claims
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    fresh_pg_database,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
 from broker.dev.processes import free_port, start_process
 from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The issuer-as-a-child, moto and broker helpers live with the integration tests (broker.dev has
-# OpenBao and process handling only); the benchmark starts the same servers the tests do.
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-from servers import DevIssuer, start_dev_issuer  # noqa: E402
-from stack import Broker, Moto, fresh_pg_database, start_broker, start_moto  # noqa: E402
 
 AUDIENCE = "luigi-creds"
 VAULT_GRANT = "etl-vault"

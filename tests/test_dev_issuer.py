@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet as JoseKeySet
-from servers import DevIssuer, start_dev_issuer
 
 from broker.dev.claims import PRESETS, preset_claims
+from broker.dev.harness import DevIssuer, start_dev_issuer
 from broker.dev.issuer import ALGORITHMS, IssuerServer, SigningKey, encode_jwt
 from broker.jwk import b64url_decode, parse_jwks
 

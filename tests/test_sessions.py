@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from servers import free_port
 
+from broker.dev.processes import free_port
 from broker.replay import ReplayLedger
 from broker.sessions import (
     HANDLE_PREFIX,
