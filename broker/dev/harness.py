@@ -32,6 +32,7 @@ import psycopg
 
 from broker.dev.aws import Allow, AwsKeys, MotoServer
 from broker.dev.aws import start_moto as start_moto_server
+from broker.dev.policy_file import etl_writer_grant, upstream_aws
 from broker.dev.processes import ManagedProcess, start_process
 from broker.dev.stack import DEFAULT_PG, PG_ENV
 
@@ -220,7 +221,7 @@ def policy_toml(
         # PostgreSQL without one. Keyed by database name, so every replica of a test shares it.
         key = Path(tempfile.gettempdir()) / "luigi-creds-test-keys" / f"{store.rsplit('/', 1)[-1]}"
         broker_extra += f'\naudit_key_file = "{key}.ed25519"'
-    return textwrap.dedent(
+    head = textwrap.dedent(
         f"""
         [broker]
         listen = "{listen}"
@@ -236,25 +237,10 @@ def policy_toml(
         jwks_refetch_cooldown = "1s"
         {issuer_extra}
 
-        [[grant]]
-        name = "etl-writer"
-        issuers = ["gitlab"]
-        ttl = "15m"
-        [grant.match]
-        project_id = "55235664"
-        ref_protected = "true"
-        ref = ["main", "release/*"]
-        [grant.aws]
-        role_arn = "{role_arn}"
-        session_name = "{{project_path}}"
-        session_tags = {{ project = "{{project_path}}", pipeline = "{{pipeline_id}}" }}
-        source_identity = "{{user_login}}"
-
-        [upstream.aws]
-        region = "us-east-1"
-        endpoint_url = "{moto_url}"
         """
-    ) + textwrap.dedent(extra)
+    )
+    grant = etl_writer_grant(issuer="gitlab", role_arn=role_arn, session_name="{project_path}")
+    return "\n".join((head, grant, upstream_aws(moto_url))) + textwrap.dedent(extra)
 
 
 def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
