@@ -197,9 +197,8 @@ def _cpu_seconds(pid: int) -> float:
 
 @contextmanager
 def running_stack(workdir: Path) -> Iterator[Stack]:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from servers import free_port, start_dev_issuer
-    from stack import policy_toml, start_broker, start_moto
+    from broker.dev.harness import policy_toml, start_broker, start_dev_issuer, start_moto
+    from broker.dev.processes import free_port
 
     with ExitStack() as stop:
         issuer = start_dev_issuer(workdir, algs="RS256")

@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import statistics
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -28,13 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-from servers import free_port, start_dev_issuer  # noqa: E402
-from stack import policy_toml, start_broker, start_moto  # noqa: E402
-
-from luigi_creds.dpop import DpopKey  # noqa: E402
+from broker.dev.harness import policy_toml, start_broker, start_dev_issuer, start_moto
+from broker.dev.processes import free_port
+from luigi_creds.dpop import DpopKey
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -49,17 +49,19 @@ from typing import Any
 import hvac
 
 from broker.dev.claims import GITLAB_PROJECT_ID, preset_claims
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    fresh_pg_database,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
+from broker.dev.policy_file import etl_writer_grant, upstream_aws, upstream_vault_approle
 from broker.dev.processes import free_port, start_process
 from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The issuer-as-a-child, moto and broker helpers live with the integration tests (broker.dev has
-# OpenBao and process handling only); the benchmark starts the same servers the tests do.
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-from servers import DevIssuer, start_dev_issuer  # noqa: E402
-from stack import Broker, Moto, fresh_pg_database, start_broker, start_moto  # noqa: E402
 
 AUDIENCE = "luigi-creds"
 VAULT_GRANT = "etl-vault"
@@ -205,7 +207,7 @@ def broker_config(
     `audit_key_file`: the checkpoint key replicas on one PostgreSQL share (an SQLite store gets
     one beside it by default)."""
     key_line = f'audit_key_file = "{audit_key_file}"' if audit_key_file else ""
-    return textwrap.dedent(
+    head = textwrap.dedent(
         f"""
         [broker]
         listen = "{listen}"
@@ -229,30 +231,15 @@ def broker_config(
         [grant.vault]
         token_policies = ["{ETL_POLICY}"]
 
-        [[grant]]
-        name = "{AWS_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "15m"
-        [grant.match]
-        project_id = "{GITLAB_PROJECT_ID}"
-        ref_protected = "true"
-        ref = ["main", "release/*"]
-        [grant.aws]
-        role_arn = "{role_arn}"
-        session_name = "{{project_path}}"
-        session_tags = {{ project = "{{project_path}}", pipeline = "{{pipeline_id}}" }}
-        source_identity = "{{user_login}}"
-
-        [upstream.aws]
-        region = "us-east-1"
-        endpoint_url = "{moto_url}"
-
-        [upstream.vault]
-        url = "{bao_url}"
-        auth = "approle"
-        role_id_file = "{role_id_file}"
-        secret_id_file = "{secret_id_file}"
         """
+    )
+    return "\n".join(
+        (
+            head,
+            etl_writer_grant(issuer="gitlab", role_arn=role_arn, session_name="{project_path}"),
+            upstream_aws(moto_url),
+            upstream_vault_approle(bao_url, role_id_file, secret_id_file),
+        )
     )
 
 

@@ -57,7 +57,7 @@ from bench.exchange import (
     start_broker,
     summarize,
 )
-from broker.config import load_config
+from broker.config_lint import load_config
 from broker.dev.processes import free_port
 from broker.dev.vault import ETL_POLICY
 

@@ -21,13 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from broker.checkpoint_key import (
+from broker.audit.key_files import (
     UnsignedAuditRefused,
     accessor_salt_path,
     checkpoint_key_path,
     required_checkpoint_key_path,
 )
-from broker.config import Config, ConfigError, is_loopback, load_config
+from broker.config import Config, ConfigError
+from broker.config_lint import is_loopback, load_config
 from broker.sealing import RefSealer
 
 if TYPE_CHECKING:

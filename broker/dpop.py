@@ -6,7 +6,7 @@ must carry a fresh proof signed by the same key. A stolen refresh handle alone i
 
 Owns three things:
 - `verify_proof`: pure. The proof is parsed and its signature checked by the same strict JOSE code
-  as subject tokens (broker/tokens.py, broker/keys.py); only the header's `jwk` member, which a
+  as subject tokens (broker/tokens.py, broker/jwk.py); only the header's `jwk` member, which a
   subject token may never carry, is allowed here. Then `typ`, `htm`, `htu`, `iat`, `jti` and the
   server nonce are checked.
 - `NonceSource`: server nonces (RFC 9449 §8) that any replica can check without a write: the HMAC
@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import urlsplit
 
-from broker.keys import KeySetError, b64url_encode, parse_jwk
+from broker.jwk import KeySetError, b64url_encode, parse_jwk
 from broker.replay import ReplayLedger
 from broker.storage import Database, Migration, Tx
 from broker.tokens import MAX_JTI_LENGTH, TokenError, parse_token, verify_signature

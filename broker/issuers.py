@@ -3,7 +3,7 @@
 Owns the fetch policy towards the OIDC issuers (GitLab, GitHub, Bitbucket, Okta, or the local dev
 issuer): OpenID discovery at `<url>/.well-known/openid-configuration`, then the JWKS it names,
 both over HTTP(S) through the injected httpx client. Keys are parsed and validated by
-`broker.keys`; this module decides when to fetch, what to trust, and what to keep when a fetch
+`broker.jwk`; this module decides when to fetch, what to trust, and what to keep when a fetch
 goes wrong:
 
 - the discovery `issuer` must equal the configured url byte for byte, and `jwks_uri` must be on
@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 import httpx
 
 from broker.config import IssuerConfig
-from broker.keys import KeySet, KeySetError, VerificationKey, parse_jwks
+from broker.jwk import KeySet, KeySetError, VerificationKey, parse_jwks
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from broker.config import Config, GrantConfig, MatchValue, RegexPattern, glob_to_regex
+from broker.config import Config, GrantConfig, MatchValue, RegexPattern
+from broker.patterns import pattern_regex
 
 # Claims whose values are JSON arrays in real tokens (Okta groups/scp, OIDC amr, Entra roles).
 LIST_CLAIMS = frozenset({"groups", "scp", "amr", "roles"})
@@ -101,9 +102,7 @@ def _describe(pattern: str | RegexPattern) -> str:
 
 def _compile_value(claim: str, value: MatchValue) -> _Matcher:
     patterns = value if isinstance(value, tuple) else (value,)
-    compiled = tuple(
-        re.compile(p.regex if isinstance(p, RegexPattern) else glob_to_regex(p)) for p in patterns
-    )
+    compiled = tuple(re.compile(pattern_regex(p)) for p in patterns)
     expected = " | ".join(_describe(p) for p in patterns) or "<nothing>"
     return _Matcher(claim=claim, patterns=compiled, expected=expected)
 
@@ -149,6 +148,17 @@ def _check(matcher: _Matcher, claims: Mapping[str, Any]) -> tuple[ClaimCheck, st
     if any(p.fullmatch(v) for p in matcher.patterns for v in values):
         return result(actual, None, "matched")
     return result(actual, CLAIM_MISMATCH, "no pattern matched")
+
+
+def claim_matches(claim: str, rule: MatchValue, value: object) -> bool:
+    """Whether one claim value satisfies one grant's `match` rule for that claim.
+
+    The same test `Policy.evaluate` applies to a token (list claims, bool claims, unsafe
+    characters, the vacuous any-of list), for readers outside a decision such as the audit
+    report.
+    """
+    _, failure = _check(_compile_value(claim, rule), {claim: value})
+    return failure is None
 
 
 class Policy:

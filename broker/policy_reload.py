@@ -39,7 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
-from broker.config import Config, ConfigError, GrantConfig, Problem, parse_config
+from broker.config import Config, ConfigError, GrantConfig, Problem
+from broker.config_lint import parse_config
 from broker.policy import Policy
 from broker.storage import StoreUnavailable
 

@@ -1,7 +1,7 @@
 """Parse and verify compact JWS JWTs: framing, header rules, signature, registered claims.
 
 Owns the decision "is this token authentic and current for this issuer". Pure: talks to no
-external system and never reads the clock (`now` is passed in); keys come from `broker.keys`
+external system and never reads the clock (`now` is passed in); keys come from `broker.jwk`
 (fetched by `broker.issuers`). Built on `cryptography` alone so that every check is ours to see.
 
 Order of work, cheapest first, and everything before any cryptography, so junk costs no
@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from broker.keys import JoseDecodeError, VerificationKey, b64url_decode, loads_strict_json
+from broker.jwk import JoseDecodeError, VerificationKey, b64url_decode, loads_strict_json
 
 MAX_TOKEN_LENGTH: Final = 8192  # CI ID tokens are 1-2 KiB; bounds all work on one token
 MAX_HEADER_BYTES: Final = 1024  # decoded; joserfc's header limit is 512, real headers ~100 B
-MAX_SIGNATURE_BYTES: Final = 1024  # an RSA-8192 signature, the largest key keys.py accepts
+MAX_SIGNATURE_BYTES: Final = 1024  # an RSA-8192 signature, the largest key jwk.py accepts
 MAX_KID_LENGTH: Final = 256
 MAX_JTI_LENGTH: Final = 256
 MAX_NUMERIC_DATE: Final = 2**40  # year ~36812; bounds arithmetic on attacker integers (2**70)

@@ -1,7 +1,7 @@
 """Shared pytest fixtures: real servers started as child processes on free loopback ports.
 
-Each fixture starts its server through `servers.py`, logs to the test's tmp dir and stops the
-process when the test ends, so no test leaves a child behind.
+Each fixture starts its server through `broker.dev.harness`, logs to the test's tmp dir and stops
+the process when the test ends, so no test leaves a child behind.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import DevIssuer, start_dev_issuer
+
+from broker.dev.harness import DevIssuer, start_dev_issuer
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.config import Config, GrantConfig, parse_config
+from broker.config import Config, GrantConfig
+from broker.config_lint import parse_config
 
 with warnings.catch_warnings():
     # Luigi warns on import unless a luigi.cfg sets [core] autoload_range (ours do; the test

@@ -17,7 +17,7 @@ import pytest
 from test_audit_ledger import pg_url  # noqa: F401 - the fixture, shared
 
 from broker.audit import open_store
-from broker.audit.keys import load_public_keys
+from broker.audit.key_files import load_public_keys
 from broker.audit.verify import verify_ledger
 
 PROCESSES = 2

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import chain, open_store
 from broker.audit.events import AuditEvent, Outcome
-from broker.audit.keys import load_or_create_signing_key, load_public_keys
+from broker.audit.key_files import load_or_create_signing_key, load_public_keys
 from broker.audit.ledger import SqlLedger
 from broker.audit.verify import VerifyReport, verify_ledger
 from broker.storage import StoreUnavailable

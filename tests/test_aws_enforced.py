@@ -21,12 +21,20 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.dev.aws import Allow, s3_objects
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
 

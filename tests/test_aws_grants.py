@@ -12,7 +12,8 @@ import pytest
 from test_config import ISSUERS, has, problems
 
 from broker.__main__ import _sts_client_at
-from broker.config import Problem, parse_config
+from broker.config import Problem
+from broker.config_lint import parse_config
 from broker.mint.aws import (
     AwsMinter,
     SessionPolicyRefused,

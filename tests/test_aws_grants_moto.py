@@ -21,13 +21,21 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.dev.aws import s3_objects
 from broker.dev.claims import GITLAB_PROJECT_PATH
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
 

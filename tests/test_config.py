@@ -16,10 +16,9 @@ from broker.config import (
     RateLimit,
     RegexPattern,
     format_problems,
-    load_config,
-    parse_config,
     parse_duration,
 )
+from broker.config_lint import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,21 +36,23 @@ from faults import (
     hold_sqlite_write_lock,
     start_delaying_proxy,
 )
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import (
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+from broker.audit.ledger import StoredCheckpoint
+from broker.dev.harness import (
     Broker,
+    DevIssuer,
     Moto,
     exchange_form,
     fresh_pg_database,
     policy_toml,
     refresh_form,
     start_broker,
+    start_dev_issuer,
     start_moto,
 )
-
-from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
-from broker.audit.ledger import StoredCheckpoint
+from broker.dev.processes import free_port
 from broker.storage import BUSY_TIMEOUT, PG_LOCK_TIMEOUT_MS
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import REPO_ROOT, free_port, http_ok, start_process
 
-from broker.config import load_config, parse_config
+from broker.config_lint import load_config, parse_config
 from broker.dev.cli import parse_claims
+from broker.dev.harness import REPO_ROOT
+from broker.dev.processes import free_port, http_ok, start_process
 from broker.dev.stack import DevStack, DevStackError, _private_dir, grant_names, policy_text
 
 VENV = Path(sys.executable).parent.parent

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from moto.iam.policy_validation import IAMPolicyDocumentValidator, IAMTrustPolicyDocumentValidator
 
-from broker.config import Config, load_config
+from broker.config import Config
+from broker.config_lint import load_config
 from broker.dev.claims import preset_claims
 from broker.mint.aws import AssumeRolePlan, plan_assume_role
 from broker.policy import Policy

@@ -7,7 +7,8 @@ import warnings
 
 import yaml
 
-from broker.config import Config, load_config
+from broker.config import Config
+from broker.config_lint import load_config
 
 with warnings.catch_warnings():
     # Luigi warns on import unless a luigi.cfg sets [core] autoload_range (ours do; the test

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from pki import TestCA
-from servers import free_port
-from stack import Broker, start_broker
 
 from broker.__main__ import build_parser as broker_parser
+from broker.dev.harness import Broker, start_broker
+from broker.dev.processes import free_port
 
 with warnings.catch_warnings():
     # Luigi warns on import unless a luigi.cfg sets [core] autoload_range (ours do; the test

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 from deploy_files import DEPLOY
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
+
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
 
 DASHBOARD = DEPLOY / "grafana" / "luigi-creds.json"
 _SERIES = re.compile(r"\bluigi_creds_[a-z0-9_]+")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from broker.config import load_config
+from broker.config_lint import load_config
 
 with warnings.catch_warnings():
     # Luigi warns on import unless a luigi.cfg sets [core] autoload_range (ours do; the test

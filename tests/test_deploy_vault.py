@@ -15,9 +15,11 @@ from pathlib import Path
 import hvac
 import hvac.exceptions
 import pytest
-from vault_server import BAO, DB_ROLE, OpenBao, enable_database, pg_url, start_openbao
 
-from broker.config import GrantConfig, VaultGrant, parse_config
+from broker.config import GrantConfig, VaultGrant
+from broker.config_lint import parse_config
+from broker.dev.harness import pg_url
+from broker.dev.vault import BAO, DB_ROLE, OpenBao, enable_database, start_openbao
 from broker.mint import UpstreamError
 from broker.mint.vault import VaultMinter, plan_token
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet as JoseKeySet
-from servers import DevIssuer, start_dev_issuer
 
 from broker.dev.claims import PRESETS, preset_claims
+from broker.dev.harness import DevIssuer, start_dev_issuer
 from broker.dev.issuer import ALGORITHMS, IssuerServer, SigningKey, encode_jwt
-from broker.keys import b64url_decode, parse_jwks
+from broker.jwk import b64url_decode, parse_jwks
 
 NOW = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
 
@@ -66,7 +66,7 @@ def test_es256_signature_is_raw_r_and_s(keys: dict[str, SigningKey]) -> None:
 
 @pytest.mark.parametrize("alg", ALGORITHMS)
 def test_kid_is_the_rfc7638_thumbprint(keys: dict[str, SigningKey], alg: str) -> None:
-    """A generated key's kid equals the RFC 7638 thumbprint broker.keys computes for its JWK."""
+    """A generated key's kid equals the RFC 7638 thumbprint broker.jwk computes for its JWK."""
     key = keys[alg]
     parsed = parse_jwks({"keys": [key.public_jwk()]}).keys[0]
     assert key.kid == key.thumbprint() == parsed.thumbprint()

@@ -20,7 +20,7 @@ from broker.dpop import (
     normalize_htu,
     verify_proof,
 )
-from broker.keys import b64url_decode, b64url_encode
+from broker.jwk import b64url_decode, b64url_encode
 from broker.sealing import RefSealer
 from broker.sessions import open_state
 from broker.storage import Database

@@ -22,20 +22,22 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import (
+
+from broker.audit import open_store
+from broker.audit.events import AuditEvent, Outcome
+from broker.dev.harness import (
     Broker,
+    DevIssuer,
     Moto,
     exchange_form,
     fresh_pg_database,
     policy_toml,
     refresh_form,
     start_broker,
+    start_dev_issuer,
     start_moto,
 )
-
-from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
+from broker.dev.processes import free_port
 from broker.sealing import RefSealer
 from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient

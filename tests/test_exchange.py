@@ -21,7 +21,7 @@ from botocore.credentials import Credentials
 from fake_sts import FakeSts
 
 from broker.audit.events import AuditEvent, Outcome
-from broker.config import parse_config
+from broker.config_lint import parse_config
 from broker.dev.claims import preset_claims
 from broker.dev.issuer import SigningKey, encode_jwt
 from broker.exchange import GRANT_TYPE_TOKEN_EXCHANGE, ExchangeError, Exchanger, TokenRequest

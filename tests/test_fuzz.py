@@ -30,7 +30,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from broker.config import BrokerSettings, Config, GrantConfig, RegexPattern, glob_to_regex
+from broker.config import BrokerSettings, Config, GrantConfig, RegexPattern
+from broker.patterns import glob_to_regex
 from broker.policy import ALLOWED, Policy
 from broker.tokens import (
     _MESSAGES,

@@ -29,8 +29,17 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pki import TestCA
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
+
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
 
 with warnings.catch_warnings():
     # Luigi warns on import unless a luigi.cfg sets [core] autoload_range; pytest makes it fatal.

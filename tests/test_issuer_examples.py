@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
-from broker.config import Config, load_config, parse_config
+from broker.config import Config
+from broker.config_lint import load_config, parse_config
 from broker.dev.claims import preset_claims
 from broker.dev.issuer import SigningKey, encode_jwt
 from broker.explain import explain
-from broker.keys import parse_jwks
+from broker.jwk import parse_jwks
 from broker.tokens import parse_token, validate_claims, verify_signature
 
 ROOT = Path(__file__).resolve().parents[1]

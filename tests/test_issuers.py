@@ -16,13 +16,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from servers import DevIssuer
 
 import broker.issuers
 from broker.config import IssuerConfig
+from broker.dev.harness import DevIssuer
 from broker.dev.issuer import SigningKey
 from broker.issuers import IssuerRegistry, IssuerUnavailable, KeyRefetchPending, UnknownKey
-from broker.keys import b64url_decode
+from broker.jwk import b64url_decode
 
 URL = "https://idp.example"
 START = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)

@@ -34,12 +34,21 @@ import hvac.exceptions
 import psycopg
 import pytest
 from screenshots import chromium_screenshot
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, policy_toml, start_broker, start_moto
-from vault_server import DB_ROLE, BrokerVault, OpenBao, pg_url, setup_broker, start_openbao
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    pg_url,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
+from broker.dev.vault import DB_ROLE, BrokerVault, OpenBao, setup_broker, start_openbao
 from broker.sealing import RefSealer
 from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError

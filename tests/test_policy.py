@@ -20,15 +20,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import (
-    AwsGrant,
-    BrokerSettings,
-    Config,
-    GrantConfig,
-    IssuerConfig,
-    load_config,
-    parse_config,
-)
+from broker.config import AwsGrant, BrokerSettings, Config, GrantConfig, IssuerConfig
+from broker.config_lint import load_config, parse_config
 from broker.policy import ClaimCheck, Decision, Policy, display
 
 ROOT = Path(__file__).resolve().parent.parent

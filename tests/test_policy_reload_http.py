@@ -19,11 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, Moto, fresh_pg_database, policy_toml, start_broker, start_moto
 
 from broker.audit import open_store
 from broker.audit.events import Outcome
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    fresh_pg_database,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ import yaml
 from luigi.configuration import LuigiConfigParser
 
 from broker import __main__ as broker_cli
-from broker import config as broker_config
+from broker import config_lint
 from broker.dev.processes import start_process
 from luigi_creds import cli as client_cli
 from luigi_creds.identity import IdentityError
@@ -189,10 +189,10 @@ def test_readme_command_lines_parse(line: str) -> None:
 def test_readme_configuration_table_names_real_keys() -> None:
     """Every `section.key` in the configuration table is a key the loader accepts."""
     known = {
-        "broker": broker_config._BROKER_KEYS,
-        "issuer": broker_config._ISSUER_KEYS,
-        "grant": broker_config._GRANT_KEYS,
-        "upstream.vault": broker_config._UPSTREAM_VAULT_KEYS,
+        "broker": config_lint._BROKER_KEYS,
+        "issuer": config_lint._ISSUER_KEYS,
+        "grant": config_lint._GRANT_KEYS,
+        "upstream.vault": config_lint._UPSTREAM_VAULT_KEYS,
     }
     table = README[README.index("## Configuration reference") : README.index("## Security model")]
     named = re.findall(r"`(broker|issuer|grant|upstream\.vault)\.([a-z_]+)`", table)

@@ -29,19 +29,13 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from servers import free_port, start_dev_issuer
-from stack import (
-    Broker,
-    Stack,
-    audit_events,
-    policy_toml,
-    start_broker,
-    start_stack,
-    tally_counts,
-)
+from stack import Stack, audit_events, start_stack, tally_counts
 
 from broker.audit.events import Outcome
-from broker.config import ConfigError, load_config
+from broker.config import ConfigError
+from broker.config_lint import load_config
+from broker.dev.harness import Broker, policy_toml, start_broker, start_dev_issuer
+from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from servers import free_port
 
 from broker.audit import open_store
+from broker.dev.processes import free_port
 from broker.replay import ReplayLedger
 from broker.sealing import RefSealer, SealError
 from broker.sessions import (

@@ -20,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import (
-    Broker,
-    Moto,
-    audit_events,
-    fresh_pg_database,
-    policy_toml,
-    start_broker,
-    start_moto,
-)
+from stack import audit_events
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    Moto,
+    fresh_pg_database,
+    policy_toml,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
+from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
 

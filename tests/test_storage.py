@@ -13,8 +13,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
-from stack import fresh_pg_database
 
+from broker.dev.harness import fresh_pg_database
 from broker.storage import Database, StoreUnavailable, StoreURL, Tx
 
 

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import pytest
 from botocore.credentials import Credentials
 from fake_sts import FakeSts
-from servers import free_port
 
+from broker.dev.processes import free_port
 from broker.mint import UpstreamError
 from broker.mint.aws import AssumeRolePlan, AwsMinter
 from broker.mint.sts_http import StsHTTP

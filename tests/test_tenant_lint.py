@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, glob_to_regex, parse_config
+from broker.config import ConfigError
+from broker.config_lint import parse_config
+from broker.patterns import glob_to_regex
 
 ISSUER = """
 [[issuer]]

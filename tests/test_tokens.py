@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from broker.dev.claims import preset_claims
 from broker.dev.issuer import SigningKey, encode_jwt
-from broker.keys import KeySet, VerificationKey, b64url_encode, parse_jwk, parse_jwks
+from broker.jwk import KeySet, VerificationKey, b64url_encode, parse_jwk, parse_jwks
 from broker.tokens import (
     _EC_ORDER,
     MAX_TOKEN_LENGTH,

@@ -23,11 +23,11 @@ from pathlib import Path
 import httpx
 import hvac.exceptions
 import pytest
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, start_broker
-from vault_server import ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 
-from broker.config import parse_config
+from broker.config_lint import parse_config
+from broker.dev.harness import Broker, DevIssuer, start_broker, start_dev_issuer
+from broker.dev.processes import free_port
+from broker.dev.vault import ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 from broker.mint import UpstreamError
 from broker.mint.aws import map_sts_refusal
 from broker.mint.sts_http import StsRefusal

@@ -27,21 +27,13 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
-from servers import DevIssuer, free_port, start_dev_issuer
-from stack import Broker, start_broker
-from vault_server import (
-    DB_ROLE,
-    ETL_POLICY,
-    BrokerVault,
-    OpenBao,
-    pg_url,
-    setup_broker,
-    start_openbao,
-)
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
-from broker.audit.keys import hmac_ref
+from broker.audit.key_files import hmac_ref
+from broker.dev.harness import Broker, DevIssuer, pg_url, start_broker, start_dev_issuer
+from broker.dev.processes import free_port
+from broker.dev.vault import DB_ROLE, ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 from luigi_creds.client import BrokerClient, VaultToken
 from luigi_creds.identity import EnvTokenSource
 from luigi_creds.vault import TokenKeeper

@@ -21,19 +21,19 @@ import hvac.exceptions
 import psycopg
 import pytest
 import requests
-from vault_server import (
+
+from broker.config import GrantConfig, VaultGrant
+from broker.dev.harness import pg_url
+from broker.dev.vault import (
     BROKER_POLICY,
     DB_ROLE,
     ETL_POLICY,
     BrokerVault,
     OpenBao,
-    pg_url,
     setup_broker,
     start_openbao,
     write_approle_files,
 )
-
-from broker.config import GrantConfig, VaultGrant
 from broker.mint import UpstreamError
 from broker.mint.vault import (
     VaultMinter,

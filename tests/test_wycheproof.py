@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from broker.keys import KeySetError, parse_jwks
+from broker.jwk import KeySetError, parse_jwks
 from broker.tokens import TokenError, parse_jws, verify_signature
 
 WYCHEPROOF = Path(__file__).resolve().parent / "vectors" / "wycheproof"

@@ -1,9 +1,9 @@
 """The audit ledger: what was asked, what was decided, what was issued. See events.py and store.py.
 
 `open_store(url)` is the one entry point the broker uses: it opens the ledger in the broker's
-store (broker/storage.py: SQLite or PostgreSQL by URL scheme), loads (or creates, see keys.py) the
-checkpoint key and accessor salt, and brings the schema up to date. It reads only the files it is
-given.
+store (broker/storage.py: SQLite or PostgreSQL by URL scheme), loads (or creates, see
+key_files.py) the checkpoint key and accessor salt, and brings the schema up to date. It reads only
+the files it is given.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from broker.audit.keys import load_or_create_salt, load_or_create_signing_key, write_salt
+from broker.audit.key_files import load_or_create_salt, load_or_create_signing_key, write_salt
 from broker.audit.ledger import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_INTERVAL,

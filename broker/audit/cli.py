@@ -24,7 +24,7 @@ from typing import TextIO
 from broker import durations
 from broker.audit import chain, open_store
 from broker.audit.export import export_csv, export_jsonl
-from broker.audit.keys import KeyFileError, load_public_keys
+from broker.audit.key_files import KeyFileError, checkpoint_key_path, load_public_keys
 from broker.audit.ledger import SqlLedger
 from broker.audit.report import build_report, render
 from broker.audit.rotation import Checkpoint as RotationCheckpoint
@@ -36,8 +36,8 @@ from broker.audit.rotation import (
 )
 from broker.audit.rotation import render as render_rotation
 from broker.audit.verify import DEFAULT_DANGLING_GRACE, verify_ledger
-from broker.checkpoint_key import checkpoint_key_path
-from broker.config import BrokerSettings, Config, ConfigError, load_config
+from broker.config import BrokerSettings, Config, ConfigError
+from broker.config_lint import load_config
 from broker.storage import StoreUnavailable
 
 EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2

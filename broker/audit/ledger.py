@@ -41,7 +41,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import chain, keys
+from broker.audit import chain, key_files
 from broker.audit.events import AuditEvent, Outcome
 from broker.storage import Database, Migration, StoreUnavailable, Tx
 
@@ -416,7 +416,7 @@ class SqlLedger:
 
     def hash_ref(self, value: str) -> str:
         """HMAC a Vault accessor (or other reference) with the per-deployment salt."""
-        return keys.hmac_ref(self._salt_bytes(), value)
+        return key_files.hmac_ref(self._salt_bytes(), value)
 
     def accessor_salt(self) -> bytes:
         """The per-deployment salt: keys `hash_ref` and, derived, the session store's sealing."""
@@ -428,7 +428,7 @@ class SqlLedger:
         # No salt file configured: the salt lives in the ledger's own database, created once.
         rows = self._read("SELECT value FROM audit_meta WHERE key = 'accessor_salt'")
         if not rows:
-            fresh = secrets.token_hex(keys.SALT_BYTES)
+            fresh = secrets.token_hex(key_files.SALT_BYTES)
 
             def keep(tx: Tx) -> None:
                 # ON CONFLICT: another broker may have kept its salt first; theirs stays.

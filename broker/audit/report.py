@@ -20,7 +20,6 @@ import csv
 import html
 import io
 import json
-import re
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -31,7 +30,8 @@ from typing import Any
 from broker.audit.chain import format_time
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.spreadsheet import spreadsheet_safe
-from broker.config import Config, GrantConfig, MatchValue, RegexPattern, glob_to_regex
+from broker.config import Config, GrantConfig, MatchValue, RegexPattern
+from broker.policy import claim_matches
 
 WATCHED_CLAIMS = ("ref", "environment")
 
@@ -109,15 +109,6 @@ class Report:
 
 def _identity(event: AuditEvent) -> str:
     return f"{event.issuer}:{event.subject}"
-
-
-def _pattern_regex(pattern: str | RegexPattern) -> str:
-    return pattern.regex if isinstance(pattern, RegexPattern) else glob_to_regex(pattern)
-
-
-def _matches(value: str, rule: MatchValue) -> bool:
-    patterns = rule if isinstance(rule, tuple) else (rule,)
-    return any(re.fullmatch(_pattern_regex(p), value) for p in patterns)
 
 
 def _describe(rule: MatchValue) -> str:
@@ -220,7 +211,7 @@ def build_report(
             per_value[value] += n
         if rule is not None:
             expected = _describe(rule)
-            allowed = {v for v in per_value if _matches(v, rule)}
+            allowed = {v for v in per_value if claim_matches(claim, rule, v)}
         else:
             ranked = per_value.most_common(2)
             if len(ranked) < 2 or ranked[0][1] == ranked[1][1]:

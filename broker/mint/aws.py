@@ -15,26 +15,27 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.config import AwsGrant
+from broker.config import (
+    STS_MAX_DURATION,
+    STS_MIN_DURATION,
+    STS_POLICY_MAX,
+    STS_TAG_KEY_MAX,
+    STS_TAG_VALUE_MAX,
+    AwsGrant,
+)
 from broker.mint import UpstreamError
 from broker.mint.sts_http import StsHTTP, StsRefusal, StsUnreachable, text
 
-# STS: DurationSeconds 900..43200 (the role's MaxSessionDuration may lower the top).
-STS_MIN_DURATION = 900
-STS_MAX_DURATION = 43200
 # STS: RoleSessionName and SourceIdentity are 2..64 chars of [\w+=,.@-].
 _STS_NAME_UNSAFE = re.compile(r"[^\w+=,.@-]", re.ASCII)
 _STS_NAME_MAX = 64
 # STS: at most 50 session tags; key 1..128, value 0..256 of letters, digits, spaces and _.:/=+-@.
 _TAG_UNSAFE = re.compile(r"[^\w .:/=+@-]", re.ASCII)
-_TAG_KEY_MAX = 128
-_TAG_VALUE_MAX = 256
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 # A claim value put into a session policy may hold only these: no IAM wildcard (* ?), no policy
 # variable (${...}), no quote; and it may not be empty, which would turn "lake/{p}/*" into
 # "lake//*". Anything else refuses the mint rather than widen what the policy grants.
 _POLICY_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@=+/-]*", re.ASCII)
-STS_POLICY_MAX = 2048
 
 # Error codes STS answers with when another attempt may succeed.
 _RETRYABLE_CODES = frozenset(
@@ -212,8 +213,8 @@ def plan_assume_role(
 
     tags: list[tuple[str, str]] = []
     for key, template in grant.session_tags.items():
-        value = _TAG_UNSAFE.sub("-", render_template(template, claims))[:_TAG_VALUE_MAX]
-        tags.append((_TAG_UNSAFE.sub("-", key)[:_TAG_KEY_MAX], value))
+        value = _TAG_UNSAFE.sub("-", render_template(template, claims))[:STS_TAG_VALUE_MAX]
+        tags.append((_TAG_UNSAFE.sub("-", key)[:STS_TAG_KEY_MAX], value))
     kept = {k for k, _ in tags}
     return AssumeRolePlan(
         role_arn=grant.role_arn,
@@ -226,9 +227,9 @@ def plan_assume_role(
         else render_session_policy(grant.session_policy, claims),
         external_id=grant.external_id,
         transitive_tag_keys=tuple(
-            _TAG_UNSAFE.sub("-", k)[:_TAG_KEY_MAX]
+            _TAG_UNSAFE.sub("-", k)[:STS_TAG_KEY_MAX]
             for k in grant.transitive_tags
-            if _TAG_UNSAFE.sub("-", k)[:_TAG_KEY_MAX] in kept
+            if _TAG_UNSAFE.sub("-", k)[:STS_TAG_KEY_MAX] in kept
         ),
         location=StsLocation(grant.region, grant.sts_endpoint, grant.profile),
     )

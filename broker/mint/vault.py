@@ -51,7 +51,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from broker.config import GrantConfig, UpstreamVault
+from broker.config import VAULT_MIN_TOKEN_TTL, GrantConfig, UpstreamVault
 from broker.mint import UpstreamError, vault_http
 from broker.mint.vault_http import VaultHTTP
 
@@ -72,8 +72,6 @@ _RENEW_FRACTION = 2 / 3
 # The renew token is only ever used against sys/leases/renew: it carries one policy granting just
 # that, without `default` (see the module docstring).
 _RENEW_TOKEN_POLICIES = ("luigi-creds-lease-renew",)
-# Shortest TTL handed out: renewing at 2/3 of a 10 s lease still leaves ~3 s for the round trip.
-VAULT_MIN_TTL = 10
 
 
 @dataclass(frozen=True)
@@ -147,9 +145,9 @@ def sanitise_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
 
 
 def clamp_ttl(ttl: int, requested: int | None) -> int:
-    """The grant's ttl caps the request; `VAULT_MIN_TTL` lifts anything shorter."""
+    """The grant's ttl caps the request; `VAULT_MIN_TOKEN_TTL` lifts anything shorter."""
     wanted = ttl if requested is None else min(requested, ttl)
-    return max(VAULT_MIN_TTL, wanted)
+    return max(VAULT_MIN_TOKEN_TTL, wanted)
 
 
 def plan_token(

@@ -15,15 +15,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from servers import free_port, start_dev_issuer
-from stack import policy_toml, start_broker
 
-from broker.checkpoint_key import (
+from broker.audit.key_files import (
     UnsignedAuditRefused,
     checkpoint_key_path,
     required_checkpoint_key_path,
 )
 from broker.config import BrokerSettings
+from broker.dev.harness import policy_toml, start_broker, start_dev_issuer
+from broker.dev.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Unit tests for broker.keys: JWK/JWKS validation, key selection and the strict decoders.
+"""Unit tests for broker.jwk: JWK/JWKS validation, key selection and the strict decoders.
 
 Keys are generated at test time; the only fixed key material is public (RFC 7638's example and
 the Wycheproof ROCA modulus read from tests/vectors/wycheproof).
@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from broker.keys import (
+from broker.jwk import (
     JoseDecodeError,
     KeySetError,
     b64url_decode,
