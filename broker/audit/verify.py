@@ -1,7 +1,8 @@
 """`audit verify`: prove the ledger is the append-only history the checkpoints signed.
 
-Owns the verification rules (HOSTILE.md "Audit-log integrity" note 6, a-e and h). Reads the store
-through its public reading methods; talks to nothing else. Pure apart from that read.
+Owns the verification rules: a gap, an edit, a reordering, a truncation or a record rewritten
+under a different key is found and named. Reads the store through its public reading methods;
+talks to nothing else. Pure apart from that read.
 
 Per record, in seq order: seq contiguous from 0 (or from the checkpoint a prune left as anchor),
 the record parses with a known schema_version, it claims the seq it is stored at, its entry hash

@@ -150,7 +150,7 @@ class AwsCredentials:
     expiration: datetime
 
     def wire(self) -> dict[str, Any]:
-        """The AWS `credential_process` shape SPEC.md puts in the response."""
+        """The AWS `credential_process` shape (Version 1) the token response carries."""
         return {
             "Version": 1,
             "AccessKeyId": self.access_key_id,
@@ -176,7 +176,8 @@ def render_template(template: str, claims: Mapping[str, Any]) -> str:
 
 
 def sts_name(text: str) -> str:
-    """Sanitise to STS's RoleSessionName/SourceIdentity alphabet and length (HOSTILE #52)."""
+    """Sanitise to STS's RoleSessionName/SourceIdentity alphabet and length: a claim with other
+    characters would make STS refuse the call (or, unsanitised, smuggle text into CloudTrail)."""
     cleaned = _STS_NAME_UNSAFE.sub("-", text)[:_STS_NAME_MAX]
     return cleaned
 
