@@ -945,7 +945,10 @@ def test_stock_pipeline_job_summary_and_rotation_report(stack: Stack, tmp_path: 
         (row,) = [r for r in rows if f"`{m['access_key_id']}`" in r]
         record = issued[m["access_key_id"]]
         assert row.startswith(f"| {m['task']} | etl-writer | AWS key |")
-        assert f"`{record.request_id}`" in row and "| 15m00s |" in row
+        assert f"`{record.request_id}`" in row
+        # 15 minutes from STS's issue, counted from when the job received it: a slow answer
+        # on a busy machine shows 14m5Xs.
+        assert re.search(r"\| (15m00s|14m5\ds) \|", row), row
     # exec's own credential (the scheduling process's), the wrapper's, and one per task.
     assert len(rows) == len(tasks) + 2
     secrets = [ci_token, "stray-secret-never-used", "SecretAccessKey", "SessionToken"]
