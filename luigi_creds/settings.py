@@ -35,24 +35,6 @@ SECTION = "luigi_creds"
 DEFAULT_GITLAB_VARIABLE = "LUIGI_CREDS_ID_TOKEN"
 FAMILY_SECTION_PREFIX = SECTION + ":"
 FAMILY_KEYS = ("aws_grant", "vault_grant")
-# Keys whose value is one word: anything after whitespace is junk (most often an inline comment,
-# which Luigi's config parser keeps as part of the value).
-ONE_WORD_KEYS = frozenset(
-    {
-        "broker_url",
-        "token_source",
-        "ca_bundle",
-        "audience",
-        "gitlab_variable",
-        "vault_addr",
-        "timeout",
-        "okta_token_endpoint",
-        "okta_client_id",
-        "okta_private_key_file",
-        "okta_key_id",
-        *FAMILY_KEYS,
-    }
-)
 TOKEN_SOURCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:\S+|gitlab|github|bitbucket|okta)$")
 GRANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -195,6 +177,11 @@ class ClientSettings:
         from luigi_creds.luigi_config import from_luigi_config
 
         return from_luigi_config()
+
+
+# Keys whose value is one word: anything after whitespace is junk (most often an inline comment,
+# which Luigi's config parser keeps as part of the value). Every key but the one list.
+ONE_WORD_KEYS = frozenset(ClientSettings.KEYS) - {"okta_scopes"}
 
 
 def _has_junk(value: str) -> bool:

@@ -15,6 +15,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit.key_files import (
     UnsignedAuditRefused,
@@ -117,7 +119,8 @@ def test_serve_on_sqlite_creates_the_key_0600_and_signs_with_it(tmp_path: Path) 
             key = db.parent / "audit-checkpoint.ed25519"
             assert key.exists()
             assert stat.S_IMODE(key.stat().st_mode) == 0o600
-            assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+            loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+            assert isinstance(loaded, Ed25519PrivateKey)
             status, body, _ = broker.token(
                 {
                     "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",

@@ -5,6 +5,7 @@ STS endpoint each grant's partition and region reach. On moto: test_aws_grants_m
 from __future__ import annotations
 
 import json
+import secrets
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -195,8 +196,9 @@ def test_each_location_gets_its_own_client_built_once() -> None:
 def test_sts_client_reaches_the_partition_of_the_grant(
     region: str, endpoint: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
+    # Any key lets boto3 build the client (nothing is sent); made here, never a literal.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + secrets.token_hex(8).upper())
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
     config = parse_config(
         ISSUERS
         + aws_grant("")

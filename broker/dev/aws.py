@@ -21,6 +21,8 @@ Talks to moto over loopback HTTP: boto3 for IAM and S3, urllib for moto's own /m
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -183,7 +185,12 @@ def start_moto(log_path: Path, *, timeout: float = 60.0) -> MotoServer:
         timeout=timeout,
     )
     try:
-        nobody = AwsKeys("AKIAUNKNOWNCALLER000", "not-a-key-moto-issued")
+        # A key moto never issued, made here: once enforcement is on it must be refused.
+        nobody = AwsKeys(
+            "AKIA"
+            + "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(16)),
+            secrets.token_urlsafe(30),
+        )
         iam = session(nobody).client("iam", endpoint_url=url)
         admin, _ = _user(
             iam,
