@@ -215,6 +215,7 @@ def broker_config(
         {key_line}
         rate_limit_identity = {UNLIMITED_RATE}
         rate_limit_grant = {UNLIMITED_RATE}
+        rate_limit_client_failures = {UNLIMITED_RATE}
 
         [[issuer]]
         name = "gitlab"
