@@ -7,21 +7,19 @@ in a worker thread, and maps `ExchangeError` to status codes. Talks to clients o
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.datastructures import URL
 
 from broker.dpop import NONCE_HEADER
 from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
@@ -31,6 +29,7 @@ from broker.mint import UpstreamError
 from broker.upstream_check import NotReady
 
 log = logging.getLogger("broker.app")
+T = TypeVar("T")
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _TOKEN_FIELDS = frozenset(
@@ -53,6 +52,16 @@ _TOKEN_FIELDS = frozenset(
 _REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
 TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 _EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_token"})
+# Every path the broker serves and its method (GET routes answer HEAD too).
+ROUTES = {
+    "/v1/token": "POST",
+    "/v1/revoke": "POST",
+    "/v1/explain": "POST",
+    "/healthz": "GET",
+    "/readyz": "GET",
+    "/metrics": "GET",
+    "/openapi.json": "GET",
+}
 # A form with more fields than we know is hostile; parse_qsl stops counting here.
 _MAX_FIELDS = 16
 
@@ -95,34 +104,117 @@ def error_response(
     *,
     server_timing: str = "",
     extra_headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
+) -> Answer:
     headers = {**_NO_STORE, **(extra_headers or {})}
     if server_timing:
         headers["Server-Timing"] = server_timing
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     body = {"error": exc.error, "error_description": exc.description, "request_id": request_id}
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return json_answer(body, status=exc.status, headers=headers)
 
 
-async def read_form(request: Request, *, max_bytes: int, allowed: frozenset[str]) -> dict[str, str]:
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: nothing to answer."""
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """What the handlers need from one ASGI request: no framework object per request."""
+
+    scope: Mapping[str, Any]
+    receive: Callable[[], Awaitable[Mapping[str, Any]]]
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    @property
+    def client(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else ""
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header `name` (lower-case bytes), decoded as latin-1."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return str(value.decode("latin-1"))
+        return None
+
+    def header_values(self, name: bytes) -> tuple[str, ...]:
+        return tuple(v.decode("latin-1") for k, v in self.scope["headers"] if k == name)
+
+    def url(self) -> str:
+        """The URL as the client addressed us (scheme, a valid Host header else the socket's
+        address, path, query); through a trusted proxy, uvicorn has applied its headers.
+        Starlette's URL builder: its Host header validation is what DPoP proofs were always
+        checked against."""
+        return str(URL(scope=dict(self.scope)))
+
+    async def body(self, max_bytes: int) -> bytes:
+        """The whole body, refused (413) as soon as it outgrows `max_bytes`."""
+        body = bytearray()
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            body.extend(message.get("body", b""))
+            if len(body) > max_bytes:
+                raise BadForm(413, "body_too_large")
+            if not message.get("more_body", False):
+                return bytes(body)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer: status, body and extra headers (lower-case names)."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+
+
+def json_answer(
+    content: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Answer:
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Answer(status, body.encode("utf-8"), headers or {}, "application/json")
+
+
+def _text(status: int, text: str, headers: Mapping[str, str] | None = None) -> Answer:
+    return Answer(status, text.encode("utf-8"), headers or {}, "text/plain; charset=utf-8")
+
+
+async def _send(
+    send: Callable[[Mapping[str, Any]], Awaitable[None]], answer: Answer, head: bool
+) -> None:
+    headers = [(b"content-length", str(len(answer.body)).encode("ascii"))]
+    if answer.content_type is not None:
+        headers.append((b"content-type", answer.content_type.encode("latin-1")))
+    headers.extend(
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
+    )
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else answer.body})
+
+
+async def read_form(
+    request: HttpRequest, *, max_bytes: int, allowed: frozenset[str]
+) -> dict[str, str]:
     """Parse an application/x-www-form-urlencoded body strictly: one declared UTF-8 charset,
     a size cap checked before and while reading, no unknown or repeated parameters."""
-    content_type = request.headers.get("content-type", "")
+    content_type = request.header(b"content-type") or ""
     media, _, params = content_type.partition(";")
     if media.strip().lower() != "application/x-www-form-urlencoded":
         raise BadForm(400, "bad_content_type")
     charset = params.strip().lower()
     if charset and charset not in ("charset=utf-8", 'charset="utf-8"'):
         raise BadForm(400, "bad_charset")
-    declared = request.headers.get("content-length")
+    declared = request.header(b"content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
         raise BadForm(413, "body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
-            raise BadForm(413, "body_too_large")
+    body = await request.body(max_bytes)
     try:
         text = body.decode("ascii")
         pairs = parse_qsl(
@@ -146,6 +238,92 @@ async def read_form(request: Request, *, max_bytes: int, allowed: frozenset[str]
     return form
 
 
+Handler = Callable[[HttpRequest], Awaitable[Answer]]
+
+
+class BrokerApp:
+    """The broker's ASGI application: a fixed route table and nothing per request but the
+    request itself.
+
+    Decision: a plain ASGI callable instead of a web framework. Every exchange pays for the
+    edge's CPU, and the framework's routing, middleware stack, request objects and its thread
+    hop (anyio's capacity limiter and cancel scopes) cost more than the rest of a Vault-token
+    exchange's Python code; the routes here are seven fixed paths. Blocking work (the exchange,
+    readiness checks, shutdown) runs in one thread pool through the event loop's executor.
+    """
+
+    def __init__(
+        self,
+        routes: Mapping[str, tuple[str, Handler]],
+        *,
+        workers: int,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self._routes = routes
+        self._on_shutdown = on_shutdown
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="exchange")
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def __call__(
+        self,
+        scope: Mapping[str, Any],
+        receive: Callable[[], Awaitable[Mapping[str, Any]]],
+        send: Callable[[Mapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(
+        self,
+        scope: Mapping[str, Any],
+        receive: Callable[[], Awaitable[Mapping[str, Any]]],
+        send: Callable[[Mapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        method = scope["method"]
+        route = self._routes.get(scope["path"])
+        head = method == "HEAD"
+        if route is None:
+            await _send(send, _text(404, "Not Found"), head)
+            return
+        allowed, handler = route
+        if method != allowed and not (head and allowed == "GET"):
+            allow = "GET, HEAD" if allowed == "GET" else allowed
+            await _send(send, _text(405, "Method Not Allowed", {"allow": allow}), head)
+            return
+        try:
+            answer = await handler(HttpRequest(scope, receive))
+        except ClientGone:
+            return
+        except Exception:
+            # Logged with its traceback (code locations, no request data) and answered 500.
+            log.exception("unhandled error on %s", scope["path"])
+            answer = _text(500, "Internal Server Error")
+        await _send(send, answer, head)
+
+    async def _lifespan(
+        self,
+        receive: Callable[[], Awaitable[Mapping[str, Any]]],
+        send: Callable[[Mapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    if self._on_shutdown is not None:
+                        await self.in_thread(self._on_shutdown)
+                finally:
+                    self.executor.shutdown(wait=False)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
 def create_app(
     exchanger: Exchanger,
     *,
@@ -154,15 +332,18 @@ def create_app(
     max_body_bytes: int,
     openapi: Mapping[str, Any],
     on_shutdown: Callable[[], None] | None = None,
-) -> Starlette:
-    def dpop_fields(request: Request) -> dict[str, Any]:
+    workers: int = 40,
+) -> BrokerApp:
+    """The broker's HTTP routes over `exchanger`. `workers`: threads running exchanges (each
+    blocks on the store and the upstream call; 40 is what the previous framework allowed)."""
+    counters = _LabelledCache()
+
+    def dpop_fields(request: HttpRequest) -> dict[str, Any]:
         """What a DPoP proof is checked against: its header values, the method and the URL
         (scheme and host as the client addressed us; through a trusted proxy, as it says)."""
-        return {
-            "dpop": tuple(request.headers.getlist("dpop")),
-            "method": request.method,
-            "url": str(request.url),
-        }
+        proofs = request.header_values(b"dpop")
+        # The URL only matters to a proof; requests without one skip building it.
+        return {"dpop": proofs, "method": request.method, "url": request.url() if proofs else ""}
 
     def nonce_header() -> dict[str, str]:
         # Every answer carries a current nonce (RFC 9449 §8.2), so a client rarely needs the
@@ -170,20 +351,24 @@ def create_app(
         return {NONCE_HEADER: exchanger.dpop_nonce()}
 
     async def audited_form(
-        request: Request, request_id: str, client: str, allowed: frozenset[str]
+        request: HttpRequest, request_id: str, client: str, allowed: frozenset[str]
     ) -> dict[str, str]:
         """The request's form; a framing error is audited like any deny, then raised."""
         try:
             return await read_form(request, max_bytes=max_body_bytes, allowed=allowed)
         except BadForm as exc:
             req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
-            await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
+            await app.in_thread(exchanger.reject, req, exc.status, exc.reason)
             raise AssertionError("reject always raises") from exc  # pragma: no cover
 
-    async def token(request: Request) -> Response:
+    def refused(endpoint: str, grant: str, exc: ExchangeError) -> None:
+        counters.get(metrics.requests, endpoint, grant, exc.error).inc()
+        counters.get(metrics.denials, endpoint, exc.reason).inc()
+
+    async def token(request: HttpRequest) -> Answer:
         started = time.perf_counter()
         request_id = new_request_id()
-        client = request.client.host if request.client else ""
+        client = request.client
         audience = ""
         timings = Timings()
         try:
@@ -203,27 +388,25 @@ def create_app(
                 **dpop_fields(request),
             )
             audience = req.audience
-            issued = await run_in_threadpool(exchanger.handle, req)
+            issued = await app.in_thread(exchanger.handle, req)
         except ExchangeError as exc:
             # A grant label only once the caller authenticated: otherwise junk with
             # audience=<name> would tell anyone which grant names exist.
-            grant = _known(audience, exchanger) if exc.authenticated else "-"
-            metrics.requests.labels("token", grant, exc.error).inc()
-            metrics.denials.labels("token", exc.reason).inc()
+            refused("token", _known(audience, exchanger) if exc.authenticated else "-", exc)
             return error_response(
                 exc, request_id, server_timing=timings.header(), extra_headers=nonce_header()
             )
         finally:
-            metrics.latency.labels("token").observe(time.perf_counter() - started)
-        metrics.requests.labels("token", _known(audience, exchanger), "issued").inc()
+            counters.get(metrics.latency, "token").observe(time.perf_counter() - started)
+        counters.get(metrics.requests, "token", _known(audience, exchanger), "issued").inc()
         # Server-Timing: where the request's time went (verify, policy, state, audit, mint),
         # in milliseconds; durations only, nothing about the identity or the credential.
         headers = {**_NO_STORE, "Server-Timing": timings.header(), **nonce_header()}
-        return JSONResponse(issued.wire(), headers=headers)
+        return json_answer(issued.wire(), headers=headers)
 
-    async def revoke(request: Request) -> Response:
+    async def revoke(request: HttpRequest) -> Answer:
         request_id = new_request_id()
-        client = request.client.host if request.client else ""
+        client = request.client
         try:
             form = await audited_form(request, request_id, client, _REVOKE_FIELDS)
             hint = form.get("token_type_hint", "refresh_token")
@@ -236,22 +419,21 @@ def create_app(
                 **dpop_fields(request),
             )
             if lease:
-                await run_in_threadpool(exchanger.revoke_lease, req, form.get("token", ""))
+                await app.in_thread(exchanger.revoke_lease, req, form.get("token", ""))
             elif hint != "refresh_token":
                 # RFC 7009 §2.2.1: refresh handles and our own leases are all we revoke.
-                await run_in_threadpool(exchanger.reject, req, 400, "unsupported_token_type")
+                await app.in_thread(exchanger.reject, req, 400, "unsupported_token_type")
             else:
-                await run_in_threadpool(exchanger.revoke, req)
+                await app.in_thread(exchanger.revoke, req)
         except ExchangeError as exc:
-            metrics.requests.labels("revoke", "-", exc.error).inc()
-            metrics.denials.labels("revoke", exc.reason).inc()
+            refused("revoke", "-", exc)
             return error_response(exc, request_id, extra_headers=nonce_header())
-        metrics.requests.labels("revoke", "-", "revoked").inc()
-        return Response(status_code=200, headers={**_NO_STORE, **nonce_header()})
+        counters.get(metrics.requests, "revoke", "-", "revoked").inc()
+        return Answer(200, headers={**_NO_STORE, **nonce_header()})
 
-    async def explain(request: Request) -> Response:
+    async def explain(request: HttpRequest) -> Answer:
         request_id = new_request_id()
-        client = request.client.host if request.client else ""
+        client = request.client
         try:
             form = await audited_form(request, request_id, client, _EXPLAIN_FIELDS)
             req = TokenRequest(
@@ -263,23 +445,22 @@ def create_app(
                 refresh_token=form.get("refresh_token", ""),
                 **dpop_fields(request),
             )
-            answer = await run_in_threadpool(exchanger.explain, req)
+            answer = await app.in_thread(exchanger.explain, req)
         except ExchangeError as exc:
-            metrics.requests.labels("explain", "-", exc.error).inc()
-            metrics.denials.labels("explain", exc.reason).inc()
+            refused("explain", "-", exc)
             return error_response(exc, request_id, extra_headers=nonce_header())
-        metrics.requests.labels("explain", "-", "explained").inc()
-        return JSONResponse(answer, headers={**_NO_STORE, **nonce_header()})
+        counters.get(metrics.requests, "explain", "-", "explained").inc()
+        return json_answer(answer, headers={**_NO_STORE, **nonce_header()})
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+    async def healthz(request: HttpRequest) -> Answer:
+        return json_answer({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(request: HttpRequest) -> Answer:
         results: dict[str, str] = {}
         problems: dict[str, str] = {}
         for name, check in readiness.checks.items():
             try:
-                await run_in_threadpool(check)
+                await app.in_thread(check)
                 results[name] = "ok"
             except Exception as exc:
                 results[name] = "fail"
@@ -291,31 +472,46 @@ def create_app(
             body["problems"] = problems
         for name, detail in readiness.details.items():
             body[name] = dict(detail())
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return json_answer(body, status=200 if ok else 503)
 
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(request: HttpRequest) -> Answer:
+        return Answer(200, generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
-    async def openapi_endpoint(request: Request) -> Response:
-        return JSONResponse(dict(openapi))
+    openapi_answer = json_answer(dict(openapi))
 
-    routes = [
-        Route("/v1/token", token, methods=["POST"]),
-        Route("/v1/revoke", revoke, methods=["POST"]),
-        Route("/v1/explain", explain, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
-    ]
+    async def openapi_endpoint(request: HttpRequest) -> Answer:
+        return openapi_answer
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        if on_shutdown is not None:
-            await run_in_threadpool(on_shutdown)
+    handlers: dict[str, Handler] = {
+        "/v1/token": token,
+        "/v1/revoke": revoke,
+        "/v1/explain": explain,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/metrics": metrics_endpoint,
+        "/openapi.json": openapi_endpoint,
+    }
+    app = BrokerApp(
+        {path: (method, handlers[path]) for path, method in ROUTES.items()},
+        workers=workers,
+        on_shutdown=on_shutdown,
+    )
+    return app
 
-    return Starlette(routes=routes, lifespan=lifespan)
+
+class _LabelledCache:
+    """prometheus_client's `labels()` builds and locks on every call; the label sets here are
+    few (endpoints, configured grants, fixed reason codes), so each child is looked up once."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def get(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
 
 def _known(grant: str, exchanger: Exchanger) -> str:

@@ -188,6 +188,8 @@ class NonceSource:
         if len(key) < 32:
             raise ValueError("the nonce key must be at least 32 bytes")
         self._key = key
+        # Every answer carries the current nonce: the last window's is kept, not re-MACed.
+        self._last: tuple[int, str] = (-1, "")
 
     @classmethod
     def random(cls) -> NonceSource:
@@ -213,8 +215,14 @@ class NonceSource:
         return any(hmac.compare_digest(nonce, self._nonce(w)) for w in (window, window - 1))
 
     def _nonce(self, window: int) -> str:
+        last_window, last = self._last
+        if window == last_window:
+            return last
         mac = hmac.new(self._key, str(window).encode("ascii"), hashlib.sha256).digest()
-        return f"{window}.{b64url_encode(mac[:18])}"
+        nonce = f"{window}.{b64url_encode(mac[:18])}"
+        if window > last_window:
+            self._last = (window, nonce)
+        return nonce
 
 
 class DpopGuard:
