@@ -302,12 +302,12 @@ def run_two_replicas(
         brokers: list[Broker] = []
         # One checkpoint key for both replicas of the one ledger, made here (never committed).
         key_file = workdir / "pg-audit-checkpoint.ed25519"
-        key_file.write_bytes(
-            Ed25519PrivateKey.generate().private_bytes(
-                Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
-            )
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
         )
-        key_file.chmod(0o600)
+        # Created owner-only: the key is never readable by others, not even for a moment.
+        with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(pem)
         for i in range(2):
             text = broker_config(
                 listen=f"127.0.0.1:{free_port()}",

@@ -136,11 +136,13 @@ def build_minter(config: Config, hash_ref: Callable[[str], str]) -> GrantMinter:
     return GrantMinter(aws=aws, vault=vault, hash_ref=hash_ref, clock=_now)
 
 
-def _vault_readiness(config: Config, vault: Any) -> Callable[[], None]:
-    """Vault answers and our login works, then: our token may do what the grants need."""
+def _vault_readiness(config: Config, vault: Any, active: Any) -> Callable[[], None]:
+    """Vault answers and our login works, then: our token may do what the grants need (the
+    grants of the policy in force: a reload that adds a grant is checked from then on)."""
     from broker.upstream_check import VaultPermissionCheck
 
     permissions = VaultPermissionCheck(config, vault.identity.token)
+    active.subscribe(lambda loaded: permissions.policy_changed(loaded.config))
 
     def check() -> None:
         vault.check_ready()
@@ -249,7 +251,7 @@ def build_app(config: Config) -> Any:
     }
     checks.update(minter.readiness_checks())
     if minter.vault is not None:
-        checks["vault"] = _vault_readiness(config, minter.vault)
+        checks["vault"] = _vault_readiness(config, minter.vault, active)
 
     flusher = _DenialFlusher(exchanger.flush_denials, config.broker.denial_tally_seconds)
     flusher.start()

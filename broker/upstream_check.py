@@ -125,12 +125,16 @@ class VaultPermissionCheck:
             raise ValueError("no [upstream.vault] to check")
         self._url = vault.url.rstrip("/")
         self._namespace = vault.namespace
-        self._needs = vault_needs(config)
-        self._roles = token_roles_needed(config)
+        self.policy_changed(config)
         self._token = token
         self.notes: list[str] = []
         verify: bool | str = str(vault.ca_cert) if vault.ca_cert else True
         self._http = http or httpx.Client(verify=verify, timeout=timeout, follow_redirects=False)
+
+    def policy_changed(self, config: Config) -> None:
+        """Check what the grants of `config` need from now on (a reloaded policy's grants)."""
+        self._needs = vault_needs(config)
+        self._roles = token_roles_needed(config)
 
     def _headers(self) -> dict[str, str]:
         headers = {"X-Vault-Token": self._token()}

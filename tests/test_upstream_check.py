@@ -12,6 +12,7 @@ missing role, a token grant's refusal is logged with its request id and Vault's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from broker.mint.sts_http import StsRefusal
 from broker.mint.vault import map_error
 from broker.upstream_check import (
     Need,
+    VaultPermissionCheck,
     missing_capabilities,
     refusal_hint,
     token_roles_needed,
@@ -108,6 +110,28 @@ def test_vault_needs_follow_the_grants() -> None:
     assert needs[("auth/token/create-orphan", "update")] == (SECRET_GRANT,)
     assert needs[("auth/token/revoke-accessor", "update")] == (TOKEN_GRANT, SECRET_GRANT)
     assert token_roles_needed(config) == {"luigi-creds": {ETL_POLICY}}
+
+
+def test_a_reloaded_policys_grants_are_checked_from_then_on() -> None:
+    """/readyz checks what the policy in force needs, not the one the broker started with."""
+    with_secret = parse_config(broker_toml("https://gitlab.com", Path("/tmp/unused.db")))
+    token_only = dataclasses.replace(
+        with_secret, grants=tuple(g for g in with_secret.grants if g.name == TOKEN_GRANT)
+    )
+
+    def vault(request: httpx.Request) -> httpx.Response:
+        # Vault as a broker policy without the secret's path would answer (unit test double).
+        if request.url.path == "/v1/sys/capabilities-self":
+            paths = json.loads(request.content)["paths"]
+            return httpx.Response(200, json={"data": {p: ["update"] for p in paths}})
+        return httpx.Response(200, json={"data": {"allowed_policies": [ETL_POLICY]}})
+
+    check = VaultPermissionCheck(
+        token_only, lambda: "t", http=httpx.Client(transport=httpx.MockTransport(vault))
+    )
+    assert check.problems() == []
+    check.policy_changed(with_secret)
+    assert [p for p in check.problems() if UNREADABLE_SECRET in p]
 
 
 def test_missing_capabilities_reads_capabilities_self_semantics() -> None:
