@@ -15,7 +15,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from broker.audit.key_files import (
     checkpoint_key_path,
     required_checkpoint_key_path,
 )
+from broker.background import Periodic
 from broker.config import Config, ConfigError
 from broker.config_lint import is_loopback, load_config
 from broker.sealing import RefSealer
@@ -253,8 +253,9 @@ def build_app(config: Config) -> Any:
     if minter.vault is not None:
         checks["vault"] = _vault_readiness(config, minter.vault, active)
 
-    flusher = _DenialFlusher(exchanger.flush_denials, config.broker.denial_tally_seconds)
-    flusher.start()
+    # The tally of unauthenticated refusals is written once per window, even when junk stops.
+    flusher = Periodic("denial-flusher", lambda _: exchanger.flush_denials())
+    flusher.start(config.broker.denial_tally_seconds)
 
     def shutdown() -> None:
         if reloader is not None:
@@ -332,25 +333,6 @@ def on_sighup(action: Callable[[], None]) -> None:
     # Installed in the main thread before uvicorn runs (it handles SIGINT and SIGTERM only).
     with contextlib.suppress(ValueError):  # not the main thread (an embedding test): poll only
         signal.signal(signal.SIGHUP, handler)
-
-
-class _DenialFlusher(threading.Thread):
-    """Writes the tally of unauthenticated refusals once per window, even when junk stops."""
-
-    def __init__(self, flush: Callable[[], int], period: float) -> None:
-        super().__init__(name="denial-flusher", daemon=True)
-        self._flush = flush
-        self._period = period
-        self._stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self._stopped.wait(self._period):
-            self._flush()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self.is_alive():
-            self.join(timeout=5)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

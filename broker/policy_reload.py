@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
+from broker.background import Periodic
 from broker.config import Config, ConfigError, GrantConfig, Problem
 from broker.config_lint import parse_config
 from broker.policy import Policy
@@ -185,11 +186,12 @@ class PolicyReloader:
     poll_seconds: float = POLL_SECONDS
     _file: _FileStamp | None = None
     _refusal: _Refusal | None = None
-    _wake: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _watcher: Periodic = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _force: bool = False
+
+    def __post_init__(self) -> None:
+        # A check that raises leaves the policy in force untouched; the watcher goes on.
+        self._watcher = Periodic("policy-reload", lambda requested: self.check(force=requested))
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -347,28 +349,10 @@ class PolicyReloader:
 
     def request_reload(self) -> None:
         """SIGHUP: reload now, even if the file looks unchanged. Safe in a signal handler."""
-        self._force = True
-        self._wake.set()
+        self._watcher.request()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="policy-reload", daemon=True)
-        self._thread.start()
+        self._watcher.start(self.poll_seconds)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            force, self._force = self._force, False
-            try:
-                self.check(force=force)
-            except Exception:
-                # The watcher must outlive any one bad read; the policy in force is untouched.
-                log.exception("policy reload check failed")
+        self._watcher.stop()

@@ -274,16 +274,9 @@ class SessionStore:
         def work(cur: Tx) -> tuple[Session | None, str]:
             if presented is None:
                 return None, "unknown"
-            found = self._find_handle(cur, presented)
-            if found is None:
-                return None, "unknown"
-            session_id, generation, issued_at = found
-            cur.execute(select, (session_id,))
-            session = self._row(cur.fetchone())
-            if session.revoked_at is not None:
-                return session, "revoked"
-            if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
-                return session, "expired"
+            session, generation, refused = self._presented(cur, presented, select, now, max_idle)
+            if session is None or refused:
+                return session, refused
             if generation != session.generation:
                 ended = self._revoke_ids(cur, [session.id], REASON_REUSE, now)
                 return (ended[0] if ended else session), "reused"
@@ -295,6 +288,28 @@ class SessionStore:
             return replace(session, generation=session.generation + 1), ""
 
         return successor, work
+
+    def _presented(
+        self,
+        cur: Tx,
+        presented: str,
+        select: str,
+        now: datetime,
+        max_idle: timedelta | None,
+    ) -> tuple[Session | None, int, str]:
+        """The session a presented handle belongs to, the handle's generation, and why it is
+        refused ("unknown", "revoked", "expired"; "" when live). Reuse is the caller's call."""
+        found = self._find_handle(cur, presented)
+        if found is None:
+            return None, 0, "unknown"
+        session_id, generation, issued_at = found
+        cur.execute(select, (session_id,))
+        session = self._row(cur.fetchone())
+        if session.revoked_at is not None:
+            return session, generation, "revoked"
+        if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
+            return session, generation, "expired"
+        return session, generation, ""
 
     def peek(self, handle: str, *, now: datetime, max_idle: timedelta | None = None) -> Session:
         """Validate `handle` without spending it (for /v1/revoke and introspection).
@@ -309,19 +324,10 @@ class SessionStore:
         select = _SELECT_SESSIONS + " WHERE id = ?"
 
         def work(cur: Tx) -> tuple[Session | None, str]:
-            found = self._find_handle(cur, presented)
-            if found is None:
-                return None, "unknown"
-            session_id, generation, issued_at = found
-            cur.execute(select, (session_id,))
-            session = self._row(cur.fetchone())
-            if session.revoked_at is not None:
-                return session, "revoked"
-            if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
-                return session, "expired"
-            if generation != session.generation:
+            session, generation, refused = self._presented(cur, presented, select, now, max_idle)
+            if session is not None and not refused and generation != session.generation:
                 return session, "reused"
-            return session, ""
+            return session, refused
 
         session, reason = self.database.read(work)
         if reason or session is None:

@@ -22,12 +22,13 @@ import logging
 import os
 import ssl
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
+from broker.background import Periodic
 
 log = logging.getLogger("broker.tls")
 
@@ -43,9 +44,7 @@ class CertificateReloader:
         context.sni_callback = self._hand_over
         self._files = (cert_file, key_file)
         self._stamp = self._current_stamp()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._watcher = Periodic("tls-reload", self._tick)
         self.served = _describe(cert_file.read_bytes())
 
     def reload(self) -> bool:
@@ -82,28 +81,18 @@ class CertificateReloader:
 
     def request_reload(self) -> None:
         """Ask the watcher to reload now (safe from a signal handler: it only sets an event)."""
-        self._wake.set()
+        self._watcher.request()
 
     def start(self, interval: float) -> None:
         """Watch the files every `interval` seconds (0: only on request_reload) in a thread."""
-
-        def watch() -> None:
-            while not self._stop.is_set():
-                requested = self._wake.wait(interval if interval > 0 else None)
-                self._wake.clear()
-                if self._stop.is_set():
-                    return
-                if requested or self.changed():
-                    self.reload()
-
-        self._thread = threading.Thread(target=watch, name="tls-reload", daemon=True)
-        self._thread.start()
+        self._watcher.start(interval)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._watcher.stop()
+
+    def _tick(self, requested: bool) -> None:
+        if requested or self.changed():
+            self.reload()
 
     def _current_stamp(self) -> _Stamp:
         stamps = []
