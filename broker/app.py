@@ -30,6 +30,10 @@ from broker.upstream_check import NotReady
 
 log = logging.getLogger("broker.app")
 T = TypeVar("T")
+# ASGI's three arguments.
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _TOKEN_FIELDS = frozenset(
@@ -122,8 +126,8 @@ class ClientGone(Exception):
 class HttpRequest:
     """What the handlers need from one ASGI request: no framework object per request."""
 
-    scope: Mapping[str, Any]
-    receive: Callable[[], Awaitable[Mapping[str, Any]]]
+    scope: Scope
+    receive: Receive
 
     @property
     def method(self) -> str:
@@ -186,9 +190,7 @@ def _text(status: int, text: str, headers: Mapping[str, str] | None = None) -> A
     return Answer(status, text.encode("utf-8"), headers or {}, "text/plain; charset=utf-8")
 
 
-async def _send(
-    send: Callable[[Mapping[str, Any]], Awaitable[None]], answer: Answer, head: bool
-) -> None:
+async def _send(send: Send, answer: Answer, head: bool) -> None:
     headers = [(b"content-length", str(len(answer.body)).encode("ascii"))]
     if answer.content_type is not None:
         headers.append((b"content-type", answer.content_type.encode("latin-1")))
@@ -266,24 +268,14 @@ class BrokerApp:
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def __call__(
-        self,
-        scope: Mapping[str, Any],
-        receive: Callable[[], Awaitable[Mapping[str, Any]]],
-        send: Callable[[Mapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
-    async def _http(
-        self,
-        scope: Mapping[str, Any],
-        receive: Callable[[], Awaitable[Mapping[str, Any]]],
-        send: Callable[[Mapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         route = self._routes.get(scope["path"])
         head = method == "HEAD"
@@ -305,11 +297,7 @@ class BrokerApp:
             answer = _text(500, "Internal Server Error")
         await _send(send, answer, head)
 
-    async def _lifespan(
-        self,
-        receive: Callable[[], Awaitable[Mapping[str, Any]]],
-        send: Callable[[Mapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
