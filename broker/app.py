@@ -24,10 +24,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker.dpop import NONCE_HEADER
-from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
+from broker.exchange import ExchangeError, Exchanger
 from broker.logs import scrub
 from broker.metrics import Metrics
 from broker.mint import UpstreamError
+from broker.protocol import (
+    REVOKE_HINT_LEASE,
+    REVOKE_HINT_REFRESH,
+    ClientRequest,
+    ExplainRequest,
+    RevokeRequest,
+    Timings,
+    TokenRequest,
+)
 from broker.upstream_check import NotReady
 
 log = logging.getLogger("broker.app")
@@ -51,7 +60,6 @@ _TOKEN_FIELDS = frozenset(
 )
 # refresh_token: the session proof that goes with revoking one of its Vault leases.
 _REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
-TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 _EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_token"})
 # A form with more fields than we know is hostile; parse_qsl stops counting here.
 _MAX_FIELDS = 16
@@ -176,7 +184,7 @@ def create_app(
         try:
             return await read_form(request, max_bytes=max_body_bytes, allowed=allowed)
         except BadForm as exc:
-            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
+            req = ClientRequest(request_id=request_id, client_addr=client)
             await run_in_threadpool(exchanger.reject, req, exc.status, exc.reason)
             raise AssertionError("reject always raises") from exc  # pragma: no cover
 
@@ -226,18 +234,18 @@ def create_app(
         client = request.client.host if request.client else ""
         try:
             form = await audited_form(request, request_id, client, _REVOKE_FIELDS)
-            hint = form.get("token_type_hint", "refresh_token")
-            lease = hint == TOKEN_TYPE_VAULT_SECRET
-            req = TokenRequest(
+            hint = form.get("token_type_hint", REVOKE_HINT_REFRESH)
+            lease = hint == REVOKE_HINT_LEASE
+            req = RevokeRequest(
                 request_id=request_id,
                 client_addr=client,
-                grant_type="revoke",
                 refresh_token=form.get("refresh_token" if lease else "token", ""),
+                lease_id=form.get("token", "") if lease else "",
                 **dpop_fields(request),
             )
             if lease:
-                await run_in_threadpool(exchanger.revoke_lease, req, form.get("token", ""))
-            elif hint != "refresh_token":
+                await run_in_threadpool(exchanger.revoke_lease, req)
+            elif hint != REVOKE_HINT_REFRESH:
                 # RFC 7009 §2.2.1: refresh handles and our own leases are all we revoke.
                 await run_in_threadpool(exchanger.reject, req, 400, "unsupported_token_type")
             else:
@@ -254,10 +262,9 @@ def create_app(
         client = request.client.host if request.client else ""
         try:
             form = await audited_form(request, request_id, client, _EXPLAIN_FIELDS)
-            req = TokenRequest(
+            req = ExplainRequest(
                 request_id=request_id,
                 client_addr=client,
-                grant_type="explain",
                 subject_token=form.get("subject_token", ""),
                 subject_token_type=form.get("subject_token_type", ""),
                 refresh_token=form.get("refresh_token", ""),

@@ -44,7 +44,6 @@ from broker.tokens import MAX_JTI_LENGTH, TokenError, parse_token, verify_signat
 ERROR_INVALID_PROOF: Final = "invalid_dpop_proof"
 ERROR_USE_NONCE: Final = "use_dpop_nonce"
 NONCE_HEADER: Final = "DPoP-Nonce"
-TOKEN_TYPE_DPOP: Final = "DPoP"
 
 # Asymmetric algorithms only (RFC 9449 §4.2: no MAC, no "none"); a client key per job is ES256.
 PROOF_ALGORITHMS: Final = ("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA")

@@ -24,7 +24,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -32,12 +32,26 @@ from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
 from broker.denials import DenialTally
-from broker.dpop import TOKEN_TYPE_DPOP, DpopGuard, NonceSource, Proof, ProofError
+from broker.dpop import DpopGuard, NonceSource, Proof, ProofError
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
 from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
 from broker.policy import Policy
 from broker.policy_reload import ActivePolicy, LoadedPolicy
+from broker.protocol import (
+    ERROR_DESCRIPTIONS,
+    GRANT_TYPE_REFRESH,
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    SUBJECT_TOKEN_TYPES,
+    TOKEN_TYPE_DPOP,
+    TOKEN_TYPE_NOT_APPLICABLE,
+    ClientRequest,
+    ExplainRequest,
+    Issued,
+    RevokeRequest,
+    Timings,
+    TokenRequest,
+)
 from broker.ratelimit import DenyCache, RateLimits, retry_after
 from broker.replay import ReplayLedger
 from broker.revocation import SessionEnder
@@ -53,16 +67,6 @@ from broker.tokens import TokenError, parse_token, token_sha256, validate_claims
 log = logging.getLogger("broker.exchange")
 T = TypeVar("T")
 
-GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-GRANT_TYPE_REFRESH = "refresh_token"
-SUBJECT_TOKEN_TYPES = frozenset(
-    {
-        "urn:ietf:params:oauth:token-type:jwt",
-        "urn:ietf:params:oauth:token-type:id_token",
-        "urn:ietf:params:oauth:token-type:access_token",
-    }
-)
-
 # A Luigi task id is `Family_param_hash`; 512 printable characters is far beyond real ones.
 _TASK_RE = re.compile(r"[\x21-\x7e]{1,512}")
 _DURATION_RE = re.compile(r"[0-9]{1,6}")
@@ -72,16 +76,6 @@ _STORE_FAILED = frozenset({"audit_unavailable", "store_unavailable"})
 # Bounded upstream retries inside the request deadline: at most 2 retries, so a failing
 # upstream is not hammered and the client's own timeout is not outlived.
 _MAX_UPSTREAM_ATTEMPTS = 3
-
-_DESCRIPTIONS = {
-    "invalid_request": "The request or its subject token is not acceptable.",
-    "invalid_grant": "The refresh token is not valid.",
-    "invalid_target": "The requested grant is not available to this identity.",
-    "unsupported_grant_type": "The grant_type is not supported.",
-    "temporarily_unavailable": "The service is temporarily unavailable; retry later.",
-    "invalid_dpop_proof": "The DPoP proof is missing or not valid for this request.",
-    "use_dpop_nonce": "The DPoP proof must carry the nonce in the DPoP-Nonce header.",
-}
 
 
 class ExchangeError(Exception):
@@ -105,7 +99,7 @@ class ExchangeError(Exception):
 
     @property
     def description(self) -> str:
-        return _DESCRIPTIONS[self.error]
+        return ERROR_DESCRIPTIONS[self.error]
 
 
 def _bad_request(reason: str) -> ExchangeError:
@@ -114,73 +108,6 @@ def _bad_request(reason: str) -> ExchangeError:
 
 def _unavailable(reason: str, retry_after: int = 5) -> ExchangeError:
     return ExchangeError(503, "temporarily_unavailable", reason, retry_after=retry_after)
-
-
-class Timings:
-    """Milliseconds one request spent per phase, for the HTTP edge's Server-Timing header.
-
-    Phases: verify (the subject token), policy (limits and rules), state (durable writes of
-    sessions and replay records, with the audit records that commit alongside), audit
-    (audit records written alone) and mint (the upstream call).
-    """
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = (time.perf_counter() - started) * 1000
-            self.ms[name] = self.ms.get(name, 0.0) + elapsed
-
-    def header(self) -> str:
-        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
-
-
-@dataclass(frozen=True)
-class TokenRequest:
-    """The form fields of POST /v1/token (or /v1/revoke) after the HTTP edge checked framing."""
-
-    request_id: str
-    client_addr: str
-    grant_type: str
-    audience: str = ""
-    subject_token: str = field(default="", repr=False)
-    subject_token_type: str = ""
-    requested_token_type: str = ""
-    refresh_token: str = field(default="", repr=False)
-    duration: str = ""
-    task: str = ""
-    timings: Timings = field(default_factory=Timings, repr=False, compare=False)
-    # DPoP (RFC 9449): every `DPoP` header value, and the method and URL the proof must name.
-    dpop: tuple[str, ...] = field(default=(), repr=False)
-    method: str = "POST"
-    url: str = ""
-
-
-@dataclass(frozen=True)
-class Issued:
-    request_id: str
-    issued_token_type: str
-    access_token: str = field(repr=False)
-    expires_in: int
-    credentials: Mapping[str, Any] = field(repr=False)
-    refresh_token: str = field(default="", repr=False)
-    token_type: str = "N_A"  # "DPoP" when the session is bound to the client's key
-
-    def wire(self) -> dict[str, Any]:
-        return {
-            "access_token": self.access_token,
-            "issued_token_type": self.issued_token_type,
-            "token_type": self.token_type,
-            "expires_in": self.expires_in,
-            "refresh_token": self.refresh_token,
-            "request_id": self.request_id,
-            "credentials": dict(self.credentials),
-        }
 
 
 @dataclass(frozen=True)
@@ -319,7 +246,7 @@ class Exchanger:
             raise StoreUnavailable("the last audit append failed")
         self._audit.check_writable()
 
-    def reject(self, req: TokenRequest, status: int, reason: str) -> Issued:
+    def reject(self, req: ClientRequest, status: int, reason: str) -> Issued:
         """Audit and refuse a request the HTTP edge found malformed (bad framing, too large)."""
         record = self._new_record(req, "exchange")
         self._unauthenticated(record, Outcome.DENIED, reason)
@@ -328,7 +255,7 @@ class Exchanger:
     def handle(self, req: TokenRequest) -> Issued:
         """Serve one POST /v1/token; raises ExchangeError for every non-200 answer."""
         kind = "refresh" if req.grant_type == GRANT_TYPE_REFRESH else "exchange"
-        record = self._new_record(req, kind)
+        record = self._new_record(req, kind, task=req.task, grant=req.audience)
         with self._terminal_on_error(record):
             self._admit(req)
             if req.grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
@@ -338,7 +265,7 @@ class Exchanger:
             raise ExchangeError(400, "unsupported_grant_type", "unsupported_grant_type")
         raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
 
-    def revoke(self, req: TokenRequest) -> None:
+    def revoke(self, req: RevokeRequest) -> None:
         """POST /v1/revoke (RFC 7009): end the session a refresh handle belongs to.
 
         Unknown or already-ended handles succeed silently, as RFC 7009 §2.2 asks; the audit
@@ -374,7 +301,7 @@ class Exchanger:
             record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
             self._terminal(record, Outcome.REVOKED, "client_revoked")
 
-    def explain(self, req: TokenRequest) -> dict[str, Any]:
+    def explain(self, req: ExplainRequest) -> dict[str, Any]:
         """POST /v1/explain: who the token (or session) is and which grants it may use.
 
         The subject token is verified like an exchange but its jti is NOT consumed, so a CI
@@ -450,7 +377,7 @@ class Exchanger:
             return answer
         raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
 
-    def revoke_lease(self, req: TokenRequest, lease_id: str) -> None:
+    def revoke_lease(self, req: RevokeRequest) -> None:
         """POST /v1/revoke for one dynamic secret, by the session that minted it.
 
         A Luigi task's Vault lease ends with the task, not with the job's session: the client
@@ -461,7 +388,7 @@ class Exchanger:
         record = self._new_record(req, "revoke")
         with self._terminal_on_error(record):
             self._admit(req)
-            if not req.refresh_token or not lease_id:
+            if not req.refresh_token or not req.lease_id:
                 raise _bad_request("missing_token")
             now = self._clock()
             max_idle = timedelta(seconds=self._config.broker.session_idle)
@@ -478,11 +405,11 @@ class Exchanger:
             match = [
                 (kind, ref)
                 for kind, ref in refs
-                if kind == REF_VAULT_LEASE and ref.partition(" ")[2] == lease_id
+                if kind == REF_VAULT_LEASE and ref.partition(" ")[2] == req.lease_id
             ]
             if not match:
                 raise ExchangeError(400, "invalid_grant", "lease_not_in_session")
-            record.set(credential_ref=lease_id)
+            record.set(credential_ref=req.lease_id)
             if not self._minter.revoke(*match[0]):
                 raise _unavailable("upstream_unavailable")
             self._terminal(record, Outcome.REVOKED, "lease_revoked")
@@ -695,7 +622,7 @@ class Exchanger:
 
     def _prove(
         self,
-        req: TokenRequest,
+        req: ClientRequest,
         record: _Record,
         now: datetime,
         *,
@@ -735,7 +662,7 @@ class Exchanger:
         return proof
 
     def _prove_refused(
-        self, req: TokenRequest, exc: SessionError, record: _Record, now: datetime
+        self, req: ClientRequest, exc: SessionError, record: _Record, now: datetime
     ) -> None:
         """A refused handle of a bound session is answered as refused only to its key holder:
         without the key, the caller learns nothing and an old handle cannot end the session
@@ -934,7 +861,7 @@ class Exchanger:
     def _answer(self, minted: Minted, handle: str, record: _Record, session: Session) -> Issued:
         expires_in = int((minted.expires_at - self._clock()).total_seconds())
         return Issued(
-            token_type=TOKEN_TYPE_DPOP if session.key_thumbprint else "N_A",
+            token_type=TOKEN_TYPE_DPOP if session.key_thumbprint else TOKEN_TYPE_NOT_APPLICABLE,
             request_id=record.event.request_id,
             issued_token_type=minted.token_type,
             access_token=minted.access_token,
@@ -967,7 +894,10 @@ class Exchanger:
 
     # -- audit -------------------------------------------------------------------------------
 
-    def _new_record(self, req: TokenRequest, kind: str) -> _Record:
+    def _new_record(
+        self, req: ClientRequest, kind: str, *, task: str = "", grant: str = ""
+    ) -> _Record:
+        """The record of `req`; `task` and `grant` are what a token request names."""
         return _Record(
             AuditEvent(
                 time=self._clock(),
@@ -975,8 +905,8 @@ class Exchanger:
                 outcome=Outcome.DENIED,
                 kind=kind,
                 client_addr=req.client_addr,
-                task=req.task[:512],
-                grant=req.audience[:128],
+                task=task[:512],
+                grant=grant[:128],
             ),
             req.timings,
         )
@@ -1036,7 +966,7 @@ class Exchanger:
         except StoreUnavailable as exc:
             raise _unavailable("audit_unavailable") from exc
 
-    def _admit(self, req: TokenRequest) -> None:
+    def _admit(self, req: ClientRequest) -> None:
         """Before any verification: a client address that keeps failing to authenticate waits."""
         wait = self._limits.client_wait(req.client_addr, self._monotonic())
         if wait is not None:
