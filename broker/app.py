@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker.dpop import NONCE_HEADER
+from broker.errors import BrokerException
 from broker.exchange import ExchangeError, Exchanger
 from broker.logs import scrub
 from broker.metrics import Metrics
@@ -65,7 +66,7 @@ _EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_tok
 _MAX_FIELDS = 16
 
 
-class BadForm(Exception):
+class BadForm(BrokerException):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status

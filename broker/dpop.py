@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import urlsplit
 
+from broker.errors import BrokerException
 from broker.jwk import KeySetError, b64url_encode, parse_jwk
 from broker.replay import ReplayLedger
 from broker.storage import Database, Migration, Tx
@@ -80,7 +81,7 @@ MIGRATIONS = (
 )
 
 
-class ProofError(Exception):
+class ProofError(BrokerException):
     """A DPoP proof (or its absence) we refuse; `reason` is the audit code, `error` RFC 9449's."""
 
     def __init__(self, reason: str, *, error: str = ERROR_INVALID_PROOF, jkt: str = "") -> None:

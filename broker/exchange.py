@@ -33,6 +33,7 @@ from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
 from broker.denials import DenialTally
 from broker.dpop import DpopGuard, NonceSource, Proof, ProofError
+from broker.errors import BrokerException
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
 from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
@@ -78,7 +79,7 @@ _STORE_FAILED = frozenset({"audit_unavailable", "store_unavailable"})
 _MAX_UPSTREAM_ATTEMPTS = 3
 
 
-class ExchangeError(Exception):
+class ExchangeError(BrokerException):
     """A request that ends without a credential: RFC 6749 error code, HTTP status and reason.
 
     `reason` is the stable code for audit and logs; callers see only `error` and a generic
