@@ -111,6 +111,22 @@ def _unavailable(reason: str, retry_after: int = 5) -> ExchangeError:
     return ExchangeError(503, "temporarily_unavailable", reason, retry_after=retry_after)
 
 
+def _within_limit(wait: float | None, reason: str = "rate_limited") -> None:
+    """A rate limit that says to wait `wait` seconds refuses the request: 429, Retry-After."""
+    if wait is not None:
+        raise ExchangeError(429, "temporarily_unavailable", reason, retry_after=retry_after(wait))
+
+
+@contextlib.contextmanager
+def _reading_state() -> Iterator[None]:
+    """A session, replay or DPoP store that fails to answer refuses the request: 503
+    `state_unavailable` (a failed durable write is `store_unavailable`, see _durably)."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise _unavailable("state_unavailable") from exc
+
+
 @dataclass(frozen=True)
 class _Identity:
     """Who is asking: verified token claims (exchange) or a refresh session's stored claims."""
@@ -214,6 +230,8 @@ class Exchanger:
         self._replay = replay
         self._sessions = sessions
         self._ender = ender
+        # How long a refresh handle may go unused; [broker] settings never change without a restart.
+        self._max_idle = timedelta(seconds=config.broker.session_idle)
         self._limits = limits or RateLimits.from_settings(config.broker)
         self._deny_cache = deny_cache or DenyCache.from_settings(config.broker)
         self._tally = tally or DenialTally(config.broker.denial_tally_seconds)
@@ -278,20 +296,17 @@ class Exchanger:
             if not req.refresh_token:
                 raise _bad_request("missing_token")
             now = self._clock()
-            try:
-                named: Session | None = self._sessions.peek(req.refresh_token, now=now)
-            except SessionError as exc:
-                named = exc.session
-            except StoreUnavailable as exc:
-                raise _unavailable("state_unavailable") from exc
+            with _reading_state():
+                try:
+                    named: Session | None = self._sessions.peek(req.refresh_token, now=now)
+                except SessionError as exc:
+                    named = exc.session
             if named is not None:
                 self._prove(req, record, now, bound=named.key_thumbprint, holder=named)
-            try:
+            with _reading_state():
                 ended = self._sessions.revoke(
                     handle=req.refresh_token, reason="client_revoked", now=now
                 )
-            except StoreUnavailable as exc:
-                raise _unavailable("state_unavailable") from exc
             for session in ended:
                 self._ender.end(session, reason="client_revoked", request_id=req.request_id)
             if not ended:
@@ -315,38 +330,21 @@ class Exchanger:
             now = self._clock()
             session: Session | None = None
             if req.refresh_token:
-                max_idle = timedelta(seconds=self._config.broker.session_idle)
-                try:
-                    session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
-                except SessionError as exc:
-                    # A superseded handle shown here is reuse like anywhere else: one of its two
-                    # holders is an attacker, so the session ends, not a silent probe. For a
-                    # key-bound session only its key holder gets that far.
-                    self._prove_refused(req, exc, record, now)
-                    self._session_refused(exc, record, req.request_id, now)
-                except StoreUnavailable as exc:
-                    raise _unavailable("state_unavailable") from exc
+                # A superseded handle shown here is reuse like anywhere else: one of its two
+                # holders is an attacker, so the session ends, not a silent probe. For a
+                # key-bound session only its key holder gets that far.
+                session = self._held_session(req, req.refresh_token, record, now)
                 self._prove(req, record, now, bound=session.key_thumbprint, holder=session)
                 identity = _Identity(
                     issuer=session.issuer, subject=session.subject, claims=session.claims
                 )
                 record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             else:
-                if not req.subject_token:
-                    raise _bad_request("missing_subject_token")
-                record.set(token_sha256=token_sha256(req.subject_token))
-                if req.subject_token_type not in SUBJECT_TOKEN_TYPES:
-                    raise _bad_request("unsupported_subject_token_type")
+                self._check_subject_token(req.subject_token, req.subject_token_type, record)
                 identity = self._verify(req.subject_token, now, record)
             # The identity's own budget only: a shared explain bucket would let one identity
             # (or many the policy refuses) starve everyone else's explain.
-            wait = self._limits.identity(
-                issuer=identity.issuer, subject=identity.subject, now=self._monotonic()
-            )
-            if wait is not None:
-                raise ExchangeError(
-                    429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
-                )
+            self._spend_identity_budget(identity, self._monotonic())
             grants = []
             for decision in self._policy.allowed_grants(identity.issuer, identity.claims):
                 grant = self._policy.grant(decision.grant)
@@ -392,15 +390,9 @@ class Exchanger:
             if not req.refresh_token or not req.lease_id:
                 raise _bad_request("missing_token")
             now = self._clock()
-            max_idle = timedelta(seconds=self._config.broker.session_idle)
-            try:
-                session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
+            session = self._held_session(req, req.refresh_token, record, now)
+            with _reading_state():
                 refs = self._sessions.credentials(session.id)
-            except SessionError as exc:
-                self._prove_refused(req, exc, record, now)
-                self._session_refused(exc, record, req.request_id, now)
-            except StoreUnavailable as exc:
-                raise _unavailable("state_unavailable") from exc
             self._prove(req, record, now, bound=session.key_thumbprint, holder=session)
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             match = [
@@ -419,11 +411,7 @@ class Exchanger:
 
     def _exchange(self, req: TokenRequest, record: _Record) -> Issued:
         task = self._check_task(req.task)
-        if not req.subject_token:
-            raise _bad_request("missing_subject_token")
-        record.set(token_sha256=token_sha256(req.subject_token))
-        if req.subject_token_type not in SUBJECT_TOKEN_TYPES:
-            raise _bad_request("unsupported_subject_token_type")
+        self._check_subject_token(req.subject_token, req.subject_token_type, record)
         if not req.audience:
             raise _bad_request("missing_audience")
         now = self._clock()
@@ -561,15 +549,7 @@ class Exchanger:
         if not req.audience:
             raise _bad_request("missing_audience")
         now = self._clock()
-        max_idle = timedelta(seconds=self._config.broker.session_idle)
-        try:
-            with record.timings.phase("state"):
-                session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
-        except SessionError as exc:
-            self._prove_refused(req, exc, record, now)
-            self._session_refused(exc, record, req.request_id, now)
-        except StoreUnavailable as exc:
-            raise _unavailable("state_unavailable") from exc
+        session = self._held_session(req, req.refresh_token, record, now)
         # Before anything else about the session: a stolen handle without its key learns nothing.
         # The proof's jti is spent with the handle's rotation (one write fewer per refresh).
         proof = self._prove(
@@ -592,7 +572,9 @@ class Exchanger:
         minted = self._call_upstream(prepared, grant, session, record, intent_written=False)
         # Rotate only after minting, so an upstream failure leaves the client's handle valid;
         # the rotation commits with the issued record.
-        handle, rotation = self._sessions.rotation(req.refresh_token, now=now, max_idle=max_idle)
+        handle, rotation = self._sessions.rotation(
+            req.refresh_token, now=now, max_idle=self._max_idle
+        )
         if proof is not None:
             rotation = _spending_first(self._dpop.spender(proof, now), rotation, session)
         outcome = self._issue_outcome(minted, session, record, rotation)
@@ -602,6 +584,18 @@ class Exchanger:
             self._discard(minted, record)
             self._session_refused(exc, record, req.request_id, now)
         return self._answer(minted, handle, record, session)
+
+    def _held_session(
+        self, req: ClientRequest, handle: str, record: _Record, now: datetime
+    ) -> Session:
+        """The live session `handle` belongs to, peeked, not rotated. A refused handle is
+        answered invalid_grant (its key holder first proving it, see _prove_refused)."""
+        try:
+            with record.timings.phase("state"), _reading_state():
+                return self._sessions.peek(handle, now=now, max_idle=self._max_idle)
+        except SessionError as exc:
+            self._prove_refused(req, exc, record, now)
+            self._session_refused(exc, record, req.request_id, now)
 
     def _session_refused(
         self, exc: SessionError, record: _Record, request_id: str, now: datetime
@@ -640,7 +634,7 @@ class Exchanger:
         the owner's security team wants that record), not folded into the tally of requests
         that proved nothing."""
         try:
-            with record.timings.phase("verify"):
+            with record.timings.phase("verify"), _reading_state():
                 proof = self._dpop.check(
                     req.dpop,
                     method=req.method,
@@ -656,8 +650,6 @@ class Exchanger:
             if holder is not None:
                 record.set(session_id=holder.id, issuer=holder.issuer, subject=holder.subject)
             raise ExchangeError(400, exc.error, exc.reason) from exc
-        except StoreUnavailable as exc:
-            raise _unavailable("state_unavailable") from exc
         if proof is not None:
             record.set(detail={**record.event.detail, "dpop_jkt": proof.jkt})
         return proof
@@ -687,11 +679,7 @@ class Exchanger:
         now_mono = self._monotonic()
         # The identity's own budget first; the grant's is spent only once the policy allowed
         # (below), so identities it refuses cannot starve the grant's real users.
-        wait = self._limits.identity(issuer=identity.issuer, subject=identity.subject, now=now_mono)
-        if wait is not None:
-            raise ExchangeError(
-                429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
-            )
+        self._spend_identity_budget(identity, now_mono)
         cached = self._deny_cache.check(
             issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
         )
@@ -709,14 +697,25 @@ class Exchanger:
             raise ExchangeError(400, "invalid_target", decision.reason)
         if req.requested_token_type and req.requested_token_type != issued_token_type(grant):
             raise _bad_request("unsupported_requested_token_type")
-        wait = self._limits.grant(
-            issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
-        )
-        if wait is not None:
-            raise ExchangeError(
-                429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
+        _within_limit(
+            self._limits.grant(
+                issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
             )
+        )
         return grant
+
+    def _spend_identity_budget(self, identity: _Identity, now_mono: float) -> None:
+        _within_limit(
+            self._limits.identity(issuer=identity.issuer, subject=identity.subject, now=now_mono)
+        )
+
+    def _check_subject_token(self, token: str, token_type: str, record: _Record) -> None:
+        """A subject token is present (its hash recorded) and of a type we verify."""
+        if not token:
+            raise _bad_request("missing_subject_token")
+        record.set(token_sha256=token_sha256(token))
+        if token_type not in SUBJECT_TOKEN_TYPES:
+            raise _bad_request("unsupported_subject_token_type")
 
     def _check_task(self, task: str) -> str:
         if task and not _TASK_RE.fullmatch(task):
@@ -969,11 +968,9 @@ class Exchanger:
 
     def _admit(self, req: ClientRequest) -> None:
         """Before any verification: a client address that keeps failing to authenticate waits."""
-        wait = self._limits.client_wait(req.client_addr, self._monotonic())
-        if wait is not None:
-            raise ExchangeError(
-                429, "temporarily_unavailable", "client_rate_limited", retry_after=retry_after(wait)
-            )
+        _within_limit(
+            self._limits.client_wait(req.client_addr, self._monotonic()), "client_rate_limited"
+        )
 
     def _unauthenticated(self, record: _Record, outcome: Outcome, reason: str) -> None:
         """A refusal of a request that proved no identity: counted, and spends its client's
