@@ -21,20 +21,11 @@ from broker.config import (
 from broker.config_lint.reader import CLAIM_NAME, Lint
 
 _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
-
-
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-
-
 _TAG_KEY = re.compile(r"[A-Za-z0-9 _.:/=+@-]+")  # IAM tag key character set
-
-
 _REGION = re.compile(r"[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d")
-
-
 # STS: ExternalId is 2..1224 characters of [\w+=,.@:/-]; the inline Policy at most 2048.
 _EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
-
 
 _AWS_GRANT_KEYS = frozenset(
     {
@@ -51,7 +42,6 @@ _AWS_GRANT_KEYS = frozenset(
         "partition",
     }
 )
-
 
 _UPSTREAM_AWS_KEYS = frozenset({"region", "endpoint_url"})
 

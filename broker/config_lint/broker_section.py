@@ -34,7 +34,6 @@ BROKER_KEYS = frozenset(
     }
 )
 
-
 _RATE_KEYS = frozenset({"per_second", "burst"})
 
 

@@ -139,7 +139,6 @@ _PROBE_FAMILIES: Final = (
     ),
 )
 
-
 # `sub` values are `field:value[:field:value...]` (GitHub `repo:owner/name:...`, GitLab
 # `project_path:group/project:...`, custom GitHub sub templates): when the first `:` segment is
 # one of these field names, the owner is the first `/` segment of the value after it.

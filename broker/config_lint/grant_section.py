@@ -15,7 +15,7 @@ from broker.config import (
 )
 from broker.config_lint.aws_section import aws_grant
 from broker.config_lint.claim_match import match_table
-from broker.config_lint.reader import Lint, entry_label
+from broker.config_lint.reader import Lint
 from broker.config_lint.vault_section import vault_grant
 
 GRANT_KEYS = frozenset(
@@ -26,15 +26,7 @@ GRANT_KEYS = frozenset(
 def grant_configs(
     lint: Lint, value: object, broker: BrokerSettings, issuer_names: set[str]
 ) -> tuple[GrantConfig, ...]:
-    if not isinstance(value, list):
-        lint.add("grant", "expected [[grant]] tables")
-        return ()
-    out: list[GrantConfig] = []
-    for index, entry in enumerate(value):
-        w = entry_label("grant", entry, index)
-        t = lint.table(entry, w)
-        if t is not None:
-            out.append(_grant(lint, t, w, broker, issuer_names))
+    out = [_grant(lint, t, w, broker, issuer_names) for w, t in lint.entries(value, "grant")]
     lint.unique((g.name for g in out), "grant")
     return tuple(out)
 

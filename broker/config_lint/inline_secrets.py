@@ -31,6 +31,7 @@ def _refuse_inline(lint: Lint, node: object, where: str) -> None:
 
 
 def scan_secrets(lint: Lint, raw: Mapping[str, Any]) -> None:
+    """Every table of the file, each problem labelled by the issuer or grant it is in."""
     for key, value in raw.items():
         if key in ("issuer", "grant") and isinstance(value, list):
             for index, entry in enumerate(value):

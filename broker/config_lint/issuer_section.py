@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.config import ASYMMETRIC_ALGORITHMS, IssuerConfig
-from broker.config_lint.reader import Lint, entry_label
+from broker.config_lint.reader import Lint
 
 ISSUER_KEYS = frozenset(
     {
@@ -24,15 +24,8 @@ ISSUER_KEYS = frozenset(
 
 
 def issuer_configs(lint: Lint, value: object) -> tuple[IssuerConfig, ...]:
-    if not isinstance(value, list):
-        lint.add("issuer", "expected [[issuer]] tables")
-        return ()
     out: list[IssuerConfig] = []
-    for index, entry in enumerate(value):
-        w = entry_label("issuer", entry, index)
-        t = lint.table(entry, w)
-        if t is None:
-            continue
+    for w, t in lint.entries(value, "issuer"):
         lint.keys(t, w, ISSUER_KEYS)
         name = lint.name(t, w)
         url = lint.required_str(t, "url", w)

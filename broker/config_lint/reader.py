@@ -10,7 +10,7 @@ import difflib
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -20,8 +20,6 @@ from broker.durations import DurationError, seconds
 from broker.secret_scan import SECRET_KEYS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
 CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -47,6 +45,17 @@ class Lint:
 
     def add(self, where: str, message: str) -> None:
         self.problems.append(Problem(where, message))
+
+    def entries(self, value: object, kind: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        """The tables of the array `[[kind]]`, each with its label; anything else is reported."""
+        if not isinstance(value, list):
+            self.add(kind, f"expected [[{kind}]] tables")
+            return
+        for index, entry in enumerate(value):
+            where = entry_label(kind, entry, index)
+            table = self.table(entry, where)
+            if table is not None:
+                yield where, table
 
     def keys(self, table: Mapping[str, Any], where: str, known: frozenset[str]) -> None:
         for key in table:

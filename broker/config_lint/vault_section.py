@@ -10,7 +10,6 @@ from broker.config_lint.reader import Lint
 
 _VAULT_GRANT_KEYS = frozenset({"secret", "token_policies", "orphan", "num_uses"})
 
-
 UPSTREAM_VAULT_KEYS = frozenset(
     {
         "url",
