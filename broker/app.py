@@ -22,10 +22,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import URL
 
 from broker.dpop import NONCE_HEADER
-from broker.exchange import ExchangeError, Exchanger, Timings, TokenRequest
+from broker.errors import BrokerException
+from broker.exchange import ExchangeError, Exchanger
 from broker.logs import scrub
 from broker.metrics import Metrics
 from broker.mint import UpstreamError
+from broker.protocol import (
+    REVOKE_HINT_LEASE,
+    REVOKE_HINT_REFRESH,
+    ClientRequest,
+    ExplainRequest,
+    RevokeRequest,
+    Timings,
+    TokenRequest,
+)
 from broker.upstream_check import NotReady
 
 log = logging.getLogger("broker.app")
@@ -54,7 +64,6 @@ _TOKEN_FIELDS = frozenset(
 )
 # refresh_token: the session proof that goes with revoking one of its Vault leases.
 _REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
-TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 _EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_token"})
 # Every path the broker serves and its method (GET routes answer HEAD too).
 ROUTES = {
@@ -70,7 +79,7 @@ ROUTES = {
 _MAX_FIELDS = 16
 
 
-class BadForm(Exception):
+class BadForm(BrokerException):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
@@ -345,7 +354,7 @@ def create_app(
         try:
             return await read_form(request, max_bytes=max_body_bytes, allowed=allowed)
         except BadForm as exc:
-            req = TokenRequest(request_id=request_id, client_addr=client, grant_type="")
+            req = ClientRequest(request_id=request_id, client_addr=client)
             await app.in_thread(exchanger.reject, req, exc.status, exc.reason)
             raise AssertionError("reject always raises") from exc  # pragma: no cover
 
@@ -397,18 +406,18 @@ def create_app(
         client = request.client
         try:
             form = await audited_form(request, request_id, client, _REVOKE_FIELDS)
-            hint = form.get("token_type_hint", "refresh_token")
-            lease = hint == TOKEN_TYPE_VAULT_SECRET
-            req = TokenRequest(
+            hint = form.get("token_type_hint", REVOKE_HINT_REFRESH)
+            lease = hint == REVOKE_HINT_LEASE
+            req = RevokeRequest(
                 request_id=request_id,
                 client_addr=client,
-                grant_type="revoke",
                 refresh_token=form.get("refresh_token" if lease else "token", ""),
+                lease_id=form.get("token", "") if lease else "",
                 **dpop_fields(request),
             )
             if lease:
-                await app.in_thread(exchanger.revoke_lease, req, form.get("token", ""))
-            elif hint != "refresh_token":
+                await app.in_thread(exchanger.revoke_lease, req)
+            elif hint != REVOKE_HINT_REFRESH:
                 # RFC 7009 §2.2.1: refresh handles and our own leases are all we revoke.
                 await app.in_thread(exchanger.reject, req, 400, "unsupported_token_type")
             else:
@@ -424,10 +433,9 @@ def create_app(
         client = request.client
         try:
             form = await audited_form(request, request_id, client, _EXPLAIN_FIELDS)
-            req = TokenRequest(
+            req = ExplainRequest(
                 request_id=request_id,
                 client_addr=client,
-                grant_type="explain",
                 subject_token=form.get("subject_token", ""),
                 subject_token_type=form.get("subject_token_type", ""),
                 refresh_token=form.get("refresh_token", ""),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from broker.durations import DurationError, seconds
+from broker.errors import BrokerException
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class Problem:
     message: str
 
 
-class ConfigError(Exception):
+class ConfigError(BrokerException):
     """Every problem found in one policy file; never just the first."""
 
     def __init__(self, problems: Iterable[Problem], source: str = "<memory>") -> None:

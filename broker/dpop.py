@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import urlsplit
 
+from broker.errors import BrokerException
 from broker.jwk import KeySetError, b64url_encode, parse_jwk
 from broker.replay import ReplayLedger
 from broker.storage import Database, Migration, Tx
@@ -44,7 +45,6 @@ from broker.tokens import MAX_JTI_LENGTH, TokenError, parse_token, verify_signat
 ERROR_INVALID_PROOF: Final = "invalid_dpop_proof"
 ERROR_USE_NONCE: Final = "use_dpop_nonce"
 NONCE_HEADER: Final = "DPoP-Nonce"
-TOKEN_TYPE_DPOP: Final = "DPoP"
 
 # Asymmetric algorithms only (RFC 9449 §4.2: no MAC, no "none"); a client key per job is ES256.
 PROOF_ALGORITHMS: Final = ("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA")
@@ -81,7 +81,7 @@ MIGRATIONS = (
 )
 
 
-class ProofError(Exception):
+class ProofError(BrokerException):
     """A DPoP proof (or its absence) we refuse; `reason` is the audit code, `error` RFC 9449's."""
 
     def __init__(self, reason: str, *, error: str = ERROR_INVALID_PROOF, jkt: str = "") -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from broker.errors import BrokerException
+
 # Units in descending order, each at most once: "1w2d3h4m5s". No fractions, no signs, no spaces,
 # so a value reads the same to every operator and every parser.
 _DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -18,7 +20,7 @@ _DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?
 MAX_SECONDS = 10 * 365 * 86400
 
 
-class DurationError(ValueError):
+class DurationError(BrokerException, ValueError):
     """A duration that does not parse; the message is safe to show to an operator."""
 
 

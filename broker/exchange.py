@@ -24,7 +24,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -32,12 +32,27 @@ from broker.audit.events import AuditEvent, Outcome
 from broker.audit.store import AuditStore
 from broker.config import Config, GrantConfig
 from broker.denials import DenialTally
-from broker.dpop import TOKEN_TYPE_DPOP, DpopGuard, NonceSource, Proof, ProofError
+from broker.dpop import DpopGuard, NonceSource, Proof, ProofError
+from broker.errors import BrokerException
 from broker.issuers import IssuerRegistry, IssuerUnavailable, UnknownKey
 from broker.mint import UpstreamError
 from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, issued_token_type
 from broker.policy import Policy
 from broker.policy_reload import ActivePolicy, LoadedPolicy
+from broker.protocol import (
+    ERROR_DESCRIPTIONS,
+    GRANT_TYPE_REFRESH,
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    SUBJECT_TOKEN_TYPES,
+    TOKEN_TYPE_DPOP,
+    TOKEN_TYPE_NOT_APPLICABLE,
+    ClientRequest,
+    ExplainRequest,
+    Issued,
+    RevokeRequest,
+    Timings,
+    TokenRequest,
+)
 from broker.ratelimit import DenyCache, RateLimits, retry_after
 from broker.replay import ReplayLedger
 from broker.revocation import SessionEnder
@@ -53,16 +68,6 @@ from broker.tokens import TokenError, parse_token, token_sha256, validate_claims
 log = logging.getLogger("broker.exchange")
 T = TypeVar("T")
 
-GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-GRANT_TYPE_REFRESH = "refresh_token"
-SUBJECT_TOKEN_TYPES = frozenset(
-    {
-        "urn:ietf:params:oauth:token-type:jwt",
-        "urn:ietf:params:oauth:token-type:id_token",
-        "urn:ietf:params:oauth:token-type:access_token",
-    }
-)
-
 # A Luigi task id is `Family_param_hash`; 512 printable characters is far beyond real ones.
 _TASK_RE = re.compile(r"[\x21-\x7e]{1,512}")
 _DURATION_RE = re.compile(r"[0-9]{1,6}")
@@ -73,18 +78,8 @@ _STORE_FAILED = frozenset({"audit_unavailable", "store_unavailable"})
 # upstream is not hammered and the client's own timeout is not outlived.
 _MAX_UPSTREAM_ATTEMPTS = 3
 
-_DESCRIPTIONS = {
-    "invalid_request": "The request or its subject token is not acceptable.",
-    "invalid_grant": "The refresh token is not valid.",
-    "invalid_target": "The requested grant is not available to this identity.",
-    "unsupported_grant_type": "The grant_type is not supported.",
-    "temporarily_unavailable": "The service is temporarily unavailable; retry later.",
-    "invalid_dpop_proof": "The DPoP proof is missing or not valid for this request.",
-    "use_dpop_nonce": "The DPoP proof must carry the nonce in the DPoP-Nonce header.",
-}
 
-
-class ExchangeError(Exception):
+class ExchangeError(BrokerException):
     """A request that ends without a credential: RFC 6749 error code, HTTP status and reason.
 
     `reason` is the stable code for audit and logs; callers see only `error` and a generic
@@ -105,7 +100,7 @@ class ExchangeError(Exception):
 
     @property
     def description(self) -> str:
-        return _DESCRIPTIONS[self.error]
+        return ERROR_DESCRIPTIONS[self.error]
 
 
 def _bad_request(reason: str) -> ExchangeError:
@@ -116,71 +111,20 @@ def _unavailable(reason: str, retry_after: int = 5) -> ExchangeError:
     return ExchangeError(503, "temporarily_unavailable", reason, retry_after=retry_after)
 
 
-class Timings:
-    """Milliseconds one request spent per phase, for the HTTP edge's Server-Timing header.
-
-    Phases: verify (the subject token), policy (limits and rules), state (durable writes of
-    sessions and replay records, with the audit records that commit alongside), audit
-    (audit records written alone) and mint (the upstream call).
-    """
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = (time.perf_counter() - started) * 1000
-            self.ms[name] = self.ms.get(name, 0.0) + elapsed
-
-    def header(self) -> str:
-        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
+def _within_limit(wait: float | None, reason: str = "rate_limited") -> None:
+    """A rate limit that says to wait `wait` seconds refuses the request: 429, Retry-After."""
+    if wait is not None:
+        raise ExchangeError(429, "temporarily_unavailable", reason, retry_after=retry_after(wait))
 
 
-@dataclass(frozen=True)
-class TokenRequest:
-    """The form fields of POST /v1/token (or /v1/revoke) after the HTTP edge checked framing."""
-
-    request_id: str
-    client_addr: str
-    grant_type: str
-    audience: str = ""
-    subject_token: str = field(default="", repr=False)
-    subject_token_type: str = ""
-    requested_token_type: str = ""
-    refresh_token: str = field(default="", repr=False)
-    duration: str = ""
-    task: str = ""
-    timings: Timings = field(default_factory=Timings, repr=False, compare=False)
-    # DPoP (RFC 9449): every `DPoP` header value, and the method and URL the proof must name.
-    dpop: tuple[str, ...] = field(default=(), repr=False)
-    method: str = "POST"
-    url: str = ""
-
-
-@dataclass(frozen=True)
-class Issued:
-    request_id: str
-    issued_token_type: str
-    access_token: str = field(repr=False)
-    expires_in: int
-    credentials: Mapping[str, Any] = field(repr=False)
-    refresh_token: str = field(default="", repr=False)
-    token_type: str = "N_A"  # "DPoP" when the session is bound to the client's key
-
-    def wire(self) -> dict[str, Any]:
-        return {
-            "access_token": self.access_token,
-            "issued_token_type": self.issued_token_type,
-            "token_type": self.token_type,
-            "expires_in": self.expires_in,
-            "refresh_token": self.refresh_token,
-            "request_id": self.request_id,
-            "credentials": dict(self.credentials),
-        }
+@contextlib.contextmanager
+def _reading_state() -> Iterator[None]:
+    """A session, replay or DPoP store that fails to answer refuses the request: 503
+    `state_unavailable` (a failed durable write is `store_unavailable`, see _durably)."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise _unavailable("state_unavailable") from exc
 
 
 @dataclass(frozen=True)
@@ -286,6 +230,8 @@ class Exchanger:
         self._replay = replay
         self._sessions = sessions
         self._ender = ender
+        # How long a refresh handle may go unused; [broker] settings never change without a restart.
+        self._max_idle = timedelta(seconds=config.broker.session_idle)
         self._limits = limits or RateLimits.from_settings(config.broker)
         self._deny_cache = deny_cache or DenyCache.from_settings(config.broker)
         self._tally = tally or DenialTally(config.broker.denial_tally_seconds)
@@ -319,7 +265,7 @@ class Exchanger:
             raise StoreUnavailable("the last audit append failed")
         self._audit.check_writable()
 
-    def reject(self, req: TokenRequest, status: int, reason: str) -> Issued:
+    def reject(self, req: ClientRequest, status: int, reason: str) -> Issued:
         """Audit and refuse a request the HTTP edge found malformed (bad framing, too large)."""
         record = self._new_record(req, "exchange")
         self._unauthenticated(record, Outcome.DENIED, reason)
@@ -328,7 +274,7 @@ class Exchanger:
     def handle(self, req: TokenRequest) -> Issued:
         """Serve one POST /v1/token; raises ExchangeError for every non-200 answer."""
         kind = "refresh" if req.grant_type == GRANT_TYPE_REFRESH else "exchange"
-        record = self._new_record(req, kind)
+        record = self._new_record(req, kind, task=req.task, grant=req.audience)
         with self._terminal_on_error(record):
             self._admit(req)
             if req.grant_type == GRANT_TYPE_TOKEN_EXCHANGE:
@@ -338,7 +284,7 @@ class Exchanger:
             raise ExchangeError(400, "unsupported_grant_type", "unsupported_grant_type")
         raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
 
-    def revoke(self, req: TokenRequest) -> None:
+    def revoke(self, req: RevokeRequest) -> None:
         """POST /v1/revoke (RFC 7009): end the session a refresh handle belongs to.
 
         Unknown or already-ended handles succeed silently, as RFC 7009 §2.2 asks; the audit
@@ -350,20 +296,17 @@ class Exchanger:
             if not req.refresh_token:
                 raise _bad_request("missing_token")
             now = self._clock()
-            try:
-                named: Session | None = self._sessions.peek(req.refresh_token, now=now)
-            except SessionError as exc:
-                named = exc.session
-            except StoreUnavailable as exc:
-                raise _unavailable("state_unavailable") from exc
+            with _reading_state():
+                try:
+                    named: Session | None = self._sessions.peek(req.refresh_token, now=now)
+                except SessionError as exc:
+                    named = exc.session
             if named is not None:
                 self._prove(req, record, now, bound=named.key_thumbprint, holder=named)
-            try:
+            with _reading_state():
                 ended = self._sessions.revoke(
                     handle=req.refresh_token, reason="client_revoked", now=now
                 )
-            except StoreUnavailable as exc:
-                raise _unavailable("state_unavailable") from exc
             for session in ended:
                 self._ender.end(session, reason="client_revoked", request_id=req.request_id)
             if not ended:
@@ -374,7 +317,7 @@ class Exchanger:
             record.set(session_id=first.id, issuer=first.issuer, subject=first.subject)
             self._terminal(record, Outcome.REVOKED, "client_revoked")
 
-    def explain(self, req: TokenRequest) -> dict[str, Any]:
+    def explain(self, req: ExplainRequest) -> dict[str, Any]:
         """POST /v1/explain: who the token (or session) is and which grants it may use.
 
         The subject token is verified like an exchange but its jti is NOT consumed, so a CI
@@ -387,38 +330,21 @@ class Exchanger:
             now = self._clock()
             session: Session | None = None
             if req.refresh_token:
-                max_idle = timedelta(seconds=self._config.broker.session_idle)
-                try:
-                    session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
-                except SessionError as exc:
-                    # A superseded handle shown here is reuse like anywhere else: one of its two
-                    # holders is an attacker, so the session ends, not a silent probe. For a
-                    # key-bound session only its key holder gets that far.
-                    self._prove_refused(req, exc, record, now)
-                    self._session_refused(exc, record, req.request_id, now)
-                except StoreUnavailable as exc:
-                    raise _unavailable("state_unavailable") from exc
+                # A superseded handle shown here is reuse like anywhere else: one of its two
+                # holders is an attacker, so the session ends, not a silent probe. For a
+                # key-bound session only its key holder gets that far.
+                session = self._held_session(req, req.refresh_token, record, now)
                 self._prove(req, record, now, bound=session.key_thumbprint, holder=session)
                 identity = _Identity(
                     issuer=session.issuer, subject=session.subject, claims=session.claims
                 )
                 record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             else:
-                if not req.subject_token:
-                    raise _bad_request("missing_subject_token")
-                record.set(token_sha256=token_sha256(req.subject_token))
-                if req.subject_token_type not in SUBJECT_TOKEN_TYPES:
-                    raise _bad_request("unsupported_subject_token_type")
+                self._check_subject_token(req.subject_token, req.subject_token_type, record)
                 identity = self._verify(req.subject_token, now, record)
             # The identity's own budget only: a shared explain bucket would let one identity
             # (or many the policy refuses) starve everyone else's explain.
-            wait = self._limits.identity(
-                issuer=identity.issuer, subject=identity.subject, now=self._monotonic()
-            )
-            if wait is not None:
-                raise ExchangeError(
-                    429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
-                )
+            self._spend_identity_budget(identity, self._monotonic())
             grants = []
             for decision in self._policy.allowed_grants(identity.issuer, identity.claims):
                 grant = self._policy.grant(decision.grant)
@@ -450,7 +376,7 @@ class Exchanger:
             return answer
         raise AssertionError("unreachable")  # pragma: no cover - the context manager re-raises
 
-    def revoke_lease(self, req: TokenRequest, lease_id: str) -> None:
+    def revoke_lease(self, req: RevokeRequest) -> None:
         """POST /v1/revoke for one dynamic secret, by the session that minted it.
 
         A Luigi task's Vault lease ends with the task, not with the job's session: the client
@@ -461,28 +387,22 @@ class Exchanger:
         record = self._new_record(req, "revoke")
         with self._terminal_on_error(record):
             self._admit(req)
-            if not req.refresh_token or not lease_id:
+            if not req.refresh_token or not req.lease_id:
                 raise _bad_request("missing_token")
             now = self._clock()
-            max_idle = timedelta(seconds=self._config.broker.session_idle)
-            try:
-                session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
+            session = self._held_session(req, req.refresh_token, record, now)
+            with _reading_state():
                 refs = self._sessions.credentials(session.id)
-            except SessionError as exc:
-                self._prove_refused(req, exc, record, now)
-                self._session_refused(exc, record, req.request_id, now)
-            except StoreUnavailable as exc:
-                raise _unavailable("state_unavailable") from exc
             self._prove(req, record, now, bound=session.key_thumbprint, holder=session)
             record.set(session_id=session.id, issuer=session.issuer, subject=session.subject)
             match = [
                 (kind, ref)
                 for kind, ref in refs
-                if kind == REF_VAULT_LEASE and ref.partition(" ")[2] == lease_id
+                if kind == REF_VAULT_LEASE and ref.partition(" ")[2] == req.lease_id
             ]
             if not match:
                 raise ExchangeError(400, "invalid_grant", "lease_not_in_session")
-            record.set(credential_ref=lease_id)
+            record.set(credential_ref=req.lease_id)
             if not self._minter.revoke(*match[0]):
                 raise _unavailable("upstream_unavailable")
             self._terminal(record, Outcome.REVOKED, "lease_revoked")
@@ -491,11 +411,7 @@ class Exchanger:
 
     def _exchange(self, req: TokenRequest, record: _Record) -> Issued:
         task = self._check_task(req.task)
-        if not req.subject_token:
-            raise _bad_request("missing_subject_token")
-        record.set(token_sha256=token_sha256(req.subject_token))
-        if req.subject_token_type not in SUBJECT_TOKEN_TYPES:
-            raise _bad_request("unsupported_subject_token_type")
+        self._check_subject_token(req.subject_token, req.subject_token_type, record)
         if not req.audience:
             raise _bad_request("missing_audience")
         now = self._clock()
@@ -633,15 +549,7 @@ class Exchanger:
         if not req.audience:
             raise _bad_request("missing_audience")
         now = self._clock()
-        max_idle = timedelta(seconds=self._config.broker.session_idle)
-        try:
-            with record.timings.phase("state"):
-                session = self._sessions.peek(req.refresh_token, now=now, max_idle=max_idle)
-        except SessionError as exc:
-            self._prove_refused(req, exc, record, now)
-            self._session_refused(exc, record, req.request_id, now)
-        except StoreUnavailable as exc:
-            raise _unavailable("state_unavailable") from exc
+        session = self._held_session(req, req.refresh_token, record, now)
         # Before anything else about the session: a stolen handle without its key learns nothing.
         # The proof's jti is spent with the handle's rotation (one write fewer per refresh).
         proof = self._prove(
@@ -664,7 +572,9 @@ class Exchanger:
         minted = self._call_upstream(prepared, grant, session, record, intent_written=False)
         # Rotate only after minting, so an upstream failure leaves the client's handle valid;
         # the rotation commits with the issued record.
-        handle, rotation = self._sessions.rotation(req.refresh_token, now=now, max_idle=max_idle)
+        handle, rotation = self._sessions.rotation(
+            req.refresh_token, now=now, max_idle=self._max_idle
+        )
         if proof is not None:
             rotation = _spending_first(self._dpop.spender(proof, now), rotation, session)
         outcome = self._issue_outcome(minted, session, record, rotation)
@@ -674,6 +584,18 @@ class Exchanger:
             self._discard(minted, record)
             self._session_refused(exc, record, req.request_id, now)
         return self._answer(minted, handle, record, session)
+
+    def _held_session(
+        self, req: ClientRequest, handle: str, record: _Record, now: datetime
+    ) -> Session:
+        """The live session `handle` belongs to, peeked, not rotated. A refused handle is
+        answered invalid_grant (its key holder first proving it, see _prove_refused)."""
+        try:
+            with record.timings.phase("state"), _reading_state():
+                return self._sessions.peek(handle, now=now, max_idle=self._max_idle)
+        except SessionError as exc:
+            self._prove_refused(req, exc, record, now)
+            self._session_refused(exc, record, req.request_id, now)
 
     def _session_refused(
         self, exc: SessionError, record: _Record, request_id: str, now: datetime
@@ -695,7 +617,7 @@ class Exchanger:
 
     def _prove(
         self,
-        req: TokenRequest,
+        req: ClientRequest,
         record: _Record,
         now: datetime,
         *,
@@ -712,7 +634,7 @@ class Exchanger:
         the owner's security team wants that record), not folded into the tally of requests
         that proved nothing."""
         try:
-            with record.timings.phase("verify"):
+            with record.timings.phase("verify"), _reading_state():
                 proof = self._dpop.check(
                     req.dpop,
                     method=req.method,
@@ -728,14 +650,12 @@ class Exchanger:
             if holder is not None:
                 record.set(session_id=holder.id, issuer=holder.issuer, subject=holder.subject)
             raise ExchangeError(400, exc.error, exc.reason) from exc
-        except StoreUnavailable as exc:
-            raise _unavailable("state_unavailable") from exc
         if proof is not None:
             record.set(detail={**record.event.detail, "dpop_jkt": proof.jkt})
         return proof
 
     def _prove_refused(
-        self, req: TokenRequest, exc: SessionError, record: _Record, now: datetime
+        self, req: ClientRequest, exc: SessionError, record: _Record, now: datetime
     ) -> None:
         """A refused handle of a bound session is answered as refused only to its key holder:
         without the key, the caller learns nothing and an old handle cannot end the session
@@ -759,11 +679,7 @@ class Exchanger:
         now_mono = self._monotonic()
         # The identity's own budget first; the grant's is spent only once the policy allowed
         # (below), so identities it refuses cannot starve the grant's real users.
-        wait = self._limits.identity(issuer=identity.issuer, subject=identity.subject, now=now_mono)
-        if wait is not None:
-            raise ExchangeError(
-                429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
-            )
+        self._spend_identity_budget(identity, now_mono)
         cached = self._deny_cache.check(
             issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
         )
@@ -781,14 +697,25 @@ class Exchanger:
             raise ExchangeError(400, "invalid_target", decision.reason)
         if req.requested_token_type and req.requested_token_type != issued_token_type(grant):
             raise _bad_request("unsupported_requested_token_type")
-        wait = self._limits.grant(
-            issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
-        )
-        if wait is not None:
-            raise ExchangeError(
-                429, "temporarily_unavailable", "rate_limited", retry_after=retry_after(wait)
+        _within_limit(
+            self._limits.grant(
+                issuer=identity.issuer, subject=identity.subject, grant=grant.name, now=now_mono
             )
+        )
         return grant
+
+    def _spend_identity_budget(self, identity: _Identity, now_mono: float) -> None:
+        _within_limit(
+            self._limits.identity(issuer=identity.issuer, subject=identity.subject, now=now_mono)
+        )
+
+    def _check_subject_token(self, token: str, token_type: str, record: _Record) -> None:
+        """A subject token is present (its hash recorded) and of a type we verify."""
+        if not token:
+            raise _bad_request("missing_subject_token")
+        record.set(token_sha256=token_sha256(token))
+        if token_type not in SUBJECT_TOKEN_TYPES:
+            raise _bad_request("unsupported_subject_token_type")
 
     def _check_task(self, task: str) -> str:
         if task and not _TASK_RE.fullmatch(task):
@@ -934,7 +861,7 @@ class Exchanger:
     def _answer(self, minted: Minted, handle: str, record: _Record, session: Session) -> Issued:
         expires_in = int((minted.expires_at - self._clock()).total_seconds())
         return Issued(
-            token_type=TOKEN_TYPE_DPOP if session.key_thumbprint else "N_A",
+            token_type=TOKEN_TYPE_DPOP if session.key_thumbprint else TOKEN_TYPE_NOT_APPLICABLE,
             request_id=record.event.request_id,
             issued_token_type=minted.token_type,
             access_token=minted.access_token,
@@ -967,7 +894,10 @@ class Exchanger:
 
     # -- audit -------------------------------------------------------------------------------
 
-    def _new_record(self, req: TokenRequest, kind: str) -> _Record:
+    def _new_record(
+        self, req: ClientRequest, kind: str, *, task: str = "", grant: str = ""
+    ) -> _Record:
+        """The record of `req`; `task` and `grant` are what a token request names."""
         return _Record(
             AuditEvent(
                 time=self._clock(),
@@ -975,8 +905,8 @@ class Exchanger:
                 outcome=Outcome.DENIED,
                 kind=kind,
                 client_addr=req.client_addr,
-                task=req.task[:512],
-                grant=req.audience[:128],
+                task=task[:512],
+                grant=grant[:128],
             ),
             req.timings,
         )
@@ -1036,13 +966,11 @@ class Exchanger:
         except StoreUnavailable as exc:
             raise _unavailable("audit_unavailable") from exc
 
-    def _admit(self, req: TokenRequest) -> None:
+    def _admit(self, req: ClientRequest) -> None:
         """Before any verification: a client address that keeps failing to authenticate waits."""
-        wait = self._limits.client_wait(req.client_addr, self._monotonic())
-        if wait is not None:
-            raise ExchangeError(
-                429, "temporarily_unavailable", "client_rate_limited", retry_after=retry_after(wait)
-            )
+        _within_limit(
+            self._limits.client_wait(req.client_addr, self._monotonic()), "client_rate_limited"
+        )
 
     def _unauthenticated(self, record: _Record, outcome: Outcome, reason: str) -> None:
         """A refusal of a request that proved no identity: counted, and spends its client's

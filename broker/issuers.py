@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 import httpx
 
 from broker.config import IssuerConfig
+from broker.errors import BrokerException
 from broker.jwk import KeySet, KeySetError, VerificationKey, parse_jwks
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 OK = "ok"
 
 
-class IssuerUnavailable(Exception):
+class IssuerUnavailable(BrokerException):
     """No usable keys for the issuer and it cannot be reached now; the broker answers 503.
 
     `audit_reason` is the reason the refusal is audited under; `retry_after` (seconds) is when
@@ -79,7 +80,7 @@ class KeyRefetchPending(IssuerUnavailable):
     audit_reason = "kid_refetch_pending"
 
 
-class UnknownKey(Exception):
+class UnknownKey(BrokerException):
     """The issuer's keys are current but none matches the token's `kid` and `alg`."""
 
     def __init__(self, issuer: str, kid: str | None, alg: str) -> None:
@@ -91,7 +92,7 @@ class UnknownKey(Exception):
         self.alg = alg
 
 
-class _FetchFailed(Exception):
+class _FetchFailed(BrokerException):
     """One fetch went wrong; `reason` is a stable code, the message carries details for logs."""
 
     def __init__(self, reason: str, detail: str) -> None:

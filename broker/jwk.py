@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from broker.errors import BrokerException
+
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | Ed25519PublicKey
 
 # --- strict encodings -------------------------------------------------------------------------
@@ -35,7 +37,7 @@ _B64URL_CHARS: Final = re.compile(r"[A-Za-z0-9_-]*")
 MAX_JSON_DEPTH: Final = 16  # JWT headers/claims and JWKS nest 3-4 levels; 16 leaves room, no more
 
 
-class JoseDecodeError(ValueError):
+class JoseDecodeError(BrokerException, ValueError):
     """Bytes that are not strict base64url / UTF-8 / JSON; `reason` is a stable code."""
 
     def __init__(self, reason: str) -> None:
@@ -201,7 +203,7 @@ def is_roca_modulus(n: int) -> bool:
     return all(mask >> (n % prime) & 1 for prime, mask in _ROCA_MASKS)
 
 
-class KeySetError(ValueError):
+class KeySetError(BrokerException, ValueError):
     """A JWK or JWKS we refuse. `reason` is a stable code; the message names no key material."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.protocol import (
+    GRANT_TYPE_REFRESH,
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    REVOKE_HINT_LEASE,
+    REVOKE_HINT_REFRESH,
+    SUBJECT_TOKEN_TYPES,
+    TOKEN_TYPE_DPOP,
+    TOKEN_TYPE_NOT_APPLICABLE,
+)
+
 _ERROR = {
     "type": "object",
     "required": ["error", "error_description", "request_id"],
@@ -73,19 +83,12 @@ OPENAPI: dict[str, Any] = {
                                 "properties": {
                                     "grant_type": {
                                         "type": "string",
-                                        "enum": [
-                                            "urn:ietf:params:oauth:grant-type:token-exchange",
-                                            "refresh_token",
-                                        ],
+                                        "enum": [GRANT_TYPE_TOKEN_EXCHANGE, GRANT_TYPE_REFRESH],
                                     },
                                     "subject_token": {"type": "string", "maxLength": 8192},
                                     "subject_token_type": {
                                         "type": "string",
-                                        "enum": [
-                                            "urn:ietf:params:oauth:token-type:jwt",
-                                            "urn:ietf:params:oauth:token-type:id_token",
-                                            "urn:ietf:params:oauth:token-type:access_token",
-                                        ],
+                                        "enum": list(SUBJECT_TOKEN_TYPES),
                                     },
                                     "audience": {"type": "string", "description": "grant name"},
                                     "requested_token_type": {"type": "string"},
@@ -129,10 +132,7 @@ OPENAPI: dict[str, Any] = {
                                     },
                                     "token_type_hint": {
                                         "type": "string",
-                                        "enum": [
-                                            "refresh_token",
-                                            "urn:luigi-creds:token-type:vault-secret",
-                                        ],
+                                        "enum": [REVOKE_HINT_REFRESH, REVOKE_HINT_LEASE],
                                     },
                                     "refresh_token": {
                                         "type": "string",
@@ -210,7 +210,10 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "access_token": {"type": "string"},
                     "issued_token_type": {"type": "string"},
-                    "token_type": {"type": "string", "enum": ["N_A", "DPoP"]},
+                    "token_type": {
+                        "type": "string",
+                        "enum": [TOKEN_TYPE_NOT_APPLICABLE, TOKEN_TYPE_DPOP],
+                    },
                     "expires_in": {"type": "integer"},
                     "refresh_token": {"type": "string"},
                     "request_id": {"type": "string"},

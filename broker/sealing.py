@@ -25,12 +25,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from broker.errors import BrokerException
+
 SEALED_PREFIX = "sealed1:"
 _INFO = b"luigi-creds session credential refs v1"
 _NONCE_BYTES = 12
 
 
-class SealError(ValueError):
+class SealError(BrokerException, ValueError):
     """A sealed reference that does not open: another deployment's key, or altered."""
 
 

@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker import replay
+from broker.errors import BrokerException
 from broker.replay import ReplayLedger
 from broker.sealing import SEALED_PREFIX, RefSealer
 from broker.storage import Database, Migration, Tx, utc
@@ -103,7 +104,7 @@ def open_state(store: str | Database, *, sealer: RefSealer) -> tuple[ReplayLedge
     return ReplayLedger(db), sessions
 
 
-class SessionError(Exception):
+class SessionError(BrokerException):
     """A refresh handle that mints nothing: `reason` is unknown, expired, reused or revoked.
 
     `session` is the session the handle belonged to (None when "unknown"), so the caller can

@@ -38,6 +38,8 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 
+from broker.errors import BrokerException
+
 T = TypeVar("T")
 
 # The write deadline: how long a write may wait for the lock before the request gets 503. Writes
@@ -58,7 +60,7 @@ _POOL_IDLE = 8
 _MAX_BATCH = 128
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(BrokerException):
     """The store cannot answer or cannot make a write durable now; the caller fails closed."""
 
 

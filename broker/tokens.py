@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from broker.errors import BrokerException
 from broker.jwk import JoseDecodeError, VerificationKey, b64url_decode, loads_strict_json
 
 MAX_TOKEN_LENGTH: Final = 8192  # CI ID tokens are 1-2 KiB; bounds all work on one token
@@ -101,7 +102,7 @@ _MESSAGES: Final = {
 }
 
 
-class TokenError(Exception):
+class TokenError(BrokerException):
     """A token we refuse; `reason` is the stable code the audit record carries."""
 
     def __init__(self, reason: str) -> None:

@@ -25,13 +25,14 @@ from typing import Any
 import httpx
 
 from broker.config import Config
+from broker.errors import BrokerException
 from broker.logs import scrub
 from broker.mint import UpstreamError
 
 VAULT_POLICY_HINT = "see deploy/vault/broker.hcl and deploy/vault/approle-setup.sh"
 
 
-class NotReady(Exception):
+class NotReady(BrokerException):
     """A readiness failure whose message is written for operators and carries no secret."""
 
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from broker.app import ROUTES
-from broker.exchange import ExchangeError, Issued
+from broker.exchange import ExchangeError
 from broker.mint.aws import AwsCredentials as BrokerAws
-from broker.mint.grants import TOKEN_TYPE_AWS, TOKEN_TYPE_VAULT_SECRET, TOKEN_TYPE_VAULT_TOKEN
 from broker.mint.vault import VaultSecret as BrokerSecret
 from broker.mint.vault import VaultToken as BrokerToken
 from broker.openapi import OPENAPI
+from broker.protocol import TOKEN_TYPE_AWS, TOKEN_TYPE_VAULT_SECRET, TOKEN_TYPE_VAULT_TOKEN, Issued
 from luigi_creds import client
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

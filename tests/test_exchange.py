@@ -24,12 +24,13 @@ from broker.audit.events import AuditEvent, Outcome
 from broker.config_lint import parse_config
 from broker.dev.claims import preset_claims
 from broker.dev.issuer import SigningKey, encode_jwt
-from broker.exchange import GRANT_TYPE_TOKEN_EXCHANGE, ExchangeError, Exchanger, TokenRequest
+from broker.exchange import ExchangeError, Exchanger
 from broker.issuers import IssuerRegistry
 from broker.mint.aws import AwsMinter
 from broker.mint.grants import GrantMinter
 from broker.mint.sts_http import StsHTTP
 from broker.policy import Policy
+from broker.protocol import GRANT_TYPE_TOKEN_EXCHANGE, SUBJECT_TOKEN_TYPE_JWT, TokenRequest
 from broker.revocation import SessionEnder
 from broker.sealing import RefSealer
 from broker.sessions import open_state
@@ -158,7 +159,7 @@ def _request(key: SigningKey, **claims: Any) -> TokenRequest:
         grant_type=GRANT_TYPE_TOKEN_EXCHANGE,
         audience="etl-writer",
         subject_token=encode_jwt(body, key),
-        subject_token_type="urn:ietf:params:oauth:token-type:jwt",
+        subject_token_type=SUBJECT_TOKEN_TYPE_JWT,
         task="Task_1",
     )
 

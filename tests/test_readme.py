@@ -29,7 +29,10 @@ import yaml
 from luigi.configuration import LuigiConfigParser
 
 from broker import __main__ as broker_cli
-from broker import config_lint
+from broker.config_lint.broker_section import BROKER_KEYS
+from broker.config_lint.grant_section import GRANT_KEYS
+from broker.config_lint.issuer_section import ISSUER_KEYS
+from broker.config_lint.vault_section import UPSTREAM_VAULT_KEYS
 from broker.dev.processes import start_process
 from luigi_creds import cli as client_cli
 from luigi_creds.identity import IdentityError
@@ -189,10 +192,10 @@ def test_readme_command_lines_parse(line: str) -> None:
 def test_readme_configuration_table_names_real_keys() -> None:
     """Every `section.key` in the configuration table is a key the loader accepts."""
     known = {
-        "broker": config_lint._BROKER_KEYS,
-        "issuer": config_lint._ISSUER_KEYS,
-        "grant": config_lint._GRANT_KEYS,
-        "upstream.vault": config_lint._UPSTREAM_VAULT_KEYS,
+        "broker": BROKER_KEYS,
+        "issuer": ISSUER_KEYS,
+        "grant": GRANT_KEYS,
+        "upstream.vault": UPSTREAM_VAULT_KEYS,
     }
     table = README[README.index("## Configuration reference") : README.index("## Security model")]
     named = re.findall(r"`(broker|issuer|grant|upstream\.vault)\.([a-z_]+)`", table)

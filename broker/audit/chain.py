@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from broker.audit.events import AuditEvent, Outcome
+from broker.errors import BrokerException
 
 # Version 1: the original field set. Version 2 adds `policy_sha256`; a record carries version 2
 # exactly when it has that field, so an event without it encodes byte for byte as before. A
@@ -40,7 +41,7 @@ GENESIS_HASH = "00" * HASH_SIZE  # prev_hash of seq 0
 EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 6962 section 2.1: MTH({}) = SHA-256()
 
 
-class ChainError(ValueError):
+class ChainError(BrokerException, ValueError):
     """A record, proof or checkpoint does not verify."""
 
 
@@ -105,7 +106,7 @@ def _canonical(value: Any, out: list[str]) -> None:
         raise TypeError(f"canonical audit JSON cannot encode {type(value).__name__}")
 
 
-class _NonAsciiKey(Exception):
+class _NonAsciiKey(BrokerException):
     """A member name outside ASCII: code point order may differ from UTF-16 order."""
 
 

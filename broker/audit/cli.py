@@ -38,12 +38,13 @@ from broker.audit.rotation import render as render_rotation
 from broker.audit.verify import DEFAULT_DANGLING_GRACE, verify_ledger
 from broker.config import BrokerSettings, Config, ConfigError
 from broker.config_lint import load_config
+from broker.errors import BrokerException
 from broker.storage import StoreUnavailable
 
 EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(BrokerException):
     """Bad arguments or configuration: exit 2."""
 
 

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from broker.config import BrokerSettings
+from broker.errors import BrokerException
 
 DEFAULT_KEY_NAME = "audit-checkpoint.ed25519"
 # The accessor salt's default file, beside the checkpoint key: kept out of the database, since it
@@ -49,11 +50,11 @@ SALT_BYTES = 32  # HMAC-SHA256 key length; shorter salts are refused below 16 by
 MIN_SALT_BYTES = 16
 
 
-class KeyFileError(ValueError):
+class KeyFileError(BrokerException, ValueError):
     """A key or salt file exists but does not hold what it should."""
 
 
-class UnsignedAuditRefused(Exception):
+class UnsignedAuditRefused(BrokerException):
     """The broker would write checkpoints nobody can verify; `str()` says what to set."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.dev.processes import ManagedProcess, free_port, start_process
+from broker.errors import BrokerException
 
 ACCOUNT = "123456789012"  # moto's default account id
 REGION = "us-east-1"
@@ -42,7 +43,7 @@ BROKER_ACTIONS = ("sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity")
 S3_OBJECT_ACTIONS = ("s3:PutObject", "s3:GetObject", "s3:DeleteObject")
 
 
-class MotoAuthError(RuntimeError):
+class MotoAuthError(BrokerException, RuntimeError):
     """moto did not start refusing unsigned or unknown callers; nothing would be checked."""
 
 

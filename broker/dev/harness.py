@@ -35,6 +35,7 @@ from broker.dev.aws import start_moto as start_moto_server
 from broker.dev.policy_file import etl_writer_grant, upstream_aws
 from broker.dev.processes import ManagedProcess, start_process
 from broker.dev.stack import DEFAULT_PG, PG_ENV
+from broker.protocol import GRANT_TYPE_REFRESH, GRANT_TYPE_TOKEN_EXCHANGE, SUBJECT_TOKEN_TYPE_JWT
 
 # Children run from the checkout so `python -m broker...` imports this tree's code.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -246,9 +247,9 @@ def policy_toml(
 def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
     """The form of POST /v1/token exchanging a CI token for `grant`."""
     return {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
         "subject_token": subject_token,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "subject_token_type": SUBJECT_TOKEN_TYPE_JWT,
         "audience": grant,
         **extra,
     }
@@ -256,7 +257,7 @@ def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -
 
 def refresh_form(handle: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
     """The form of POST /v1/token refreshing a session for `grant`."""
-    return {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant, **extra}
+    return {"grant_type": GRANT_TYPE_REFRESH, "refresh_token": handle, "audience": grant, **extra}
 
 
 @dataclass

@@ -36,6 +36,7 @@ from broker.dev.claims import BITBUCKET_REPOSITORY_UUID, GITHUB_REPOSITORY, GITL
 from broker.dev.issuer import IssuerServer, write_private_json
 from broker.dev.policy_file import etl_writer_grant, upstream_aws, upstream_vault_approle
 from broker.dev.processes import ManagedProcess, free_port, start_process
+from broker.errors import BrokerException
 
 if TYPE_CHECKING:
     from broker.dev.vault import OpenBao
@@ -55,7 +56,7 @@ PG_ENV = "LUIGI_CREDS_TEST_PG"
 START_TIMEOUT_SECONDS = 60.0
 
 
-class DevStackError(Exception):
+class DevStackError(BrokerException):
     """The dev stack could not start or is not running; the message says which part and why."""
 
 

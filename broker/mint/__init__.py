@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from broker.errors import BrokerException
 
-class UpstreamError(Exception):
+
+class UpstreamError(BrokerException):
     """An upstream refused or failed; nothing was minted.
 
     `reason` is the stable code recorded in the audit; `retryable` says whether another attempt

@@ -18,13 +18,11 @@ from broker.config import GrantConfig
 from broker.mint import UpstreamError
 from broker.mint.aws import AwsMinter, clamp_duration, plan_assume_role
 from broker.mint.vault import VaultMinter, clamp_ttl, plan_token
+from broker.protocol import TOKEN_TYPE_AWS, TOKEN_TYPE_VAULT_SECRET, TOKEN_TYPE_VAULT_TOKEN
 from broker.upstream_check import refusal_hint
 
 log = logging.getLogger(__name__)
 
-TOKEN_TYPE_AWS = "urn:luigi-creds:token-type:aws-credentials"
-TOKEN_TYPE_VAULT_TOKEN = "urn:luigi-creds:token-type:vault-token"
-TOKEN_TYPE_VAULT_SECRET = "urn:luigi-creds:token-type:vault-secret"
 
 # Kinds of credential references kept under a refresh session, for revocation at its end.
 REF_AWS = "aws"  # AccessKeyId; STS sessions cannot be revoked, only marked in the audit

@@ -30,6 +30,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 
+from broker.errors import BrokerException
 from broker.mint.keepalive import ConnectionPool
 
 STS_API_VERSION = "2011-06-15"
@@ -37,7 +38,7 @@ _FORM = "application/x-www-form-urlencoded; charset=utf-8"
 
 
 @dataclass(frozen=True)
-class StsRefusal(Exception):
+class StsRefusal(BrokerException):
     """STS answered with an error: its code, HTTP status, own message and request id."""
 
     code: str
@@ -49,7 +50,7 @@ class StsRefusal(Exception):
         return f"{self.code or 'error'} (HTTP {self.status})"
 
 
-class StsUnreachable(Exception):
+class StsUnreachable(BrokerException):
     """No answer from STS (refused, reset, timed out) or one that is not an STS answer."""
 
 

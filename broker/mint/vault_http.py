@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from broker.errors import BrokerException
 from broker.mint import UpstreamError
 from broker.mint.keepalive import ConnectionPool
 
 
-class Forbidden(Exception):
+class Forbidden(BrokerException):
     """Vault answered 403: the broker's token is no longer good (log in again and retry)."""
 
 
