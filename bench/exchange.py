@@ -317,10 +317,13 @@ class Connection:
         content_type: str,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
+        return self.request("POST", path, body, {"Content-Type": content_type, **(headers or {})})
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] = {}
+    ) -> tuple[int, bytes]:
         try:
-            self._conn.request(
-                "POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})}
-            )
+            self._conn.request(method, path, body=body, headers=dict(headers))
             response = self._conn.getresponse()
             data = response.read()
             self.last_headers = {k.lower(): v for k, v in response.getheaders()}

@@ -276,6 +276,8 @@ def run_load(
     rows.append(row)
     progress(row)
 
+    rows += run_edge(stack, progress, scale)
+
     replicas: list[dict[str, Any]] = []
     if two_replicas_pg:
         replicas = run_two_replicas(stack, workdir, progress, scale)
@@ -285,6 +287,38 @@ def run_load(
         "peak_rss_mb_after_c64": round(rss, 1),
         "two_replicas_pg": replicas,
     }
+
+
+def healthz_job(conn: Connection) -> bool:
+    status, raw = conn.request("GET", "/healthz")
+    return status == 200 and raw == b'{"status":"ok"}'
+
+
+# Refused at the form, before any token is read: only the HTTP edge, the hop into an exchange
+# thread and the tally of unauthenticated refusals run.
+_UNSERVED_GRANT = urllib.parse.urlencode({"grant_type": "password"}).encode("ascii")
+
+
+def unserved_grant_job(conn: Connection) -> bool:
+    status, raw = conn.post("/v1/token", _UNSERVED_GRANT, FORM)
+    return status == 400 and json.loads(raw).get("error") == "unsupported_grant_type"
+
+
+def run_edge(
+    stack: Stack, progress: Callable[[dict[str, Any]], None], scale: float
+) -> list[dict[str, Any]]:
+    """The broker's CPU for requests that do no exchange, one thread: what the HTTP edge costs
+    (`edge_healthz`) and the edge plus the thread hop and a refusal (`edge_refused`)."""
+    pid = stack.broker.process.pid
+    count = WARMUP_PER_THREAD + 2 * _per_thread(1, scale)
+    rows = []
+    for scenario, job in (("edge_healthz", healthz_job), ("edge_refused", unserved_grant_job)):
+        cpu_before = cpu_seconds(pid)
+        row = summarize("c1", scenario, OURS, measure([stack.broker.url], _split([job] * count, 1)))
+        row["cpu_ms_per_request"] = round((cpu_seconds(pid) - cpu_before) / count * 1000, 3)
+        rows.append(row)
+        progress(row)
+    return rows
 
 
 def run_two_replicas(

@@ -142,6 +142,9 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
     assert rows[("c1", "aws_assume_role", "moto-direct")]["errors"] == 0
     assert rows[("c1", "aws_assume_role", "luigi-creds")]["errors"] == 0
     assert rows[("c1", "aws_assume_role", "luigi-creds")]["cpu_ms_per_request"] >= 0
+    for edge in ("edge_healthz", "edge_refused"):  # right answers only (checked per request)
+        assert rows[("c1", edge, "luigi-creds")]["errors"] == 0
+        assert rows[("c1", edge, "luigi-creds")]["cpu_ms_per_request"] >= 0
     assert 0 < load["peak_rss_mb_after_c64"] < 1024
     replicas = load["two_replicas_pg"]
     assert [r for r in replicas if "chain_verifies" in r] == [{"chain_verifies": True}]
