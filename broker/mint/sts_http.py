@@ -20,7 +20,6 @@ durable `intent`, so an attempt the audit does not know about is never made.
 
 from __future__ import annotations
 
-import http.client
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 
-from broker.mint.keepalive import ConnectionPool
+from broker.mint.keepalive import BadResponse, ConnectionPool
 
 STS_API_VERSION = "2011-06-15"
 _FORM = "application/x-www-form-urlencoded; charset=utf-8"
@@ -87,14 +86,11 @@ class StsHTTP:
         SigV4Auth(credentials.get_frozen_credentials(), "sts", self._region).add_auth(request)
         conn = self._pool.checkout()
         try:
-            conn.request("POST", self._path, body=body, headers=dict(request.headers.items()))
-            response = conn.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            response = conn.request("POST", self._path, dict(request.headers.items()), body)
+        except (OSError, BadResponse) as exc:
             raise StsUnreachable(f"{type(exc).__name__}: {exc}") from exc
         self._pool.checkin(conn, response)
-        root = _parse(data)
+        root = _parse(response.body)
         if response.status != 200:
             raise _refusal(response.status, root)
         result = None if root is None else root.find(f"{{*}}{action}Result")
