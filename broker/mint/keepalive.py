@@ -283,7 +283,7 @@ class ConnectionPool:
             self._context = ssl.create_default_context()
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.https else 80
-        self._host_header = host if parts.port in (None, default) else f"{host}:{self.port}"
+        self.host_header = host if parts.port in (None, default) else f"{host}:{self.port}"
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue(_POOL_IDLE)
         # Idle connections close with the pool, whoever drops it last.
         weakref.finalize(self, _close_all, self._idle)
@@ -300,7 +300,7 @@ class ConnectionPool:
             if _usable(conn):
                 return conn
             conn.close()
-        return Connection(self.host, self.port, self._host_header, self._timeout, self._context)
+        return Connection(self.host, self.port, self.host_header, self._timeout, self._context)
 
     def checkin(self, conn: Connection, response: Response) -> None:
         """Return `conn` after its `response` was read in full (closed if the server said so)."""

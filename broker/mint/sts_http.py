@@ -5,10 +5,9 @@ call cost 2.4-2.9 ms of client CPU (request building and validation through the 
 event hooks, the retry handler, XML parsing through the model), more than the rest of the
 exchange; this client costs about 1.1 ms on the same calls (both measured against moto, which
 closes the connection after each answer, so a TCP connect is in both). It signs with botocore's
-own `SigV4Auth` (about 0.12 ms a call; a hand-written signer measured 0.015 ms, too little of
-an exchange to own the algorithm for) and sends on a pooled `http.client` connection
-(keepalive.py); the answer is a few fixed elements, read with ElementTree after refusing
-anything with a DTD.
+own signer (sigv4.py; botocore's `SigV4Auth` was the largest part of the call's client CPU once
+the rest was lean, see there) and sends on a pooled keep-alive connection (keepalive.py); the
+answer is a few fixed elements, read with ElementTree after refusing anything with a DTD.
 
 boto3 still resolves what it is good at: the regional endpoint, once at startup, and the
 broker's credentials through its default chain (kept by the boto3 session once found;
@@ -20,16 +19,15 @@ durable `intent`, so an attempt the audit does not know about is never made.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
-
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from urllib.parse import quote, urlsplit
 
 from broker.mint.keepalive import BadResponse, ConnectionPool
+from broker.mint.sigv4 import FrozenCredentials, SigV4Signer
 
 STS_API_VERSION = "2011-06-15"
 _FORM = "application/x-www-form-urlencoded; charset=utf-8"
@@ -62,31 +60,32 @@ class StsHTTP:
         while none can be found; asked once per call, so a broker started before its instance
         profile answered becomes able to mint without a restart (and is not ready until then)."""
         parts = urlsplit(endpoint_url)
-        self._url = endpoint_url.rstrip("/") + "/"
         self._path = (parts.path.rstrip("/") or "") + "/"
         self._pool = ConnectionPool(parts, timeout=timeout)
         self._region = region
         self._credentials = credentials
+        self._signer = SigV4Signer(
+            host=self._pool.host_header, path=self._path, region=region, service="sts"
+        )
 
     def __repr__(self) -> str:
         return f"StsHTTP({self._pool.host}:{self._pool.port}, {self._region})"
 
     def call(self, action: str, params: Mapping[str, str]) -> ET.Element:
         """The `<{action}Result>` element of a 200 answer; StsRefusal or StsUnreachable else."""
-        body = urlencode(
-            {"Action": action, "Version": STS_API_VERSION, **params}, quote_via=quote
-        ).encode()
-        request = AWSRequest(
-            method="POST", url=self._url, data=body, headers={"Content-Type": _FORM}
-        )
+        body = _form({"Action": action, "Version": STS_API_VERSION, **params})
         credentials = self._credentials()
         if credentials is None:
             raise StsUnreachable("no AWS credentials found for the broker")
-        # Frozen per call: a refreshable set may rotate between reading its three parts.
-        SigV4Auth(credentials.get_frozen_credentials(), "sts", self._region).add_auth(request)
+        # Frozen per call: a refreshable set may rotate between reading its three parts (and
+        # refreshes itself here when near its expiry).
+        frozen = credentials.get_frozen_credentials()
+        headers = self._signer.headers(
+            FrozenCredentials(frozen.access_key, frozen.secret_key, frozen.token), body, _FORM
+        )
         conn = self._pool.checkout()
         try:
-            response = conn.request("POST", self._path, dict(request.headers.items()), body)
+            response = conn.request("POST", self._path, headers, body)
         except (OSError, BadResponse) as exc:
             raise StsUnreachable(f"{type(exc).__name__}: {exc}") from exc
         self._pool.checkin(conn, response)
@@ -100,6 +99,20 @@ class StsHTTP:
 
     def close(self) -> None:
         self._pool.close()
+
+
+# Characters a form value keeps as they are (`quote(..., safe="")` leaves these alone).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _form(fields: Mapping[str, str]) -> bytes:
+    """`urlencode(fields, quote_via=quote)`, quoting only what needs it (most values are plain)."""
+    return "&".join(
+        (k if _UNRESERVED.fullmatch(k) else quote(k, safe=""))
+        + "="
+        + (v if _UNRESERVED.fullmatch(v) else quote(v, safe=""))
+        for k, v in fields.items()
+    ).encode("ascii")
 
 
 def text(parent: ET.Element, path: str) -> str:
