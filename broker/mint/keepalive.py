@@ -78,9 +78,9 @@ class Connection:
         OSError if the connection fails, BadResponse for an answer that is not HTTP; either way
         the connection is closed and must not be reused.
         """
-        head = [f"{method} {_checked(target, ' ')} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
+        head = [f"{method} {_checked(target, _TARGET)} HTTP/1.1\r\nHost: {self._host_header}\r\n"]
         for name, value in headers.items():
-            head.append(f"{_checked(name, ' :')}: {_checked(value, '')}\r\n")
+            head.append(f"{_checked(name, _NAME)}: {_checked(value, _VALUE)}\r\n")
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
         data = "".join(head).encode("latin-1") + body
         try:
@@ -250,14 +250,19 @@ class Connection:
         self._buf += data
 
 
-def _checked(text: str, forbidden: str) -> str:
-    """`text` for a request head: no control characters (CR/LF would split the head), none
-    of `forbidden`, and Latin-1 only; ValueError otherwise (never sent)."""
-    if not text.isprintable() and any(c < " " or c == "\x7f" for c in text):
-        raise ValueError("control character in an HTTP request head")
-    if any(c in text for c in forbidden):
+def _checked(text: str, forbidden: re.Pattern[str]) -> str:
+    """`text` for a request head, if nothing in it matches `forbidden`; ValueError otherwise
+    (never sent). Characters beyond Latin-1 fail when the head is encoded, also unsent."""
+    if forbidden.search(text):
         raise ValueError("forbidden character in an HTTP request head")
     return text
+
+
+# Control characters (CR/LF would split the head) everywhere; spaces in the target and in
+# header names, colons in header names too.
+_VALUE = re.compile(r"[\x00-\x1f\x7f]")
+_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_NAME = re.compile(r"[\x00-\x20\x7f:]")
 
 
 def _length(text: str) -> int:
