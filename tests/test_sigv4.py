@@ -97,3 +97,20 @@ def test_the_form_is_what_urlencode_writes() -> None:
         "Empty": "",
     }
     assert _form(fields) == urlencode(fields, quote_via=quote).encode()
+
+
+def test_answers_are_read_by_local_name_in_any_namespace_or_none() -> None:
+    """`_find` finds what ElementTree's `{*}a/{*}b` finds."""
+    import xml.etree.ElementTree as ET
+
+    from broker.mint.sts_http import _find
+
+    root = ET.fromstring(  # noqa: S314 (a constant written here)
+        '<R xmlns="urn:a"><X/><Result><Credentials><Key>k</Key></Credentials></Result>'
+        '<Plain xmlns=""><Key>p</Key></Plain><Other xmlns="urn:b"><Key>o</Key></Other>'
+        "<NotKey/></R>"
+    )
+    for path in ("Result/Credentials/Key", "Plain/Key", "Other/Key", "Key", "Result/Missing", "X"):
+        expected = root.find("/".join(f"{{*}}{step}" for step in path.split("/")))
+        assert _find(root, path) is expected
+    assert _find(root, "Result/Credentials/Key").text == "k"  # type: ignore[union-attr]

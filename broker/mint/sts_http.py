@@ -92,7 +92,7 @@ class StsHTTP:
         root = _parse(response.body)
         if response.status != 200:
             raise _refusal(response.status, root)
-        result = None if root is None else root.find(f"{{*}}{action}Result")
+        result = None if root is None else _find(root, f"{action}Result")
         if result is None:
             raise StsUnreachable(f"HTTP {response.status} without a {action}Result")
         return result
@@ -105,19 +105,26 @@ class StsHTTP:
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
+# ASCII characters outside the unreserved set, each to its percent escape (as `quote` writes).
+_ESCAPES = {c: f"%{c:02X}" for c in range(128) if not _UNRESERVED.fullmatch(chr(c))}
+
+
+def _escaped(text: str) -> str:
+    if _UNRESERVED.fullmatch(text):
+        return text
+    if text.isascii():
+        return text.translate(_ESCAPES)  # one C loop, not `quote`'s per-byte Python
+    return quote(text, safe="")
+
+
 def _form(fields: Mapping[str, str]) -> bytes:
     """`urlencode(fields, quote_via=quote)`, quoting only what needs it (most values are plain)."""
-    return "&".join(
-        (k if _UNRESERVED.fullmatch(k) else quote(k, safe=""))
-        + "="
-        + (v if _UNRESERVED.fullmatch(v) else quote(v, safe=""))
-        for k, v in fields.items()
-    ).encode("ascii")
+    return "&".join(_escaped(k) + "=" + _escaped(v) for k, v in fields.items()).encode("ascii")
 
 
 def text(parent: ET.Element, path: str) -> str:
     """The text at `path` (namespace-agnostic, `/`-separated); StsUnreachable if absent."""
-    node = parent.find(_path(path))
+    node = _find(parent, path)
     if node is None or not node.text:
         raise StsUnreachable(f"the STS answer has no {path}")
     return node.text
@@ -139,7 +146,7 @@ def _refusal(status: int, root: ET.Element | None) -> StsRefusal:
     # and <Response><Errors><Error> (other Query services, and moto's IAM enforcement).
     def find(*paths: str) -> str:
         for path in paths:
-            node = None if root is None else root.find(_path(path))
+            node = None if root is None else _find(root, path)
             if node is not None and node.text:
                 return node.text
         return ""
@@ -152,6 +159,18 @@ def _refusal(status: int, root: ET.Element | None) -> StsRefusal:
     )
 
 
-def _path(path: str) -> str:
-    """`a/b` in any namespace, as ElementTree spells it."""
-    return "/".join(f"{{*}}{step}" for step in path.split("/"))
+def _find(parent: ET.Element, path: str) -> ET.Element | None:
+    """The first element at `path` (`/`-separated local names) in any namespace or none: what
+    ElementTree's `{*}a/{*}b` finds, walked directly (ElementPath compiles and dispatches per
+    call, which was most of reading an answer)."""
+    node = parent
+    for step in path.split("/"):
+        suffix = "}" + step
+        for child in node:
+            tag = child.tag
+            if tag == step or (tag.endswith(suffix) and tag.startswith("{")):
+                node = child
+                break
+        else:
+            return None
+    return node
