@@ -20,7 +20,6 @@ failure, not a stale socket. No retries here: the callers decide (a POST is neve
 from __future__ import annotations
 
 import contextlib
-import queue
 import re
 import select
 import socket
@@ -289,7 +288,10 @@ class ConnectionPool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.https else 80
         self.host_header = host if parts.port in (None, default) else f"{host}:{self.port}"
-        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue(_POOL_IDLE)
+        # A plain list used as a stack: append and pop are atomic, and a queue.LifoQueue's
+        # Condition cost more than the rest of checking a connection out and in. (Two threads
+        # checking in at once may keep one more than _POOL_IDLE: harmless.)
+        self._idle: list[Connection] = []
         # Idle connections close with the pool, whoever drops it last.
         weakref.finalize(self, _close_all, self._idle)
 
@@ -299,8 +301,8 @@ class ConnectionPool:
     def checkout(self) -> Connection:
         while True:
             try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
+                conn = self._idle.pop()
+            except IndexError:
                 break
             if _usable(conn):
                 return conn
@@ -309,23 +311,20 @@ class ConnectionPool:
 
     def checkin(self, conn: Connection, response: Response) -> None:
         """Return `conn` after its `response` was read in full (closed if the server said so)."""
-        if response.will_close:
+        if response.will_close or len(self._idle) >= _POOL_IDLE:
             conn.close()
             return
-        try:
-            self._idle.put_nowait(conn)
-        except queue.Full:
-            conn.close()
+        self._idle.append(conn)
 
     def close(self) -> None:
         _close_all(self._idle)
 
 
-def _close_all(idle: queue.LifoQueue[Connection]) -> None:
+def _close_all(idle: list[Connection]) -> None:
     while True:
         try:
-            idle.get_nowait().close()
-        except queue.Empty:
+            idle.pop().close()
+        except IndexError:
             return
 
 
