@@ -3,12 +3,16 @@ that answers canned bytes (what Vault or STS could send, well-formed or not)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from pki import TestCA
 
 from broker.mint.keepalive import BadResponse, ConnectionPool
 
@@ -185,3 +189,40 @@ def test_a_request_head_cannot_be_split(serve: type[Canned]) -> None:
             conn.request("POST", target, headers, b"")
     conn.close()
     assert server.requests == []
+
+
+def test_https_answers_are_read_over_tls_with_the_given_ca(tmp_path: Path) -> None:
+    """An https:// pool wraps its socket with the caller's context (server name checked) and
+    reads answers through TLS like plain ones; a server the CA did not sign is refused."""
+    ca = TestCA.create(tmp_path / "ca", "keepalive test CA")
+    cert, key = ca.issue_server(tmp_path / "server")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with server_context.wrap_socket(listener.accept()[0], server_side=True) as conn:
+            for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",) * 2:
+                head = b""
+                while not head.endswith(b"\r\n\r\n{}"):
+                    head += conn.recv(65536)
+                conn.sendall(answer)
+        stranger, _ = listener.accept()
+        with stranger, contextlib.suppress(OSError):  # the client refuses our certificate
+            server_context.wrap_socket(stranger, server_side=True)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    trusting = ssl.create_default_context(cafile=str(ca.cert_file))
+    p = ConnectionPool(urlsplit(f"https://127.0.0.1:{port}"), timeout=5, context=trusting)
+    assert ask(p)[:2] == (200, b"ok")
+    assert ask(p)[:2] == (200, b"ok")  # the same TLS connection, kept alive
+    p.close()
+    stranger = ConnectionPool(urlsplit(f"https://127.0.0.1:{port}"), timeout=5)
+    conn = stranger.checkout()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("POST", "/", {}, b"{}")
+    assert conn.sock is None
+    thread.join(5)
+    listener.close()
