@@ -127,7 +127,7 @@ def error_response(
     return json_answer(body, status=exc.status, headers=headers)
 
 
-class ClientGone(Exception):
+class ClientGone(BrokerException):
     """The client disconnected before its request body arrived: nothing to answer."""
 
 

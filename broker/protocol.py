@@ -9,9 +9,8 @@ the broker, and tests/test_contract.py checks that both sides agree.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -66,17 +65,30 @@ class Timings:
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = (time.perf_counter() - started) * 1000
-            self.ms[name] = self.ms.get(name, 0.0) + elapsed
+    def phase(self, name: str) -> _Phase:
+        return _Phase(self.ms, name)
 
     def header(self) -> str:
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
+
+
+class _Phase:
+    """Adds the time spent inside `with` to `ms[name]` (a class, not a generator-based context
+    manager: a dozen per request, at a third of the cost)."""
+
+    __slots__ = ("_ms", "_name", "_started")
+
+    def __init__(self, ms: dict[str, float], name: str) -> None:
+        self._ms = ms
+        self._name = name
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = (time.perf_counter() - self._started) * 1000
+        self._ms[self._name] = self._ms.get(self._name, 0.0) + elapsed
 
 
 # -- requests: what the HTTP edge hands the use cases after it checked the framing -----------

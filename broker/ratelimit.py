@@ -63,6 +63,14 @@ class _Buckets:
     def take(self, key: Hashable, now: float) -> None:
         self._refill(key, now).tokens -= 1.0
 
+    def spend(self, key: Hashable, now: float) -> float:
+        """`wait`, and when it is 0.0 `take` too: one refill for both."""
+        bucket = self._refill(key, now)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
     def _refill(self, key: Hashable, now: float) -> _Bucket:
         self._evict_idle(now)
         bucket = self.buckets.get(key)
@@ -103,11 +111,8 @@ class RateLimiter:
     def check(self, key: Hashable, now_monotonic: float) -> float | None:
         """Spend a token for `key`: None if allowed, else seconds until one is available."""
         with self._lock:
-            wait = self._buckets.wait(key, now_monotonic)
-            if wait > 0.0:
-                return wait
-            self._buckets.take(key, now_monotonic)
-            return None
+            wait = self._buckets.spend(key, now_monotonic)
+            return wait if wait > 0.0 else None
 
     def __len__(self) -> int:
         with self._lock:
@@ -163,18 +168,13 @@ class RateLimits:
     def client_failed(self, client: str, now: float) -> None:
         """`client` sent a request that did not authenticate: one token of its budget."""
         with self._lock:
-            if self._client.wait(client, now) == 0.0:
-                self._client.take(client, now)
+            self._client.spend(client, now)
 
     def identity(self, *, issuer: str, subject: str, now: float) -> float | None:
         """Spend one token of the identity's budget: None if allowed, else seconds to wait."""
         with self._lock:
-            key = (issuer, subject)
-            wait = self._identity.wait(key, now)
-            if wait > 0.0:
-                return wait
-            self._identity.take(key, now)
-            return None
+            wait = self._identity.spend((issuer, subject), now)
+            return wait if wait > 0.0 else None
 
     def grant(self, *, issuer: str, subject: str, grant: str, now: float) -> float | None:
         """After the policy allowed: spend one token of `grant`'s budget, None if allowed.
@@ -182,13 +182,12 @@ class RateLimits:
         When the grant has none left, the identity token spent by `identity` is given back.
         """
         with self._lock:
-            wait = self._grant.wait(grant, now)
+            wait = self._grant.spend(grant, now)
             if wait > 0.0:
                 bucket = self._identity.buckets.get((issuer, subject))
                 if bucket is not None:
                     bucket.tokens = min(self._identity.burst, bucket.tokens + 1.0)
                 return wait
-            self._grant.take(grant, now)
             return None
 
     def check(self, *, issuer: str, subject: str, grant: str, now: float) -> float | None:

@@ -203,6 +203,31 @@ def _check_header(header: Any, forbidden: frozenset[str] = _FORBIDDEN_HEADERS) -
         raise TokenError("bad_header")
 
 
+# Headers that passed every rule, by their encoded text: one issuer signs every token with the
+# same few headers, so decoding and checking one again was a fifth of parsing a token. Bounded,
+# and emptied when full, so headers made up by a client cannot grow it; they only miss.
+_HEADERS: dict[tuple[str, frozenset[str]], Mapping[str, Any]] = {}
+_HEADERS_KEPT = 64
+_SHAREABLE = frozenset({str, int, bool, float, type(None)})
+
+
+def _header(header_b64: str, forbidden: frozenset[str]) -> Mapping[str, Any]:
+    """The decoded, checked header, read-only (shared by every token that carries it)."""
+    key = (header_b64, forbidden)
+    header = _HEADERS.get(key)
+    if header is None:
+        decoded = _decode_json_segment(header_b64)
+        _check_header(decoded, forbidden)
+        header = MappingProxyType(decoded)
+        if all(type(v) in _SHAREABLE for v in decoded.values()):
+            # Only flat headers: a nested value (a DPoP proof's `jwk`) could be changed by one
+            # reader under the next.
+            if len(_HEADERS) >= _HEADERS_KEPT:
+                _HEADERS.clear()
+            _HEADERS[key] = header
+    return header
+
+
 def _parse(
     raw: object,
     max_length: int,
@@ -223,15 +248,14 @@ def _parse(
         raise TokenError("too_large")
     if len(signature_b64) > MAX_SIGNATURE_BYTES * 4 // 3 + 2:
         raise TokenError("too_large")
-    header = _decode_json_segment(header_b64)
-    _check_header(header, forbidden)
+    header = _header(header_b64, forbidden)
     try:
         payload = b64url_decode(payload_b64)
         signature = b64url_decode(signature_b64)
     except JoseDecodeError as exc:
         raise TokenError(exc.reason) from exc
     return ParsedJws(
-        header=MappingProxyType(header),
+        header=header,
         payload=payload,
         signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
         signature=signature,

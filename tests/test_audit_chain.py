@@ -303,3 +303,17 @@ def test_canonical_json_fast_path_matches_the_reference_encoder() -> None:
         chain.canonical_json({"a": 1.5})
     with pytest.raises(TypeError):
         chain.canonical_json({1: "a"})
+
+
+def test_format_time_writes_what_strftime_writes() -> None:
+    """The isoformat fast path is the same text as the RFC 3339 strftime form it replaced."""
+    east = timezone(timedelta(hours=5, minutes=30))
+    for when in (
+        datetime(2026, 5, 1, 12, 0, 0, 7, tzinfo=UTC),
+        datetime(2026, 5, 1, 0, 0, tzinfo=east),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+    ):
+        expected = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert chain.format_time(when) == expected

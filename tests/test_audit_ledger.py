@@ -518,3 +518,31 @@ def test_unrecordable_event_fails_closed(ledger: Ledger) -> None:
     with pytest.raises(StoreUnavailable):
         store.append(event(0, time=datetime(2026, 1, 1)))
     assert store.head().size == 0
+
+
+def test_the_recordable_copy_is_the_event_with_only_its_text_made_encodable() -> None:
+    """What the ledger hashes: the same event, claims/detail made JSON-safe, lone surrogates
+    as escape text, the policy in force named if the event names none; the original untouched."""
+    from dataclasses import replace
+
+    from broker.audit.ledger import _recordable
+
+    event = AuditEvent(
+        time=T0,
+        request_id="r1",
+        outcome=Outcome.DENIED,
+        subject="bad\ud800",
+        claims={"n": 1.5, "ok": "é", 3: [True, None]},
+        detail={"when": T0},
+    )
+    copy = _recordable(event, "p" * 64)
+    assert copy == replace(
+        event,
+        subject="bad\\ud800",
+        claims={"n": "1.5", "ok": "é", "3": [True, None]},
+        detail={"when": T0},
+        policy_sha256="p" * 64,
+    )
+    assert event.subject == "bad\ud800" and event.policy_sha256 == ""
+    named = replace(event, policy_sha256="q" * 64)
+    assert _recordable(named, "p" * 64).policy_sha256 == "q" * 64

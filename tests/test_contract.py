@@ -119,3 +119,31 @@ def test_every_error_code_is_documented(error: str) -> None:
 def test_openapi_documents_every_route() -> None:
     """Every route of the app appears in /openapi.json, and nothing else does."""
     assert set(ROUTES) - {"/openapi.json"} == set(OPENAPI["paths"])
+
+
+@pytest.mark.parametrize(
+    ("package", "base"),
+    [
+        ("broker", "broker.errors:BrokerException"),
+        ("luigi_creds", "luigi_creds.errors:LuigiCredsError"),
+    ],
+)
+def test_every_exception_class_is_under_its_packages_base(package: str, base: str) -> None:
+    """One error tree per package: a caller can catch the package's own errors in one clause."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    module_name, _, class_name = base.partition(":")
+    root: type = getattr(importlib.import_module(module_name), class_name)
+    top = importlib.import_module(package)
+    outside = []
+    for info in pkgutil.walk_packages(top.__path__, prefix=f"{package}."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            ours = cls.__module__ == info.name and issubclass(cls, BaseException)
+            if ours and not issubclass(cls, root):
+                outside.append(f"{info.name}.{name}")
+    assert outside == []

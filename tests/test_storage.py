@@ -164,3 +164,74 @@ def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
         db.write(lambda tx: None)
     with pytest.raises(StoreUnavailable):
         db.read(lambda tx: None)
+
+
+def test_a_write_queued_past_its_deadline_fails_alone_and_the_queue_moves_on(
+    tmp_path: Path,
+) -> None:
+    """Behind a batch that holds the writer too long, a queued write gives up (nothing of it
+    kept) and leaves the queue; the writes after it run once the batch is done."""
+    db = Database.open(f"sqlite:///{tmp_path}/d.db", busy_timeout=0.3)
+    db.write(lambda tx: tx.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+    running, release = threading.Event(), threading.Event()
+
+    def blocking(tx: Tx) -> None:
+        running.set()
+        release.wait(10)
+        tx.execute("INSERT INTO t (k) VALUES ('first')")
+
+    holder = threading.Thread(target=db.write, args=(blocking,))
+    holder.start()
+    assert running.wait(10)
+    with pytest.raises(StoreUnavailable):
+        db.write(insert("late"))  # waits 0.3 s, never started
+    assert db._pending == []
+    results: list[object] = []
+    after = threading.Thread(target=lambda: results.append(db.write(insert("after"))))
+    after.start()
+    while len(db._pending) < 1:
+        threading.Event().wait(0.001)
+    release.set()
+    holder.join()
+    after.join()
+    assert results == [1]
+    assert keys(db) == ["after", "first"]
+    db.close()
+
+
+def test_a_leader_interrupted_mid_batch_hands_the_queue_on(db: Database) -> None:
+    """If the thread running a batch is interrupted, its batch is rolled back and the write
+    queued behind it still runs (it leads the next batch) instead of waiting forever."""
+    running, release = threading.Event(), threading.Event()
+
+    def interrupted(tx: Tx) -> None:
+        running.set()
+        release.wait(10)
+        tx.execute("INSERT INTO t (k) VALUES ('lost')")
+        raise KeyboardInterrupt
+
+    def lead() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            db.write(interrupted)
+
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            db.write(insert("mate"))
+        except StoreUnavailable as exc:
+            errors.append(exc)
+
+    leader = threading.Thread(target=lead)
+    leader.start()
+    assert running.wait(10)
+    mate = threading.Thread(target=follow)
+    mate.start()
+    while len(db._pending) < 1:
+        threading.Event().wait(0.001)
+    release.set()
+    leader.join()
+    mate.join()
+    # The mate was queued behind the interrupted batch, so it led the next one and committed.
+    assert errors == []
+    assert keys(db) == ["mate"]

@@ -1379,3 +1379,20 @@ def test_dev_issuer_tokens_verify(alg: str, preset: str) -> None:
         max_lifetime=MAX_LIFETIME,
         require_jti=preset in ("gitlab", "github", "okta"),
     )
+
+
+def test_a_kept_header_is_checked_again_under_other_rules_and_refusals_are_not_kept() -> None:
+    """Parsed headers are reused by their text, per rule set; a refused one is refused again."""
+    payload = b64(json.dumps({"iss": "i", "sub": "s"}).encode())
+    flat = b64(json.dumps({"alg": "RS256", "kid": "k1", "typ": "JWT"}).encode())
+    first = parse_token(f"{flat}.{payload}.c2ln")
+    second = parse_token(f"{flat}.{payload}.c2ln")
+    assert first.header == second.header == {"alg": "RS256", "kid": "k1", "typ": "JWT"}
+    with pytest.raises(TypeError):
+        first.header["alg"] = "none"  # type: ignore[index]
+    embedded = b64(json.dumps({"alg": "ES256", "jwk": {"kty": "EC"}}).encode())
+    assert parse_token(f"{embedded}.{payload}.c2ln", embedded_key=True).header["jwk"]
+    for _ in range(2):
+        with pytest.raises(TokenError) as info:
+            parse_token(f"{embedded}.{payload}.c2ln")
+        assert info.value.reason == "forbidden_header"

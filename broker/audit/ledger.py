@@ -148,9 +148,19 @@ def _text(value: str) -> str:
 def _plain(value: Any) -> Any:
     """Make claims/detail JSON-safe for hashing: floats become their repr (see chain.py NOTE),
     other non-JSON values their str(), and strings valid UTF-8."""
+    kind = type(value)
+    if kind is str:
+        return value if value.isascii() else _text(value)
+    if value is None or kind is int or kind is bool:
+        return value
+    if kind is dict:  # the common case, by exact type; other mappings below
+        return {
+            (k if type(k) is str and k.isascii() else _text(str(k))): _plain(v)
+            for k, v in value.items()
+        }
     if isinstance(value, str):
         return _text(value)
-    if value is None or isinstance(value, bool | int | datetime):
+    if isinstance(value, bool | int | datetime):
         return value
     if isinstance(value, float):
         return repr(value)
@@ -161,16 +171,30 @@ def _plain(value: Any) -> Any:
     return _text(str(value))
 
 
-def _recordable(event: AuditEvent) -> AuditEvent:
-    """The event with every free-text field made encodable; times and numbers untouched."""
-    changes: dict[str, Any] = {
-        f.name: _text(getattr(event, f.name))
-        for f in dataclasses.fields(event)
-        if isinstance(getattr(event, f.name), str) and f.name != "outcome"
-    }
-    return dataclasses.replace(
-        event, claims=_plain(event.claims), detail=_plain(event.detail), **changes
-    )
+# The event's free-text fields (all but `outcome`, an enum), looked up once.
+_TEXT_FIELDS = tuple(
+    f.name for f in dataclasses.fields(AuditEvent) if f.type == "str" and f.name != "outcome"
+)
+
+
+def _recordable(event: AuditEvent, policy_sha256: str = "") -> AuditEvent:
+    """The event with every free-text field made encodable (times and numbers untouched), and
+    naming `policy_sha256` if it names no policy itself."""
+    fields = event.__dict__
+    changes: dict[str, Any] = {"claims": _plain(event.claims), "detail": _plain(event.detail)}
+    if policy_sha256 and not event.policy_sha256:
+        changes["policy_sha256"] = policy_sha256
+    for name in _TEXT_FIELDS:
+        value = fields[name]
+        if isinstance(value, str) and not value.isascii():
+            changes[name] = _text(value)
+    # A copy with `changes`, built without dataclasses.replace, which re-runs __init__ through
+    # generic field code (a third of this function's cost): AuditEvent has no __post_init__,
+    # so copying its fields is the same object replace would make.
+    copy = object.__new__(AuditEvent)
+    copy.__dict__.update(fields)
+    copy.__dict__.update(changes)
+    return copy
 
 
 class SqlLedger:
@@ -235,9 +259,7 @@ class SqlLedger:
 
         The record is durable when that transaction commits; if it rolls back, the head does too.
         """
-        if not event.policy_sha256 and self._policy_sha256:
-            event = dataclasses.replace(event, policy_sha256=self._policy_sha256)
-        event = _recordable(event)
+        event = _recordable(event, self._policy_sha256)
 
         def step(tx: Tx) -> int:
             try:
