@@ -35,7 +35,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import urllib.parse
@@ -59,7 +58,15 @@ from broker.dev.harness import (
     start_moto,
 )
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
-from broker.dev.policy_file import etl_writer_grant, upstream_aws, upstream_vault_approle
+from broker.dev.policy_file import (
+    GITLAB,
+    broker_table,
+    dev_issuer,
+    etl_project_grant,
+    etl_writer_grant,
+    upstream_aws,
+    upstream_vault_approle,
+)
 from broker.dev.processes import free_port, start_process
 from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker
 
@@ -74,7 +81,7 @@ FORM = "application/x-www-form-urlencoded"
 TOKEN_TTL_SECONDS = 900
 FORGED_KINDS = ("unknown_kid", "bad_signature", "alg_none")
 # Limits far above what two cores can push: the benchmark measures the pipeline, not the bucket.
-UNLIMITED_RATE = "{ per_second = 1000000, burst = 1000000 }"
+UNLIMITED_RATE = {"per_second": 1000000, "burst": 1000000}
 HTTP_TIMEOUT_SECONDS = 30.0
 
 OURS = "luigi-creds"
@@ -206,38 +213,17 @@ def broker_config(
 
     `audit_key_file`: the checkpoint key replicas on one PostgreSQL share (an SQLite store gets
     one beside it by default)."""
-    key_line = f'audit_key_file = "{audit_key_file}"' if audit_key_file else ""
-    head = textwrap.dedent(
-        f"""
-        [broker]
-        listen = "{listen}"
-        audit_store = "{audit_store}"
-        {key_line}
-        rate_limit_identity = {UNLIMITED_RATE}
-        rate_limit_grant = {UNLIMITED_RATE}
-        rate_limit_client_failures = {UNLIMITED_RATE}
-
-        [[issuer]]
-        name = "gitlab"
-        url = "{issuer_url}"
-        audiences = ["{AUDIENCE}"]
-        algorithms = ["RS256", "ES256"]
-
-        [[grant]]
-        name = "{VAULT_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "15m"
-        [grant.match]
-        project_id = "{GITLAB_PROJECT_ID}"
-        [grant.vault]
-        token_policies = ["{ETL_POLICY}"]
-
-        """
-    )
+    key = {"audit_key_file": str(audit_key_file)} if audit_key_file else {}
+    limits = {
+        f"rate_limit_{kind}": UNLIMITED_RATE for kind in ("identity", "grant", "client_failures")
+    }
+    vault_grant = etl_project_grant(VAULT_GRANT, ttl="15m", vault={"token_policies": [ETL_POLICY]})
     return "\n".join(
         (
-            head,
-            etl_writer_grant(issuer="gitlab", role_arn=role_arn, session_name="{project_path}"),
+            broker_table(listen, audit_store, **key, **limits),
+            dev_issuer(issuer_url),
+            vault_grant,
+            etl_writer_grant(issuer=GITLAB, role_arn=role_arn, session_name="{project_path}"),
             upstream_aws(moto_url),
             upstream_vault_approle(bao_url, role_id_file, secret_id_file),
         )

@@ -111,6 +111,7 @@ def start_stack(workdir: Path, *, issuer_extra: str = "") -> Stack:
         role_arn=role_arn,
         # Unauthenticated refusals are tallied; a short window lets tests see them soon.
         broker_extra='denial_tally_seconds = "1s"',
-    ).replace('jwks_refetch_cooldown = "1s"', 'jwks_refetch_cooldown = "1s"\n' + issuer_extra)
+        issuer_extra=issuer_extra,
+    )
     broker = start_broker(workdir, config, env=moto.broker_env)
     return Stack(issuer, moto, broker, audit_db, workdir, role_arn)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,13 @@ import pytest
 
 from broker.config_lint import parse_config
 from broker.dev.harness import Broker, DevIssuer, start_broker, start_dev_issuer
+from broker.dev.policy_file import (
+    broker_table,
+    dev_issuer,
+    etl_project_grant,
+    upstream_vault_approle,
+    upstream_vault_token,
+)
 from broker.dev.processes import free_port
 from broker.dev.vault import ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 from broker.mint import UpstreamError
@@ -50,53 +56,19 @@ UNREADABLE_SECRET = "kv/data/not-granted"
 
 def broker_toml(issuer_url: str, audit_db: Path, vault: BrokerVault | None = None) -> str:
     upstream = (
-        f"""
-        [upstream.vault]
-        url = "{vault.upstream.url}"
-        auth = "approle"
-        role_id_file = "{vault.role_id_file}"
-        secret_id_file = "{vault.secret_id_file}"
-        """
+        upstream_vault_approle(vault.upstream.url, vault.role_id_file, vault.secret_id_file)
         if vault
-        else """
-        [upstream.vault]
-        url = "http://127.0.0.1:8200"
-        auth = "token"
-        token_file = "/run/vault-token"
-        """
+        else upstream_vault_token("http://127.0.0.1:8200", "/run/vault-token")
     )
-    return textwrap.dedent(
-        f"""
-        [broker]
-        listen = "127.0.0.1:{free_port()}"
-        audit_store = "sqlite:///{audit_db}"
-        leeway = "30s"
-
-        [[issuer]]
-        name = "gitlab"
-        url = "{issuer_url}"
-        audiences = ["luigi-creds"]
-        algorithms = ["RS256", "ES256"]
-
-        [[grant]]
-        name = "{TOKEN_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "5m"
-        [grant.match]
-        project_id = "55235664"
-        [grant.vault]
-        token_policies = ["{ETL_POLICY}"]
-
-        [[grant]]
-        name = "{SECRET_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "2m"
-        [grant.match]
-        project_id = "55235664"
-        [grant.vault]
-        secret = "{UNREADABLE_SECRET}"
-        """
-    ) + textwrap.dedent(upstream)
+    return "\n".join(
+        (
+            broker_table(f"127.0.0.1:{free_port()}", f"sqlite:///{audit_db}", leeway="30s"),
+            dev_issuer(issuer_url),
+            etl_project_grant(TOKEN_GRANT, ttl="5m", vault={"token_policies": [ETL_POLICY]}),
+            etl_project_grant(SECRET_GRANT, ttl="2m", vault={"secret": UNREADABLE_SECRET}),
+            upstream,
+        )
+    )
 
 
 # --- pure ----------------------------------------------------------------------------------------
