@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from broker.dev.aws import REGION
 from broker.dev.claims import GITLAB_PROJECT_ID
@@ -89,9 +89,10 @@ def dev_issuer(url: str, **settings: TomlValue) -> str:
     return issuer(GITLAB, url, [AUDIENCE], algorithms=["RS256", "ES256"], **settings)
 
 
-def etl_project_grant(name: str, *, ttl: str, vault: Mapping[str, TomlValue]) -> str:
-    """A Vault grant for the GitLab ETL project (the dev token's project id), any ref."""
-    return grant(name, {"project_id": GITLAB_PROJECT_ID}, ttl=ttl, vault=vault)
+def etl_project_grant(name: str, *, ttl: str, **target_and_settings: Any) -> str:
+    """A grant of the dev issuer's for the GitLab ETL project (the dev token's project id), any
+    ref; `target_and_settings` (aws=, vault=, require_dpop=, ...) as `grant` takes them."""
+    return grant(name, {"project_id": GITLAB_PROJECT_ID}, ttl=ttl, **target_and_settings)
 
 
 def etl_writer_grant(*, issuer: str, role_arn: str, session_name: str) -> str:
