@@ -9,8 +9,6 @@ key refuse, saying what to set.
 from __future__ import annotations
 
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,21 +22,10 @@ from broker.audit.key_files import (
     required_checkpoint_key_path,
 )
 from broker.config import BrokerSettings
-from broker.dev.harness import policy_toml, start_broker, start_dev_issuer
+from broker.dev.harness import policy_toml, run_broker_cli, start_broker, start_dev_issuer
 from broker.dev.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
 
 
 def test_sqlite_store_defaults_to_a_key_beside_the_database() -> None:
@@ -89,12 +76,12 @@ def _pg_policy(tmp_path: Path) -> Path:
 
 def test_serve_on_postgresql_without_key_refuses_and_says_what_to_set(tmp_path: Path) -> None:
     policy = _pg_policy(tmp_path)
-    done = _cli("serve", "--config", str(policy))
+    done = run_broker_cli("serve", "--config", str(policy))
     assert done.returncode == 2, done.stderr
     assert "audit checkpoints cannot be signed" in done.stderr
     assert "[broker] audit_key_file" in done.stderr
     assert "Traceback" not in done.stderr
-    checked = _cli("check-config", str(policy))
+    checked = run_broker_cli("check-config", str(policy))
     assert checked.returncode == 1
     assert "audit_key_file" in checked.stderr
 
@@ -111,7 +98,7 @@ def test_serve_on_sqlite_creates_the_key_0600_and_signs_with_it(tmp_path: Path) 
             role_arn="arn:aws:iam::123456789012:role/etl-writer",
         )
         assert "audit_key_file" not in config
-        checked = _cli("check-config", str(_write(tmp_path / "check.toml", config)))
+        checked = run_broker_cli("check-config", str(_write(tmp_path / "check.toml", config)))
         assert checked.returncode == 0, checked.stderr
         assert f"signed with {db.parent / 'audit-checkpoint.ed25519'}" in checked.stdout
         broker = start_broker(tmp_path / "broker", config)
@@ -134,7 +121,7 @@ def test_serve_on_sqlite_creates_the_key_0600_and_signs_with_it(tmp_path: Path) 
             broker.stop()  # a clean stop signs a checkpoint over the deny record
     finally:
         issuer.stop()
-    verified = _cli("audit", "verify", "--config", str(broker.config_path))
+    verified = run_broker_cli("audit", "verify", "--config", str(broker.config_path))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "OK" in verified.stdout
     assert "checkpoints verified" in verified.stdout

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,13 @@ import hvac.exceptions
 import pytest
 
 from broker.config_lint import parse_config
-from broker.dev.harness import Broker, DevIssuer, start_broker, start_dev_issuer
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    run_broker_cli,
+    start_broker,
+    start_dev_issuer,
+)
 from broker.dev.policy_file import (
     broker_table,
     dev_issuer,
@@ -233,14 +237,7 @@ def test_a_refused_token_grant_is_logged_with_request_id_and_vaults_words(stack:
 
 
 def test_check_config_online_says_the_same(stack: Stack) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "broker", "check-config", "--online", str(stack.broker.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    done = run_broker_cli("check-config", "--online", str(stack.broker.config_path), timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "vault: MISSING Vault token role 'luigi-creds' does not exist" in done.stdout
     assert f'vault: MISSING the broker\'s Vault token lacks "read" on {UNREADABLE_SECRET}' in (
@@ -256,14 +253,7 @@ def test_check_config_online_is_ok_once_the_roles_exist(stack: Stack, tmp_path: 
     root = stack.bao.root()
     root.write("auth/token/roles/luigi-creds", allowed_policies=ETL_POLICY, renewable=True)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", "--online", str(fixed)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=ROOT,
-        )
+        done = run_broker_cli("check-config", "--online", str(fixed), timeout=120)
     finally:
         root.delete("auth/token/roles/luigi-creds")
     assert done.returncode == 0, done.stdout + done.stderr

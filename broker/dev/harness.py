@@ -249,6 +249,18 @@ def refresh_form(handle: str, grant: str = "etl-writer", **extra: str) -> dict[s
     return {"grant_type": GRANT_TYPE_REFRESH, "refresh_token": handle, "audience": grant, **extra}
 
 
+def run_broker_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `luigi-creds-broker ARGS` from the checkout to its end; its output is captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+
+
 @dataclass
 class Broker:
     process: ManagedProcess
@@ -306,13 +318,7 @@ class Broker:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `luigi-creds-broker ARGS --config <this broker's file>`."""
-        return subprocess.run(
-            [sys.executable, "-m", "broker", *args, "--config", str(self.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_broker_cli(*args, "--config", str(self.config_path))
 
     def stop(self) -> None:
         self.process.stop()
