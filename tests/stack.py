@@ -137,9 +137,10 @@ class Upstreams:
         }
         return policy_toml(issuer_url=self.issuer.url, audit_db=audit_store, **defaults | settings)
 
-    def start_broker(self, workdir: Path, config: str) -> Broker:
-        """`luigi-creds-broker serve` on `config`, signing its STS calls with its moto user."""
-        return start_broker(workdir, config, env=self.moto.broker_env)
+    def start_broker(self, workdir: Path, config: str, *, ca_file: Path | None = None) -> Broker:
+        """`luigi-creds-broker serve` on `config`, signing its STS calls with its moto user
+        (`ca_file`: the CA of the certificate a TLS config serves, as start_broker takes it)."""
+        return start_broker(workdir, config, env=self.moto.broker_env, ca_file=ca_file)
 
     def serve(self, workdir: Path, **settings: str) -> Stack:
         """A broker under `workdir` on `config(workdir / "audit.db", **settings)`, as a Stack
