@@ -52,7 +52,9 @@ from broker.dev.harness import (
     Broker,
     DevIssuer,
     Moto,
+    exchange_form,
     fresh_pg_database,
+    refresh_form,
     start_broker,
     start_dev_issuer,
     start_moto,
@@ -67,15 +69,13 @@ from broker.dev.policy_file import (
     upstream_aws,
     upstream_vault_approle,
 )
-from broker.dev.processes import free_port, start_process
+from broker.dev.processes import free_port
 from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker
 
 AUDIENCE = "luigi-creds"
 VAULT_GRANT = "etl-vault"
 AWS_GRANT = "etl-writer"
 BAO_ROLE = "etl"
-EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 FORM = "application/x-www-form-urlencoded"
 # Tokens are minted just before their scenario runs; 15 min outlives the longest phase.
 TOKEN_TTL_SECONDS = 900
@@ -151,29 +151,13 @@ class AuditedOpenBao(OpenBao):
 
     audit_file: Path | None = None
 
-    def start(self) -> None:
+    def server_flags(self) -> list[str]:
         if self.audit_file is None:
-            super().start()
-            return
-        self.starts += 1
-        home = self.workdir / "bao-home"
-        home.mkdir(parents=True, exist_ok=True)
+            return []
         config = self.workdir / "openbao-audit.hcl"
         device = f'audit "file" "bench" {{\n  options {{ file_path = "{self.audit_file}" }}\n}}\n'
         config.write_text(device, encoding="utf-8")
-        self.process = start_process(
-            [
-                BAO,
-                "server",
-                "-dev",
-                f"-dev-root-token-id={self.root_token}",
-                f"-dev-listen-address=127.0.0.1:{self.port}",
-                f"-config={config}",
-            ],
-            log_path=self.workdir / f"openbao-{self.starts}.log",
-            env={"HOME": str(home), "BAO_ADDR": self.url},
-            ready_url=f"{self.url}/v1/sys/health",
-        )
+        return [f"-config={config}"]
 
 
 def configure_openbao_jwt(bao: OpenBao, issuer_url: str) -> None:
@@ -331,14 +315,7 @@ def ours_exchange(
     token: str, grant: str, on_issued: Callable[[Mapping[str, str]], None] | None = None
 ) -> Job:
     """Our exchange of `token` for `grant`; `on_issued` sees a 200 answer's headers."""
-    body = urllib.parse.urlencode(
-        {
-            "grant_type": EXCHANGE,
-            "subject_token": token,
-            "subject_token_type": JWT_TYPE,
-            "audience": grant,
-        }
-    ).encode("ascii")
+    body = urllib.parse.urlencode(exchange_form(token, grant)).encode("ascii")
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
@@ -357,9 +334,7 @@ class RefreshChain:
         self.grant = grant
 
     def step(self, conn: Connection) -> bool:
-        body = urllib.parse.urlencode(
-            {"grant_type": "refresh_token", "refresh_token": self.handle, "audience": self.grant}
-        ).encode("ascii")
+        body = urllib.parse.urlencode(refresh_form(self.handle, self.grant)).encode("ascii")
         status, raw = conn.post("/v1/token", body, FORM)
         if status != 200:
             return False
@@ -377,14 +352,7 @@ REFUSALS: dict[str, set[tuple[int, str]]] = {
 
 
 def ours_reject(token: str, error: str = "invalid_request", kind: str = "") -> Job:
-    body = urllib.parse.urlencode(
-        {
-            "grant_type": EXCHANGE,
-            "subject_token": token,
-            "subject_token_type": JWT_TYPE,
-            "audience": VAULT_GRANT,
-        }
-    ).encode("ascii")
+    body = urllib.parse.urlencode(exchange_form(token, VAULT_GRANT)).encode("ascii")
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
