@@ -207,6 +207,17 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
 ]
 
 
+def assert_decides(
+    policy: Policy, provider: str, issuer: str, grant: str, changes: dict[str, Any], reason: str
+) -> None:
+    """`provider`'s claims with `changes`, from `issuer`, asking for `grant`: `reason`, allowed
+    exactly when that is "allowed", and the decision names the grant asked for."""
+    decision = policy.evaluate(grant, issuer, claims(provider, **changes))
+    assert decision.reason == reason
+    assert decision.allowed is (reason == "allowed")
+    assert decision.grant == grant
+
+
 @pytest.mark.parametrize(("provider", "issuer", "grant", "changes", "reason"), EXAMPLE_ROWS)
 def test_example_policy_table(
     policy: Policy,
@@ -217,10 +228,7 @@ def test_example_policy_table(
     reason: str,
 ) -> None:
     """The sample policy allows and denies each provider's claim variants with the stated reason."""
-    decision = policy.evaluate(grant, issuer, claims(provider, **changes))
-    assert decision.reason == reason
-    assert decision.allowed is (reason == "allowed")
-    assert decision.grant == grant
+    assert_decides(policy, provider, issuer, grant, changes, reason)
 
 
 EXTRA_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
@@ -298,9 +306,7 @@ def test_sub_and_glob_table(
     reason: str,
 ) -> None:
     """Anchored, segment-aware globs bind `sub`, `repository` and `project_path` exactly."""
-    decision = extra.evaluate(grant, issuer, claims(provider, **changes))
-    assert decision.reason == reason
-    assert decision.allowed is (reason == "allowed")
+    assert_decides(extra, provider, issuer, grant, changes, reason)
 
 
 def test_trace_covers_every_claim_after_a_failure(policy: Policy) -> None:
