@@ -28,6 +28,19 @@ AUDIENCE = "luigi-creds"
 TomlValue: TypeAlias = "str | bool | int | float | Sequence[TomlValue] | Mapping[str, TomlValue]"
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escaped(char: str) -> str:
+    """`char` as it stands in a TOML basic string: escaped if it is a quote, a backslash or
+    not printable."""
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    return f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}"
+
+
 def toml_value(value: TomlValue) -> str:
     """`value` as a TOML value: a basic string, a boolean, a number, an array or inline table."""
     if isinstance(value, bool):
@@ -35,16 +48,10 @@ def toml_value(value: TomlValue) -> str:
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, str):
-        escaped = "".join(
-            _ESCAPES.get(c, c if c.isprintable() else f"\\u{ord(c):04x}") for c in value
-        )
-        return f'"{escaped}"'
+        return '"' + "".join(_escaped(c) for c in value) + '"'
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return "[" + ", ".join(toml_value(v) for v in value) + "]"
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def toml_table(header: str, keys: Mapping[str, TomlValue]) -> str:
@@ -90,8 +97,9 @@ def dev_issuer(url: str, **settings: TomlValue) -> str:
 
 
 def etl_project_grant(name: str, *, ttl: str, **target_and_settings: Any) -> str:
-    """A grant of the dev issuer's for the GitLab ETL project (the dev token's project id), any
-    ref; `target_and_settings` (aws=, vault=, require_dpop=, ...) as `grant` takes them."""
+    """A grant of the harness's `gitlab` issuer for the GitLab ETL project (the dev token's
+    project id), any ref; `target_and_settings` (aws=, vault=, require_dpop=, ...) as `grant`
+    takes them."""
     return grant(name, {"project_id": GITLAB_PROJECT_ID}, ttl=ttl, **target_and_settings)
 
 
