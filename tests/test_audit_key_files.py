@@ -9,7 +9,6 @@ key refuse, saying what to set.
 from __future__ import annotations
 
 import stat
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,8 @@ from broker.audit.key_files import (
     required_checkpoint_key_path,
 )
 from broker.config import BrokerSettings
+from broker.dev import policy_file
+from broker.dev.claims import GITLAB_PROJECT_ID
 from broker.dev.harness import policy_toml, run_broker_cli, start_broker, start_dev_issuer
 from broker.dev.processes import free_port
 
@@ -48,27 +49,17 @@ def test_postgresql_store_without_key_has_no_default() -> None:
 
 
 def _pg_policy(tmp_path: Path) -> Path:
+    """A policy on a PostgreSQL store (never opened) with no audit_key_file."""
     path = tmp_path / "broker.toml"
+    store = "postgresql://postgres@127.0.0.1:5432/never_opened"
+    role = {"role_arn": "arn:aws:iam::123456789012:role/etl-writer"}
     path.write_text(
-        textwrap.dedent(
-            f"""
-            [broker]
-            listen = "127.0.0.1:{free_port()}"
-            audit_store = "postgresql://postgres@127.0.0.1:5432/never_opened"
-
-            [[issuer]]
-            name = "gitlab"
-            url = "https://gitlab.com"
-            audiences = ["luigi-creds"]
-
-            [[grant]]
-            name = "etl-writer"
-            issuers = ["gitlab"]
-            [grant.match]
-            project_id = "55235664"
-            [grant.aws]
-            role_arn = "arn:aws:iam::123456789012:role/etl-writer"
-            """
+        "\n".join(
+            (
+                policy_file.broker_table(f"127.0.0.1:{free_port()}", store),
+                policy_file.issuer("gitlab", "https://gitlab.com", ["luigi-creds"]),
+                policy_file.grant("etl-writer", {"project_id": GITLAB_PROJECT_ID}, aws=role),
+            )
         )
     )
     return path
