@@ -26,8 +26,6 @@ from broker.dev.claims import GITLAB_PROJECT_ID
 from broker.dev.harness import policy_toml, run_broker_cli, start_broker, start_dev_issuer
 from broker.dev.processes import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_sqlite_store_defaults_to_a_key_beside_the_database() -> None:
     settings = BrokerSettings(audit_store="sqlite:///var/lib/luigi-creds/audit.db")

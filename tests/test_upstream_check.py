@@ -52,7 +52,6 @@ from broker.upstream_check import (
     vault_needs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN_GRANT = "etl-vault"
 SECRET_GRANT = "warehouse"
 UNREADABLE_SECRET = "kv/data/not-granted"
