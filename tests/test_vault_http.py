@@ -26,8 +26,8 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+from stack import audit_events
 
-from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.key_files import hmac_ref
 from broker.dev.claims import GITLAB_PROJECT_ID
@@ -58,10 +58,6 @@ class Stack:
     workdir: Path
     audit_db: Path
     role_prefix: str  # every PostgreSQL role this module's OpenBao creates starts with it
-
-    @property
-    def store_url(self) -> str:
-        return f"sqlite:///{self.audit_db}"
 
     def root(self) -> hvac.Client:
         return self.bao.root()
@@ -120,19 +116,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def events(stack: Stack, request_id: str) -> list[AuditEvent]:
-    store = open_store(stack.store_url)
-    try:
-        return [e for e in store.events() if e.request_id == request_id]
-    finally:
-        store.close()
+    return [e for e in audit_events(stack.audit_db) if e.request_id == request_id]
 
 
 def session_events(stack: Stack, session_id: str) -> list[AuditEvent]:
-    store = open_store(stack.store_url)
-    try:
-        return [e for e in store.events() if e.session_id == session_id]
-    finally:
-        store.close()
+    return [e for e in audit_events(stack.audit_db) if e.session_id == session_id]
 
 
 def issued_event(stack: Stack, request_id: str) -> AuditEvent:
