@@ -35,7 +35,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import urllib.parse
@@ -53,28 +52,36 @@ from broker.dev.harness import (
     Broker,
     DevIssuer,
     Moto,
+    exchange_form,
     fresh_pg_database,
+    refresh_form,
     start_broker,
     start_dev_issuer,
     start_moto,
 )
 from broker.dev.issuer import IssuerState, SigningKey, encode_jwt
-from broker.dev.policy_file import etl_writer_grant, upstream_aws, upstream_vault_approle
-from broker.dev.processes import free_port, start_process
+from broker.dev.policy_file import (
+    GITLAB,
+    broker_table,
+    dev_issuer,
+    etl_project_grant,
+    etl_writer_grant,
+    upstream_aws,
+    upstream_vault_approle,
+)
+from broker.dev.processes import free_port
 from broker.dev.vault import BAO, ETL_POLICY, OpenBao, setup_broker
 
 AUDIENCE = "luigi-creds"
 VAULT_GRANT = "etl-vault"
 AWS_GRANT = "etl-writer"
 BAO_ROLE = "etl"
-EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 FORM = "application/x-www-form-urlencoded"
 # Tokens are minted just before their scenario runs; 15 min outlives the longest phase.
 TOKEN_TTL_SECONDS = 900
 FORGED_KINDS = ("unknown_kid", "bad_signature", "alg_none")
 # Limits far above what two cores can push: the benchmark measures the pipeline, not the bucket.
-UNLIMITED_RATE = "{ per_second = 1000000, burst = 1000000 }"
+UNLIMITED_RATE = {"per_second": 1000000, "burst": 1000000}
 HTTP_TIMEOUT_SECONDS = 30.0
 
 OURS = "luigi-creds"
@@ -144,29 +151,13 @@ class AuditedOpenBao(OpenBao):
 
     audit_file: Path | None = None
 
-    def start(self) -> None:
+    def server_flags(self) -> list[str]:
         if self.audit_file is None:
-            super().start()
-            return
-        self.starts += 1
-        home = self.workdir / "bao-home"
-        home.mkdir(parents=True, exist_ok=True)
+            return []
         config = self.workdir / "openbao-audit.hcl"
         device = f'audit "file" "bench" {{\n  options {{ file_path = "{self.audit_file}" }}\n}}\n'
         config.write_text(device, encoding="utf-8")
-        self.process = start_process(
-            [
-                BAO,
-                "server",
-                "-dev",
-                f"-dev-root-token-id={self.root_token}",
-                f"-dev-listen-address=127.0.0.1:{self.port}",
-                f"-config={config}",
-            ],
-            log_path=self.workdir / f"openbao-{self.starts}.log",
-            env={"HOME": str(home), "BAO_ADDR": self.url},
-            ready_url=f"{self.url}/v1/sys/health",
-        )
+        return [f"-config={config}"]
 
 
 def configure_openbao_jwt(bao: OpenBao, issuer_url: str) -> None:
@@ -206,38 +197,17 @@ def broker_config(
 
     `audit_key_file`: the checkpoint key replicas on one PostgreSQL share (an SQLite store gets
     one beside it by default)."""
-    key_line = f'audit_key_file = "{audit_key_file}"' if audit_key_file else ""
-    head = textwrap.dedent(
-        f"""
-        [broker]
-        listen = "{listen}"
-        audit_store = "{audit_store}"
-        {key_line}
-        rate_limit_identity = {UNLIMITED_RATE}
-        rate_limit_grant = {UNLIMITED_RATE}
-        rate_limit_client_failures = {UNLIMITED_RATE}
-
-        [[issuer]]
-        name = "gitlab"
-        url = "{issuer_url}"
-        audiences = ["{AUDIENCE}"]
-        algorithms = ["RS256", "ES256"]
-
-        [[grant]]
-        name = "{VAULT_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "15m"
-        [grant.match]
-        project_id = "{GITLAB_PROJECT_ID}"
-        [grant.vault]
-        token_policies = ["{ETL_POLICY}"]
-
-        """
-    )
+    key = {"audit_key_file": str(audit_key_file)} if audit_key_file else {}
+    limits = {
+        f"rate_limit_{kind}": UNLIMITED_RATE for kind in ("identity", "grant", "client_failures")
+    }
+    vault_grant = etl_project_grant(VAULT_GRANT, ttl="15m", vault={"token_policies": [ETL_POLICY]})
     return "\n".join(
         (
-            head,
-            etl_writer_grant(issuer="gitlab", role_arn=role_arn, session_name="{project_path}"),
+            broker_table(listen, audit_store, **key, **limits),
+            dev_issuer(issuer_url),
+            vault_grant,
+            etl_writer_grant(issuer=GITLAB, role_arn=role_arn, session_name="{project_path}"),
             upstream_aws(moto_url),
             upstream_vault_approle(bao_url, role_id_file, secret_id_file),
         )
@@ -348,14 +318,7 @@ def ours_exchange(
     token: str, grant: str, on_issued: Callable[[Mapping[str, str]], None] | None = None
 ) -> Job:
     """Our exchange of `token` for `grant`; `on_issued` sees a 200 answer's headers."""
-    body = urllib.parse.urlencode(
-        {
-            "grant_type": EXCHANGE,
-            "subject_token": token,
-            "subject_token_type": JWT_TYPE,
-            "audience": grant,
-        }
-    ).encode("ascii")
+    body = urllib.parse.urlencode(exchange_form(token, grant)).encode("ascii")
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)
@@ -374,9 +337,7 @@ class RefreshChain:
         self.grant = grant
 
     def step(self, conn: Connection) -> bool:
-        body = urllib.parse.urlencode(
-            {"grant_type": "refresh_token", "refresh_token": self.handle, "audience": self.grant}
-        ).encode("ascii")
+        body = urllib.parse.urlencode(refresh_form(self.handle, self.grant)).encode("ascii")
         status, raw = conn.post("/v1/token", body, FORM)
         if status != 200:
             return False
@@ -394,14 +355,7 @@ REFUSALS: dict[str, set[tuple[int, str]]] = {
 
 
 def ours_reject(token: str, error: str = "invalid_request", kind: str = "") -> Job:
-    body = urllib.parse.urlencode(
-        {
-            "grant_type": EXCHANGE,
-            "subject_token": token,
-            "subject_token_type": JWT_TYPE,
-            "audience": VAULT_GRANT,
-        }
-    ).encode("ascii")
+    body = urllib.parse.urlencode(exchange_form(token, VAULT_GRANT)).encode("ascii")
 
     def job(conn: Connection) -> bool:
         status, raw = conn.post("/v1/token", body, FORM)

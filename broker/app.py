@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -46,25 +46,23 @@ Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_TOKEN_FIELDS = frozenset(
-    {
-        "grant_type",
-        "subject_token",
-        "subject_token_type",
-        "audience",
-        "requested_token_type",
-        "duration",
-        "task",
-        "refresh_token",
-        # RFC 8693 / 6749 optional parameters we accept and ignore.
-        "resource",
-        "scope",
-        "client_id",
-    }
+# The form fields a TokenRequest / ExplainRequest takes as they are ("" when absent).
+_TOKEN_ARGS = (
+    "grant_type",
+    "audience",
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+    "refresh_token",
+    "duration",
+    "task",
 )
+_EXPLAIN_ARGS = ("subject_token", "subject_token_type", "refresh_token")
+# What POST /v1/token accepts: its arguments, and RFC 8693 / 6749 optional parameters we ignore.
+_TOKEN_FIELDS = frozenset({*_TOKEN_ARGS, "resource", "scope", "client_id"})
 # refresh_token: the session proof that goes with revoking one of its Vault leases.
 _REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
-_EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_token"})
+_EXPLAIN_FIELDS = frozenset(_EXPLAIN_ARGS)
 # Every path the broker serves and its method (GET routes answer HEAD too).
 ROUTES = {
     "/v1/token": "POST",
@@ -347,6 +345,19 @@ def create_app(
         # use_dpop_nonce round trip more than once per job.
         return {NONCE_HEADER: exchanger.dpop_nonce()}
 
+    def request_fields(
+        request: HttpRequest, request_id: str, form: Mapping[str, str], names: Iterable[str]
+    ) -> dict[str, Any]:
+        """The keyword arguments of a ClientRequest (its id, the client, the DPoP proof) and
+        the form's `names` as they are ("" when absent)."""
+        taken = {name: form.get(name, "") for name in names}
+        return {
+            "request_id": request_id,
+            "client_addr": request.client,
+            **taken,
+            **dpop_fields(request),
+        }
+
     async def audited_form(
         request: HttpRequest, request_id: str, client: str, allowed: frozenset[str]
     ) -> dict[str, str]:
@@ -371,18 +382,7 @@ def create_app(
         try:
             form = await audited_form(request, request_id, client, _TOKEN_FIELDS)
             req = TokenRequest(
-                request_id=request_id,
-                client_addr=client,
-                grant_type=form.get("grant_type", ""),
-                audience=form.get("audience", ""),
-                subject_token=form.get("subject_token", ""),
-                subject_token_type=form.get("subject_token_type", ""),
-                requested_token_type=form.get("requested_token_type", ""),
-                refresh_token=form.get("refresh_token", ""),
-                duration=form.get("duration", ""),
-                task=form.get("task", ""),
-                timings=timings,
-                **dpop_fields(request),
+                timings=timings, **request_fields(request, request_id, form, _TOKEN_ARGS)
             )
             audience = req.audience
             issued = await app.in_thread(exchanger.handle, req)
@@ -433,14 +433,7 @@ def create_app(
         client = request.client
         try:
             form = await audited_form(request, request_id, client, _EXPLAIN_FIELDS)
-            req = ExplainRequest(
-                request_id=request_id,
-                client_addr=client,
-                subject_token=form.get("subject_token", ""),
-                subject_token_type=form.get("subject_token_type", ""),
-                refresh_token=form.get("refresh_token", ""),
-                **dpop_fields(request),
-            )
+            req = ExplainRequest(**request_fields(request, request_id, form, _EXPLAIN_ARGS))
             answer = await app.in_thread(exchanger.explain, req)
         except ExchangeError as exc:
             refused("explain", "-", exc)

@@ -1,14 +1,19 @@
 """A whole stack for broker integration tests: dev issuer, moto and one broker on the
 `policy_toml` policy, started together (broker.dev.harness), with the audit records they wrote.
+
+`start_upstreams` starts the issuer and moto alone, for a module whose tests each start their
+own brokers on them (`Upstreams.config`, `Upstreams.start_broker`, `Upstreams.serve`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
@@ -67,6 +72,10 @@ class Stack:
     workdir: Path
     role_arn: str
 
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{self.audit_db}"
+
     def events(self) -> list[AuditEvent]:
         return audit_events(self.audit_db)
 
@@ -90,27 +99,85 @@ class Stack:
         )
         return [SigningKey.from_json(e) for e in entries if e["alg"] == alg][-1]
 
+    def credentials(self, grant: str) -> dict[str, Any]:
+        """AWS credentials for `grant`, exchanged for a fresh default GitLab token."""
+        status, body, _ = self.broker.exchange(self.issuer.mint("gitlab"), grant=grant)
+        assert status == 200, body
+        creds: dict[str, Any] = body["credentials"]
+        return creds
+
+    def s3(self, creds: dict[str, Any]) -> Any:
+        """An S3 client on moto signing with minted `creds`."""
+        return self.moto.client("s3", **creds)
+
     def stop(self) -> None:
         self.broker.stop()
         self.moto.stop()
         self.issuer.stop()
 
 
+@dataclass
+class Upstreams:
+    """The dev issuer and moto (with role etl-writer) that the brokers of a test or a module
+    share; a context manager that stops both."""
+
+    issuer: DevIssuer
+    moto: Moto
+    role_arn: str
+    workdir: Path
+
+    def config(self, audit_store: Path | str, **settings: str) -> str:
+        """A policy_toml policy on these upstreams, listening on a free port; `settings`
+        (listen, role_arn, moto_url, extra, broker_extra, issuer_extra) as policy_toml takes
+        them."""
+        defaults = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "moto_url": self.moto.url,
+            "role_arn": self.role_arn,
+        }
+        return policy_toml(issuer_url=self.issuer.url, audit_db=audit_store, **defaults | settings)
+
+    def start_broker(self, workdir: Path, config: str, *, ca_file: Path | None = None) -> Broker:
+        """`luigi-creds-broker serve` on `config`, signing its STS calls with its moto user
+        (`ca_file`: the CA of the certificate a TLS config serves, as start_broker takes it)."""
+        return start_broker(workdir, config, env=self.moto.broker_env, ca_file=ca_file)
+
+    def serve(self, workdir: Path, **settings: str) -> Stack:
+        """A broker under `workdir` on `config(workdir / "audit.db", **settings)`, as a Stack
+        (whose `stop` stops these upstreams too)."""
+        audit_db = workdir / "audit.db"
+        broker = self.start_broker(workdir, self.config(audit_db, **settings))
+        role_arn = settings.get("role_arn", self.role_arn)
+        return Stack(self.issuer, self.moto, broker, audit_db, workdir, role_arn)
+
+    def stop(self) -> None:
+        self.moto.stop()
+        self.issuer.stop()
+
+    def __enter__(self) -> Upstreams:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_upstreams(workdir: Path) -> Upstreams:
+    """Dev issuer + moto (with role etl-writer), logging under `workdir`."""
+    with contextlib.ExitStack() as on_failure:
+        issuer = start_dev_issuer(workdir)
+        on_failure.callback(issuer.stop)
+        moto = start_moto(workdir)
+        on_failure.callback(moto.stop)
+        upstreams = Upstreams(issuer, moto, moto.create_role("etl-writer"), workdir)
+        on_failure.pop_all()
+    return upstreams
+
+
 def start_stack(workdir: Path, *, issuer_extra: str = "") -> Stack:
     """Dev issuer + moto (with role etl-writer) + a broker on the policy_toml policy;
     `issuer_extra` is TOML added to the issuer table (e.g. `require_jti = false`)."""
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    role_arn = moto.create_role("etl-writer")
-    audit_db = workdir / "audit.db"
-    config = policy_toml(
-        issuer_url=issuer.url,
-        audit_db=audit_db,
-        listen=f"127.0.0.1:{free_port()}",
-        moto_url=moto.url,
-        role_arn=role_arn,
-        # Unauthenticated refusals are tallied; a short window lets tests see them soon.
-        broker_extra='denial_tally_seconds = "1s"',
-    ).replace('jwks_refetch_cooldown = "1s"', 'jwks_refetch_cooldown = "1s"\n' + issuer_extra)
-    broker = start_broker(workdir, config, env=moto.broker_env)
-    return Stack(issuer, moto, broker, audit_db, workdir, role_arn)
+    # Unauthenticated refusals are tallied; a short window lets tests see them soon.
+    tally_soon = 'denial_tally_seconds = "1s"'
+    return start_upstreams(workdir).serve(
+        workdir, broker_extra=tally_soon, issuer_extra=issuer_extra
+    )

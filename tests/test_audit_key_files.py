@@ -9,9 +9,6 @@ key refuse, saying what to set.
 from __future__ import annotations
 
 import stat
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,21 +21,10 @@ from broker.audit.key_files import (
     required_checkpoint_key_path,
 )
 from broker.config import BrokerSettings
-from broker.dev.harness import policy_toml, start_broker, start_dev_issuer
+from broker.dev import policy_file
+from broker.dev.claims import GITLAB_PROJECT_ID
+from broker.dev.harness import policy_toml, run_broker_cli, start_broker, start_dev_issuer
 from broker.dev.processes import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
 
 
 def test_sqlite_store_defaults_to_a_key_beside_the_database() -> None:
@@ -61,27 +47,17 @@ def test_postgresql_store_without_key_has_no_default() -> None:
 
 
 def _pg_policy(tmp_path: Path) -> Path:
+    """A policy on a PostgreSQL store (never opened) with no audit_key_file."""
     path = tmp_path / "broker.toml"
+    store = "postgresql://postgres@127.0.0.1:5432/never_opened"
+    role = {"role_arn": "arn:aws:iam::123456789012:role/etl-writer"}
     path.write_text(
-        textwrap.dedent(
-            f"""
-            [broker]
-            listen = "127.0.0.1:{free_port()}"
-            audit_store = "postgresql://postgres@127.0.0.1:5432/never_opened"
-
-            [[issuer]]
-            name = "gitlab"
-            url = "https://gitlab.com"
-            audiences = ["luigi-creds"]
-
-            [[grant]]
-            name = "etl-writer"
-            issuers = ["gitlab"]
-            [grant.match]
-            project_id = "55235664"
-            [grant.aws]
-            role_arn = "arn:aws:iam::123456789012:role/etl-writer"
-            """
+        "\n".join(
+            (
+                policy_file.broker_table(f"127.0.0.1:{free_port()}", store),
+                policy_file.issuer("gitlab", "https://gitlab.com", ["luigi-creds"]),
+                policy_file.grant("etl-writer", {"project_id": GITLAB_PROJECT_ID}, aws=role),
+            )
         )
     )
     return path
@@ -89,12 +65,12 @@ def _pg_policy(tmp_path: Path) -> Path:
 
 def test_serve_on_postgresql_without_key_refuses_and_says_what_to_set(tmp_path: Path) -> None:
     policy = _pg_policy(tmp_path)
-    done = _cli("serve", "--config", str(policy))
+    done = run_broker_cli("serve", "--config", str(policy))
     assert done.returncode == 2, done.stderr
     assert "audit checkpoints cannot be signed" in done.stderr
     assert "[broker] audit_key_file" in done.stderr
     assert "Traceback" not in done.stderr
-    checked = _cli("check-config", str(policy))
+    checked = run_broker_cli("check-config", str(policy))
     assert checked.returncode == 1
     assert "audit_key_file" in checked.stderr
 
@@ -111,7 +87,7 @@ def test_serve_on_sqlite_creates_the_key_0600_and_signs_with_it(tmp_path: Path) 
             role_arn="arn:aws:iam::123456789012:role/etl-writer",
         )
         assert "audit_key_file" not in config
-        checked = _cli("check-config", str(_write(tmp_path / "check.toml", config)))
+        checked = run_broker_cli("check-config", str(_write(tmp_path / "check.toml", config)))
         assert checked.returncode == 0, checked.stderr
         assert f"signed with {db.parent / 'audit-checkpoint.ed25519'}" in checked.stdout
         broker = start_broker(tmp_path / "broker", config)
@@ -134,7 +110,7 @@ def test_serve_on_sqlite_creates_the_key_0600_and_signs_with_it(tmp_path: Path) 
             broker.stop()  # a clean stop signs a checkpoint over the deny record
     finally:
         issuer.stop()
-    verified = _cli("audit", "verify", "--config", str(broker.config_path))
+    verified = run_broker_cli("audit", "verify", "--config", str(broker.config_path))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "OK" in verified.stdout
     assert "checkpoints verified" in verified.stdout

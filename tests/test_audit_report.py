@@ -4,7 +4,6 @@ figures were computed by hand (see the comments beside each event).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -14,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_cli import ledger_policy, project_grant, run_audit_cli, seed_ledger
 from screenshots import chromium_screenshot
 
-from broker.audit import cli, open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.report import build_report, render
 from broker.config import BrokerSettings, Config, GrantConfig, IssuerConfig
@@ -42,27 +41,9 @@ CONFIG = Config(
     ),
 )
 
-TOML = """
-[broker]
-audit_store = "{url}"
-audit_key_file = "key.pem"
-session_max = "12h"
-
-[[issuer]]
-name = "gitlab"
-url = "https://gitlab.com"
-audiences = ["https://broker.example.com"]
-
-[[grant]]
-name = "etl-writer"
-issuers = ["gitlab"]
-ttl = "15m"
-[grant.match]
-project_id = "42"
-ref = ["main", "release/*"]
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/etl-writer"
-"""
+TOML = ledger_policy(
+    project_grant("etl-writer", refs=["main", "release/*"], ttl="15m"), session_max="12h"
+)
 
 
 def at(day: int, hour: int, minute: int = 0) -> datetime:
@@ -236,36 +217,14 @@ def test_html_escapes_recorded_values() -> None:
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="luigi-creds-broker")
-    cli.register(parser.add_subparsers(dest="command"))
-    return parser
-
-
 def _run(*argv: str) -> tuple[int, str, str]:
-    args = _parser().parse_args(list(argv))
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.run(args, stdout=out, stderr=err, now=NOW)
-    return code, out.getvalue(), err.getvalue()
+    return run_audit_cli(*argv, now=NOW)
 
 
 @pytest.fixture
 def seeded_config(tmp_path: Path) -> Path:
     """A broker.toml whose SQLite ledger holds the seeded week, checkpointed every 4 records."""
-    url = f"sqlite:///{tmp_path}/audit.db"
-    store = open_store(
-        url,
-        signing_key_path=tmp_path / "key.pem",
-        salt_path=tmp_path / "salt",
-        clock=lambda: NOW,
-        checkpoint_every=4,
-    )
-    for event in week():
-        store.append(event)
-    store.close()
-    path = tmp_path / "broker.toml"
-    path.write_text(TOML.format(url=url))
-    return path
+    return seed_ledger(tmp_path, week(), policy=TOML, now=NOW, checkpoint_every=4)
 
 
 def test_cli_verify_exit_codes(seeded_config: Path, tmp_path: Path) -> None:

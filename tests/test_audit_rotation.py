@@ -7,7 +7,6 @@ checked for the chart's colours.
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -15,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_cli import ledger_policy, project_grant, run_audit_cli, seed_ledger
 from screenshots import chromium_screenshot
-from test_audit_report import _parser
 
-from broker.audit import cli, open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.rotation import ref_kind
 
@@ -27,35 +25,9 @@ NOW = T0 + timedelta(hours=24)
 ROLE = "arn:aws:iam::123456789012:role/etl-writer"
 VAULT_TOKEN = "vault:token:warehouse-read"
 
-TOML = """
-[broker]
-audit_store = "{url}"
-audit_key_file = "key.pem"
-
-[[issuer]]
-name = "gitlab"
-url = "https://gitlab.com"
-audiences = ["https://broker.example.com"]
-
-[[grant]]
-name = "etl-writer"
-issuers = ["gitlab"]
-ttl = "1h"
-[grant.match]
-project_id = "42"
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/etl-writer"
-""" + "".join(
-    f"""
-[[grant]]
-name = "{name}"
-issuers = ["gitlab"]
-[grant.match]
-project_id = "42"
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/{name}"
-"""
-    for name in ("g2", "g3", "g4", "g5", "never-used")
+TOML = ledger_policy(
+    project_grant("etl-writer", ttl="1h"),
+    *(project_grant(name) for name in ("g2", "g3", "g4", "g5", "never-used")),
 )
 
 
@@ -187,28 +159,13 @@ def day() -> list[AuditEvent]:
 
 
 def _run(*argv: str) -> tuple[int, str, str]:
-    args = _parser().parse_args(list(argv))
-    out, err = io.StringIO(), io.StringIO()
-    code = cli.run(args, stdout=out, stderr=err, now=NOW)
-    return code, out.getvalue(), err.getvalue()
+    return run_audit_cli(*argv, now=NOW)
 
 
 @pytest.fixture
 def seeded(tmp_path: Path) -> Path:
-    url = f"sqlite:///{tmp_path}/audit.db"
-    store = open_store(
-        url,
-        signing_key_path=tmp_path / "key.pem",
-        salt_path=tmp_path / "salt",
-        clock=lambda: NOW,
-        checkpoint_every=5,
-    )
-    for event in day():
-        store.append(event)
-    store.close()
-    path = tmp_path / "broker.toml"
-    path.write_text(TOML.format(url=url))
-    return path
+    """A broker.toml whose SQLite ledger holds the seeded day, checkpointed every 5 records."""
+    return seed_ledger(tmp_path, day(), policy=TOML, now=NOW, checkpoint_every=5)
 
 
 def rotation_json(config: Path, *extra: str) -> dict[str, Any]:

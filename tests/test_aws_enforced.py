@@ -12,28 +12,19 @@ tests/README.md.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from stack import Stack, start_upstreams
 
-from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
+from broker.audit.events import Outcome
 from broker.dev.aws import Allow, s3_objects
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    policy_toml,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
+from broker.dev.harness import policy_toml, start_broker
+from broker.dev.policy_file import etl_project_grant
 from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
@@ -44,82 +35,37 @@ ARCHIVE = "archive"
 
 def aws_grant(name: str, role_arn: str) -> str:
     """A grant like the default `etl-writer`, on another role."""
-    return textwrap.dedent(
-        f"""
-        [[grant]]
-        name = "{name}"
-        issuers = ["gitlab"]
-        ttl = "15m"
-        [grant.match]
-        project_id = "55235664"
-        [grant.aws]
-        role_arn = "{role_arn}"
-        """
-    )
-
-
-@dataclass
-class Enforced:
-    issuer: DevIssuer
-    moto: Moto
-    broker: Broker
-    audit_db: Path
-
-    def mint(self, grant: str) -> dict[str, Any]:
-        status, body, _ = self.broker.exchange(self.issuer.mint("gitlab"), grant=grant)
-        assert status == 200, body
-        creds: dict[str, Any] = body["credentials"]
-        return creds
-
-    def s3(self, creds: dict[str, Any]) -> Any:
-        return self.moto.client("s3", **creds)
-
-    def events_for(self, request_id: str) -> list[AuditEvent]:
-        store = open_store(f"sqlite:///{self.audit_db}")
-        try:
-            return [e for e in store.events() if e.request_id == request_id]
-        finally:
-            store.close()
+    return etl_project_grant(name, ttl="15m", aws={"role_arn": role_arn})
 
 
 @pytest.fixture(scope="module")
-def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Enforced]:
+def enforced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Issuer, auth-enforcing moto with two scoped roles and an untrusting one, and a broker."""
     workdir = tmp_path_factory.mktemp("enforced")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    try:
+    with start_upstreams(workdir) as up:
         for bucket in (LAKE, ARCHIVE):
-            moto.client("s3").create_bucket(Bucket=bucket)
+            up.moto.client("s3").create_bucket(Bucket=bucket)
         # etl-writer (the policy's default grant) may write raw/ in the lake only.
-        lake_role = moto.create_role("luigi-lake-raw", [s3_objects(LAKE, "raw/")])
-        archive_role = moto.create_role(
+        lake_role = up.moto.create_role("luigi-lake-raw", [s3_objects(LAKE, "raw/")])
+        archive_role = up.moto.create_role(
             "luigi-archive",
             [s3_objects(ARCHIVE), Allow(("s3:ListBucket",), (f"arn:aws:s3:::{ARCHIVE}",))],
         )
         # A role that trusts someone else: the broker's AssumeRole must be refused by moto.
-        foreign_role = moto.create_role(
+        foreign_role = up.moto.create_role(
             "luigi-foreign",
             [s3_objects(LAKE)],
             trusted="arn:aws:iam::123456789012:user/someone-else",
         )
-        audit_db = workdir / "audit.db"
-        config = policy_toml(
-            issuer_url=issuer.url,
-            audit_db=audit_db,
-            listen=f"127.0.0.1:{free_port()}",
-            moto_url=moto.url,
+        stack = up.serve(
+            workdir,
             role_arn=lake_role,
             extra=aws_grant("archive-writer", archive_role) + aws_grant("foreign", foreign_role),
         )
-        broker = start_broker(workdir / "broker", config, env=moto.broker_env)
         try:
-            yield Enforced(issuer, moto, broker, audit_db)
+            yield stack
         finally:
-            broker.stop()
-    finally:
-        moto.stop()
-        issuer.stop()
+            stack.broker.stop()
 
 
 def refusal(call: Any) -> str:
@@ -129,10 +75,10 @@ def refusal(call: Any) -> str:
     return str(caught.value.response["Error"]["Code"])
 
 
-def test_minted_credential_may_do_what_its_role_allows(enforced: Enforced) -> None:
+def test_minted_credential_may_do_what_its_role_allows(enforced: Stack) -> None:
     """etl-writer's credential writes and reads under raw/ in its bucket, and lives at most the
     grant's 15 minutes (moto sets Expiration from the DurationSeconds the broker asked for)."""
-    creds = enforced.mint("etl-writer")
+    creds = enforced.credentials("etl-writer")
     lifetime = datetime.fromisoformat(creds["Expiration"]) - datetime.now(UTC)
     assert timedelta(0) < lifetime <= timedelta(minutes=15)
     s3 = enforced.s3(creds)
@@ -141,9 +87,9 @@ def test_minted_credential_may_do_what_its_role_allows(enforced: Enforced) -> No
     s3.delete_object(Bucket=LAKE, Key="raw/day.csv")
 
 
-def test_minted_credential_is_refused_what_its_role_does_not_allow(enforced: Enforced) -> None:
+def test_minted_credential_is_refused_what_its_role_does_not_allow(enforced: Stack) -> None:
     """Outside raw/, other S3 actions, IAM and role chaining are refused by moto."""
-    creds = enforced.mint("etl-writer")
+    creds = enforced.credentials("etl-writer")
     s3 = enforced.s3(creds)
     assert refusal(lambda: s3.put_object(Bucket=LAKE, Key="curated/x", Body=b"x")) == (
         "AccessDenied"
@@ -161,11 +107,11 @@ def test_minted_credential_is_refused_what_its_role_does_not_allow(enforced: Enf
 
 
 def test_a_credential_of_one_grant_is_refused_the_resource_of_another(
-    enforced: Enforced,
+    enforced: Stack,
 ) -> None:
     """The lake grant's key cannot touch the archive, and the archive grant's not the lake."""
-    lake = enforced.s3(enforced.mint("etl-writer"))
-    archive = enforced.s3(enforced.mint("archive-writer"))
+    lake = enforced.s3(enforced.credentials("etl-writer"))
+    archive = enforced.s3(enforced.credentials("archive-writer"))
     archive.put_object(Bucket=ARCHIVE, Key="2026/11/day.csv", Body=b"x")
     assert [o["Key"] for o in archive.list_objects_v2(Bucket=ARCHIVE)["Contents"]] == [
         "2026/11/day.csv"
@@ -183,9 +129,9 @@ def test_a_credential_of_one_grant_is_refused_the_resource_of_another(
     )
 
 
-def test_a_tampered_credential_is_refused(enforced: Enforced) -> None:
+def test_a_tampered_credential_is_refused(enforced: Stack) -> None:
     """A changed secret fails the signature; a changed or missing session token is refused."""
-    creds = enforced.mint("etl-writer")
+    creds = enforced.credentials("etl-writer")
 
     def put(**changed: str) -> None:
         enforced.s3({**creds, **changed}).put_object(Bucket=LAKE, Key="raw/t", Body=b"x")
@@ -203,7 +149,7 @@ def test_a_tampered_credential_is_refused(enforced: Enforced) -> None:
     assert refusal(lambda: put(AccessKeyId="ASIA" + "Z" * 16)) == "InvalidAccessKeyId"
 
 
-def test_a_role_that_does_not_trust_the_broker_is_never_issued(enforced: Enforced) -> None:
+def test_a_role_that_does_not_trust_the_broker_is_never_issued(enforced: Stack) -> None:
     """moto refuses the broker's AssumeRole on a role trusting someone else: a 503 naming the
     upstream's refusal, no credential, and an audit trail that says so."""
     status, body, _ = enforced.broker.exchange(enforced.issuer.mint("gitlab"), grant="foreign")
@@ -216,7 +162,7 @@ def test_a_role_that_does_not_trust_the_broker_is_never_issued(enforced: Enforce
 
 
 def test_a_broker_with_a_key_moto_never_issued_mints_nothing(
-    enforced: Enforced, tmp_path: Path
+    enforced: Stack, tmp_path: Path
 ) -> None:
     """The broker's own AWS identity is checked: with a made-up key it is not ready and every
     AWS exchange fails as misconfigured."""

@@ -26,14 +26,23 @@ from broker.mint.aws import (
 CN_ROLE = "arn:aws-cn:iam::123456789012:role/etl"
 GOV_ROLE = "arn:aws-us-gov:iam::123456789012:role/etl"
 
-DEEP = """
+
+def aws_grant(body: str, role: str = "arn:aws:iam::123456789012:role/r") -> str:
+    """Grant `g` of project 1 assuming `role`; `body` is the rest of its [grant.aws] table."""
+    return f"""
 [[grant]]
 name = "g"
 issuers = ["gitlab"]
 [grant.match]
 project_id = "1"
 [grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/lake-writer"
+role_arn = "{role}"
+{body}
+"""
+
+
+DEEP = aws_grant(
+    """\
 external_id = "luigi-creds-data-platform"
 region = "eu-west-1"
 sts_endpoint = "https://sts.eu-west-1.amazonaws.com"
@@ -45,24 +54,13 @@ Version = "2012-10-17"
 Effect = "Allow"
 Action = ["s3:PutObject", "s3:GetObject"]
 Resource = ["arn:aws:s3:::lake/{project_path}/*"]
-"""
+""",
+    role="arn:aws:iam::123456789012:role/lake-writer",
+)
 
 POLICY = "[grant.aws.session_policy]"
 TAGS = 'session_tags = { project = "{project_path}" }'
 CLAIMS = {"project_path": "data-platform/etl", "pipeline_id": "42", "project_id": "1"}
-
-
-def aws_grant(body: str, role: str = "arn:aws:iam::123456789012:role/r") -> str:
-    return f"""
-[[grant]]
-name = "g"
-issuers = ["gitlab"]
-[grant.match]
-project_id = "1"
-[grant.aws]
-role_arn = "{role}"
-{body}
-"""
 
 
 def test_a_deep_grant_loads_and_plans_every_sts_parameter() -> None:

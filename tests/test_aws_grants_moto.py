@@ -14,27 +14,16 @@ test_aws_grants.py.
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
+from stack import Stack, start_upstreams
 
-from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
+from broker.audit.events import Outcome
 from broker.dev.aws import s3_objects
 from broker.dev.claims import GITLAB_PROJECT_PATH
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    policy_toml,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
+from broker.dev.policy_file import TomlValue, etl_project_grant, toml_table
 from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
@@ -43,78 +32,48 @@ EXTERNAL_ID = "luigi-creds-data-platform"
 
 
 def deep_grant(name: str, role_arn: str, sts: str, *, external_id: str = EXTERNAL_ID) -> str:
-    ext = f'external_id = "{external_id}"'
-    return textwrap.dedent(
-        f"""
-        [[grant]]
-        name = "{name}"
-        issuers = ["gitlab"]
-        ttl = "15m"
-        [grant.match]
-        project_id = "55235664"
-        [grant.aws]
-        role_arn = "{role_arn}"
-        {ext}
-        region = "eu-west-1"
-        sts_endpoint = "{sts}"
-        session_tags = {{ project = "{{project_path}}", pipeline = "{{pipeline_id}}" }}
-        transitive_tags = ["project"]
-        [grant.aws.session_policy]
-        Version = "2012-10-17"
-        [[grant.aws.session_policy.Statement]]
-        Effect = "Allow"
-        Action = ["s3:PutObject", "s3:GetObject"]
-        Resource = ["arn:aws:s3:::lake/{{project_path}}/*"]
-        """
+    aws: dict[str, TomlValue] = {
+        "role_arn": role_arn,
+        "external_id": external_id,
+        "region": "eu-west-1",
+        "sts_endpoint": sts,
+        "session_tags": {"project": "{project_path}", "pipeline": "{pipeline_id}"},
+        "transitive_tags": ["project"],
+    }
+    statement: dict[str, TomlValue] = {
+        "Effect": "Allow",
+        "Action": ["s3:PutObject", "s3:GetObject"],
+        "Resource": ["arn:aws:s3:::lake/{project_path}/*"],
+    }
+    return (
+        etl_project_grant(name, ttl="15m", aws=aws)
+        + toml_table("[grant.aws.session_policy]", {"Version": "2012-10-17"})
+        + toml_table("[[grant.aws.session_policy.Statement]]", statement)
     )
 
 
-@dataclass
-class Deep:
-    issuer: DevIssuer
-    moto: Moto
-    broker: Broker
-    audit_db: Path
-
-    def events_for(self, request_id: str) -> list[AuditEvent]:
-        store = open_store(f"sqlite:///{self.audit_db}")
-        try:
-            return [e for e in store.events() if e.request_id == request_id]
-        finally:
-            store.close()
-
-
 @pytest.fixture(scope="module")
-def deep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deep]:
+def deep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("deep-aws")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    broker = None
-    try:
-        role = moto.create_role("lake-writer", (s3_objects("lake"),), external_id=EXTERNAL_ID)
-        moto.client("s3").create_bucket(Bucket="lake")
-        moto.client("s3").create_bucket(Bucket="archive")
-        audit_db = workdir / "audit.db"
+    with start_upstreams(workdir) as up:
+        role = up.moto.create_role("lake-writer", (s3_objects("lake"),), external_id=EXTERNAL_ID)
+        up.moto.client("s3").create_bucket(Bucket="lake")
+        up.moto.client("s3").create_bucket(Bucket="archive")
         # [upstream.aws] points nowhere: only a grant's own sts_endpoint reaches STS.
-        config = policy_toml(
-            issuer_url=issuer.url,
-            audit_db=audit_db,
-            listen=f"127.0.0.1:{free_port()}",
+        stack = up.serve(
+            workdir,
             moto_url=f"http://127.0.0.1:{free_port()}",
             role_arn=role,
-            extra=deep_grant("project-lake", role, moto.url)
-            + deep_grant("wrong-external-id", role, moto.url, external_id="another-team"),
+            extra=deep_grant("project-lake", role, up.moto.url)
+            + deep_grant("wrong-external-id", role, up.moto.url, external_id="another-team"),
         )
-        broker = start_broker(workdir, config, env=moto.broker_env)
-        yield Deep(issuer, moto, broker, audit_db)
-    finally:
-        if broker is not None:
-            broker.stop()
-        moto.stop()
-        issuer.stop()
+        try:
+            yield stack
+        finally:
+            stack.broker.stop()
 
 
-def test_session_policy_grant_writes_the_project_prefix(deep: Deep) -> None:
+def test_session_policy_grant_writes_the_project_prefix(deep: Stack) -> None:
     """Through the grant's own endpoint, with the ExternalId the role demands: the credentials
     write the project's prefix; the role (moto-enforced) refuses another bucket; the intent
     record holds the session policy as sent, narrowed to the token's project path."""
@@ -139,7 +98,7 @@ def test_session_policy_grant_writes_the_project_prefix(deep: Deep) -> None:
     assert EXTERNAL_ID not in json.dumps(dict(intent.detail))
 
 
-def test_a_grant_with_another_external_id_is_refused_by_sts(deep: Deep) -> None:
+def test_a_grant_with_another_external_id_is_refused_by_sts(deep: Stack) -> None:
     """moto enforces the trust policy's sts:ExternalId: a grant sending another value gets
     nothing. (moto lets a call with no ExternalId through, where AWS refuses it.)"""
     status, body, _ = deep.broker.exchange(deep.issuer.mint("gitlab"), "wrong-external-id")
@@ -151,7 +110,7 @@ def test_a_grant_with_another_external_id_is_refused_by_sts(deep: Deep) -> None:
 
 
 @pytest.mark.parametrize("project_path", ["*", "", "${aws:username}"])
-def test_a_claim_that_would_widen_the_policy_mints_nothing(deep: Deep, project_path: str) -> None:
+def test_a_claim_that_would_widen_the_policy_mints_nothing(deep: Stack, project_path: str) -> None:
     """A token whose project_path would widen lake/{project_path}/* is refused before STS."""
     token = deep.issuer.mint("gitlab", project_path=project_path)
     status, body, _ = deep.broker.exchange(token, "project-lake")

@@ -24,6 +24,21 @@ SCENARIOS = ["vault_token", "vault_refresh", "aws_exchange", *REFUSED]
 PEERED = {"vault_token", *REFUSED}
 
 
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` from the checkout, this interpreter's bin directory first on
+    PATH (the tools the benchmark starts); its output is captured."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
 def test_percentile_is_nearest_rank() -> None:
     """Percentiles take the nearest-rank sample, so p50 of 1..10 is 5 and p99 is 10."""
     values = [float(v) for v in range(1, 11)]
@@ -65,26 +80,15 @@ def test_ratios_divide_ours_by_the_peer_and_mark_unpeered_rows() -> None:
 def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
     """A tiny run hands out equal Vault tokens on both sides and reports every scenario."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.exchange",
-            "--requests=3",
-            "--concurrency=2",
-            "--hostile=6",
-            "--warmup=1",
-            "--load-scale=0.01",
-            f"--json={out}",
-            f"--workdir={tmp_path / 'work'}",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+    done = run_bench(
+        "bench.exchange",
+        "--requests=3",
+        "--concurrency=2",
+        "--hostile=6",
+        "--warmup=1",
+        "--load-scale=0.01",
+        f"--json={out}",
+        f"--workdir={tmp_path / 'work'}",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text(encoding="utf-8"))
@@ -155,14 +159,7 @@ def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_tiny_dpop_benchmark_run_compares_bound_and_unbound(tmp_path: Path) -> None:
     """bench/dpop.py: a tiny run drives both sessions in both scenarios and reports ratios."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.dpop", "--requests=4", "--refreshes=2", "--batch=2"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_bench("bench.dpop", "--requests=4", "--refreshes=2", "--batch=2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout)
     for scenario in ("explain", "refresh"):

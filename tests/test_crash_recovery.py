@@ -36,23 +36,12 @@ from faults import (
     hold_sqlite_write_lock,
     start_delaying_proxy,
 )
+from stack import Upstreams, start_upstreams
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.ledger import StoredCheckpoint
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    exchange_form,
-    fresh_pg_database,
-    policy_toml,
-    refresh_form,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
-from broker.dev.processes import free_port
+from broker.dev.harness import Broker, DevIssuer, exchange_form, fresh_pg_database, refresh_form
 from broker.storage import BUSY_TIMEOUT, PG_LOCK_TIMEOUT_MS
 
 pytestmark = pytest.mark.integration
@@ -94,11 +83,10 @@ class Answer:
 
 
 @dataclass
-class Upstreams:
-    issuer: DevIssuer
-    moto: Moto
+class ProxiedUpstreams(Upstreams):
+    """The module's issuer and moto, and the delaying proxy in front of moto's STS."""
+
     proxy: DelayingProxy
-    role_arn: str
 
 
 @dataclass
@@ -206,15 +194,12 @@ def _client(
 
 
 def _broker_config(
-    up: Upstreams, store_url: str, key_file: Path, *, sts_url: str | None = None
+    up: ProxiedUpstreams, store_url: str, key_file: Path, *, sts_url: str | None = None
 ) -> str:
-    return policy_toml(
-        issuer_url=up.issuer.url,
-        audit_db=store_url,
-        listen=f"127.0.0.1:{free_port()}",
+    return up.config(
+        store_url,
         # [upstream.aws] endpoint_url: STS through the slow proxy, so kills land mid-mint.
         moto_url=sts_url or up.proxy.url,
-        role_arn=up.role_arn,
         broker_extra=f'{BROKER_EXTRA}\naudit_key_file = "{key_file}"',
     )
 
@@ -223,14 +208,12 @@ def _verify(broker: Broker, *extra: str) -> subprocess.CompletedProcess[str]:
     return broker.cli("audit", "verify", "--format", "json", *extra)
 
 
-def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
+def _crash_run(up: ProxiedUpstreams, workdir: Path, store_url: str) -> CrashRun:
     """Load, SIGKILL mid-mint, snapshot the ledger, restart, a little more load, SIGTERM."""
     key_file = workdir / "audit-key.pem"
     sts_seen = len(up.proxy.requests("AssumeRole"))
     dropped_seen = len(up.proxy.dropped("AssumeRole"))
-    first = start_broker(
-        workdir / "killed", _broker_config(up, store_url, key_file), env=up.moto.broker_env
-    )
+    first = up.start_broker(workdir / "killed", _broker_config(up, store_url, key_file))
     answers: list[Answer] = []  # list.append is atomic under the GIL
     stop = threading.Event()
     clients = [
@@ -262,9 +245,7 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
     assert pre.returncode == 0, pre.stdout + pre.stderr
     verify_before = json.loads(pre.stdout)
 
-    second = start_broker(
-        workdir / "restarted", _broker_config(up, store_url, key_file), env=up.moto.broker_env
-    )
+    second = up.start_broker(workdir / "restarted", _broker_config(up, store_url, key_file))
     try:
         verify_after_restart = _verify(second)
         token = up.issuer.mint("gitlab")
@@ -300,24 +281,20 @@ def _crash_run(up: Upstreams, workdir: Path, store_url: str) -> CrashRun:
 
 
 @pytest.fixture(scope="module")
-def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedUpstreams]:
     """Dev issuer, moto, and the delaying proxy in front of moto, shared by the module."""
-    workdir = tmp_path_factory.mktemp("upstreams")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    proxy = start_delaying_proxy(moto.url, delay_before=STS_DELAY, delay_after=STS_DELAY)
-    try:
-        yield Upstreams(issuer, moto, proxy, moto.create_role("etl-writer"))
-    finally:
-        proxy.stop()
-        moto.stop()
-        issuer.stop()
+    with start_upstreams(tmp_path_factory.mktemp("upstreams")) as up:
+        proxy = start_delaying_proxy(up.moto.url, delay_before=STS_DELAY, delay_after=STS_DELAY)
+        try:
+            yield ProxiedUpstreams(up.issuer, up.moto, up.role_arn, up.workdir, proxy)
+        finally:
+            proxy.stop()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def crash(
     request: pytest.FixtureRequest,
-    upstreams: Upstreams,
+    upstreams: ProxiedUpstreams,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[CrashRun]:
     """One kill-restart-stop cycle per audit store kind."""
@@ -548,16 +525,13 @@ def _hung_store(kind: str, workdir: Path) -> Iterator[tuple[str, Any]]:
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_held_audit_lock_answers_503_in_bounded_time_then_recovers(
-    kind: str, upstreams: Upstreams, tmp_path: Path
+    kind: str, upstreams: ProxiedUpstreams, tmp_path: Path
 ) -> None:
     """A held audit write lock makes parallel exchanges answer 503 in bounded time, then heals."""
     bound = HANG_BOUND[kind]
     with _hung_store(kind, tmp_path) as (url, hold_lock):
-        broker = start_broker(
-            tmp_path / "broker",
-            _broker_config(upstreams, url, tmp_path / "key.pem"),
-            env=upstreams.moto.broker_env,
-        )
+        config = _broker_config(upstreams, url, tmp_path / "key.pem")
+        broker = upstreams.start_broker(tmp_path / "broker", config)
         try:
             status, body, _ = broker.exchange(upstreams.issuer.mint("gitlab"))
             assert status == 200, body
@@ -620,7 +594,7 @@ FIRST_WRITE_TIMEOUT = {"sqlite": BUSY_TIMEOUT, "postgresql": PG_LOCK_TIMEOUT_MS 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_credential_minted_while_the_store_hangs_is_withheld_and_recorded(
-    kind: str, upstreams: Upstreams, tmp_path: Path
+    kind: str, upstreams: ProxiedUpstreams, tmp_path: Path
 ) -> None:
     """A store hanging after the STS call means a 503 and an `error` record naming the held key."""
     proxy = start_delaying_proxy(upstreams.moto.url, delay_before=0.0, delay_after=ANSWER_DELAY)
@@ -630,7 +604,7 @@ def test_credential_minted_while_the_store_hangs_is_withheld_and_recorded(
     try:
         with _hung_store(kind, tmp_path) as (url, hold_lock):
             config = _broker_config(upstreams, url, tmp_path / "key.pem", sts_url=proxy.url)
-            broker = start_broker(tmp_path / "broker", config, env=upstreams.moto.broker_env)
+            broker = upstreams.start_broker(tmp_path / "broker", config)
             try:
                 answer: list[Any] = []
                 worker = threading.Thread(

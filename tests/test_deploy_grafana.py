@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 from deploy_files import DEPLOY
+from stack import start_upstreams
 
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    policy_toml,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
-from broker.dev.processes import free_port
+from broker.dev.harness import Broker, DevIssuer, Moto
+from broker.dev.policy_file import etl_project_grant
 
 DASHBOARD = DEPLOY / "grafana" / "luigi-creds.json"
 _SERIES = re.compile(r"\bluigi_creds_[a-z0-9_]+")
@@ -75,37 +68,16 @@ def test_the_dashboard_is_valid_grafana_json() -> None:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, DevIssuer, Moto]]:
     workdir = tmp_path_factory.mktemp("grafana")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    b = None
-    try:
-        role = moto.create_role("etl-writer")
-        untrusting = moto.create_role("untrusting", trusted="arn:aws:iam::123456789012:root")
-        extra = f"""
-[[grant]]
-name = "refused-upstream"
-issuers = ["gitlab"]
-ttl = "15m"
-[grant.match]
-project_id = "55235664"
-[grant.aws]
-role_arn = "{untrusting}"
-"""
-        config = policy_toml(
-            issuer_url=issuer.url,
-            audit_db=workdir / "audit.db",
-            listen=f"127.0.0.1:{free_port()}",
-            moto_url=moto.url,
-            role_arn=role,
-            extra=extra,
+    with start_upstreams(workdir) as up:
+        untrusting = up.moto.create_role("untrusting", trusted="arn:aws:iam::123456789012:root")
+        refused_upstream = etl_project_grant(
+            "refused-upstream", ttl="15m", aws={"role_arn": untrusting}
         )
-        b = start_broker(workdir, config, env=moto.broker_env)
-        yield b, issuer, moto
-    finally:
-        if b is not None:
-            b.stop()
-        moto.stop()
-        issuer.stop()
+        stack = up.serve(workdir, extra=refused_upstream)
+        try:
+            yield stack.broker, up.issuer, up.moto
+        finally:
+            stack.broker.stop()
 
 
 @pytest.mark.integration

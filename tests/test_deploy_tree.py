@@ -6,8 +6,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import yaml
 
 from broker.config_lint import load_config
+from broker.dev.harness import run_broker_cli
 
 with warnings.catch_warnings():
     # Luigi warns on import unless a luigi.cfg sets [core] autoload_range (ours do; the test
@@ -26,7 +25,6 @@ from deploy_files import (
     BROKER_PORT,
     DEPLOY,
     JSON_FILES,
-    REPO,
     SYSTEMD,
     TOML_FILES,
     YAML_FILES,
@@ -49,14 +47,7 @@ def test_check_config_cli_accepts_the_deployed_policies(tmp_path: Path) -> None:
     configmap = tmp_path / "configmap-broker.toml"
     configmap.write_text(k8s_objects()["ConfigMap"]["data"]["broker.toml"], encoding="utf-8")
     for path in (SYSTEMD / "broker.toml", configmap):
-        result = subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=REPO,
-        )
+        result = run_broker_cli("check-config", str(path))
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"{path}: ok")
 

@@ -22,21 +22,19 @@ from typing import Any
 
 import httpx
 import pytest
+from stack import Stack, start_upstreams
 
 from broker.audit import open_store
-from broker.audit.events import AuditEvent, Outcome
+from broker.audit.events import Outcome
 from broker.dev.harness import (
     Broker,
-    DevIssuer,
-    Moto,
     exchange_form,
     fresh_pg_database,
     policy_toml,
     refresh_form,
     start_broker,
-    start_dev_issuer,
-    start_moto,
 )
+from broker.dev.policy_file import etl_project_grant
 from broker.dev.processes import free_port
 from broker.sealing import RefSealer
 from broker.sessions import open_state
@@ -51,58 +49,19 @@ pytestmark = pytest.mark.integration
 READ_ONLY_SEALER = RefSealer(bytes(32))
 
 
-GRANT_REQUIRES_DPOP = """
-[[grant]]
-name = "bound-writer"
-issuers = ["gitlab"]
-ttl = "15m"
-require_dpop = true
-[grant.match]
-project_id = "55235664"
-[grant.aws]
-role_arn = "{role_arn}"
-"""
-
-
-@dataclass
-class DpopStack:
-    issuer: DevIssuer
-    moto: Moto
-    broker: Broker
-    store: str
-
-    def events(self, request_id: str | None = None) -> list[AuditEvent]:
-        store = open_store(self.store)
-        try:
-            return [e for e in store.events() if request_id in (None, e.request_id)]
-        finally:
-            store.close()
-
-
 @pytest.fixture(scope="module")
-def dpop_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DpopStack]:
+def dpop_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The default policy and `bound-writer`, the same grant but requiring DPoP."""
     workdir = tmp_path_factory.mktemp("dpop")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    try:
-        role_arn = moto.create_role("etl-writer")
-        db = workdir / "audit.db"
-        config = policy_toml(
-            issuer_url=issuer.url,
-            audit_db=db,
-            listen=f"127.0.0.1:{free_port()}",
-            moto_url=moto.url,
-            role_arn=role_arn,
-            extra=GRANT_REQUIRES_DPOP.format(role_arn=role_arn),
+    with start_upstreams(workdir) as up:
+        bound_writer = etl_project_grant(
+            "bound-writer", ttl="15m", require_dpop=True, aws={"role_arn": up.role_arn}
         )
-        broker = start_broker(workdir / "broker", config, env=moto.broker_env)
+        stack = up.serve(workdir, extra=bound_writer)
         try:
-            yield DpopStack(issuer, moto, broker, f"sqlite:///{db}")
+            yield stack
         finally:
-            broker.stop()
-    finally:
-        moto.stop()
-        issuer.stop()
+            stack.broker.stop()
 
 
 @dataclass
@@ -116,7 +75,7 @@ class Sent:
 
 
 @pytest.fixture
-def owner(dpop_stack: DpopStack) -> Iterator[tuple[BrokerClient, Sent]]:
+def owner(dpop_stack: Stack) -> Iterator[tuple[BrokerClient, Sent]]:
     """The job's real client, its token from the environment (not renewable: if its session
     ended, it could not mint again)."""
     sent = Sent()
@@ -157,7 +116,7 @@ def _post(broker: Broker, path: str, form: dict[str, str], proof: str | None) ->
 
 
 def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
-    dpop_stack: DpopStack, owner: tuple[BrokerClient, Sent]
+    dpop_stack: Stack, owner: tuple[BrokerClient, Sent]
 ) -> None:
     client, sent = owner
     broker = dpop_stack.broker
@@ -175,7 +134,7 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
         e for e in dpop_stack.events() if e.outcome == Outcome.ISSUED and e.task == "Extract_1"
     ]
     assert issued.detail["dpop_jkt"] == key.thumbprint
-    _replay, sessions = open_state(dpop_stack.store, sealer=READ_ONLY_SEALER)
+    _replay, sessions = open_state(dpop_stack.store_url, sealer=READ_ONLY_SEALER)
     try:
         stored = sessions.get(issued.session_id)
     finally:
@@ -216,7 +175,7 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
         )
         assert (status, body["error"]) == (400, "invalid_dpop_proof"), (reason, body)
         assert "DPoP-Nonce" in headers
-        (denied,) = dpop_stack.events(body["request_id"])
+        (denied,) = dpop_stack.events_for(body["request_id"])
         assert (denied.outcome, denied.reason) == (Outcome.DENIED, reason)
         # Recorded one by one against the session whose handle came without its key (not
         # folded into the tally of requests that proved nothing); the session itself lives on.
@@ -231,12 +190,12 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
         broker, "/v1/token", refresh_form(stolen, "bound-writer", task="Steal"), captured
     )
     assert (status, body["error"]) == (400, "invalid_dpop_proof")
-    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_replayed"]
+    assert [e.reason for e in dpop_stack.events_for(body["request_id"])] == ["dpop_replayed"]
 
     # An old handle would end the session as reuse; without the key it ends nothing.
     status, body, _ = _post(broker, "/v1/token", refresh_form(old_handle, "bound-writer"), None)
     assert (status, body["error"]) == (400, "invalid_dpop_proof")
-    assert [e.reason for e in dpop_stack.events(body["request_id"])] == [
+    assert [e.reason for e in dpop_stack.events_for(body["request_id"])] == [
         "dpop_missing_for_bound_session"
     ]
     # Nor can the thief revoke the session, or ask about it.
@@ -246,7 +205,7 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
     revoke_proof = thief.proof("POST", broker.url + "/v1/revoke", now=now, nonce=nonce)
     status, body, _ = _post(broker, "/v1/revoke", revoke_form, revoke_proof)
     assert (status, body["error"]) == (400, "invalid_dpop_proof")
-    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_wrong_key"]
+    assert [e.reason for e in dpop_stack.events_for(body["request_id"])] == ["dpop_wrong_key"]
     status, body, _ = _post(broker, "/v1/explain", {"refresh_token": stolen}, None)
     assert (status, body["error"]) == (400, "invalid_dpop_proof")
 
@@ -260,7 +219,7 @@ def test_the_client_binds_its_session_and_a_thief_with_the_handle_mints_nothing(
 
 
 def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
-    dpop_stack: DpopStack, tmp_path: Path
+    dpop_stack: Stack, tmp_path: Path
 ) -> None:
     """Refused before the token is consumed: the same token then exchanges with a proof. A
     grant that does not require DPoP still serves a client without one (unbound, N_A)."""
@@ -268,7 +227,7 @@ def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
     token = dpop_stack.issuer.mint("gitlab")
     status, body, _ = broker.exchange(token, "bound-writer")
     assert (status, body["error"]) == (400, "invalid_dpop_proof")
-    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_required"]
+    assert [e.reason for e in dpop_stack.events_for(body["request_id"])] == ["dpop_required"]
 
     key = DpopKey()
     proof = key.proof("POST", broker.url + "/v1/token", now=datetime.now(UTC), nonce=_nonce(broker))
@@ -286,7 +245,7 @@ def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
     # An unbound session cannot mint a grant that requires DPoP.
     status, body, _ = broker.refresh(body["refresh_token"], "bound-writer")
     assert (status, body["error"]) == (400, "invalid_dpop_proof")
-    assert [e.reason for e in dpop_stack.events(body["request_id"])] == ["dpop_required"]
+    assert [e.reason for e in dpop_stack.events_for(body["request_id"])] == ["dpop_required"]
 
     # The bound session ends with a proof by its key.
     revoke = key.proof(
@@ -297,7 +256,7 @@ def test_an_exchange_without_a_proof_is_refused_where_dpop_is_required(
 
 
 def test_two_brokers_on_one_postgresql_share_nonces_and_spent_proofs(
-    dpop_stack: DpopStack, tmp_path: Path
+    dpop_stack: Stack, tmp_path: Path
 ) -> None:
     """Two replicas behind one address (the load balancer passes the Host): a nonce one issued
     is accepted by the other, and a proof spent at one is refused as a replay at the other."""

@@ -7,29 +7,18 @@ an allow shows what would be minted, a deny names the failing claim, and exit co
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from broker.dev.harness import run_broker_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "examples" / "broker.toml"
 GITLAB = ROOT / "tests" / "fixtures" / "claims" / "gitlab.json"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
-
-
 def test_explain_allow_shows_what_would_be_minted() -> None:
     """An allowed grant exits 0 and prints each claim check and the AssumeRole it would send."""
-    done = _cli(
+    done = run_broker_cli(
         "explain", "--config", str(POLICY), "--claims", str(GITLAB), "--grant", "etl-writer"
     )
     assert done.returncode == 0, done.stderr
@@ -46,7 +35,9 @@ def test_explain_deny_names_the_failing_claim(tmp_path: Path) -> None:
     claims["ref"] = "release/1/evil"  # `release/*` never crosses a `/`
     path = tmp_path / "claims.json"
     path.write_text(json.dumps(claims), encoding="utf-8")
-    done = _cli("explain", "--config", str(POLICY), "--claims", str(path), "--grant", "etl-writer")
+    done = run_broker_cli(
+        "explain", "--config", str(POLICY), "--claims", str(path), "--grant", "etl-writer"
+    )
     assert done.returncode == 1
     assert "grant etl-writer: DENY (claim_mismatch)" in done.stdout
     fails = [line for line in done.stdout.splitlines() if "[FAIL]" in line]
@@ -56,14 +47,14 @@ def test_explain_deny_names_the_failing_claim(tmp_path: Path) -> None:
 
 def test_explain_without_grant_lists_every_grant_of_the_issuer() -> None:
     """Without --grant, every grant that accepts the issuer is evaluated."""
-    done = _cli("explain", "--config", str(POLICY), "--claims", str(GITLAB))
+    done = run_broker_cli("explain", "--config", str(POLICY), "--claims", str(GITLAB))
     assert done.returncode == 0
     assert done.stdout.count("grant ") >= 2
 
 
 def test_explain_unknown_issuer_is_a_deny() -> None:
     """Claims from an issuer the policy does not name are denied before any grant is looked at."""
-    done = _cli(
+    done = run_broker_cli(
         "explain",
         "--config",
         str(ROOT / "examples" / "dev-policy.toml"),
@@ -76,7 +67,7 @@ def test_explain_unknown_issuer_is_a_deny() -> None:
 
 def test_check_config_lists_every_problem(tmp_path: Path) -> None:
     """check-config exits 1 and lists all problems of a broken file, and 0 for a good one."""
-    good = _cli("check-config", str(POLICY))
+    good = run_broker_cli("check-config", str(POLICY))
     assert good.returncode == 0 and "ok (5 issuers" in good.stdout
     bad = tmp_path / "broker.toml"
     bad.write_text(
@@ -85,7 +76,7 @@ def test_check_config_lists_every_problem(tmp_path: Path) -> None:
         '[grant.match]\nref = "main"\n[grant.aws]\nrole_arn = "arn:aws:iam::123456789012:role/r"\n',
         encoding="utf-8",
     )
-    done = _cli("check-config", str(bad))
+    done = run_broker_cli("check-config", str(bad))
     assert done.returncode == 1
     problems = [line for line in done.stderr.splitlines() if line.strip().startswith("- ")]
     assert len(problems) >= 5, done.stderr

@@ -17,8 +17,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,16 +27,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pki import TestCA
+from stack import Upstreams, start_upstreams
 
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    policy_toml,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
+from broker.dev.harness import Broker, run_broker_cli
 from broker.dev.processes import free_port
 
 with warnings.catch_warnings():
@@ -53,13 +44,12 @@ BUCKET = "tls-lake"
 
 
 @dataclass
-class TlsStack:
-    issuer: DevIssuer
-    moto: Moto
+class TlsStack(Upstreams):
+    """The module's issuer and moto, and a broker serving https with a certificate of `ca`."""
+
     broker: Broker
     ca: TestCA
     wrong_ca: TestCA
-    role_arn: str
 
 
 def close(client: BrokerClient) -> None:
@@ -73,27 +63,16 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     ca = TestCA.create(workdir / "ca", "luigi-creds test CA")
     wrong_ca = TestCA.create(workdir / "wrong-ca", "some other CA")
     cert, key = ca.issue_server(workdir / "broker-tls")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    try:
-        moto.client("s3").create_bucket(Bucket=BUCKET)
-        role_arn = moto.create_role("etl-writer")
-        config = policy_toml(
-            issuer_url=issuer.url,
-            audit_db=workdir / "audit.db",
-            listen=f"127.0.0.1:{free_port()}",
-            moto_url=moto.url,
-            role_arn=role_arn,
-            broker_extra=f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"',
+    with start_upstreams(workdir) as up:
+        up.moto.client("s3").create_bucket(Bucket=BUCKET)
+        config = up.config(
+            workdir / "audit.db", broker_extra=f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"'
         )
-        broker = start_broker(workdir / "broker", config, env=moto.broker_env, ca_file=ca.cert_file)
+        broker = up.start_broker(workdir / "broker", config, ca_file=ca.cert_file)
         try:
-            yield TlsStack(issuer, moto, broker, ca, wrong_ca, role_arn)
+            yield TlsStack(up.issuer, up.moto, up.role_arn, up.workdir, broker, ca, wrong_ca)
         finally:
             broker.stop()
-    finally:
-        moto.stop()
-        issuer.stop()
 
 
 def test_client_with_the_ca_bundle_mints_over_https(tls_stack: TlsStack) -> None:
@@ -238,20 +217,14 @@ def start_rotating_broker(
 ) -> tuple[Broker, Path, Path]:
     live = workdir / "live"
     cert, key = tls_stack.ca.issue_server(live)
-    config = policy_toml(
-        issuer_url=tls_stack.issuer.url,
-        audit_db=workdir / "audit.db",
-        listen=f"127.0.0.1:{free_port()}",
-        moto_url=tls_stack.moto.url,
-        role_arn=tls_stack.role_arn,
+    config = tls_stack.config(
+        workdir / "audit.db",
         broker_extra=(
             f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
             f'tls_reload_seconds = "{reload_seconds}"'
         ),
     )
-    broker = start_broker(
-        workdir / "broker", config, env=tls_stack.moto.broker_env, ca_file=tls_stack.ca.cert_file
-    )
+    broker = tls_stack.start_broker(workdir / "broker", config, ca_file=tls_stack.ca.cert_file)
     return broker, cert, key
 
 
@@ -334,31 +307,17 @@ def test_plain_http_off_loopback_only_behind_a_proxy_and_loudly(
     port = free_port()
 
     def config(extra: str) -> str:
-        return policy_toml(
-            issuer_url=tls_stack.issuer.url,
-            audit_db=tmp_path / "audit.db",
-            listen=f"0.0.0.0:{port}",
-            moto_url=tls_stack.moto.url,
-            role_arn=tls_stack.role_arn,
-            broker_extra=extra,
-        )
+        return tls_stack.config(tmp_path / "audit.db", listen=f"0.0.0.0:{port}", broker_extra=extra)
 
     refused_config = tmp_path / "refused.toml"
     refused_config.write_text(config(""), encoding="utf-8")
-    refused = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--config", str(refused_config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    refused = run_broker_cli("serve", "--config", str(refused_config))
     assert refused.returncode != 0
     assert "plain HTTP only on a loopback address" in refused.stderr
 
-    broker = start_broker(
+    broker = tls_stack.start_broker(
         tmp_path / "proxied",
         config('plain_http_behind_proxy = true\ntrusted_proxies = ["127.0.0.1/32"]'),
-        env=tls_stack.moto.broker_env,
     )
     try:
         assert broker.get("/healthz")[0] == 200

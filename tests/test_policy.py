@@ -22,66 +22,60 @@ import pytest
 
 from broker.config import AwsGrant, BrokerSettings, Config, GrantConfig, IssuerConfig
 from broker.config_lint import load_config, parse_config
+from broker.dev import policy_file
 from broker.policy import ClaimCheck, Decision, Policy, display
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "claims"
 DROP = object()  # marks a claim removed from the fixture
+BROKER_AUDIENCE = "https://broker.example.com"
 
-EXTRA_POLICY = """
-[[issuer]]
-name = "okta"
-url = "https://acme.okta.com/oauth2/default"
-audiences = ["api://luigi-creds"]
 
-[[grant]]
-name = "okta-people"
-issuers = ["okta"]
-[grant.match]
-groups = ["data-engineering", "data-platform"]
-scp = "warehouse.write"
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/okta-people"
+def role(name: str) -> dict[str, policy_file.TomlValue]:
+    """A [grant.aws] target: the role named like its grant."""
+    return {"role_arn": f"arn:aws:iam::123456789012:role/{name}"}
 
-[[issuer]]
-name = "github"
-url = "https://token.actions.githubusercontent.com"
-audiences = ["https://broker.example.com"]
 
-[[issuer]]
-name = "gitlab"
-url = "https://gitlab.com"
-audiences = ["https://broker.example.com"]
-
-[[grant]]
-name = "gh-sub"
-issuers = ["github"]
-[grant.match]
-sub = [
-  "repo:acme/etl:ref:refs/heads/main",
-  "repo:acme-14101776/etl-892341765:ref:refs/tags/*",
-]
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/gh-sub"
-
-[[grant]]
-name = "gh-org"
-issuers = ["github"]
-[grant.match]
-repository = "acme/*"
-repository_owner_id = "14101776"
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/gh-org"
-
-[[grant]]
-name = "gl-path"
-issuers = ["gitlab"]
-[grant.match]
-project_path = "data/platform/etl"
-ref = "main"
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/gl-path"
-"""
+# Issuers and grants examples/broker.toml does not have: Okta people, GitHub bound by `sub` or
+# by owner glob, GitLab by project path.
+EXTRA_POLICY = "\n".join(
+    (
+        policy_file.issuer("okta", "https://acme.okta.com/oauth2/default", ["api://luigi-creds"]),
+        policy_file.grant(
+            "okta-people",
+            {"groups": ["data-engineering", "data-platform"], "scp": "warehouse.write"},
+            issuers=["okta"],
+            aws=role("okta-people"),
+        ),
+        policy_file.issuer(
+            "github", "https://token.actions.githubusercontent.com", [BROKER_AUDIENCE]
+        ),
+        policy_file.issuer("gitlab", "https://gitlab.com", [BROKER_AUDIENCE]),
+        policy_file.grant(
+            "gh-sub",
+            {
+                "sub": [
+                    "repo:acme/etl:ref:refs/heads/main",
+                    "repo:acme-14101776/etl-892341765:ref:refs/tags/*",
+                ]
+            },
+            issuers=["github"],
+            aws=role("gh-sub"),
+        ),
+        policy_file.grant(
+            "gh-org",
+            {"repository": "acme/*", "repository_owner_id": "14101776"},
+            issuers=["github"],
+            aws=role("gh-org"),
+        ),
+        policy_file.grant(
+            "gl-path",
+            {"project_path": "data/platform/etl", "ref": "main"},
+            issuers=["gitlab"],
+            aws=role("gl-path"),
+        ),
+    )
+)
 
 
 def claims(provider: str, **changes: Any) -> dict[str, Any]:
@@ -213,6 +207,17 @@ EXAMPLE_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
 ]
 
 
+def assert_decides(
+    policy: Policy, provider: str, issuer: str, grant: str, changes: dict[str, Any], reason: str
+) -> None:
+    """`provider`'s claims with `changes`, from `issuer`, asking for `grant`: `reason`, allowed
+    exactly when that is "allowed", and the decision names the grant asked for."""
+    decision = policy.evaluate(grant, issuer, claims(provider, **changes))
+    assert decision.reason == reason
+    assert decision.allowed is (reason == "allowed")
+    assert decision.grant == grant
+
+
 @pytest.mark.parametrize(("provider", "issuer", "grant", "changes", "reason"), EXAMPLE_ROWS)
 def test_example_policy_table(
     policy: Policy,
@@ -223,10 +228,7 @@ def test_example_policy_table(
     reason: str,
 ) -> None:
     """The sample policy allows and denies each provider's claim variants with the stated reason."""
-    decision = policy.evaluate(grant, issuer, claims(provider, **changes))
-    assert decision.reason == reason
-    assert decision.allowed is (reason == "allowed")
-    assert decision.grant == grant
+    assert_decides(policy, provider, issuer, grant, changes, reason)
 
 
 EXTRA_ROWS: list[tuple[str, str, str, dict[str, Any], str]] = [
@@ -304,9 +306,7 @@ def test_sub_and_glob_table(
     reason: str,
 ) -> None:
     """Anchored, segment-aware globs bind `sub`, `repository` and `project_path` exactly."""
-    decision = extra.evaluate(grant, issuer, claims(provider, **changes))
-    assert decision.reason == reason
-    assert decision.allowed is (reason == "allowed")
+    assert_decides(extra, provider, issuer, grant, changes, reason)
 
 
 def test_trace_covers_every_claim_after_a_failure(policy: Policy) -> None:

@@ -7,7 +7,7 @@ are covered over HTTP in test_policy_reload_http.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from broker.audit.events import AuditEvent, Outcome
 from broker.audit.ledger import SqlLedger
 from broker.audit.verify import verify_ledger
 from broker.config import GrantConfig
+from broker.dev.policy_file import TomlValue
+from broker.dev.policy_file import grant as grant_toml
 from broker.policy_reload import (
     ActivePolicy,
     PolicyMetrics,
@@ -38,27 +40,15 @@ url = "https://gitlab.com"
 audiences = ["luigi-creds"]
 """
 
-WRITER = """
-[[grant]]
-name = "writer"
-issuers = ["gitlab"]
-[grant.match]
-project_id = "1"
-[grant.aws]
-role_arn = "arn:aws:iam::123456789012:role/writer"
-"""
 
-READER = WRITER.replace('"writer"', '"reader"').replace("role/writer", "role/reader")
+def project_grant(name: str, **target: Mapping[str, TomlValue]) -> str:
+    """A grant of gitlab's project 1 with its `aws=` or `vault=` target."""
+    return grant_toml(name, {"project_id": "1"}, **target)
 
-VAULT_GRANT = """
-[[grant]]
-name = "db"
-issuers = ["gitlab"]
-[grant.match]
-project_id = "1"
-[grant.vault]
-token_policies = ["db"]
-"""
+
+WRITER = project_grant("writer", aws={"role_arn": "arn:aws:iam::123456789012:role/writer"})
+READER = project_grant("reader", aws={"role_arn": "arn:aws:iam::123456789012:role/reader"})
+VAULT_GRANT = project_grant("db", vault={"token_policies": ["db"]})
 
 VAULT_UPSTREAM = """
 [upstream.vault]

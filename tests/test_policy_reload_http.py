@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -19,19 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from stack import Upstreams, start_upstreams
 
 from broker.audit import open_store
 from broker.audit.events import Outcome
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    fresh_pg_database,
-    policy_toml,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
+from broker.dev.harness import Broker, DevIssuer, fresh_pg_database
+from broker.dev.policy_file import etl_project_grant
 from broker.dev.processes import free_port
 
 pytestmark = pytest.mark.integration
@@ -45,49 +37,17 @@ UNTHROTTLED = (
 
 def reader_grant(role_arn: str, ttl: str = "15m") -> str:
     """A second grant the first policy does not have."""
-    return textwrap.dedent(
-        f"""
-        [[grant]]
-        name = "etl-reader"
-        issuers = ["gitlab"]
-        ttl = "{ttl}"
-        [grant.match]
-        project_id = "55235664"
-        [grant.aws]
-        role_arn = "{role_arn}"
-        """
-    )
-
-
-@dataclass
-class Upstreams:
-    issuer: DevIssuer
-    moto: Moto
-    role_arn: str
+    return etl_project_grant("etl-reader", ttl=ttl, aws={"role_arn": role_arn})
 
 
 @pytest.fixture(scope="module")
 def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
-    workdir = tmp_path_factory.mktemp("reload-upstreams")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    try:
-        yield Upstreams(issuer, moto, moto.create_role("etl-writer"))
-    finally:
-        moto.stop()
-        issuer.stop()
+    with start_upstreams(tmp_path_factory.mktemp("reload-upstreams")) as up:
+        yield up
 
 
 def _config(up: Upstreams, store: Path | str, listen: str, extra: str = "") -> str:
-    return policy_toml(
-        issuer_url=up.issuer.url,
-        audit_db=store,
-        listen=listen,
-        moto_url=up.moto.url,
-        role_arn=up.role_arn,
-        broker_extra=UNTHROTTLED,
-        extra=extra,
-    )
+    return up.config(store, listen=listen, broker_extra=UNTHROTTLED, extra=extra)
 
 
 def _edit(path: Path, text: str) -> None:
@@ -164,7 +124,7 @@ def test_policy_edited_under_load(upstreams: Upstreams, tmp_path: Path) -> None:
     audit_db = tmp_path / "audit.db"
     listen = f"127.0.0.1:{free_port()}"
     first = _config(up, audit_db, listen)
-    broker = start_broker(tmp_path, first, env=up.moto.broker_env)
+    broker = up.start_broker(tmp_path, first)
     try:
         sha_first = _policy_state(broker)["sha256"]
         with Client(broker, up.issuer, "etl-writer") as writer:
@@ -241,7 +201,7 @@ def test_sighup_reloads_an_edit_the_poll_cannot_see(upstreams: Upstreams, tmp_pa
     before = _config(up, tmp_path / "audit.db", listen, reader_grant(up.role_arn, "15m"))
     after = _config(up, tmp_path / "audit.db", listen, reader_grant(up.role_arn, "16m"))
     assert len(before) == len(after)
-    broker = start_broker(tmp_path, before, env=up.moto.broker_env)
+    broker = up.start_broker(tmp_path, before)
     try:
         sha = _policy_state(broker)["sha256"]
         stat = broker.config_path.stat()
@@ -268,7 +228,7 @@ def test_reload_that_changes_the_broker_section_is_refused(
     up = upstreams
     listen = f"127.0.0.1:{free_port()}"
     config = _config(up, tmp_path / "audit.db", listen)
-    broker = start_broker(tmp_path, config, env=up.moto.broker_env)
+    broker = up.start_broker(tmp_path, config)
     try:
         _edit(broker.config_path, config.replace('leeway = "30s"', 'leeway = "10s"'))
         deadline = time.monotonic() + 5
@@ -298,9 +258,7 @@ def test_two_replicas_on_one_postgresql_converge(upstreams: Upstreams, tmp_path:
         try:
             for name in ("a", "b"):
                 listen = f"127.0.0.1:{free_port()}"
-                replicas.append(
-                    start_broker(tmp_path / name, _config(up, url, listen), env=up.moto.broker_env)
-                )
+                replicas.append(up.start_broker(tmp_path / name, _config(up, url, listen)))
             # The replicas' files differ only in their listen address (one host, two ports),
             # so each replica converges on the sha256 of its own new file.
             edited_at = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from races import run_at_once
 
 from broker.config import BrokerSettings, RateLimit
 from broker.ratelimit import DenyCache, RateLimiter, RateLimits, retry_after
@@ -91,20 +92,14 @@ def test_concurrent_checks_spend_exactly_burst() -> None:
     limiter = RateLimiter(RateLimit(per_second=0.001, burst=25))
     results: list[float | None] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(8)
 
     def worker() -> None:
-        barrier.wait()
         for _ in range(20):
             outcome = limiter.check("k", 1.0)
             with lock:
                 results.append(outcome)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_at_once(worker, 8)
     assert results.count(None) == 25
     assert len(results) == 160
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from races import run_at_once
 
 from broker.audit import open_store
 from broker.dev.processes import free_port
@@ -147,21 +148,15 @@ def test_consume_hostile_token_ids(state: State) -> None:
 
 def test_consume_twenty_threads_one_winner(state: State) -> None:
     """Twenty threads consuming one jti at once get exactly one True."""
-    barrier = threading.Barrier(20)
     results: list[bool] = []
     lock = threading.Lock()
 
     def worker() -> None:
-        barrier.wait()
         outcome = state.ledger.consume("gitlab", "raced", expires_at=T0 + HOUR, now=T0)
         with lock:
             results.append(outcome)
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_at_once(worker, 20)
     assert sorted(results) == [False] * 19 + [True]
 
 
@@ -317,13 +312,11 @@ def test_rotation_chain_then_reuse_revokes_the_session(state: State) -> None:
 def test_concurrent_rotation_of_one_handle_has_one_winner(state: State) -> None:
     """When threads rotate the same handle at once, one wins and the rest end the session."""
     session, handle = new_session(state.store)
-    barrier = threading.Barrier(8)
     wins: list[str] = []
     reasons: list[str] = []
     lock = threading.Lock()
 
     def worker() -> None:
-        barrier.wait()
         try:
             _, successor = state.store.rotate(handle, now=T0)
         except SessionError as exc:
@@ -333,11 +326,7 @@ def test_concurrent_rotation_of_one_handle_has_one_winner(state: State) -> None:
             with lock:
                 wins.append(successor)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_at_once(worker, 8)
     assert len(wins) == 1
     assert "reused" in reasons and set(reasons) <= {"reused", "revoked"}
     ended = state.store.get(session.id)

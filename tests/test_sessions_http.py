@@ -16,63 +16,28 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from stack import audit_events
+from stack import Upstreams, audit_events, start_upstreams
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
-from broker.dev.harness import (
-    Broker,
-    DevIssuer,
-    Moto,
-    fresh_pg_database,
-    policy_toml,
-    start_broker,
-    start_dev_issuer,
-    start_moto,
-)
-from broker.dev.processes import free_port
+from broker.dev.harness import Broker, fresh_pg_database
 
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class Upstreams:
-    issuer: DevIssuer
-    moto: Moto
-    role_arn: str
-    workdir: Path
-
-    def config(self, audit_store: Path | str, **extra: str) -> str:
-        return policy_toml(
-            issuer_url=self.issuer.url,
-            audit_db=audit_store,
-            listen=f"127.0.0.1:{free_port()}",
-            moto_url=self.moto.url,
-            role_arn=self.role_arn,
-            **extra,
-        )
-
-
 @pytest.fixture(scope="module")
 def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
-    workdir = tmp_path_factory.mktemp("upstreams")
-    issuer = start_dev_issuer(workdir)
-    moto = start_moto(workdir)
-    try:
-        yield Upstreams(issuer, moto, moto.create_role("etl-writer"), workdir)
-    finally:
-        moto.stop()
-        issuer.stop()
+    with start_upstreams(tmp_path_factory.mktemp("upstreams")) as up:
+        yield up
 
 
 @pytest.fixture
 def broker(upstreams: Upstreams, tmp_path: Path) -> Iterator[tuple[Broker, Path]]:
     db = tmp_path / "audit.db"
-    b = start_broker(tmp_path, upstreams.config(db), env=upstreams.moto.broker_env)
+    b = upstreams.start_broker(tmp_path, upstreams.config(db))
     try:
         yield b, db
     finally:
@@ -183,7 +148,7 @@ def test_burst_from_one_identity_is_rate_limited_while_another_is_served(
         tmp_path / "audit.db",
         broker_extra="rate_limit_identity = { per_second = 0.1, burst = 3 }",
     )
-    b = start_broker(tmp_path, config, env=upstreams.moto.broker_env)
+    b = upstreams.start_broker(tmp_path, config)
     try:
         greedy = "project_path:data-platform/etl:ref_type:branch:ref:greedy"
         statuses = []
@@ -203,8 +168,8 @@ def test_burst_from_one_identity_is_rate_limited_while_another_is_served(
 def test_two_brokers_on_one_postgresql_agree(upstreams: Upstreams, tmp_path: Path) -> None:
     """Replays and rotated handles are refused at the other broker sharing the database."""
     with fresh_pg_database("luigi_creds_ha") as url:
-        one = start_broker(tmp_path / "one", upstreams.config(url), env=upstreams.moto.broker_env)
-        two = start_broker(tmp_path / "two", upstreams.config(url), env=upstreams.moto.broker_env)
+        one = upstreams.start_broker(tmp_path / "one", upstreams.config(url))
+        two = upstreams.start_broker(tmp_path / "two", upstreams.config(url))
         try:
             token = upstreams.issuer.mint("gitlab")
             status, body, _ = one.exchange(token)
@@ -312,8 +277,8 @@ def test_parallel_replays_across_two_postgresql_replicas_issue_exactly_once(
 ) -> None:
     """The same across two brokers sharing PostgreSQL, and their one audit chain verifies."""
     with fresh_pg_database("luigi_creds_twenty") as url:
-        one = start_broker(tmp_path / "one", upstreams.config(url), env=upstreams.moto.broker_env)
-        two = start_broker(tmp_path / "two", upstreams.config(url), env=upstreams.moto.broker_env)
+        one = upstreams.start_broker(tmp_path / "one", upstreams.config(url))
+        two = upstreams.start_broker(tmp_path / "two", upstreams.config(url))
         try:
             _twenty_copies([one, two], upstreams.issuer.mint("gitlab"), url)
             verified = one.cli("audit", "verify")
@@ -335,7 +300,7 @@ REASON = "claim_mismatch"
 def start(upstreams: Upstreams, workdir: Path, broker_extra: str) -> tuple[Broker, Path]:
     db = workdir / "audit.db"
     config = upstreams.config(db, broker_extra=broker_extra)
-    return start_broker(workdir, config, env=upstreams.moto.broker_env), db
+    return upstreams.start_broker(workdir, config), db
 
 
 def store_bytes(db: Path) -> int:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from broker.config import ConfigError
 from broker.config_lint import parse_config
+from broker.dev.harness import run_broker_cli
 from broker.patterns import glob_to_regex
 
 ISSUER = """
@@ -151,13 +150,7 @@ def test_a_broker_with_an_owner_wildcard_refuses_to_start(tmp_path: Path) -> Non
         encoding="utf-8",
     )
     for command in (["check-config", str(config)], ["serve", "--config", str(config)]):
-        result = subprocess.run(
-            [sys.executable, "-m", "broker", *command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_broker_cli(*command)
         assert result.returncode != 0, command
         assert "wildcard where the owner is named" in result.stdout + result.stderr, command
     assert not (tmp_path / "audit.db").exists()

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,20 @@ import hvac.exceptions
 import pytest
 
 from broker.config_lint import parse_config
-from broker.dev.harness import Broker, DevIssuer, start_broker, start_dev_issuer
+from broker.dev.harness import (
+    Broker,
+    DevIssuer,
+    run_broker_cli,
+    start_broker,
+    start_dev_issuer,
+)
+from broker.dev.policy_file import (
+    broker_table,
+    dev_issuer,
+    etl_project_grant,
+    upstream_vault_approle,
+    upstream_vault_token,
+)
 from broker.dev.processes import free_port
 from broker.dev.vault import ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 from broker.mint import UpstreamError
@@ -42,7 +52,6 @@ from broker.upstream_check import (
     vault_needs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN_GRANT = "etl-vault"
 SECRET_GRANT = "warehouse"
 UNREADABLE_SECRET = "kv/data/not-granted"
@@ -50,53 +59,19 @@ UNREADABLE_SECRET = "kv/data/not-granted"
 
 def broker_toml(issuer_url: str, audit_db: Path, vault: BrokerVault | None = None) -> str:
     upstream = (
-        f"""
-        [upstream.vault]
-        url = "{vault.upstream.url}"
-        auth = "approle"
-        role_id_file = "{vault.role_id_file}"
-        secret_id_file = "{vault.secret_id_file}"
-        """
+        upstream_vault_approle(vault.upstream.url, vault.role_id_file, vault.secret_id_file)
         if vault
-        else """
-        [upstream.vault]
-        url = "http://127.0.0.1:8200"
-        auth = "token"
-        token_file = "/run/vault-token"
-        """
+        else upstream_vault_token("http://127.0.0.1:8200", "/run/vault-token")
     )
-    return textwrap.dedent(
-        f"""
-        [broker]
-        listen = "127.0.0.1:{free_port()}"
-        audit_store = "sqlite:///{audit_db}"
-        leeway = "30s"
-
-        [[issuer]]
-        name = "gitlab"
-        url = "{issuer_url}"
-        audiences = ["luigi-creds"]
-        algorithms = ["RS256", "ES256"]
-
-        [[grant]]
-        name = "{TOKEN_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "5m"
-        [grant.match]
-        project_id = "55235664"
-        [grant.vault]
-        token_policies = ["{ETL_POLICY}"]
-
-        [[grant]]
-        name = "{SECRET_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "2m"
-        [grant.match]
-        project_id = "55235664"
-        [grant.vault]
-        secret = "{UNREADABLE_SECRET}"
-        """
-    ) + textwrap.dedent(upstream)
+    return "\n".join(
+        (
+            broker_table(f"127.0.0.1:{free_port()}", f"sqlite:///{audit_db}", leeway="30s"),
+            dev_issuer(issuer_url),
+            etl_project_grant(TOKEN_GRANT, ttl="5m", vault={"token_policies": [ETL_POLICY]}),
+            etl_project_grant(SECRET_GRANT, ttl="2m", vault={"secret": UNREADABLE_SECRET}),
+            upstream,
+        )
+    )
 
 
 # --- pure ----------------------------------------------------------------------------------------
@@ -261,14 +236,7 @@ def test_a_refused_token_grant_is_logged_with_request_id_and_vaults_words(stack:
 
 
 def test_check_config_online_says_the_same(stack: Stack) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "broker", "check-config", "--online", str(stack.broker.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    done = run_broker_cli("check-config", "--online", str(stack.broker.config_path), timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "vault: MISSING Vault token role 'luigi-creds' does not exist" in done.stdout
     assert f'vault: MISSING the broker\'s Vault token lacks "read" on {UNREADABLE_SECRET}' in (
@@ -284,14 +252,7 @@ def test_check_config_online_is_ok_once_the_roles_exist(stack: Stack, tmp_path: 
     root = stack.bao.root()
     root.write("auth/token/roles/luigi-creds", allowed_policies=ETL_POLICY, renewable=True)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", "--online", str(fixed)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=ROOT,
-        )
+        done = run_broker_cli("check-config", "--online", str(fixed), timeout=120)
     finally:
         root.delete("auth/token/roles/luigi-creds")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-import textwrap
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -27,11 +26,13 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+from stack import audit_events
 
-from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.key_files import hmac_ref
+from broker.dev.claims import GITLAB_PROJECT_ID
 from broker.dev.harness import Broker, DevIssuer, pg_url, start_broker, start_dev_issuer
+from broker.dev.policy_file import broker_table, dev_issuer, grant, upstream_vault_approle
 from broker.dev.processes import free_port
 from broker.dev.vault import DB_ROLE, ETL_POLICY, BrokerVault, OpenBao, setup_broker, start_openbao
 from luigi_creds.client import BrokerClient, VaultToken
@@ -58,10 +59,6 @@ class Stack:
     audit_db: Path
     role_prefix: str  # every PostgreSQL role this module's OpenBao creates starts with it
 
-    @property
-    def store_url(self) -> str:
-        return f"sqlite:///{self.audit_db}"
-
     def root(self) -> hvac.Client:
         return self.bao.root()
 
@@ -77,46 +74,20 @@ def setup_vault(bao: OpenBao, workdir: Path, role_prefix: str) -> BrokerVault:
 
 
 def broker_toml(issuer_url: str, audit_db: Path, vault: BrokerVault) -> str:
-    return textwrap.dedent(
-        f"""
-        [broker]
-        listen = "127.0.0.1:{free_port()}"
-        audit_store = "sqlite:///{audit_db}"
-        leeway = "30s"
-
-        [[issuer]]
-        name = "gitlab"
-        url = "{issuer_url}"
-        audiences = ["luigi-creds"]
-        algorithms = ["RS256", "ES256"]
-
-        [[grant]]
-        name = "{TOKEN_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "5m"
-        [grant.match]
-        project_id = "55235664"
-        ref_protected = "true"
-        ref = ["main", "release/*"]
-        [grant.vault]
-        token_policies = ["{ETL_POLICY}"]
-
-        [[grant]]
-        name = "{SECRET_GRANT}"
-        issuers = ["gitlab"]
-        ttl = "2m"
-        [grant.match]
-        project_id = "55235664"
-        ref_protected = "true"
-        [grant.vault]
-        secret = "database/creds/{DB_ROLE}"
-
-        [upstream.vault]
-        url = "{vault.upstream.url}"
-        auth = "approle"
-        role_id_file = "{vault.role_id_file}"
-        secret_id_file = "{vault.secret_id_file}"
-        """
+    protected = {"project_id": GITLAB_PROJECT_ID, "ref_protected": "true"}
+    return "\n".join(
+        (
+            broker_table(f"127.0.0.1:{free_port()}", f"sqlite:///{audit_db}", leeway="30s"),
+            dev_issuer(issuer_url),
+            grant(
+                TOKEN_GRANT,
+                {**protected, "ref": ["main", "release/*"]},
+                ttl="5m",
+                vault={"token_policies": [ETL_POLICY]},
+            ),
+            grant(SECRET_GRANT, protected, ttl="2m", vault={"secret": f"database/creds/{DB_ROLE}"}),
+            upstream_vault_approle(vault.upstream.url, vault.role_id_file, vault.secret_id_file),
+        )
     )
 
 
@@ -145,19 +116,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def events(stack: Stack, request_id: str) -> list[AuditEvent]:
-    store = open_store(stack.store_url)
-    try:
-        return [e for e in store.events() if e.request_id == request_id]
-    finally:
-        store.close()
+    return [e for e in audit_events(stack.audit_db) if e.request_id == request_id]
 
 
 def session_events(stack: Stack, session_id: str) -> list[AuditEvent]:
-    store = open_store(stack.store_url)
-    try:
-        return [e for e in store.events() if e.session_id == session_id]
-    finally:
-        store.close()
+    return [e for e in audit_events(stack.audit_db) if e.session_id == session_id]
 
 
 def issued_event(stack: Stack, request_id: str) -> AuditEvent:

@@ -32,7 +32,7 @@ import psycopg
 
 from broker.dev.aws import Allow, AwsKeys, MotoServer
 from broker.dev.aws import start_moto as start_moto_server
-from broker.dev.policy_file import etl_writer_grant, upstream_aws
+from broker.dev.policy_file import GITLAB, broker_table, dev_issuer, etl_writer_grant, upstream_aws
 from broker.dev.processes import ManagedProcess, start_process
 from broker.dev.stack import DEFAULT_PG, PG_ENV
 from broker.protocol import GRANT_TYPE_REFRESH, GRANT_TYPE_TOKEN_EXCHANGE, SUBJECT_TOKEN_TYPE_JWT
@@ -222,26 +222,15 @@ def policy_toml(
         # PostgreSQL without one. Keyed by database name, so every replica of a test shares it.
         key = Path(tempfile.gettempdir()) / "luigi-creds-test-keys" / f"{store.rsplit('/', 1)[-1]}"
         broker_extra += f'\naudit_key_file = "{key}.ed25519"'
-    head = textwrap.dedent(
-        f"""
-        [broker]
-        listen = "{listen}"
-        audit_store = "{store}"
-        leeway = "30s"
-        {broker_extra}
-
-        [[issuer]]
-        name = "gitlab"
-        url = "{issuer_url}"
-        audiences = ["luigi-creds"]
-        algorithms = ["RS256", "ES256"]
-        jwks_refetch_cooldown = "1s"
-        {issuer_extra}
-
-        """
+    head = "\n".join(
+        (
+            broker_table(listen, store, leeway="30s") + broker_extra + "\n",
+            dev_issuer(issuer_url, jwks_refetch_cooldown="1s") + issuer_extra + "\n",
+            etl_writer_grant(issuer=GITLAB, role_arn=role_arn, session_name="{project_path}"),
+            upstream_aws(moto_url),
+        )
     )
-    grant = etl_writer_grant(issuer="gitlab", role_arn=role_arn, session_name="{project_path}")
-    return "\n".join((head, grant, upstream_aws(moto_url))) + textwrap.dedent(extra)
+    return head + textwrap.dedent(extra)
 
 
 def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
@@ -258,6 +247,18 @@ def exchange_form(subject_token: str, grant: str = "etl-writer", **extra: str) -
 def refresh_form(handle: str, grant: str = "etl-writer", **extra: str) -> dict[str, str]:
     """The form of POST /v1/token refreshing a session for `grant`."""
     return {"grant_type": GRANT_TYPE_REFRESH, "refresh_token": handle, "audience": grant, **extra}
+
+
+def run_broker_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `luigi-creds-broker ARGS` from the checkout to its end; its output is captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO_ROOT,
+    )
 
 
 @dataclass
@@ -317,13 +318,7 @@ class Broker:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `luigi-creds-broker ARGS --config <this broker's file>`."""
-        return subprocess.run(
-            [sys.executable, "-m", "broker", *args, "--config", str(self.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_broker_cli(*args, "--config", str(self.config_path))
 
     def stop(self) -> None:
         self.process.stop()

@@ -82,6 +82,11 @@ class OpenBao:
     def root(self) -> hvac.Client:
         return hvac.Client(url=self.url, token=self.root_token, timeout=10)
 
+    def server_flags(self) -> list[str]:
+        """Flags `start` adds to `bao server -dev`: none here (bench/exchange.py adds a config
+        file declaring an audit device)."""
+        return []
+
     def start(self) -> None:
         """Start (or restart, on the same port) the dev server; a dev server starts empty."""
         self.starts += 1
@@ -94,6 +99,7 @@ class OpenBao:
                 "-dev",
                 f"-dev-root-token-id={self.root_token}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
+                *self.server_flags(),
             ],
             log_path=self.workdir / f"openbao-{self.starts}.log",
             # HOME: the dev server stores its root token in ~/.vault-token; keep it in tmp.
