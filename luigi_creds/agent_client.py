@@ -193,6 +193,33 @@ class AgentClient:
 
         return finish
 
+    def start_minting(
+        self,
+        grants: Sequence[str],
+        task: str,
+        *,
+        pid: int | None,
+        durations: Mapping[str, int | None],
+    ) -> tuple[AgentEndpoint, dict[str, Credential]]:
+        """A bearer for `task` and `grants`, and each of `grants` minted for the task (with its
+        duration from `durations`), in one round trip: a CredentialsMixin task's start. If one
+        mint fails, the agent ends the new scope and this raises its refusal, naming the grant."""
+        body = {
+            "grants": list(grants),
+            "task": task,
+            "pid": pid,
+            "mint": [{"grant": g, "duration": durations.get(g)} for g in grants],
+        }
+        payload = self._call("POST", "/v1/bearer", body, what=f"grants {list(grants)!r}")
+        endpoint, _ = self._task_start_answer(payload, None)
+        minted = payload.get("minted")
+        if not isinstance(minted, dict) or set(minted) != set(grants):
+            raise BrokerError(
+                "credential agent answered a start request with a malformed body",
+                error="invalid_response",
+            )
+        return endpoint, {g: _credential_from_wire(minted[g], g) for g in grants}
+
     def _task_start_answer(
         self, payload: dict[str, Any], aws_grant: str | None
     ) -> tuple[AgentEndpoint, AwsCredentials | None]:
@@ -259,19 +286,7 @@ class AgentClient:
         if duration is not None:
             body["duration"] = duration
         payload = self._call("POST", "/v1/mint", body, what=f"grant {grant!r}", grant=grant)
-        expires_at = payload.get("expires_at")
-        try:
-            cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
-            if isinstance(expires_at, str) and not isinstance(cred, AwsCredentials):
-                cred = cred.replace(expires_at=datetime.fromisoformat(expires_at))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BrokerError(
-                f"credential agent answered grant {grant!r} with a malformed credential",
-                error="invalid_response",
-                status=200,
-                grant=grant,
-            ) from exc
-        return cred
+        return _credential_from_wire(payload, grant)
 
     def _call(
         self,
@@ -373,6 +388,24 @@ def _payload(status: int, raw: bytes, expect: int, what: str, grant: str | None)
             grant=grant,
         )
     return payload
+
+
+def _credential_from_wire(payload: Any, grant: str) -> Credential:
+    """A credential from the agent's mint answer (the broker's 200 shape; BrokerError if
+    malformed)."""
+    try:
+        cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
+        expires_at = payload.get("expires_at")
+        if isinstance(expires_at, str) and not isinstance(cred, AwsCredentials):
+            cred = cred.replace(expires_at=datetime.fromisoformat(expires_at))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise BrokerError(
+            f"credential agent answered grant {grant!r} with a malformed credential",
+            error="invalid_response",
+            status=200,
+            grant=grant,
+        ) from exc
+    return cred
 
 
 def _aws_from_body(grant: str, body: Any) -> AwsCredentials:

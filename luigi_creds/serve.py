@@ -20,9 +20,11 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
 - `GET /v1/aws?grant=G&task=T`: the AWS container-credentials protocol (`AccessKeyId`,
   `SecretAccessKey`, `Token`, `Expiration`), refreshed per (grant, task) with `refresh.Refresher`;
   point `AWS_CONTAINER_CREDENTIALS_FULL_URI` at it and any AWS SDK refreshes by itself.
-- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws", "wait"}`: a narrower
-  bearer; each AWS grant in `aws` is minted at once and, unless `wait` is false, returned in the
-  same answer (a task's start).
+- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws", "wait", "mint"}`: a
+  narrower bearer; each AWS grant in `aws` is minted at once and, unless `wait` is false,
+  returned in the same answer (a task's start). Each `{"grant", "duration"?}` in `mint` is
+  minted for the task as `/v1/mint` would and returned under `minted` (a CredentialsMixin task's
+  start, in one round trip); if one fails, the new scope is ended and the refusal returned.
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
 - `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
@@ -464,6 +466,14 @@ def _release_quietly(release: Release, task: str, held: Sequence[Credential]) ->
         log.warning("luigi-creds: releasing the Vault credentials of %s failed: %s", task, reason)
 
 
+def _is_mint_request(item: Any) -> bool:
+    """`{"grant": str, "duration": int | None}`, one entry of a start request's `mint`."""
+    if not isinstance(item, dict) or not isinstance(item.get("grant"), str):
+        return False
+    duration = item.get("duration")
+    return duration is None or (isinstance(duration, int) and not isinstance(duration, bool))
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -597,7 +607,27 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 delegate=delegate,
                 pid=pid,
             )
+            mints = request.get("mint") or []
+            if not (isinstance(mints, list) and all(_is_mint_request(m) for m in mints)):
+                raise TypeError
+            if mints and task is None:
+                raise TypeError  # minting at start is for a task's own scope
             bearer = agent.issue(scope, wanted)
+            if mints and task is not None:
+                try:
+                    minted = {
+                        m["grant"]: credential_to_wire(
+                            agent.mint(m["grant"], task, m.get("duration"), wanted)
+                        )
+                        for m in mints
+                    }
+                except Exception:
+                    # Nobody holds the new bearer: end the task's scope here (releasing what
+                    # this request minted) and answer with the refusal.
+                    agent.release_task(task)
+                    raise
+                self._send(200, {"bearer": bearer, "aws": {}, "minted": minted})
+                return
             if request.get("wait") is False:
                 # Mint now, answer now: the task sets itself up while the broker works, and
                 # its first credential request waits for this same mint.
