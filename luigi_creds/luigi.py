@@ -41,7 +41,7 @@ from luigi_creds.agent import (
 )
 from luigi_creds.agent_client import AgentClient
 from luigi_creds.aws import aws_session as _aws_session
-from luigi_creds.aws import session_loader
+from luigi_creds.aws import prepare_session, session_loader
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
 from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
 from luigi_creds.refresh import Windows
@@ -125,6 +125,9 @@ class CredentialsMixin:
         except OSError:
             # No loopback socket: minting falls back to failing loudly at first use.
             log.warning("luigi-creds: cannot start the local credential agent", exc_info=True)
+        # Luigi instantiates tasks in the scheduling process before it forks task processes:
+        # each forked task's aws_session() then starts from a session built here once.
+        prepare_session()
 
     # --- accessors ---------------------------------------------------------------------
 
