@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -141,57 +141,6 @@ class AgentClient:
         body, what = _task_start_body(grants, task, pid, aws_grant, wait)
         payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
         return self._task_start_answer(payload, aws_grant if wait else None)
-
-    def start_task(
-        self, grants: Sequence[str], task: str, *, pid: int | None, aws_grant: str | None
-    ) -> Callable[[], tuple[AgentEndpoint, AwsCredentials | None]]:
-        """`task_bearer(..., wait=True)` in two halves: the request is sent now, and the
-        returned callable reads the answer (the task's bearer and its first AWS credentials).
-        The caller sets the task up in between, while the agent and the broker mint, and the
-        whole start costs one round trip on one connection. The callable must be called once;
-        this client sends nothing else until then."""
-        body, what = _task_start_body(grants, task, pid, aws_grant, True)
-        data = json.dumps(body).encode()
-        headers = self._headers(data)
-        with self._lock:
-            conn, self._conn = self._conn, None
-        reused = conn is not None
-        try:
-            if conn is None:
-                conn = self._connect()
-            conn.request("POST", "/v1/bearer", body=data, headers=headers)
-        except (OSError, http.client.HTTPException) as exc:
-            if conn is not None:
-                conn.close()
-            if reused:
-                # A kept-alive connection the agent closed while idle: start in one call.
-                answer = self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
-                return lambda: answer
-            raise self._unreachable(what, aws_grant, exc) from None
-        sent = conn
-
-        def finish() -> tuple[AgentEndpoint, AwsCredentials | None]:
-            try:
-                response = sent.getresponse()
-                raw = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                sent.close()
-                if reused:
-                    # The agent had closed the kept-alive connection: ask once more.
-                    return self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
-                raise self._unreachable(what, aws_grant, exc) from None
-            except (OSError, http.client.HTTPException) as exc:
-                sent.close()
-                raise self._unreachable(what, aws_grant, exc) from None
-            with self._lock:
-                if response.will_close or self._conn is not None:
-                    sent.close()
-                else:
-                    self._conn = sent
-            payload = _payload(response.status, raw, 200, what, aws_grant)
-            return self._task_start_answer(payload, aws_grant)
-
-        return finish
 
     def start_minting(
         self,
