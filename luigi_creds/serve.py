@@ -327,13 +327,15 @@ class CredentialAgent:
             raise failed
         return refresher.get().value
 
-    def prefetch(self, grant: str, task: str | None, scope: Scope) -> None:
-        """Start minting (grant, task) in the background; `aws()` then waits for that mint."""
+    def prefetch(self, grant: str, task: str | None, scope: Scope) -> threading.Thread:
+        """Mint (grant, task) in the background; `aws()` from now on waits for that mint.
+        Returns the thread, not yet started: the caller starts it once it has answered, so
+        the answer is not held behind the mint's own work (the GIL changes hands every 5 ms)."""
         task = self._check(scope, grant, task)
         done = threading.Event()
         with self._lock:
             self._prefetching[(grant, task)] = done
-        threading.Thread(target=self._warm, args=(grant, task, done), daemon=True).start()
+        return threading.Thread(target=self._warm, args=(grant, task, done), daemon=True)
 
     def _warm(self, grant: str, task: str | None, done: threading.Event) -> None:
         try:
@@ -631,9 +633,13 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             if request.get("wait") is False:
                 # Mint now, answer now: the task sets itself up while the broker works, and
                 # its first credential request waits for this same mint.
-                for grant in aws_grants:
-                    agent.prefetch(grant, task, wanted)
-                self._send(200, {"bearer": bearer, "aws": {}})
+                warming = [agent.prefetch(grant, task, wanted) for grant in aws_grants]
+                try:
+                    self._send(200, {"bearer": bearer, "aws": {}})
+                    self._flush()  # the answer leaves before the mint takes the GIL
+                finally:
+                    for thread in warming:
+                        thread.start()
                 return
             aws = {g: container_body(agent.aws(g, task, wanted)) for g in aws_grants}
             self._send(200, {"bearer": bearer, "aws": aws})
@@ -677,6 +683,12 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             else:
                 log.warning("agent request failed", exc_info=True)
                 self._send(502, {"error": "agent_error", "error_description": type(exc).__name__})
+
+        def _flush(self) -> None:
+            try:
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _send(self, status: int, body: Mapping[str, Any]) -> None:
             data = json.dumps(body).encode()
