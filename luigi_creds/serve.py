@@ -510,6 +510,15 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
         # per request on Linux) on a kept-alive connection.
         wbufsize = -1
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError):
+                # A task's process sends its release and exits without reading the answer,
+                # which resets the kept-alive connection: nothing is left to serve on it, and a
+                # traceback on the job's stderr would only be noise.
+                self.close_connection = True
+
         def log_message(self, format: str, *args: Any) -> None:
             # NOTE: the default logs full request lines to stderr; task ids are fine, but keep
             # the agent quiet and route through logging at debug level.
