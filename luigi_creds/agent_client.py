@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -141,6 +141,60 @@ class AgentClient:
         body, what = _task_start_body(grants, task, pid, aws_grant, wait)
         payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
         return self._task_start_answer(payload, aws_grant if wait else None)
+
+    def start_task(
+        self, grants: Sequence[str], task: str, *, pid: int | None, aws_grant: str | None
+    ) -> Callable[[], AgentEndpoint]:
+        """`task_bearer(..., wait=False)` in two halves: the request is sent now (the agent
+        starts minting `aws_grant` for the task when it answers), and the returned callable
+        reads the answer, the task's bearer. The caller sets the task up in between. The
+        callable must be called once; this client sends nothing else until then."""
+        body, what = _task_start_body(grants, task, pid, aws_grant, False)
+        data = json.dumps(body).encode()
+        headers = self._headers(data)
+        with self._lock:
+            conn, self._conn = self._conn, None
+        reused = conn is not None
+        try:
+            if conn is None:
+                conn = self._connect()
+            conn.request("POST", "/v1/bearer", body=data, headers=headers)
+        except (OSError, http.client.HTTPException) as exc:
+            if conn is not None:
+                conn.close()
+            if not reused:
+                raise self._unreachable(what, aws_grant, exc) from None
+            # A kept-alive connection the agent closed while idle: ask in one call instead.
+            endpoint, _ = self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant, wait=False)
+            return lambda: endpoint
+        sent = conn
+
+        def finish() -> AgentEndpoint:
+            try:
+                response = sent.getresponse()
+                raw = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                sent.close()
+                if not reused:
+                    raise self._unreachable(what, aws_grant, exc) from None
+                # The agent had closed the kept-alive connection: ask once more.
+                endpoint, _ = self.task_bearer(
+                    grants, task, pid=pid, aws_grant=aws_grant, wait=False
+                )
+                return endpoint
+            except (OSError, http.client.HTTPException) as exc:
+                sent.close()
+                raise self._unreachable(what, aws_grant, exc) from None
+            with self._lock:
+                if response.will_close or self._conn is not None:
+                    sent.close()
+                else:
+                    self._conn = sent
+            payload = _payload(response.status, raw, 200, what, aws_grant)
+            endpoint, _ = self._task_start_answer(payload, None)
+            return endpoint
+
+        return finish
 
     def start_minting(
         self,

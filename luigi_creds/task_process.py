@@ -154,26 +154,35 @@ class TaskCredentials:
         # The agent answers with the task's bearer at once and mints the task's AWS
         # credentials meanwhile: the task sets up, starts, builds its clients, and only its
         # first AWS request waits for the mint (a refusal fails it there, naming the grant).
-        endpoint, _ = parent.task_bearer(
+        # The request leaves now; boto3's session is set up before its answer is read.
+        answer = parent.start_task(
             grants,
             task.task_id,
             pid=os.getpid() if self._own_process else None,
             aws_grant=family.aws_grant,
-            wait=False,
         )
+        self.timings.agent = time.perf_counter() - mark
+        task_client: list[AgentClient] = []
+        if family.aws_grant:
+            _install_default_session(
+                task_client,
+                family.aws_grant,
+                task.task_id,
+                inherited,
+                self._own_process,
+                self.timings,
+            )
+        endpoint = answer()
         # The task's client goes on on the same connection; the inherited, wider bearer is of
         # no further use in this process.
         client = self._client = parent.handing_over(endpoint)
+        task_client.append(client)
         if parent is not self._owner:
             parent.close()
         os.environ.update(endpoint.env())
-        self.timings.agent = time.perf_counter() - mark
         lines = []
         if family.aws_grant:
             os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            _install_default_session(
-                client, family.aws_grant, task.task_id, inherited, self._own_process, self.timings
-            )
             lines.append(f"AWS grant {family.aws_grant!r} (minting)")
         if family.vault_grant:
             mark = time.perf_counter()
@@ -246,7 +255,7 @@ def _default_session() -> Any:
 
 
 def _install_default_session(
-    client: AgentClient,
+    client: list[AgentClient],
     grant: str,
     task_id: str,
     inherited: Any,
@@ -274,11 +283,12 @@ def _install_default_session(
     from luigi_creds.aws import adopt_session, aws_session, session_loader
 
     def fetch() -> AwsCredentials:
+        # `client` holds the task's agent client by the time the task runs.
         if timings.first:
-            return client.aws(grant, task_id)
+            return client[0].aws(grant, task_id)
         asked = time.perf_counter()
         # The first call waits for the mint the agent started with the task's bearer.
-        cred = client.aws(grant, task_id)
+        cred = client[0].aws(grant, task_id)
         timings.first = time.perf_counter()
         timings.aws = timings.first - asked
         log.info("luigi-creds: task %s got AWS grant %r: %s", task_id, grant, describe(cred))

@@ -266,13 +266,15 @@ def test_a_task_start_mints_once_while_the_task_sets_up(agent) -> None:  # type:
 
 
 def test_a_task_goes_on_on_its_start_connection_and_releases_without_waiting(agent) -> None:  # type: ignore[no-untyped-def]
-    """The task's client takes over the start request's kept-alive connection; a release
-    sent without waiting for the answer still ends the task's scope."""
+    """`start_task` sends the start request at once and reads the bearer later; the agent
+    mints meanwhile, once; the task's client takes over the start request's kept-alive
+    connection; a release sent without waiting for the answer still ends the task's scope."""
     import time
 
     server, endpoint, minter = agent
     root = AgentClient(endpoint)
-    bearer, _ = root.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
+    answer = root.start_task(["etl"], "T(1)", pid=None, aws_grant="etl")
+    bearer = answer()
     task = root.handing_over(bearer)
     connection = task._conn
     assert connection is not None and root._conn is None
