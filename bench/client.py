@@ -10,7 +10,9 @@ and our broker (through the test suite's helpers in tests/), then:
      luigi_creds.TaskCredentials`, the job run under `luigi-creds exec` (the zero-code path);
    - `mixin`: `CredentialsMixin` tasks using `self.aws_session(grant)`;
    - `mixin-before` (with `--before DIR`): the mixin against an older luigi_creds package
-     (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run.
+     (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run;
+     `zero-before` (name it in `--variants`, with `--before DIR`): the same for the task
+     processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's).
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
@@ -80,7 +82,7 @@ def _timings() -> dict[str, float]:
         "agent": timings.agent,
         "context": timings.done - timings.entered,
         "aws_wait": timings.aws,
-        "first": timings.first,
+        "first": getattr(timings, "first", 0.0),  # an older TaskCredentials (zero-before) has none
     }
 
 
@@ -280,13 +282,14 @@ def run_variant(
     out = run_dir / "out"
     out.mkdir()
     cfg = run_dir / "luigi.cfg"
-    context = "task_process_context = luigi_creds.TaskCredentials\n" if variant == "zero" else ""
+    zero = variant.removesuffix("-before") == "zero"
+    context = "task_process_context = luigi_creds.TaskCredentials\n" if zero else ""
     cfg.write_text(
         "[core]\nautoload_range = false\n"
         f"\n[worker]\nforce_multiprocessing = true\n{context}"
         f"\n[s3]\nendpoint_url = {stack.moto.url}\nregion_name = us-east-1\n"
         f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
-        + (f"aws_grant = {GRANT}\n" if variant == "zero" else "")
+        + (f"aws_grant = {GRANT}\n" if zero else "")
     )
     result = run_dir / "result.json"
     argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
@@ -576,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     opts = parser.parse_args(args)
     variants = [v for v in opts.variants.split(",") if v]
-    if opts.before is not None:
+    if opts.before is not None and not any(v.endswith("-before") for v in variants):
         variants.append("mixin-before")
     load = os.getloadavg()
     # An installed package ships compiled bytecode; this checkout's editable install, under
