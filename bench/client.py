@@ -18,8 +18,8 @@ and our broker (through the test suite's helpers in tests/), then:
    the overhead over `static` are reported.
 2. **first credential** (zero-code): per task, from `TaskCredentials` entering to the task's first
    usable credential (a probe thread asking as the task starts holds the minted keys), split
-   into phases: settings, the task's bearer (the agent starts the mint), set-up, Luigi and the
-   task until the first ask, what was left to wait for the mint.
+   into phases: settings, the start request (the agent starts the mint), set-up while the mint
+   runs, what was left to wait for it, Luigi and the SDK until the keys are in hand.
    Compared with the broker exchange itself: `--exchanges` sequential refresh mints straight to
    the broker (p50), and a direct `AssumeRole` on the same moto (the upstream's share).
 3. **cached access**: µs per call of reading a credential a task already has: AWS through
@@ -82,7 +82,6 @@ def _timings() -> dict[str, float]:
         "agent": timings.agent,
         "context": timings.done - timings.entered,
         "aws_wait": timings.aws,
-        "first": getattr(timings, "first", 0.0),  # an older TaskCredentials (zero-before) has none
     }
 
 
@@ -91,8 +90,8 @@ def _plain_run(task: Any) -> None:
     as S3 tasks do it: build the client, call it.
 
     A probe thread asks for the credentials as the task starts, to time when they are usable
-    (with TaskCredentials they are minted while the task builds its client); the task's own
-    calls then find them resolved. The static peer runs the same probe.
+    (TaskCredentials has them in hand before the task runs); the task's own calls share them.
+    The static peer runs the same probe.
     """
     import threading
 
@@ -450,18 +449,20 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
     static = medians.get("static")
     overhead = {v: (m / static - 1) * 100 for v, m in medians.items() if static and v != "static"}
     first: dict[str, Any] = {}
-    zero = [m for r in runs.get("zero", []) for m in r["markers"] if m.get("first")]
+    zero = [m for r in runs.get("zero", []) for m in r["markers"] if "entered" in m]
     if zero:
         # Usable: when the probe that asked as the task started had the minted keys in hand.
         total = [m["usable"] - m["entered"] for m in zero]
         phases = {
             "settings": [m["settings"] for m in zero],
             "task bearer (the mint starts)": [m["agent"] for m in zero],
-            "set-up while the mint runs": [m["context"] - m["settings"] - m["agent"] for m in zero],
-            "Luigi and the task until the first ask": [
-                m["first"] - m["aws_wait"] - m["entered"] - m["context"] for m in zero
+            "set-up while the mint runs": [
+                m["context"] - m["settings"] - m["agent"] - m["aws_wait"] for m in zero
             ],
             "left to wait for the mint": [m["aws_wait"] for m in zero],
+            "Luigi and the SDK until the keys are in hand": [
+                m["usable"] - m["entered"] - m["context"] for m in zero
+            ],
         }
         # The whole context (settings, bearer, environment, default session), and Luigi's own
         # work between the context and run().
@@ -546,7 +547,7 @@ def render(report: dict[str, Any]) -> str:
         built = ", ".join(
             f"{v} {ms:.1f} ms" for v, ms in first["client_construction_p50_ms"].items()
         )
-        lines.append(f"the S3 client's construction (p50, while the mint runs): {built}")
+        lines.append(f"then the S3 client's construction (p50, not a credential cost): {built}")
     lines.append("cached credential access (µs per call):")
     for name, us in report["cached_us"].items():
         lines.append(f"  {name:<36}{us:8.2f}")

@@ -144,12 +144,13 @@ class AgentClient:
 
     def start_task(
         self, grants: Sequence[str], task: str, *, pid: int | None, aws_grant: str | None
-    ) -> Callable[[], AgentEndpoint]:
-        """`task_bearer(..., wait=False)` in two halves: the request is sent now (the agent
-        starts minting `aws_grant` for the task when it answers), and the returned callable
-        reads the answer, the task's bearer. The caller sets the task up in between. The
-        callable must be called once; this client sends nothing else until then."""
-        body, what = _task_start_body(grants, task, pid, aws_grant, False)
+    ) -> Callable[[], tuple[AgentEndpoint, AwsCredentials | None]]:
+        """`task_bearer(..., wait=True)` in two halves: the request is sent now, and the
+        returned callable reads the answer (the task's bearer and its first AWS credentials).
+        The caller sets the task up in between, while the agent and the broker mint, and the
+        whole start costs one round trip on one connection. The callable must be called once;
+        this client sends nothing else until then."""
+        body, what = _task_start_body(grants, task, pid, aws_grant, True)
         data = json.dumps(body).encode()
         headers = self._headers(data)
         with self._lock:
@@ -162,26 +163,23 @@ class AgentClient:
         except (OSError, http.client.HTTPException) as exc:
             if conn is not None:
                 conn.close()
-            if not reused:
-                raise self._unreachable(what, aws_grant, exc) from None
-            # A kept-alive connection the agent closed while idle: ask in one call instead.
-            endpoint, _ = self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant, wait=False)
-            return lambda: endpoint
+            if reused:
+                # A kept-alive connection the agent closed while idle: start in one call.
+                answer = self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
+                return lambda: answer
+            raise self._unreachable(what, aws_grant, exc) from None
         sent = conn
 
-        def finish() -> AgentEndpoint:
+        def finish() -> tuple[AgentEndpoint, AwsCredentials | None]:
             try:
                 response = sent.getresponse()
                 raw = response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 sent.close()
-                if not reused:
-                    raise self._unreachable(what, aws_grant, exc) from None
-                # The agent had closed the kept-alive connection: ask once more.
-                endpoint, _ = self.task_bearer(
-                    grants, task, pid=pid, aws_grant=aws_grant, wait=False
-                )
-                return endpoint
+                if reused:
+                    # The agent had closed the kept-alive connection: ask once more.
+                    return self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
+                raise self._unreachable(what, aws_grant, exc) from None
             except (OSError, http.client.HTTPException) as exc:
                 sent.close()
                 raise self._unreachable(what, aws_grant, exc) from None
@@ -191,8 +189,7 @@ class AgentClient:
                 else:
                     self._conn = sent
             payload = _payload(response.status, raw, 200, what, aws_grant)
-            endpoint, _ = self._task_start_answer(payload, None)
-            return endpoint
+            return self._task_start_answer(payload, aws_grant)
 
         return finish
 

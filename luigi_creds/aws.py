@@ -23,12 +23,7 @@ from typing import Any
 
 import boto3
 import botocore.session
-from botocore.credentials import (
-    CredentialProvider,
-    CredentialResolver,
-    DeferredRefreshableCredentials,
-    RefreshableCredentials,
-)
+from botocore.credentials import CredentialProvider, CredentialResolver, RefreshableCredentials
 
 from luigi_creds.childenv import AWS_ENV_VARIABLES, scrub_aws_env
 from luigi_creds.credentials import AwsCredentials, BrokerError
@@ -168,48 +163,6 @@ class _AdvisoryGuard:
         return _metadata(fresh)
 
 
-class _FirstUseCredentials(DeferredRefreshableCredentials):
-    """Credentials fetched when a request first needs them, then refreshed like
-    `refreshable_credentials`' (windows scaled to the first credential's lifetime).
-
-    What a task's process uses when the agent is already minting its credential: the task
-    builds its clients meanwhile, and only its first signed request waits for the mint.
-    """
-
-    def __init__(
-        self,
-        fetch: Callable[[], AwsCredentials],
-        *,
-        clock: Callable[[], datetime],
-        windows: Windows,
-    ) -> None:
-        super().__init__(refresh_using=self._from_broker, method=METHOD, time_fetcher=clock)
-        self._fetch = fetch
-        self._clock = clock
-        self._windows = windows
-        self._guard: _AdvisoryGuard | None = None
-
-    def _from_broker(self) -> dict[str, str]:
-        # (Not `_refresh`: botocore's own method of that name takes the lock and calls this.)
-        if self._guard is not None:
-            return self._guard.refresh()
-        first = self._fetch()
-        advisory, mandatory = self._windows.for_lifetime(first.expires_at - self._clock())
-        # NOTE: botocore reads its refresh windows from these attributes, which a deferred
-        # instance leaves at the class defaults (15/10 minutes); they are
-        # RefreshableCredentials' constructor parameters, set here once the lifetime is known.
-        self._advisory_refresh_timeout = int(advisory.total_seconds())
-        self._mandatory_refresh_timeout = int(mandatory.total_seconds())
-        self._guard = _AdvisoryGuard(
-            self._fetch,
-            first,
-            clock=self._clock,
-            mandatory=mandatory,
-            backoff=self._windows.advisory_backoff,
-        )
-        return _metadata(first)
-
-
 class BrokerCredentialProvider(CredentialProvider):
     """A botocore credential provider backed by the broker; always loads, never falls through."""
 
@@ -222,18 +175,13 @@ class BrokerCredentialProvider(CredentialProvider):
         *,
         clock: Callable[[], datetime] = _utcnow,
         windows: Windows | None = None,
-        at_first_use: bool = False,
     ) -> None:
         super().__init__()
         self._fetch = fetch
         self._clock = clock
         self._windows = windows
-        self._at_first_use = at_first_use
 
     def load(self) -> RefreshableCredentials:
-        if self._at_first_use:
-            windows = self._windows or Windows()
-            return _FirstUseCredentials(self._fetch, clock=self._clock, windows=windows)
         return refreshable_credentials(self._fetch, clock=self._clock, windows=self._windows)
 
 
@@ -244,16 +192,13 @@ def aws_session(
     clock: Callable[[], datetime] = _utcnow,
     windows: Windows | None = None,
     loader: Any = None,
-    at_first_use: bool = False,
 ) -> boto3.Session:
     """A boto3 Session whose credentials come from `fetch` and refresh themselves.
 
     The provider goes before `env`, so a stray `AWS_ACCESS_KEY_ID` in the process cannot win.
     `loader` is the data loader of another boto3 Session to share (service models and endpoint
     data already read and parsed); it holds no credentials. In a process forked after
-    `prepare_session()`, the first call takes the session prepared before the fork. With
-    `at_first_use`, `fetch` is first called when a request needs the credentials (clients can
-    be built before), not when the session resolves them.
+    `prepare_session()`, the first call takes the session prepared before the fork.
     """
     session = _take_prepared()
     if session is None:
@@ -270,10 +215,7 @@ def aws_session(
     if region_name is not None:
         core.set_config_variable("region", region_name)
     resolver = core.get_component("credential_provider")
-    provider = BrokerCredentialProvider(
-        fetch, clock=clock, windows=windows, at_first_use=at_first_use
-    )
-    resolver.insert_before("env", provider)
+    resolver.insert_before("env", BrokerCredentialProvider(fetch, clock=clock, windows=windows))
     return session
 
 
@@ -314,9 +256,7 @@ def session_loader(session: Any) -> Any:
     return core.get_component("data_loader") if core is not None else None
 
 
-def adopt_session(
-    session: Any, fetch: Callable[[], AwsCredentials], *, at_first_use: bool = False
-) -> bool:
+def adopt_session(session: Any, fetch: Callable[[], AwsCredentials]) -> bool:
     """Make an existing boto3 Session resolve credentials from `fetch` alone, forgetting the
     ones it had; False (nothing changed) if botocore does not look as expected.
 
@@ -329,8 +269,9 @@ def adopt_session(
     # to drop them; if that ever changes, the caller builds a new session instead.
     if core is None or not hasattr(core, "_credentials"):
         return False
-    provider = BrokerCredentialProvider(fetch, at_first_use=at_first_use)
-    core.register_component("credential_provider", CredentialResolver([provider]))
+    core.register_component(
+        "credential_provider", CredentialResolver([BrokerCredentialProvider(fetch)])
+    )
     core._credentials = None
     return True
 

@@ -12,10 +12,9 @@ by `[luigi_creds:<TaskFamily>]`, plus a `CredentialsMixin` task's own `grants`):
 - AWS: `AWS_CONTAINER_CREDENTIALS_FULL_URI` + `AWS_CONTAINER_AUTHORIZATION_TOKEN` point every AWS
   SDK (boto3, awscli, luigi.contrib.s3) at the agent, which mints for this task id; every static
   `AWS_*` variable is removed and boto3's default session is reset, so nothing cached from
-  another task is reused. The agent starts minting the first credential when it hands out the task's
-  bearer, and the task starts meanwhile: its first AWS request waits for that mint, so its
-  clients are built while the broker works; a refusal fails the task at that request, with the
-  grant and the broker's reason;
+  another task is reused. The first credential is minted before the task runs (one request asks for
+  the bearer and the mint; the process sets itself up while the agent and the broker work and
+  reads the answer after), so a refusal fails the task with the broker's reason;
 - Vault: `VAULT_ADDR`/`VAULT_TOKEN` hold a token for this task, renewed in place while it runs
   (re-minted, and `VAULT_TOKEN` updated, when it stops extending).
 
@@ -35,7 +34,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from luigi_creds.agent_client import (
@@ -60,13 +59,10 @@ class StartTimings:
 
     entered = 0.0  # time.perf_counter() when the context was entered
     settings = 0.0
-    agent = 0.0  # the task's bearer (the agent starts the AWS mint)
+    agent = 0.0  # sending the start request (the agent starts the AWS mint)
+    aws = 0.0  # what was left to wait for the answer (bearer, first AWS credential)
     done = 0.0  # time.perf_counter() when the context had set everything up
     vault = 0.0
-    # The task's first AWS request: how long it waited for the mint, and when it had the
-    # credential (time.perf_counter(); 0.0 until then). Only through boto3's default session.
-    aws = 0.0
-    first = 0.0
 
 
 # The last task's timings in this process (bench/client.py reads them; one task per process
@@ -151,10 +147,9 @@ class TaskCredentials:
             return
         mark = time.perf_counter()
         parent = self._job_agent()
-        # The agent answers with the task's bearer at once and mints the task's AWS
-        # credentials meanwhile: the task sets up, starts, builds its clients, and only its
-        # first AWS request waits for the mint (a refusal fails it there, naming the grant).
-        # The request leaves now; boto3's session is set up before its answer is read.
+        # One round trip: the request for the task's bearer leaves now and the agent mints the
+        # task's AWS credentials before it answers; the environment and boto3's session are
+        # set up meanwhile, and the answer (bearer and first credential) is read after.
         answer = parent.start_task(
             grants,
             task.task_id,
@@ -162,34 +157,42 @@ class TaskCredentials:
             aws_grant=family.aws_grant,
         )
         self.timings.agent = time.perf_counter() - mark
-        task_client: list[AgentClient] = []
+        first: list[AwsCredentials] = []
         if family.aws_grant:
             _install_default_session(
-                task_client,
+                self._task_client,
                 family.aws_grant,
                 task.task_id,
+                first,
                 inherited,
                 self._own_process,
-                self.timings,
             )
-        endpoint = answer()
-        # The task's client goes on on the same connection; the inherited, wider bearer is of
-        # no further use in this process.
-        client = self._client = parent.handing_over(endpoint)
-        task_client.append(client)
+        mark = time.perf_counter()
+        # Waiting here for the mint the task's first AWS call would wait for anyway turns a
+        # refusal into the task's failure, with the grant and the broker's reason.
+        endpoint, aws = answer()
+        self.timings.aws = time.perf_counter() - mark
+        # The task's client goes on on the start request's connection; the inherited, wider
+        # bearer is of no further use in this process.
+        self._client = parent.handing_over(endpoint)
         if parent is not self._owner:
             parent.close()
         os.environ.update(endpoint.env())
         lines = []
-        if family.aws_grant:
+        if family.aws_grant and aws is not None:
             os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            lines.append(f"AWS grant {family.aws_grant!r} (minting)")
+            first.append(aws)
+            lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         if family.vault_grant:
             mark = time.perf_counter()
             lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
             self.timings.vault = time.perf_counter() - mark
         log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
         self.timings.done = time.perf_counter()
+
+    def _task_client(self) -> AgentClient:
+        assert self._client is not None, "the task's client is set before its first refresh"
+        return self._client
 
     def _job_agent(self) -> AgentClient:
         """This process's way to the job's agent: inherited, or (no agent in the environment)
@@ -255,16 +258,15 @@ def _default_session() -> Any:
 
 
 def _install_default_session(
-    client: list[AgentClient],
+    client: Callable[[], AgentClient],
     grant: str,
     task_id: str,
+    first: list[AwsCredentials],
     inherited: Any,
     own_process: bool,
-    timings: StartTimings,
 ) -> None:
     """Give boto3's default session (boto3.client, luigi.contrib.s3) the task's credentials,
-    fetched at the first request that needs them and refreshed on windows scaled to their
-    lifetime, when boto3 is already loaded.
+    refreshed on windows scaled to their lifetime, when boto3 is already loaded.
 
     botocore's container provider refreshes 15 minutes before expiry, so with the usual
     15-minute credential it would ask the agent again on every API call. The default session
@@ -283,21 +285,13 @@ def _install_default_session(
     from luigi_creds.aws import adopt_session, aws_session, session_loader
 
     def fetch() -> AwsCredentials:
-        # `client` holds the task's agent client by the time the task runs.
-        if timings.first:
-            return client[0].aws(grant, task_id)
-        asked = time.perf_counter()
-        # The first call waits for the mint the agent started with the task's bearer.
-        cred = client[0].aws(grant, task_id)
-        timings.first = time.perf_counter()
-        timings.aws = timings.first - asked
-        log.info("luigi-creds: task %s got AWS grant %r: %s", task_id, grant, describe(cred))
-        return cred
+        # The task's first credentials (fetched before its code runs), then the agent's.
+        return first.pop() if first else client().aws(grant, task_id)
 
-    if own_process and inherited is not None and adopt_session(inherited, fetch, at_first_use=True):
+    if own_process and inherited is not None and adopt_session(inherited, fetch):
         boto3.DEFAULT_SESSION = inherited
         return
-    boto3.DEFAULT_SESSION = aws_session(fetch, loader=session_loader(inherited), at_first_use=True)
+    boto3.DEFAULT_SESSION = aws_session(fetch, loader=session_loader(inherited))
 
 
 def _reset_boto3() -> None:

@@ -244,37 +244,3 @@ def test_a_session_prepared_before_fork_goes_once_to_each_forked_process() -> No
     assert prepared._session._credentials is None
     aws.prepare_session()  # once per process: the same session stays
     assert aws._prepared is not None and aws._prepared[1] is prepared
-
-
-def test_credentials_at_first_use_wait_for_the_first_request() -> None:
-    """With `at_first_use`, building a client fetches nothing; the first signed request fetches
-    once; refreshes then follow the windows scaled to that credential (every ~7.5 minutes for a
-    15-minute one, not on every call); a failed first fetch fails that request."""
-    clock = FakeClock()
-    mint = Minter(clock)
-    session = aws_session(mint, region_name="us-east-1", clock=clock, at_first_use=True)
-    s3 = session.client("s3")
-    assert mint.calls == 0
-    sent: list[Any] = []
-
-    def capture(request: Any, **kw: Any) -> AWSResponse:
-        sent.append(request)
-        return AWSResponse(request.url, 200, {}, _Raw())
-
-    s3.meta.events.register("before-send", capture)
-    s3.list_buckets()
-    assert mint.calls == 1
-    assert "Credential=AKIAFAKE0001/" in sent[0].headers["Authorization"].decode()
-    creds = session.get_credentials()
-    while clock.now < T0 + timedelta(hours=1):
-        creds.get_frozen_credentials()
-        clock.now += timedelta(seconds=30)
-    assert 7 <= mint.calls <= 9
-
-    def refuse() -> AwsCredentials:
-        raise BrokerError("broker refused grant 'denied'", error="invalid_target", grant="denied")
-
-    failing = aws_session(refuse, region_name="us-east-1", clock=clock, at_first_use=True)
-    client = failing.client("s3")  # built without a credential
-    with pytest.raises(BrokerError, match="denied"):
-        client.list_buckets()

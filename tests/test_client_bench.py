@@ -36,8 +36,8 @@ def test_tiny_client_bench_run(tmp_path: Path) -> None:
         "settings",
         "task bearer (the mint starts)",
         "set-up while the mint runs",
-        "Luigi and the task until the first ask",
         "left to wait for the mint",
+        "Luigi and the SDK until the keys are in hand",
     }
     assert len(first["split_p50_ms"]) == 2
     assert first["p50_ms"] > 0 and first["ratio_to_broker_exchange"] > 0

@@ -265,20 +265,22 @@ def test_a_task_start_mints_once_while_the_task_sets_up(agent) -> None:  # type:
     assert waited is not None and waited.grant == "etl"
 
 
-def test_a_task_goes_on_on_its_start_connection_and_releases_without_waiting(agent) -> None:  # type: ignore[no-untyped-def]
-    """`start_task` sends the start request at once and reads the bearer later; the agent
-    mints meanwhile, once; the task's client takes over the start request's kept-alive
-    connection; a release sent without waiting for the answer still ends the task's scope."""
+def test_a_task_start_is_one_round_trip_on_one_connection(agent) -> None:  # type: ignore[no-untyped-def]
+    """`start_task` sends the start request at once and reads the answer later (the bearer and
+    the first AWS credential, one mint); the task's client goes on on the same connection; a
+    release sent without waiting still ends the task's scope."""
     import time
 
     server, endpoint, minter = agent
     root = AgentClient(endpoint)
     answer = root.start_task(["etl"], "T(1)", pid=None, aws_grant="etl")
-    bearer = answer()
+    bearer, first = answer()
+    assert first is not None and first.access_key_id.startswith("AKIAAGENT")
+    assert minter.calls == [("etl", "T(1)")]
     task = root.handing_over(bearer)
     connection = task._conn
     assert connection is not None and root._conn is None
-    assert task.aws("etl").access_key_id.startswith("AKIAAGENT")
+    assert task.aws("etl").access_key_id == first.access_key_id  # the same mint, cached
     assert task._conn is connection and minter.calls == [("etl", "T(1)")]
 
     task.release(wait=False)
@@ -287,6 +289,11 @@ def test_a_task_goes_on_on_its_start_connection_and_releases_without_waiting(age
     while server.scope_of(f"Bearer {bearer.bearer}") is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.scope_of(f"Bearer {bearer.bearer}") is None
+
+    denied = root.start_task(["denied"], "T(2)", pid=None, aws_grant="denied")
+    with pytest.raises(BrokerError) as info:
+        denied()
+    assert "refused grant 'denied'" in str(info.value) and info.value.status == 400
 
 
 def test_a_mixin_start_mints_every_grant_with_its_bearer(agent) -> None:  # type: ignore[no-untyped-def]
