@@ -132,7 +132,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     _log_mints_to_stderr()
     # This process only serves the job's agent while the command runs: a short GIL switch
     # interval lets the thread answering a task's request run while another thread's mint
-    # is busy (the default 5 ms was added to a task's start whenever a mint was under way).
+    # is busy (with the default, an answer could wait up to 5 ms per switch behind a mint).
     sys.setswitchinterval(0.0005)
     inherited = AgentEndpoint.from_env(os.environ)
     broker = None
