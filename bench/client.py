@@ -10,15 +10,18 @@ and our broker (through the test suite's helpers in tests/), then:
      luigi_creds.TaskCredentials`, the job run under `luigi-creds exec` (the zero-code path);
    - `mixin`: `CredentialsMixin` tasks using `self.aws_session(grant)`;
    - `mixin-before` (with `--before DIR`): the mixin against an older luigi_creds package
-     (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run.
+     (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run;
+     `zero-before` (name it in `--variants`, with `--before DIR`): the same for the task
+     processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's).
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
 2. **first credential** (zero-code): per task, from `TaskCredentials` entering to the task's first
-   usable credential (a boto3 client holding resolved keys), split into phases: settings, agent
-   (the task's bearer), mint wait (agent + broker + upstream), SDK construction. Compared with
-   the broker exchange itself: `--exchanges` sequential refresh mints straight to the broker
-   (p50), and a direct `AssumeRole` on the same moto (the upstream's share).
+   usable credential (a probe thread asking as the task starts holds the minted keys), split
+   into phases: settings, the start request (the agent starts the mint), set-up while the mint
+   runs, what was left to wait for it, Luigi and the SDK until the keys are in hand.
+   Compared with the broker exchange itself: `--exchanges` sequential refresh mints straight to
+   the broker (p50), and a direct `AssumeRole` on the same moto (the upstream's share).
 3. **cached access**: µs per call of reading a credential a task already has: AWS through
    botocore's refreshable credentials (the mixin's session, and the zero-code container
    provider's), Vault through the mixin's `credential(grant)` and `VAULT_TOKEN`.
@@ -63,8 +66,8 @@ def _marker_dir() -> Path:
     return Path(os.environ["BENCH_OUT"])
 
 
-def _put(s3: Any, n: int, key_id: str) -> None:
-    s3.put_object(Bucket=BUCKET, Key=f"{os.environ['BENCH_PREFIX']}/{n}", Body=key_id.encode())
+def _put(s3: Any, n: int, body: str) -> None:
+    s3.put_object(Bucket=BUCKET, Key=f"{os.environ['BENCH_PREFIX']}/{n}", Body=body.encode())
 
 
 def _timings() -> dict[str, float]:
@@ -77,31 +80,46 @@ def _timings() -> dict[str, float]:
         "entered": timings.entered,
         "settings": timings.settings,
         "agent": timings.agent,
-        "aws_wait": timings.aws,
         "context": timings.done - timings.entered,
+        "aws_wait": timings.aws,
     }
 
 
 def _plain_run(task: Any) -> None:
-    """One S3 put with whatever boto3's default chain finds (static keys, or TaskCredentials')."""
+    """One S3 put with whatever boto3's default chain finds (static keys, or TaskCredentials'),
+    as S3 tasks do it: build the client, call it.
+
+    A probe thread asks for the credentials as the task starts, to time when they are usable
+    (TaskCredentials has them in hand before the task runs); the task's own calls share them.
+    The static peer runs the same probe.
+    """
+    import threading
+
     import boto3
 
     started = time.perf_counter()
     if boto3.DEFAULT_SESSION is None:
         boto3.setup_default_session()
     session = boto3.DEFAULT_SESSION
-    key_id = session.get_credentials().get_frozen_credentials().access_key
-    usable = time.perf_counter()
+    creds = session.get_credentials()  # resolved once, before the probe and the client share it
+    usable: list[tuple[str, float]] = []
+    probe = threading.Thread(
+        target=lambda: usable.append(
+            (creds.get_frozen_credentials().access_key, time.perf_counter())
+        )
+    )
+    probe.start()
     s3 = session.client("s3", endpoint_url=os.environ["BENCH_S3_URL"], region_name="us-east-1")
     built = time.perf_counter()
-    _put(s3, task.n, key_id)
+    _put(s3, task.n, task.task_id)
+    probe.join()
+    key_id, usable_at = usable[0]
     marker = {
         "task": task.task_id,
         "key": key_id,
-        "sdk": usable - started,
-        "client": built - usable,
-        "usable": usable,
+        "client": built - started,
         "run_started": started,
+        "usable": usable_at,
     }
     marker.update(_timings())
     (_marker_dir() / f"{task.n}.json").write_text(json.dumps(marker))
@@ -141,7 +159,7 @@ def _task_classes(variant: str) -> type:
             s3 = session.client("s3", endpoint_url=os.environ["BENCH_S3_URL"])
             key_id = session.get_credentials().get_frozen_credentials().access_key
             usable = time.perf_counter()
-            _put(s3, self.n, key_id)
+            _put(s3, self.n, self.task_id)
             marker = {"task": self.task_id, "key": key_id, "sdk": usable - started}
             (_marker_dir() / f"{self.n}.json").write_text(json.dumps(marker))
 
@@ -263,13 +281,14 @@ def run_variant(
     out = run_dir / "out"
     out.mkdir()
     cfg = run_dir / "luigi.cfg"
-    context = "task_process_context = luigi_creds.TaskCredentials\n" if variant == "zero" else ""
+    zero = variant.removesuffix("-before") == "zero"
+    context = "task_process_context = luigi_creds.TaskCredentials\n" if zero else ""
     cfg.write_text(
         "[core]\nautoload_range = false\n"
         f"\n[worker]\nforce_multiprocessing = true\n{context}"
         f"\n[s3]\nendpoint_url = {stack.moto.url}\nregion_name = us-east-1\n"
         f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
-        + (f"aws_grant = {GRANT}\n" if variant == "zero" else "")
+        + (f"aws_grant = {GRANT}\n" if zero else "")
     )
     result = run_dir / "result.json"
     argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
@@ -432,6 +451,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
     first: dict[str, Any] = {}
     zero = [m for r in runs.get("zero", []) for m in r["markers"] if "entered" in m]
     if zero:
+        # Usable: when the probe that asked as the task started had the minted keys in hand.
         total = [m["usable"] - m["entered"] for m in zero]
         phases = {
             "settings": [m["settings"] for m in zero],
@@ -440,10 +460,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
                 m["context"] - m["settings"] - m["agent"] - m["aws_wait"] for m in zero
             ],
             "left to wait for the mint": [m["aws_wait"] for m in zero],
-            "SDK credential resolution": [m["sdk"] for m in zero],
+            "Luigi and the SDK until the keys are in hand": [
+                m["usable"] - m["entered"] - m["context"] for m in zero
+            ],
         }
-        # The whole context (settings, bearer, first credential, environment, default
-        # session), and Luigi's own work between the context and run().
+        # The whole context (settings, bearer, environment, default session), and Luigi's own
+        # work between the context and run().
         context = [m["context"] for m in zero]
         luigi_gap = [m["run_started"] - m["entered"] - m["context"] for m in zero]
         clients = {
@@ -466,8 +488,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
             "ratio_to_broker_exchange": statistics.median(total) * 1000 / broker_ms,
             "context_p50_ms": statistics.median(context) * 1000,
             "luigi_before_run_p50_ms": statistics.median(luigi_gap) * 1000,
-            # boto3 client construction (service model loading), after the credential is
-            # usable; the static peer pays the same.
+            # boto3 client construction; with TaskCredentials it runs while the mint does.
             "client_construction_p50_ms": clients,
         }
     cpu = {
@@ -559,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     opts = parser.parse_args(args)
     variants = [v for v in opts.variants.split(",") if v]
-    if opts.before is not None:
+    if opts.before is not None and not any(v.endswith("-before") for v in variants):
         variants.append("mixin-before")
     load = os.getloadavg()
     # An installed package ships compiled bytecode; this checkout's editable install, under

@@ -203,20 +203,41 @@ def owns_agent() -> bool:
     return _root is not None and _broker_pid == os.getpid()
 
 
-def narrow_to_task(task_id: str, grants: Sequence[str], *, own_process: bool) -> AgentClient:
-    """A client whose bearer mints only `grants` for `task_id`. With `own_process` (the task
-    has this process to itself) the process's agent variables are replaced by the task's
-    bearer, so its code and its subprocesses hold nothing wider, and the agent releases the
-    task when this process is gone."""
+def narrow_to_task(
+    task_id: str,
+    grants: Sequence[str],
+    *,
+    own_process: bool,
+    durations: Mapping[str, int | None] | None = None,
+) -> tuple[AgentClient, dict[str, Credential], BrokerError | None]:
+    """A client whose bearer mints only `grants` for `task_id`; with `durations`, each of
+    `grants` minted for the task in the same round trip (or the refusal, returned for the
+    caller to raise where the task uses a credential). With `own_process` (the task has this
+    process to itself) the process's agent variables are replaced by the task's bearer, so its
+    code and its subprocesses hold nothing wider, and the agent releases the task when this
+    process is gone."""
     global _client, _client_pid
     parent = ensure_agent()
-    endpoint = parent.scoped(list(grants), task_id, pid=os.getpid() if own_process else None)
-    client = AgentClient(endpoint)
+    pid = os.getpid() if own_process else None
+    minted: dict[str, Credential] = {}
+    refusal: BrokerError | None = None
+    endpoint: AgentEndpoint | None = None
+    if durations is not None and grants:
+        try:
+            endpoint, minted = parent.start_minting(grants, task_id, pid=pid, durations=durations)
+        except BrokerError as exc:
+            # The agent ended the scope it had opened; the task still gets a bearer of its
+            # own scope (never keeps the wider one it inherited), and the refusal.
+            refusal = exc
+    if endpoint is None:
+        endpoint = parent.scoped(list(grants), task_id, pid=pid)
+    # The task's client goes on on the same kept-alive connection.
+    client = parent.handing_over(endpoint)
     if own_process:
         with _agent_lock:
             os.environ.update(endpoint.env())
             _client, _client_pid = client, os.getpid()
-    return client
+    return client, minted, refusal
 
 
 def _after_fork_in_child() -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -24,6 +23,7 @@ from luigi_creds.credentials import (
     parse_credential,
     parse_time,
 )
+from luigi_creds.values import Frozen
 
 __all__ = [
     "AGENT_TOKEN_VARIABLE",
@@ -37,12 +37,17 @@ AGENT_URL_VARIABLE = "LUIGI_CREDS_AGENT_URL"
 AGENT_TOKEN_VARIABLE = "LUIGI_CREDS_AGENT_TOKEN"
 
 
-@dataclass(frozen=True)
-class AgentEndpoint:
+class AgentEndpoint(Frozen):
     """Where a running agent listens, and the bearer that opens it."""
 
+    _fields = ("url", "bearer")
+    __slots__ = _fields
+    _secret = frozenset({"bearer"})
     url: str
-    bearer: str = field(repr=False)
+    bearer: str
+
+    def __init__(self, url: str, bearer: str) -> None:
+        self._fill(url, bearer)
 
     def env(self) -> dict[str, str]:
         return {AGENT_URL_VARIABLE: self.url, AGENT_TOKEN_VARIABLE: self.bearer}
@@ -133,15 +138,91 @@ class AgentClient:
         """A bearer for `task` and `grants`; the agent starts minting `aws_grant` for the task
         at once and, with `wait`, returns it in the same round trip (a refusal raises, naming
         the grant). Without `wait`, `aws()` later waits for that same mint."""
+        body, what = _task_start_body(grants, task, pid, aws_grant, wait)
+        payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
+        return self._task_start_answer(payload, aws_grant if wait else None)
+
+    def start_task(
+        self, grants: Sequence[str], task: str, *, pid: int | None, aws_grant: str | None
+    ) -> Callable[[], tuple[AgentEndpoint, AwsCredentials | None]]:
+        """`task_bearer(..., wait=True)` in two halves: the request is sent now, and the
+        returned callable reads the answer (the task's bearer and its first AWS credentials).
+        The caller sets the task up in between, while the agent and the broker mint, and the
+        whole start costs one round trip on one connection. The callable must be called once;
+        this client sends nothing else until then."""
+        body, what = _task_start_body(grants, task, pid, aws_grant, True)
+        data = json.dumps(body).encode()
+        headers = self._headers(data)
+        with self._lock:
+            conn, self._conn = self._conn, None
+        reused = conn is not None
+        try:
+            if conn is None:
+                conn = self._connect()
+            conn.request("POST", "/v1/bearer", body=data, headers=headers)
+        except (OSError, http.client.HTTPException) as exc:
+            if conn is not None:
+                conn.close()
+            if reused:
+                # A kept-alive connection the agent closed while idle: start in one call.
+                answer = self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
+                return lambda: answer
+            raise self._unreachable(what, aws_grant, exc) from None
+        sent = conn
+
+        def finish() -> tuple[AgentEndpoint, AwsCredentials | None]:
+            try:
+                response = sent.getresponse()
+                raw = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                sent.close()
+                if reused:
+                    # The agent had closed the kept-alive connection: ask once more.
+                    return self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
+                raise self._unreachable(what, aws_grant, exc) from None
+            except (OSError, http.client.HTTPException) as exc:
+                sent.close()
+                raise self._unreachable(what, aws_grant, exc) from None
+            with self._lock:
+                if response.will_close or self._conn is not None:
+                    sent.close()
+                else:
+                    self._conn = sent
+            payload = _payload(response.status, raw, 200, what, aws_grant)
+            return self._task_start_answer(payload, aws_grant)
+
+        return finish
+
+    def start_minting(
+        self,
+        grants: Sequence[str],
+        task: str,
+        *,
+        pid: int | None,
+        durations: Mapping[str, int | None],
+    ) -> tuple[AgentEndpoint, dict[str, Credential]]:
+        """A bearer for `task` and `grants`, and each of `grants` minted for the task (with its
+        duration from `durations`), in one round trip: a CredentialsMixin task's start. If one
+        mint fails, the agent ends the new scope and this raises its refusal, naming the grant."""
         body = {
             "grants": list(grants),
             "task": task,
             "pid": pid,
-            "aws": [aws_grant] if aws_grant else [],
-            "wait": wait,
+            "mint": [{"grant": g, "duration": durations.get(g)} for g in grants],
         }
-        what = f"grant {aws_grant!r}" if aws_grant else "a task's bearer"
-        payload = self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
+        payload = self._call("POST", "/v1/bearer", body, what=f"grants {list(grants)!r}")
+        endpoint, _ = self._task_start_answer(payload, None)
+        minted = payload.get("minted")
+        if not isinstance(minted, dict) or set(minted) != set(grants):
+            raise BrokerError(
+                "credential agent answered a start request with a malformed body",
+                error="invalid_response",
+            )
+        return endpoint, {g: _credential_from_wire(minted[g], g) for g in grants}
+
+    def _task_start_answer(
+        self, payload: dict[str, Any], aws_grant: str | None
+    ) -> tuple[AgentEndpoint, AwsCredentials | None]:
         bearer = payload.get("bearer")
         aws = payload.get("aws") or {}
         if not isinstance(bearer, str) or not bearer or not isinstance(aws, dict):
@@ -149,13 +230,41 @@ class AgentClient:
                 "credential agent answered a bearer request with a malformed body",
                 error="invalid_response",
             )
-        first = _aws_from_body(aws_grant, aws.get(aws_grant)) if aws_grant and wait else None
+        first = _aws_from_body(aws_grant, aws.get(aws_grant)) if aws_grant else None
         return AgentEndpoint(self.endpoint.url, bearer), first
 
-    def release(self, task: str | None = None) -> None:
+    def handing_over(self, endpoint: AgentEndpoint) -> AgentClient:
+        """A client for `endpoint` (a narrower bearer on the same agent) that takes over this
+        client's kept-alive connection: the agent checks the bearer of every request, not of
+        the connection, so a task goes on where its start request left off."""
+        client = AgentClient(endpoint, timeout=self._timeout)
+        with self._lock:
+            client._conn, self._conn = self._conn, None
+        return client
+
+    def release(self, task: str | None = None, *, wait: bool = True) -> None:
         """End this client's own task scope, or (a delegating client) `task`: the agent forgets
-        the task's bearers and releases its Vault credentials in the background."""
-        self._call("POST", "/v1/release", {"task": task}, what="a release", expect=204)
+        the task's bearers and releases its Vault credentials in the background.
+
+        Without `wait` the request is sent and the connection closed without reading the
+        answer (a task process about to exit has no use for it: nothing it does depends on
+        the release, which the agent carries out all the same). Only a failure to send raises.
+        """
+        body = {"task": task}
+        if wait:
+            self._call("POST", "/v1/release", body, what="a release", expect=204)
+            return
+        data = json.dumps(body).encode()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        conn = conn or self._connect()
+        try:
+            conn.request("POST", "/v1/release", body=data, headers=self._headers(data))
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable("a release", None, exc) from None
+        finally:
+            # The request is in the kernel's hands; closing sends it on, then the FIN.
+            conn.close()
 
     def revoke_lease(self, lease_id: str) -> None:
         """Ask the agent to revoke one Vault lease of the job's session (BrokerError if not)."""
@@ -177,19 +286,7 @@ class AgentClient:
         if duration is not None:
             body["duration"] = duration
         payload = self._call("POST", "/v1/mint", body, what=f"grant {grant!r}", grant=grant)
-        expires_at = payload.get("expires_at")
-        try:
-            cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
-            if isinstance(expires_at, str) and not isinstance(cred, AwsCredentials):
-                cred = replace(cred, expires_at=datetime.fromisoformat(expires_at))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BrokerError(
-                f"credential agent answered grant {grant!r} with a malformed credential",
-                error="invalid_response",
-                status=200,
-                grant=grant,
-            ) from exc
-        return cred
+        return _credential_from_wire(payload, grant)
 
     def _call(
         self,
@@ -202,37 +299,30 @@ class AgentClient:
         grant: str | None = None,
     ) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self.endpoint.bearer}"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        headers = self._headers(data)
         with self._lock:
             try:
                 status, raw = self._send(method, path, data, headers)
             except (OSError, http.client.HTTPException) as exc:
-                raise BrokerError(
-                    f"the job's credential agent at {self.endpoint.url} is unreachable for "
-                    f"{what} ({type(exc).__name__}); did the process that started the job exit?",
-                    error="unreachable",
-                    grant=grant,
-                ) from None
-        try:
-            payload = json.loads(raw) if raw else {}
-        except ValueError:
-            payload = {}
-        payload = payload if isinstance(payload, dict) else {}
-        if status != expect:
-            description = payload.get("error_description")
-            request_id = payload.get("request_id")
-            raise BrokerError(
-                description
-                if isinstance(description, str)
-                else f"credential agent answered HTTP {status} for {what}",
-                error=str(payload.get("error") or f"http_{status}"),
-                status=status,
-                request_id=request_id if isinstance(request_id, str) else None,
-                grant=grant,
-            )
-        return payload
+                raise self._unreachable(what, grant, exc) from None
+        return _payload(status, raw, expect, what, grant)
+
+    def _headers(self, data: bytes | None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.endpoint.bearer}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+
+    def _unreachable(self, what: str, grant: str | None, exc: BaseException) -> BrokerError:
+        return BrokerError(
+            f"the job's credential agent at {self.endpoint.url} is unreachable for "
+            f"{what} ({type(exc).__name__}); did the process that started the job exit?",
+            error="unreachable",
+            grant=grant,
+        )
 
     def _send(
         self, method: str, path: str, data: bytes | None, headers: dict[str, str]
@@ -241,7 +331,7 @@ class AgentClient:
             conn = self._conn
             reused = conn is not None
             if conn is None:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                conn = self._connect()
             self._conn = None
             try:
                 conn.request(method, path, body=data, headers=headers)
@@ -263,6 +353,59 @@ class AgentClient:
                 self._conn = conn
             return response.status, raw
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _task_start_body(
+    grants: Sequence[str], task: str, pid: int | None, aws_grant: str | None, wait: bool
+) -> tuple[dict[str, Any], str]:
+    body = {
+        "grants": list(grants),
+        "task": task,
+        "pid": pid,
+        "aws": [aws_grant] if aws_grant else [],
+        "wait": wait,
+    }
+    return body, (f"grant {aws_grant!r}" if aws_grant else "a task's bearer")
+
+
+def _payload(status: int, raw: bytes, expect: int, what: str, grant: str | None) -> dict[str, Any]:
+    """The JSON object of an answer; a BrokerError with the agent's reason unless `expect`."""
+    try:
+        payload = json.loads(raw) if raw else {}
+    except ValueError:
+        payload = {}
+    payload = payload if isinstance(payload, dict) else {}
+    if status != expect:
+        description = payload.get("error_description")
+        request_id = payload.get("request_id")
+        raise BrokerError(
+            description
+            if isinstance(description, str)
+            else f"credential agent answered HTTP {status} for {what}",
+            error=str(payload.get("error") or f"http_{status}"),
+            status=status,
+            request_id=request_id if isinstance(request_id, str) else None,
+            grant=grant,
+        )
+    return payload
+
+
+def _credential_from_wire(payload: Any, grant: str) -> Credential:
+    """A credential from the agent's mint answer (the broker's 200 shape; BrokerError if
+    malformed)."""
+    try:
+        cred = parse_credential(payload, grant=grant, now=datetime.now(UTC))
+        expires_at = payload.get("expires_at")
+        if isinstance(expires_at, str) and not isinstance(cred, AwsCredentials):
+            cred = cred.replace(expires_at=datetime.fromisoformat(expires_at))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise BrokerError(
+            f"credential agent answered grant {grant!r} with a malformed credential",
+            error="invalid_response",
+            status=200,
+            grant=grant,
+        ) from exc
+    return cred
 
 
 def _aws_from_body(grant: str, body: Any) -> AwsCredentials:

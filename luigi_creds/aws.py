@@ -16,6 +16,7 @@ reaches botocore, whose warning about our own `BrokerError` is cut to one line b
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "adopt_session",
     "aws_session",
     "credential_env",
+    "prepare_session",
     "refreshable_credentials",
     "scrub_aws_env",
     "session_loader",
@@ -194,15 +196,56 @@ def aws_session(
     """A boto3 Session whose credentials come from `fetch` and refresh themselves.
 
     The provider goes before `env`, so a stray `AWS_ACCESS_KEY_ID` in the process cannot win.
-    `loader` is a botocore data loader to share (service models and endpoint data already read
-    and parsed by another session); it holds no credentials.
+    `loader` is the data loader of another boto3 Session to share (service models and endpoint
+    data already read and parsed); it holds no credentials. In a process forked after
+    `prepare_session()`, the first call takes the session prepared before the fork.
     """
-    core = botocore.session.Session()
-    if loader is not None:
-        core.register_component("data_loader", loader)
+    session = _take_prepared()
+    if session is None:
+        core = botocore.session.Session()
+        if loader is not None:
+            core.register_component("data_loader", loader)
+        session = boto3.Session(botocore_session=core)
+    else:
+        core = session._session  # the botocore session the boto3 Session wraps
+        if loader is not None:
+            # Before any client reads a model from it; a boto3 Session's loader already
+            # searches boto3's own data.
+            core.register_component("data_loader", loader)
+    if region_name is not None:
+        core.set_config_variable("region", region_name)
     resolver = core.get_component("credential_provider")
     resolver.insert_before("env", BrokerCredentialProvider(fetch, clock=clock, windows=windows))
-    return boto3.Session(botocore_session=core, region_name=region_name)
+    return session
+
+
+# A session built before Luigi forks task processes, never given credentials, for the first
+# aws_session() of each forked process: (the pid that built it, the session).
+_prepared: tuple[int, boto3.Session] | None = None
+
+
+def prepare_session() -> None:
+    """Build, once in a process that forks task processes (a CredentialsMixin job's scheduling
+    process), the boto3 Session that each forked task's first `aws_session()` takes.
+
+    Building the session costs a forked task about 10 ms of CPU (measured in forked processes:
+    a new session and an S3 client 26 ms, against 16 on a session prepared before the fork).
+    Each forked process takes its own copy, once, and gives it only its own task's
+    credentials; the process that built it never uses it, so nothing passes between tasks.
+    """
+    global _prepared
+    if _prepared is not None and _prepared[0] == os.getpid():
+        return
+    _prepared = (os.getpid(), boto3.Session(botocore_session=botocore.session.Session()))
+
+
+def _take_prepared() -> boto3.Session | None:
+    global _prepared
+    prepared, pid = _prepared, os.getpid()
+    if prepared is None or prepared[0] == pid:
+        return None
+    _prepared = None  # taken once per process: a second session is built afresh
+    return prepared[1]
 
 
 def session_loader(session: Any) -> Any:

@@ -130,6 +130,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise SystemExit("luigi-creds exec: give the command after --")
     _log_mints_to_stderr()
+    # This process only serves the job's agent while the command runs: a short GIL switch
+    # interval lets the thread answering a task's request run while another thread's mint
+    # is busy (with the default, an answer could wait up to 5 ms per switch behind a mint).
+    sys.setswitchinterval(0.0005)
     inherited = AgentEndpoint.from_env(os.environ)
     broker = None
     server = None

@@ -3,17 +3,18 @@
 Owns what a minted credential is (AWS STS keys, a Vault token, a Vault dynamic secret), how a
 `/v1/token` (or agent `/v1/mint`) 200 body becomes one, what identifies it in logs, and
 `BrokerError`, the refusal every minting path raises. Standard library only: a task's process
-imports it without pulling in an HTTP stack. Secrets are kept out of every repr.
+imports it without pulling in an HTTP stack. Secrets are kept out of every repr. The value types
+are written out (values.py), not dataclasses, because every task process defines them again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from luigi_creds.errors import LuigiCredsError
+from luigi_creds.values import Frozen
 
 __all__ = [
     "AWS_CREDENTIALS",
@@ -62,16 +63,36 @@ class BrokerError(LuigiCredsError):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class AwsCredentials:
+class AwsCredentials(Frozen):
     """STS credentials for one grant; secrets hidden from repr."""
 
+    _fields = (
+        "grant",
+        "request_id",
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "expires_at",
+    )
+    __slots__ = _fields
+    _secret = frozenset({"secret_access_key", "session_token"})
     grant: str
     request_id: str
     access_key_id: str
-    secret_access_key: str = field(repr=False)
-    session_token: str = field(repr=False)
+    secret_access_key: str
+    session_token: str
     expires_at: datetime
+
+    def __init__(
+        self,
+        grant: str,
+        request_id: str,
+        access_key_id: str,
+        secret_access_key: str,
+        session_token: str,
+        expires_at: datetime,
+    ) -> None:
+        self._fill(grant, request_id, access_key_id, secret_access_key, session_token, expires_at)
 
     def credential_process(self) -> dict[str, Any]:
         """The AWS `credential_process` JSON shape (Version 1)."""
@@ -84,34 +105,86 @@ class AwsCredentials:
         }
 
 
-@dataclass(frozen=True)
-class VaultToken:
+class VaultToken(Frozen):
     """A Vault token minted for one grant; the token hidden from repr."""
 
+    _fields = (
+        "grant",
+        "request_id",
+        "token",
+        "accessor",
+        "policies",
+        "renewable",
+        "lease_duration",
+        "expires_at",
+    )
+    __slots__ = _fields
+    _secret = frozenset({"token"})
     grant: str
     request_id: str
-    token: str = field(repr=False)
+    token: str
     accessor: str
     policies: tuple[str, ...]
     renewable: bool
     lease_duration: int
     expires_at: datetime
 
+    def __init__(
+        self,
+        grant: str,
+        request_id: str,
+        token: str,
+        accessor: str,
+        policies: tuple[str, ...],
+        renewable: bool,
+        lease_duration: int,
+        expires_at: datetime,
+    ) -> None:
+        self._fill(
+            grant, request_id, token, accessor, policies, renewable, lease_duration, expires_at
+        )
 
-@dataclass(frozen=True)
-class VaultSecret:
+
+class VaultSecret(Frozen):
     """A Vault dynamic secret (with its lease) for one grant; the data hidden from repr."""
 
+    _fields = (
+        "grant",
+        "request_id",
+        "lease_id",
+        "lease_duration",
+        "renewable",
+        "data",
+        "expires_at",
+        "renew_token",
+    )
+    __slots__ = _fields
+    _secret = frozenset({"data", "renew_token"})
     grant: str
     request_id: str
     lease_id: str
     lease_duration: int
     renewable: bool
-    data: Mapping[str, Any] = field(repr=False)
+    data: Mapping[str, Any]
     expires_at: datetime
     # A token that may only renew this lease (sys/leases/renew), issued by the broker so the
     # client renews the lease with Vault directly; empty if the broker sent none.
-    renew_token: str = field(default="", repr=False)
+    renew_token: str
+
+    def __init__(
+        self,
+        grant: str,
+        request_id: str,
+        lease_id: str,
+        lease_duration: int,
+        renewable: bool,
+        data: Mapping[str, Any],
+        expires_at: datetime,
+        renew_token: str = "",
+    ) -> None:
+        self._fill(
+            grant, request_id, lease_id, lease_duration, renewable, data, expires_at, renew_token
+        )
 
 
 Credential = AwsCredentials | VaultToken | VaultSecret

@@ -41,7 +41,7 @@ from luigi_creds.agent import (
 )
 from luigi_creds.agent_client import AgentClient
 from luigi_creds.aws import aws_session as _aws_session
-from luigi_creds.aws import session_loader
+from luigi_creds.aws import prepare_session, session_loader
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
 from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
 from luigi_creds.refresh import Windows
@@ -125,6 +125,9 @@ class CredentialsMixin:
         except OSError:
             # No loopback socket: minting falls back to failing loudly at first use.
             log.warning("luigi-creds: cannot start the local credential agent", exc_info=True)
+        # Luigi instantiates tasks in the scheduling process before it forks task processes:
+        # each forked task's aws_session() then starts from a session built here once.
+        prepare_session()
 
     # --- accessors ---------------------------------------------------------------------
 
@@ -278,9 +281,13 @@ def _on_start(task: luigi.Task) -> None:
     try:
         own = task_has_process(task.task_id)
         if own or task.grants:
-            state.agent = narrow_to_task(task.task_id, task.grants, own_process=own)
-        for grant in task.grants:
-            state.minted[grant] = state.agent.mint(grant, task.task_id, task.durations.get(grant))  # type: ignore[union-attr]
+            # The task's bearer and its credentials in one round trip.
+            durations = {g: task.durations.get(g) for g in task.grants}
+            state.agent, state.minted, refusal = narrow_to_task(
+                task.task_id, task.grants, own_process=own, durations=durations
+            )
+            if refusal is not None:
+                raise refusal
     except Exception as exc:
         # Luigi swallows handler exceptions; the first accessor call inside run() raises this.
         state.error = exc
@@ -304,8 +311,9 @@ def _release(task: luigi.Task) -> None:
         stop_keepers(task.task_id, grant)
     if state.agent is not None:
         try:
-            # The agent releases the task's Vault credentials in the background.
-            state.agent.release()
+            # The agent releases the task's Vault credentials in the background. A task's own
+            # process exits next and waits for nothing: the release is sent, its answer unread.
+            state.agent.release(wait=not task_has_process(task.task_id))
         except BrokerError as exc:
             log.warning("luigi-creds: releasing %s failed: %s", task.task_id, exc)
 

@@ -84,11 +84,14 @@ def from_luigi_config() -> ClientSettings:
     """`[luigi_creds]` as Luigi resolves it (config files, then command-line overrides), with
     the `[luigi_creds:<TaskFamily>]` sections; every problem at once in a ConfigError."""
     config = luigi.configuration.get_config()  # type: ignore[no-untyped-call]
-    instance: Any = LuigiCredsConfig()  # type: ignore[no-untyped-call]
     raw: dict[str, str] = {}
-    for key in ClientSettings.KEYS:
-        value = str(getattr(instance, key))
-        if value:
+    # Each parameter's value as an instance would get it (command line, then config, then
+    # default), without instantiating the Config: a task's process reads the settings once,
+    # and a first instantiation there costs about 3 ms of CPU against 0.5 for this.
+    params: Any = LuigiCredsConfig.get_params()  # type: ignore[no-untyped-call]
+    for key, param in params:
+        value = str(param.task_value(SECTION, key))
+        if value and key in ClientSettings.KEYS:
             raw[key] = value
     has_section = config.has_section(SECTION)
     if has_section:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from luigi_creds.errors import LuigiCredsError
+from luigi_creds.values import Frozen
 
 __all__ = ["RefreshError", "Refresher", "Snapshot", "Windows"]
 
@@ -33,21 +33,25 @@ class RefreshError(LuigiCredsError):
     """A mandatory refresh failed, or the credential has expired and could not be replaced."""
 
 
-@dataclass(frozen=True)
-class Snapshot(Generic[T]):
+class Snapshot(Frozen, Generic[T]):
     """One credential as fetched: immutable, so a reader never sees half of two credentials."""
 
-    value: T = field(repr=False)
+    _fields = ("value", "expires_at", "fetched_at")
+    __slots__ = _fields
+    _secret = frozenset({"value"})
+    value: T
     expires_at: datetime
     fetched_at: datetime
+
+    def __init__(self, value: T, expires_at: datetime, fetched_at: datetime) -> None:
+        self._fill(value, expires_at, fetched_at)
 
     @property
     def lifetime(self) -> timedelta:
         return self.expires_at - self.fetched_at
 
 
-@dataclass(frozen=True)
-class Windows:
+class Windows(Frozen):
     """How long before expiry each window opens.
 
     The defaults are botocore's (advisory 15 min, mandatory 10 min), capped at a fraction of the
@@ -55,13 +59,31 @@ class Windows:
     (advisory) and at the latest 3.75 minutes before it expires (mandatory).
     """
 
-    advisory: timedelta = timedelta(minutes=15)
-    mandatory: timedelta = timedelta(minutes=10)
-    advisory_fraction: float = 0.5
-    mandatory_fraction: float = 0.25
-    # After a failed advisory refresh, callers keep the cached credential for this long before the
-    # next attempt, so a broker outage is not hammered by every S3 call.
-    advisory_backoff: timedelta = timedelta(seconds=30)
+    _fields = (
+        "advisory",
+        "mandatory",
+        "advisory_fraction",
+        "mandatory_fraction",
+        "advisory_backoff",
+    )
+    __slots__ = _fields
+    advisory: timedelta
+    mandatory: timedelta
+    advisory_fraction: float
+    mandatory_fraction: float
+    # After a failed advisory refresh, callers keep the cached credential for this long before
+    # the next attempt, so a broker outage is not hammered by every S3 call.
+    advisory_backoff: timedelta
+
+    def __init__(
+        self,
+        advisory: timedelta = timedelta(minutes=15),
+        mandatory: timedelta = timedelta(minutes=10),
+        advisory_fraction: float = 0.5,
+        mandatory_fraction: float = 0.25,
+        advisory_backoff: timedelta = timedelta(seconds=30),
+    ) -> None:
+        self._fill(advisory, mandatory, advisory_fraction, mandatory_fraction, advisory_backoff)
 
     def for_lifetime(self, lifetime: timedelta) -> tuple[timedelta, timedelta]:
         """Return (advisory, mandatory) lead times for a credential that lives `lifetime`."""

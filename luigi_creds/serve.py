@@ -20,9 +20,11 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
 - `GET /v1/aws?grant=G&task=T`: the AWS container-credentials protocol (`AccessKeyId`,
   `SecretAccessKey`, `Token`, `Expiration`), refreshed per (grant, task) with `refresh.Refresher`;
   point `AWS_CONTAINER_CREDENTIALS_FULL_URI` at it and any AWS SDK refreshes by itself.
-- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws", "wait"}`: a narrower
-  bearer; each AWS grant in `aws` is minted at once and, unless `wait` is false, returned in the
-  same answer (a task's start).
+- `POST /v1/bearer` JSON `{"grants", "task", "delegate", "pid", "aws", "wait", "mint"}`: a
+  narrower bearer; each AWS grant in `aws` is minted at once and, unless `wait` is false,
+  returned in the same answer (a task's start). Each `{"grant", "duration"?}` in `mint` is
+  minted for the task as `/v1/mint` would and returned under `minted` (a CredentialsMixin task's
+  start, in one round trip); if one fails, the new scope is ended and the refusal returned.
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
 - `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
@@ -325,13 +327,15 @@ class CredentialAgent:
             raise failed
         return refresher.get().value
 
-    def prefetch(self, grant: str, task: str | None, scope: Scope) -> None:
-        """Start minting (grant, task) in the background; `aws()` then waits for that mint."""
+    def prefetch(self, grant: str, task: str | None, scope: Scope) -> threading.Thread:
+        """Mint (grant, task) in the background; `aws()` from now on waits for that mint.
+        Returns the thread, not yet started: the caller starts it once it has answered, so
+        the answer is not held behind the mint's own work (the GIL changes hands every 5 ms)."""
         task = self._check(scope, grant, task)
         done = threading.Event()
         with self._lock:
             self._prefetching[(grant, task)] = done
-        threading.Thread(target=self._warm, args=(grant, task, done), daemon=True).start()
+        return threading.Thread(target=self._warm, args=(grant, task, done), daemon=True)
 
     def _warm(self, grant: str, task: str | None, done: threading.Event) -> None:
         try:
@@ -464,6 +468,14 @@ def _release_quietly(release: Release, task: str, held: Sequence[Credential]) ->
         log.warning("luigi-creds: releasing the Vault credentials of %s failed: %s", task, reason)
 
 
+def _is_mint_request(item: Any) -> bool:
+    """`{"grant": str, "duration": int | None}`, one entry of a start request's `mint`."""
+    if not isinstance(item, dict) or not isinstance(item.get("grant"), str):
+        return False
+    duration = item.get("duration")
+    return duration is None or (isinstance(duration, int) and not isinstance(duration, bool))
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -497,6 +509,15 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
         # apart, Nagle's algorithm holds the body until the client's delayed ACK (about 40 ms
         # per request on Linux) on a kept-alive connection.
         wbufsize = -1
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError):
+                # A task's process sends its release and exits without reading the answer,
+                # which resets the kept-alive connection: nothing is left to serve on it, and a
+                # traceback on the job's stderr would only be noise.
+                self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
             # NOTE: the default logs full request lines to stderr; task ids are fine, but keep
@@ -597,13 +618,37 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 delegate=delegate,
                 pid=pid,
             )
+            mints = request.get("mint") or []
+            if not (isinstance(mints, list) and all(_is_mint_request(m) for m in mints)):
+                raise TypeError
+            if mints and task is None:
+                raise TypeError  # minting at start is for a task's own scope
             bearer = agent.issue(scope, wanted)
+            if mints and task is not None:
+                try:
+                    minted = {
+                        m["grant"]: credential_to_wire(
+                            agent.mint(m["grant"], task, m.get("duration"), wanted)
+                        )
+                        for m in mints
+                    }
+                except Exception:
+                    # Nobody holds the new bearer: end the task's scope here (releasing what
+                    # this request minted) and answer with the refusal.
+                    agent.release_task(task)
+                    raise
+                self._send(200, {"bearer": bearer, "aws": {}, "minted": minted})
+                return
             if request.get("wait") is False:
                 # Mint now, answer now: the task sets itself up while the broker works, and
                 # its first credential request waits for this same mint.
-                for grant in aws_grants:
-                    agent.prefetch(grant, task, wanted)
-                self._send(200, {"bearer": bearer, "aws": {}})
+                warming = [agent.prefetch(grant, task, wanted) for grant in aws_grants]
+                try:
+                    self._send(200, {"bearer": bearer, "aws": {}})
+                    self._flush()  # the answer leaves before the mint takes the GIL
+                finally:
+                    for thread in warming:
+                        thread.start()
                 return
             aws = {g: container_body(agent.aws(g, task, wanted)) for g in aws_grants}
             self._send(200, {"bearer": bearer, "aws": aws})
@@ -647,6 +692,12 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             else:
                 log.warning("agent request failed", exc_info=True)
                 self._send(502, {"error": "agent_error", "error_description": type(exc).__name__})
+
+        def _flush(self) -> None:
+            try:
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _send(self, status: int, body: Mapping[str, Any]) -> None:
             data = json.dumps(body).encode()

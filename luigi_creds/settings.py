@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from luigi_creds.errors import LuigiCredsError
+from luigi_creds.values import Frozen
 
 __all__ = [
     "DEFAULT_GITLAB_VARIABLE",
@@ -43,33 +43,90 @@ class ConfigError(LuigiCredsError):
     """`[luigi_creds]` is missing or wrong; the message lists every problem."""
 
 
-@dataclass(frozen=True)
-class FamilyGrants:
+class FamilyGrants(Frozen):
     """The grants a task family's processes get; None means none of that kind."""
 
-    aws_grant: str | None = None
-    vault_grant: str | None = None
+    _fields = ("aws_grant", "vault_grant")
+    __slots__ = _fields
+    aws_grant: str | None
+    vault_grant: str | None
+
+    def __init__(self, aws_grant: str | None = None, vault_grant: str | None = None) -> None:
+        self._fill(aws_grant, vault_grant)
 
 
-@dataclass(frozen=True)
-class ClientSettings:
+class ClientSettings(Frozen):
     """`[luigi_creds]` in luigi.cfg / luigi.toml. Nothing in it is secret."""
 
+    _fields = (
+        "broker_url",
+        "token_source",
+        "ca_bundle",
+        "audience",
+        "gitlab_variable",
+        "vault_addr",
+        "timeout",
+        "okta_token_endpoint",
+        "okta_client_id",
+        "okta_private_key_file",
+        "okta_scopes",
+        "okta_key_id",
+        "aws_grant",
+        "vault_grant",
+        "families",
+    )
+    __slots__ = _fields
     broker_url: str
     token_source: str
-    ca_bundle: Path | None = None
-    audience: str | None = None  # what the github source requests; default: broker_url
-    gitlab_variable: str = DEFAULT_GITLAB_VARIABLE
-    vault_addr: str | None = None  # for vault_client() and VAULT_ADDR in task environments
-    timeout: float = 10.0  # seconds per broker request
-    okta_token_endpoint: str | None = None
-    okta_client_id: str | None = None
-    okta_private_key_file: Path | None = None
-    okta_scopes: tuple[str, ...] = ()
-    okta_key_id: str | None = None
-    aws_grant: str | None = None  # what TaskCredentials gives every task's AWS SDKs
-    vault_grant: str | None = None  # what TaskCredentials puts in every task's VAULT_TOKEN
-    families: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    ca_bundle: Path | None
+    audience: str | None  # what the github source requests; default: broker_url
+    gitlab_variable: str
+    vault_addr: str | None  # for vault_client() and VAULT_ADDR in task environments
+    timeout: float  # seconds per broker request
+    okta_token_endpoint: str | None
+    okta_client_id: str | None
+    okta_private_key_file: Path | None
+    okta_scopes: tuple[str, ...]
+    okta_key_id: str | None
+    aws_grant: str | None  # what TaskCredentials gives every task's AWS SDKs
+    vault_grant: str | None  # what TaskCredentials puts in every task's VAULT_TOKEN
+    families: Mapping[str, Mapping[str, str]]
+
+    def __init__(
+        self,
+        broker_url: str,
+        token_source: str,
+        ca_bundle: Path | None = None,
+        audience: str | None = None,
+        gitlab_variable: str = DEFAULT_GITLAB_VARIABLE,
+        vault_addr: str | None = None,
+        timeout: float = 10.0,
+        okta_token_endpoint: str | None = None,
+        okta_client_id: str | None = None,
+        okta_private_key_file: Path | None = None,
+        okta_scopes: tuple[str, ...] = (),
+        okta_key_id: str | None = None,
+        aws_grant: str | None = None,
+        vault_grant: str | None = None,
+        families: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        self._fill(
+            broker_url,
+            token_source,
+            ca_bundle,
+            audience,
+            gitlab_variable,
+            vault_addr,
+            timeout,
+            okta_token_endpoint,
+            okta_client_id,
+            okta_private_key_file,
+            okta_scopes,
+            okta_key_id,
+            aws_grant,
+            vault_grant,
+            {} if families is None else families,
+        )
 
     KEYS: ClassVar[tuple[str, ...]] = (
         "broker_url",

@@ -12,13 +12,15 @@ by `[luigi_creds:<TaskFamily>]`, plus a `CredentialsMixin` task's own `grants`):
 - AWS: `AWS_CONTAINER_CREDENTIALS_FULL_URI` + `AWS_CONTAINER_AUTHORIZATION_TOKEN` point every AWS
   SDK (boto3, awscli, luigi.contrib.s3) at the agent, which mints for this task id; every static
   `AWS_*` variable is removed and boto3's default session is reset, so nothing cached from
-  another task is reused. The first credential is minted before the task runs (the agent starts
-  minting when it hands out the bearer), so a refusal fails the task with the broker's reason;
+  another task is reused. The first credential is minted before the task runs (one request asks for
+  the bearer and the mint; the process sets itself up while the agent and the broker work and
+  reads the answer after), so a refusal fails the task with the broker's reason;
 - Vault: `VAULT_ADDR`/`VAULT_TOKEN` hold a token for this task, renewed in place while it runs
   (re-minted, and `VAULT_TOKEN` updated, when it stops extending).
 
 On exit (success or failure) renewals stop and the agent releases the task's Vault credentials
-in the background; if the process is killed or times out, the agent sees it gone and releases
+in the background (a task's own process sends the release and exits without waiting for the
+answer); if the process is killed or times out, the agent sees it gone and releases
 them itself. A failure to get credentials fails the task through Luigi's normal path, with the
 reason as its error.
 
@@ -32,8 +34,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from luigi_creds.agent_client import (
@@ -53,16 +54,15 @@ __all__ = ["TaskCredentials"]
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class StartTimings:
     """Where the time from the context's entry to a usable credential went (seconds)."""
 
-    entered: float = 0.0  # time.perf_counter() when the context was entered
-    settings: float = 0.0
-    agent: float = 0.0  # the task's bearer (the AWS mint starts)
-    aws: float = 0.0  # what was left to wait for the first AWS credential after the set-up
-    done: float = 0.0  # time.perf_counter() when the context had set everything up
-    vault: float = 0.0
+    entered = 0.0  # time.perf_counter() when the context was entered
+    settings = 0.0
+    agent = 0.0  # sending the start request (the agent starts the AWS mint)
+    aws = 0.0  # what was left to wait for the answer (bearer, first AWS credential)
+    done = 0.0  # time.perf_counter() when the context had set everything up
+    vault = 0.0
 
 
 # The last task's timings in this process (bench/client.py reads them; one task per process
@@ -103,8 +103,11 @@ class TaskCredentials:
                 stop_keepers(task_id, grant)
         if self._client is not None:
             try:
-                # The agent revokes the task's Vault credentials in the background.
-                self._client.release()
+                # The agent revokes the task's Vault credentials in the background. A task's
+                # own process is about to exit and waits for nothing: the request is sent and
+                # the answer left unread. In the worker's process the next task must find the
+                # scope gone, so it waits.
+                self._client.release(wait=not self._own_process)
             except BrokerError as exc:
                 log.warning("luigi-creds: releasing %s failed: %s", task_id, exc)
             self._client.close()
@@ -144,41 +147,52 @@ class TaskCredentials:
             return
         mark = time.perf_counter()
         parent = self._job_agent()
-        # The agent starts minting the task's AWS credentials now and answers at once: the
-        # environment, boto3's session and the Vault token are set up while the broker works.
-        endpoint, _ = parent.task_bearer(
+        # One round trip: the request for the task's bearer leaves now and the agent mints the
+        # task's AWS credentials before it answers; the environment and boto3's session are
+        # set up meanwhile, and the answer (bearer and first credential) is read after.
+        answer = parent.start_task(
             grants,
             task.task_id,
             pid=os.getpid() if self._own_process else None,
             aws_grant=family.aws_grant,
-            wait=False,
         )
-        if parent is not self._owner:
-            parent.close()  # the inherited, wider bearer's connection is of no further use
-        client = self._client = AgentClient(endpoint)
-        os.environ.update(endpoint.env())
         self.timings.agent = time.perf_counter() - mark
-        lines = []
         first: list[AwsCredentials] = []
         if family.aws_grant:
-            os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
             _install_default_session(
-                client, family.aws_grant, task.task_id, first, inherited, self._own_process
+                self._task_client,
+                family.aws_grant,
+                task.task_id,
+                first,
+                inherited,
+                self._own_process,
             )
+        mark = time.perf_counter()
+        # Waiting here for the mint the task's first AWS call would wait for anyway turns a
+        # refusal into the task's failure, with the grant and the broker's reason.
+        endpoint, aws = answer()
+        self.timings.aws = time.perf_counter() - mark
+        # The task's client goes on on the start request's connection; the inherited, wider
+        # bearer is of no further use in this process.
+        self._client = parent.handing_over(endpoint)
+        if parent is not self._owner:
+            parent.close()
+        os.environ.update(endpoint.env())
+        lines = []
+        if family.aws_grant and aws is not None:
+            os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
+            first.append(aws)
+            lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         if family.vault_grant:
             mark = time.perf_counter()
             lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
             self.timings.vault = time.perf_counter() - mark
-        if family.aws_grant:
-            mark = time.perf_counter()
-            # Waiting here for the mint the task's first AWS call would wait for anyway turns a
-            # refusal into the task's failure, with the grant and the broker's reason.
-            aws = client.aws(family.aws_grant, task.task_id)
-            first.append(aws)
-            self.timings.aws = time.perf_counter() - mark
-            lines.insert(0, f"AWS grant {family.aws_grant!r}: {describe(aws)}")
         log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
         self.timings.done = time.perf_counter()
+
+    def _task_client(self) -> AgentClient:
+        assert self._client is not None, "the task's client is set before its first refresh"
+        return self._client
 
     def _job_agent(self) -> AgentClient:
         """This process's way to the job's agent: inherited, or (no agent in the environment)
@@ -244,7 +258,7 @@ def _default_session() -> Any:
 
 
 def _install_default_session(
-    client: AgentClient,
+    client: Callable[[], AgentClient],
     grant: str,
     task_id: str,
     first: list[AwsCredentials],
@@ -272,7 +286,7 @@ def _install_default_session(
 
     def fetch() -> AwsCredentials:
         # The task's first credentials (fetched before its code runs), then the agent's.
-        return first.pop() if first else client.aws(grant, task_id)
+        return first.pop() if first else client().aws(grant, task_id)
 
     if own_process and inherited is not None and adopt_session(inherited, fetch):
         boto3.DEFAULT_SESSION = inherited

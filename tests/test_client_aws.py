@@ -195,3 +195,52 @@ def test_an_adopted_session_forgets_its_credentials_and_keeps_what_it_parsed(
     assert session_loader(fresh) is loader
     assert fresh.get_credentials().get_frozen_credentials().access_key == "AKIATASK"
     assert not adopt_session(object(), lambda: task)
+
+
+def test_a_session_prepared_before_fork_goes_once_to_each_forked_process() -> None:
+    """prepare_session(): the preparing process never takes the session; a forked process's
+    first aws_session() takes its own copy and gets only its own credentials; its second
+    aws_session() is a new session; the parent's copy never held a credential."""
+    import json
+    import os
+
+    from luigi_creds import aws
+
+    clock = FakeClock()
+    aws.prepare_session()
+    assert aws._prepared is not None
+    prepared = aws._prepared[1]
+    here = aws_session(Minter(clock), clock=clock)
+    assert here is not prepared and aws._prepared is not None  # not taken where it was built
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            first = aws_session(Minter(clock), region_name="eu-west-1", clock=clock)
+            second = aws_session(Minter(clock), clock=clock)
+            key = first.get_credentials().get_frozen_credentials().access_key
+            report = {
+                "took": first is prepared,
+                "second_new": second is not prepared and second is not first,
+                "left": aws._prepared is None,
+                "region": first.region_name,
+                "key": key,
+            }
+            os.write(write, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    report = json.loads(os.read(read, 4096))
+    os.waitpid(pid, 0)
+    assert report == {
+        "took": True,
+        "second_new": True,
+        "left": True,
+        "region": "eu-west-1",
+        "key": "AKIAFAKE0001",
+    }
+    # The parent's copy is as it was built: no credentials were ever resolved on it.
+    assert prepared._session._credentials is None
+    aws.prepare_session()  # once per process: the same session stays
+    assert aws._prepared is not None and aws._prepared[1] is prepared

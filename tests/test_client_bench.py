@@ -37,7 +37,7 @@ def test_tiny_client_bench_run(tmp_path: Path) -> None:
         "task bearer (the mint starts)",
         "set-up while the mint runs",
         "left to wait for the mint",
-        "SDK credential resolution",
+        "Luigi and the SDK until the keys are in hand",
     }
     assert len(first["split_p50_ms"]) == 2
     assert first["p50_ms"] > 0 and first["ratio_to_broker_exchange"] > 0

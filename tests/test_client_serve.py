@@ -263,3 +263,69 @@ def test_a_task_start_mints_once_while_the_task_sets_up(agent) -> None:  # type:
 
     _, waited = root.task_bearer(["etl"], "T(3)", pid=None, aws_grant="etl")
     assert waited is not None and waited.grant == "etl"
+
+
+def test_a_task_start_is_one_round_trip_on_one_connection(agent) -> None:  # type: ignore[no-untyped-def]
+    """`start_task` sends the start request at once and reads the answer later (the bearer and
+    the first AWS credential, one mint); the task's client goes on on the same connection; a
+    release sent without waiting still ends the task's scope."""
+    import time
+
+    server, endpoint, minter = agent
+    root = AgentClient(endpoint)
+    answer = root.start_task(["etl"], "T(1)", pid=None, aws_grant="etl")
+    bearer, first = answer()
+    assert first is not None and first.access_key_id.startswith("AKIAAGENT")
+    assert minter.calls == [("etl", "T(1)")]
+    task = root.handing_over(bearer)
+    connection = task._conn
+    assert connection is not None and root._conn is None
+    assert task.aws("etl").access_key_id == first.access_key_id  # the same mint, cached
+    assert task._conn is connection and minter.calls == [("etl", "T(1)")]
+
+    task.release(wait=False)
+    assert task._conn is None
+    deadline = time.monotonic() + 10
+    while server.scope_of(f"Bearer {bearer.bearer}") is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.scope_of(f"Bearer {bearer.bearer}") is None
+
+    denied = root.start_task(["denied"], "T(2)", pid=None, aws_grant="denied")
+    with pytest.raises(BrokerError) as info:
+        denied()
+    assert "refused grant 'denied'" in str(info.value) and info.value.status == 400
+
+
+def test_a_mixin_start_mints_every_grant_with_its_bearer(agent) -> None:  # type: ignore[no-untyped-def]
+    """`start_minting`: the task's bearer and each grant minted for the task in one request;
+    a refused grant ends the new scope (its Vault credentials released) and raises the refusal;
+    the scope's limits hold (a grant outside it is refused, nothing minted)."""
+    released: list[str] = []
+    minter = Minter()
+    server = CredentialAgent(
+        minter, clock=lambda: datetime.now(UTC), release=lambda t, c: released.append(t)
+    )
+    root = AgentClient(server.start())
+    try:
+        bearer, minted = root.start_minting(
+            ["etl", "db"], "T(1)", pid=None, durations={"etl": 900, "db": None}
+        )
+        assert isinstance(minted["etl"], AwsCredentials) and isinstance(minted["db"], VaultSecret)
+        assert minted["db"].data == {"password": "pw"}
+        assert minter.calls == [("etl", "T(1)"), ("db", "T(1)")]
+        task = AgentClient(bearer)
+        assert task.aws("etl").access_key_id == minted["etl"].access_key_id  # seeded, no mint
+        assert len(minter.calls) == 2
+
+        with pytest.raises(BrokerError) as info:
+            root.start_minting(["db", "denied"], "T(2)", pid=None, durations={})
+        assert info.value.error == "invalid_target" and "denied" in str(info.value)
+        assert released == ["T(2)"]  # the db secret minted before the refusal is released
+
+        delegate = AgentClient(root.scoped(["etl"], None, delegate=True))
+        with pytest.raises(BrokerError) as info:
+            delegate.start_minting(["etl", "db"], "T(3)", pid=None, durations={})
+        assert info.value.status == 403
+        assert ("db", "T(3)") not in minter.calls and ("etl", "T(3)") not in minter.calls
+    finally:
+        server.stop()

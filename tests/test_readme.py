@@ -129,7 +129,7 @@ def test_luigi_cfg_snippet_is_read_by_luigi_and_accepted(
     settings = ClientSettings.from_mapping(section)
     assert settings.broker_url.startswith("https://"), where
     # The CA file and Okta key exist on the target host, not here; the source is what matters.
-    settings = dataclasses.replace(settings, ca_bundle=None)
+    settings = settings.replace(ca_bundle=None)
     environ = {
         "ACTIONS_ID_TOKEN_REQUEST_URL": "https://pipelines.actions.githubusercontent.com/x",
         "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "bearer",
