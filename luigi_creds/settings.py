@@ -128,21 +128,8 @@ class ClientSettings(Frozen):
             {} if families is None else families,
         )
 
-    KEYS: ClassVar[tuple[str, ...]] = (
-        "broker_url",
-        "token_source",
-        "ca_bundle",
-        "audience",
-        "gitlab_variable",
-        "vault_addr",
-        "timeout",
-        "okta_token_endpoint",
-        "okta_client_id",
-        "okta_private_key_file",
-        "okta_scopes",
-        "okta_key_id",
-        *FAMILY_KEYS,
-    )
+    # What `[luigi_creds]` may set: every field but the per-family sections.
+    KEYS: ClassVar[tuple[str, ...]] = tuple(f for f in _fields if f != "families")
 
     def grants_for(self, family: str) -> FamilyGrants:
         """The grants of `family`'s task processes: the family's section over `[luigi_creds]`."""
