@@ -284,6 +284,9 @@ STS_MAX_TAGS = 50
 STS_TAG_KEY_MAX = 128
 STS_TAG_VALUE_MAX = 256
 STS_POLICY_MAX = 2048
+# The characters of a session tag key or value (IAM), as a regex character-class body: the lint
+# refuses keys outside it, the mint replaces claim text outside it.
+STS_TAG_CHARS = "A-Za-z0-9 _.:/=+@-"
 # AWS partitions and the prefix of the region names each holds.
 AWS_PARTITIONS: Final = {"aws": "", "aws-cn": "cn-", "aws-us-gov": "us-gov-"}
 # Vault: a grant's ttl under a minute is useless for a task and churns leases, so the lint

@@ -13,6 +13,7 @@ from broker.config import (
     AWS_PARTITIONS,
     STS_MAX_TAGS,
     STS_POLICY_MAX,
+    STS_TAG_CHARS,
     STS_TAG_KEY_MAX,
     STS_TAG_VALUE_MAX,
     AwsGrant,
@@ -22,7 +23,7 @@ from broker.config_lint.reader import CLAIM_NAME, Lint
 
 _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_TAG_KEY = re.compile(r"[A-Za-z0-9 _.:/=+@-]+")  # IAM tag key character set
+_TAG_KEY = re.compile(f"[{STS_TAG_CHARS}]+")
 _REGION = re.compile(r"[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d")
 # STS: ExternalId is 2..1224 characters of [\w+=,.@:/-]; the inline Policy at most 2048.
 _EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)

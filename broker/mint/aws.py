@@ -19,6 +19,7 @@ from broker.config import (
     STS_MAX_DURATION,
     STS_MIN_DURATION,
     STS_POLICY_MAX,
+    STS_TAG_CHARS,
     STS_TAG_KEY_MAX,
     STS_TAG_VALUE_MAX,
     AwsGrant,
@@ -30,7 +31,7 @@ from broker.mint.sts_http import StsHTTP, StsRefusal, StsUnreachable, text
 _STS_NAME_UNSAFE = re.compile(r"[^\w+=,.@-]", re.ASCII)
 _STS_NAME_MAX = 64
 # STS: at most 50 session tags; key 1..128, value 0..256 of letters, digits, spaces and _.:/=+-@.
-_TAG_UNSAFE = re.compile(r"[^\w .:/=+@-]", re.ASCII)
+_TAG_UNSAFE = re.compile(f"[^{STS_TAG_CHARS}]")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 # A claim value put into a session policy may hold only these: no IAM wildcard (* ?), no policy
 # variable (${...}), no quote; and it may not be empty, which would turn "lake/{p}/*" into
