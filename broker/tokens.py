@@ -50,6 +50,8 @@ _KID_CHARS: Final = re.compile(r"[\x20-\x7e]+")  # printable ASCII: no NUL, newl
 # verifies it. `enc`, `zip`, `epk` and `p2c` mark JWE, compression, ECDH-ES or PBES2, which a
 # signed JWT never uses (nothing to decrypt or inflate before the signature is checked).
 _FORBIDDEN_HEADERS: Final = frozenset({"jku", "x5u", "x5c", "jwk", "enc", "zip", "epk", "p2c"})
+# A DPoP proof carries its own public key (`jwk`); every other key pointer is still refused.
+_FORBIDDEN_HEADERS_PROOF: Final = _FORBIDDEN_HEADERS - {"jwk"}
 
 _RSA_PKCS1: Final = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
 _RSA_PSS: Final = {"PS256": hashes.SHA256(), "PS384": hashes.SHA384(), "PS512": hashes.SHA512()}
@@ -175,7 +177,7 @@ def _decode_json_segment(segment: str) -> Any:
         raise TokenError(exc.reason) from exc
 
 
-def _check_header(header: Any, forbidden: frozenset[str] = _FORBIDDEN_HEADERS) -> None:
+def _check_header(header: Any, forbidden: frozenset[str]) -> None:
     if not isinstance(header, dict):
         raise TokenError("malformed")
     alg = header.get("alg")
@@ -279,7 +281,7 @@ def parse_token(
     key the header carries and which are trusted only through that key's thumbprint; a subject
     token never chooses its own key.
     """
-    forbidden = _FORBIDDEN_HEADERS - {"jwk"} if embedded_key else _FORBIDDEN_HEADERS
+    forbidden = _FORBIDDEN_HEADERS_PROOF if embedded_key else _FORBIDDEN_HEADERS
     jws = _parse(raw, max_length, _COMPACT_JWT, forbidden)
     try:
         claims = loads_strict_json(jws.payload)
