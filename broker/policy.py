@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -150,15 +150,20 @@ def _check(matcher: _Matcher, claims: Mapping[str, Any]) -> tuple[ClaimCheck, st
     return result(actual, CLAIM_MISMATCH, "no pattern matched")
 
 
-def claim_matches(claim: str, rule: MatchValue, value: object) -> bool:
-    """Whether one claim value satisfies one grant's `match` rule for that claim.
+def claim_matcher(claim: str, rule: MatchValue) -> Callable[[object], bool]:
+    """Whether a claim value satisfies one grant's `match` rule for that claim, compiled once.
 
     The same test `Policy.evaluate` applies to a token (list claims, bool claims, unsafe
     characters, the vacuous any-of list), for readers outside a decision such as the audit
     report.
     """
-    _, failure = _check(_compile_value(claim, rule), {claim: value})
-    return failure is None
+    matcher = _compile_value(claim, rule)
+
+    def matches(value: object) -> bool:
+        _, failure = _check(matcher, {claim: value})
+        return failure is None
+
+    return matches
 
 
 class Policy:

@@ -31,7 +31,7 @@ from broker.audit.chain import format_time
 from broker.audit.events import AuditEvent, Outcome
 from broker.audit.spreadsheet import spreadsheet_safe
 from broker.config import Config, GrantConfig, MatchValue, RegexPattern
-from broker.policy import claim_matches
+from broker.policy import claim_matcher
 
 WATCHED_CLAIMS = ("ref", "environment")
 
@@ -211,7 +211,8 @@ def build_report(
             per_value[value] += n
         if rule is not None:
             expected = _describe(rule)
-            allowed = {v for v in per_value if claim_matches(claim, rule, v)}
+            matches = claim_matcher(claim, rule)
+            allowed = {v for v in per_value if matches(v)}
         else:
             ranked = per_value.most_common(2)
             if len(ranked) < 2 or ranked[0][1] == ranked[1][1]:
