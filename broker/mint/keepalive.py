@@ -282,13 +282,13 @@ class ConnectionPool:
             raise ValueError("expected an http:// or https://host[:port] URL")
         self.https = parts.scheme == "https"
         self.host = parts.hostname
-        self.port = parts.port or (443 if self.https else 80)
+        default = 443 if self.https else 80
+        self.port = parts.port or default
         self._timeout = timeout
         self._context = context
         if self.https and context is None:
             self._context = ssl.create_default_context()
         host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.https else 80
         self.host_header = host if parts.port in (None, default) else f"{host}:{self.port}"
         # A plain list used as a stack: append and pop are atomic, and a queue.LifoQueue's
         # Condition cost more than the rest of checking a connection out and in. (Two threads
