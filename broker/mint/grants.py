@@ -117,13 +117,13 @@ class GrantMinter:
         vault: VaultMinter | None,
         hash_ref: Callable[[str], str],
         clock: Callable[[], datetime],
-        observe: Observe | None = None,
     ) -> None:
         self._aws = aws
         self._vault = vault
         self._hash_ref = hash_ref
         self._clock = clock
-        self.observe = observe
+        # Set by the composition root once the metrics exist; None: upstream calls are not timed.
+        self.observe: Observe | None = None
 
     def prepare(
         self,
