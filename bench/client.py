@@ -1,7 +1,7 @@
 """Benchmark: what per-task credentials cost a Luigi pipeline, next to static credentials.
 
 Owns the client-side benchmark. One run starts, on loopback, the dev OIDC issuer, moto (STS, S3)
-and our broker (through the test suite's helpers in tests/), then:
+and our broker (through the dev harness, broker/dev/harness.py), then:
 
 1. **pipeline**: the same pipeline (`--tasks` tasks, each one S3 put to moto, `--workers` workers,
    `force_multiprocessing`) in a fresh job process per run, with
@@ -202,15 +202,13 @@ class Stack:
 
     def server_cpu(self) -> dict[str, float]:
         """CPU seconds used so far by the broker and by moto (S3 and STS)."""
+        # Imported here: the job process (`python -m bench.client job`) must not pay for it.
+        from bench.load import cpu_seconds
+
         return {
-            "broker": _cpu_seconds(self.broker.process.pid),
-            "moto": _cpu_seconds(self.moto.process.pid),
+            "broker": cpu_seconds(self.broker.process.pid),
+            "moto": cpu_seconds(self.moto.process.pid),
         }
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

@@ -16,7 +16,6 @@ and mean latency of each side and the ratio bound/unbound.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import tempfile
@@ -27,12 +26,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.dev.harness import policy_toml, start_broker, start_dev_issuer, start_moto
+from bench.exchange import FORM, Connection
+from broker.dev.harness import (
+    exchange_form,
+    policy_toml,
+    refresh_form,
+    start_broker,
+    start_dev_issuer,
+    start_moto,
+)
 from broker.dev.processes import free_port
 from luigi_creds.dpop import DpopKey
-
-EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 class Session:
@@ -40,39 +44,28 @@ class Session:
 
     def __init__(self, url: str, token: str, key: DpopKey | None) -> None:
         self.url = url
-        parts = urllib.parse.urlsplit(url)
-        self.conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        self.conn = Connection(url)
         self.key = key
         self.nonce: str | None = None
-        form = {
-            "grant_type": EXCHANGE,
-            "subject_token": token,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": "etl-writer",
-        }
-        self.handle = str(self.post("/v1/token", form)["refresh_token"])
+        self.handle = str(self.post("/v1/token", exchange_form(token))["refresh_token"])
 
     def post(self, path: str, form: dict[str, str]) -> dict[str, Any]:
-        headers = dict(FORM)
+        headers: dict[str, str] = {}
         if self.key is not None:
             now = datetime.now(UTC)
             headers["DPoP"] = self.key.proof("POST", self.url + path, now=now, nonce=self.nonce)
-        self.conn.request("POST", path, urllib.parse.urlencode(form), headers)
-        response = self.conn.getresponse()
-        body = response.read()
-        self.nonce = response.getheader("DPoP-Nonce") or self.nonce
-        if response.status != 200:
-            raise RuntimeError(f"{path}: HTTP {response.status} {body[:200]!r}")
-        return json.loads(body) if body else {}
+        body = urllib.parse.urlencode(form).encode("ascii")
+        status, raw = self.conn.post(path, body, FORM, headers)
+        self.nonce = self.conn.last_headers.get("dpop-nonce") or self.nonce
+        if status != 200:
+            raise RuntimeError(f"{path}: HTTP {status} {raw[:200]!r}")
+        return json.loads(raw) if raw else {}
 
     def explain(self) -> None:
         self.post("/v1/explain", {"refresh_token": self.handle})
 
     def refresh(self) -> None:
-        form = {"grant_type": "refresh_token", "refresh_token": self.handle}
-        self.handle = str(
-            self.post("/v1/token", form | {"audience": "etl-writer"})["refresh_token"]
-        )
+        self.handle = str(self.post("/v1/token", refresh_form(self.handle))["refresh_token"])
 
 
 def timed(step: Callable[[], None]) -> float:

@@ -49,6 +49,7 @@ from bench.exchange import (
     RefreshChain,
     Stack,
     _session_handle,
+    _split,
     broker_config,
     fresh_pg_database,
     measure,
@@ -162,11 +163,6 @@ def assume_role_job(role_arn: str, index: int, moto_url: str, keys: Mapping[str,
     return job
 
 
-def _split(jobs: list[Job], threads: int) -> list[tuple[list[Job], list[Job]]]:
-    warm, timed = jobs[: WARMUP_PER_THREAD * threads], jobs[WARMUP_PER_THREAD * threads :]
-    return [(warm[i::threads], timed[i::threads]) for i in range(threads)]
-
-
 @dataclass
 class Target:
     """Where a scenario's requests go: one or several URLs (threads alternate) and its pids."""
@@ -192,6 +188,28 @@ def _per_thread(threads: int, scale: float) -> int:
     return max(1, round(PER_THREAD[threads] * scale))
 
 
+def measured_row(
+    phase: str,
+    scenario: str,
+    system: str,
+    urls: Sequence[str],
+    jobs: list[Job],
+    threads: int,
+    pids: Sequence[int],
+    *,
+    digits: int = 2,
+) -> dict[str, Any]:
+    """The summary row of `jobs` run on `threads` workers, with the CPU `pids` spent per request
+    (None without pids)."""
+    cpu_before = [cpu_seconds(p) for p in pids]
+    measured = measure(urls, _split(jobs, WARMUP_PER_THREAD, threads))
+    cpu = sum(cpu_seconds(p) for p in pids) - sum(cpu_before)
+    total = len(jobs)  # warm-ups included: the CPU clock ran for them too
+    row = summarize(phase, scenario, system, measured)
+    row["cpu_ms_per_request"] = round(cpu / total * 1000, digits) if pids else None
+    return row
+
+
 def run_level(
     stack: Stack,
     threads: int,
@@ -210,12 +228,7 @@ def run_level(
     def record(
         scenario: str, system: str, urls: Sequence[str], jobs: list[Job], pids: Sequence[int]
     ) -> None:
-        cpu_before = [cpu_seconds(p) for p in pids]
-        measured = measure(urls, _split(jobs, threads))
-        cpu = sum(cpu_seconds(p) for p in pids) - sum(cpu_before)
-        total = len(jobs)  # warm-ups included: the CPU clock ran for them too
-        row = summarize(phase, scenario, system, measured)
-        row["cpu_ms_per_request"] = round(cpu / total * 1000, 2) if pids else None
+        row = measured_row(phase, scenario, system, urls, jobs, threads, pids)
         rows.append(row)
         progress(row)
 
@@ -251,9 +264,7 @@ def run_load(
     count = (WARMUP_PER_THREAD + _per_thread(threads, scale)) * threads
     chains = [RefreshChain(_session_handle(stack), VAULT_GRANT) for _ in range(threads)]
     refresh: list[Job] = [chains[i % threads].step for i in range(count)]
-    cpu_before = cpu_seconds(broker_pid)
-    row = summarize("c16", "vault_refresh", OURS, measure(ours.urls, _split(refresh, threads)))
-    row["cpu_ms_per_request"] = round((cpu_seconds(broker_pid) - cpu_before) / count * 1000, 2)
+    row = measured_row("c16", "vault_refresh", OURS, ours.urls, refresh, threads, [broker_pid])
     rows.append(row)
     progress(row)
 
@@ -265,14 +276,15 @@ def run_load(
     ]
     rows.append(
         summarize(
-            "c1", "aws_assume_role", "moto-direct", measure([stack.moto.url], _split(direct, 1))
+            "c1",
+            "aws_assume_role",
+            "moto-direct",
+            measure([stack.moto.url], _split(direct, WARMUP_PER_THREAD, 1)),
         )
     )
     progress(rows[-1])
     aws = [ours_exchange(stack.mint(), AWS_GRANT) for _ in range(count)]
-    cpu_before = cpu_seconds(broker_pid)
-    row = summarize("c1", "aws_assume_role", OURS, measure(ours.urls, _split(aws, 1)))
-    row["cpu_ms_per_request"] = round((cpu_seconds(broker_pid) - cpu_before) / count * 1000, 2)
+    row = measured_row("c1", "aws_assume_role", OURS, ours.urls, aws, 1, [broker_pid])
     rows.append(row)
     progress(row)
 
@@ -313,9 +325,8 @@ def run_edge(
     count = WARMUP_PER_THREAD + 2 * _per_thread(1, scale)
     rows = []
     for scenario, job in (("edge_healthz", healthz_job), ("edge_refused", unserved_grant_job)):
-        cpu_before = cpu_seconds(pid)
-        row = summarize("c1", scenario, OURS, measure([stack.broker.url], _split([job] * count, 1)))
-        row["cpu_ms_per_request"] = round((cpu_seconds(pid) - cpu_before) / count * 1000, 3)
+        urls = [stack.broker.url]
+        row = measured_row("c1", scenario, OURS, urls, [job] * count, 1, [pid], digits=3)
         rows.append(row)
         progress(row)
     return rows

@@ -118,13 +118,8 @@ class AgentClient:
             "pid": pid,
         }
         payload = self._call("POST", "/v1/bearer", body, what="a task's bearer")
-        bearer = payload.get("bearer")
-        if not isinstance(bearer, str) or not bearer:
-            raise BrokerError(
-                "credential agent answered a bearer request with a malformed body",
-                error="invalid_response",
-            )
-        return AgentEndpoint(self.endpoint.url, bearer)
+        endpoint, _ = self._task_start_answer(payload, None)
+        return endpoint
 
     def task_bearer(
         self,

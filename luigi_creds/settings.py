@@ -34,7 +34,6 @@ SECTION = "luigi_creds"
 # Where a GitLab job exposes its `id_tokens:` token unless `gitlab_variable` says otherwise.
 DEFAULT_GITLAB_VARIABLE = "LUIGI_CREDS_ID_TOKEN"
 FAMILY_SECTION_PREFIX = SECTION + ":"
-FAMILY_KEYS = ("aws_grant", "vault_grant")
 TOKEN_SOURCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:\S+|gitlab|github|bitbucket|okta)$")
 GRANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -53,6 +52,10 @@ class FamilyGrants(Frozen):
 
     def __init__(self, aws_grant: str | None = None, vault_grant: str | None = None) -> None:
         self._fill(aws_grant, vault_grant)
+
+
+# What a `[luigi_creds:<family>]` section may set: the fields of FamilyGrants.
+FAMILY_KEYS = FamilyGrants._fields
 
 
 class ClientSettings(Frozen):
