@@ -28,6 +28,11 @@ from broker.dev.harness import (
 )
 from broker.dev.issuer import SigningKey
 from broker.dev.processes import free_port
+from broker.sealing import RefSealer
+
+# For tests that read sessions and replay rows, never a sealed credential reference: any
+# sealing key serves.
+READ_ONLY_SEALER = RefSealer(bytes(32))
 
 
 def tally_counts(audit_db: Path) -> Counter[tuple[str, str, str]]:

@@ -52,6 +52,21 @@ def issued(when: datetime, rid: str, task: str, grant: str, subject: str, **kw: 
     )
 
 
+def session_ended(
+    when: datetime, rid: str, reason: str, session_id: str, detail: dict[str, Any], **kw: Any
+) -> AuditEvent:
+    return AuditEvent(
+        time=when,
+        request_id=rid,
+        outcome=Outcome.REVOKED,
+        reason=reason,
+        kind="session",
+        session_id=session_id,
+        detail=detail,
+        **kw,
+    )
+
+
 def denied(when: datetime, reason: str) -> AuditEvent:
     return AuditEvent(
         time=when,
@@ -80,16 +95,14 @@ def day() -> list[AuditEvent]:
             session_id="s2",
             lifetime=7200,
         ),
-        AuditEvent(
-            time=at(2, 30),
-            request_id="end-s2",
-            outcome=Outcome.REVOKED,
-            reason="operator_revoked",
-            kind="session",
+        session_ended(
+            at(2, 30),
+            "end-s2",
+            "operator_revoked",
+            "s2",
+            {"aws_marked_revoked": [], "vault_revoked": ["hmac-sha256:feed"]},
             issuer="gitlab",
             subject="alice",
-            session_id="s2",
-            detail={"aws_marked_revoked": [], "vault_revoked": ["hmac-sha256:feed"]},
         ),
         # t3: AWS key of session s3, marked revoked at 3:10: STS keys cannot be revoked early,
         # so its lifetime is still the full 2h to expiry
@@ -103,14 +116,12 @@ def day() -> list[AuditEvent]:
             session_id="s3",
             lifetime=7200,
         ),
-        AuditEvent(
-            time=at(3, 10),
-            request_id="end-s3",
-            outcome=Outcome.REVOKED,
-            reason="client_revoked",
-            kind="session",
-            session_id="s3",
-            detail={"aws_marked_revoked": ["ASIAAAAAAAAAAAAAAA03"]},
+        session_ended(
+            at(3, 10),
+            "end-s3",
+            "client_revoked",
+            "s3",
+            {"aws_marked_revoked": ["ASIAAAAAAAAAAAAAAA03"]},
         ),
         # t4: a Vault lease revoked by the client after 5 minutes
         issued(

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from stack import READ_ONLY_SEALER
 
 from broker.dpop import (
     ERROR_INVALID_PROOF,
@@ -21,15 +22,9 @@ from broker.dpop import (
     verify_proof,
 )
 from broker.jwk import b64url_decode, b64url_encode
-from broker.sealing import RefSealer
 from broker.sessions import open_state
 from broker.storage import Database
 from luigi_creds.dpop import DpopKey
-
-# These tests read sessions and replay rows, never a sealed credential reference, so any
-# sealing key serves.
-READ_ONLY_SEALER = RefSealer(bytes(32))
-
 
 URL = "https://broker.example:8443/v1/token"
 # Near the real time: spent proof jtis expire by the database's clock (a replica's own clock

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import Stack, start_upstreams
+from stack import READ_ONLY_SEALER, Stack, start_upstreams
 
 from broker.audit import open_store
 from broker.audit.events import Outcome
@@ -36,17 +36,12 @@ from broker.dev.harness import (
 )
 from broker.dev.policy_file import etl_project_grant
 from broker.dev.processes import free_port
-from broker.sealing import RefSealer
 from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient
 from luigi_creds.dpop import DpopKey
 from luigi_creds.identity import parse_token_source
 
 pytestmark = pytest.mark.integration
-
-# These tests read sessions and replay rows, never a sealed credential reference, so any
-# sealing key serves.
-READ_ONLY_SEALER = RefSealer(bytes(32))
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ import hvac.exceptions
 import psycopg
 import pytest
 from screenshots import chromium_screenshot
+from stack import READ_ONLY_SEALER
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
@@ -49,16 +50,11 @@ from broker.dev.harness import (
 )
 from broker.dev.processes import free_port
 from broker.dev.vault import DB_ROLE, BrokerVault, OpenBao, setup_broker, start_openbao
-from broker.sealing import RefSealer
 from broker.sessions import open_state
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
 from luigi_creds.identity import parse_token_source
 
 pytestmark = pytest.mark.integration
-
-# These tests read sessions and replay rows, never a sealed credential reference, so any
-# sealing key serves.
-READ_ONLY_SEALER = RefSealer(bytes(32))
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -43,6 +43,31 @@ def insert(key: str) -> Callable[[Tx], int]:
     return step
 
 
+def hold_the_writer(
+    db: Database,
+    then: Callable[[Tx], object] = lambda tx: None,
+    run: Callable[[Callable[[Tx], object]], object] | None = None,
+) -> tuple[threading.Thread, threading.Event]:
+    """Starts a write (through `run`, db.write by default) that holds the writer until the
+    returned event is set, then runs `then` in its transaction; returns once it holds it."""
+    running, release = threading.Event(), threading.Event()
+
+    def held(tx: Tx) -> None:
+        running.set()
+        release.wait(10)
+        then(tx)
+
+    thread = threading.Thread(target=run or db.write, args=(held,))
+    thread.start()
+    assert running.wait(10)
+    return thread, release
+
+
+def wait_queued(db: Database, count: int) -> None:
+    while len(db._pending) < count:
+        threading.Event().wait(0.001)
+
+
 def test_urls_are_parsed_by_one_rule() -> None:
     """SQLite needs an absolute path; postgres/postgresql (with +driver) are one dialect."""
     assert StoreURL.parse("sqlite:///var/lib/a.db") == StoreURL("sqlite", "/var/lib/a.db")
@@ -57,16 +82,7 @@ def test_urls_are_parsed_by_one_rule() -> None:
 
 def test_concurrent_writes_share_one_commit(db: Database) -> None:
     """Writes queued while a batch runs commit together, in one transaction, and all return."""
-    running, release = threading.Event(), threading.Event()
-
-    def blocking(tx: Tx) -> None:
-        running.set()
-        release.wait(10)
-        tx.execute("INSERT INTO t (k) VALUES ('first')")
-
-    first = threading.Thread(target=db.write, args=(blocking,))
-    first.start()
-    assert running.wait(10)
+    first, release = hold_the_writer(db, insert("first"))
     before = db.commits
     results: list[object] = []
     writers = [
@@ -75,8 +91,7 @@ def test_concurrent_writes_share_one_commit(db: Database) -> None:
     ]
     for w in writers:
         w.start()
-    while len(db._pending) < 10:  # all ten queued behind the running batch
-        threading.Event().wait(0.001)
+    wait_queued(db, 10)  # all ten queued behind the running batch
     release.set()
     first.join()
     for w in writers:
@@ -88,11 +103,6 @@ def test_concurrent_writes_share_one_commit(db: Database) -> None:
 
 def test_a_failing_write_rolls_back_alone(db: Database) -> None:
     """A write that raises undoes only its own statements; its batch-mates commit."""
-    running, release = threading.Event(), threading.Event()
-
-    def blocking(tx: Tx) -> None:
-        running.set()
-        release.wait(10)
 
     def half_then_fail(tx: Tx) -> None:
         tx.execute("INSERT INTO t (k) VALUES ('half')")
@@ -106,9 +116,7 @@ def test_a_failing_write_rolls_back_alone(db: Database) -> None:
         except RuntimeError as exc:
             errors.append(exc)
 
-    holder = threading.Thread(target=db.write, args=(blocking,))
-    holder.start()
-    assert running.wait(10)
+    holder, release = hold_the_writer(db)
     threads = [
         threading.Thread(target=db.write, args=(insert("a"),)),
         threading.Thread(target=run_failing),
@@ -116,8 +124,7 @@ def test_a_failing_write_rolls_back_alone(db: Database) -> None:
     ]
     for t in threads:
         t.start()
-    while len(db._pending) < 3:
-        threading.Event().wait(0.001)
+    wait_queued(db, 3)
     release.set()
     for t in [holder, *threads]:
         t.join()
@@ -173,24 +180,14 @@ def test_a_write_queued_past_its_deadline_fails_alone_and_the_queue_moves_on(
     kept) and leaves the queue; the writes after it run once the batch is done."""
     db = Database.open(f"sqlite:///{tmp_path}/d.db", busy_timeout=0.3)
     db.write(lambda tx: tx.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
-    running, release = threading.Event(), threading.Event()
-
-    def blocking(tx: Tx) -> None:
-        running.set()
-        release.wait(10)
-        tx.execute("INSERT INTO t (k) VALUES ('first')")
-
-    holder = threading.Thread(target=db.write, args=(blocking,))
-    holder.start()
-    assert running.wait(10)
+    holder, release = hold_the_writer(db, insert("first"))
     with pytest.raises(StoreUnavailable):
         db.write(insert("late"))  # waits 0.3 s, never started
     assert db._pending == []
     results: list[object] = []
     after = threading.Thread(target=lambda: results.append(db.write(insert("after"))))
     after.start()
-    while len(db._pending) < 1:
-        threading.Event().wait(0.001)
+    wait_queued(db, 1)
     release.set()
     holder.join()
     after.join()
@@ -202,17 +199,14 @@ def test_a_write_queued_past_its_deadline_fails_alone_and_the_queue_moves_on(
 def test_a_leader_interrupted_mid_batch_hands_the_queue_on(db: Database) -> None:
     """If the thread running a batch is interrupted, its batch is rolled back and the write
     queued behind it still runs (it leads the next batch) instead of waiting forever."""
-    running, release = threading.Event(), threading.Event()
 
     def interrupted(tx: Tx) -> None:
-        running.set()
-        release.wait(10)
         tx.execute("INSERT INTO t (k) VALUES ('lost')")
         raise KeyboardInterrupt
 
-    def lead() -> None:
+    def lead(step: Callable[[Tx], object]) -> None:
         with pytest.raises(KeyboardInterrupt):
-            db.write(interrupted)
+            db.write(step)
 
     errors: list[BaseException] = []
 
@@ -222,13 +216,10 @@ def test_a_leader_interrupted_mid_batch_hands_the_queue_on(db: Database) -> None
         except StoreUnavailable as exc:
             errors.append(exc)
 
-    leader = threading.Thread(target=lead)
-    leader.start()
-    assert running.wait(10)
+    leader, release = hold_the_writer(db, interrupted, run=lead)
     mate = threading.Thread(target=follow)
     mate.start()
-    while len(db._pending) < 1:
-        threading.Event().wait(0.001)
+    wait_queued(db, 1)
     release.set()
     leader.join()
     mate.join()
