@@ -33,6 +33,7 @@ from broker.sealing import RefSealer
 
 if TYPE_CHECKING:
     from broker.audit.store import AuditLedger
+    from broker.mint.aws import StsLocation
     from broker.mint.grants import GrantMinter
 
 log = logging.getLogger("broker")
@@ -55,17 +56,6 @@ def _load(path: str | None) -> Config:
 # -- serve ---------------------------------------------------------------------------------------
 
 
-def _sts_session_client(config: Config) -> tuple[Any, Any]:
-    import boto3
-
-    # The broker's own AWS identity comes from boto3's default chain (env, instance profile, ...).
-    session = boto3.session.Session()
-    client = session.client(
-        "sts", region_name=config.aws.region, endpoint_url=config.aws.endpoint_url
-    )
-    return session, client
-
-
 def _sts_client(config: Config) -> Any:
     """A boto3 STS client, for the admin commands."""
     return _sts_session_client(config)[1]
@@ -76,15 +66,13 @@ def _sts_client(config: Config) -> Any:
 _STS_TIMEOUT = 10.0
 
 
-def _sts_http(config: Config, where: Any = None) -> Any:
+def _sts_http(config: Config, where: StsLocation | None = None) -> Any:
     """The signed STS client every AWS exchange uses; boto3 resolves the broker's credentials
     (its default chain) and the regional endpoint once, here. `where`: a grant's own region,
     endpoint or profile (broker/mint/aws.py StsLocation), else [upstream.aws]."""
     from broker.mint.sts_http import StsHTTP
 
-    session, client = (
-        _sts_session_client(config) if where is None else _sts_session_client_at(config, where)
-    )
+    session, client = _sts_session_client(config, where)
     # The session keeps the credentials once found (and refreshes refreshable ones).
     return StsHTTP(
         client.meta.endpoint_url,
@@ -94,30 +82,32 @@ def _sts_http(config: Config, where: Any = None) -> Any:
     )
 
 
-def _sts_client_at(config: Config, where: Any) -> Any:
-    """A boto3 STS client for a grant's location (see `_sts_session_client_at`)."""
-    return _sts_session_client_at(config, where)[1]
+def _sts_client_at(config: Config, where: StsLocation) -> Any:
+    """A boto3 STS client for a grant's location (see `_sts_session_client`)."""
+    return _sts_session_client(config, where)[1]
 
 
-def _sts_session_client_at(config: Config, where: Any) -> tuple[Any, Any]:
-    """An STS client for a grant's own region, endpoint and/or profile (broker/mint/aws.py).
+def _sts_session_client(config: Config, where: StsLocation | None = None) -> tuple[Any, Any]:
+    """A boto3 session and STS client for a grant's own region, endpoint and/or profile
+    (broker/mint/aws.py), each else [upstream.aws]'s; `where` None: [upstream.aws] itself.
 
     The endpoint is the grant's, else [upstream.aws].endpoint_url when the grant stays in the
     upstream region's partition (a private endpoint or a test server), else the region's own
-    (boto3 knows aws-cn's and aws-us-gov's hosts)."""
+    (boto3 knows aws-cn's and aws-us-gov's hosts). The broker's own AWS identity comes from
+    boto3's default chain (env, instance profile, ...) unless the grant names a profile."""
     import boto3
 
     from broker.config import AWS_PARTITIONS
 
-    region = where.region or config.aws.region
+    region = (where and where.region) or config.aws.region
 
     def partition(name: str) -> str:
         return next((p for p, pre in AWS_PARTITIONS.items() if pre and name.startswith(pre)), "aws")
 
-    endpoint = where.endpoint_url
+    endpoint = where.endpoint_url if where else None
     if endpoint is None and partition(region) == partition(config.aws.region):
         endpoint = config.aws.endpoint_url
-    session = boto3.session.Session(profile_name=where.profile)
+    session = boto3.session.Session(profile_name=where.profile if where else None)
     return session, session.client("sts", region_name=region, endpoint_url=endpoint)
 
 

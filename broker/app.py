@@ -12,10 +12,10 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -46,23 +46,26 @@ Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-# The form fields a TokenRequest / ExplainRequest takes as they are ("" when absent).
-_TOKEN_ARGS = (
-    "grant_type",
-    "audience",
-    "subject_token",
-    "subject_token_type",
-    "requested_token_type",
-    "refresh_token",
-    "duration",
-    "task",
+# What POST /v1/token accepts: TokenRequest's fields, and RFC 8693 / 6749 optional parameters
+# we accept and ignore.
+_TOKEN_FIELDS = frozenset(
+    {
+        "grant_type",
+        "audience",
+        "subject_token",
+        "subject_token_type",
+        "requested_token_type",
+        "refresh_token",
+        "duration",
+        "task",
+        "resource",
+        "scope",
+        "client_id",
+    }
 )
-_EXPLAIN_ARGS = ("subject_token", "subject_token_type", "refresh_token")
-# What POST /v1/token accepts: its arguments, and RFC 8693 / 6749 optional parameters we ignore.
-_TOKEN_FIELDS = frozenset({*_TOKEN_ARGS, "resource", "scope", "client_id"})
 # refresh_token: the session proof that goes with revoking one of its Vault leases.
 _REVOKE_FIELDS = frozenset({"token", "token_type_hint", "refresh_token"})
-_EXPLAIN_FIELDS = frozenset(_EXPLAIN_ARGS)
+_EXPLAIN_FIELDS = frozenset({"subject_token", "subject_token_type", "refresh_token"})
 # Every path the broker serves and its method (GET routes answer HEAD too).
 ROUTES = {
     "/v1/token": "POST",
@@ -250,6 +253,14 @@ async def read_form(
 Handler = Callable[[HttpRequest], Awaitable[Answer]]
 
 
+class _ProofFields(TypedDict):
+    """ClientRequest's DPoP fields, typed so mypy checks them where they are unpacked."""
+
+    dpop: tuple[str, ...]
+    method: str
+    url: str
+
+
 class BrokerApp:
     """The broker's ASGI application: a fixed route table and nothing per request but the
     request itself.
@@ -333,7 +344,7 @@ def create_app(
     blocks on the store and the upstream call; 40 is what the previous framework allowed)."""
     counters = _LabelledCache()
 
-    def dpop_fields(request: HttpRequest) -> dict[str, Any]:
+    def dpop_fields(request: HttpRequest) -> _ProofFields:
         """What a DPoP proof is checked against: its header values, the method and the URL
         (scheme and host as the client addressed us; through a trusted proxy, as it says)."""
         proofs = request.header_values(b"dpop")
@@ -344,19 +355,6 @@ def create_app(
         # Every answer carries a current nonce (RFC 9449 §8.2), so a client rarely needs the
         # use_dpop_nonce round trip more than once per job.
         return {NONCE_HEADER: exchanger.dpop_nonce()}
-
-    def request_fields(
-        request: HttpRequest, request_id: str, form: Mapping[str, str], names: Iterable[str]
-    ) -> dict[str, Any]:
-        """The keyword arguments of a ClientRequest (its id, the client, the DPoP proof) and
-        the form's `names` as they are ("" when absent)."""
-        taken = {name: form.get(name, "") for name in names}
-        return {
-            "request_id": request_id,
-            "client_addr": request.client,
-            **taken,
-            **dpop_fields(request),
-        }
 
     async def audited_form(
         request: HttpRequest, request_id: str, client: str, allowed: frozenset[str]
@@ -382,7 +380,18 @@ def create_app(
         try:
             form = await audited_form(request, request_id, client, _TOKEN_FIELDS)
             req = TokenRequest(
-                timings=timings, **request_fields(request, request_id, form, _TOKEN_ARGS)
+                request_id=request_id,
+                client_addr=client,
+                timings=timings,
+                grant_type=form.get("grant_type", ""),
+                audience=form.get("audience", ""),
+                subject_token=form.get("subject_token", ""),
+                subject_token_type=form.get("subject_token_type", ""),
+                requested_token_type=form.get("requested_token_type", ""),
+                refresh_token=form.get("refresh_token", ""),
+                duration=form.get("duration", ""),
+                task=form.get("task", ""),
+                **dpop_fields(request),
             )
             audience = req.audience
             issued = await app.in_thread(exchanger.handle, req)
@@ -433,7 +442,14 @@ def create_app(
         client = request.client
         try:
             form = await audited_form(request, request_id, client, _EXPLAIN_FIELDS)
-            req = ExplainRequest(**request_fields(request, request_id, form, _EXPLAIN_ARGS))
+            req = ExplainRequest(
+                request_id=request_id,
+                client_addr=client,
+                subject_token=form.get("subject_token", ""),
+                subject_token_type=form.get("subject_token_type", ""),
+                refresh_token=form.get("refresh_token", ""),
+                **dpop_fields(request),
+            )
             answer = await app.in_thread(exchanger.explain, req)
         except ExchangeError as exc:
             refused("explain", "-", exc)

@@ -161,6 +161,10 @@ class _Record:
         self._fields.update(changes)
         self._event = None
 
+    def add_detail(self, entries: Mapping[str, Any]) -> None:
+        """Merge `entries` into the event's `detail` (without building the event to read it)."""
+        self.set(detail={**self._fields["detail"], **entries})
+
     def emit(self, **changes: Any) -> AuditEvent:
         """The event as it stands with `changes`, without keeping them."""
         return AuditEvent(**{**self._fields, **changes})
@@ -357,7 +361,7 @@ class Exchanger:
                             "ttl": grant.ttl,
                         }
                     )
-            record.set(detail={**record.event.detail, "grants": [g["name"] for g in grants]})
+            record.add_detail({"grants": [g["name"] for g in grants]})
             self._terminal(record, Outcome.EXPLAINED, "explained")
             answer: dict[str, Any] = {
                 "issuer": identity.issuer,
@@ -461,11 +465,8 @@ class Exchanger:
         # Without the ledger we cannot prove the token unused: a failed write fails closed.
         if not self._durably(open_durably, record):
             raise _bad_request("token_replayed")
-        record.set(
-            session_id=session.id,
-            target=prepared.target,
-            detail={**record.event.detail, **prepared.detail},
-        )
+        # _call_upstream records the target and the grant's detail.
+        record.set(session_id=session.id)
         try:
             minted = self._call_upstream(prepared, grant, session, record, intent_written=True)
         except ExchangeError:
@@ -646,12 +647,12 @@ class Exchanger:
                 )
         except ProofError as exc:
             if exc.jkt:
-                record.set(detail={**record.event.detail, "dpop_jkt": exc.jkt})
+                record.add_detail({"dpop_jkt": exc.jkt})
             if holder is not None:
                 record.set(session_id=holder.id, issuer=holder.issuer, subject=holder.subject)
             raise ExchangeError(400, exc.error, exc.reason) from exc
         if proof is not None:
-            record.set(detail={**record.event.detail, "dpop_jkt": proof.jkt})
+            record.add_detail({"dpop_jkt": proof.jkt})
         return proof
 
     def _prove_refused(
@@ -785,7 +786,8 @@ class Exchanger:
 
         `intent_written`: the first attempt's intent already committed with the session.
         """
-        record.set(target=prepared.target, detail={**record.event.detail, **prepared.detail})
+        record.set(target=prepared.target)
+        record.add_detail(prepared.detail)
         for attempt in range(1, _MAX_UPSTREAM_ATTEMPTS + 1):
             record.set(attempt=attempt)
             if attempt > 1 or not intent_written:

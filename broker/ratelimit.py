@@ -60,11 +60,8 @@ class _Buckets:
         bucket = self._refill(key, now)
         return 0.0 if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) / self.rate
 
-    def take(self, key: Hashable, now: float) -> None:
-        self._refill(key, now).tokens -= 1.0
-
     def spend(self, key: Hashable, now: float) -> float:
-        """`wait`, and when it is 0.0 `take` too: one refill for both."""
+        """`wait`, and when it is 0.0 spend that token too: one refill for both."""
         bucket = self._refill(key, now)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0

@@ -332,7 +332,6 @@ class _Write(Generic[T]):
     finished (or its caller is made the next batch's leader): the cheapest one-shot signal."""
 
     __slots__ = (
-        "cancelled",
         "deadline",
         "done",
         "error",
@@ -349,7 +348,6 @@ class _Write(Generic[T]):
         self.done = threading.Lock()
         self.done.acquire()
         self.started = False
-        self.cancelled = False
         self.lead = False  # woken to run the next batch rather than with its outcome
         self.finished = False
         self.result: Any = None
@@ -412,7 +410,6 @@ class Database:
         if not lead and not item.done.acquire(timeout=self.busy_timeout):
             with self._lock:
                 if not item.started and not item.lead:
-                    item.cancelled = True
                     self._pending.remove(item)
                     raise StoreUnavailable("the store did not take the write within its deadline")
             # Started (its outcome is decided by one commit) or made the next leader: wait.
