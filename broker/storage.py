@@ -104,6 +104,33 @@ class Tx:
         self._conn = conn
         self.dialect = dialect
         self._cur: Any = None
+        # Values one step keeps for the next steps of the same transaction, and the writes they
+        # owe before it commits (`hold`): a batch of writes reads and writes the audit head once
+        # instead of once per record.
+        self._held: dict[str, Any] = {}
+        self._owed: dict[str, Callable[[Tx], None]] = {}
+
+    def held(self, key: str) -> Any:
+        """What a step of this transaction `hold`s under `key`, or None."""
+        return self._held.get(key)
+
+    def hold(self, key: str, value: Any, write: Callable[[Tx], None]) -> None:
+        """Keep `value` for later steps; `write(tx)` stores it once, before the commit."""
+        self._held[key] = value
+        self._owed[key] = write
+
+    def mark(self) -> tuple[dict[str, Any], dict[str, Callable[[Tx], None]]]:
+        """What is held now: `rewind` to it when the statements since are rolled back."""
+        return dict(self._held), dict(self._owed)
+
+    def rewind(self, mark: tuple[dict[str, Any], dict[str, Callable[[Tx], None]]]) -> None:
+        self._held, self._owed = dict(mark[0]), dict(mark[1])
+
+    def settle(self) -> None:
+        """Run the writes held values owe; the transaction may then commit."""
+        owed, self._owed = self._owed, {}
+        for write in owed.values():
+            write(self)
 
     @property
     def rowcount(self) -> int:
@@ -200,6 +227,10 @@ class SqliteDialect(Dialect):
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # Temporary files in memory, among them the savepoint sub-journal of a batch (one
+            # savepoint per write, see Database._transact): on disk, a batch of sixteen
+            # exchanges wrote as many pages to a fresh temp file as to the WAL.
+            conn.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
             conn.close()
             raise
@@ -498,6 +529,7 @@ class Database:
             for item in batch:
                 if not single:
                     conn.execute("SAVEPOINT w")
+                    mark = tx.mark()
                 try:
                     result = item.work(tx)
                 except dialect.errors:
@@ -510,11 +542,13 @@ class Database:
                         return [(None, exc)]
                     conn.execute("ROLLBACK TO SAVEPOINT w")
                     conn.execute("RELEASE SAVEPOINT w")
+                    tx.rewind(mark)
                     outcomes.append((None, exc))
                     continue
                 if not single:
                     conn.execute("RELEASE SAVEPOINT w")
                 outcomes.append((result, None))
+            tx.settle()
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(*dialect.errors):
@@ -634,6 +668,7 @@ class Database:
                         f"INSERT INTO {table} (version, name, applied_at) VALUES (?, ?, ?)",  # noqa: S608
                         (migration.version, migration.name, clock()),
                     )
+                tx.settle()
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(*dialect.errors):

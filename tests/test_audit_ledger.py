@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from broker.audit.events import AuditEvent, Outcome
 from broker.audit.key_files import load_or_create_signing_key, load_public_keys
 from broker.audit.ledger import SqlLedger
 from broker.audit.verify import VerifyReport, verify_ledger
-from broker.storage import StoreUnavailable
+from broker.storage import StoreUnavailable, Tx
 
 PG_BASE = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 11, 16, 8, 0, tzinfo=UTC)
@@ -147,6 +148,64 @@ def test_appends_are_contiguous_and_verify(ledger: Ledger) -> None:
         "req-9",
     ]
     assert next(iter(store.events())) == event(0)
+    store.close()
+
+
+def test_a_batch_moves_the_head_once_and_a_refused_write_leaves_no_trace(ledger: Ledger) -> None:
+    """Appends committed together read the head once and write it once; a write of the batch
+    that refuses itself after appending takes its record and its head move back with it."""
+    store = seeded(ledger, 2)
+    db = store.database
+    running, release = threading.Event(), threading.Event()
+    statements: list[str] = []
+
+    def holder(tx: Tx) -> None:
+        running.set()
+        release.wait(10)
+
+    def counting(tx: Tx) -> None:
+        # Seen from inside the batch's transaction: every statement it runs from here on.
+        original = tx.execute
+
+        def execute(sql: str, params: Sequence[Any] = ()) -> Tx:
+            statements.append(sql)
+            return original(sql, params)
+
+        tx.execute = execute  # type: ignore[method-assign]
+
+    def refused(tx: Tx) -> None:
+        store.appender(event(90))(tx)
+        raise RuntimeError("refused after appending")
+
+    first = threading.Thread(target=db.write, args=(holder,))
+    first.start()
+    assert running.wait(10)
+    errors: list[BaseException] = []
+
+    def run(step: Callable[[Tx], object]) -> None:
+        try:
+            db.write(step)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    steps = [counting, store.appender(event(2)), refused, store.appender(event(3))]
+    threads = []
+    for step in steps:  # queued in this order: one batch after the holder's
+        threads.append(threading.Thread(target=run, args=(step,)))
+        threads[-1].start()
+        while len(db._pending) < len(threads):
+            threading.Event().wait(0.001)
+    release.set()
+    for t in [first, *threads]:
+        t.join()
+    assert [str(e) for e in errors] == ["refused after appending"]
+    head_reads = [s for s in statements if "FROM audit_head" in s]
+    head_writes = [s for s in statements if s.startswith("UPDATE audit_head")]
+    assert len(head_reads) == 1 and len(head_writes) == 1
+    assert [e.request_id for e in store.events()] == ["req-0", "req-1", "req-2", "req-3"]
+    assert store.head().size == 4
+    report = ledger.verify(store)
+    assert report.ok, report.findings
     store.close()
 
 

@@ -59,6 +59,24 @@ _HEAD_SQL = (
     " FROM audit_head WHERE id = 1"
 )
 
+# The head a write transaction has moved: appends in one batch each advance it in memory and
+# the row is written once, before the commit (Tx.hold).
+_HEAD_KEY = "audit_head"
+
+
+def _set_head(tx: Tx, head: Head) -> None:
+    tx.hold(_HEAD_KEY, head, _write_head)
+
+
+def _write_head(tx: Tx) -> None:
+    head: Head = tx.held(_HEAD_KEY)
+    tx.execute(
+        "UPDATE audit_head SET size = ?, last_hash = ?, frontier = ?,"
+        " checkpoint_size = ?, checkpoint_time = ? WHERE id = 1",
+        (head.size, head.last_hash, head.frontier, head.checkpoint_size, head.checkpoint_time),
+    )
+
+
 TERMINAL = frozenset({Outcome.ISSUED, Outcome.DENIED, Outcome.ERROR, Outcome.RECONCILED})
 
 # Append new versions; never edit an applied one.
@@ -298,11 +316,7 @@ class SqlLedger:
         if size - cp_size >= self._every or (now - chain.parse_time(cp_time) >= self._interval):
             self._write_checkpoint(tx, size, frontier, digest, now)
             cp_size, cp_time = size, chain.format_time(now)
-        tx.execute(
-            "UPDATE audit_head SET size = ?, last_hash = ?, frontier = ?,"
-            " checkpoint_size = ?, checkpoint_time = ? WHERE id = 1",
-            (size, digest, chain.encode_frontier(frontier), cp_size, cp_time),
-        )
+        _set_head(tx, Head(size, digest, chain.encode_frontier(frontier), cp_size, cp_time))
         return seq
 
     def stamp_policy(self, sha256: str) -> None:
@@ -319,7 +333,11 @@ class SqlLedger:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _head(self, tx: Tx) -> Head:
-        """The head, locked until commit: the ledger's write lock on PostgreSQL."""
+        """The head as this transaction left it; read (and on PostgreSQL locked until commit:
+        the ledger's write lock) once per transaction, however many records it appends."""
+        held: Head | None = tx.held(_HEAD_KEY)
+        if held is not None:
+            return held
         row = tx.rows(_HEAD_SQL + tx.dialect.for_update)[0]
         return Head(int(row[0]), row[1], row[2], int(row[3]), row[4])
 
@@ -355,9 +373,11 @@ class SqlLedger:
             now = self._clock()
             frontier = chain.decode_frontier(head.frontier)
             self._write_checkpoint(tx, head.size, frontier, head.last_hash, now)
-            tx.execute(
-                "UPDATE audit_head SET checkpoint_size = ?, checkpoint_time = ? WHERE id = 1",
-                (head.size, chain.format_time(now)),
+            _set_head(
+                tx,
+                dataclasses.replace(
+                    head, checkpoint_size=head.size, checkpoint_time=chain.format_time(now)
+                ),
             )
             return head.size
 
