@@ -8,12 +8,14 @@ in a worker thread, and maps `ExchangeError` to status codes. Talks to clients o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, TypeVar
 from urllib.parse import parse_qsl
@@ -269,7 +271,7 @@ class BrokerApp:
     edge's CPU, and the framework's routing, middleware stack, request objects and its thread
     hop (anyio's capacity limiter and cancel scopes) cost more than the rest of a Vault-token
     exchange's Python code; the routes here are seven fixed paths. Blocking work (the exchange,
-    readiness checks, shutdown) runs in one thread pool through the event loop's executor.
+    readiness checks, shutdown) runs in one pool of worker threads (WorkerThreads).
     """
 
     def __init__(
@@ -281,10 +283,10 @@ class BrokerApp:
     ) -> None:
         self._routes = routes
         self._on_shutdown = on_shutdown
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="exchange")
+        self.threads = WorkerThreads(workers)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.threads.run(fn, *args)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -325,7 +327,7 @@ class BrokerApp:
                     if self._on_shutdown is not None:
                         await self.in_thread(self._on_shutdown)
                 finally:
-                    self.executor.shutdown(wait=False)
+                    self.threads.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -502,6 +504,79 @@ def create_app(
         on_shutdown=on_shutdown,
     )
     return app
+
+
+class WorkerThreads:
+    """Blocking calls run from the event loop on up to `size` threads, started as needed.
+
+    Decision: not the loop's run_in_executor. Its ThreadPoolExecutor builds a work item and a
+    concurrent Future per call, takes a semaphore and a lock, and asyncio then chains that Future
+    to an asyncio one through two more callbacks: on the broker's hot path that machinery cost
+    more Python than reading the form. Here a call is one queue entry and one loop callback.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = 0
+        self._idle = 0  # threads waiting for work: a call finding none starts one
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """A future of `fn(*args)` run on a worker thread; await it on the running loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, args, loop, done))
+        if self._idle == 0 and self._started < self._size:
+            self._start()
+        return done
+
+    def close(self) -> None:
+        """Let every thread finish its call and end; calls queued after this never run."""
+        with self._lock:
+            for _ in range(self._started):
+                self._queue.put(None)
+            self._size = 0
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._started >= self._size:
+                return
+            self._started += 1
+            name = f"exchange_{self._started}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            call = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            if call is None:
+                return
+            fn, args, loop, done = call
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting request, as an executor would
+                result, error = None, exc
+            # A loop closed while the call ran has nobody waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, done, result, error)
+            del call, fn, args, done, result, error  # no reference kept while idle
+
+
+# A queued call: the function, its arguments, the loop that waits, and the future it awaits.
+_Call = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if done.cancelled():
+        return  # the request was abandoned (the client went away): drop its answer
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
 
 
 class _LabelledCache:

@@ -226,3 +226,23 @@ def test_https_answers_are_read_over_tls_with_the_given_ca(tmp_path: Path) -> No
     assert conn.sock is None
     thread.join(5)
     listener.close()
+
+
+def test_a_silent_server_times_out_as_timeouterror_and_the_connection_is_dropped() -> None:
+    """A plain connection's deadline comes from the kernel (SO_RCVTIMEO): an answer that never
+    comes raises TimeoutError, like Python's own socket timeouts, and is never reused."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    try:
+        p = ConnectionPool(urlsplit(f"http://127.0.0.1:{listener.getsockname()[1]}"), timeout=0.2)
+        conn = p.checkout()
+        with pytest.raises(TimeoutError):
+            conn.request("POST", "/v1/x", {}, b"{}")
+        assert conn.sock is None  # closed: a late answer can never be read as the next one's
+    finally:
+        thread.join(5)
+        for sock in accepted:
+            sock.close()
+        listener.close()

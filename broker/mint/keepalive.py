@@ -24,6 +24,7 @@ import re
 import select
 import socket
 import ssl
+import struct
 import weakref
 from collections.abc import Mapping
 from urllib.parse import SplitResult
@@ -88,7 +89,10 @@ class Connection:
             if self.sock is None:
                 self._connect()
             assert self.sock is not None
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except BlockingIOError as exc:  # SO_SNDTIMEO ran out (see _connect)
+                raise TimeoutError("timed out") from exc
             return self._response(method)
         except BaseException:
             self.close()
@@ -107,6 +111,8 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._context is not None:
                 sock = self._context.wrap_socket(sock, server_hostname=self._host)
+            else:
+                _kernel_timeouts(sock, self._timeout)
         except BaseException:
             sock.close()
             raise
@@ -235,7 +241,7 @@ class Connection:
         self._buf = b""
         assert self.sock is not None
         while True:
-            data = self.sock.recv(_RECV)
+            data = _recv(self.sock)
             if not data:
                 return b"".join(parts)
             total += len(data)
@@ -245,10 +251,33 @@ class Connection:
 
     def _fill(self) -> None:
         assert self.sock is not None
-        data = self.sock.recv(_RECV)
+        data = _recv(self.sock)
         if not data:
             raise BadResponse("the connection closed before the answer ended")
         self._buf += data
+
+
+def _kernel_timeouts(sock: socket.socket, timeout: float) -> None:
+    """Make `sock` block in the kernel, with `timeout` as SO_RCVTIMEO and SO_SNDTIMEO.
+
+    Python's own timeout mode polls before every send and receive: two system calls each, and
+    each one lets go of the GIL, which with many exchange threads means a thread switch. A
+    plain socket gets the same deadline per call from the kernel instead (an expired one is an
+    EAGAIN, raised here as TimeoutError). TLS sockets keep Python's timeouts: OpenSSL would
+    report an EAGAIN as a want-read, not as a timeout.
+    """
+    sock.settimeout(None)
+    seconds = int(timeout)
+    value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(_RECV)
+    except BlockingIOError as exc:  # SO_RCVTIMEO ran out
+        raise TimeoutError("timed out") from exc
 
 
 def _checked(text: str, forbidden: re.Pattern[str]) -> str:
