@@ -126,11 +126,17 @@ class Tx:
     def rewind(self, mark: tuple[dict[str, Any], dict[str, Callable[[Tx], None]]]) -> None:
         self._held, self._owed = dict(mark[0]), dict(mark[1])
 
+    def take(self, key: str) -> Any:
+        """What is held under `key` (or None), no longer held and no longer owing its write."""
+        self._owed.pop(key, None)
+        return self._held.pop(key, None)
+
     def settle(self) -> None:
-        """Run the writes held values owe; the transaction may then commit."""
-        owed, self._owed = self._owed, {}
-        for write in owed.values():
-            write(self)
+        """Run the writes held values owe, oldest first (one may owe another); then the
+        transaction may commit."""
+        while self._owed:
+            key = next(iter(self._owed))
+            self._owed.pop(key)(self)
 
     @property
     def rowcount(self) -> int:
@@ -138,6 +144,12 @@ class Tx:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Tx:
         self._cur = self._conn.execute(self.dialect.sql(sql), tuple(params))
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Tx:
+        """One statement for many parameter rows (PostgreSQL: one round trip, pipelined)."""
+        self._cur = self._conn.cursor()
+        self._cur.executemany(self.dialect.sql(sql), [tuple(row) for row in rows])
         return self
 
     def fetchone(self) -> Any:

@@ -317,3 +317,33 @@ def test_format_time_writes_what_strftime_writes() -> None:
     ):
         expected = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         assert chain.format_time(when) == expected
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"policy_sha256": "ab" * 32},
+        # Member names and text that look like the filled-in members, and text beyond ASCII.
+        {"claims": {"seq": 0, "prev_hash": "", "ünï": "ç\u2028"}, "reason": '"seq":"x"'},
+        {"detail": {"nested": {"seq": [1, 2], "z": None}}, "task": "Task(a=1)"},
+    ],
+)
+def test_a_record_template_fills_in_to_the_bytes_record_bytes_writes(
+    changes: dict[str, Any],
+) -> None:
+    base = {
+        "time": datetime(2026, 12, 2, 4, 30, tzinfo=UTC),
+        "request_id": "req-1",
+        "outcome": Outcome.ISSUED,
+        "reason": "issued",
+        "issuer": "https://gitlab.example",
+        "subject": "project_path:etl",
+        "claims": {"ref": "main"},
+    }
+    event = AuditEvent(**(base | changes))
+    template = chain.RecordTemplate(event)
+    for seq, prev in ((0, chain.GENESIS_HASH), (12345, "f0" * 32)):
+        filled = template.fill(seq=seq, prev_hash=prev)
+        assert filled == chain.record_bytes(event, seq=seq, prev_hash=prev)
+        assert json.loads(filled)["seq"] == seq

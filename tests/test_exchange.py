@@ -63,9 +63,12 @@ class MemoryAudit:
         self.events.append(event)
         return len(self.events) - 1
 
-    def appender(self, event: AuditEvent) -> Callable[[Tx], int]:
+    def appender(self, event: AuditEvent) -> Callable[[Tx], None]:
         # Appends when its transaction runs the step; a failure rolls the transaction back.
-        return lambda tx: self.append(event)
+        def step(tx: Tx) -> None:
+            self.append(event)
+
+        return step
 
     def check_writable(self) -> None:
         return None

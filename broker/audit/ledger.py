@@ -59,6 +59,26 @@ _HEAD_SQL = (
     " FROM audit_head WHERE id = 1"
 )
 
+# Records a write transaction has queued (`SqlLedger.appender`), linked in before it commits.
+_QUEUED_KEY = "audit_queued"
+
+
+class _Receipt:
+    """Where a queued record's seq is put once the record is linked into the chain."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self) -> None:
+        self.seq = -1
+
+
+@dataclass(frozen=True)
+class _Queued:
+    event: AuditEvent
+    template: chain.RecordTemplate
+    receipt: _Receipt
+
+
 # The head a write transaction has moved: appends in one batch each advance it in memory and
 # the row is written once, before the commit (Tx.hold).
 _HEAD_KEY = "audit_head"
@@ -270,54 +290,83 @@ class SqlLedger:
 
     def append(self, event: AuditEvent) -> int:
         """Make `event` durable as the next record and return its seq; raise StoreUnavailable."""
-        return self.database.write(self.appender(event))
+        step, receipt = self._appending(event)
+        self.database.write(step)
+        return receipt.seq
 
-    def appender(self, event: AuditEvent) -> Callable[[Tx], int]:
-        """`append` as a step of a larger write transaction: the step returns the record's seq.
+    def appender(self, event: AuditEvent) -> Callable[[Tx], None]:
+        """`append` as a step of a larger write transaction.
 
         The record is durable when that transaction commits; if it rolls back, the head does too.
         """
+        return self._appending(event)[0]
+
+    def _appending(self, event: AuditEvent) -> tuple[Callable[[Tx], None], _Receipt]:
+        """The step queueing `event` in a write transaction, and where its seq will be.
+
+        The record is encoded here, in the caller's thread before the write: the transaction
+        only links it into the chain (`_write_queued`, run once per transaction just before the
+        commit or before anything reads the head), so a batch holds the head lock for that
+        alone. An event that cannot be put in canonical form gives a step that fails closed.
+        """
         event = _recordable(event, self._policy_sha256)
+        receipt = _Receipt()
+        try:
+            queued = _Queued(event, chain.RecordTemplate(event), receipt)
+        except (TypeError, ValueError) as exc:
+            cause = exc
 
-        def step(tx: Tx) -> int:
-            try:
-                return self._append(tx, event)
-            except (TypeError, ValueError) as exc:
-                # Encoded once, inside the transaction (which rolls back): an event that cannot
-                # be put in canonical form fails closed without a second encoding every time.
-                raise StoreUnavailable("the event cannot be recorded") from exc
+            def refused(tx: Tx) -> None:
+                raise StoreUnavailable("the event cannot be recorded") from cause
 
-        return step
+            return refused, receipt
 
-    def _append(self, tx: Tx, event: AuditEvent) -> int:
-        head = self._head(tx)
-        seq = head.size
-        raw = chain.record_bytes(event, seq=seq, prev_hash=head.last_hash)
-        digest = chain.entry_hash(raw)
-        tx.execute(
+        def step(tx: Tx) -> None:
+            earlier: tuple[_Queued, ...] = tx.held(_QUEUED_KEY) or ()
+            tx.hold(_QUEUED_KEY, (*earlier, queued), self._write_queued)
+
+        return step, receipt
+
+    def _write_queued(self, tx: Tx) -> None:
+        """Link the records queued in this transaction into the chain, in queue order: one
+        head read, one multi-row insert, checkpoints where due, the head moved once."""
+        queued: tuple[_Queued, ...] | None = tx.take(_QUEUED_KEY)
+        if not queued:
+            return
+        head = self._current_head(tx)
+        size, last_hash = head.size, head.last_hash
+        cp_size, cp_time = head.checkpoint_size, head.checkpoint_time
+        frontier = chain.decode_frontier(head.frontier)
+        now = self._clock()
+        rows = []
+        for item in queued:
+            seq = size
+            raw = item.template.fill(seq=seq, prev_hash=last_hash)
+            digest = chain.entry_hash(raw)
+            event = item.event
+            rows.append(
+                (
+                    seq,
+                    chain.format_time(event.time),
+                    event.request_id,
+                    str(event.outcome),
+                    raw.decode(),
+                    last_hash,
+                    digest,
+                )
+            )
+            frontier = chain.frontier_append(frontier, seq, bytes.fromhex(digest))
+            size, last_hash = seq + 1, digest
+            item.receipt.seq = seq
+            if size - cp_size >= self._every or now - chain.parse_time(cp_time) >= self._interval:
+                self._write_checkpoint(tx, size, frontier, digest, now)
+                cp_size, cp_time = size, chain.format_time(now)
+        tx.executemany(
             "INSERT INTO audit_log (seq, time, request_id, outcome, record,"
             " prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                seq,
-                chain.format_time(event.time),
-                event.request_id,
-                str(event.outcome),
-                raw.decode(),
-                head.last_hash,
-                digest,
-            ),
+            rows,
         )
-        frontier = chain.frontier_append(
-            chain.decode_frontier(head.frontier), seq, bytes.fromhex(digest)
-        )
-        size = seq + 1
-        cp_size, cp_time = head.checkpoint_size, head.checkpoint_time
-        now = self._clock()
-        if size - cp_size >= self._every or (now - chain.parse_time(cp_time) >= self._interval):
-            self._write_checkpoint(tx, size, frontier, digest, now)
-            cp_size, cp_time = size, chain.format_time(now)
-        _set_head(tx, Head(size, digest, chain.encode_frontier(frontier), cp_size, cp_time))
-        return seq
+        _set_head(tx, Head(size, last_hash, chain.encode_frontier(frontier), cp_size, cp_time))
 
     def stamp_policy(self, sha256: str) -> None:
         """Name the policy in force in every later record that does not name one itself."""
@@ -333,6 +382,11 @@ class SqlLedger:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _head(self, tx: Tx) -> Head:
+        """The head after every record queued so far in this transaction."""
+        self._write_queued(tx)
+        return self._current_head(tx)
+
+    def _current_head(self, tx: Tx) -> Head:
         """The head as this transaction left it; read (and on PostgreSQL locked until commit:
         the ledger's write lock) once per transaction, however many records it appends."""
         held: Head | None = tx.held(_HEAD_KEY)

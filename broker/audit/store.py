@@ -18,7 +18,7 @@ class AuditStore(Protocol):
         """Make `event` durable and return its sequence number; raise StoreUnavailable."""
         ...
 
-    def appender(self, event: AuditEvent) -> Callable[[Tx], int]:
+    def appender(self, event: AuditEvent) -> Callable[[Tx], None]:
         """`append` as a step of a write transaction in the broker's store (broker/storage.py):
         the record commits, or not, with the rest of that transaction."""
         ...
