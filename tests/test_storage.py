@@ -132,6 +132,51 @@ def test_a_failing_write_rolls_back_alone(db: Database) -> None:
     assert keys(db) == ["a", "b"]
 
 
+@pytest.mark.parametrize("wrote_first", [True, False])
+def test_a_refusing_write_reruns_its_batch_mates_only_if_it_had_written(
+    db: Database, wrote_first: bool
+) -> None:
+    """No savepoints: a write refusing after it wrote rolls the batch back and the others run
+    again in a new transaction (each committed once); one refusing before writing is dropped
+    and the others run once."""
+    runs: list[str] = []
+
+    def counted(key: str) -> Callable[[Tx], int]:
+        def step(tx: Tx) -> int:
+            runs.append(key)
+            return insert(key)(tx)
+
+        return step
+
+    def refusing(tx: Tx) -> None:
+        if wrote_first:
+            tx.execute("INSERT INTO t (k) VALUES ('refused')")
+        raise RuntimeError("refused")
+
+    results: dict[str, object] = {}
+
+    def run(name: str, step: Callable[[Tx], object]) -> None:
+        try:
+            results[name] = db.write(step)
+        except RuntimeError as exc:
+            results[name] = str(exc)
+
+    holder, release = hold_the_writer(db)
+    before = db.commits
+    threads = []
+    for name, step in (("a", counted("a")), ("r", refusing), ("b", counted("b"))):
+        threads.append(threading.Thread(target=run, args=(name, step)))
+        threads[-1].start()
+        wait_queued(db, len(threads))
+    release.set()
+    for t in [holder, *threads]:
+        t.join()
+    assert results == {"a": 1, "r": "refused", "b": 1}
+    assert keys(db) == ["a", "b"]
+    assert runs == (["a", "a", "b"] if wrote_first else ["a", "b"])
+    assert db.commits == before + 2  # the holder's, then one for the batch
+
+
 def test_driver_error_fails_the_write_as_store_unavailable(db: Database) -> None:
     """A statement the database refuses becomes StoreUnavailable and nothing is kept."""
 
