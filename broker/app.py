@@ -401,11 +401,13 @@ def create_app(
             # A grant label only once the caller authenticated: otherwise junk with
             # audience=<name> would tell anyone which grant names exist.
             refused("token", _known(audience, exchanger) if exc.authenticated else "-", exc)
+            timings.total_since(started)
             return error_response(
                 exc, request_id, server_timing=timings.header(), extra_headers=nonce_header()
             )
         finally:
             counters.get(metrics.latency, "token").observe(time.perf_counter() - started)
+        timings.total_since(started)
         counters.get(metrics.requests, "token", _known(audience, exchanger), "issued").inc()
         # Server-Timing: where the request's time went (verify, policy, state, audit, mint),
         # in milliseconds; durations only, nothing about the identity or the credential.

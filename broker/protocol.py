@@ -59,7 +59,9 @@ class Timings:
 
     Phases: verify (the subject token), policy (limits and rules), state (durable writes of
     sessions and replay records, with the audit records that commit alongside), audit
-    (audit records written alone) and mint (the upstream call).
+    (audit records written alone) and mint (the upstream call); `total` is the whole request
+    from the edge's first look at it to its answer, so total - mint is the broker's own time
+    including what no phase covers (the thread hop, waiting for a thread, building records).
     """
 
     def __init__(self) -> None:
@@ -67,6 +69,10 @@ class Timings:
 
     def phase(self, name: str) -> _Phase:
         return _Phase(self.ms, name)
+
+    def total_since(self, started: float) -> None:
+        """Record `total`: from `started` (time.perf_counter) to now, every phase included."""
+        self.ms["total"] = (time.perf_counter() - started) * 1000
 
     def header(self) -> str:
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
