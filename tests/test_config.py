@@ -250,6 +250,13 @@ def test_audit_store_password_is_refused() -> None:
     assert has(found, "broker.audit_store", "inline secrets are not allowed")
 
 
+@pytest.mark.parametrize("store", ["sqlite://relative.db", "sqlite:relative.db", "mysql://h/db"])
+def test_an_audit_store_url_the_store_would_refuse_is_a_problem(store: str) -> None:
+    """The lint applies storage's own URL rule: what `serve` could not open fails the check."""
+    found = problems(grant('project_id = "1"') + f'\n[broker]\naudit_store = "{store}"\n')
+    assert has(found, "broker.audit_store", "sqlite:///")
+
+
 @pytest.mark.parametrize(
     "match",
     [

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from broker.config import LEEWAY_MAX, SESSION_MAX_LIMIT, BrokerSettings, RateLimit
 from broker.config_lint.reader import Lint, is_loopback
+from broker.storage import StoreURL
 
 BROKER_KEYS = frozenset(
     {
@@ -129,10 +130,13 @@ def _listen_host(lint: Lint, listen: str, where: str) -> str | None:
 
 
 def _audit_store(lint: Lint, url: str, where: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("sqlite", "postgresql", "postgres"):
-        lint.add(where, "expected sqlite:///path or postgresql://host/db")
-    elif parts.password:
+    # The store's own URL rule, so `check-config` fails what `serve` could not open.
+    try:
+        StoreURL.parse(url)
+    except ValueError:
+        lint.add(where, "expected sqlite:///absolute/path.db or postgresql://host/db")
+        return
+    if urlsplit(url).password:
         lint.add(where, "inline secrets are not allowed; use a libpq passfile (PGPASSFILE)")
 
 
