@@ -120,7 +120,10 @@ class Lint:
         return p
 
     def url(self, value: str, where: str) -> None:
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. an IPv4 address in brackets: reported, not raised
+            parts = urlsplit("")
         if parts.scheme == "https" and parts.hostname:
             return
         if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
