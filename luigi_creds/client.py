@@ -67,8 +67,10 @@ log = logging.getLogger(__name__)
 
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 # A requested_token_type no grant issues: how the job's agent has a refusal of its own recorded
-# by the broker (see BrokerClient.report_refusal).
+# by the broker (see BrokerClient.report_refusal), followed by ":" and what it refused, one of
+# AGENT_REFUSALS; the broker audits it as `agent_refused_<what>` (broker/protocol.py).
 AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
+AGENT_REFUSALS = frozenset({"scope", "delegation", "task_end", "lease"})
 
 
 @dataclass(frozen=True)
@@ -197,14 +199,15 @@ class BrokerClient:
             form = {"token": session.handle, "token_type_hint": "refresh_token"}
             self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
 
-    def report_refusal(self, grant: str, task: str | None) -> None:
+    def report_refusal(self, grant: str, task: str | None, refused: str) -> None:
         """Put a refusal by the job's agent into the broker's audit ledger, on this session.
 
         Sent as a refresh that the broker is bound to deny without minting or rotating the
-        handle: `requested_token_type` names a type no grant issues, which the broker checks
-        after the session and the policy and before anything upstream. The ledger then holds a
-        DENIED record with the session, the grant asked for and the task that asked. One
-        attempt, no retries; nothing to report without a session (nothing was minted yet).
+        handle: `requested_token_type` names a type no grant issues (AGENT_REFUSED and
+        `refused`, one of AGENT_REFUSALS), which the broker checks right after the session,
+        before the policy. The ledger then holds a DENIED record with the session, the grant
+        asked for ("-" for none), the task that asked and the reason `agent_refused_<refused>`.
+        One attempt, no retries; nothing to report without a session (nothing was minted yet).
         """
         with self._lock:
             if self._session is None:
@@ -213,7 +216,7 @@ class BrokerClient:
                 "grant_type": "refresh_token",
                 "refresh_token": self._session.handle,
                 "audience": grant,
-                "requested_token_type": AGENT_REFUSED,
+                "requested_token_type": f"{AGENT_REFUSED}:{refused}",
             }
             if task:
                 form["task"] = task
