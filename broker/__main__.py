@@ -28,7 +28,8 @@ from broker.audit.key_files import (
 )
 from broker.background import Periodic
 from broker.config import Config, ConfigError
-from broker.config_lint import is_loopback, load_config
+from broker.config_lint import load_config
+from broker.loopback import is_loopback_host
 from broker.sealing import RefSealer
 
 if TYPE_CHECKING:
@@ -359,7 +360,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return context
 
     tls = settings.tls_cert_file is not None and settings.tls_key_file is not None
-    if not tls and not is_loopback(host.strip("[]")):
+    if not tls and not is_loopback_host(host):
         # Allowed by plain_http_behind_proxy only (config validation refuses it otherwise).
         message = (
             f"SERVING PLAIN HTTP on {settings.listen}: tokens and credentials cross the network "

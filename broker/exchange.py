@@ -40,6 +40,8 @@ from broker.mint.grants import REF_VAULT_LEASE, GrantMinter, Minted, Prepared, i
 from broker.policy import Policy
 from broker.policy_reload import ActivePolicy, LoadedPolicy
 from broker.protocol import (
+    AGENT_REFUSALS,
+    AGENT_REFUSED,
     ERROR_DESCRIPTIONS,
     GRANT_TYPE_REFRESH,
     GRANT_TYPE_TOKEN_EXCHANGE,
@@ -105,6 +107,17 @@ class ExchangeError(BrokerException):
 
 def _bad_request(reason: str) -> ExchangeError:
     return ExchangeError(400, "invalid_request", reason)
+
+
+def _agent_refusal(requested_token_type: str) -> str | None:
+    """The audit reason of a refusal the job's agent reports (broker/protocol.py AGENT_REFUSED),
+    or None when `requested_token_type` is not such a report."""
+    if requested_token_type != AGENT_REFUSED and not requested_token_type.startswith(
+        AGENT_REFUSED + ":"
+    ):
+        return None
+    refused = requested_token_type[len(AGENT_REFUSED) + 1 :]
+    return f"agent_refused_{refused}" if refused in AGENT_REFUSALS else "agent_refused"
 
 
 def _unavailable(reason: str, retry_after: int = 5) -> ExchangeError:
@@ -563,6 +576,13 @@ class Exchanger:
             jti=str(session.claims.get("jti", ""))[:256],
         )
         identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
+        refused = _agent_refusal(req.requested_token_type)
+        if refused is not None:
+            # The job's agent recording a refusal of its own on its session: before the policy,
+            # since the grant it names may be one the policy denies, unknown, or "-" (none).
+            # The identity's budget is spent, so a looping agent cannot flood the ledger.
+            self._spend_identity_budget(identity, self._monotonic())
+            raise _bad_request(refused)
         with record.timings.phase("policy"):
             grant = self._authorize(identity, req, record)
         if proof is None and self._dpop_required(identity, grant):

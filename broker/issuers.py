@@ -23,7 +23,6 @@ never makes the broker fetch from a URL of the attacker's choosing.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import httpx
 from broker.config import IssuerConfig
 from broker.errors import BrokerException
 from broker.jwk import KeySet, KeySetError, VerificationKey, parse_jwks
+from broker.loopback import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,6 @@ class _Entry:
     last_error: str | None = None
     attempts: int = 0  # fetches started; lets a waiter see that someone fetched meanwhile
     fetch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for `localhost` and loopback IP literals (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:

@@ -31,6 +31,20 @@ TOKEN_TYPE_AWS: Final = "urn:luigi-creds:token-type:aws-credentials"
 TOKEN_TYPE_VAULT_TOKEN: Final = "urn:luigi-creds:token-type:vault-token"
 TOKEN_TYPE_VAULT_SECRET: Final = "urn:luigi-creds:token-type:vault-secret"
 
+# -- the job's agent reporting a refusal of its own (requested_token_type on a refresh) ----------
+# `AGENT_REFUSED:<what>`, a type no grant issues: the broker answers invalid_request, mints and
+# rotates nothing, and audits a DENIED record on the session with reason `agent_refused_<what>`
+# (`agent_refused` for a <what> not listed here: the client's text never becomes a reason).
+AGENT_REFUSED: Final = "urn:luigi-creds:token-type:agent-refused"
+AGENT_REFUSALS: Final = frozenset(
+    {
+        "scope",  # a grant or task outside the asking bearer's scope
+        "delegation",  # a bearer asked for one wider than itself
+        "task_end",  # a bearer that may not end tasks tried to
+        "lease",  # a task's bearer tried to revoke another task's Vault lease
+    }
+)
+
 # -- token_type of an answer: how the access token is presented ------------------------------
 # RFC 8693 §2.2.1: "N_A" when the issued token is not an access token for a resource server;
 # "DPoP" (RFC 9449 §5) when the session is bound to the client's key.

@@ -52,8 +52,12 @@ def looks_like_credential(value: str) -> str | None:
     if value.startswith(("https://", "http://")):
         # A URL's host and path are identifiers (an EKS issuer ends in a 32-hex-digit cluster
         # id); only its userinfo and query can carry a secret.
-        parts = urlsplit(value)
-        value = f"{parts.username or ''}:{parts.password or ''}?{parts.query}"
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. "http://[127.0.0.1]/": not a URL, so all of it is scanned
+            pass
+        else:
+            value = f"{parts.username or ''}:{parts.password or ''}?{parts.query}"
     for run in _B64ISH.findall(value):
         # Measured with secrets.token_urlsafe: 32 random base64 chars average 4.56 bits/char
         # (rare draws fall to ~4.0); paths and names sit lower ("database/creds/warehouse-writer"

@@ -91,7 +91,10 @@ class StoreURL:
             path = unquote(parts.path)
             if parts.netloc or not path.startswith("/"):
                 raise ValueError("an SQLite store URL is sqlite:///absolute/path.db")
-            return cls("sqlite", path)
+            # sqlite:////abs/path.db (SQLAlchemy's spelling) parses to "//abs/path.db": one
+            # spelling of the path, so whoever derives a path from it (the audit key files
+            # beside the database) names the same file as "/abs/path.db".
+            return cls("sqlite", "/" + path.lstrip("/"))
         if scheme in ("postgresql", "postgres"):
             return cls("postgresql", parts._replace(scheme="postgresql").geturl())
         raise ValueError("the store URL must be sqlite:///absolute/path.db or postgresql://...")

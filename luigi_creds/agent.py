@@ -112,9 +112,9 @@ class LazyBroker:
         if self._client is not None:
             self._client.revoke(retry=retry)
 
-    def report_refusal(self, grant: str, task: str | None) -> None:
+    def report_refusal(self, grant: str, task: str | None, refused: str) -> None:
         if self._client is not None:
-            self._client.report_refusal(grant, task)
+            self._client.report_refusal(grant, task, refused)
 
     def revoke_lease(self, lease_id: str) -> None:
         client = self._client

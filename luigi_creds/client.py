@@ -21,6 +21,7 @@ the nonce it carries.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -67,8 +68,10 @@ log = logging.getLogger(__name__)
 
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 # A requested_token_type no grant issues: how the job's agent has a refusal of its own recorded
-# by the broker (see BrokerClient.report_refusal).
+# by the broker (see BrokerClient.report_refusal), followed by ":" and what it refused, one of
+# AGENT_REFUSALS; the broker audits it as `agent_refused_<what>` (broker/protocol.py).
 AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
+AGENT_REFUSALS = frozenset({"scope", "delegation", "task_end", "lease"})
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class BrokerClient:
         self._session: _Session | None = None
         # One key per client, i.e. per job: made here, in the process that owns the session.
         self._dpop = dpop_key or DpopKey()
+        self._pid = os.getpid()  # that process: a forked child may not use the client (_owned)
         self._dpop_nonce: str | None = None
 
     def __repr__(self) -> str:
@@ -144,6 +148,7 @@ class BrokerClient:
         The first call exchanges the subject token; later calls spend the refresh session. When the
         session is rejected (`invalid_grant`) a renewable token source re-exchanges once.
         """
+        self._owned(f"mint grant {grant!r}")
         with self._lock:
             if self._session is None:
                 return self._exchange(grant, task, duration)
@@ -173,6 +178,7 @@ class BrokerClient:
         token source's token is verified without being spent, so `whoami` is safe to run
         before the job's one exchange.
         """
+        self._owned("explain")
         with self._lock:
             handle = self._session.handle if self._session is not None else None
         if handle:
@@ -190,6 +196,7 @@ class BrokerClient:
         `retry=False` makes one attempt only: at a job's exit a broker that is down must not
         hold the process for the whole retry deadline.
         """
+        self._owned("end the session")
         with self._lock:
             session, self._session = self._session, None
             if session is None:
@@ -197,15 +204,17 @@ class BrokerClient:
             form = {"token": session.handle, "token_type_hint": "refresh_token"}
             self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
 
-    def report_refusal(self, grant: str, task: str | None) -> None:
+    def report_refusal(self, grant: str, task: str | None, refused: str) -> None:
         """Put a refusal by the job's agent into the broker's audit ledger, on this session.
 
         Sent as a refresh that the broker is bound to deny without minting or rotating the
-        handle: `requested_token_type` names a type no grant issues, which the broker checks
-        after the session and the policy and before anything upstream. The ledger then holds a
-        DENIED record with the session, the grant asked for and the task that asked. One
-        attempt, no retries; nothing to report without a session (nothing was minted yet).
+        handle: `requested_token_type` names a type no grant issues (AGENT_REFUSED and
+        `refused`, one of AGENT_REFUSALS), which the broker checks right after the session,
+        before the policy. The ledger then holds a DENIED record with the session, the grant
+        asked for ("-" for none), the task that asked and the reason `agent_refused_<refused>`.
+        One attempt, no retries; nothing to report without a session (nothing was minted yet).
         """
+        self._owned("report a refusal")
         with self._lock:
             if self._session is None:
                 return
@@ -213,7 +222,7 @@ class BrokerClient:
                 "grant_type": "refresh_token",
                 "refresh_token": self._session.handle,
                 "audience": grant,
-                "requested_token_type": AGENT_REFUSED,
+                "requested_token_type": f"{AGENT_REFUSED}:{refused}",
             }
             if task:
                 form["task"] = task
@@ -232,6 +241,7 @@ class BrokerClient:
         The broker checks the lease against the session named by the current handle, which it
         peeks without rotating; a lease from another session is refused with `invalid_grant`.
         """
+        self._owned("revoke a Vault lease")
         with self._lock:
             session = self._session
             if session is None:
@@ -245,6 +255,24 @@ class BrokerClient:
                 "refresh_token": session.handle,
             }
             self._post("/v1/revoke", form, grant=None, expect_body=False, what="lease revoke")
+
+    def _owned(self, what: str) -> None:
+        """Refuse in a process forked from the one that made this client, before its lock (a
+        parent thread may have held it at the fork) or its pooled connections are touched.
+
+        Decision: refuse rather than carry on. The child would sign with the parent's DPoP key
+        as if it were the session's holder, and a refresh from it rotates the handle under the
+        parent, whose next refresh then reads as theft and ends the job's session; a revoke
+        from it ends the parent's session outright.
+        """
+        if os.getpid() != self._pid:
+            raise BrokerError(
+                f"cannot {what}: this client of broker {self.broker_url} belongs to process "
+                f"{self._pid}, and process {os.getpid()} was forked from it (the job's session "
+                "and DPoP key stay with their process). In a forked process, mint through the "
+                "job's agent (luigi_creds.agent.ensure_agent()), or build a BrokerClient here",
+                error="forked_process",
+            )
 
     def _exchange(self, grant: str, task: str | None, duration: int | None) -> Credential:
         try:

@@ -40,9 +40,9 @@ class BrokerError(LuigiCredsError):
     """The broker refused or could not be reached.
 
     `error` is the RFC 6749 code (or `unreachable` / `invalid_response` / `identity_unavailable`
-    for client-side failures), `status` the HTTP status (0 when there was none), `request_id` the
-    broker's id for the audit trail. The message names the broker URL, the grant and the reason,
-    never a token or credential.
+    / `forked_process` for client-side failures), `status` the HTTP status (0 when there was
+    none), `request_id` the broker's id for the audit trail. The message names the broker URL,
+    the grant and the reason, never a token or credential.
     """
 
     def __init__(

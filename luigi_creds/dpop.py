@@ -6,6 +6,12 @@ core dump, a compromised task) mints nothing. The key is made in memory when the
 client is built, in the process that owns the session (the agent's), and is never written
 anywhere: forked workers and subprocesses reach the broker through the agent and never see it.
 
+Decision: a forked child inherits the key's memory, but not the right to sign with it. `proof()`
+in any process but the one that made the key raises `ForkedKeyError`: the broker would take the
+child's proofs for the session holder's, and a child refreshing on the parent's session rotates
+the handle under the parent (whose next refresh then looks like theft and ends the session).
+A forked child reaches the broker through the job's agent, or makes a client (and key) of its own.
+
 Pure apart from the key generation: the time is a parameter.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import secrets
 from datetime import datetime
 
@@ -21,7 +28,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-__all__ = ["DpopKey"]
+from luigi_creds.errors import LuigiCredsError
+
+__all__ = ["DpopKey", "ForkedKeyError"]
 
 # P-256 group order (SEC 2 v2 §2.4.2): signatures are sent in low-S form, the only form the
 # broker's strict JOSE code accepts (a high-S twin would be a second encoding of one proof).
@@ -32,11 +41,17 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+class ForkedKeyError(LuigiCredsError):
+    """A DPoP key was asked to sign in a process forked from the one that made it."""
+
+
 class DpopKey:
-    """One ephemeral ES256 key and the proofs it signs. Never pickled, printed or stored."""
+    """One ephemeral ES256 key and the proofs it signs. Never pickled, printed or stored, and
+    signs only in the process that made it."""
 
     def __init__(self) -> None:
         self._private = ec.generate_private_key(ec.SECP256R1())
+        self._pid = os.getpid()
         point = self._private.public_key().public_numbers()
         self.public_jwk = {
             "crv": "P-256",
@@ -56,6 +71,11 @@ class DpopKey:
 
     def proof(self, method: str, url: str, *, now: datetime, nonce: str | None = None) -> str:
         """A DPoP proof JWT for one `method` request to `url` (no query or fragment)."""
+        if os.getpid() != self._pid:
+            raise ForkedKeyError(
+                f"DPoP key {self.thumbprint} belongs to process {self._pid}; process "
+                f"{os.getpid()} was forked from it and may not sign as the session's holder"
+            )
         header = {"alg": "ES256", "jwk": self.public_jwk, "typ": "dpop+jwt"}
         claims: dict[str, object] = {
             "htm": method,

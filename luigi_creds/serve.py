@@ -166,7 +166,8 @@ class ScopeRefused(BrokerError):
 
 
 Release = Callable[[str, Sequence[Credential]], None]
-ReportRefusal = Callable[[str, str | None], None]
+# (grant, task, what was refused: one of client.AGENT_REFUSALS)
+ReportRefusal = Callable[[str, str | None, str], None]
 
 
 class CredentialAgent:
@@ -193,7 +194,7 @@ class CredentialAgent:
         # What was minted (nothing secret), for the job summary: GET /v1/summary.
         self.mint_log = mint_log
         self._report_refusal = report_refusal
-        self._reported: set[tuple[str, str | None]] = set()
+        self._reported: set[tuple[str, str | None, str]] = set()
         self._revoke_lease = revoke_lease
         self._release = release
         self._clock = clock
@@ -253,6 +254,7 @@ class CredentialAgent:
                 task=wanted.task,
                 grant=",".join(sorted(wanted.grants or ())) or "-",
                 asker=caller.task,
+                refused="delegation",
             )
         bearer = secrets.token_urlsafe(32)
         with self._lock:
@@ -274,7 +276,12 @@ class CredentialAgent:
         """End `task` for a delegating caller: its bearers stop working, its Vault credentials
         are released in the background."""
         if not scope.delegate or scope.task is not None:
-            self._refuse(f"a bearer for {scope.describe()} cannot end tasks", task=task, grant="-")
+            self._refuse(
+                f"a bearer for {scope.describe()} cannot end tasks",
+                task=task,
+                grant="-",
+                refused="task_end",
+            )
         self._end_task(task)
 
     def mint(
@@ -304,6 +311,7 @@ class CredentialAgent:
                 f"a bearer for {scope.describe()} cannot revoke a lease of another task",
                 task=scope.task,
                 grant="-",
+                refused="lease",
             )
         self._revoke_lease(lease_id)
         with self._lock:
@@ -360,17 +368,25 @@ class CredentialAgent:
                 task=task,
                 grant=grant,
                 asker=scope.task,
+                refused="scope",
             )
         return task
 
     def _refuse(
-        self, reason: str, *, task: str | None, grant: str, asker: str | None = None
+        self,
+        reason: str,
+        *,
+        task: str | None,
+        grant: str,
+        refused: str,
+        asker: str | None = None,
     ) -> NoReturn:
-        """Refuse, log, and have the broker record it (each grant and asking task once, in the
-        background, so a looping child neither waits on nor floods the broker)."""
+        """Refuse, log, and have the broker record it as `refused` (each kind, grant and asking
+        task once, in the background, so a looping child neither waits on nor floods the
+        broker)."""
         self.refusals += 1
         log.warning("luigi-creds agent refused: %s", reason)
-        key = (grant, asker if asker is not None else task)
+        key = (grant, asker if asker is not None else task, refused)
         with self._lock:
             first = key not in self._reported
             self._reported.add(key)
@@ -452,9 +468,9 @@ def container_body(cred: AwsCredentials) -> dict[str, str]:
     }
 
 
-def _report_quietly(report: ReportRefusal, grant: str, task: str | None) -> None:
+def _report_quietly(report: ReportRefusal, grant: str, task: str | None, refused: str) -> None:
     try:
-        report(grant, task)
+        report(grant, task, refused)
     except Exception as exc:
         log.warning("luigi-creds: recording a refusal with the broker failed: %s", exc)
 

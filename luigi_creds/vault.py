@@ -18,7 +18,6 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import hvac
@@ -46,12 +45,6 @@ def renew_delay(lease_seconds: float, rng: Callable[[], float] = random.random) 
 def error_delay(attempt: int, lease_seconds: float) -> float:
     """Back-off after the `attempt`-th consecutive failed renewal."""
     return min(ERROR_BACKOFF_START * 2.0 ** (attempt - 1), max(lease_seconds / 3, 0.5))
-
-
-@dataclass
-class _Token:
-    token: str
-    lease: float
 
 
 class TokenKeeper:

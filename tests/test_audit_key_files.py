@@ -25,11 +25,37 @@ from broker.dev import policy_file
 from broker.dev.claims import GITLAB_PROJECT_ID
 from broker.dev.harness import policy_toml, run_broker_cli, start_broker, start_dev_issuer
 from broker.dev.processes import free_port
+from broker.storage import StoreURL
 
 
 def test_sqlite_store_defaults_to_a_key_beside_the_database() -> None:
     settings = BrokerSettings(audit_store="sqlite:///var/lib/luigi-creds/audit.db")
     assert checkpoint_key_path(settings) == Path("/var/lib/luigi-creds/audit-checkpoint.ed25519")
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        "sqlite:///srv/ledger/audit.db",
+        "sqlite:////srv/ledger/audit.db",  # examples/dev-policy.toml's spelling
+        "sqlite+pysqlite:///srv/ledger/audit.db",
+        "sqlite:/srv/ledger/audit.db",
+        "sqlite:///srv/led%20ger/audit.db",
+    ],
+)
+def test_the_default_key_sits_beside_the_file_the_store_opens(store: str) -> None:
+    """The key's directory is the one the store's own parser names: the rule is storage's."""
+    opened = Path(StoreURL.parse(store).target)
+    key = checkpoint_key_path(BrokerSettings(audit_store=store))
+    assert key == opened.parent / "audit-checkpoint.ed25519"
+    assert str(key).startswith("/srv/led")  # one canonical spelling, never "//srv/..."
+
+
+@pytest.mark.parametrize("store", ["sqlite://relative.db", "sqlite:relative.db", "mysql://h/db"])
+def test_a_store_url_storage_refuses_has_no_default_key(store: str) -> None:
+    with pytest.raises(ValueError):
+        StoreURL.parse(store)
+    assert checkpoint_key_path(BrokerSettings(audit_store=store)) is None
 
 
 def test_an_explicit_key_file_wins() -> None:

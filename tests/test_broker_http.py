@@ -17,13 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from stack import Stack, start_stack
 
 from broker.audit.events import Outcome
 from broker.dev.claims import GITLAB_PROJECT_PATH
+from broker.dev.harness import refresh_form
 from broker.dev.issuer import SigningKey, encode_jwt
+from luigi_creds.client import AwsCredentials, BrokerError
 
 pytestmark = pytest.mark.integration
 
@@ -486,3 +489,119 @@ def test_issuer_key_rotation_is_picked_up_after_one_refetch(tmp_path: Path) -> N
         s.broker.stop()
         s.moto.stop()
         s.issuer.stop()
+
+
+AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
+
+
+def test_an_agent_refusal_report_is_audited_as_what_the_agent_refused(stack: Stack) -> None:
+    """A refusal the job's agent reports on the session is answered invalid_request (the
+    documented code), mints and rotates nothing, and is audited as DENIED with the reason the
+    agent gave, whatever grant it names: one the policy allows, one it does not know, or none."""
+    status, body, _ = stack.broker.exchange(stack.issuer.mint("gitlab"))
+    assert status == 200, body
+    handle = body["refresh_token"]
+    (issued,) = [e for e in stack.events_for(body["request_id"]) if e.outcome == Outcome.ISSUED]
+    reports = [
+        ("scope", "etl-writer", "agent_refused_scope"),
+        ("scope", "no-such-grant", "agent_refused_scope"),
+        ("delegation", "etl-writer", "agent_refused_delegation"),
+        ("task_end", "-", "agent_refused_task_end"),
+        ("lease", "-", "agent_refused_lease"),
+        ("from-a-newer-client", "etl-writer", "agent_refused"),  # never its text
+    ]
+    for refused, grant, reason in reports:
+        form = refresh_form(
+            handle, grant, task="Task(a=2)", requested_token_type=f"{AGENT_REFUSED}:{refused}"
+        )
+        status, answer, _ = stack.broker.token(form)
+        assert (status, answer["error"]) == (400, "invalid_request"), answer
+        assert "refresh_token" not in answer
+        (event,) = stack.events_for(answer["request_id"])
+        assert (event.outcome, event.reason, event.grant, event.task, event.session_id) == (
+            Outcome.DENIED,
+            reason,
+            grant,
+            "Task(a=2)",
+            issued.session_id,
+        )
+    # A requested type no grant issues that is not an agent's report keeps its own reason.
+    form = refresh_form(handle, requested_token_type="urn:luigi-creds:token-type:vault-token")
+    status, answer, _ = stack.broker.token(form)
+    assert (status, answer["error"]) == (400, "invalid_request")
+    assert [e.reason for e in stack.events_for(answer["request_id"])] == [
+        "unsupported_requested_token_type"
+    ]
+    # Nothing was rotated: the handle still mints.
+    status, body, _ = stack.broker.token(refresh_form(handle))
+    assert status == 200, body
+
+
+def test_the_job_agent_reports_what_it_refused_on_the_job_session(stack: Stack) -> None:
+    """The real agent over its socket, minting through the real client: each refusal by the
+    agent (another task, a grant outside the bearer, a wider bearer, ending another task, a
+    lease of another task) reaches the broker's ledger with a reason naming it."""
+    from luigi_creds.agent_client import AgentClient
+    from luigi_creds.client import BrokerClient
+    from luigi_creds.identity import parse_token_source
+    from luigi_creds.serve import CredentialAgent
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    with httpx.Client(timeout=30) as http:
+        source = parse_token_source(
+            "env:CI_ID_TOKEN",
+            environ={"CI_ID_TOKEN": stack.issuer.mint("gitlab")},
+            http=http,
+            audience=stack.broker.url,
+            clock=clock,
+        )
+        broker = BrokerClient(stack.broker.url, source, http=http, clock=clock)
+        agent = CredentialAgent(
+            broker.mint,
+            clock=clock,
+            revoke_lease=broker.revoke_lease,
+            report_refusal=broker.report_refusal,
+        )
+        endpoint = agent.start()
+        try:
+            delegate = AgentClient(
+                AgentClient(endpoint).scoped(["etl-writer"], None, delegate=True)
+            )
+            task = AgentClient(delegate.scoped(["etl-writer"], "Task(a=1)"))
+            task.mint("etl-writer")  # the job's session
+            refusals = [
+                lambda: task.mint("etl-writer", "Task(a=2)"),
+                lambda: task.mint("no-such-grant"),
+                lambda: task.scoped(["etl-writer"], None, delegate=True),
+                lambda: task.release("Task(a=2)"),
+                lambda: task.revoke_lease("database/creds/other/1"),
+            ]
+            for refusal in refusals:
+                with pytest.raises(BrokerError) as info:
+                    refusal()
+                assert (info.value.status, info.value.error) == (403, "access_denied")
+            expected = {
+                ("agent_refused_scope", "etl-writer", "Task(a=1)"),
+                ("agent_refused_scope", "no-such-grant", "Task(a=1)"),
+                ("agent_refused_delegation", "etl-writer", "Task(a=1)"),
+                ("agent_refused_task_end", "-", "Task(a=2)"),
+                ("agent_refused_lease", "-", "Task(a=1)"),
+            }
+            (session,) = {e.session_id for e in stack.events() if e.task == "Task(a=1)"}
+            deadline = time.monotonic() + 15  # reported in the background
+            while True:
+                denied = {
+                    (e.reason, e.grant, e.task)
+                    for e in stack.events()
+                    if e.session_id == session and e.outcome == Outcome.DENIED
+                }
+                if denied == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert denied == expected
+            assert isinstance(task.mint("etl-writer"), AwsCredentials)  # the session lives on
+        finally:
+            agent.stop()
+            broker.revoke(retry=False)

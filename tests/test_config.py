@@ -242,12 +242,28 @@ def test_url_paths_are_identifiers_but_url_passwords_are_secrets() -> None:
     assert has(found, "grant[g].description", "value looks like a high-entropy secret")
 
 
+@pytest.mark.parametrize(
+    "url", ["http://[127.0.0.1]:8080", "https://[not-an-ip]/", "https://[::1/"]
+)
+def test_a_url_that_does_not_parse_is_a_problem_not_a_crash(url: str) -> None:
+    """urlsplit raises on these: the lint reports the URL instead of failing with a traceback."""
+    text = f'[[issuer]]\nname = "idp"\nurl = "{url}"\naudiences = ["luigi-creds"]\n'
+    assert has(problems(text), "issuer[idp].url", "must be an https:// URL")
+
+
 def test_audit_store_password_is_refused() -> None:
     """A password inside the audit store URL is an inline secret."""
     found = problems(
         grant('project_id = "1"') + '\n[broker]\naudit_store = "postgresql://u:pw@db/audit"\n'
     )
     assert has(found, "broker.audit_store", "inline secrets are not allowed")
+
+
+@pytest.mark.parametrize("store", ["sqlite://relative.db", "sqlite:relative.db", "mysql://h/db"])
+def test_an_audit_store_url_the_store_would_refuse_is_a_problem(store: str) -> None:
+    """The lint applies storage's own URL rule: what `serve` could not open fails the check."""
+    found = problems(grant('project_id = "1"') + f'\n[broker]\naudit_store = "{store}"\n')
+    assert has(found, "broker.audit_store", "sqlite:///")
 
 
 @pytest.mark.parametrize(

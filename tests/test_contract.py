@@ -147,3 +147,12 @@ def test_every_exception_class_is_under_its_packages_base(package: str, base: st
             if ours and not issubclass(cls, root):
                 outside.append(f"{info.name}.{name}")
     assert outside == []
+
+
+def test_the_agent_refusal_report_names_what_the_broker_audits() -> None:
+    """The requested_token_type the agent reports a refusal with, and the kinds it names, are
+    the ones the broker turns into `agent_refused_<kind>` audit reasons."""
+    from broker.protocol import AGENT_REFUSALS, AGENT_REFUSED
+
+    assert client.AGENT_REFUSED == AGENT_REFUSED
+    assert client.AGENT_REFUSALS == AGENT_REFUSALS

@@ -13,8 +13,9 @@ as reuse) and revoke/explain without the key are refused the same way.
 from __future__ import annotations
 
 import json
+import os
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,8 +38,8 @@ from broker.dev.harness import (
 from broker.dev.policy_file import etl_project_grant
 from broker.dev.processes import free_port
 from broker.sessions import open_state
-from luigi_creds.client import AwsCredentials, BrokerClient
-from luigi_creds.dpop import DpopKey
+from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
+from luigi_creds.dpop import DpopKey, ForkedKeyError
 from luigi_creds.identity import parse_token_source
 
 pytestmark = pytest.mark.integration
@@ -303,3 +304,69 @@ def test_two_brokers_on_one_postgresql_share_nonces_and_spent_proofs(
         finally:
             one.stop()
             two.stop()
+
+
+def _in_forked_child(work: Callable[[], str]) -> str:
+    """Run `work` in a real os.fork() child; its answer, read back through a pipe."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, then leave without running the parent's exit hooks
+        try:
+            os.close(read)
+            os.write(write, work().encode("utf-8"))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read().decode("utf-8")
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_a_forked_child_cannot_use_the_parents_session_or_its_dpop_key(
+    dpop_stack: Stack, owner: tuple[BrokerClient, Sent]
+) -> None:
+    """After a real fork, every call of the parent's client in the child (mint, explain,
+    revoke) and a proof by the parent's key are refused with an error that says why and what
+    to do, and nothing reaches the broker; the parent's bound session is untouched and goes on
+    minting. (Unguarded, the child signed as the holder and rotated the handle under the
+    parent, whose next refresh then read as theft and ended the job's session.)"""
+    client, _sent = owner
+    assert isinstance(client.mint("bound-writer", task="Parent_1"), AwsCredentials)
+    (session,) = {e.session_id for e in dpop_stack.events() if e.task == "Parent_1"}
+    recorded = len(dpop_stack.events())
+    token_url = dpop_stack.broker.url + "/v1/token"
+
+    def child() -> str:
+        calls: list[Callable[[], object]] = [
+            lambda: client.mint("bound-writer", task="Child_1"),
+            client.explain,
+            lambda: client.revoke(retry=False),
+            lambda: client._dpop.proof("POST", token_url, now=datetime.now(UTC)),
+        ]
+        answers = []
+        for call in calls:
+            try:
+                call()
+                answers.append("allowed")
+            except (BrokerError, ForkedKeyError) as exc:
+                answers.append(f"{type(exc).__name__} {getattr(exc, 'error', '-')}: {exc}")
+        return json.dumps(answers)
+
+    answers = json.loads(_in_forked_child(child))
+    parent = os.getpid()
+    assert len(answers) == 4
+    whats = ["mint grant 'bound-writer'", "explain", "end the session"]
+    for answer, what in zip(answers[:3], whats, strict=True):
+        assert answer.startswith(f"BrokerError forked_process: cannot {what}: "), answer
+        assert f"belongs to process {parent}" in answer and "ensure_agent()" in answer
+    assert answers[3].startswith("ForkedKeyError -: DPoP key "), answers[3]
+    assert f"belongs to process {parent}" in answers[3]
+    assert len(dpop_stack.events()) == recorded  # nothing reached the broker
+
+    assert isinstance(client.mint("bound-writer", task="Parent_2"), AwsCredentials)
+    in_session = [e for e in dpop_stack.events() if e.session_id == session]
+    issued = [e.task for e in in_session if e.outcome == Outcome.ISSUED]
+    assert issued == ["Parent_1", "Parent_2"]
+    # Nothing denied, revoked or ended on the session: only the two mints and their intents.
+    assert {e.outcome for e in in_session} == {Outcome.INTENT, Outcome.ISSUED}

@@ -899,6 +899,7 @@ def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_p
     assert sorted((e.task, e.grant) for e in refused) == sorted(
         [(t, "etl-vault") for t in tasks] + [(t, "etl-writer") for t in tasks]
     )
+    assert {e.reason for e in refused} == {"agent_refused_scope"}
     assert [e.reason for e in in_session if e.kind == "revoke"] == ["client_revoked"]
 
     log = out.stderr

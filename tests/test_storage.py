@@ -71,6 +71,8 @@ def wait_queued(db: Database, count: int) -> None:
 def test_urls_are_parsed_by_one_rule() -> None:
     """SQLite needs an absolute path; postgres/postgresql (with +driver) are one dialect."""
     assert StoreURL.parse("sqlite:///var/lib/a.db") == StoreURL("sqlite", "/var/lib/a.db")
+    # One spelling of a path: "sqlite:////abs" (four slashes, as SQLAlchemy writes it) too.
+    assert StoreURL.parse("sqlite:////var/lib/a.db") == StoreURL("sqlite", "/var/lib/a.db")
     assert StoreURL.parse("postgres://u@h/db").dialect == "postgresql"
     assert StoreURL.parse("postgresql+psycopg://u@h/db").target == "postgresql://u@h/db"
     for bad in ("sqlite://relative.db", "sqlite:relative.db", "mysql://root:pw@h/db"):

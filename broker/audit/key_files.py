@@ -27,7 +27,6 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from broker.config import BrokerSettings
 from broker.errors import BrokerException
+from broker.storage import StoreURL
 
 DEFAULT_KEY_NAME = "audit-checkpoint.ed25519"
 # The accessor salt's default file, beside the checkpoint key: kept out of the database, since it
@@ -59,12 +59,13 @@ class UnsignedAuditRefused(BrokerException):
 
 
 def _sqlite_path(audit_store: str) -> Path | None:
-    parts = urlsplit(audit_store)
-    if parts.scheme.split("+", 1)[0] != "sqlite" or parts.netloc:
+    """The SQLite file the store opens, by storage's own URL rule; None for PostgreSQL or a URL
+    the store refuses (the config lint reports that one, and opening the store fails)."""
+    try:
+        url = StoreURL.parse(audit_store)
+    except ValueError:
         return None
-    path = unquote(parts.path)
-    # sqlite:////abs/path.db parses to "//abs/path.db"; POSIX keeps a leading "//" distinct.
-    return Path("/" + path.lstrip("/")) if path.startswith("/") else None
+    return Path(url.target) if url.dialect == "sqlite" else None
 
 
 def checkpoint_key_path(settings: BrokerSettings) -> Path | None:

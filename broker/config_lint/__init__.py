@@ -23,10 +23,10 @@ from broker.config_lint.broker_section import broker_settings
 from broker.config_lint.grant_section import grant_configs
 from broker.config_lint.inline_secrets import scan_secrets
 from broker.config_lint.issuer_section import issuer_configs
-from broker.config_lint.reader import Lint, is_loopback
+from broker.config_lint.reader import Lint
 from broker.config_lint.vault_section import upstream_vault
 
-__all__ = ["is_loopback", "load_config", "parse_config"]
+__all__ = ["load_config", "parse_config"]
 
 _TOP_KEYS = frozenset({"broker", "issuer", "grant", "upstream"})
 _UPSTREAM_KEYS = frozenset({"aws", "vault"})

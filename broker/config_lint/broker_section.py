@@ -8,7 +8,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.config import LEEWAY_MAX, SESSION_MAX_LIMIT, BrokerSettings, RateLimit
-from broker.config_lint.reader import Lint, is_loopback
+from broker.config_lint.reader import Lint
+from broker.loopback import is_loopback_host
+from broker.storage import StoreURL
 
 BROKER_KEYS = frozenset(
     {
@@ -49,7 +51,7 @@ def broker_settings(lint: Lint, t: Mapping[str, Any]) -> BrokerSettings:
     host = _listen_host(lint, listen, f"{w}.listen")
     behind_proxy = lint.typed(t, "plain_http_behind_proxy", w, bool, False)
     proxies = _trusted_proxies(lint, t, w)
-    plain_off_loopback = host is not None and not is_loopback(host) and cert is None
+    plain_off_loopback = host is not None and not is_loopback_host(host) and cert is None
     if plain_off_loopback and not behind_proxy:
         lint.add(
             f"{w}.listen",
@@ -120,8 +122,7 @@ def _trusted_proxies(lint: Lint, t: Mapping[str, Any], w: str) -> tuple[str, ...
 
 
 def _listen_host(lint: Lint, listen: str, where: str) -> str | None:
-    host, sep, port = listen.rpartition(":")
-    host = host.strip("[]")
+    host, sep, port = listen.rpartition(":")  # "[::1]:8480" keeps its brackets (is_loopback_host)
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         lint.add(where, "expected host:port, e.g. 127.0.0.1:8480 or [::1]:8480")
         return None
@@ -129,10 +130,13 @@ def _listen_host(lint: Lint, listen: str, where: str) -> str | None:
 
 
 def _audit_store(lint: Lint, url: str, where: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("sqlite", "postgresql", "postgres"):
-        lint.add(where, "expected sqlite:///path or postgresql://host/db")
-    elif parts.password:
+    # The store's own URL rule, so `check-config` fails what `serve` could not open.
+    try:
+        StoreURL.parse(url)
+    except ValueError:
+        lint.add(where, "expected sqlite:///absolute/path.db or postgresql://host/db")
+        return
+    if urlsplit(url).password:
         lint.add(where, "inline secrets are not allowed; use a libpq passfile (PGPASSFILE)")
 
 

@@ -7,7 +7,6 @@ fixes the whole file in one pass; each section of the file has its module beside
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,19 +16,11 @@ from urllib.parse import urlsplit
 
 from broker.config import Problem
 from broker.durations import DurationError, seconds
+from broker.loopback import is_loopback_host
 from broker.secret_scan import SECRET_KEYS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 _T = TypeVar("_T")
@@ -120,10 +111,13 @@ class Lint:
         return p
 
     def url(self, value: str, where: str) -> None:
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. an IPv4 address in brackets: reported, not raised
+            parts = urlsplit("")
         if parts.scheme == "https" and parts.hostname:
             return
-        if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
             return
         self.add(where, "must be an https:// URL (http:// only for 127.0.0.1, ::1 or localhost)")
 
