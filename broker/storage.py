@@ -7,12 +7,13 @@ they share: URL parsing, connections and their settings, transactions, migration
 error every failure becomes, `StoreUnavailable` (the broker then answers 503 and issues nothing).
 
 Writes are group-committed. `Database.write(work)` queues `work`; one writer at a time runs
-every write queued meanwhile in one transaction, each inside its own savepoint, and commits once:
-one fsync (SQLite) or one commit round trip (PostgreSQL) for the whole batch. A caller returns
-only after the commit that holds its own writes, so "returned" still means "durable". A batch
-holds the database write lock once: on SQLite `BEGIN IMMEDIATE`, on PostgreSQL the audit head
-row, locked by the batch's first append and kept until its commit, so the audit stays one hash
-chain in one order across every process and replica.
+every write queued meanwhile in one transaction and commits once: one fsync (SQLite) or one
+commit round trip (PostgreSQL) for the whole batch. A write that raises refuses only itself
+(see `_transact`). A caller returns only after the commit that holds its own writes, so
+"returned" still means "durable". A batch holds the database write lock once: on SQLite
+`BEGIN IMMEDIATE`, on PostgreSQL the audit head row, locked when the batch's records are linked
+into the chain just before its commit (values a write `hold`s on its `Tx` are written then, once
+per batch), so the audit stays one hash chain in one order across every process and replica.
 
 The writer is a caller, not a thread of its own (leader/follower group commit): a write that
 finds no batch running runs the batch itself on its own thread; writes arriving meanwhile queue,
