@@ -15,9 +15,10 @@ Decisions:
   `SELECT ... FOR UPDATE` on the head row), reads seq/prev_hash/frontier, inserts the record and
   moves the head. Trade-off: appends from all replicas are serialised, in exchange for one total
   order, one Merkle tree, one checkpoint stream and a verifier that needs no merge rules. The
-  cost is bounded by group commit (broker/storage.py): one transaction, holding the head lock
-  once, carries every append queued in a process meanwhile, so a replica pays one lock wait and
-  one commit per batch rather than per record. Per-replica chains would scale writes but make
+  cost is bounded by group commit (broker/storage.py): one transaction carries every append
+  queued in a process meanwhile, and its records are linked into the chain together just before
+  it commits (encoded beforehand, outside the lock), so a replica holds the head lock for one
+  head read, one multi-row insert, one head update and the commit, once per batch. Per-replica chains would scale writes but make
   deletions at a replica's tail invisible unless every replica's checkpoints are cross-witnessed.
 - `append` returning means durable: SQLite in WAL mode with `synchronous=FULL` fsyncs the WAL at
   commit; PostgreSQL commits with `synchronous_commit=on`. Any driver error becomes
