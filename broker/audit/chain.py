@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -201,6 +202,16 @@ def record_bytes(event: AuditEvent, *, seq: int, prev_hash: str) -> bytes:
     return canonical_json(body)
 
 
+# A template's markers: this process's secret and a counter, unguessable from outside without
+# a system call per record.
+_MARKER_SECRET = secrets.token_hex(16)
+_marker_numbers = itertools.count()
+
+
+def _marker() -> str:
+    return f"{_MARKER_SECRET}{next(_marker_numbers):x}"
+
+
 class RecordTemplate:
     """An event's canonical record, encoded (and so checked) before its seq and prev_hash are
     known; `fill` completes it.
@@ -215,7 +226,7 @@ class RecordTemplate:
 
     def __init__(self, event: AuditEvent) -> None:
         while True:
-            prev_marker, seq_marker = secrets.token_hex(16), secrets.token_hex(16)
+            prev_marker, seq_marker = _marker(), _marker()
             body = event_body(event)
             body["schema_version"] = (
                 SCHEMA_VERSION_POLICY if event.policy_sha256 else SCHEMA_VERSION

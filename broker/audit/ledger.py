@@ -18,8 +18,9 @@ Decisions:
   cost is bounded by group commit (broker/storage.py): one transaction carries every append
   queued in a process meanwhile, and its records are linked into the chain together just before
   it commits (encoded beforehand, outside the lock), so a replica holds the head lock for one
-  head read, one multi-row insert, one head update and the commit, once per batch. Per-replica chains would scale writes but make
-  deletions at a replica's tail invisible unless every replica's checkpoints are cross-witnessed.
+  head read, one multi-row insert, one head update and the commit, once per batch. Per-replica
+  chains would scale writes but make deletions at a replica's tail invisible unless every
+  replica's checkpoints are cross-witnessed.
 - `append` returning means durable: SQLite in WAL mode with `synchronous=FULL` fsyncs the WAL at
   commit; PostgreSQL commits with `synchronous_commit=on`. Any driver error becomes
   `StoreUnavailable` and the caller fails closed.
