@@ -246,9 +246,9 @@ class SqliteDialect(Dialect):
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-            # Temporary files in memory, among them the savepoint sub-journal of a batch (one
-            # savepoint per write, see Database._transact): on disk, a batch of sixteen
-            # exchanges wrote as many pages to a fresh temp file as to the WAL.
+            # Temporary files (statement and savepoint journals among them) in memory: when a
+            # batch still took a savepoint per write, a batch of sixteen exchanges wrote as many
+            # pages to a fresh temp file on disk as to the WAL.
             conn.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
             conn.close()
