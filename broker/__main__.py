@@ -332,6 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker import logs
+    from broker.cpu import run_on_one_cpu
     from broker.tls import CertificateReloader
 
     logs.configure(args.log_level)
@@ -346,6 +347,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     host, _, port = config.broker.listen.rpartition(":")
+    if config.broker.single_cpu:
+        # Before build_app starts the background threads (they would inherit it anyway).
+        cpu = run_on_one_cpu()
+        if cpu is not None:
+            log.info("running on one CPU", extra={"cpu": cpu})
     app = build_app(config)
     settings = config.broker
     reloader: CertificateReloader | None = None

@@ -79,6 +79,8 @@ class BrokerSettings:
     # Seconds between checks of tls_cert_file/tls_key_file for a renewed pair (SIGHUP reloads
     # at once); 0 turns the file check off.
     tls_reload_seconds: int = 30
+    # Run every thread on one CPU, picked at start (broker/cpu.py); false: the kernel decides.
+    single_cpu: bool = True
 
 
 @dataclass(frozen=True)

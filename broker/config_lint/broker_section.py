@@ -33,6 +33,7 @@ BROKER_KEYS = frozenset(
         "trusted_proxies",
         "plain_http_behind_proxy",
         "tls_reload_seconds",
+        "single_cpu",
     }
 )
 
@@ -104,6 +105,7 @@ def broker_settings(lint: Lint, t: Mapping[str, Any]) -> BrokerSettings:
         trusted_proxies=proxies,
         plain_http_behind_proxy=behind_proxy,
         tls_reload_seconds=tls_reload,
+        single_cpu=lint.typed(t, "single_cpu", w, bool, d.single_cpu),
     )
 
 

@@ -1,0 +1,69 @@
+"""Tests for broker.cpu: which CPU the broker picks, and a served broker's threads on one CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from broker.cpu import busy_ticks, pick_cpu
+from broker.dev.harness import policy_toml, start_broker, start_dev_issuer
+from broker.dev.processes import free_port
+
+STAT = """cpu  500 0 300 9000 40 0 10 0 0 0
+cpu0 100 0 100 4000 20 0 5 0 0 0
+cpu1 400 0 200 5000 20 0 5 0 0 0
+intr 123 0 0
+"""
+
+
+def test_busy_ticks_count_everything_but_idle_and_iowait() -> None:
+    assert busy_ticks(STAT) == {0: 205, 1: 605}
+
+
+def test_the_least_busy_allowed_cpu_is_picked_and_ties_spread_by_pid() -> None:
+    assert pick_cpu({0, 1, 2}, {0: 50, 1: 3, 2: 9}, pid=7) == 1
+    assert pick_cpu({2, 3}, {1: 0, 2: 10, 3: 10}, pid=4) == 2  # only the allowed ones
+    assert pick_cpu({0, 1}, {}, pid=10) == 0
+    assert pick_cpu({0, 1}, {}, pid=11) == 1
+
+
+def _cpus_of_threads(pid: int) -> set[frozenset[int]]:
+    return {
+        frozenset(os.sched_getaffinity(int(task.name)))
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("single_cpu", [True, False])
+def test_a_served_broker_runs_every_thread_on_one_cpu_unless_told_not_to(
+    tmp_path: Path, single_cpu: bool
+) -> None:
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to choose")  # the machine, not the code
+    issuer = start_dev_issuer(tmp_path / "issuer")
+    try:
+        config = policy_toml(
+            issuer_url=issuer.url,
+            audit_db=tmp_path / "audit.db",
+            listen=f"127.0.0.1:{free_port()}",
+            moto_url="http://127.0.0.1:9",
+            role_arn="arn:aws:iam::123456789012:role/etl-writer",
+            broker_extra="" if single_cpu else "\nsingle_cpu = false",
+        )
+        broker = start_broker(tmp_path / "broker", config)
+        try:
+            masks = _cpus_of_threads(broker.process.pid)
+        finally:
+            broker.stop()
+    finally:
+        issuer.stop()
+    if single_cpu:
+        assert len(masks) == 1
+        (mask,) = masks
+        assert len(mask) == 1 and mask <= allowed
+    else:
+        assert masks == {frozenset(allowed)}
