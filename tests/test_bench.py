@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.exchange import FORGED_KINDS, percentile, ratios
+from bench.load import OwnTime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFUSED = [*(f"reject_{k}" for k in FORGED_KINDS), "deny_other_project"]
@@ -77,6 +78,15 @@ def test_ratios_divide_ours_by_the_peer_and_mark_unpeered_rows() -> None:
 
 
 @pytest.mark.integration
+def test_own_time_is_total_minus_mint_or_the_phases_of_an_older_broker() -> None:
+    """The broker's own time: Server-Timing total - mint; without total, the four phases."""
+    own = OwnTime()
+    own.add({"server-timing": "verify;dur=0.20, state;dur=0.50, mint;dur=3.00, total;dur=4.25"})
+    own.add({"server-timing": "verify;dur=0.30, policy;dur=0.10, state;dur=0.40, mint;dur=2.00"})
+    own.add({})  # no Server-Timing: nothing, not zero
+    assert own.values == pytest.approx([1.25, 0.8])
+
+
 def test_tiny_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
     """A tiny run hands out equal Vault tokens on both sides and reports every scenario."""
     out = tmp_path / "bench.json"
