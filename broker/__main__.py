@@ -65,6 +65,8 @@ def _sts_client(config: Config) -> Any:
 # boto3's default would be 60 s to connect and 60 s to read: an exchange waiting that long has
 # lost its caller long before.
 _STS_TIMEOUT = 10.0
+# How often a SQLite store's WAL is checkpointed (broker/storage.py, checkpoint_in_background).
+WAL_CHECKPOINT_SECONDS = 1.0
 
 
 def _sts_http(config: Config, where: StsLocation | None = None) -> Any:
@@ -247,12 +249,17 @@ def build_app(config: Config) -> Any:
     # The tally of unauthenticated refusals is written once per window, even when junk stops.
     flusher = Periodic("denial-flusher", lambda _: exchanger.flush_denials())
     flusher.start(config.broker.denial_tally_seconds)
+    # SQLite: the WAL is checkpointed here, once a second, not inside a request's commit.
+    checkpointer = Periodic("wal-checkpoint", lambda _: database.checkpoint_wal())
+    if database.checkpoint_in_background():
+        checkpointer.start(WAL_CHECKPOINT_SECONDS)
 
     def shutdown() -> None:
         if reloader is not None:
             reloader.stop()
         # The last window of unauthenticated refusals is written before the final checkpoint.
         flusher.stop()
+        checkpointer.stop()
         exchanger.flush_denials()
         # A signed checkpoint at a clean stop covers the records since the last one, which
         # otherwise only the hash chain protects (see broker/audit/ledger.py).

@@ -273,3 +273,20 @@ def test_a_leader_interrupted_mid_batch_hands_the_queue_on(db: Database) -> None
     # The mate was queued behind the interrupted batch, so it led the next one and committed.
     assert errors == []
     assert keys(db) == ["mate"]
+
+
+def test_commits_leave_the_wal_to_a_background_checkpoint_when_asked(db: Database) -> None:
+    """After checkpoint_in_background, no commit checkpoints the SQLite WAL (SQLite would at
+    1,000 pages); checkpoint_wal does, off the writers' path. PostgreSQL has nothing to do."""
+    if db.dialect.name != "sqlite":
+        assert db.checkpoint_in_background() is False
+        return
+    assert db.checkpoint_in_background() is True
+    db.write(lambda tx: tx.execute("CREATE TABLE big (v TEXT)"))
+    page = "x" * 4000
+    for _ in range(1200):  # a page or more per commit: past the 1,000-page default
+        db.write(lambda tx: tx.execute("INSERT INTO big (v) VALUES (?)", (page,)))
+    busy, frames, done = db.checkpoint_wal()
+    assert busy == 0 and frames > 1200 and done == frames
+    _, frames, _ = db.checkpoint_wal()
+    assert frames == done  # nothing new: the next write starts the WAL over
