@@ -522,15 +522,25 @@ class WorkerThreads:
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._started = 0
-        self._idle = 0  # threads waiting for work: a call finding none starts one
+        # Threads waiting for work that no queued call has claimed yet. A call claims one as it
+        # is queued, or starts a thread of its own: counting threads as idle until they dequeue
+        # let two calls queued back to back share one thread while the pool could grow.
+        self._idle = 0
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """A future of `fn(*args)` run on a worker thread; await it on the running loop."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, args, loop, done))
-        if self._idle == 0 and self._started < self._size:
-            self._start()
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                return done
+            if self._started >= self._size:
+                return done  # every thread is busy: the call waits for the first to finish
+            self._started += 1
+            name = f"exchange_{self._started}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
         return done
 
     def close(self) -> None:
@@ -540,21 +550,9 @@ class WorkerThreads:
                 self._queue.put(None)
             self._size = 0
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._started >= self._size:
-                return
-            self._started += 1
-            name = f"exchange_{self._started}"
-        threading.Thread(target=self._work, name=name, daemon=True).start()
-
     def _work(self) -> None:
         while True:
-            with self._lock:
-                self._idle += 1
             call = self._queue.get()
-            with self._lock:
-                self._idle -= 1
             if call is None:
                 return
             fn, args, loop, done = call
@@ -566,6 +564,8 @@ class WorkerThreads:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, done, result, error)
             del call, fn, args, done, result, error  # no reference kept while idle
+            with self._lock:
+                self._idle += 1
 
 
 # A queued call: the function, its arguments, the loop that waits, and the future it awaits.

@@ -77,3 +77,18 @@ def test_an_abandoned_call_finishes_without_touching_its_cancelled_future() -> N
 
     assert asyncio.run(main()) == "next"
     threads.close()
+
+
+def test_calls_queued_back_to_back_each_get_a_thread_while_the_pool_can_grow() -> None:
+    """An idle thread serves one queued call, not every call queued before it wakes: pairs of
+    calls that wait for each other always run at once."""
+    threads = WorkerThreads(8)
+
+    async def main() -> None:
+        await threads.run(lambda: None)  # one thread started, now idle
+        for _ in range(50):
+            meet = threading.Barrier(2, timeout=5)
+            await asyncio.gather(threads.run(meet.wait), threads.run(meet.wait))
+
+    asyncio.run(main())
+    threads.close()
