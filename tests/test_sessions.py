@@ -47,7 +47,13 @@ PG_ADMIN_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.
 # real times; the session tests pass their own `now` and need no particular instant.
 T0 = datetime.now(UTC).replace(microsecond=0)
 HOUR = timedelta(hours=1)
-TABLES = ("session_credentials", "session_handles", "session_sessions", "replay_tokens")
+TABLES = (
+    "session_credentials",
+    "session_handles",
+    "session_chains",
+    "session_sessions",
+    "replay_tokens",
+)
 CLAIMS = {"project_path": "data/etl", "ref": "main", "ref_protected": "true", "sub": "s"}
 
 
