@@ -561,7 +561,6 @@ class Exchanger:
             raise _bad_request("missing_refresh_token")
         if not req.audience:
             raise _bad_request("missing_audience")
-        siblings = self._sibling_chains(req.sibling_chains)
         now = self._clock()
         session = self._held_session(req, req.refresh_token, record, now)
         # Before anything else about the session: a stolen handle without its key learns nothing.
@@ -575,6 +574,8 @@ class Exchanger:
             subject=session.subject[:256],
             jti=str(session.claims.get("jti", ""))[:256],
         )
+        # Refused once the session is known, so the refusal is recorded against it.
+        siblings = self._sibling_chains(req.sibling_chains)
         identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
         with record.timings.phase("policy"):
             grant = self._authorize(identity, req, record)

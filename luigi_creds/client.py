@@ -289,7 +289,9 @@ class BrokerClient:
                         return "", None
                 elif session.idle:
                     session.busy += 1
-                    return session.idle.pop(), session
+                    # Oldest first: every chain is spent in turn, so none sits unused long
+                    # enough to pass the broker's session_idle while the others are busy.
+                    return session.idle.pop(0), session
                 self._ready.wait()
 
     def _borrow(self) -> tuple[str, _Session | None]:
@@ -302,7 +304,7 @@ class BrokerClient:
                     return "", None
                 if session.idle:
                     session.busy += 1
-                    return session.idle.pop(), session
+                    return session.idle.pop(0), session
                 self._ready.wait()
 
     def _give_back(self, session: _Session, handles: list[str]) -> None:

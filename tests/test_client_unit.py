@@ -356,3 +356,46 @@ def test_revoke_lease_without_a_session_is_refused_locally() -> None:
         client.revoke_lease("database/creds/warehouse/abc")
     assert info.value.error == "invalid_grant"
     assert broker.forms == []
+
+
+def test_first_refresh_asks_for_sibling_chains_and_mints_spend_every_chain() -> None:
+    """The first refresh asks for chains-1 siblings (once); later mints present each chain's
+    newest handle, never one twice."""
+
+    def grow(form: dict[str, list[str]]) -> httpx.Response:
+        body = aws_body(2, "a1")
+        body["sibling_refresh_tokens"] = ["b1", "c1", "d1"]
+        return httpx.Response(200, json=body)
+
+    client, broker, _ = make([lambda f: httpx.Response(200, json=aws_body(1, "a0")), grow])
+    client.mint("g", "Open")
+    client.mint("g", "Grow")
+    for n in range(8):
+        client.mint("g", f"Load_{n}")
+    ex, grown, *spent = broker.forms
+    assert "sibling_chains" not in ex
+    assert grown["sibling_chains"] == ["3"] and grown["refresh_token"] == ["a0"]
+    presented = [f["refresh_token"][0] for f in spent]
+    assert set(presented[:4]) == {"a1", "b1", "c1", "d1"}
+    assert len(set(presented)) == 8
+    assert all("sibling_chains" not in f for f in spent)
+
+
+def test_a_broker_refusing_sibling_chains_leaves_the_session_on_one() -> None:
+    """invalid_request to a refresh asking for siblings (an older broker, or a lower
+    session_max_chains): the same, unspent handle is presented once more without asking."""
+
+    def refuse_siblings(form: dict[str, list[str]]) -> httpx.Response:
+        assert form["sibling_chains"] == ["3"]
+        return error(400, "invalid_request")(form)
+
+    client, broker, _ = make(
+        [lambda f: httpx.Response(200, json=aws_body(1, "a0")), refuse_siblings]
+    )
+    client.mint("g", "Open")
+    cred = client.mint("g", "Grow")
+    client.mint("g", "Next")
+    _, asked, again, after = broker.forms
+    assert asked["refresh_token"] == again["refresh_token"] == ["a0"]
+    assert "sibling_chains" not in again and "sibling_chains" not in after
+    assert isinstance(cred, AwsCredentials) and after["refresh_token"] == ["handle-3"]
