@@ -83,7 +83,9 @@ def build_broker_client(
         gitlab_variable=settings.gitlab_variable,
         okta=okta,
     )
-    return BrokerClient(settings.broker_url, source, http=http, clock=clock)
+    return BrokerClient(
+        settings.broker_url, source, http=http, clock=clock, chains=settings.refresh_chains
+    )
 
 
 def vault_addr() -> str | None:
