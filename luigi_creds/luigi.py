@@ -48,7 +48,13 @@ from luigi_creds.agent_client import AgentClient
 from luigi_creds.aws import aws_session as _aws_session
 from luigi_creds.aws import prepare_session, session_loader
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
-from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
+from luigi_creds.credentials import (
+    AwsCredentials,
+    BrokerError,
+    Credential,
+    VaultSecret,
+    VaultToken,
+)
 from luigi_creds.refresh import Windows
 from luigi_creds.settings import ClientSettings, ConfigError
 
