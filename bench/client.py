@@ -12,7 +12,10 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
    - `mixin-before` (with `--before DIR`): the mixin against an older luigi_creds package
      (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run;
      `zero-before` (name it in `--variants`, with `--before DIR`): the same for the task
-     processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's).
+     processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's);
+   - `zero-onechain`, `mixin-onechain` (name them in `--variants`): the job's session on one
+     refresh chain (`[luigi_creds] refresh_chains = 1`), its mints one at a time as before
+     sibling chains, for the chains' effect in one run.
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
@@ -166,6 +169,11 @@ def _task_classes(variant: str) -> type:
     return BenchMixinPut
 
 
+def _kind(variant: str) -> str:
+    """static, zero or mixin: what a variant runs (its suffix says with what)."""
+    return variant.removesuffix("-before").removesuffix("-onechain")
+
+
 def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     """Run the pipeline once in this process; the wall time of luigi.build and what it did."""
     import warnings
@@ -178,7 +186,7 @@ def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     # workers fork, in every variant, so what is compared is credentials, not imports.
     import boto3  # noqa: F401
 
-    cls = _task_classes(variant.removesuffix("-before"))
+    cls = _task_classes(_kind(variant))
     batch = [cls(n=n) for n in range(tasks)]
     started = time.perf_counter()
     ok = luigi.build(batch, workers=workers, local_scheduler=True, log_level="WARNING")
@@ -280,7 +288,7 @@ def run_variant(
     out = run_dir / "out"
     out.mkdir()
     cfg = run_dir / "luigi.cfg"
-    zero = variant.removesuffix("-before") == "zero"
+    zero = _kind(variant) == "zero"
     context = "task_process_context = luigi_creds.TaskCredentials\n" if zero else ""
     cfg.write_text(
         "[core]\nautoload_range = false\n"
@@ -288,6 +296,7 @@ def run_variant(
         f"\n[s3]\nendpoint_url = {stack.moto.url}\nregion_name = us-east-1\n"
         f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
         + (f"aws_grant = {GRANT}\n" if zero else "")
+        + ("refresh_chains = 1\n" if variant.endswith("-onechain") else "")
     )
     result = run_dir / "result.json"
     argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
@@ -501,6 +510,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
         "median_s": medians,
         "overhead_pct": overhead,
         "first_credential": first,
+        # Every zero-code variant's start to first usable credential (p50 ms), side by side.
+        "first_credential_p50_ms": {
+            v: statistics.median(
+                m["usable"] - m["entered"] for r in rs for m in r["markers"] if "entered" in m
+            )
+            * 1000
+            for v, rs in runs.items()
+            if _kind(v) == "zero" and rs
+        },
     }
 
 
@@ -547,6 +565,12 @@ def render(report: dict[str, Any]) -> str:
             f"{v} {ms:.1f} ms" for v, ms in first["client_construction_p50_ms"].items()
         )
         lines.append(f"then the S3 client's construction (p50, not a credential cost): {built}")
+    by_variant = s["first_credential_p50_ms"]
+    if len(by_variant) > 1:
+        lines.append(
+            "start -> first usable credential p50 by variant: "
+            + ", ".join(f"{v} {ms:.1f} ms" for v, ms in by_variant.items())
+        )
     lines.append("cached credential access (µs per call):")
     for name, us in report["cached_us"].items():
         lines.append(f"  {name:<36}{us:8.2f}")
