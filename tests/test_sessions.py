@@ -641,6 +641,7 @@ def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
     store = state.store
     old, old_handle = new_session(store, expires_at=T0 + HOUR)
     store.record_credential(old.id, kind="vault_lease", ref="lease-old", expires_at=None)
+    _, old_handle, (old_sibling,) = branch(store, old_handle, 1)
     live, _ = new_session(store, expires_at=T0 + 24 * HOUR)
     revoked, _ = new_session(store, expires_at=T0 + 24 * HOUR)
     store.revoke(session_id=revoked.id, reason="operator", now=T0 + timedelta(minutes=1))
@@ -648,6 +649,7 @@ def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
     assert [s.id for s in store.list(active_only=False, now=T0)] == [live.id]
     rows = dump_tables(state.url)
     assert "lease-old" not in rows and handle_hash(old_handle) not in rows
+    assert handle_hash(old_sibling) not in rows and old.id not in rows  # its chains too
     assert reason_of(lambda: store.rotate(old_handle, now=T0)) == "unknown"
 
 
