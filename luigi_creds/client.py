@@ -2,7 +2,7 @@
 
 Owns the client side of the broker's wire protocol: `POST /v1/token` for the
 RFC 8693 exchange and the `refresh_token` grant, `POST /v1/revoke`, retries, and the typed,
-frozen credential objects parsed from 200 bodies. Talks only to the broker, over the `httpx.Client`
+frozen credential objects parsed from 200 bodies. Talks only to the broker, over the form poster
 it is given.
 
 Session rule: the broker rotates the refresh handle on every use and treats reuse of an old handle
@@ -28,11 +28,11 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -75,6 +75,24 @@ EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
 
 
+class Answer(Protocol):
+    """What the client reads of an answer (an httpx.Response, a broker_http.BrokerAnswer)."""
+
+    status_code: int
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+class FormPoster(Protocol):
+    """How the client's requests travel: an `httpx.Client`, or `broker_http.BrokerHttp` (the
+    job's agent, with no proxy in the way). Failures are httpx's exception types either way."""
+
+    def post(self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str]) -> Answer: ...
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter (AWS architecture blog), bounded twice over."""
@@ -114,7 +132,7 @@ class BrokerClient:
         broker_url: str,
         token_source: TokenSource,
         *,
-        http: httpx.Client,
+        http: FormPoster,
         clock: Callable[[], datetime],
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
@@ -518,7 +536,7 @@ class BrokerClient:
         self._sleep(backoff)
         return True
 
-    def _json_body(self, response: httpx.Response, what: str, grant: str | None) -> dict[str, Any]:
+    def _json_body(self, response: Answer, what: str, grant: str | None) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError:
@@ -532,7 +550,7 @@ class BrokerClient:
             )
         return body
 
-    def _error(self, response: httpx.Response, what: str, grant: str | None) -> BrokerError:
+    def _error(self, response: Answer, what: str, grant: str | None) -> BrokerError:
         try:
             body = response.json()
         except ValueError:
