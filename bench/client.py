@@ -331,9 +331,10 @@ def run_variant(
     return report
 
 
-def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
-    """p50 of the broker's own refresh mint (our client, straight to the broker) and of a
-    direct AssumeRole on the same moto (the upstream's share of it), in ms."""
+def broker_exchange(stack: Stack, count: int) -> dict[str, Any]:
+    """p50 of the broker's own refresh mint (our client, straight to the broker; through httpx
+    and through the agent's http.client poster, with the client's CPU per mint) and of a direct
+    AssumeRole on the same moto (the upstream's share of it), in ms."""
     import httpx
 
     from luigi_creds.client import BrokerClient
@@ -342,18 +343,31 @@ def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
     def clock() -> datetime:
         return datetime.now(UTC)
 
-    environ = {"BENCH_TOKEN": stack.token()}
+    from luigi_creds.broker_http import BrokerHttp
+
+    # The same mints through httpx (as before: the ratio's reference) and through the agent's
+    # own http.client poster, alternated; each on a session of its own.
+    kept_alive = BrokerHttp(timeout=30)
+    mints: dict[str, list[float]] = {"httpx": [], "http.client": []}
+    cpu: dict[str, list[float]] = {"httpx": [], "http.client": []}
     with httpx.Client(timeout=30) as http:
-        client = BrokerClient(
-            stack.broker.url, EnvTokenSource("BENCH_TOKEN", environ), http=http, clock=clock
-        )
-        client.mint(GRANT, task="bench-warmup")
-        mints = []
+        clients = {}
+        for name, poster in (("httpx", http), ("http.client", kept_alive)):
+            environ = {"BENCH_TOKEN": stack.token()}
+            clients[name] = BrokerClient(
+                stack.broker.url, EnvTokenSource("BENCH_TOKEN", environ), http=poster, clock=clock
+            )
+            clients[name].mint(GRANT, task="bench-warmup")
+            clients[name].mint(GRANT, task="bench-warmup-2")
         for n in range(count):
-            started = time.perf_counter()
-            client.mint(GRANT, task=f"bench-{n}")
-            mints.append(time.perf_counter() - started)
-        client.revoke()
+            for name, client in clients.items():
+                started, on_cpu = time.perf_counter(), time.thread_time()
+                client.mint(GRANT, task=f"bench-{name}-{n}")
+                mints[name].append(time.perf_counter() - started)
+                cpu[name].append(time.thread_time() - on_cpu)
+        for client in clients.values():
+            client.revoke()
+    kept_alive.close()
     # The direct call as the broker makes it: signed by the broker's own IAM user, whom the
     # role trusts (moto enforces that).
     sts = stack.moto.server.client("sts", stack.moto.server.broker)
@@ -365,7 +379,9 @@ def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
         sts.assume_role(RoleArn=role, RoleSessionName=f"bench-{n}")
         direct.append(time.perf_counter() - started)
     return {
-        "broker_refresh_p50_ms": statistics.median(mints) * 1000,
+        "broker_refresh_p50_ms": statistics.median(mints["httpx"]) * 1000,
+        "broker_refresh_http_client_p50_ms": statistics.median(mints["http.client"]) * 1000,
+        "client_cpu_per_mint_ms": {k: statistics.median(v) * 1000 for k, v in cpu.items()},
         "assume_role_p50_ms": statistics.median(direct) * 1000,
     }
 
@@ -451,7 +467,7 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float]) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -> dict[str, Any]:
     walls = {v: [r["wall"] for r in rs] for v, rs in runs.items()}
     medians = {v: statistics.median(w) for v, w in walls.items()}
     static = medians.get("static")
@@ -545,6 +561,11 @@ def render(report: dict[str, Any]) -> str:
     lines.append(
         f"broker refresh mint p50 {ex['broker_refresh_p50_ms']:.1f} ms; direct AssumeRole on "
         f"moto p50 {ex['assume_role_p50_ms']:.1f} ms"
+    )
+    lines.append(
+        "the same mint through the agent's http.client poster: p50 "
+        f"{ex['broker_refresh_http_client_p50_ms']:.1f} ms; client CPU per mint (p50): "
+        + ", ".join(f"{k} {ms:.2f} ms" for k, ms in ex["client_cpu_per_mint_ms"].items())
     )
     first = s["first_credential"]
     if first:
