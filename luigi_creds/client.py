@@ -413,8 +413,17 @@ class BrokerClient:
             except BrokerError as exc:
                 if not siblings or returned or exc.error != "invalid_request":
                     raise
-                # Refused before anything was spent: a broker without sibling chains, or one
-                # whose [broker] session_max_chains is lower. The session stays on one chain.
+                # Refused before anything was spent: asked once more without siblings. If that
+                # is minted, the siblings were the cause (a broker without sibling chains, or
+                # a lower [broker] session_max_chains) and the session stays on one chain.
+                del form["sibling_chains"]
+                try:
+                    cred = self._spend(form, grant, task, duration, keep)
+                except BrokerError as again:
+                    if again.error == "invalid_request":
+                        with self._ready:
+                            session.grown = False  # the request itself was refused: ask later
+                    raise
                 log.warning(
                     "luigi-creds: broker %s refused %d sibling refresh chains (%s); "
                     "mints go on one at a time",
@@ -422,8 +431,7 @@ class BrokerClient:
                     siblings,
                     exc,
                 )
-                del form["sibling_chains"]
-                return self._spend(form, grant, task, duration, keep)
+                return cred
         finally:
             if not returned:
                 self._give_back(session, [handle])  # not spent: the broker refused first

@@ -399,3 +399,22 @@ def test_a_broker_refusing_sibling_chains_leaves_the_session_on_one() -> None:
     assert asked["refresh_token"] == again["refresh_token"] == ["a0"]
     assert "sibling_chains" not in again and "sibling_chains" not in after
     assert isinstance(cred, AwsCredentials) and after["refresh_token"] == ["handle-3"]
+
+
+def test_a_refresh_refused_for_itself_does_not_give_up_sibling_chains() -> None:
+    """invalid_request with and without siblings: the request was the problem (raised), and
+    the next refresh asks for the siblings again."""
+    client, broker, _ = make(
+        [
+            lambda f: httpx.Response(200, json=aws_body(1, "a0")),
+            error(400, "invalid_request"),
+            error(400, "invalid_request"),
+        ]
+    )
+    client.mint("g", "Open")
+    with pytest.raises(BrokerError):
+        client.mint("g", "bad task")
+    client.mint("g", "Next")
+    _, asked, again, next_refresh = broker.forms
+    assert asked["sibling_chains"] == ["3"] and "sibling_chains" not in again
+    assert next_refresh["sibling_chains"] == ["3"] and next_refresh["refresh_token"] == ["a0"]
