@@ -176,34 +176,38 @@ class BrokerClient:
     def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
         """Mint a credential for `grant`, recorded by the broker against `task`.
 
-        The first call exchanges the subject token; later calls spend the refresh session. When the
-        session is rejected (`invalid_grant`) a renewable token source re-exchanges once.
+        The first call exchanges the subject token; later calls spend the refresh session. A
+        handle the broker refuses (`invalid_grant`) is dropped and another chain's tried: a
+        sibling left unused past the broker's session_idle expires alone while the session
+        lives on. When no chain is left, the session is over: a renewable token source
+        re-exchanges once.
         """
         handle, session = self._take()
-        if session is None:
-            return self._open(grant, task, duration)
-        try:
-            return self._refresh(session, handle, grant, task, duration)
-        except BrokerError as exc:
-            if exc.error != "invalid_grant":
-                raise
-            self._lost(session)
-            if not self._source.renewable:
-                raise BrokerError(
-                    f"broker {self.broker_url} ended the refresh session (invalid_grant) "
-                    f"while minting grant {grant!r}, and token source "
-                    f"{self._source.description} cannot give a new token; rerun the job",
-                    error="invalid_grant",
-                    status=exc.status,
-                    request_id=exc.request_id,
-                    grant=grant,
-                ) from exc
+        refused: BrokerError | None = None
+        while session is not None:
+            try:
+                return self._refresh(session, handle, grant, task, duration)
+            except BrokerError as exc:
+                if exc.error != "invalid_grant":
+                    raise
+                refused = exc
+            handle, session = self._take()  # ("", None): no chain left, this caller opens
+        if refused is not None and not self._source.renewable:
+            with self._ready:
+                self._opening = False  # nobody opens with this source: its token is spent
+                self._ready.notify_all()
+            raise BrokerError(
+                f"broker {self.broker_url} ended the refresh session (invalid_grant) "
+                f"while minting grant {grant!r}, and token source "
+                f"{self._source.description} cannot give a new token; rerun the job",
+                error="invalid_grant",
+                status=refused.status,
+                request_id=refused.request_id,
+                grant=grant,
+            ) from refused
+        if refused is not None:
             log.info("refresh session rejected; exchanging a new token for %s", grant)
-        # Once more, on the session a concurrent caller may have opened already.
-        handle, session = self._take()
-        if session is None:
-            return self._open(grant, task, duration)
-        return self._refresh(session, handle, grant, task, duration)
+        return self._open(grant, task, duration)
 
     def explain(self) -> dict[str, Any]:
         """Who the broker says this job is and which grants it may use (POST /v1/explain).
@@ -296,8 +300,9 @@ class BrokerClient:
 
     def _take(self) -> tuple[str, _Session | None]:
         """A handle no one else is spending, and its session; ("", None) when the caller is
-        to open the session (exchange the token). Waits while every handle is out, or while
-        another caller opens the session."""
+        to open the session (exchange the token): there is none yet, or the broker refused
+        every chain's handle. Waits while every handle is out, or while another caller opens
+        the session."""
         with self._ready:
             while True:
                 session = self._session
@@ -307,9 +312,13 @@ class BrokerClient:
                         return "", None
                 elif session.idle:
                     session.busy += 1
-                    # Oldest first: every chain is spent in turn, so none sits unused long
-                    # enough to pass the broker's session_idle while the others are busy.
-                    return session.idle.pop(0), session
+                    # Newest first: one chain carries the mints one at a time, so the session
+                    # stays alive exactly as on one chain (each handle expires after the
+                    # broker's session_idle unused); siblings serve the mints made at once.
+                    return session.idle.pop(), session
+                elif session.busy == 0:
+                    self._session = None  # every chain was refused: nothing left to spend
+                    continue
                 self._ready.wait()
 
     def _borrow(self) -> tuple[str, _Session | None]:
@@ -322,7 +331,9 @@ class BrokerClient:
                     return "", None
                 if session.idle:
                     session.busy += 1
-                    return session.idle.pop(0), session
+                    return session.idle.pop(), session
+                if session.busy == 0:
+                    return "", None
                 self._ready.wait()
 
     def _give_back(self, session: _Session, handles: list[str]) -> None:
@@ -332,13 +343,6 @@ class BrokerClient:
             session.busy -= 1
             if self._session is session:
                 session.idle.extend(handles)
-            self._ready.notify_all()
-
-    def _lost(self, session: _Session) -> None:
-        """The broker ended `session` (invalid_grant): forget it, once."""
-        with self._ready:
-            if self._session is session:
-                self._session = None
             self._ready.notify_all()
 
     def _grow(self, session: _Session) -> int:
@@ -396,6 +400,7 @@ class BrokerClient:
         if siblings:
             form["sibling_chains"] = str(siblings)
         returned = False
+        dead = False  # refused as invalid_grant: the handle is not given back
 
         def keep(body: dict[str, Any]) -> None:
             nonlocal returned
@@ -411,6 +416,7 @@ class BrokerClient:
             try:
                 return self._spend(form, grant, task, duration, keep)
             except BrokerError as exc:
+                dead = exc.error == "invalid_grant"
                 if not siblings or returned or exc.error != "invalid_request":
                     raise
                 # Refused before anything was spent: asked once more without siblings. If that
@@ -420,6 +426,7 @@ class BrokerClient:
                 try:
                     cred = self._spend(form, grant, task, duration, keep)
                 except BrokerError as again:
+                    dead = again.error == "invalid_grant"
                     if again.error == "invalid_request":
                         with self._ready:
                             session.grown = False  # the request itself was refused: ask later
@@ -434,7 +441,9 @@ class BrokerClient:
                 return cred
         finally:
             if not returned:
-                self._give_back(session, [handle])  # not spent: the broker refused first
+                # Refused before anything was spent: the handle goes back, unless the broker
+                # refused the handle itself.
+                self._give_back(session, [] if dead else [handle])
 
     def _spend(
         self,

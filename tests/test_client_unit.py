@@ -370,15 +370,60 @@ def test_first_refresh_asks_for_sibling_chains_and_mints_spend_every_chain() -> 
     client, broker, _ = make([lambda f: httpx.Response(200, json=aws_body(1, "a0")), grow])
     client.mint("g", "Open")
     client.mint("g", "Grow")
-    for n in range(8):
+    for n in range(4):
         client.mint("g", f"Load_{n}")
     ex, grown, *spent = broker.forms
     assert "sibling_chains" not in ex
     assert grown["sibling_chains"] == ["3"] and grown["refresh_token"] == ["a0"]
     presented = [f["refresh_token"][0] for f in spent]
-    assert set(presented[:4]) == {"a1", "b1", "c1", "d1"}
-    assert len(set(presented)) == 8
+    # One at a time, the newest handle goes on (its chain stays fresh); never one twice.
+    assert presented == ["d1", "handle-3", "handle-4", "handle-5"]
     assert all("sibling_chains" not in f for f in spent)
+    session = client._session
+    assert session is not None and sorted(session.idle) == ["a1", "b1", "c1", "handle-6"]
+
+
+def test_a_refused_handle_is_dropped_and_another_chain_mints() -> None:
+    """invalid_grant for one chain's handle (a sibling unused past session_idle): the next
+    chain's handle mints; the refused one is never presented again."""
+
+    def grow(form: dict[str, list[str]]) -> httpx.Response:
+        body = aws_body(2, "a1")
+        body["sibling_refresh_tokens"] = ["b1", "c1"]
+        return httpx.Response(200, json=body)
+
+    client, broker, _ = make(
+        [lambda f: httpx.Response(200, json=aws_body(1, "a0")), grow, error(400, "invalid_grant")]
+    )
+    client.mint("g", "Open")
+    client.mint("g", "Grow")
+    cred = client.mint("g", "Load")
+    refused, retried = (f["refresh_token"][0] for f in broker.forms[2:])
+    assert (refused, retried) == ("c1", "b1") and isinstance(cred, AwsCredentials)
+    session = client._session
+    assert session is not None and "c1" not in session.idle and len(session.idle) == 2
+
+
+def test_every_chain_refused_with_a_fixed_token_is_a_clear_error() -> None:
+    def grow(form: dict[str, list[str]]) -> httpx.Response:
+        body = aws_body(2, "a1")
+        body["sibling_refresh_tokens"] = ["b1"]
+        return httpx.Response(200, json=body)
+
+    client, broker, _ = make(
+        [
+            lambda f: httpx.Response(200, json=aws_body(1, "a0")),
+            grow,
+            error(400, "invalid_grant"),
+            error(400, "invalid_grant"),
+        ]
+    )
+    client.mint("g", "Open")
+    client.mint("g", "Grow")
+    with pytest.raises(BrokerError, match="cannot give a new token") as info:
+        client.mint("g", "Load")
+    assert info.value.error == "invalid_grant" and not client.has_session
+    assert [f["refresh_token"][0] for f in broker.forms[2:]] == ["b1", "a1"]
 
 
 def test_a_broker_refusing_sibling_chains_leaves_the_session_on_one() -> None:
