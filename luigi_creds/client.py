@@ -11,9 +11,12 @@ takes it from the session's pool and gives back its successor (or, when nothing 
 handle itself) before anyone else can take it. The first refresh asks the broker for sibling
 refresh chains (`chains` in all, 4 by default; docs/protocol.md): each chain's handle rotates
 on its own, so up to `chains` mints run at once instead of queueing on one handle; a broker that
-refuses siblings leaves the session on one chain. Retries happen only where the handle cannot
-have been spent: 429/503 answers (the broker rejects before rotating) and connection failures
-before the request was sent.
+refuses siblings leaves the session on one chain. The newest handle is spent first, so mints made
+one at a time keep one chain fresh (the broker expires a handle left unused for its
+`session_idle`, each chain's alone); a handle refused with `invalid_grant` is dropped and another
+chain's tried, and the session is over only when none is left. Retries happen only where the
+handle cannot have been spent: 429/503 answers (the broker rejects before rotating) and
+connection failures before the request was sent.
 
 DPoP (RFC 9449): every request carries a proof signed by the job's ephemeral key
 (luigi_creds/dpop.py), so the session the exchange opens is bound to that key. The broker's newest
