@@ -1,7 +1,7 @@
 """The boto3 bridge: sessions whose credentials refresh themselves through the broker.
 
 Owns attaching broker-minted STS credentials to boto3 through botocore's public API only: a
-`CredentialProvider` returning `RefreshableCredentials`, inserted first into the session's
+`CredentialProvider` returning `RefreshableCredentials`, the only provider of the session's
 `credential_provider` resolver, and `boto3.Session(botocore_session=...)`. botocore then does the
 two-window refresh itself (advisory: one thread refreshes, failures tolerated; mandatory: every
 caller waits) and calls back into the broker client. Talks to AWS only through the boto3 clients

@@ -315,7 +315,7 @@ def _release(task: luigi.Task) -> None:
     if state is None:
         return
     # Keepers exist only where luigi_creds.vault was imported (vault_client, vault_secret);
-    # importing it here would load hvac in every task process at its end (~20 ms of CPU).
+    # importing it here would load hvac in every task process at its end (10-15 ms of CPU).
     vault = sys.modules.get("luigi_creds.vault")
     if vault is not None:
         for grant in state.minted:
