@@ -12,7 +12,10 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
    - `mixin-before` (with `--before DIR`): the mixin against an older luigi_creds package
      (e.g. `git archive <commit> luigi_creds | tar -x -C DIR`), for before/after in one run;
      `zero-before` (name it in `--variants`, with `--before DIR`): the same for the task
-     processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's).
+     processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's);
+   - `zero-onechain`, `mixin-onechain` (name them in `--variants`): the job's session on one
+     refresh chain (`[luigi_creds] refresh_chains = 1`), its mints one at a time as before
+     sibling chains, for the chains' effect in one run.
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
@@ -166,6 +169,11 @@ def _task_classes(variant: str) -> type:
     return BenchMixinPut
 
 
+def _kind(variant: str) -> str:
+    """static, zero or mixin: what a variant runs (its suffix says with what)."""
+    return variant.removesuffix("-before").removesuffix("-onechain")
+
+
 def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     """Run the pipeline once in this process; the wall time of luigi.build and what it did."""
     import warnings
@@ -178,7 +186,7 @@ def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     # workers fork, in every variant, so what is compared is credentials, not imports.
     import boto3  # noqa: F401
 
-    cls = _task_classes(variant.removesuffix("-before"))
+    cls = _task_classes(_kind(variant))
     batch = [cls(n=n) for n in range(tasks)]
     started = time.perf_counter()
     ok = luigi.build(batch, workers=workers, local_scheduler=True, log_level="WARNING")
@@ -212,7 +220,7 @@ class Stack:
 
 
 @contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
+def running_stack(workdir: Path, grant_ttl: str = "15m") -> Iterator[Stack]:
     from broker.dev.harness import policy_toml, start_broker, start_dev_issuer, start_moto
     from broker.dev.processes import free_port
 
@@ -233,6 +241,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
             broker_extra=(
                 f"rate_limit_identity = {UNLIMITED_RATE}\nrate_limit_grant = {UNLIMITED_RATE}"
             ),
+            grant_ttl=grant_ttl,
         )
         broker = start_broker(workdir / "broker", config, env=moto.broker_env)
         stop.callback(broker.stop)
@@ -279,7 +288,7 @@ def run_variant(
     out = run_dir / "out"
     out.mkdir()
     cfg = run_dir / "luigi.cfg"
-    zero = variant.removesuffix("-before") == "zero"
+    zero = _kind(variant) == "zero"
     context = "task_process_context = luigi_creds.TaskCredentials\n" if zero else ""
     cfg.write_text(
         "[core]\nautoload_range = false\n"
@@ -287,6 +296,7 @@ def run_variant(
         f"\n[s3]\nendpoint_url = {stack.moto.url}\nregion_name = us-east-1\n"
         f"\n[luigi_creds]\nbroker_url = {stack.broker.url}\ntoken_source = env:BENCH_TOKEN\n"
         + (f"aws_grant = {GRANT}\n" if zero else "")
+        + ("refresh_chains = 1\n" if variant.endswith("-onechain") else "")
     )
     result = run_dir / "result.json"
     argv = [sys.executable, "-m", "bench.client", "job", variant, str(tasks), str(workers),
@@ -321,9 +331,10 @@ def run_variant(
     return report
 
 
-def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
-    """p50 of the broker's own refresh mint (our client, straight to the broker) and of a
-    direct AssumeRole on the same moto (the upstream's share of it), in ms."""
+def broker_exchange(stack: Stack, count: int) -> dict[str, Any]:
+    """p50 of the broker's own refresh mint (our client, straight to the broker; through httpx
+    and through the agent's http.client poster, with the client's CPU per mint) and of a direct
+    AssumeRole on the same moto (the upstream's share of it), in ms."""
     import httpx
 
     from luigi_creds.client import BrokerClient
@@ -332,18 +343,31 @@ def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
     def clock() -> datetime:
         return datetime.now(UTC)
 
-    environ = {"BENCH_TOKEN": stack.token()}
+    from luigi_creds.broker_http import BrokerHttp
+
+    # The same mints through httpx (as before: the ratio's reference) and through the agent's
+    # own http.client poster, alternated; each on a session of its own.
+    kept_alive = BrokerHttp(timeout=30)
+    mints: dict[str, list[float]] = {"httpx": [], "http.client": []}
+    cpu: dict[str, list[float]] = {"httpx": [], "http.client": []}
     with httpx.Client(timeout=30) as http:
-        client = BrokerClient(
-            stack.broker.url, EnvTokenSource("BENCH_TOKEN", environ), http=http, clock=clock
-        )
-        client.mint(GRANT, task="bench-warmup")
-        mints = []
+        clients = {}
+        for name, poster in (("httpx", http), ("http.client", kept_alive)):
+            environ = {"BENCH_TOKEN": stack.token()}
+            clients[name] = BrokerClient(
+                stack.broker.url, EnvTokenSource("BENCH_TOKEN", environ), http=poster, clock=clock
+            )
+            clients[name].mint(GRANT, task="bench-warmup")
+            clients[name].mint(GRANT, task="bench-warmup-2")
         for n in range(count):
-            started = time.perf_counter()
-            client.mint(GRANT, task=f"bench-{n}")
-            mints.append(time.perf_counter() - started)
-        client.revoke()
+            for name, client in clients.items():
+                started, on_cpu = time.perf_counter(), time.thread_time()
+                client.mint(GRANT, task=f"bench-{name}-{n}")
+                mints[name].append(time.perf_counter() - started)
+                cpu[name].append(time.thread_time() - on_cpu)
+        for client in clients.values():
+            client.revoke()
+    kept_alive.close()
     # The direct call as the broker makes it: signed by the broker's own IAM user, whom the
     # role trusts (moto enforces that).
     sts = stack.moto.server.client("sts", stack.moto.server.broker)
@@ -355,7 +379,9 @@ def broker_exchange(stack: Stack, count: int) -> dict[str, float]:
         sts.assume_role(RoleArn=role, RoleSessionName=f"bench-{n}")
         direct.append(time.perf_counter() - started)
     return {
-        "broker_refresh_p50_ms": statistics.median(mints) * 1000,
+        "broker_refresh_p50_ms": statistics.median(mints["httpx"]) * 1000,
+        "broker_refresh_http_client_p50_ms": statistics.median(mints["http.client"]) * 1000,
+        "client_cpu_per_mint_ms": {k: statistics.median(v) * 1000 for k, v in cpu.items()},
         "assume_role_p50_ms": statistics.median(direct) * 1000,
     }
 
@@ -441,7 +467,7 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float]) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -> dict[str, Any]:
     walls = {v: [r["wall"] for r in rs] for v, rs in runs.items()}
     medians = {v: statistics.median(w) for v, w in walls.items()}
     static = medians.get("static")
@@ -500,6 +526,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, float])
         "median_s": medians,
         "overhead_pct": overhead,
         "first_credential": first,
+        # Every zero-code variant's start to first usable credential (p50 ms), side by side.
+        "first_credential_p50_ms": {
+            v: statistics.median(
+                m["usable"] - m["entered"] for r in rs for m in r["markers"] if "entered" in m
+            )
+            * 1000
+            for v, rs in runs.items()
+            if _kind(v) == "zero" and rs
+        },
     }
 
 
@@ -527,6 +562,11 @@ def render(report: dict[str, Any]) -> str:
         f"broker refresh mint p50 {ex['broker_refresh_p50_ms']:.1f} ms; direct AssumeRole on "
         f"moto p50 {ex['assume_role_p50_ms']:.1f} ms"
     )
+    lines.append(
+        "the same mint through the agent's http.client poster: p50 "
+        f"{ex['broker_refresh_http_client_p50_ms']:.1f} ms; client CPU per mint (p50): "
+        + ", ".join(f"{k} {ms:.2f} ms" for k, ms in ex["client_cpu_per_mint_ms"].items())
+    )
     first = s["first_credential"]
     if first:
         lines.append(
@@ -546,6 +586,12 @@ def render(report: dict[str, Any]) -> str:
             f"{v} {ms:.1f} ms" for v, ms in first["client_construction_p50_ms"].items()
         )
         lines.append(f"then the S3 client's construction (p50, not a credential cost): {built}")
+    by_variant = s["first_credential_p50_ms"]
+    if len(by_variant) > 1:
+        lines.append(
+            "start -> first usable credential p50 by variant: "
+            + ", ".join(f"{v} {ms:.1f} ms" for v, ms in by_variant.items())
+        )
     lines.append("cached credential access (µs per call):")
     for name, us in report["cached_us"].items():
         lines.append(f"  {name:<36}{us:8.2f}")
@@ -573,6 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exchanges", type=int, default=50)
     parser.add_argument("--calls", type=int, default=200_000)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    # 15m keeps the figures comparable with earlier runs. Up to 15 minutes botocore's
+    # container provider (the scheduling process's S3 checks under `luigi-creds exec`) asks
+    # the agent again at every call; the broker's default grant ttl is 1h.
+    parser.add_argument(
+        "--grant-ttl", default="15m", help="the grant's ttl (a policy duration, e.g. 1h)"
+    )
     parser.add_argument("--before", type=Path, help="an older luigi_creds to compare the mixin")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path)
@@ -591,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.enter_context(tempfile.TemporaryDirectory(prefix="bench-client-"))
         )
         workdir.mkdir(parents=True, exist_ok=True)
-        stack = stop.enter_context(running_stack(workdir))
+        stack = stop.enter_context(running_stack(workdir, opts.grant_ttl))
         exchange = broker_exchange(stack, opts.exchanges)
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for variant in variants:  # warm-up: caches, .pyc files, moto's first requests

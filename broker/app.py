@@ -60,6 +60,7 @@ _TOKEN_FIELDS = frozenset(
         "refresh_token",
         "duration",
         "task",
+        "sibling_chains",
         "resource",
         "scope",
         "client_id",
@@ -393,6 +394,7 @@ def create_app(
                 refresh_token=form.get("refresh_token", ""),
                 duration=form.get("duration", ""),
                 task=form.get("task", ""),
+                sibling_chains=form.get("sibling_chains", ""),
                 **dpop_fields(request),
             )
             audience = req.audience

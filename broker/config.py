@@ -57,6 +57,9 @@ class BrokerSettings:
     audit_salt_file: Path | None = None  # per-deployment HMAC salt for Vault accessors
     session_max: int = 12 * 3600  # seconds
     session_idle: int = 3600  # seconds a refresh handle may sit unused
+    # Refresh chains a session may hold (its first included): a client minting concurrently
+    # asks for sibling chains so its mints do not queue on one rotating handle.
+    session_max_chains: int = 8
     session_past_token_exp: int = 6 * 3600  # a session ends at most this long after its token's exp
     leeway: int = 60  # seconds of clock skew tolerated on exp/nbf/iat
     max_body_bytes: int = 64 * 1024
@@ -298,3 +301,5 @@ VAULT_MIN_GRANT_TTL = 60
 VAULT_MIN_TOKEN_TTL = 10
 SESSION_MAX_LIMIT = 7 * 86400
 LEEWAY_MAX = 300
+# A session's refresh chains: enough for any job's concurrent mints, few enough to bound its rows.
+SESSION_MAX_CHAINS_LIMIT = 64

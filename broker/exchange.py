@@ -59,6 +59,7 @@ from broker.ratelimit import DenyCache, RateLimits, retry_after
 from broker.replay import ReplayLedger
 from broker.revocation import SessionEnder
 from broker.sessions import (
+    REASON_TOO_MANY_CHAINS,
     Session,
     SessionError,
     SessionStore,
@@ -92,17 +93,27 @@ class ExchangeError(BrokerException):
     authenticated = False
 
     def __init__(
-        self, status: int, error: str, reason: str, *, retry_after: int | None = None
+        self,
+        status: int,
+        error: str,
+        reason: str,
+        *,
+        retry_after: int | None = None,
+        description: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.status = status
         self.error = error
         self.reason = reason
         self.retry_after = retry_after
+        # Only for refusals whose cause is the request's own shape and no secret of the
+        # broker's (a limit the operator set), where the generic text would leave the
+        # client guessing.
+        self._description = description
 
     @property
     def description(self) -> str:
-        return ERROR_DESCRIPTIONS[self.error]
+        return self._description or ERROR_DESCRIPTIONS[self.error]
 
 
 def _bad_request(reason: str) -> ExchangeError:
@@ -249,6 +260,7 @@ class Exchanger:
         self._ender = ender
         # How long a refresh handle may go unused; [broker] settings never change without a restart.
         self._max_idle = timedelta(seconds=config.broker.session_idle)
+        self._max_chains = config.broker.session_max_chains
         self._limits = limits or RateLimits.from_settings(config.broker)
         self._deny_cache = deny_cache or DenyCache.from_settings(config.broker)
         self._tally = tally or DenialTally(config.broker.denial_tally_seconds)
@@ -575,6 +587,8 @@ class Exchanger:
             subject=session.subject[:256],
             jti=str(session.claims.get("jti", ""))[:256],
         )
+        # Refused once the session is known, so the refusal is recorded against it.
+        siblings = self._sibling_chains(req.sibling_chains)
         identity = _Identity(issuer=session.issuer, subject=session.subject, claims=session.claims)
         refused = _agent_refusal(req.requested_token_type)
         if refused is not None:
@@ -589,12 +603,25 @@ class Exchanger:
             # A session opened without a key cannot be bound later: the grant needs a new one.
             raise ExchangeError(400, "invalid_dpop_proof", "dpop_required")
         requested = self._duration(req.duration)
+        if siblings:
+            # Checked before minting, so a refused request costs the upstream nothing (the
+            # rotation checks again under the session's lock).
+            with record.timings.phase("state"), _reading_state():
+                held = self._sessions.chain_count(session.id)
+            if held + siblings > self._max_chains:
+                raise self._too_many_chains()
+            # Recorded in the issued record: which session grew how many chains.
+            record.add_detail({"chains_opened": siblings, "session_chains": held + siblings})
         prepared = self._prepare(grant, session.claims, requested, task, session, record)
         minted = self._call_upstream(prepared, grant, session, record, intent_written=False)
         # Rotate only after minting, so an upstream failure leaves the client's handle valid;
-        # the rotation commits with the issued record.
-        handle, rotation = self._sessions.rotation(
-            req.refresh_token, now=now, max_idle=self._max_idle
+        # the rotation (and any sibling chains it opens) commits with the issued record.
+        handle, sibling_handles, rotation = self._sessions.branching(
+            req.refresh_token,
+            now=now,
+            max_idle=self._max_idle,
+            siblings=siblings,
+            max_chains=self._max_chains,
         )
         if proof is not None:
             rotation = _spending_first(self._dpop.spender(proof, now), rotation, session)
@@ -603,8 +630,35 @@ class Exchanger:
             rotated(outcome, handle)
         except SessionError as exc:
             self._discard(minted, record)
+            if exc.reason == REASON_TOO_MANY_CHAINS:
+                raise self._too_many_chains() from exc
             self._session_refused(exc, record, req.request_id, now)
-        return self._answer(minted, handle, record, session)
+        issued = self._answer(minted, handle, record, session)
+        if sibling_handles:
+            issued = dataclasses.replace(issued, sibling_refresh_tokens=sibling_handles)
+        return issued
+
+    def _sibling_chains(self, value: str) -> int:
+        """The refresh's `sibling_chains`: absent, or a count the session may hold."""
+        if not value:
+            return 0
+        if not value.isdigit() or len(value) > 3:
+            raise _bad_request("bad_sibling_chains")
+        count = int(value)
+        if count >= self._max_chains:
+            raise self._too_many_chains()
+        return count
+
+    def _too_many_chains(self) -> ExchangeError:
+        return ExchangeError(
+            400,
+            "invalid_request",
+            "session_max_chains",
+            description=(
+                f"The session would hold more than {self._max_chains} refresh chains "
+                "([broker] session_max_chains); ask for fewer sibling_chains."
+            ),
+        )
 
     def _held_session(
         self, req: ClientRequest, handle: str, record: _Record, now: datetime

@@ -95,6 +95,12 @@ OPENAPI: dict[str, Any] = {
                                     "duration": {"type": "string", "pattern": "^[0-9]{1,6}$"},
                                     "task": {"type": "string", "maxLength": 512},
                                     "refresh_token": {"type": "string"},
+                                    "sibling_chains": {
+                                        "type": "string",
+                                        "pattern": "^[0-9]{1,3}$",
+                                        "description": "refresh only: sibling refresh chains "
+                                        "to open (at most [broker] session_max_chains in all)",
+                                    },
                                 },
                             }
                         }
@@ -216,6 +222,11 @@ OPENAPI: dict[str, Any] = {
                     },
                     "expires_in": {"type": "integer"},
                     "refresh_token": {"type": "string"},
+                    "sibling_refresh_tokens": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "the first handle of each sibling chain asked for",
+                    },
                     "request_id": {"type": "string"},
                     "credentials": {"type": "object"},
                 },

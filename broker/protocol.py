@@ -142,6 +142,9 @@ class TokenRequest(ClientRequest):
     refresh_token: str = field(default="", repr=False)
     duration: str = ""
     task: str = ""
+    # Refresh only: how many sibling refresh chains to open besides the presented handle's
+    # (each answered with its first handle in `sibling_refresh_tokens`).
+    sibling_chains: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,9 +179,11 @@ class Issued:
     credentials: Mapping[str, Any] = field(repr=False)
     refresh_token: str = field(default="", repr=False)
     token_type: str = TOKEN_TYPE_NOT_APPLICABLE
+    # The first handle of each sibling chain a refresh asked for (`sibling_chains`).
+    sibling_refresh_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     def wire(self) -> dict[str, Any]:
-        return {
+        body = {
             "access_token": self.access_token,
             "issued_token_type": self.issued_token_type,
             "token_type": self.token_type,
@@ -187,3 +192,6 @@ class Issued:
             "request_id": self.request_id,
             "credentials": dict(self.credentials),
         }
+        if self.sibling_refresh_tokens:
+            body["sibling_refresh_tokens"] = list(self.sibling_refresh_tokens)
+        return body

@@ -41,6 +41,8 @@ _HANDLE_BYTES = 32
 _MAX_HANDLE_CHARS = 128
 
 REASON_REUSE = "reuse_detected"
+# A rotation asking for more sibling chains than the session may hold (`branching`).
+REASON_TOO_MANY_CHAINS = "too_many_chains"
 
 # `{time}` is the column type of an aware instant (see broker/storage.py). IF NOT EXISTS: the
 # tables predate the migrations table in existing deployments.
@@ -76,6 +78,23 @@ MIGRATIONS = (
             PRIMARY KEY (session_id, kind, ref))""",
         ),
     ),
+    # Sibling refresh chains: a session may hold several handles at once, each rotating on
+    # its own, so a job's concurrent mints need not queue on one handle. Chain 0 is the one
+    # every session opens with; its newest generation stays in session_sessions.generation
+    # (existing sessions and single-chain clients are unchanged). Siblings (1, 2, ...) keep
+    # theirs in session_chains. A handle row names its chain.
+    Migration(
+        2,
+        "sibling refresh chains",
+        (
+            "ALTER TABLE session_handles ADD COLUMN chain INTEGER NOT NULL DEFAULT 0",
+            """CREATE TABLE IF NOT EXISTS session_chains (
+            session_id TEXT NOT NULL REFERENCES session_sessions (id) ON DELETE CASCADE,
+            chain INTEGER NOT NULL,
+            generation INTEGER NOT NULL,
+            PRIMARY KEY (session_id, chain))""",
+        ),
+    ),
 )
 
 
@@ -105,7 +124,8 @@ def open_state(store: str | Database, *, sealer: RefSealer) -> tuple[ReplayLedge
 
 
 class SessionError(BrokerException):
-    """A refresh handle that mints nothing: `reason` is unknown, expired, reused or revoked.
+    """A refresh handle that mints nothing: `reason` is unknown, expired, reused or revoked
+    (or, from `branching`, too_many_chains: the handle is left unspent).
 
     `session` is the session the handle belonged to (None when "unknown"), so the caller can
     audit the session id and, after "reused", revoke the credentials recorded under it.
@@ -119,7 +139,8 @@ class SessionError(BrokerException):
 
 @dataclass(frozen=True)
 class Session:
-    """One refresh session as stored; `generation` counts the handles issued so far."""
+    """One refresh session as stored; `generation` counts the handles issued so far on its
+    first chain (chain 0; sibling chains count theirs in session_chains)."""
 
     id: str
     issuer: str
@@ -267,28 +288,77 @@ class SessionStore:
         answer. A "reused" refusal has revoked the session inside the step, so the caller's
         transaction must commit it even though nothing is issued.
         """
+        successor, _, step = self.branching(handle, now=now, max_idle=max_idle)
+        return successor, step
+
+    def branching(
+        self,
+        handle: str,
+        *,
+        now: datetime,
+        max_idle: timedelta | None = None,
+        siblings: int = 0,
+        max_chains: int = 1,
+    ) -> tuple[str, tuple[str, ...], Callable[[Tx], tuple[Session | None, str]]]:
+        """`rotation` that also opens `siblings` new chains: the successor handle (on the
+        presented handle's chain), the first handle of each new chain, and the step.
+
+        Each chain rotates on its own: spending a handle checks it against its own chain's
+        newest generation, so concurrent mints on different chains never look like reuse.
+        Reuse of a spent handle on any chain still ends the whole session, and so does
+        revocation; max_idle applies to each handle. A session holds at most `max_chains`
+        chains (its first included): past that the step refuses with "too_many_chains" and
+        spends nothing. Concurrent branchings are ordered by the session row's lock.
+        """
         now = utc(now)
         presented = _lookup_key(handle)
         successor = _new_handle()
+        new_chains = tuple(_new_handle() for _ in range(siblings))
         select = _SELECT_SESSIONS + " WHERE id = ?" + self._dialect.for_update
 
         def work(cur: Tx) -> tuple[Session | None, str]:
             if presented is None:
                 return None, "unknown"
-            session, generation, refused = self._presented(cur, presented, select, now, max_idle)
+            session, chain, stale, refused = self._presented(cur, presented, select, now, max_idle)
             if session is None or refused:
                 return session, refused
-            if generation != session.generation:
+            if stale:
                 ended = self._revoke_ids(cur, [session.id], REASON_REUSE, now)
                 return (ended[0] if ended else session), "reused"
-            cur.execute(
-                "UPDATE session_sessions SET generation = ? WHERE id = ?",
-                (session.generation + 1, session.id),
-            )
-            self._insert_handle(cur, session.id, successor, session.generation + 1, now)
-            return replace(session, generation=session.generation + 1), ""
+            held = 0
+            if new_chains:
+                held = self._sibling_chains(cur, session.id)
+                if 1 + held + len(new_chains) > max_chains:
+                    return session, REASON_TOO_MANY_CHAINS
+            if chain == 0:
+                generation = session.generation + 1
+                cur.execute(
+                    "UPDATE session_sessions SET generation = ? WHERE id = ?",
+                    (generation, session.id),
+                )
+                session = replace(session, generation=generation)
+            else:
+                generation = self._chain_generation(cur, session.id, chain) + 1
+                cur.execute(
+                    "UPDATE session_chains SET generation = ? WHERE session_id = ? AND chain = ?",
+                    (generation, session.id, chain),
+                )
+            self._insert_handle(cur, session.id, successor, generation, now, chain=chain)
+            # Chains are never removed while the session exists: numbering goes on from the
+            # count (0 is the first chain).
+            for number, first in enumerate(new_chains, start=held + 1):
+                cur.execute(
+                    "INSERT INTO session_chains (session_id, chain, generation) VALUES (?, ?, 1)",
+                    (session.id, number),
+                )
+                self._insert_handle(cur, session.id, first, 1, now, chain=number)
+            return session, ""
 
-        return successor, work
+        return successor, new_chains, work
+
+    def chain_count(self, session_id: str) -> int:
+        """How many refresh chains the session holds (its first included)."""
+        return 1 + self.database.read(lambda cur: self._sibling_chains(cur, session_id))
 
     def _presented(
         self,
@@ -297,20 +367,24 @@ class SessionStore:
         select: str,
         now: datetime,
         max_idle: timedelta | None,
-    ) -> tuple[Session | None, int, str]:
-        """The session a presented handle belongs to, the handle's generation, and why it is
-        refused ("unknown", "revoked", "expired"; "" when live). Reuse is the caller's call."""
+    ) -> tuple[Session | None, int, bool, str]:
+        """The session a presented handle belongs to, the handle's chain, whether the handle
+        is older than its chain's newest (spent), and why it is refused ("unknown",
+        "revoked", "expired"; "" when live). What a spent handle means is the caller's call."""
         found = self._find_handle(cur, presented)
         if found is None:
-            return None, 0, "unknown"
-        session_id, generation, issued_at = found
+            return None, 0, False, "unknown"
+        session_id, chain, generation, issued_at = found
         cur.execute(select, (session_id,))
         session = self._row(cur.fetchone())
         if session.revoked_at is not None:
-            return session, generation, "revoked"
+            return session, chain, False, "revoked"
         if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
-            return session, generation, "expired"
-        return session, generation, ""
+            return session, chain, False, "expired"
+        newest = (
+            session.generation if chain == 0 else self._chain_generation(cur, session_id, chain)
+        )
+        return session, chain, generation != newest, ""
 
     def peek(self, handle: str, *, now: datetime, max_idle: timedelta | None = None) -> Session:
         """Validate `handle` without spending it (for /v1/revoke and introspection).
@@ -325,8 +399,8 @@ class SessionStore:
         select = _SELECT_SESSIONS + " WHERE id = ?"
 
         def work(cur: Tx) -> tuple[Session | None, str]:
-            session, generation, refused = self._presented(cur, presented, select, now, max_idle)
-            if session is not None and not refused and generation != session.generation:
+            session, _, stale, refused = self._presented(cur, presented, select, now, max_idle)
+            if session is not None and not refused and stale:
                 return session, "reused"
             return session, refused
 
@@ -528,31 +602,55 @@ class SessionStore:
     # -- helpers -------------------------------------------------------------------------------
 
     def _insert_handle(
-        self, cur: Tx, session_id: str, handle: str, generation: int, now: datetime
+        self,
+        cur: Tx,
+        session_id: str,
+        handle: str,
+        generation: int,
+        now: datetime,
+        *,
+        chain: int = 0,
     ) -> None:
         db = self._dialect
         cur.execute(
             (
-                "INSERT INTO session_handles (handle_hash, session_id, generation, issued_at) "
-                "VALUES (?, ?, ?, ?)"
+                "INSERT INTO session_handles "
+                "(handle_hash, session_id, generation, issued_at, chain) VALUES (?, ?, ?, ?, ?)"
             ),
-            (handle_hash(handle), session_id, generation, db.to_db(now)),
+            (handle_hash(handle), session_id, generation, db.to_db(now), chain),
         )
 
-    def _find_handle(self, cur: Tx, key: str | None) -> tuple[str, int, datetime] | None:
+    def _find_handle(self, cur: Tx, key: str | None) -> tuple[str, int, int, datetime] | None:
+        """(session id, chain, generation, issued_at) of a stored handle hash, or None."""
         if key is None:
             return None
         db = self._dialect
         cur.execute(
-            ("SELECT session_id, generation, issued_at FROM session_handles WHERE handle_hash = ?"),
+            (
+                "SELECT session_id, chain, generation, issued_at FROM session_handles "
+                "WHERE handle_hash = ?"
+            ),
             (key,),
         )
         row = cur.fetchone()
         if row is None:
             return None
-        issued_at = db.from_db(row[2])
+        issued_at = db.from_db(row[3])
         assert issued_at is not None
-        return str(row[0]), int(row[1]), issued_at
+        return str(row[0]), int(row[1]), int(row[2]), issued_at
+
+    def _sibling_chains(self, cur: Tx, session_id: str) -> int:
+        cur.execute("SELECT COUNT(*) FROM session_chains WHERE session_id = ?", (session_id,))
+        return int(cur.fetchone()[0])
+
+    def _chain_generation(self, cur: Tx, session_id: str, chain: int) -> int:
+        cur.execute(
+            "SELECT generation FROM session_chains WHERE session_id = ? AND chain = ?",
+            (session_id, chain),
+        )
+        row = cur.fetchone()
+        # A handle row names only chains its session opened; -1 makes a lost row read as spent.
+        return -1 if row is None else int(row[0])
 
     def _revoke_ids(
         self, cur: Tx, ids: builtins.list[str], reason: str, now: datetime

@@ -23,17 +23,21 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from luigi_creds.agent_client import AgentClient, AgentEndpoint
-from luigi_creds.client import BrokerClient, BrokerError, Credential
-from luigi_creds.identity import OktaSettings, parse_token_source
+from luigi_creds.credentials import BrokerError, Credential
 from luigi_creds.luigi_config import from_luigi_config
 from luigi_creds.serve import CredentialAgent
 from luigi_creds.settings import ClientSettings, ConfigError
 from luigi_creds.summary import MintLog
+
+if TYPE_CHECKING:
+    # The broker client and its HTTP stack (httpx, ~70 ms to import) are loaded only where a
+    # session is opened: a scheduling process under `luigi-creds exec` never imports them.
+    import httpx
+
+    from luigi_creds.client import BrokerClient
 
 __all__ = [
     "build_broker_client",
@@ -58,6 +62,12 @@ def build_broker_client(
     transport: httpx.BaseTransport | None = None,
 ) -> BrokerClient:
     """The composition of settings, token source and HTTP client into a BrokerClient."""
+    import httpx
+
+    from luigi_creds.broker_http import BrokerHttp, needs_proxy
+    from luigi_creds.client import BrokerClient, FormPoster
+    from luigi_creds.identity import OktaSettings, parse_token_source
+
     verify: ssl.SSLContext | bool = True
     if settings.ca_bundle is not None:
         verify = ssl.create_default_context(cafile=str(settings.ca_bundle))
@@ -83,7 +93,15 @@ def build_broker_client(
         gitlab_variable=settings.gitlab_variable,
         okta=okta,
     )
-    return BrokerClient(settings.broker_url, source, http=http, clock=clock)
+    # The broker's own requests on the standard library (a third of httpx's CPU per request),
+    # unless a test's transport or a proxy is in the way; the token sources keep httpx.
+    poster: FormPoster = http
+    if transport is None and not needs_proxy(settings.broker_url):
+        context = verify if isinstance(verify, ssl.SSLContext) else None
+        poster = BrokerHttp(timeout=settings.timeout, context=context)
+    return BrokerClient(
+        settings.broker_url, source, http=poster, clock=clock, chains=settings.refresh_chains
+    )
 
 
 def vault_addr() -> str | None:

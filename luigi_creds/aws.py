@@ -1,7 +1,7 @@
 """The boto3 bridge: sessions whose credentials refresh themselves through the broker.
 
 Owns attaching broker-minted STS credentials to boto3 through botocore's public API only: a
-`CredentialProvider` returning `RefreshableCredentials`, inserted first into the session's
+`CredentialProvider` returning `RefreshableCredentials`, the only provider of the session's
 `credential_provider` resolver, and `boto3.Session(botocore_session=...)`. botocore then does the
 two-window refresh itself (advisory: one thread refreshes, failures tolerated; mandatory: every
 caller waits) and calls back into the broker client. Talks to AWS only through the boto3 clients
@@ -195,7 +195,8 @@ def aws_session(
 ) -> boto3.Session:
     """A boto3 Session whose credentials come from `fetch` and refresh themselves.
 
-    The provider goes before `env`, so a stray `AWS_ACCESS_KEY_ID` in the process cannot win.
+    The session's only credential provider is the broker's, so a stray `AWS_ACCESS_KEY_ID` in
+    the process cannot win.
     `loader` is the data loader of another boto3 Session to share (service models and endpoint
     data already read and parsed); it holds no credentials. In a process forked after
     `prepare_session()`, the first call takes the session prepared before the fork.
@@ -214,8 +215,14 @@ def aws_session(
             core.register_component("data_loader", loader)
     if region_name is not None:
         core.set_config_variable("region", region_name)
-    resolver = core.get_component("credential_provider")
-    resolver.insert_before("env", BrokerCredentialProvider(fetch, clock=clock, windows=windows))
+    # Our provider always loads, so botocore's default chain behind it (env, config files,
+    # container, instance metadata) would never be asked: a resolver of ours alone gives the
+    # same credentials, without building that chain (it reads the config files; measured
+    # 4.2 ms of CPU in a forked process), and a stray AWS_ACCESS_KEY_ID cannot win either.
+    core.register_component(
+        "credential_provider",
+        CredentialResolver([BrokerCredentialProvider(fetch, clock=clock, windows=windows)]),
+    )
     return session
 
 

@@ -2,14 +2,21 @@
 
 Owns the client side of the broker's wire protocol: `POST /v1/token` for the
 RFC 8693 exchange and the `refresh_token` grant, `POST /v1/revoke`, retries, and the typed,
-frozen credential objects parsed from 200 bodies. Talks only to the broker, over the `httpx.Client`
+frozen credential objects parsed from 200 bodies. Talks only to the broker, over the form poster
 it is given.
 
 Session rule: the broker rotates the refresh handle on every use and treats reuse of an old handle
-as theft (the whole session is revoked). So every request that spends the handle holds one lock
-from send to parse, and the newest handle replaces the old one before the lock is released.
-Retries happen only where the handle cannot have been spent: 429/503 answers (the broker rejects
-before rotating) and connection failures before the request was sent.
+as theft (the whole session is revoked). So a handle is spent by one request at a time: a request
+takes it from the session's pool and gives back its successor (or, when nothing was spent, the
+handle itself) before anyone else can take it. The first refresh asks the broker for sibling
+refresh chains (`chains` in all, 4 by default; docs/protocol.md): each chain's handle rotates
+on its own, so up to `chains` mints run at once instead of queueing on one handle; a broker that
+refuses siblings leaves the session on one chain. The newest handle is spent first, so mints made
+one at a time keep one chain fresh (the broker expires a handle left unused for its
+`session_idle`, each chain's alone); a handle refused with `invalid_grant` is dropped and another
+chain's tried, and the session is over only when none is left. Retries happen only where the
+handle cannot have been spent: 429/503 answers (the broker rejects before rotating) and
+connection failures before the request was sent.
 
 DPoP (RFC 9449): every request carries a proof signed by the job's ephemeral key
 (luigi_creds/dpop.py), so the session the exchange opens is bound to that key. The broker's newest
@@ -25,11 +32,11 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -74,6 +81,24 @@ AGENT_REFUSED = "urn:luigi-creds:token-type:agent-refused"
 AGENT_REFUSALS = frozenset({"scope", "delegation", "task_end", "lease"})
 
 
+class Answer(Protocol):
+    """What the client reads of an answer (an httpx.Response, a broker_http.BrokerAnswer)."""
+
+    status_code: int
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+class FormPoster(Protocol):
+    """How the client's requests travel: an `httpx.Client`, or `broker_http.BrokerHttp` (the
+    job's agent, with no proxy in the way). Failures are httpx's exception types either way."""
+
+    def post(self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str]) -> Answer: ...
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter (AWS architecture blog), bounded twice over."""
@@ -87,11 +112,18 @@ class RetryPolicy:
 
 @dataclass
 class _Session:
-    """The refresh session: the newest handle and when it was last rotated."""
+    """The refresh session: the newest handle of each of its chains that no request is
+    spending (`idle`), and how many requests are spending one (`busy`)."""
 
-    handle: str = field(repr=False)
+    idle: list[str] = field(repr=False)
+    # A handle of the session, of any generation: names the session to revoke it when every
+    # current handle is out being spent.
+    anchor: str = field(repr=False)
     # The DPoP key the broker bound the session to (token_type "DPoP"), else None.
     key_thumbprint: str | None = None
+    busy: int = 0
+    # Sibling chains were asked for (once per session, whatever the answer).
+    grown: bool = False
 
 
 class BrokerClient:
@@ -106,13 +138,14 @@ class BrokerClient:
         broker_url: str,
         token_source: TokenSource,
         *,
-        http: httpx.Client,
+        http: FormPoster,
         clock: Callable[[], datetime],
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
         retry: RetryPolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         dpop_key: DpopKey | None = None,
+        chains: int = 4,
     ) -> None:
         self.broker_url = broker_url.rstrip("/")
         self._source = token_source
@@ -123,7 +156,12 @@ class BrokerClient:
         self._retry = retry or RetryPolicy()
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        # Signalled whenever a handle comes back or the session changes.
+        self._ready = threading.Condition(self._lock)
         self._session: _Session | None = None
+        self._opening = False  # one caller exchanges the token; the others wait for it
+        # How many refresh chains to hold (the broker caps it: [broker] session_max_chains).
+        self._chains = max(1, chains)
         # One key per client, i.e. per job: made here, in the process that owns the session.
         self._dpop = dpop_key or DpopKey()
         self._pid = os.getpid()  # that process: a forked child may not use the client (_owned)
@@ -145,31 +183,39 @@ class BrokerClient:
     def mint(self, grant: str, task: str | None = None, duration: int | None = None) -> Credential:
         """Mint a credential for `grant`, recorded by the broker against `task`.
 
-        The first call exchanges the subject token; later calls spend the refresh session. When the
-        session is rejected (`invalid_grant`) a renewable token source re-exchanges once.
+        The first call exchanges the subject token; later calls spend the refresh session. A
+        handle the broker refuses (`invalid_grant`) is dropped and another chain's tried: a
+        sibling left unused past the broker's session_idle expires alone while the session
+        lives on. When no chain is left, the session is over: a renewable token source
+        re-exchanges once.
         """
         self._owned(f"mint grant {grant!r}")
-        with self._lock:
-            if self._session is None:
-                return self._exchange(grant, task, duration)
+        handle, session = self._take()
+        refused: BrokerError | None = None
+        while session is not None:
             try:
-                return self._refresh(grant, task, duration)
+                return self._refresh(session, handle, grant, task, duration)
             except BrokerError as exc:
                 if exc.error != "invalid_grant":
                     raise
-                self._session = None
-                if not self._source.renewable:
-                    raise BrokerError(
-                        f"broker {self.broker_url} ended the refresh session (invalid_grant) "
-                        f"while minting grant {grant!r}, and token source "
-                        f"{self._source.description} cannot give a new token; rerun the job",
-                        error="invalid_grant",
-                        status=exc.status,
-                        request_id=exc.request_id,
-                        grant=grant,
-                    ) from exc
-                log.info("refresh session rejected; exchanging a new token for %s", grant)
-                return self._exchange(grant, task, duration)
+                refused = exc
+            handle, session = self._take()  # ("", None): no chain left, this caller opens
+        if refused is not None and not self._source.renewable:
+            with self._ready:
+                self._opening = False  # nobody opens with this source: its token is spent
+                self._ready.notify_all()
+            raise BrokerError(
+                f"broker {self.broker_url} ended the refresh session (invalid_grant) "
+                f"while minting grant {grant!r}, and token source "
+                f"{self._source.description} cannot give a new token; rerun the job",
+                error="invalid_grant",
+                status=refused.status,
+                request_id=refused.request_id,
+                grant=grant,
+            ) from refused
+        if refused is not None:
+            log.info("refresh session rejected; exchanging a new token for %s", grant)
+        return self._open(grant, task, duration)
 
     def explain(self) -> dict[str, Any]:
         """Who the broker says this job is and which grants it may use (POST /v1/explain).
@@ -179,16 +225,18 @@ class BrokerClient:
         before the job's one exchange.
         """
         self._owned("explain")
-        with self._lock:
-            handle = self._session.handle if self._session is not None else None
-        if handle:
-            form = {"refresh_token": handle}
-        else:
+        handle, session = self._borrow()
+        if session is None:
             form = {
                 "subject_token": self._source.token(),
                 "subject_token_type": self._source.subject_token_type,
             }
-        return self._post("/v1/explain", form, grant=None, expect_body=True, what="explain")
+            return self._post("/v1/explain", form, grant=None, expect_body=True, what="explain")
+        try:
+            form = {"refresh_token": handle}
+            return self._post("/v1/explain", form, grant=None, expect_body=True, what="explain")
+        finally:
+            self._give_back(session, [handle])
 
     def revoke(self, *, retry: bool = True) -> None:
         """End the refresh session (the broker revokes its Vault tokens and leases).
@@ -197,12 +245,15 @@ class BrokerClient:
         hold the process for the whole retry deadline.
         """
         self._owned("end the session")
-        with self._lock:
+        with self._ready:
             session, self._session = self._session, None
-            if session is None:
-                return
-            form = {"token": session.handle, "token_type_hint": "refresh_token"}
-            self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
+            self._ready.notify_all()
+        if session is None:
+            return
+        # Any handle names the session (the broker ends every chain); a current one if idle.
+        handle = session.idle[0] if session.idle else session.anchor
+        form = {"token": handle, "token_type_hint": "refresh_token"}
+        self._post("/v1/revoke", form, grant=None, expect_body=False, retry=retry)
 
     def report_refusal(self, grant: str, task: str | None, refused: str) -> None:
         """Put a refusal by the job's agent into the broker's audit ledger, on this session.
@@ -215,12 +266,14 @@ class BrokerClient:
         One attempt, no retries; nothing to report without a session (nothing was minted yet).
         """
         self._owned("report a refusal")
-        with self._lock:
-            if self._session is None:
-                return
+        handle, session = self._borrow()
+        if session is None:
+            return
+        kept = [handle]
+        try:
             form = {
                 "grant_type": "refresh_token",
-                "refresh_token": self._session.handle,
+                "refresh_token": handle,
                 "audience": grant,
                 "requested_token_type": f"{AGENT_REFUSED}:{refused}",
             }
@@ -230,10 +283,12 @@ class BrokerClient:
                 body = self._post("/v1/token", form, grant=grant, expect_body=True, retry=False)
             except BrokerError:
                 return  # the expected answer: refused, and recorded
-            handle = body.get("refresh_token")
-            if isinstance(handle, str) and handle:
+            successor = body.get("refresh_token")
+            if isinstance(successor, str) and successor:
                 # Should the broker ever have minted, its new handle is the one to keep.
-                self._session = self._new_session(handle, body)
+                kept = [successor]
+        finally:
+            self._give_back(session, kept)
 
     def revoke_lease(self, lease_id: str) -> None:
         """Revoke one Vault lease this session minted, keeping the session (and its handle).
@@ -242,19 +297,17 @@ class BrokerClient:
         peeks without rotating; a lease from another session is refused with `invalid_grant`.
         """
         self._owned("revoke a Vault lease")
-        with self._lock:
-            session = self._session
-            if session is None:
-                raise BrokerError(
-                    f"cannot revoke a Vault lease at {self.broker_url}: no refresh session",
-                    error="invalid_grant",
-                )
-            form = {
-                "token": lease_id,
-                "token_type_hint": VAULT_SECRET,
-                "refresh_token": session.handle,
-            }
+        handle, session = self._borrow()
+        if session is None:
+            raise BrokerError(
+                f"cannot revoke a Vault lease at {self.broker_url}: no refresh session",
+                error="invalid_grant",
+            )
+        try:
+            form = {"token": lease_id, "token_type_hint": VAULT_SECRET, "refresh_token": handle}
             self._post("/v1/revoke", form, grant=None, expect_body=False, what="lease revoke")
+        finally:
+            self._give_back(session, [handle])
 
     def _owned(self, what: str) -> None:
         """Refuse in a process forked from the one that made this client, before its lock (a
@@ -274,44 +327,170 @@ class BrokerClient:
                 error="forked_process",
             )
 
-    def _exchange(self, grant: str, task: str | None, duration: int | None) -> Credential:
-        try:
-            subject = self._source.token()
-        except IdentityError as exc:
-            raise BrokerError(
-                f"cannot exchange for grant {grant!r} at {self.broker_url}: {exc}",
-                error="identity_unavailable",
-                grant=grant,
-            ) from exc
-        form = {
-            "grant_type": EXCHANGE_GRANT,
-            "subject_token": subject,
-            "subject_token_type": self._source.subject_token_type,
-            "audience": grant,
-        }
-        return self._spend(form, grant, task, duration)
+    # --- the session's handles ---------------------------------------------------------
 
-    def _refresh(self, grant: str, task: str | None, duration: int | None) -> Credential:
-        assert self._session is not None
-        form = {
-            "grant_type": "refresh_token",
-            "refresh_token": self._session.handle,
-            "audience": grant,
-        }
-        return self._spend(form, grant, task, duration)
+    def _take(self) -> tuple[str, _Session | None]:
+        """A handle no one else is spending, and its session; ("", None) when the caller is
+        to open the session (exchange the token): there is none yet, or the broker refused
+        every chain's handle. Waits while every handle is out, or while another caller opens
+        the session."""
+        with self._ready:
+            while True:
+                session = self._session
+                if session is None:
+                    if not self._opening:
+                        self._opening = True
+                        return "", None
+                elif session.idle:
+                    session.busy += 1
+                    # Newest first: one chain carries the mints one at a time, so the session
+                    # stays alive exactly as on one chain (each handle expires after the
+                    # broker's session_idle unused); siblings serve the mints made at once.
+                    return session.idle.pop(), session
+                elif session.busy == 0:
+                    self._session = None  # every chain was refused: nothing left to spend
+                    continue
+                self._ready.wait()
+
+    def _borrow(self) -> tuple[str, _Session | None]:
+        """A handle to present without spending it (given back unchanged), or ("", None)
+        without a session: never opens one."""
+        with self._ready:
+            while True:
+                session = self._session
+                if session is None:
+                    return "", None
+                if session.idle:
+                    session.busy += 1
+                    return session.idle.pop(), session
+                if session.busy == 0:
+                    return "", None
+                self._ready.wait()
+
+    def _give_back(self, session: _Session, handles: list[str]) -> None:
+        """Return a taken handle's successor (and any new sibling chains' first handles), or
+        the handle itself when it was not spent. A session ended meanwhile keeps nothing."""
+        with self._ready:
+            session.busy -= 1
+            if self._session is session:
+                session.idle.extend(handles)
+            self._ready.notify_all()
+
+    def _grow(self, session: _Session) -> int:
+        """How many sibling chains the next refresh asks for: the first refresh of a session
+        asks for enough to hold `chains`, no later one asks."""
+        with self._ready:
+            if session.grown or self._chains <= 1:
+                return 0
+            session.grown = True
+            return max(0, self._chains - len(session.idle) - session.busy)
+
+    def _open(self, grant: str, task: str | None, duration: int | None) -> Credential:
+        """Exchange the token source's token: the mint that opens the session (`_take` made
+        this caller the one to do it; the others wait until it is done)."""
+        try:
+            try:
+                subject = self._source.token()
+            except IdentityError as exc:
+                raise BrokerError(
+                    f"cannot exchange for grant {grant!r} at {self.broker_url}: {exc}",
+                    error="identity_unavailable",
+                    grant=grant,
+                ) from exc
+            form = {
+                "grant_type": EXCHANGE_GRANT,
+                "subject_token": subject,
+                "subject_token_type": self._source.subject_token_type,
+                "audience": grant,
+            }
+            return self._spend(form, grant, task, duration, self._opened)
+        finally:
+            with self._ready:
+                self._opening = False
+                self._ready.notify_all()
+
+    def _opened(self, body: dict[str, Any]) -> None:
+        handle = body.get("refresh_token")
+        if isinstance(handle, str) and handle:
+            with self._ready:
+                self._session = self._new_session(handle, body)
+                self._ready.notify_all()
+
+    def _refresh(
+        self,
+        session: _Session,
+        handle: str,
+        grant: str,
+        task: str | None,
+        duration: int | None,
+    ) -> Credential:
+        """Spend `handle` (taken from `session`) on a mint; its successor goes back to the
+        pool, with the first handles of any sibling chains this refresh opened."""
+        form = {"grant_type": "refresh_token", "refresh_token": handle, "audience": grant}
+        siblings = self._grow(session)
+        if siblings:
+            form["sibling_chains"] = str(siblings)
+        returned = False
+        dead = False  # refused as invalid_grant: the handle is not given back
+
+        def keep(body: dict[str, Any]) -> None:
+            nonlocal returned
+            successor = body.get("refresh_token")
+            handles = [successor] if isinstance(successor, str) and successor else [handle]
+            more = body.get("sibling_refresh_tokens")
+            if isinstance(more, list):
+                handles += [h for h in more if isinstance(h, str) and h]
+            returned = True
+            self._give_back(session, handles)
+
+        try:
+            try:
+                return self._spend(form, grant, task, duration, keep)
+            except BrokerError as exc:
+                dead = exc.error == "invalid_grant"
+                if not siblings or returned or exc.error != "invalid_request":
+                    raise
+                # Refused before anything was spent: asked once more without siblings. If that
+                # is minted, the siblings were the cause (a broker without sibling chains, or
+                # a lower [broker] session_max_chains) and the session stays on one chain.
+                del form["sibling_chains"]
+                try:
+                    cred = self._spend(form, grant, task, duration, keep)
+                except BrokerError as again:
+                    dead = again.error == "invalid_grant"
+                    if again.error == "invalid_request":
+                        with self._ready:
+                            session.grown = False  # the request itself was refused: ask later
+                    raise
+                log.warning(
+                    "luigi-creds: broker %s refused %d sibling refresh chains (%s); "
+                    "mints go on one at a time",
+                    self.broker_url,
+                    siblings,
+                    exc,
+                )
+                return cred
+        finally:
+            if not returned:
+                # Refused before anything was spent: the handle goes back, unless the broker
+                # refused the handle itself.
+                self._give_back(session, [] if dead else [handle])
 
     def _spend(
-        self, form: dict[str, str], grant: str, task: str | None, duration: int | None
+        self,
+        form: dict[str, str],
+        grant: str,
+        task: str | None,
+        duration: int | None,
+        keep: Callable[[dict[str, Any]], None],
     ) -> Credential:
         if task is not None:
             form["task"] = task
         if duration is not None:
             form["duration"] = str(int(duration))
         body = self._post("/v1/token", form, grant=grant, expect_body=True)
-        handle = body.get("refresh_token")
-        if isinstance(handle, str) and handle:
-            # Keep the newest handle before anything else can fail: the old one is spent now.
-            self._session = self._new_session(handle, body)
+        # Keep the newest handle before anything else can fail: the old one is spent now.
+        keep(body)
         try:
             cred = parse_credential(body, grant=grant, now=self._clock())
         except (KeyError, TypeError, ValueError) as exc:
@@ -334,7 +513,9 @@ class BrokerClient:
 
     def _new_session(self, handle: str, body: dict[str, Any]) -> _Session:
         bound = body.get("token_type") == "DPoP"
-        return _Session(handle=handle, key_thumbprint=self._dpop.thumbprint if bound else None)
+        return _Session(
+            idle=[handle], anchor=handle, key_thumbprint=self._dpop.thumbprint if bound else None
+        )
 
     def _post(
         self,
@@ -403,7 +584,7 @@ class BrokerClient:
         self._sleep(backoff)
         return True
 
-    def _json_body(self, response: httpx.Response, what: str, grant: str | None) -> dict[str, Any]:
+    def _json_body(self, response: Answer, what: str, grant: str | None) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError:
@@ -417,7 +598,7 @@ class BrokerClient:
             )
         return body
 
-    def _error(self, response: httpx.Response, what: str, grant: str | None) -> BrokerError:
+    def _error(self, response: Answer, what: str, grant: str | None) -> BrokerError:
         try:
             body = response.json()
         except ValueError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import traceback
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,10 @@ from typing import Any, ClassVar
 
 import boto3
 import luigi
+
+# Imported with this module, in the scheduling process, rather than in run(): every forked
+# task process would import it afresh (0.5 ms of CPU each).
+from luigi.contrib.external_program import ExternalProgramRunError
 
 from luigi_creds.agent import (
     build_broker_client,
@@ -43,7 +48,13 @@ from luigi_creds.agent_client import AgentClient
 from luigi_creds.aws import aws_session as _aws_session
 from luigi_creds.aws import prepare_session, session_loader
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
-from luigi_creds.client import AwsCredentials, BrokerError, Credential, VaultSecret, VaultToken
+from luigi_creds.credentials import (
+    AwsCredentials,
+    BrokerError,
+    Credential,
+    VaultSecret,
+    VaultToken,
+)
 from luigi_creds.refresh import Windows
 from luigi_creds.settings import ClientSettings, ConfigError
 
@@ -233,8 +244,6 @@ class CredentialsMixin:
         `ExternalProgramRunError` prints the child's whole environment, and Luigi sends that text
         to the log, the scheduler UI and failure e-mails; it is re-raised with secrets masked.
         """
-        from luigi.contrib.external_program import ExternalProgramRunError
-
         try:
             return super().run()  # type: ignore[misc]
         except ExternalProgramRunError as exc:
@@ -305,10 +314,12 @@ def _release(task: luigi.Task) -> None:
             del _sessions[key]
     if state is None:
         return
-    from luigi_creds.vault import stop_keepers
-
-    for grant in state.minted:
-        stop_keepers(task.task_id, grant)
+    # Keepers exist only where luigi_creds.vault was imported (vault_client, vault_secret);
+    # importing it here would load hvac in every task process at its end (10-15 ms of CPU).
+    vault = sys.modules.get("luigi_creds.vault")
+    if vault is not None:
+        for grant in state.minted:
+            vault.stop_keepers(task.task_id, grant)
     if state.agent is not None:
         try:
             # The agent releases the task's Vault credentials in the background. A task's own

@@ -51,6 +51,11 @@ class LuigiCredsConfig(luigi.Config):
         default="", description="Vault's address, set as VAULT_ADDR in tasks."
     )
     timeout = luigi.Parameter(default="", description="Seconds per broker request (default 10).")
+    refresh_chains = luigi.Parameter(
+        default="",
+        description="Mints the job's session makes at once (default 4; up to the broker's "
+        "session_max_chains): set it to the job's worker count if that is higher.",
+    )
     okta_token_endpoint = luigi.Parameter(
         default="", description="Okta authorization server token endpoint."
     )

@@ -34,6 +34,8 @@ SECTION = "luigi_creds"
 # Where a GitLab job exposes its `id_tokens:` token unless `gitlab_variable` says otherwise.
 DEFAULT_GITLAB_VARIABLE = "LUIGI_CREDS_ID_TOKEN"
 FAMILY_SECTION_PREFIX = SECTION + ":"
+# Mints at once per job session unless [luigi_creds] refresh_chains says otherwise.
+DEFAULT_REFRESH_CHAINS = 4
 TOKEN_SOURCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:\S+|gitlab|github|bitbucket|okta)$")
 GRANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -69,6 +71,7 @@ class ClientSettings(Frozen):
         "gitlab_variable",
         "vault_addr",
         "timeout",
+        "refresh_chains",
         "okta_token_endpoint",
         "okta_client_id",
         "okta_private_key_file",
@@ -86,6 +89,9 @@ class ClientSettings(Frozen):
     gitlab_variable: str
     vault_addr: str | None  # for vault_client() and VAULT_ADDR in task environments
     timeout: float  # seconds per broker request
+    # Mints the job's session can make at once: its refresh chains (docs/protocol.md), at most
+    # the broker's [broker] session_max_chains; as many as the job's Luigi workers is enough.
+    refresh_chains: int
     okta_token_endpoint: str | None
     okta_client_id: str | None
     okta_private_key_file: Path | None
@@ -104,6 +110,7 @@ class ClientSettings(Frozen):
         gitlab_variable: str = DEFAULT_GITLAB_VARIABLE,
         vault_addr: str | None = None,
         timeout: float = 10.0,
+        refresh_chains: int = DEFAULT_REFRESH_CHAINS,
         okta_token_endpoint: str | None = None,
         okta_client_id: str | None = None,
         okta_private_key_file: Path | None = None,
@@ -121,6 +128,7 @@ class ClientSettings(Frozen):
             gitlab_variable,
             vault_addr,
             timeout,
+            refresh_chains,
             okta_token_endpoint,
             okta_client_id,
             okta_private_key_file,
@@ -177,6 +185,13 @@ class ClientSettings(Frozen):
         except ValueError:
             if not _has_junk(raw.get("timeout", "")):
                 problems.append("timeout must be a number of seconds in (0, 300]")
+        refresh_chains = DEFAULT_REFRESH_CHAINS
+        chains_text = raw.get("refresh_chains", "").strip()
+        if chains_text:
+            if chains_text.isdigit() and 1 <= int(chains_text) <= 64:
+                refresh_chains = int(chains_text)
+            elif not _has_junk(chains_text):
+                problems.append("refresh_chains must be a whole number from 1 to 64")
         if token_source == "okta":
             for key in ("okta_token_endpoint", "okta_client_id", "okta_private_key_file"):
                 if not raw.get(key):
@@ -209,6 +224,7 @@ class ClientSettings(Frozen):
             gitlab_variable=raw.get("gitlab_variable") or DEFAULT_GITLAB_VARIABLE,
             vault_addr=(raw.get("vault_addr") or "").rstrip("/") or None,
             timeout=timeout,
+            refresh_chains=refresh_chains,
             okta_token_endpoint=raw.get("okta_token_endpoint") or None,
             okta_client_id=raw.get("okta_client_id") or None,
             okta_private_key_file=path("okta_private_key_file"),

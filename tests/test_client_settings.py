@@ -72,6 +72,7 @@ def test_every_problem_in_every_section_at_once(tmp_path: Path) -> None:
             broker_url = http://broker.example.com
             token_source = kerberos
             timeout = soon
+            refresh_chains = 0
             aws_grant = etl writer
 
             [luigi_creds:LoadWarehouse]
@@ -84,6 +85,7 @@ def test_every_problem_in_every_section_at_once(tmp_path: Path) -> None:
         "https unless it is on loopback",
         "token_source = 'kerberos' is not one of",
         "timeout must be a number",
+        "refresh_chains must be a whole number from 1 to 64",
         "aws_grant = 'etl writer' has text after the value",
         "[luigi_creds:LoadWarehouse]: unknown key 'password'",
         "[luigi_creds:LoadWarehouse]: aws_grant = 'bad/name' is not a grant name",
@@ -185,3 +187,15 @@ def test_the_readme_luigi_cfg_is_accepted_as_luigi_reads_it(tmp_path: Path) -> N
     assert (default.aws_grant, default.vault_grant) == ("etl-writer", "etl-vault")
     assert (load.aws_grant, load.vault_grant) == ("warehouse-loader", None)
     assert "task_process_context = luigi_creds.TaskCredentials" in ini
+
+
+def test_refresh_chains_is_read_and_builds_the_client_with_it(tmp_path: Path) -> None:
+    """`refresh_chains` (default 4) is how many mints the job's session makes at once."""
+    from luigi_creds.agent import build_broker_client
+
+    base = "[luigi_creds]\nbroker_url = http://127.0.0.1:9\ntoken_source = env:T\n"
+    assert _read(tmp_path, base).refresh_chains == 4
+    settings = _read(tmp_path, base + "refresh_chains = 8\n")
+    assert settings.refresh_chains == 8
+    client = build_broker_client(settings, environ={"T": "x"})
+    assert client._chains == 8

@@ -356,3 +356,110 @@ def test_revoke_lease_without_a_session_is_refused_locally() -> None:
         client.revoke_lease("database/creds/warehouse/abc")
     assert info.value.error == "invalid_grant"
     assert broker.forms == []
+
+
+def test_first_refresh_asks_for_sibling_chains_and_mints_spend_every_chain() -> None:
+    """The first refresh asks for chains-1 siblings (once); later mints present each chain's
+    newest handle, never one twice."""
+
+    def grow(form: dict[str, list[str]]) -> httpx.Response:
+        body = aws_body(2, "a1")
+        body["sibling_refresh_tokens"] = ["b1", "c1", "d1"]
+        return httpx.Response(200, json=body)
+
+    client, broker, _ = make([lambda f: httpx.Response(200, json=aws_body(1, "a0")), grow])
+    client.mint("g", "Open")
+    client.mint("g", "Grow")
+    for n in range(4):
+        client.mint("g", f"Load_{n}")
+    ex, grown, *spent = broker.forms
+    assert "sibling_chains" not in ex
+    assert grown["sibling_chains"] == ["3"] and grown["refresh_token"] == ["a0"]
+    presented = [f["refresh_token"][0] for f in spent]
+    # One at a time, the newest handle goes on (its chain stays fresh); never one twice.
+    assert presented == ["d1", "handle-3", "handle-4", "handle-5"]
+    assert all("sibling_chains" not in f for f in spent)
+    session = client._session
+    assert session is not None and sorted(session.idle) == ["a1", "b1", "c1", "handle-6"]
+
+
+def test_a_refused_handle_is_dropped_and_another_chain_mints() -> None:
+    """invalid_grant for one chain's handle (a sibling unused past session_idle): the next
+    chain's handle mints; the refused one is never presented again."""
+
+    def grow(form: dict[str, list[str]]) -> httpx.Response:
+        body = aws_body(2, "a1")
+        body["sibling_refresh_tokens"] = ["b1", "c1"]
+        return httpx.Response(200, json=body)
+
+    client, broker, _ = make(
+        [lambda f: httpx.Response(200, json=aws_body(1, "a0")), grow, error(400, "invalid_grant")]
+    )
+    client.mint("g", "Open")
+    client.mint("g", "Grow")
+    cred = client.mint("g", "Load")
+    refused, retried = (f["refresh_token"][0] for f in broker.forms[2:])
+    assert (refused, retried) == ("c1", "b1") and isinstance(cred, AwsCredentials)
+    session = client._session
+    assert session is not None and "c1" not in session.idle and len(session.idle) == 2
+
+
+def test_every_chain_refused_with_a_fixed_token_is_a_clear_error() -> None:
+    def grow(form: dict[str, list[str]]) -> httpx.Response:
+        body = aws_body(2, "a1")
+        body["sibling_refresh_tokens"] = ["b1"]
+        return httpx.Response(200, json=body)
+
+    client, broker, _ = make(
+        [
+            lambda f: httpx.Response(200, json=aws_body(1, "a0")),
+            grow,
+            error(400, "invalid_grant"),
+            error(400, "invalid_grant"),
+        ]
+    )
+    client.mint("g", "Open")
+    client.mint("g", "Grow")
+    with pytest.raises(BrokerError, match="cannot give a new token") as info:
+        client.mint("g", "Load")
+    assert info.value.error == "invalid_grant" and not client.has_session
+    assert [f["refresh_token"][0] for f in broker.forms[2:]] == ["b1", "a1"]
+
+
+def test_a_broker_refusing_sibling_chains_leaves_the_session_on_one() -> None:
+    """invalid_request to a refresh asking for siblings (an older broker, or a lower
+    session_max_chains): the same, unspent handle is presented once more without asking."""
+
+    def refuse_siblings(form: dict[str, list[str]]) -> httpx.Response:
+        assert form["sibling_chains"] == ["3"]
+        return error(400, "invalid_request")(form)
+
+    client, broker, _ = make(
+        [lambda f: httpx.Response(200, json=aws_body(1, "a0")), refuse_siblings]
+    )
+    client.mint("g", "Open")
+    cred = client.mint("g", "Grow")
+    client.mint("g", "Next")
+    _, asked, again, after = broker.forms
+    assert asked["refresh_token"] == again["refresh_token"] == ["a0"]
+    assert "sibling_chains" not in again and "sibling_chains" not in after
+    assert isinstance(cred, AwsCredentials) and after["refresh_token"] == ["handle-3"]
+
+
+def test_a_refresh_refused_for_itself_does_not_give_up_sibling_chains() -> None:
+    """invalid_request with and without siblings: the request was the problem (raised), and
+    the next refresh asks for the siblings again."""
+    client, broker, _ = make(
+        [
+            lambda f: httpx.Response(200, json=aws_body(1, "a0")),
+            error(400, "invalid_request"),
+            error(400, "invalid_request"),
+        ]
+    )
+    client.mint("g", "Open")
+    with pytest.raises(BrokerError):
+        client.mint("g", "bad task")
+    client.mint("g", "Next")
+    _, asked, again, next_refresh = broker.forms
+    assert asked["sibling_chains"] == ["3"] and "sibling_chains" not in again
+    assert next_refresh["sibling_chains"] == ["3"] and next_refresh["refresh_token"] == ["a0"]

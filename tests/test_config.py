@@ -359,6 +359,17 @@ def test_aws_ttl_range(body: str, where: str, fragment: str) -> None:
     assert has(problems(grant('project_id = "1"', extra=body)), where, fragment)
 
 
+@pytest.mark.parametrize("value", ["0", "65"])
+def test_session_max_chains_out_of_range_is_refused(value: str) -> None:
+    """[broker] session_max_chains: 1 to 64 refresh chains per session (default 8)."""
+    found = problems(grant('project_id = "1"') + f"\n[broker]\nsession_max_chains = {value}\n")
+    assert has(found, "broker.session_max_chains", "must be 1 to 64")
+    text = ISSUERS + VAULT + grant('project_id = "1"')
+    assert parse_config(text, source="b.toml").broker.session_max_chains == 8
+    chosen = parse_config(text + "\n[broker]\nsession_max_chains = 64\n", source="b.toml")
+    assert chosen.broker.session_max_chains == 64
+
+
 def test_vault_and_broker_duration_limits() -> None:
     """Vault TTLs need >= 60 s and <= session_max; session_max <= 7d; leeway <= 300 s."""
     found = problems(

@@ -43,7 +43,9 @@ def test_client_package_never_imports_the_broker() -> None:
     assert offenders == []
 
 
-def _issued(token_type: str, credentials: dict[str, Any]) -> dict[str, Any]:
+def _issued(
+    token_type: str, credentials: dict[str, Any], siblings: tuple[str, ...] = ()
+) -> dict[str, Any]:
     body = Issued(
         request_id="r1",
         issued_token_type=token_type,
@@ -51,6 +53,7 @@ def _issued(token_type: str, credentials: dict[str, Any]) -> dict[str, Any]:
         expires_in=900,
         credentials=MappingProxyType(credentials),
         refresh_token="lcr_next",
+        sibling_refresh_tokens=siblings,
     ).wire()
     # Through JSON exactly as the HTTP edge sends it.
     parsed: dict[str, Any] = json.loads(json.dumps(body))
@@ -95,9 +98,11 @@ def test_vault_secret_round_trip() -> None:
 def test_issued_body_matches_the_openapi_schema() -> None:
     """Issued.wire() has exactly the fields the OpenAPI Issued schema lists, required ones set."""
     schema = OPENAPI["components"]["schemas"]["Issued"]
-    body = _issued(TOKEN_TYPE_AWS, {})
+    body = _issued(TOKEN_TYPE_AWS, {}, siblings=("lcr_sibling",))
     assert set(body) == set(schema["properties"])
     assert set(schema["required"]) <= set(body)
+    # Without sibling chains asked for, the answer is as it always was.
+    assert set(_issued(TOKEN_TYPE_AWS, {})) == set(body) - {"sibling_refresh_tokens"}
 
 
 @pytest.mark.parametrize(

@@ -94,8 +94,8 @@ def owner(dpop_stack: Stack) -> Iterator[tuple[BrokerClient, Sent]]:
 
 def _handle(client: BrokerClient) -> str:
     session = client._session
-    assert session is not None
-    return session.handle
+    assert session is not None and session.idle
+    return session.idle[-1]  # the handle the client spends next
 
 
 def _nonce(broker: Broker) -> str:

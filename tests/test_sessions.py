@@ -30,14 +30,17 @@ from broker.replay import ReplayLedger
 from broker.sealing import RefSealer, SealError
 from broker.sessions import (
     HANDLE_PREFIX,
+    MIGRATIONS,
     REASON_REUSE,
+    REASON_TOO_MANY_CHAINS,
     SessionError,
     SessionStore,
     canonical_claims,
     handle_hash,
     open_state,
+    rotated,
 )
-from broker.storage import StoreUnavailable
+from broker.storage import Database, StoreUnavailable, Tx
 
 # Seals the session store's credential references; generated per test run.
 SEALER = RefSealer(secrets.token_bytes(32))
@@ -47,7 +50,13 @@ PG_ADMIN_URL = os.environ.get("LUIGI_CREDS_TEST_PG", "postgresql://postgres@127.
 # real times; the session tests pass their own `now` and need no particular instant.
 T0 = datetime.now(UTC).replace(microsecond=0)
 HOUR = timedelta(hours=1)
-TABLES = ("session_credentials", "session_handles", "session_sessions", "replay_tokens")
+TABLES = (
+    "session_credentials",
+    "session_handles",
+    "session_chains",
+    "session_sessions",
+    "replay_tokens",
+)
 CLAIMS = {"project_path": "data/etl", "ref": "main", "ref_protected": "true", "sub": "s"}
 
 
@@ -334,6 +343,144 @@ def test_concurrent_rotation_of_one_handle_has_one_winner(state: State) -> None:
     assert reason_of(lambda: state.store.rotate(wins[0], now=T0)) == "revoked"
 
 
+def branch(store: SessionStore, handle: str, siblings: int, *, now: datetime = T0) -> Any:
+    """Spend `handle` opening `siblings` chains (at most 8 in all): (session, successor,
+    the new chains' first handles)."""
+    successor, firsts, step = store.branching(handle, now=now, siblings=siblings, max_chains=8)
+    session, successor = rotated(store.database.write(step), successor)
+    return session, successor, firsts
+
+
+def test_sibling_chains_rotate_on_their_own_and_reuse_on_any_ends_them_all(state: State) -> None:
+    """Each chain spends its own handles, interleaved with the others' rotations; reusing a
+    spent handle of one sibling chain revokes the session, every chain with it."""
+    store = state.store
+    session, first = new_session(store)
+    _, a1, (b1, c1) = branch(store, first, 2)
+    assert len({first, a1, b1, c1}) == 4 and store.chain_count(session.id) == 3
+    # Chain A rotates, then B spends the handle it had before A rotated: not reuse.
+    _, a2 = store.rotate(a1, now=T0)
+    _, b2 = store.rotate(b1, now=T0)
+    _, c2 = store.rotate(c1, now=T0)
+    rotated_a, a3 = store.rotate(a2, now=T0)
+    assert rotated_a.generation == 4  # chain A (the first chain): first, a1, a2, a3
+    assert store.peek(b2, now=T0).id == session.id
+    assert reason_of(lambda: store.peek(b1, now=T0)) == "reused"  # peeking changes nothing
+    assert store.peek(c2, now=T0).id == session.id
+
+    assert reason_of(lambda: store.rotate(b1, now=T0 + HOUR / 2)) == "reused"
+    ended = store.get(session.id)
+    assert ended is not None and ended.revoked_reason == REASON_REUSE
+    for handle in (a3, b2, c2):
+        assert reason_of(lambda h=handle: store.rotate(h, now=T0 + HOUR / 2)) == "revoked"
+
+
+def test_revoking_by_a_sibling_handle_ends_every_chain(state: State) -> None:
+    store = state.store
+    session, first = new_session(store)
+    _, a1, (b1,) = branch(store, first, 1)
+    _, b2 = store.rotate(b1, now=T0)
+    (ended,) = store.revoke(handle=b2, reason="client_revoked", now=T0)
+    assert ended.id == session.id
+    assert reason_of(lambda: store.rotate(a1, now=T0)) == "revoked"
+    assert reason_of(lambda: store.rotate(b2, now=T0)) == "revoked"
+
+
+def test_chain_limit_refuses_without_spending_the_handle(state: State) -> None:
+    """Past max_chains the rotation is refused as too_many_chains and nothing is spent."""
+    store = state.store
+    session, first = new_session(store)
+    _, a1, siblings = branch(store, first, 6)  # 7 chains of 8
+    assert len(siblings) == 6
+    for handle in (a1, siblings[0]):
+        _, _, step = store.branching(handle, now=T0, siblings=2, max_chains=8)
+        assert store.database.write(step)[1] == REASON_TOO_MANY_CHAINS
+    assert store.chain_count(session.id) == 7
+    # The refused handles still work; one more chain fits exactly.
+    _, _, (last,) = branch(store, a1, 1)
+    assert store.chain_count(session.id) == 8
+    store.rotate(siblings[0], now=T0)
+    store.rotate(last, now=T0)
+    live = store.get(session.id)
+    assert live is not None and live.revoked_at is None
+
+
+def test_an_idle_sibling_handle_expires_on_its_own(state: State) -> None:
+    """max_idle applies per handle: a sibling chain left unused expires while another chain,
+    spent recently, goes on."""
+    store = state.store
+    _, first = new_session(store)
+    idle = timedelta(minutes=30)
+    _, a1, (b1,) = branch(store, first, 1)
+    _, a2 = store.rotate(a1, now=T0 + timedelta(minutes=20), max_idle=idle)
+    later = T0 + timedelta(minutes=40)
+    assert reason_of(lambda: store.rotate(b1, now=later, max_idle=idle)) == "expired"
+    store.rotate(a2, now=later, max_idle=idle)
+
+
+def test_chains_rotated_from_many_threads_at_once_all_succeed(state: State) -> None:
+    """Concurrent rotations of different chains of one session do not look like reuse."""
+    store = state.store
+    session, first = new_session(store)
+    _, a1, siblings = branch(store, first, 3)
+    handles = iter([a1, *siblings])
+    lock = threading.Lock()
+    successors: list[str] = []
+    failures: list[str] = []
+
+    def worker() -> None:
+        with lock:
+            mine = next(handles)
+        try:
+            _, successor = store.rotate(mine, now=T0)
+        except SessionError as exc:
+            with lock:
+                failures.append(exc.reason)
+        else:
+            with lock:
+                successors.append(successor)
+
+    run_at_once(worker, 4)
+    assert failures == [] and len(set(successors)) == 4
+    live = store.get(session.id)
+    assert live is not None and live.revoked_at is None
+
+
+def test_sessions_opened_before_sibling_chains_keep_working(tmp_path: Path) -> None:
+    """A store at schema version 1 (an older broker's) migrates in place: its sessions'
+    handles rotate, can open sibling chains, and reuse still ends them."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    db = Database.open(url)
+    db.migrate("session_schema_migrations", MIGRATIONS[:1], lambda: T0.isoformat())
+    handle = HANDLE_PREFIX + "x" * 43
+
+    def old_broker_opens_a_session(tx: Tx) -> None:
+        tx.execute(
+            "INSERT INTO session_sessions (id, issuer, subject, claims, created_at, expires_at,"
+            " generation, revoked_at, revoked_reason, key_thumbprint)"
+            " VALUES (?, ?, ?, ?, ?, ?, 1, NULL, '', NULL)",
+            ("lcs_old", "gitlab", "s", "{}", tx.to_db(T0), tx.to_db(T0 + HOUR)),
+        )
+        tx.execute(
+            "INSERT INTO session_handles (handle_hash, session_id, generation, issued_at)"
+            " VALUES (?, ?, 1, ?)",
+            (handle_hash(handle), "lcs_old", tx.to_db(T0)),
+        )
+
+    db.write(old_broker_opens_a_session)
+    db.close()
+    ledger, store = open_state(url, sealer=SEALER)
+    try:
+        session, a1, (b1,) = branch(store, handle, 1)
+        assert session.id == "lcs_old" and session.generation == 2
+        store.rotate(b1, now=T0)
+        assert reason_of(lambda: store.rotate(handle, now=T0)) == "reused"
+        assert reason_of(lambda: store.rotate(a1, now=T0)) == "revoked"
+    finally:
+        ledger.close()
+        store.close()
+
+
 def test_rotation_at_one_broker_invalidates_the_handle_at_another(state: State) -> None:
     """A handle rotated through one broker's store counts as reuse at another broker's store."""
     other_ledger, other_store = state.open_another()
@@ -494,6 +641,7 @@ def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
     store = state.store
     old, old_handle = new_session(store, expires_at=T0 + HOUR)
     store.record_credential(old.id, kind="vault_lease", ref="lease-old", expires_at=None)
+    _, old_handle, (old_sibling,) = branch(store, old_handle, 1)
     live, _ = new_session(store, expires_at=T0 + 24 * HOUR)
     revoked, _ = new_session(store, expires_at=T0 + 24 * HOUR)
     store.revoke(session_id=revoked.id, reason="operator", now=T0 + timedelta(minutes=1))
@@ -501,6 +649,7 @@ def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
     assert [s.id for s in store.list(active_only=False, now=T0)] == [live.id]
     rows = dump_tables(state.url)
     assert "lease-old" not in rows and handle_hash(old_handle) not in rows
+    assert handle_hash(old_sibling) not in rows and old.id not in rows  # its chains too
     assert reason_of(lambda: store.rotate(old_handle, now=T0)) == "unknown"
 
 

@@ -16,14 +16,19 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from stack import Upstreams, audit_events, start_upstreams
 
 from broker.audit import open_store
 from broker.audit.events import AuditEvent, Outcome
 from broker.dev.harness import Broker, fresh_pg_database
+from luigi_creds.client import BrokerClient
+from luigi_creds.identity import EnvTokenSource
 
 pytestmark = pytest.mark.integration
 
@@ -466,3 +471,121 @@ def test_junk_is_shed_per_client_and_tallied_not_recorded_one_by_one(
     assert report.returncode == 0, report.stderr
     denials = {(d["grant"], d["reason"]): d["count"] for d in json.loads(report.stdout)["denials"]}
     assert denials[("", "client_rate_limited")] == counts[("denied", "client_rate_limited")]
+
+
+# -- sibling refresh chains ---------------------------------------------------------------------
+
+
+def test_concurrent_mints_take_sibling_chains_and_each_task_gets_its_own(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """The real client's first refresh opens sibling chains; then four mints from four threads
+    are in flight at once (they meet at a barrier before sending, which a client spending one
+    handle at a time could never pass), and each task gets its own credential, recorded with
+    its task id."""
+    b, db = broker
+    met = threading.Barrier(4)
+    armed = threading.Event()
+
+    def meet(request: httpx.Request) -> None:
+        if armed.is_set() and b"grant_type=refresh_token" in request.content:
+            met.wait(timeout=20)
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    environ = {"CI_ID_TOKEN": upstreams.issuer.mint("gitlab")}
+    with httpx.Client(timeout=30, event_hooks={"request": [meet]}) as http:
+        client = BrokerClient(
+            b.url, EnvTokenSource("CI_ID_TOKEN", environ), http=http, clock=clock, chains=4
+        )
+        client.mint("etl-writer", task="Open")  # the exchange: one chain
+        client.mint("etl-writer", task="Grow")  # the first refresh asks for three more
+        armed.set()
+        minted: dict[str, Any] = {}
+        failed: list[BaseException] = []
+
+        def mint(task: str) -> None:
+            try:
+                minted[task] = client.mint("etl-writer", task=task)
+            except BaseException as exc:
+                failed.append(exc)
+
+        threads = [threading.Thread(target=mint, args=(f"Load_{n}",)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failed == [] and not met.broken
+        client.revoke()
+    keys = {task: cred.access_key_id for task, cred in minted.items()}
+    assert len(set(keys.values())) == 4
+    issued = {e.task: e for e in _all_events(f"sqlite:///{db}") if e.outcome == Outcome.ISSUED}
+    for task, key in keys.items():
+        assert issued[task].credential_ref == key
+    grown = issued["Grow"]
+    assert (grown.detail["chains_opened"], grown.detail["session_chains"]) == (3, 4)
+    assert len({issued[t].session_id for t in ("Open", "Grow", *keys)}) == 1
+
+
+def test_reuse_on_one_chain_ends_every_chain(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """Chain B's handle stays good while chain A rotates; reusing B's spent handle afterwards
+    ends the whole session, chain A included."""
+    b, db = broker
+    status, first, _ = b.exchange(upstreams.issuer.mint("gitlab"))
+    assert status == 200
+    status, grown, _ = b.refresh(first["refresh_token"], task="Grow", sibling_chains="1")
+    assert status == 200, grown
+    a1, (b1,) = grown["refresh_token"], grown["sibling_refresh_tokens"]
+    status, body, _ = b.refresh(a1, task="A")
+    assert status == 200 and "sibling_refresh_tokens" not in body
+    a2 = body["refresh_token"]
+    status, body, _ = b.refresh(b1, task="B")
+    assert status == 200, body
+    status, body, _ = b.refresh(b1, task="B_again")
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert [(e.outcome, e.reason) for e in _events(f"sqlite:///{db}", body["request_id"])] == [
+        (Outcome.REVOKED, "reuse_detected"),
+        (Outcome.DENIED, "session_reused"),
+    ]
+    status, body, _ = b.refresh(a2, task="A_again")
+    assert (status, body["error"]) == (400, "invalid_grant")
+
+
+def test_revoking_with_any_chains_handle_ends_them_all(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    b, _ = broker
+    _, first, _ = b.exchange(upstreams.issuer.mint("gitlab"))
+    status, grown, _ = b.refresh(first["refresh_token"], sibling_chains="2")
+    assert status == 200 and len(grown["sibling_refresh_tokens"]) == 2
+    b1, c1 = grown["sibling_refresh_tokens"]
+    assert b.revoke(c1)[0] == 200
+    for handle in (grown["refresh_token"], b1, c1):
+        assert b.refresh(handle)[1]["error"] == "invalid_grant"
+
+
+def test_the_chain_limit_is_refused_clearly_and_spends_nothing(
+    upstreams: Upstreams, broker: tuple[Broker, Path]
+) -> None:
+    """[broker] session_max_chains (8 by default) counts the first chain; asking past it is
+    refused with a description naming the limit, before minting, and the handle stays good."""
+    b, db = broker
+    _, first, _ = b.exchange(upstreams.issuer.mint("gitlab"))
+    handle = first["refresh_token"]
+    for asked in ("8", "x", "-1"):
+        status, body, _ = b.refresh(handle, sibling_chains=asked)
+        assert (status, body["error"]) == (400, "invalid_request")
+    status, body, _ = b.refresh(handle, sibling_chains="8")
+    assert "session_max_chains" in body["error_description"]
+    assert [e.reason for e in _events(f"sqlite:///{db}", body["request_id"])] == [
+        "session_max_chains"
+    ]
+    status, grown, _ = b.refresh(handle, sibling_chains="6")  # 7 chains
+    assert status == 200 and len(grown["sibling_refresh_tokens"]) == 6
+    status, body, _ = b.refresh(grown["refresh_token"], sibling_chains="2")
+    assert (status, body["error"]) == (400, "invalid_request")
+    status, body, _ = b.refresh(grown["refresh_token"], sibling_chains="1")  # 8: the limit
+    assert status == 200 and len(body["sibling_refresh_tokens"]) == 1

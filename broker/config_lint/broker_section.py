@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.config import LEEWAY_MAX, SESSION_MAX_LIMIT, BrokerSettings, RateLimit
+from broker.config import (
+    LEEWAY_MAX,
+    SESSION_MAX_CHAINS_LIMIT,
+    SESSION_MAX_LIMIT,
+    BrokerSettings,
+    RateLimit,
+)
 from broker.config_lint.reader import Lint
 from broker.loopback import is_loopback_host
 from broker.storage import StoreURL
@@ -22,6 +28,7 @@ BROKER_KEYS = frozenset(
         "audit_salt_file",
         "session_max",
         "session_idle",
+        "session_max_chains",
         "session_past_token_exp",
         "leeway",
         "max_body_bytes",
@@ -73,6 +80,9 @@ def broker_settings(lint: Lint, t: Mapping[str, Any]) -> BrokerSettings:
     session_idle = lint.duration(t, "session_idle", w, d.session_idle)
     if session_idle > session_max:
         lint.add(f"{w}.session_idle", "must not exceed session_max")
+    max_chains = lint.typed(t, "session_max_chains", w, int, d.session_max_chains)
+    if not 1 <= max_chains <= SESSION_MAX_CHAINS_LIMIT:
+        lint.add(f"{w}.session_max_chains", f"must be 1 to {SESSION_MAX_CHAINS_LIMIT}")
     leeway = lint.duration(t, "leeway", w, d.leeway)
     if leeway > LEEWAY_MAX:
         lint.add(f"{w}.leeway", "must be at most 300s (5 minutes)")
@@ -88,6 +98,7 @@ def broker_settings(lint: Lint, t: Mapping[str, Any]) -> BrokerSettings:
         audit_salt_file=lint.path(t, "audit_salt_file", w),
         session_max=session_max,
         session_idle=session_idle,
+        session_max_chains=max_chains,
         session_past_token_exp=lint.duration(
             t, "session_past_token_exp", w, d.session_past_token_exp
         ),

@@ -210,8 +210,10 @@ def policy_toml(
     extra: str = "",
     broker_extra: str = "",
     issuer_extra: str = "",
+    grant_ttl: str = "15m",
 ) -> str:
-    """A policy file for the GitLab-shaped dev token: one AWS grant bound to the project id.
+    """A policy file for the GitLab-shaped dev token: one AWS grant bound to the project id
+    (its credentials live `grant_ttl` seconds).
 
     `audit_db` is an SQLite file, or a postgresql:// URL; `extra` is appended TOML;
     `issuer_extra` goes into the issuer's table (e.g. `require_dpop = true`).
@@ -226,7 +228,9 @@ def policy_toml(
         (
             broker_table(listen, store, leeway="30s") + broker_extra + "\n",
             dev_issuer(issuer_url, jwks_refetch_cooldown="1s") + issuer_extra + "\n",
-            etl_writer_grant(issuer=GITLAB, role_arn=role_arn, session_name="{project_path}"),
+            etl_writer_grant(
+                issuer=GITLAB, role_arn=role_arn, session_name="{project_path}", ttl=grant_ttl
+            ),
             upstream_aws(moto_url),
         )
     )

@@ -103,14 +103,14 @@ def etl_project_grant(name: str, *, ttl: str, **target_and_settings: Any) -> str
     return grant(name, {"project_id": GITLAB_PROJECT_ID}, ttl=ttl, **target_and_settings)
 
 
-def etl_writer_grant(*, issuer: str, role_arn: str, session_name: str) -> str:
+def etl_writer_grant(*, issuer: str, role_arn: str, session_name: str, ttl: str = "15m") -> str:
     """The GitLab ETL project's protected `main` and `release/*` branches assume `role_arn`,
     with the project and pipeline as session tags and the user as source identity."""
     return grant(
         ETL_WRITER,
         {"project_id": GITLAB_PROJECT_ID, "ref_protected": "true", "ref": ["main", "release/*"]},
         issuers=[issuer],
-        ttl="15m",
+        ttl=ttl,
         aws={
             "role_arn": role_arn,
             "session_name": session_name,
