@@ -9,8 +9,10 @@ context switches per exchange against 10. More CPUs are used by running more bro
 `[broker] single_cpu = false` leaves the choice to the kernel's scheduler.
 
 The CPU is picked at start-up among those the process may use (its affinity mask, which a
-container's cpuset narrows): the least busy over a short sample of /proc/stat, ties broken by
-the process id so replicas started together spread out. Linux only; elsewhere nothing changes.
+container's cpuset narrows): first the one the fewest processes are already pinned to (another
+broker replica on the host, say: the kernel can move other work away from us, but not a pinned
+process), then the least busy over a short sample of /proc/stat, then by process id. Linux
+only; elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,42 @@ log = logging.getLogger("broker.cpu")
 _SAMPLE_SECONDS = 0.1
 
 
-def pick_cpu(allowed: Set[int], busy: Mapping[int, int], pid: int) -> int:
-    """The allowed CPU with the fewest busy ticks in `busy` (missing: 0); ties by `pid`."""
+def pick_cpu(
+    allowed: Set[int], busy: Mapping[int, int], pid: int, pinned: Mapping[int, int] | None = None
+) -> int:
+    """The allowed CPU with the fewest processes `pinned` to it alone, then the fewest busy
+    ticks in `busy` (missing: 0); ties by `pid`."""
     cpus = sorted(allowed)
-    return min(cpus, key=lambda cpu: (busy.get(cpu, 0), (cpu - pid) % len(cpus)))
+    held = pinned or {}
+    return min(cpus, key=lambda cpu: (held.get(cpu, 0), busy.get(cpu, 0), (cpu - pid) % len(cpus)))
+
+
+def pinned_cpu(status: str) -> int | None:
+    """The one CPU a user process may run on, from its /proc/<pid>/status text (None: several,
+    or a kernel thread: every CPU has its own, so they say nothing about where to go)."""
+    if "VmRSS:" not in status:  # kernel threads have no memory of their own
+        return None
+    for line in status.splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            value = line.partition(":")[2].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def pinned_counts(proc: Path = Path("/proc")) -> dict[int, int]:
+    """How many processes (other than this one) are pinned to each CPU alone."""
+    counts: dict[int, int] = {}
+    me = str(os.getpid())
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or entry.name == me:
+            continue
+        try:
+            cpu = pinned_cpu((entry / "status").read_text())
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if cpu is not None:
+            counts[cpu] = counts.get(cpu, 0) + 1
+    return counts
 
 
 def busy_ticks(stat: str) -> dict[int, int]:
@@ -58,7 +92,7 @@ def run_on_one_cpu() -> int | None:
     except OSError:
         before = after = {}
     busy = {cpu: after.get(cpu, 0) - before.get(cpu, 0) for cpu in allowed}
-    cpu = pick_cpu(allowed, busy, os.getpid())
+    cpu = pick_cpu(allowed, busy, os.getpid(), pinned_counts())
     # A thread's affinity is its own (new threads inherit their creator's): set every thread's.
     for task in Path("/proc/self/task").iterdir():
         try:

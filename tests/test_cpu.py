@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.cpu import busy_ticks, pick_cpu
+from broker.cpu import busy_ticks, pick_cpu, pinned_counts, pinned_cpu
 from broker.dev.harness import policy_toml, start_broker, start_dev_issuer
 from broker.dev.processes import free_port
 
@@ -27,6 +27,29 @@ def test_the_least_busy_allowed_cpu_is_picked_and_ties_spread_by_pid() -> None:
     assert pick_cpu({2, 3}, {1: 0, 2: 10, 3: 10}, pid=4) == 2  # only the allowed ones
     assert pick_cpu({0, 1}, {}, pid=10) == 0
     assert pick_cpu({0, 1}, {}, pid=11) == 1
+
+
+def test_a_cpu_other_processes_are_pinned_to_is_avoided_before_a_busy_one() -> None:
+    # Another replica pinned to 0: take 1, even if something else keeps 1 busier just now.
+    assert pick_cpu({0, 1}, {0: 0, 1: 40}, pid=10, pinned={0: 1}) == 1
+    assert pick_cpu({0, 1}, {0: 0, 1: 40}, pid=10, pinned={0: 1, 1: 1}) == 0
+
+
+def test_pinned_cpu_reads_a_single_cpu_from_a_status_file() -> None:
+    status = "Name:\tpython\nVmRSS:\t90000 kB\nCpus_allowed_list:\t{}\nMems_allowed:\t1\n"
+    assert pinned_cpu(status.format("1")) == 1
+    assert pinned_cpu(status.format("0-1")) is None
+    assert pinned_cpu(status.format("0,2")) is None
+    # A per-CPU kernel thread (ksoftirqd/1 and the like) is not a placement to avoid.
+    assert pinned_cpu("Name:\tksoftirqd/1\nKthread:\t1\nCpus_allowed_list:\t1\n") is None
+
+
+def test_pinned_counts_find_a_process_pinned_here(tmp_path: Path) -> None:
+    for pid, cpus in (("101", "3"), ("102", "0-3"), ("103", "3"), ("self", "1")):
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "status").write_text(f"VmRSS:\t1 kB\nCpus_allowed_list:\t{cpus}\n")
+    (tmp_path / "104").mkdir()  # a process that ended while we looked: no status file
+    assert pinned_counts(tmp_path) == {3: 2}
 
 
 def _cpus_of_threads(pid: int) -> set[frozenset[int]]:
