@@ -64,9 +64,9 @@ def _cpus_of_threads(pid: int) -> set[frozenset[int]]:
 def test_a_served_broker_runs_every_thread_on_one_cpu_unless_told_not_to(
     tmp_path: Path, single_cpu: bool
 ) -> None:
+    # The broker inherits this process's CPUs. With one (CI machines have two), both cases
+    # leave it alone and the assertions below still hold: one thread mask, that CPU.
     allowed = os.sched_getaffinity(0)
-    if len(allowed) < 2:
-        pytest.skip("one CPU: nothing to choose")  # the machine, not the code
     issuer = start_dev_issuer(tmp_path / "issuer")
     try:
         config = policy_toml(
