@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from bench.exchange import (
+    AUDIENCE,
     AWS_GRANT,
     FORM,
     PEER,
+    TOKEN_TTL_SECONDS,
     VAULT_GRANT,
     Broker,
     Connection,
@@ -59,9 +63,13 @@ from bench.exchange import (
     start_broker,
     summarize,
 )
+from broker.app import new_request_id
+from broker.config import Config
 from broker.config_lint import load_config
+from broker.dev.claims import preset_claims
 from broker.dev.processes import free_port
-from broker.dev.vault import ETL_POLICY
+from broker.mint.vault import clamp_ttl, plan_token, token_create_body
+from broker.sessions import SESSION_ID_PREFIX
 
 OURS = "luigi-creds"
 CEILING = "openbao-create"
@@ -122,23 +130,74 @@ class OwnTime:
         }
 
 
-def token_create_job(path: str, token: str) -> Job:
+def token_create_job(path: str, token: str, body: Mapping[str, Any]) -> Job:
     """The broker's own upstream call, made directly: the ceiling for any exchange."""
-    body = json.dumps(
-        {
-            "policies": [ETL_POLICY],
-            "ttl": "900s",
-            "meta": {"grant": VAULT_GRANT, "request_id": "bench"},
-            "renewable": True,
-            "display_name": "luigi-creds-bench",
-        }
-    ).encode()
+    raw = json.dumps(body).encode()
 
     def job(conn: Connection) -> bool:
-        status, raw = conn.post(path, body, "application/json", {"X-Vault-Token": token})
-        return status == 200 and bool(json.loads(raw)["auth"]["client_token"])
+        status, answer = conn.post(path, raw, "application/json", {"X-Vault-Token": token})
+        return status == 200 and bool(json.loads(answer)["auth"]["client_token"])
 
     return job
+
+
+def exchange_token_body(config: Config, stack: Stack, explicit_max_ttl: int) -> dict[str, Any]:
+    """The token-create body the broker sends for one Vault-token exchange of the bench's
+    grant, built by the broker's own code (`plan_token`, `token_create_body`) from values shaped
+    as an exchange's: the session's issuer and subject, a fresh session and request id, and the
+    explicit max TTL a real exchange's token carries. Metadata costs OpenBao CPU (stored with
+    the token, HMACed into its audit log), so a lighter body would overstate the ceiling."""
+    grant = next(g for g in config.grants if g.name == VAULT_GRANT)
+    issuer = next(i for i in config.issuers if i.url == stack.signer.issuer_url)
+    subject = preset_claims(
+        "gitlab",
+        issuer=stack.signer.issuer_url,
+        audience=AUDIENCE,
+        now=datetime.now(UTC),
+        ttl=TOKEN_TTL_SECONDS,
+    )["sub"]
+    ttl = clamp_ttl(grant.ttl, None)
+    plan = plan_token(
+        grant,
+        ttl=ttl,
+        metadata={
+            "issuer": issuer.name,
+            "subject": str(subject),
+            "session": SESSION_ID_PREFIX + secrets.token_urlsafe(16),
+            "request_id": new_request_id(),
+        },
+        explicit_max_ttl=explicit_max_ttl,
+    )
+    return token_create_body(plan)
+
+
+def _ceiling_job_factory(stack: Stack) -> Callable[[], Job]:
+    config = load_config(stack.broker.config_path)
+    vault = config.vault
+    assert vault is not None and vault.role_id_file and vault.secret_id_file
+    login = hvac.Client(url=stack.bao.url, timeout=10).auth.approle.login(
+        role_id=vault.role_id_file.read_text().strip(),
+        secret_id=vault.secret_id_file.read_text().strip(),
+    )
+    token = str(login["auth"]["client_token"])
+    path = f"/v1/auth/token/create/{vault.token_role}"
+    meta_keys, explicit_max_ttl = _exchanged_token_shape(stack)
+    body = exchange_token_body(config, stack, explicit_max_ttl)
+    if sorted(body["meta"]) != meta_keys:
+        raise RuntimeError(f"the ceiling's metadata {sorted(body['meta'])} is not ours {meta_keys}")
+    return lambda: token_create_job(
+        path, token, exchange_token_body(config, stack, explicit_max_ttl)
+    )
+
+
+def _exchanged_token_shape(stack: Stack) -> tuple[list[str], int]:
+    """The metadata keys and explicit max TTL of a token from one real exchange (untimed)."""
+    status, answer, _ = stack.broker.exchange(stack.mint(), VAULT_GRANT)
+    if status != 200:
+        raise RuntimeError(f"our exchange failed: {status} {answer.get('error')}")
+    client = hvac.Client(url=stack.bao.url, token=answer["credentials"]["token"], timeout=10)
+    data = client.auth.token.lookup_self()["data"]
+    return sorted(data.get("meta") or {}), int(data["explicit_max_ttl"])
 
 
 def assume_role_job(role_arn: str, index: int, moto_url: str, keys: Mapping[str, str]) -> Job:
@@ -176,19 +235,6 @@ class Target:
 
     urls: Sequence[str]
     pids: Sequence[int]
-
-
-def _ceiling_job_factory(stack: Stack) -> Callable[[], Job]:
-    config = load_config(stack.broker.config_path)
-    vault = config.vault
-    assert vault is not None and vault.role_id_file and vault.secret_id_file
-    login = hvac.Client(url=stack.bao.url, timeout=10).auth.approle.login(
-        role_id=vault.role_id_file.read_text().strip(),
-        secret_id=vault.secret_id_file.read_text().strip(),
-    )
-    token = str(login["auth"]["client_token"])
-    path = f"/v1/auth/token/create/{vault.token_role}"
-    return lambda: token_create_job(path, token)
 
 
 def _per_thread(threads: int, scale: float) -> int:
