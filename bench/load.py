@@ -51,6 +51,7 @@ from bench.exchange import (
     Broker,
     Connection,
     Job,
+    Measured,
     RefreshChain,
     Stack,
     _session_handle,
@@ -75,8 +76,12 @@ OURS = "luigi-creds"
 CEILING = "openbao-create"
 LEVELS = (1, 16, 64)
 # Timed requests per thread at each concurrency: about the same total work per level.
-PER_THREAD = {1: 150, 16: 40, 64: 12}
+PER_THREAD = {1: 150, 16: 120, 64: 36}
 WARMUP_PER_THREAD = 2
+# At each level the systems take turns in this many rounds (ceiling, peer, ours, ceiling, ...)
+# and each system's rounds are added up: a burst of load on the shared machine then lands on
+# all of them instead of on whichever was running, and the ratios stay put between runs.
+ROUNDS = 3
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -263,6 +268,55 @@ def measured_row(
     return row
 
 
+@dataclass(frozen=True)
+class System:
+    """One system measured at a level: where its requests go and how each is made."""
+
+    scenario: str
+    name: str
+    urls: Sequence[str]
+    make_job: Callable[[], Job]
+    pids: Sequence[int]
+
+
+def interleaved(
+    phase: str,
+    systems: Sequence[System],
+    threads: int,
+    per_thread: int,
+    progress: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Each of `systems` on `threads` workers for `per_thread` timed requests per thread, in
+    ROUNDS alternating rounds; one summary row per system over all its rounds, with the CPU
+    its pids spent per request (warm-ups included: the CPU clock ran for them too)."""
+    per_round = max(1, -(-per_thread // ROUNDS))
+    latencies: dict[str, list[float]] = {s.name: [] for s in systems}
+    wall = dict.fromkeys(latencies, 0.0)
+    errors = dict.fromkeys(latencies, 0)
+    cpu = dict.fromkeys(latencies, 0.0)
+    sent = dict.fromkeys(latencies, 0)
+    for _ in range(ROUNDS):
+        for system in systems:
+            # Made before the clock starts: making one may sign a token.
+            jobs = [system.make_job() for _ in range((WARMUP_PER_THREAD + per_round) * threads)]
+            cpu_before = sum(cpu_seconds(p) for p in system.pids)
+            measured = measure(system.urls, _split(jobs, WARMUP_PER_THREAD, threads))
+            cpu[system.name] += sum(cpu_seconds(p) for p in system.pids) - cpu_before
+            latencies[system.name] += measured.latencies
+            wall[system.name] += measured.wall
+            errors[system.name] += measured.errors
+            sent[system.name] += len(jobs)
+    rows = []
+    for system in systems:
+        name = system.name
+        measured = Measured(tuple(latencies[name]), wall[name], errors[name])
+        row = summarize(phase, system.scenario, name, measured)
+        row["cpu_ms_per_request"] = round(cpu[name] / sent[name] * 1000, 2) if system.pids else None
+        rows.append(row)
+        progress(row)
+    return rows
+
+
 def run_level(
     stack: Stack,
     threads: int,
@@ -271,26 +325,27 @@ def run_level(
     progress: Callable[[dict[str, Any]], None],
     scale: float,
 ) -> list[dict[str, Any]]:
-    """Ceiling, peer and ours at `threads`; ours with CPU per exchange."""
-    count = (WARMUP_PER_THREAD + _per_thread(threads, scale)) * threads
-    phase = f"c{threads}"
-    rows: list[dict[str, Any]] = []
+    """Ceiling, peer and ours at `threads`, alternating; ours with CPU per exchange."""
     ceiling = _ceiling_job_factory(stack)
     bao_pid = stack.bao.process.pid if stack.bao.process else 0
-
-    def record(
-        scenario: str, system: str, urls: Sequence[str], jobs: list[Job], pids: Sequence[int]
-    ) -> None:
-        row = measured_row(phase, scenario, system, urls, jobs, threads, pids)
-        rows.append(row)
-        progress(row)
-
-    record("vault_token", CEILING, [stack.bao.url], [ceiling() for _ in range(count)], [bao_pid])
-    peer = [peer_login(stack.mint(), expect_ok=True) for _ in range(count)]
-    record("vault_token", PEER, [stack.bao.url], peer, [bao_pid])
-    jobs = [ours_exchange(stack.mint(), VAULT_GRANT, own.add) for _ in range(count)]
-    record("vault_token", OURS, ours.urls, jobs, ours.pids)
-    return rows
+    systems = (
+        System("vault_token", CEILING, [stack.bao.url], ceiling, [bao_pid]),
+        System(
+            "vault_token",
+            PEER,
+            [stack.bao.url],
+            lambda: peer_login(stack.mint(), expect_ok=True),
+            [bao_pid],
+        ),
+        System(
+            "vault_token",
+            OURS,
+            ours.urls,
+            lambda: ours_exchange(stack.mint(), VAULT_GRANT, own.add),
+            ours.pids,
+        ),
+    )
+    return interleaved(f"c{threads}", systems, threads, _per_thread(threads, scale), progress)
 
 
 def run_load(
