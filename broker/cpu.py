@@ -8,6 +8,14 @@ broker CPU per exchange on both CPUs, 1.16-1.18 ms on one, the same throughput, 
 context switches per exchange against 10. More CPUs are used by running more broker replicas.
 `[broker] single_cpu = false` leaves the choice to the kernel's scheduler.
 
+Its threads are also scheduled as batch work (SCHED_BATCH): a thread woken on that CPU (the
+answer from Vault arrived, its group commit finished) waits for the running thread to block or
+use up its time slice instead of preempting it. Preempting would buy nothing, since the running
+thread holds the interpreter lock the woken one needs next: every such wake-up cost two context
+switches. Measured the same way, with both CPUs' other load alike: context switches per
+exchange 10.6 -> 6.9 (involuntary 4.0 -> 0.5), and 9-30 % more exchanges per second in three
+alternated pairs. A batch thread still gets its fair share of the CPU.
+
 The CPU is picked at start-up among those the process may use (its affinity mask, which a
 container's cpuset narrows): first the one the fewest processes are already pinned to (another
 broker replica on the host, say: the kernel can move other work away from us, but not a pinned
@@ -78,11 +86,13 @@ def busy_ticks(stat: str) -> dict[int, int]:
 
 
 def run_on_one_cpu() -> int | None:
-    """Move every thread of this process onto one CPU; return it (None: nothing to do)."""
+    """Move every thread of this process onto one CPU, scheduled as batch work; return the CPU
+    (None: the process may use one CPU only, or this is not Linux)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     allowed = os.sched_getaffinity(0)
     if len(allowed) < 2:
+        _schedule_as_batch()
         return None
     stat = Path("/proc/stat")
     try:
@@ -94,9 +104,24 @@ def run_on_one_cpu() -> int | None:
     busy = {cpu: after.get(cpu, 0) - before.get(cpu, 0) for cpu in allowed}
     cpu = pick_cpu(allowed, busy, os.getpid(), pinned_counts())
     # A thread's affinity is its own (new threads inherit their creator's): set every thread's.
-    for task in Path("/proc/self/task").iterdir():
+    for tid in _threads():
         try:
-            os.sched_setaffinity(int(task.name), {cpu})
+            os.sched_setaffinity(tid, {cpu})
         except (OSError, ValueError):
             continue  # a thread that ended meanwhile
+    _schedule_as_batch()
     return cpu
+
+
+def _threads() -> list[int]:
+    return [int(task.name) for task in Path("/proc/self/task").iterdir()]
+
+
+def _schedule_as_batch() -> None:
+    """Every thread of this process under SCHED_BATCH (new threads inherit it); no privilege
+    is needed to choose it."""
+    for tid in _threads():
+        try:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile

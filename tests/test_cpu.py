@@ -59,13 +59,17 @@ def _cpus_of_threads(pid: int) -> set[frozenset[int]]:
     }
 
 
+def _policies_of_threads(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("single_cpu", [True, False])
-def test_a_served_broker_runs_every_thread_on_one_cpu_unless_told_not_to(
+def test_a_served_broker_runs_every_thread_on_one_cpu_as_batch_work_unless_told_not_to(
     tmp_path: Path, single_cpu: bool
 ) -> None:
     # The broker inherits this process's CPUs. With one (CI machines have two), both cases
-    # leave it alone and the assertions below still hold: one thread mask, that CPU.
+    # leave the mask alone and the assertions below still hold: one thread mask, that CPU.
     allowed = os.sched_getaffinity(0)
     issuer = start_dev_issuer(tmp_path / "issuer")
     try:
@@ -80,6 +84,7 @@ def test_a_served_broker_runs_every_thread_on_one_cpu_unless_told_not_to(
         broker = start_broker(tmp_path / "broker", config)
         try:
             masks = _cpus_of_threads(broker.process.pid)
+            policies = _policies_of_threads(broker.process.pid)
         finally:
             broker.stop()
     finally:
@@ -88,5 +93,7 @@ def test_a_served_broker_runs_every_thread_on_one_cpu_unless_told_not_to(
         assert len(masks) == 1
         (mask,) = masks
         assert len(mask) == 1 and mask <= allowed
+        assert policies == {os.SCHED_BATCH}
     else:
         assert masks == {frozenset(allowed)}
+        assert policies == {os.SCHED_OTHER}
