@@ -42,5 +42,24 @@ def test_tiny_client_bench_run(tmp_path: Path) -> None:
     assert len(first["split_p50_ms"]) == 2
     assert first["p50_ms"] > 0 and first["ratio_to_broker_exchange"] > 0
     assert report["exchange"]["broker_refresh_p50_ms"] > 0
+    # CPU per task by process group, every variant, and each per-task variant over static.
+    groups = {
+        "scheduling process",
+        "task processes",
+        "agent (exec, while the job ran)",
+        "exec start-up/exit, job exit",
+        "broker",
+        "moto",
+        "total",
+    }
+    per_task = summary["cpu_ms_per_task"]
+    assert set(per_task) == {"static", "zero", "mixin"}
+    assert all(set(figures) == groups for figures in per_task.values())
+    assert set(summary["cpu_ms_per_task_over_static"]) == {"zero", "mixin"}
+    for variant, figures in per_task.items():
+        assert figures["scheduling process"] > 0 and figures["task processes"] > 0
+        # Only the jobs under `luigi-creds exec` have an agent.
+        assert (figures["agent (exec, while the job ran)"] > 0) == (variant != "static")
+    assert "CPU ms per task by process group" in done.stdout
     assert all(us > 0 for us in report["cached_us"].values())
     assert "overhead" in done.stdout and "cached credential access" in done.stdout
