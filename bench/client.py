@@ -15,7 +15,10 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
      processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's);
    - `zero-onechain`, `mixin-onechain` (name them in `--variants`): the job's session on one
      refresh chain (`[luigi_creds] refresh_chains = 1`), its mints one at a time as before
-     sibling chains, for the chains' effect in one run.
+     sibling chains, for the chains' effect in one run;
+   - `zero-nopreload`, `mixin-nopreload` (name them in `--variants`): the job run with
+     `LUIGI_CREDS_PRELOAD=0`, so exec's bootstrap does not preload the task-process modules
+     into the scheduling process (each task process imports them itself, as before it).
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
@@ -178,7 +181,7 @@ def _task_classes(variant: str) -> type:
 
 def _kind(variant: str) -> str:
     """static, zero or mixin: what a variant runs (its suffix says with what)."""
-    return variant.removesuffix("-before").removesuffix("-onechain")
+    return variant.removesuffix("-before").removesuffix("-onechain").removesuffix("-nopreload")
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -312,6 +315,9 @@ def _job_env(
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     )
+    if variant.endswith("-nopreload"):
+        # exec's bootstrap loads nothing into the job's scheduling process (as before it).
+        env["LUIGI_CREDS_PRELOAD"] = "0"
     if variant == "static":
         # Static credentials as a pipeline without luigi-creds has them: a long-lived IAM user
         # key (moto's administrator, since moto checks every signature) in the environment.
