@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from luigi_creds.childenv import BOOTSTRAP_DIR, PRELOAD_VARIABLE, with_preload
+from luigi_creds.preload import agent_container_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,10 @@ if "luigi" in sys.argv:
 if "boto3" in sys.argv:
     import boto3
     steps["boto3"] = state()
+    session = boto3.DEFAULT_SESSION
+    steps["default_session"] = None if session is None else [
+        p.METHOD for p in session._session.get_component("credential_provider").providers
+    ]
 steps["chained"] = getattr(sys.modules.get("sitecustomize"), "CHAINED", None)
 print(json.dumps(steps))
 """
@@ -59,7 +64,13 @@ def _run(env_extra: dict[str, str], *imports: str, base_path: str = "") -> dict:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
-AGENT = {"LUIGI_CREDS_AGENT_URL": "http://127.0.0.1:9"}
+AGENT_URL = "http://127.0.0.1:9"
+AGENT = {"LUIGI_CREDS_AGENT_URL": AGENT_URL, "LUIGI_CREDS_AGENT_TOKEN": "b"}
+# What exec gives a command for an AWS grant: the agent's container-credentials endpoint.
+CONTAINER = {
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{AGENT_URL}/v1/aws?grant=etl-writer",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN": "b",
+}
 
 
 def test_with_preload_puts_the_bootstrap_first_once() -> None:
@@ -83,8 +94,36 @@ def test_luigi_under_an_agent_preloads_the_task_process_modules() -> None:
 
 
 def test_a_process_that_never_imports_luigi_loads_nothing() -> None:
-    steps = _run(AGENT, "boto3")
+    steps = _run({**AGENT, **CONTAINER}, "boto3")
     assert steps["boto3"] == {"task_process": False, "aws": False, "watching": True}
+    assert steps["default_session"] is None
+
+
+def test_the_scheduling_process_gets_the_agents_credentials_on_scaled_windows() -> None:
+    """Under exec's container endpoint, boto3's default session asks the agent through our
+    provider alone (nothing is fetched until a client needs credentials)."""
+    steps = _run({**AGENT, **CONTAINER}, "luigi", "boto3")
+    assert steps["default_session"] == ["luigi-creds"]
+    # Another container endpoint than the agent's, or none: boto3 is left alone.
+    other = {**CONTAINER, "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.23/v1/x"}
+    assert _run({**AGENT, **other}, "luigi", "boto3")["default_session"] is None
+    assert _run(AGENT, "luigi", "boto3")["default_session"] is None
+
+
+def test_agent_container_source_reads_grant_and_task() -> None:
+    env = {**AGENT, **CONTAINER, "LUIGI_CREDS_AGENT_TOKEN": "job-bearer"}
+    source = agent_container_source(env)
+    assert source is not None
+    endpoint, grant, task = source
+    assert (endpoint.url, endpoint.bearer, grant, task) == (AGENT_URL, "b", "etl-writer", None)
+    with_task = {
+        **env,
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{AGENT_URL}/v1/aws?grant=g&task=T%281%29",
+    }
+    assert agent_container_source(with_task) is not None
+    assert agent_container_source(with_task)[1:] == ("g", "T(1)")  # type: ignore[index]
+    assert agent_container_source({**env, "AWS_CONTAINER_AUTHORIZATION_TOKEN": ""}) is None
+    assert agent_container_source(CONTAINER) is None  # no agent
 
 
 def test_no_preload_without_an_agent_or_when_turned_off() -> None:

@@ -1,43 +1,28 @@
-"""luigi-creds' start-up hook for the processes `luigi-creds exec` runs: Luigi's per-task import,
-paid once per job.
+"""luigi-creds' start-up hook for the processes `luigi-creds exec` runs: what Luigi would do in
+every task process it forks, done once in the job's scheduling process.
 
 `luigi-creds exec` puts this directory first on the command's PYTHONPATH, so Python's `site`
 imports this module at start-up in every Python process of the job. It does two things:
 
 - it runs the `sitecustomize` this one shadows, if any (the next one on `sys.path`), as
   `ddtrace-run` and `opentelemetry-instrument` do;
-- it watches for the import of `luigi`. Once `luigi` has been imported (in full), and only in a
-  process under a job agent (`LUIGI_CREDS_AGENT_URL` set) and not turned off
-  (`LUIGI_CREDS_PRELOAD=0`), it imports `luigi_creds.task_process`, the module Luigi imports in
-  every task process it forks for `[worker] task_process_context = luigi_creds.TaskCredentials`
-  (and `luigi_creds.aws`, the boto3 bridge, once boto3 is imported too). The scheduling process
-  then holds them before Luigi forks, and every task process inherits them instead of importing
-  them afresh.
+- it watches for the imports of `luigi` and `boto3`. Once `luigi` has been imported (in full),
+  in a process under a job agent (`LUIGI_CREDS_AGENT_URL` set) and not turned off
+  (`LUIGI_CREDS_PRELOAD=0`), it calls `luigi_creds.preload.prepare()`, and again once boto3 is
+  imported: the scheduling process then holds the modules each task process would import (and
+  a default boto3 session for its own S3 checks) before Luigi forks; see luigi_creds/preload.py.
 
-Only code is loaded here: importing these modules mints nothing, reads no setting and holds no
-per-task state; each task process still gets its own bearer and credentials on entry.
-
-A process that never imports `luigi` pays one string comparison per import; a process without
+A process that never imports `luigi` pays one set lookup per import; a process without
 luigi_creds (another interpreter) or with the hook turned off loads nothing. The hook removes
-itself once it has run. Kept to the standard library, and loads nothing at start-up beyond it.
+itself once it is done. Kept to the standard library: it loads nothing else at start-up.
 """
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    # Quoted where used: this module may run in an older interpreter of the job's.
-    _Preloads = tuple[tuple[tuple[str, ...], str], ...]
+from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# When each watched module has been imported, the modules imported after it, once every
-# module in its key is loaded.
-_PRELOADS: "_Preloads" = (
-    (("luigi",), "luigi_creds.task_process"),
-    (("luigi", "boto3"), "luigi_creds.aws"),
-)
-_WATCHED = frozenset(name for needs, _ in _PRELOADS for name in needs)
+_WATCHED = frozenset({"luigi", "boto3"})
 
 
 def _enabled() -> bool:
@@ -47,24 +32,24 @@ def _enabled() -> bool:
 
 
 def _preload() -> None:
-    """Import every preload whose modules are all loaded; stop watching when all are done."""
-    global _pending
-    if not _enabled():
-        _pending = ()
-    for needs, target in _pending:
-        if target in sys.modules or not all(n in sys.modules for n in needs):
-            continue
+    """Once `luigi` is loaded, `luigi_creds.preload.prepare()`; stop watching when it is done
+    (luigi and boto3 both handled), turned off, or luigi_creds is not importable here."""
+    if "luigi" not in sys.modules and _enabled():
+        return
+    done = True
+    if _enabled():
         try:
-            __import__(target)
+            from luigi_creds.preload import prepare
         except ImportError:
             # This interpreter has no luigi_creds (or not this version): Luigi's own import in
             # each task process reports it where it matters.
-            _pending = ()
-            break
-        except Exception as exc:  # never break the job over an optimisation
-            sys.stderr.write(f"luigi-creds: preloading {target} failed: {exc!r}\n")
-    _pending = tuple((n, t) for n, t in _pending if t not in sys.modules)
-    if not _pending and _WATCH in sys.meta_path:
+            pass
+        else:
+            try:
+                done = prepare()
+            except Exception as exc:  # never break the job over an optimisation
+                sys.stderr.write(f"luigi-creds: preloading for the job failed: {exc!r}\n")
+    if done and _WATCH in sys.meta_path:
         sys.meta_path.remove(_WATCH)
 
 
@@ -104,7 +89,6 @@ class _Watch:
         return None
 
 
-_pending: "_Preloads" = _PRELOADS
 _WATCH = _Watch()
 sys.meta_path.insert(0, _WATCH)
 
