@@ -227,13 +227,16 @@ def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     # workers fork, in every variant, so what is compared is credentials, not imports.
     import boto3  # noqa: F401
 
+    # Under `luigi-creds exec` (unless turned off), exec's bootstrap loaded the task-process
+    # modules into this process once luigi and boto3 were imported: the forks inherit them.
+    preloaded = "luigi_creds.task_process" in sys.modules
     cls = _task_classes(_kind(variant))
     batch = [cls(n=n) for n in range(tasks)]
     started = time.perf_counter()
     ok = luigi.build(batch, workers=workers, local_scheduler=True, log_level="WARNING")
     wall = time.perf_counter() - started
     markers = [json.loads(p.read_text()) for p in sorted(_marker_dir().glob("*.json"))]
-    return {"ok": bool(ok), "wall": wall, "markers": markers}
+    return {"ok": bool(ok), "wall": wall, "markers": markers, "preloaded": preloaded}
 
 
 # -- the stack and the runs ---------------------------------------------------------------------
@@ -603,6 +606,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -
     per_task = _cpu_per_task(runs)
     static_cpu = per_task.get("static")
     return {
+        # Whether every run's scheduling process had the task-process modules before it forked.
+        "preloaded": {v: all(r["preloaded"] for r in rs) for v, rs in runs.items() if rs},
         "cpu_s_median": cpu,
         # ms of CPU per task by process group (median over the runs), and over static's.
         "cpu_ms_per_task": per_task,
