@@ -138,3 +138,13 @@ def test_the_shadowed_sitecustomize_still_runs(tmp_path: Path) -> None:
     steps = _run(AGENT, "luigi", base_path=str(tmp_path))
     assert steps["chained"] == "yes"
     assert steps["luigi"]["task_process"] is True
+
+
+def test_the_bootstrap_reached_twice_through_a_link_runs_once(tmp_path: Path) -> None:
+    """The bootstrap directory also later on sys.path under another name (a symlink) is not
+    taken for the sitecustomize it shadows."""
+    link = tmp_path / "bootstrap-link"
+    link.symlink_to(BOOTSTRAP_DIR, target_is_directory=True)
+    steps = _run(AGENT, "luigi", base_path=str(link))
+    assert steps["luigi"]["task_process"] is True
+    assert steps["chained"] is None

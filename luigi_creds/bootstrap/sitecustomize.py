@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.realpath(__file__))
 _WATCHED = frozenset({"luigi", "boto3"})
 
 
@@ -40,15 +40,14 @@ def _preload() -> None:
     if _enabled():
         try:
             from luigi_creds.preload import prepare
+
+            done = prepare()
         except ImportError:
             # This interpreter has no luigi_creds (or not this version): Luigi's own import in
             # each task process reports it where it matters.
             pass
-        else:
-            try:
-                done = prepare()
-            except Exception as exc:  # never break the job over an optimisation
-                sys.stderr.write(f"luigi-creds: preloading for the job failed: {exc!r}\n")
+        except Exception as exc:  # never break the job's `import luigi` over an optimisation
+            sys.stderr.write(f"luigi-creds: preloading for the job failed: {exc!r}\n")
     if done and _WATCH in sys.meta_path:
         sys.meta_path.remove(_WATCH)
 
@@ -98,9 +97,12 @@ def _chain() -> None:
     from importlib.machinery import PathFinder
     from importlib.util import module_from_spec
 
-    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+    # Real paths: this directory reached through a link must not find this module again.
+    rest = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
     spec = PathFinder.find_spec("sitecustomize", rest)
-    if spec is None or spec.loader is None:
+    if spec is None or spec.loader is None or not spec.origin:
+        return
+    if os.path.dirname(os.path.realpath(spec.origin)) == _HERE:
         return
     module = module_from_spec(spec)
     sys.modules["sitecustomize"] = module
