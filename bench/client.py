@@ -15,7 +15,10 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
      processes' TaskCredentials (the agent in `luigi-creds exec` stays this checkout's);
    - `zero-onechain`, `mixin-onechain` (name them in `--variants`): the job's session on one
      refresh chain (`[luigi_creds] refresh_chains = 1`), its mints one at a time as before
-     sibling chains, for the chains' effect in one run.
+     sibling chains, for the chains' effect in one run;
+   - `zero-nopreload`, `mixin-nopreload` (name them in `--variants`): the job run with
+     `LUIGI_CREDS_PRELOAD=0`, so exec's bootstrap does not preload the task-process modules
+     into the scheduling process (each task process imports them itself, as before it).
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
@@ -28,6 +31,13 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
 3. **cached access**: µs per call of reading a credential a task already has: AWS through
    botocore's refreshable credentials (the mixin's session, and the zero-code container
    provider's), Vault through the mixin's `credential(grant)` and `VAULT_TOKEN`.
+
+4. **CPU per task** (each pipeline run), ms per task by process group and over static's: the
+   scheduling process (its whole life: `getrusage(RUSAGE_SELF)` at the job's end), its task
+   processes (`RUSAGE_CHILDREN`, every one reaped first), the agent (`luigi-creds exec`, our
+   job's parent: `/proc/<pid>/stat` from the job's start to its end), the rest of the job's
+   tree (exec's start-up and exit, the job process's exit: outside the timed window), the
+   broker and moto (`/proc/<pid>/stat` before and after the run).
 
 The machine is shared and noisy: figures are medians of alternated runs and ratios to the peer
 in the same run. Talks to the servers over loopback HTTP only.
@@ -171,7 +181,38 @@ def _task_classes(variant: str) -> type:
 
 def _kind(variant: str) -> str:
     """static, zero or mixin: what a variant runs (its suffix says with what)."""
-    return variant.removesuffix("-before").removesuffix("-onechain")
+    return variant.removesuffix("-before").removesuffix("-onechain").removesuffix("-nopreload")
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rusage_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def job_cpu(parent_at_start: float | None) -> dict[str, float | None]:
+    """CPU seconds of this job so far, by process group: this (scheduling) process since it
+    started, its reaped task processes, and, under `luigi-creds exec`, the agent's process
+    (exec, our parent) since this process started."""
+    parent = None
+    if parent_at_start is not None:
+        parent = _proc_cpu_seconds(os.getppid()) - parent_at_start
+    import multiprocessing
+
+    # Luigi leaves the last task processes unreaped (they are joined at interpreter exit): a
+    # process's CPU counts among its parent's children only once it has been waited for.
+    for process in multiprocessing.active_children():
+        process.join()
+    return {
+        "scheduling": _rusage_seconds(resource.RUSAGE_SELF),
+        "tasks": _rusage_seconds(resource.RUSAGE_CHILDREN),
+        "agent": parent,
+    }
 
 
 def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
@@ -186,13 +227,16 @@ def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     # workers fork, in every variant, so what is compared is credentials, not imports.
     import boto3  # noqa: F401
 
+    # Under `luigi-creds exec` (unless turned off), exec's bootstrap loaded the task-process
+    # modules into this process once luigi and boto3 were imported: the forks inherit them.
+    preloaded = "luigi_creds.task_process" in sys.modules
     cls = _task_classes(_kind(variant))
     batch = [cls(n=n) for n in range(tasks)]
     started = time.perf_counter()
     ok = luigi.build(batch, workers=workers, local_scheduler=True, log_level="WARNING")
     wall = time.perf_counter() - started
     markers = [json.loads(p.read_text()) for p in sorted(_marker_dir().glob("*.json"))]
-    return {"ok": bool(ok), "wall": wall, "markers": markers}
+    return {"ok": bool(ok), "wall": wall, "markers": markers, "preloaded": preloaded}
 
 
 # -- the stack and the runs ---------------------------------------------------------------------
@@ -274,6 +318,9 @@ def _job_env(
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     )
+    if variant.endswith("-nopreload"):
+        # exec's bootstrap loads nothing into the job's scheduling process (as before it).
+        env["LUIGI_CREDS_PRELOAD"] = "0"
     if variant == "static":
         # Static credentials as a pipeline without luigi-creds has them: a long-lived IAM user
         # key (moto's administrator, since moto checks every signature) in the environment.
@@ -323,9 +370,19 @@ def run_variant(
     # CPU seconds spent on the run: the job's whole process tree (exec and its agent, Luigi,
     # every task process), and the servers it used. On a saturated machine wall time follows
     # total CPU, so this says where an overhead comes from.
+    tree = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    own = report.pop("cpu")
+    agent = own["agent"] or 0.0
     report["cpu_s"] = {
-        "job tree (client side)": (children_after.ru_utime + children_after.ru_stime)
-        - (children_before.ru_utime + children_before.ru_stime),
+        "job tree (client side)": tree,
+        "scheduling process": own["scheduling"],
+        "task processes": own["tasks"],
+        "agent (exec, while the job ran)": agent,
+        # exec's start-up (its imports, the session's exchange, its own grant's mint) and
+        # exit (revoke, summary), and the job process's own exit: the tree's remainder.
+        "exec start-up/exit, job exit": tree - own["scheduling"] - own["tasks"] - agent,
         **{k: servers_after[k] - servers_before[k] for k in servers_after},
     }
     return report
@@ -467,6 +524,32 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+# The process groups a run's CPU is split into (each run's `cpu_s`, less the tree's total).
+CPU_GROUPS = (
+    "scheduling process",
+    "task processes",
+    "agent (exec, while the job ran)",
+    "exec start-up/exit, job exit",
+    "broker",
+    "moto",
+)
+
+
+def _cpu_per_task(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per variant, ms of CPU per task of each process group and of them all (median of runs)."""
+    figures: dict[str, dict[str, float]] = {}
+    for variant, rs in runs.items():
+        if not rs:
+            continue
+        per_run = [{g: r["cpu_s"][g] * 1000 / len(r["markers"]) for g in CPU_GROUPS} for r in rs]
+        for groups in per_run:
+            groups["total"] = sum(groups.values())
+        figures[variant] = {
+            g: statistics.median(groups[g] for groups in per_run) for g in (*CPU_GROUPS, "total")
+        }
+    return figures
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -> dict[str, Any]:
     walls = {v: [r["wall"] for r in rs] for v, rs in runs.items()}
     medians = {v: statistics.median(w) for v, w in walls.items()}
@@ -520,8 +603,19 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -
         for v, rs in runs.items()
         if rs
     }
+    per_task = _cpu_per_task(runs)
+    static_cpu = per_task.get("static")
     return {
+        # Whether every run's scheduling process had the task-process modules before it forked.
+        "preloaded": {v: all(r["preloaded"] for r in rs) for v, rs in runs.items() if rs},
         "cpu_s_median": cpu,
+        # ms of CPU per task by process group (median over the runs), and over static's.
+        "cpu_ms_per_task": per_task,
+        "cpu_ms_per_task_over_static": {
+            v: {k: ms - static_cpu[k] for k, ms in groups.items()}
+            for v, groups in per_task.items()
+            if static_cpu is not None and v != "static"
+        },
         "wall_s": walls,
         "median_s": medians,
         "overhead_pct": overhead,
@@ -536,6 +630,25 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -
             if _kind(v) == "zero" and rs
         },
     }
+
+
+def _render_cpu_per_task(
+    per_task: dict[str, dict[str, float]], over: dict[str, dict[str, float]]
+) -> list[str]:
+    """ms of CPU per task by process group, each variant, and (in brackets) over static."""
+    variants = list(per_task)
+    lines = [
+        "CPU ms per task by process group (median of runs; [over static]):",
+        f"  {'group':<34}" + "".join(f"{v:>22}" for v in variants),
+    ]
+    for group in (*CPU_GROUPS, "total"):
+        cells = []
+        for v in variants:
+            diff = over.get(v, {}).get(group)
+            extra = "" if diff is None else f" [{diff:+.1f}]"
+            cells.append(f"{per_task[v][group]:.1f}{extra}".rjust(22))
+        lines.append(f"  {group:<34}" + "".join(cells))
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -557,6 +670,7 @@ def render(report: dict[str, Any]) -> str:
             for v, parts in s["cpu_s_median"].items()
         )
     )
+    lines.extend(_render_cpu_per_task(s["cpu_ms_per_task"], s["cpu_ms_per_task_over_static"]))
     ex = report["exchange"]
     lines.append(
         f"broker refresh mint p50 {ex['broker_refresh_p50_ms']:.1f} ms; direct AssumeRole on "
@@ -602,13 +716,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["job"]:
         variant, tasks, workers, result = args[1], int(args[2]), int(args[3]), Path(args[4])
+        # Under `luigi-creds exec` our parent is exec, which runs the job's agent: its CPU
+        # from here on is the agent's work for this job (exec's own start-up is before).
+        under_exec = _kind(variant) != "static"
+        parent_at_start = _proc_cpu_seconds(os.getppid()) if under_exec else None
         before = os.environ.get("BENCH_BEFORE")
         if before:
             # The older package must win over this checkout's editable install, whose finder
             # comes before sys.path.
             sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in str(f)]
             sys.path.insert(0, before)
-        result.write_text(json.dumps(job(variant, tasks, workers)))
+        report = job(variant, tasks, workers)
+        report["cpu"] = job_cpu(parent_at_start)
+        result.write_text(json.dumps(report))
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m bench.client", description=__doc__.split("\n")[0]

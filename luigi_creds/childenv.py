@@ -10,20 +10,25 @@ value of every secret-named variable masked. Pure functions; no I/O.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from luigi_creds.agent_client import AGENT_TOKEN_VARIABLE, AgentEndpoint, container_env
 from luigi_creds.credentials import AwsCredentials, Credential, VaultSecret, VaultToken
 
 __all__ = [
     "AWS_ENV_VARIABLES",
+    "BOOTSTRAP_DIR",
+    "PRELOAD_VARIABLE",
     "SECRET_ENV_NAMES",
     "child_env",
     "container_env",
     "redact",
     "scrub_aws_env",
     "secret_values",
+    "with_preload",
 ]
 
 # Variables that, left in a child's environment, win over every other provider or point it at a
@@ -57,6 +62,23 @@ SECRET_ENV_NAMES = frozenset(
         "BITBUCKET_STEP_OIDC_TOKEN",
     }
 )
+
+
+# The directory `luigi-creds exec` puts first on a command's PYTHONPATH: its sitecustomize
+# (bootstrap/sitecustomize.py) imports what Luigi would import in every forked task process
+# once, in the job's scheduling process. `LUIGI_CREDS_PRELOAD=0` turns it off.
+BOOTSTRAP_DIR = str(Path(__file__).resolve().parent / "bootstrap")
+PRELOAD_VARIABLE = "LUIGI_CREDS_PRELOAD"
+
+
+def with_preload(env: Mapping[str, str], bootstrap: str = BOOTSTRAP_DIR) -> dict[str, str]:
+    """`env` with `bootstrap` first on PYTHONPATH (once), unless `LUIGI_CREDS_PRELOAD=0`."""
+    out = dict(env)
+    if out.get(PRELOAD_VARIABLE) == "0":
+        return out
+    entries = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and p != bootstrap]
+    out["PYTHONPATH"] = os.pathsep.join([bootstrap, *entries])
+    return out
 
 
 def scrub_aws_env(environ: Mapping[str, str]) -> dict[str, str]:

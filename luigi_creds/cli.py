@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from luigi_creds.agent_client import AgentClient, AgentEndpoint
-from luigi_creds.childenv import child_env
+from luigi_creds.childenv import PRELOAD_VARIABLE, child_env, with_preload
 from luigi_creds.client import AwsCredentials, BrokerClient, BrokerError
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.summary import (
@@ -161,6 +161,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
             child = endpoint  # already a narrow bearer (a task's): hand on no more than it
         vault = settings.vault_addr if settings is not None else os.environ.get("VAULT_ADDR")
         env = child_env(os.environ, creds, child, args.task, vault_addr=vault)
+        if args.no_preload:
+            env[PRELOAD_VARIABLE] = "0"
+        env = with_preload(env)
         try:
             process = subprocess.Popen(command, env=env)
         except OSError as exc:
@@ -277,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="when CMD ends, write a Markdown summary of the job's credentials here (default: "
         f"${SUMMARY_FILE_ENV}); it is always appended to $GITHUB_STEP_SUMMARY when that is set",
+    )
+    p.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="do not preload luigi_creds' task-process modules into a Luigi job's scheduling "
+        f"process (by default CMD's Python processes get a sitecustomize that does, once they "
+        f"import luigi; the same as {PRELOAD_VARIABLE}=0)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
     p.set_defaults(func=cmd_exec)

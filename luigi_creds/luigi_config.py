@@ -85,6 +85,11 @@ class LuigiCredsConfig(luigi.Config):
         return SECTION
 
 
+# The section's parameters, listed once with the module (Luigi lists a class's parameters with
+# dir() and getattr on every call): a forked task process finds them listed already.
+_PARAMS: tuple[tuple[str, Any], ...] = tuple(LuigiCredsConfig.get_params())  # type: ignore[no-untyped-call]
+
+
 def from_luigi_config() -> ClientSettings:
     """`[luigi_creds]` as Luigi resolves it (config files, then command-line overrides), with
     the `[luigi_creds:<TaskFamily>]` sections; every problem at once in a ConfigError."""
@@ -93,8 +98,7 @@ def from_luigi_config() -> ClientSettings:
     # Each parameter's value as an instance would get it (command line, then config, then
     # default), without instantiating the Config: a task's process reads the settings once,
     # and a first instantiation there costs about 3 ms of CPU against 0.5 for this.
-    params: Any = LuigiCredsConfig.get_params()  # type: ignore[no-untyped-call]
-    for key, param in params:
+    for key, param in _PARAMS:
         value = str(param.task_value(SECTION, key))
         if value and key in ClientSettings.KEYS:
             raw[key] = value

@@ -38,6 +38,12 @@ FAMILY_SECTION_PREFIX = SECTION + ":"
 DEFAULT_REFRESH_CHAINS = 4
 TOKEN_SOURCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:\S+|gitlab|github|bitbucket|okta)$")
 GRANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Compiled with the module: a task process forked after the module was loaded (exec's preload)
+# inherits them, where `re`'s cache would compile each one again in every task process.
+HTTP_URL = re.compile(r"^https?://[^/\s]+")
+LOOPBACK_HTTP_URL = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)")
+WHITESPACE = re.compile(r"\s")
+INLINE_COMMENT = re.compile(r"\s[;#]")
 
 
 class ConfigError(LuigiCredsError):
@@ -164,11 +170,9 @@ class ClientSettings(Frozen):
         token_source = raw.get("token_source", "").strip()
         if not broker_url:
             problems.append("broker_url is required")
-        elif not re.match(r"^https?://[^/\s]+", broker_url):
+        elif not HTTP_URL.match(broker_url):
             problems.append("broker_url must be an http(s) URL")
-        elif broker_url.startswith("http://") and not re.match(
-            r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)", broker_url
-        ):
+        elif broker_url.startswith("http://") and not LOOPBACK_HTTP_URL.match(broker_url):
             problems.append("broker_url must use https unless it is on loopback")
         if not token_source:
             problems.append("token_source is required")
@@ -248,7 +252,7 @@ ONE_WORD_KEYS = frozenset(ClientSettings.KEYS) - {"okta_scopes"}
 
 
 def _has_junk(value: str) -> bool:
-    return bool(re.search(r"\s", value.strip()))
+    return bool(WHITESPACE.search(value.strip()))
 
 
 def _junk(raw: Mapping[str, str], section: str) -> list[str]:
@@ -257,7 +261,7 @@ def _junk(raw: Mapping[str, str], section: str) -> list[str]:
     problems = []
     for key, value in raw.items():
         text = value.strip()
-        comment = re.search(r"\s[;#]", text)
+        comment = INLINE_COMMENT.search(text)
         if comment is not None:
             problems.append(
                 f"{key} = {text!r} has text after the value, which looks like an inline comment: "

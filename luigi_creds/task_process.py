@@ -24,8 +24,9 @@ answer); if the process is killed or times out, the agent sees it gone and relea
 them itself. A failure to get credentials fails the task through Luigi's normal path, with the
 reason as its error.
 
-Kept light on purpose: Luigi imports this module in every task's process, so it needs nothing
-beyond the standard library and Luigi until a Vault grant asks for hvac.
+Kept light on purpose: Luigi imports this module in every task's process (under `luigi-creds exec`
+the job's scheduling process has it loaded before Luigi forks: luigi_creds/preload.py), so it
+needs nothing beyond the standard library and Luigi until a Vault grant asks for hvac.
 """
 
 from __future__ import annotations

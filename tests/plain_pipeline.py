@@ -39,6 +39,21 @@ except urllib.error.HTTPError as exc:
 """
 
 
+# What the scheduling process (the one importing this module, before Luigi forks the task
+# processes) holds: under `luigi-creds exec`, the task-process modules preloaded. Written next to
+# the markers directory, which holds the tasks' markers only.
+if os.environ.get(MARKERS_VARIABLE):
+    (Path(os.environ[MARKERS_VARIABLE]).parent / f"scheduling-{os.getpid()}.json").write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "preloaded": "luigi_creds.task_process" in sys.modules,
+                "boto3_bridge": "luigi_creds.aws" in sys.modules,
+            }
+        )
+    )
+
+
 class PlainWrite(luigi.Task):
     n = luigi.IntParameter()
 
@@ -75,6 +90,7 @@ class PlainWrite(luigi.Task):
         marker = {
             "task": self.task_id,
             "pid": os.getpid(),
+            "ppid": os.getppid(),
             "access_key_id": key_id,
             "boto3_arn": arn,
             "cli_arn": json.loads(cli.stdout)["Arn"],

@@ -42,5 +42,45 @@ def test_tiny_client_bench_run(tmp_path: Path) -> None:
     assert len(first["split_p50_ms"]) == 2
     assert first["p50_ms"] > 0 and first["ratio_to_broker_exchange"] > 0
     assert report["exchange"]["broker_refresh_p50_ms"] > 0
+    # CPU per task by process group, every variant, and each per-task variant over static.
+    groups = {
+        "scheduling process",
+        "task processes",
+        "agent (exec, while the job ran)",
+        "exec start-up/exit, job exit",
+        "broker",
+        "moto",
+        "total",
+    }
+    per_task = summary["cpu_ms_per_task"]
+    assert set(per_task) == {"static", "zero", "mixin"}
+    assert all(set(figures) == groups for figures in per_task.values())
+    assert set(summary["cpu_ms_per_task_over_static"]) == {"zero", "mixin"}
+    for variant, figures in per_task.items():
+        assert figures["scheduling process"] > 0 and figures["task processes"] > 0
+        # Only the jobs under `luigi-creds exec` have an agent (whose CPU is read in clock
+        # ticks: a tiny job's may round to 0).
+        agent = figures["agent (exec, while the job ran)"]
+        assert agent == 0 if variant == "static" else agent >= 0
+    assert "CPU ms per task by process group" in done.stdout
+    # The jobs run `luigi.build` with forked workers; under `luigi-creds exec` the scheduling
+    # process had the task-process modules before the forks (exec's preload), never static's.
+    assert summary["preloaded"] == {"static": False, "zero": True, "mixin": True}
     assert all(us > 0 for us in report["cached_us"].values())
     assert "overhead" in done.stdout and "cached credential access" in done.stdout
+
+
+def test_tiny_client_bench_run_with_the_preload_off(tmp_path: Path) -> None:
+    """`LUIGI_CREDS_PRELOAD=0` (the `-nopreload` variants): exec's bootstrap loads nothing into
+    the scheduling process, and every task still gets its own key (the benchmark checks it)."""
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.client", "--tasks", "3", "--workers", "2", "--rounds", "1",
+         "--exchanges", "3", "--calls", "1000", "--variants", "static,zero-nopreload,zero",
+         "--json", str(out), "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["preloaded"] == {"static": False, "zero-nopreload": False, "zero": True}
+    assert set(summary["first_credential_p50_ms"]) == {"zero-nopreload", "zero"}

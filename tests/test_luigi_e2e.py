@@ -827,7 +827,7 @@ def _plain_job_argv(
         **_clean_env(),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "LUIGI_CONFIG_PATH": str(cfg),
-        "PYTHONPATH": str(ROOT / "tests"),
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}",
         "PIPELINE_S3_URL": stack.moto.url,
         "PIPELINE_MARKERS": str(markers),
         "PIPELINE_PREFIX": workdir.name,
@@ -863,6 +863,11 @@ def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_p
     keys = {m["access_key_id"] for m in seen}
     assert len(tasks) == 6 and len(keys) == 6 and "AKIASTRAYSTRAYSTRAY" not in keys
     assert len({m["pid"] for m in seen}) == 6  # a forked process per task
+    # exec's bootstrap preloaded the task-process modules (and the boto3 bridge) into the
+    # scheduling process, which forked every task process: they inherited them.
+    (scheduling,) = [json.loads(p.read_text()) for p in markers.parent.glob("scheduling-*.json")]
+    assert scheduling["preloaded"] and scheduling["boto3_bridge"]
+    assert {m["ppid"] for m in seen} == {scheduling["pid"]}
     assert all(m["stray"] is None for m in seen)
     for m in seen:
         assert ":assumed-role/etl-writer/" in m["boto3_arn"]
