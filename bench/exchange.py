@@ -485,6 +485,7 @@ class Settings:
     load: bool = True
     pg_replicas: bool = True
     load_scale: float = 1.0
+    only_pg_replicas: bool = False
 
 
 def _split(jobs: list[Job], warmup: int, threads: int) -> list[tuple[list[Job], list[Job]]]:
@@ -669,18 +670,28 @@ def render(report: dict[str, Any]) -> str:
         f"load (1 min) before/after: {machine['load_before']} / {machine['load_after']}",
         f"settings: {json.dumps(settings)}",
     ]
-    results = table(
-        [*RESULT_HEADERS, "jwks"],
-        [[*result_cells(r), r["jwks_fetches"]] for r in report["results"]],
-    )
-    compared = table(
-        ["phase", "ours", "peer", "p50 x", "p95 x", "p99 x", "req/s x"],
-        [
-            [r["phase"], r["scenario"], r["peer"], r["p50"], r["p95"], r["p99"], r["throughput"]]
-            for r in report["ratios"]
-        ],
-    )
-    parts = [*head, "", results, "", "ratios ours/peer:", compared]
+    parts = head
+    if report["results"]:
+        results = table(
+            [*RESULT_HEADERS, "jwks"],
+            [[*result_cells(r), r["jwks_fetches"]] for r in report["results"]],
+        )
+        compared = table(
+            ["phase", "ours", "peer", "p50 x", "p95 x", "p99 x", "req/s x"],
+            [
+                [
+                    r["phase"],
+                    r["scenario"],
+                    r["peer"],
+                    r["p50"],
+                    r["p95"],
+                    r["p99"],
+                    r["throughput"],
+                ]
+                for r in report["ratios"]
+            ],
+        )
+        parts = [*head, "", results, "", "ratios ours/peer:", compared]
     if report.get("load"):
         from bench.load import render_load
 
@@ -703,6 +714,18 @@ def run(settings: Settings, workdir: Path) -> dict[str, Any]:
     started = time.monotonic()
     load_before = os.getloadavg()
     with running_stack(workdir, settings.store, peer_audit=settings.peer_audit) as stack:
+        if settings.only_pg_replicas:
+            from bench.load import run_two_replicas
+
+            replicas = run_two_replicas(stack, workdir, _progress, settings.load_scale)
+            return {
+                "machine": machine_facts(load_before),
+                "settings": {"only_pg_replicas": True, "load_scale": settings.load_scale},
+                "results": [],
+                "ratios": [],
+                "load": {"results": [], "own_time": {}, "two_replicas_pg": replicas},
+                "duration_s": round(time.monotonic() - started, 1),
+            }
         tokens = equivalence(stack)
         rows = run_phase(stack, "sequential", settings)
         if settings.concurrency > 1:
@@ -785,6 +808,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="skip two brokers on one PostgreSQL ($LUIGI_CREDS_TEST_PG) in the load section",
     )
+    parser.add_argument(
+        "--only-pg-replicas",
+        action="store_true",
+        help="run only the two-replica PostgreSQL part of the load section (for iterating on it)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep server logs here (default: a tmp dir)")
     args = parser.parse_args(argv)
@@ -800,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load=not args.no_load,
         pg_replicas=not args.no_pg_replicas,
         load_scale=args.load_scale,
+        only_pg_replicas=args.only_pg_replicas,
     )
     with ExitStack() as cleanup:
         if args.workdir is not None:

@@ -31,7 +31,7 @@ from broker import replay
 from broker.errors import BrokerException
 from broker.replay import ReplayLedger
 from broker.sealing import SEALED_PREFIX, RefSealer
-from broker.storage import Database, Migration, Tx, utc
+from broker.storage import Database, Migration, RowInsert, Tx, utc
 
 HANDLE_PREFIX = "lcr_"  # "luigi-creds refresh": lets secret scanners and log filters spot handles
 SESSION_ID_PREFIX = "lcs_"
@@ -176,9 +176,21 @@ _SESSION_COLUMNS = (
 )
 # Every SQL text here is built from constants and fixed column names; values are always bound.
 _SELECT_SESSIONS = f"SELECT {_SESSION_COLUMNS} FROM session_sessions"  # noqa: S608
-_INSERT_SESSION = (
-    f"INSERT INTO session_sessions ({_SESSION_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Rows a write queues (Tx.insert_later): a batch writes each table's in one statement.
+_SESSION_ROWS = RowInsert(
+    "session_sessions",
+    tuple(_SESSION_COLUMNS.split(", ")),
+)
+_HANDLE_ROWS = RowInsert(
+    "session_handles",
+    ("handle_hash", "session_id", "generation", "issued_at", "chain"),
+    rank=1,
+)
+_CREDENTIAL_ROWS = RowInsert(
+    "session_credentials",
+    ("session_id", "kind", "ref", "expires_at"),
+    "ON CONFLICT (session_id, kind, ref) DO NOTHING",
+    rank=1,
 )
 
 
@@ -245,14 +257,15 @@ class SessionStore:
         handle = _new_handle()
 
         def step(tx: Tx) -> None:
-            tx.execute(
-                _INSERT_SESSION,
+            created_at = tx.to_db(session.created_at)
+            tx.insert_later(
+                _SESSION_ROWS,
                 (
                     session.id,
                     issuer,
                     subject,
                     claims_text,
-                    tx.to_db(session.created_at),
+                    created_at,
                     tx.to_db(session.expires_at),
                     1,
                     None,
@@ -260,7 +273,7 @@ class SessionStore:
                     key_thumbprint,
                 ),
             )
-            self._insert_handle(tx, session.id, handle, 1, session.created_at)
+            tx.insert_later(_HANDLE_ROWS, (handle_hash(handle), session.id, 1, created_at, 0))
 
         return session, handle, step
 
@@ -527,11 +540,7 @@ class SessionStore:
         sealed = self._sealer.seal(session_id, kind, ref)
 
         def step(tx: Tx) -> None:
-            tx.execute(
-                "INSERT INTO session_credentials (session_id, kind, ref, expires_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (session_id, kind, ref) DO NOTHING",
-                (session_id, kind, sealed, tx.to_db(expires_at)),
-            )
+            tx.insert_later(_CREDENTIAL_ROWS, (session_id, kind, sealed, tx.to_db(expires_at)))
 
         return step
 

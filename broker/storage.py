@@ -101,12 +101,50 @@ class StoreURL:
         raise ValueError("the store URL must be sqlite:///absolute/path.db or postgresql://...")
 
 
+@dataclass(frozen=True)
+class RowInsert:
+    """An INSERT of whole rows into one table that a write transaction runs once, for every row
+    its steps queued (`Tx.insert_later`), instead of once per row.
+
+    Decision: in a batch of writes most statements are such inserts (a session, its first
+    handle, a credential per exchange), and each costs the broker a send and the database a
+    statement. Queued, a batch sends one per table: on PostgreSQL one multi-row INSERT, on
+    SQLite one executemany. A queued row is not in the table until written, so it is written before
+    any statement of its transaction that names a table of its family (the name up to its
+    first underscore: `session_handles` and `session_credentials` reference
+    `session_sessions`), and at the latest before the commit; a family's tables are written
+    together, lowest `rank` first. Its write counts as a statement of whichever step triggers
+    it (see `Database._transact` on a refusing write that had written).
+    """
+
+    table: str
+    columns: tuple[str, ...]
+    tail: str = ""  # what follows the rows, e.g. "ON CONFLICT (...) DO NOTHING"
+    # Within a family, a table whose rows reference another's ranks after it.
+    rank: int = 0
+
+    @property
+    def family(self) -> str:
+        return self.table.split("_", 1)[0] + "_"
+
+    @property
+    def key(self) -> str:
+        return _ROWS_PREFIX + self.table
+
+
+# Keys under which a transaction holds rows queued for a RowInsert.
+_ROWS_PREFIX = "rows:"
+
+
 class Tx:
     """One transaction in progress, cursor-like. SQL is written with `?` placeholders."""
 
-    def __init__(self, conn: Any, dialect: Dialect) -> None:
+    def __init__(self, conn: Any, dialect: Dialect, pipeline: Any = None) -> None:
         self._conn = conn
         self.dialect = dialect
+        # PostgreSQL write batches run in pipeline mode (see Database._transact): a statement
+        # is sent without waiting for its result; reading one (rows, rowcount) waits for it.
+        self._pipeline = pipeline
         self._cur: Any = None
         self.executed = 0  # statements run so far: whether a refusing write had written
         # Values one step keeps for the next steps of the same transaction, and the writes they
@@ -114,6 +152,7 @@ class Tx:
         # instead of once per record.
         self._held: dict[str, Any] = {}
         self._owed: dict[str, Callable[[Tx], None]] = {}
+        self._families = False  # rows may be queued (`insert_later`): statements check them
 
     def held(self, key: str) -> Any:
         """What a step of this transaction `hold`s under `key`, or None."""
@@ -130,6 +169,7 @@ class Tx:
 
     def rewind(self, mark: tuple[dict[str, Any], dict[str, Callable[[Tx], None]]]) -> None:
         self._held, self._owed = dict(mark[0]), dict(mark[1])
+        self._families = any(key.startswith(_ROWS_PREFIX) for key in self._held)
 
     def take(self, key: str) -> Any:
         """What is held under `key` (or None), no longer held and no longer owing its write."""
@@ -143,21 +183,66 @@ class Tx:
             key = next(iter(self._owed))
             self._owed.pop(key)(self)
 
+    def insert_later(self, insert: RowInsert, row: Sequence[Any]) -> None:
+        """Queue `row` for `insert`, written with the transaction's other rows for it (see
+        RowInsert for when)."""
+        queued = self._held.get(insert.key)
+        rows = (tuple(row),) if queued is None else (*queued[1], tuple(row))
+        self.hold(insert.key, (insert, rows), _write_rows(insert.family))
+        self._families = True
+
+    def write_rows(self, family: str) -> None:
+        """Write now the rows queued for the tables of `family`, lowest rank first."""
+        keys = [
+            key
+            for key, value in self._held.items()
+            if key.startswith(_ROWS_PREFIX) and value[0].family == family
+        ]
+        queued = sorted((self.take(key) for key in keys), key=lambda q: q[0].rank)
+        for insert, rows in queued:
+            self.dialect.insert_rows(self, insert, rows)
+
     @property
     def rowcount(self) -> int:
-        return int(self._cur.rowcount)
+        cur = self._cur
+        if self._pipeline is not None and cur.pgresult is None:
+            # Not answered yet (fetchone/fetchall wait by themselves): one round trip for this
+            # statement and every one sent before it.
+            self._pipeline.sync()
+        return int(cur.rowcount)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Tx:
+        if self._families:
+            self._before(sql)
+        return self.execute_now(sql, params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Tx:
+        """One statement for many parameter rows (PostgreSQL: one round trip, pipelined)."""
+        if self._families:
+            self._before(sql)
+        return self.executemany_now(sql, rows)
+
+    def execute_now(self, sql: str, params: Sequence[Any] = ()) -> Tx:
+        """`execute` without first writing queued rows (the dialect writing them uses it)."""
         self.executed += 1
         self._cur = self._conn.execute(self.dialect.sql(sql), tuple(params))
         return self
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Tx:
-        """One statement for many parameter rows (PostgreSQL: one round trip, pipelined)."""
+    def executemany_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> Tx:
         self.executed += 1
         self._cur = self._conn.cursor()
         self._cur.executemany(self.dialect.sql(sql), [tuple(row) for row in rows])
         return self
+
+    def _before(self, sql: str) -> None:
+        """Write the queued rows `sql` may read or depend on: those of every family it names."""
+        families = {
+            value[0].family for key, value in self._held.items() if key.startswith(_ROWS_PREFIX)
+        }
+        self._families = bool(families)
+        for family in families:
+            if family in sql:
+                self.write_rows(family)
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
@@ -173,6 +258,13 @@ class Tx:
 
     def from_db(self, value: Any) -> datetime | None:
         return self.dialect.from_db(value)
+
+
+def _write_rows(family: str) -> Callable[[Tx], None]:
+    def write(tx: Tx) -> None:
+        tx.write_rows(family)
+
+    return write
 
 
 class Dialect:
@@ -192,6 +284,7 @@ class Dialect:
         self._target = target
         self.busy_timeout = busy_timeout
         self._sql_cache: dict[str, str] = {}
+        self._rows_sql: dict[tuple[str, int], str] = {}
 
     def sql(self, text: str) -> str:
         return text
@@ -201,6 +294,21 @@ class Dialect:
 
     def begin_write(self, conn: Any, timeout: float) -> None:
         raise NotImplementedError
+
+    def pipelined(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        """Where a write batch runs: the pipeline it is sent through, or None (no pipeline)."""
+        return contextlib.nullcontext()
+
+    def insert_rows(self, tx: Tx, insert: RowInsert, rows: Sequence[Sequence[Any]]) -> None:
+        """Run `insert` for `rows` in `tx`: one executemany of the one-row INSERT."""
+        sql = self._sql_cache.get(insert.key)
+        if sql is None:
+            marks = ", ".join("?" * len(insert.columns))
+            sql = self._sql_cache[insert.key] = (
+                f"INSERT INTO {insert.table} ({', '.join(insert.columns)})"  # noqa: S608
+                f" VALUES ({marks}) {insert.tail}".rstrip()
+            )
+        tx.executemany_now(sql, rows)
 
     def begin_migration(self, conn: Any) -> None:
         raise NotImplementedError
@@ -328,6 +436,22 @@ class PostgresDialect(Dialect):
             cached = self._sql_cache[text] = text.replace("?", "%s")
         return cached
 
+    def insert_rows(self, tx: Tx, insert: RowInsert, rows: Sequence[Sequence[Any]]) -> None:
+        """One multi-row `INSERT ... VALUES (...), (...)`: one statement (prepared once per
+        connection for each row count that recurs). Decision: not `SELECT FROM unnest(...)`
+        of one array per column, one statement text for any count: psycopg builds array
+        parameters in Python, which cost more client CPU than the statements saved (2-3x a
+        VALUES insert of the same rows, measured)."""
+        key = (insert.key, len(rows))
+        sql = self._rows_sql.get(key)
+        if sql is None:
+            one = "(" + ", ".join(["%s"] * len(insert.columns)) + ")"
+            sql = self._rows_sql[key] = (
+                f"INSERT INTO {insert.table} ({', '.join(insert.columns)})"  # noqa: S608
+                f" VALUES {', '.join([one] * len(rows))} {insert.tail}".rstrip()
+            )
+        tx.execute_now(sql, [value for row in rows for value in row])
+
     def connect(self) -> psycopg.Connection[Any]:
         # autocommit: transactions are opened with BEGIN explicitly, as on SQLite.
         conn = psycopg.connect(self._target, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT)
@@ -344,6 +468,19 @@ class PostgresDialect(Dialect):
         # READ COMMITTED; writers that must see the latest state lock the row they read
         # (SELECT ... FOR UPDATE), which lock_timeout bounds.
         conn.execute("BEGIN")
+
+    def pipelined(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        # Decision: a write batch is one pipeline. Statements whose result no step reads (the
+        # inserts, the head update, BEGIN and COMMIT) are sent without waiting for an answer;
+        # a step that reads (a row, a rowcount) waits for everything sent so far, once. Without a
+        # pipeline every statement is a round trip: its own send, poll and receive, and the
+        # thread giving up and taking back the interpreter lock while it waits. The pipeline's exit
+        # waits for the last answer, the COMMIT's: a batch's callers still return only once
+        # it is durable. An error the server reports surfaces at the next wait, perhaps in a
+        # later step than the statement that caused it; every driver error fails the whole
+        # batch anyway, so which step sees it does not matter.
+        pipeline: contextlib.AbstractContextManager[Any] = conn.pipeline()
+        return pipeline
 
     def begin_migration(self, conn: Any) -> None:
         conn.execute("BEGIN")
@@ -541,21 +678,39 @@ class Database:
         one again is safe.
         """
         outcomes: dict[int, tuple[Any, BaseException | None]] = {}
+        dialect = self.dialect
+        retry = True
         while True:
             todo = [i for i in range(len(batch)) if i not in outcomes or outcomes[i][1] is None]
             if not todo:
                 return [outcomes[i] for i in range(len(batch))]
-            conn = self._begin(timeout)
-            tx = Tx(conn, self.dialect)
+            fresh = self._writer_conn is None
+            if fresh:
+                self._writer_conn = dialect.connect()
+            conn = self._writer_conn
+            ending = False  # COMMIT or ROLLBACK sent: from then on the outcome may be either
             try:
-                committed = self._run_writes(tx, batch, todo, outcomes)
-                if committed:
-                    tx.settle()
-                    conn.execute("COMMIT")
-                else:
+                with dialect.pipelined(conn) as pipeline:
+                    dialect.begin_write(conn, timeout)
+                    tx = Tx(conn, dialect, pipeline)
+                    committed = self._run_writes(tx, batch, todo, outcomes)
+                    if committed:
+                        tx.settle()
+                    ending = True
+                    conn.execute("COMMIT" if committed else "ROLLBACK")
+            except dialect.errors as exc:
+                if retry and not fresh and not ending and dialect.is_connection_error(exc):
+                    # The server dropped this connection (a restart, an idle cut) before
+                    # anything was committed: run the batch once more on a new one. (In a
+                    # pipeline, BEGIN's failure shows only when a step first waits.)
+                    retry = False
+                    self._drop_writer_conn()
+                    continue
+                with contextlib.suppress(*dialect.errors):
                     conn.execute("ROLLBACK")
+                raise
             except BaseException:
-                with contextlib.suppress(*self.dialect.errors):
+                with contextlib.suppress(*dialect.errors):
                     conn.execute("ROLLBACK")
                 raise
             if committed:
@@ -584,26 +739,6 @@ class Database:
                     return False
                 tx.rewind(mark)
         return True
-
-    def _begin(self, timeout: float) -> Any:
-        """The writer connection with a write transaction begun on it."""
-        dialect = self.dialect
-        for attempt in (1, 2):
-            fresh = self._writer_conn is None
-            if fresh:
-                self._writer_conn = dialect.connect()
-            conn = self._writer_conn
-            try:
-                dialect.begin_write(conn, timeout)
-            except dialect.errors as exc:
-                if attempt == 1 and not fresh and dialect.is_connection_error(exc):
-                    # The server dropped this connection (a restart, an idle cut); nothing was
-                    # written, so retry once on a new one.
-                    self._drop_writer_conn()
-                    continue
-                raise
-            return conn
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _finish(
         self,

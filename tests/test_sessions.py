@@ -636,6 +636,41 @@ def test_record_credential_and_list_for_revocation(state: State) -> None:
     assert store.credentials("lcs_nonexistent") == []
 
 
+def test_what_a_write_queues_is_seen_by_the_later_steps_of_its_transaction(
+    state: State,
+) -> None:
+    """A session's rows and a credential's are queued until their transaction writes them
+    together; a later step of the same transaction (here a rotation and a revocation, as
+    batch-mates would run them) still finds them, and the credential is listed afterwards."""
+    store = state.store
+    earlier, _ = new_session(store)
+    session, handle, opening = store.opening(
+        issuer="gitlab", subject="s", claims=CLAIMS, now=T0, expires_at=T0 + HOUR
+    )
+    successor, rotation = store.rotation(handle, now=T0)
+    remember_earlier = store.credential_recorder(
+        earlier.id, kind="vault_accessor", ref="acc-earlier", expires_at=None
+    )
+    remember = store.credential_recorder(
+        session.id, kind="vault_accessor", ref="acc-new", expires_at=None
+    )
+
+    def step(tx: Tx) -> tuple[Any, str]:
+        remember_earlier(tx)  # queued first, for a session already stored
+        opening(tx)
+        remember(tx)  # for the session queued just now: written after it
+        outcome = rotation(tx)
+        remember(tx)  # twice: still one row
+        return outcome
+
+    rotated_session, refused = store.database.write(step)
+    assert refused == "" and rotated_session.id == session.id
+    assert rotated_session.generation == 2
+    assert store.rotate(successor, now=T0)[0].generation == 3
+    assert store.credentials(session.id) == [("vault_accessor", "acc-new")]
+    assert store.credentials(earlier.id) == [("vault_accessor", "acc-earlier")]
+
+
 def test_purge_removes_ended_sessions_with_their_rows(state: State) -> None:
     """Purging deletes sessions that ended before the cut-off, with handles and credentials."""
     store = state.store

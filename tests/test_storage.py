@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from broker.dev.harness import fresh_pg_database
-from broker.storage import Database, StoreUnavailable, StoreURL, Tx
+from broker.storage import Database, RowInsert, StoreUnavailable, StoreURL, Tx
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -191,6 +191,85 @@ def test_driver_error_fails_the_write_as_store_unavailable(db: Database) -> None
     assert keys(db) == []
     db.write(insert("after"))  # the writer recovered
     assert keys(db) == ["after"]
+
+
+PARENTS = RowInsert("fam_parent", ("k",))
+CHILDREN = RowInsert("fam_child", ("k", "parent"), rank=1)
+
+
+def family_tables(tx: Tx) -> None:
+    tx.execute("CREATE TABLE fam_parent (k TEXT PRIMARY KEY)")
+    tx.execute(
+        "CREATE TABLE fam_child (k TEXT PRIMARY KEY,"
+        " parent TEXT NOT NULL REFERENCES fam_parent (k))"
+    )
+
+
+def test_queued_rows_are_written_together_before_a_statement_naming_their_family(
+    db: Database,
+) -> None:
+    """Rows queued with insert_later are one statement per table, written before the first
+    statement of the transaction that names a table of their family (parents before the
+    children that reference them, whatever the queueing order) or else before the commit."""
+    db.write(family_tables)
+    seen: dict[str, object] = {}
+
+    def step(tx: Tx) -> None:
+        tx.insert_later(CHILDREN, ("c1", "p1"))  # queued before its parent: rank orders them
+        tx.insert_later(PARENTS, ("p1",))
+        tx.insert_later(PARENTS, ("p2",))
+        tx.execute("INSERT INTO t (k) VALUES ('other')")  # another family: nothing written
+        seen["other"] = tx.executed
+        seen["read"] = [row[0] for row in tx.rows("SELECT k FROM fam_parent ORDER BY k")]
+        seen["read_at"] = tx.executed  # the parents' insert, the children's, the read
+        tx.insert_later(CHILDREN, ("c2", "p2"))  # written before the commit
+
+    db.write(step)
+    assert seen == {"other": 1, "read": ["p1", "p2"], "read_at": 4}
+    children = db.read(lambda tx: tx.rows("SELECT k, parent FROM fam_child ORDER BY k"))
+    assert [tuple(row) for row in children] == [("c1", "p1"), ("c2", "p2")]
+
+
+def test_a_refusing_write_leaves_no_queued_row_and_its_mates_theirs(db: Database) -> None:
+    """A write that queued rows and then refused wrote nothing: its rows are dropped, it is not
+    run again, and the rows its batch-mates queued commit with one statement per table."""
+    db.write(family_tables)
+    runs: list[str] = []
+
+    def queue(key: str, refuse: bool = False) -> Callable[[Tx], None]:
+        def step(tx: Tx) -> None:
+            runs.append(key)
+            tx.insert_later(PARENTS, (key,))
+            tx.insert_later(CHILDREN, (key + "-child", key))
+            if refuse:
+                raise RuntimeError("refused")
+
+        return step
+
+    errors: list[str] = []
+
+    def run(step: Callable[[Tx], None]) -> None:
+        try:
+            db.write(step)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    holder, release = hold_the_writer(db)
+    before = db.commits
+    threads = []
+    for step in (queue("a"), queue("r", refuse=True), queue("b")):
+        threads.append(threading.Thread(target=run, args=(step,)))
+        threads[-1].start()
+        wait_queued(db, len(threads))
+    release.set()
+    for t in [holder, *threads]:
+        t.join()
+    assert errors == ["refused"]
+    assert runs == ["a", "r", "b"]
+    assert db.commits == before + 2
+    parents = db.read(lambda tx: tx.rows("SELECT k FROM fam_parent ORDER BY k"))
+    children = db.read(lambda tx: tx.rows("SELECT parent FROM fam_child ORDER BY k"))
+    assert [row[0] for row in parents] == ["a", "b"] == [row[0] for row in children]
 
 
 def test_sqlite_write_locked_elsewhere_fails_within_the_deadline(tmp_path: Path) -> None:

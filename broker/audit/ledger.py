@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import chain, key_files
 from broker.audit.events import AuditEvent, Outcome
-from broker.storage import Database, Migration, StoreUnavailable, Tx
+from broker.storage import Database, Migration, RowInsert, StoreUnavailable, Tx
 
 Clock = Callable[[], datetime]
 
@@ -80,6 +80,12 @@ class _Queued:
     template: chain.RecordTemplate
     receipt: _Receipt
 
+
+# A transaction's records, inserted together (PostgreSQL: one statement for them all).
+_LOG_ROWS = RowInsert(
+    "audit_log",
+    ("seq", "time", "request_id", "outcome", "record", "prev_hash", "entry_hash"),
+)
 
 # The head a write transaction has moved: appends in one batch each advance it in memory and
 # the row is written once, before the commit (Tx.hold).
@@ -363,11 +369,7 @@ class SqlLedger:
             if size - cp_size >= self._every or now - chain.parse_time(cp_time) >= self._interval:
                 self._write_checkpoint(tx, size, frontier, digest, now)
                 cp_size, cp_time = size, chain.format_time(now)
-        tx.executemany(
-            "INSERT INTO audit_log (seq, time, request_id, outcome, record,"
-            " prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        tx.dialect.insert_rows(tx, _LOG_ROWS, rows)
         _set_head(tx, Head(size, last_hash, chain.encode_frontier(frontier), cp_size, cp_time))
 
     def stamp_policy(self, sha256: str) -> None:
