@@ -319,6 +319,10 @@ class Dialect:
     def is_connection_error(self, exc: BaseException) -> bool:
         return False
 
+    def lost(self, conn: Any, exc: BaseException) -> bool:
+        """Whether `exc` means `conn` itself is gone (not the statement or the data)."""
+        return False
+
     def to_db(self, value: datetime | None) -> Any:
         raise NotImplementedError
 
@@ -492,6 +496,10 @@ class PostgresDialect(Dialect):
     def is_connection_error(self, exc: BaseException) -> bool:
         # psycopg raises these when the server went away or the connection is closed.
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+    def lost(self, conn: Any, exc: BaseException) -> bool:
+        # An OperationalError is also a lock or statement timeout, on a connection still good.
+        return self.is_connection_error(exc) and bool(conn.broken or conn.closed)
 
     def to_db(self, value: datetime | None) -> Any:
         return None if value is None else utc(value)
@@ -699,10 +707,11 @@ class Database:
                     ending = True
                     conn.execute("COMMIT" if committed else "ROLLBACK")
             except dialect.errors as exc:
-                if retry and not fresh and not ending and dialect.is_connection_error(exc):
+                if retry and not fresh and not ending and dialect.lost(conn, exc):
                     # The server dropped this connection (a restart, an idle cut) before
                     # anything was committed: run the batch once more on a new one. (In a
-                    # pipeline, BEGIN's failure shows only when a step first waits.)
+                    # pipeline, BEGIN's failure shows only when a step first waits.) Any
+                    # other error, a lock wait past lock_timeout among them, fails the batch.
                     retry = False
                     self._drop_writer_conn()
                     continue
