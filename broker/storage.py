@@ -108,13 +108,17 @@ class RowInsert:
 
     Decision: in a batch of writes most statements are such inserts (a session, its first
     handle, a credential per exchange), and each costs the broker a send and the database a
-    statement. Queued, a batch sends one per table: on PostgreSQL one multi-row INSERT, on
-    SQLite one executemany. A queued row is not in the table until written, so it is written before
-    any statement of its transaction that names a table of its family (the name up to its
-    first underscore: `session_handles` and `session_credentials` reference
-    `session_sessions`), and at the latest before the commit; a family's tables are written
-    together, lowest `rank` first. Its write counts as a statement of whichever step triggers
-    it (see `Database._transact` on a refusing write that had written).
+    statement. Queued, a batch sends one multi-row INSERT per table. Only on PostgreSQL
+    (`Dialect.queues_rows`): on SQLite a statement is a call into the library in-process, and
+    queueing cost more than it saved (in-process, one thread: 7-10% more CPU per exchange,
+    measured); there `insert_later` writes the row at once.
+
+    A queued row is not in the table until written, so it is written before any statement of
+    its transaction that names a table of its family (the name up to its first underscore:
+    `session_handles` and `session_credentials` reference `session_sessions`), and at the
+    latest before the commit; a family's tables are written together, lowest `rank` first. Its
+    write counts as a statement of whichever step triggers it (see `Database._transact` on a
+    refusing write that had written).
     """
 
     table: str
@@ -186,6 +190,9 @@ class Tx:
     def insert_later(self, insert: RowInsert, row: Sequence[Any]) -> None:
         """Queue `row` for `insert`, written with the transaction's other rows for it (see
         RowInsert for when)."""
+        if not self.dialect.queues_rows:
+            self.dialect.insert_rows(self, insert, (tuple(row),))
+            return
         queued = self._held.get(insert.key)
         rows = (tuple(row),) if queued is None else (*queued[1], tuple(row))
         self.hold(insert.key, (insert, rows), _write_rows(insert.family))
@@ -279,6 +286,8 @@ class Dialect:
     # The database's own clock as an SQL expression comparable with stored instants. Used
     # where replicas must agree on "now" (purging replay rows): one clock, not one per host.
     now_sql = ""
+    # Whether Tx.insert_later queues rows (see RowInsert) or writes each at once.
+    queues_rows = False
 
     def __init__(self, target: str, busy_timeout: float) -> None:
         self._target = target
@@ -300,7 +309,7 @@ class Dialect:
         return contextlib.nullcontext()
 
     def insert_rows(self, tx: Tx, insert: RowInsert, rows: Sequence[Sequence[Any]]) -> None:
-        """Run `insert` for `rows` in `tx`: one executemany of the one-row INSERT."""
+        """Run `insert` for `rows` in `tx`: the one-row INSERT (executemany for several)."""
         sql = self._sql_cache.get(insert.key)
         if sql is None:
             marks = ", ".join("?" * len(insert.columns))
@@ -308,7 +317,10 @@ class Dialect:
                 f"INSERT INTO {insert.table} ({', '.join(insert.columns)})"  # noqa: S608
                 f" VALUES ({marks}) {insert.tail}".rstrip()
             )
-        tx.executemany_now(sql, rows)
+        if len(rows) == 1:
+            tx.execute_now(sql, rows[0])
+        else:
+            tx.executemany_now(sql, rows)
 
     def begin_migration(self, conn: Any) -> None:
         raise NotImplementedError
@@ -432,6 +444,7 @@ class PostgresDialect(Dialect):
     errors = (psycopg.Error, OSError)
     for_update = " FOR UPDATE"
     time_type = "TIMESTAMPTZ"
+    queues_rows = True
     now_sql = "now()"  # the server's clock at the start of the transaction
 
     def sql(self, text: str) -> str:
