@@ -12,9 +12,12 @@ Its threads are also scheduled as batch work (SCHED_BATCH): a thread woken on th
 answer from Vault arrived, its group commit finished) waits for the running thread to block or
 use up its time slice instead of preempting it. Preempting would buy nothing, since the running
 thread holds the interpreter lock the woken one needs next: every such wake-up cost two context
-switches. Measured the same way, with both CPUs' other load alike: context switches per
-exchange 10.6 -> 6.9 (involuntary 4.0 -> 0.5), and 9-30 % more exchanges per second in three
-alternated pairs. A batch thread still gets its fair share of the CPU.
+switches. Measured the same way (a served broker, 16 threads, 3,000-4,000 exchanges per run):
+context switches per exchange 10.6 -> 6.9, the involuntary ones 4.0 -> 0.5; 9-31 % more
+exchanges per second in three alternated pairs of that script, but within the noise of the
+whole benchmark's load section (c16 of the ceiling 0.55 / 0.53 against 0.56 / 0.52 before,
+two alternated pairs, bench/README.md). Latency at one thread unchanged. A batch thread still
+gets its fair share of the CPU.
 
 The CPU is picked at start-up among those the process may use (its affinity mask, which a
 container's cpuset narrows): first the one the fewest processes are already pinned to (another
