@@ -64,6 +64,7 @@ from bench.exchange import (
     start_broker,
     summarize,
 )
+from bench.store_writes import cluster_cpu
 from broker.app import new_request_id
 from broker.config import Config
 from broker.config_lint import load_config
@@ -110,21 +111,7 @@ def postgres_cpu(url: str) -> Callable[[], float] | None:
         int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")
     )
 
-    def read() -> float:
-        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
-        total = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # exited meanwhile: now in the postmaster's cutime/cstime
-            if int(stat[1]) == postmaster:
-                total += int(stat[11]) + int(stat[12])
-        return total / _CLK_TCK
-
-    return read
+    return lambda: cluster_cpu(postmaster)
 
 
 def peak_rss_mb(pid: int) -> float:
