@@ -16,8 +16,8 @@ switches. Measured the same way (a served broker, 16 threads, 3,000-4,000 exchan
 context switches per exchange 10.6 -> 6.9, the involuntary ones 4.0 -> 0.5; 9-31 % more
 exchanges per second in three alternated pairs of that script, but within the noise of the
 whole benchmark's load section (c16 of the ceiling 0.55 / 0.53 / 0.55 against 0.56 / 0.52 /
-0.45 before, with this round's other changes, three alternated pairs, bench/README.md). Latency at one thread unchanged. A batch thread still
-gets its fair share of the CPU.
+0.45 before, with this round's other changes, three alternated pairs, bench/README.md).
+Latency at one thread unchanged. A batch thread still gets its fair share of the CPU.
 
 The CPU is picked at start-up among those the process may use (its affinity mask, which a
 container's cpuset narrows): first the one the fewest processes are already pinned to (another
