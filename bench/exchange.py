@@ -109,15 +109,19 @@ class Stack:
             now=datetime.now(UTC),
         )
 
-    def hostile(self, kind: str) -> str:
-        """A token the issuer never signed, of `kind` (see FORGED_KINDS)."""
-        claims = preset_claims(
+    def claims(self) -> dict[str, Any]:
+        """GitLab-shaped claims for this issuer and audience, as `mint` signs by default."""
+        return preset_claims(
             "gitlab",
             issuer=self.signer.issuer_url,
             audience=AUDIENCE,
             now=datetime.now(UTC),
             ttl=TOKEN_TTL_SECONDS,
         )
+
+    def hostile(self, kind: str) -> str:
+        """A token the issuer never signed, of `kind` (see FORGED_KINDS)."""
+        claims = self.claims()
         if kind == "unknown_kid":
             # Signed by a key the issuer never published, under a fresh kid every time, so no
             # cache of "kids seen missing" can short-cut the rejection.

@@ -30,7 +30,6 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from bench.exchange import (
-    AUDIENCE,
     AWS_GRANT,
     FORM,
     PEER,
-    TOKEN_TTL_SECONDS,
     VAULT_GRANT,
     Broker,
     Connection,
@@ -68,7 +65,6 @@ from bench.store_writes import cluster_cpu
 from broker.app import new_request_id
 from broker.config import Config
 from broker.config_lint import load_config
-from broker.dev.claims import preset_claims
 from broker.dev.processes import free_port
 from broker.mint.vault import clamp_ttl, plan_token, token_create_body
 from broker.sessions import SESSION_ID_PREFIX
@@ -177,13 +173,7 @@ def exchange_token_body(config: Config, stack: Stack, explicit_max_ttl: int) -> 
     the token, HMACed into its audit log), so a lighter body would overstate the ceiling."""
     grant = next(g for g in config.grants if g.name == VAULT_GRANT)
     issuer = next(i for i in config.issuers if i.url == stack.signer.issuer_url)
-    subject = preset_claims(
-        "gitlab",
-        issuer=stack.signer.issuer_url,
-        audience=AUDIENCE,
-        now=datetime.now(UTC),
-        ttl=TOKEN_TTL_SECONDS,
-    )["sub"]
+    subject = stack.claims()["sub"]
     ttl = clamp_ttl(grant.ttl, None)
     plan = plan_token(
         grant,

@@ -187,11 +187,15 @@ class Tx:
             key = next(iter(self._owed))
             self._owed.pop(key)(self)
 
+    def insert(self, insert: RowInsert, rows: Sequence[Sequence[Any]]) -> None:
+        """Write `rows` for `insert` now, in one statement where the dialect can."""
+        self.dialect.insert_rows(self, insert, rows)
+
     def insert_later(self, insert: RowInsert, row: Sequence[Any]) -> None:
         """Queue `row` for `insert`, written with the transaction's other rows for it (see
         RowInsert for when)."""
         if not self.dialect.queues_rows:
-            self.dialect.insert_rows(self, insert, (tuple(row),))
+            self.insert(insert, (tuple(row),))
             return
         queued = self._held.get(insert.key)
         rows = (tuple(row),) if queued is None else (*queued[1], tuple(row))
@@ -207,7 +211,7 @@ class Tx:
         ]
         queued = sorted((self.take(key) for key in keys), key=lambda q: q[0].rank)
         for insert, rows in queued:
-            self.dialect.insert_rows(self, insert, rows)
+            self.insert(insert, rows)
 
     @property
     def rowcount(self) -> int:
@@ -223,12 +227,6 @@ class Tx:
             self._before(sql)
         return self.execute_now(sql, params)
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Tx:
-        """One statement for many parameter rows (PostgreSQL: one round trip, pipelined)."""
-        if self._families:
-            self._before(sql)
-        return self.executemany_now(sql, rows)
-
     def execute_now(self, sql: str, params: Sequence[Any] = ()) -> Tx:
         """`execute` without first writing queued rows (the dialect writing them uses it)."""
         self.executed += 1
@@ -236,6 +234,7 @@ class Tx:
         return self
 
     def executemany_now(self, sql: str, rows: Sequence[Sequence[Any]]) -> Tx:
+        """One statement for many parameter rows, without first writing queued rows."""
         self.executed += 1
         self._cur = self._conn.cursor()
         self._cur.executemany(self.dialect.sql(sql), [tuple(row) for row in rows])
@@ -310,10 +309,10 @@ class Dialect:
 
     def insert_rows(self, tx: Tx, insert: RowInsert, rows: Sequence[Sequence[Any]]) -> None:
         """Run `insert` for `rows` in `tx`: the one-row INSERT (executemany for several)."""
-        sql = self._sql_cache.get(insert.key)
+        sql = self._rows_sql.get((insert.key, 1))
         if sql is None:
             marks = ", ".join("?" * len(insert.columns))
-            sql = self._sql_cache[insert.key] = (
+            sql = self._rows_sql[(insert.key, 1)] = (
                 f"INSERT INTO {insert.table} ({', '.join(insert.columns)})"  # noqa: S608
                 f" VALUES ({marks}) {insert.tail}".rstrip()
             )

@@ -369,7 +369,7 @@ class SqlLedger:
             if size - cp_size >= self._every or now - chain.parse_time(cp_time) >= self._interval:
                 self._write_checkpoint(tx, size, frontier, digest, now)
                 cp_size, cp_time = size, chain.format_time(now)
-        tx.dialect.insert_rows(tx, _LOG_ROWS, rows)
+        tx.insert(_LOG_ROWS, rows)
         _set_head(tx, Head(size, last_hash, chain.encode_frontier(frontier), cp_size, cp_time))
 
     def stamp_policy(self, sha256: str) -> None:
