@@ -90,12 +90,37 @@ def _timings() -> dict[str, float]:
     if timings is None:
         return {}
     return {
+        "launched": timings.launched or None,
+        "answered": timings.answered or None,
+        "answered": timings.answered or None,
         "entered": timings.entered,
         "settings": timings.settings,
         "agent": timings.agent,
         "context": timings.done - timings.entered,
         "aws_wait": timings.aws,
     }
+
+
+def _time_the_forks() -> None:
+    """Note on each Luigi task process when the scheduling process started it (before the fork,
+    and before anything luigi-creds does there): the task's start, as Luigi sees it."""
+    from luigi.worker import TaskProcess
+
+    start = TaskProcess.start
+
+    def timed_start(self: Any) -> None:
+        self.bench_started_at = time.perf_counter()
+        start(self)
+
+    TaskProcess.start = timed_start  # type: ignore[method-assign]
+
+
+def _forked_at() -> float | None:
+    """When the scheduling process started this task process (perf_counter: one clock for all
+    processes on Linux), if Luigi forked it."""
+    import multiprocessing
+
+    return getattr(multiprocessing.current_process(), "bench_started_at", None)
 
 
 def _plain_run(task: Any) -> None:
@@ -131,6 +156,7 @@ def _plain_run(task: Any) -> None:
         "task": task.task_id,
         "key": key_id,
         "client": built - started,
+        "forked": _forked_at(),
         "run_started": started,
         "usable": usable_at,
     }
@@ -181,7 +207,9 @@ def _task_classes(variant: str) -> type:
 
 def _kind(variant: str) -> str:
     """static, zero or mixin: what a variant runs (its suffix says with what)."""
-    return variant.removesuffix("-before").removesuffix("-onechain").removesuffix("-nopreload")
+    for suffix in ("-before", "-onechain", "-nopreload", "-nolaunch"):
+        variant = variant.removesuffix(suffix)
+    return variant
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -230,6 +258,7 @@ def job(variant: str, tasks: int, workers: int) -> dict[str, Any]:
     # Under `luigi-creds exec` (unless turned off), exec's bootstrap loaded the task-process
     # modules into this process once luigi and boto3 were imported: the forks inherit them.
     preloaded = "luigi_creds.task_process" in sys.modules
+    _time_the_forks()
     cls = _task_classes(_kind(variant))
     batch = [cls(n=n) for n in range(tasks)]
     started = time.perf_counter()
@@ -321,6 +350,8 @@ def _job_env(
     if variant.endswith("-nopreload"):
         # exec's bootstrap loads nothing into the job's scheduling process (as before it).
         env["LUIGI_CREDS_PRELOAD"] = "0"
+    if variant.endswith("-nolaunch"):
+        env["LUIGI_CREDS_EARLY_START"] = "0"
     if variant == "static":
         # Static credentials as a pipeline without luigi-creds has them: a long-lived IAM user
         # key (moto's administrator, since moto checks every signature) in the environment.
@@ -580,6 +611,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -
             for v in ("static", "zero")
             if runs.get(v)
         }
+        # From Luigi's start of the task (TaskProcess.start, before the fork): what the task
+        # sees in all. The static peer's figure is Luigi's own fork and start-up.
+        from_start = {
+            v: [m["usable"] - m["forked"] for r in runs[v] for m in r["markers"] if m.get("forked")]
+            for v in ("static", "zero")
+            if runs.get(v)
+        }
+        to_context = [m["entered"] - m["forked"] for m in zero if m.get("forked")]
         broker_ms = exchange["broker_refresh_p50_ms"]
         upstream_ms = exchange["assume_role_p50_ms"]
         first = {
@@ -594,6 +633,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -
             "phases_p50_ms": {k: statistics.median(v) * 1000 for k, v in phases.items()},
             "ratio_to_broker_exchange": statistics.median(total) * 1000 / broker_ms,
             "context_p50_ms": statistics.median(context) * 1000,
+            "from_luigi_start_p50_ms": {
+                v: statistics.median(t) * 1000 for v, t in from_start.items() if t
+            },
+            "luigi_start_to_context_p50_ms": statistics.median(to_context) * 1000
+            if to_context
+            else None,
             "luigi_before_run_p50_ms": statistics.median(luigi_gap) * 1000,
             # boto3 client construction; with TaskCredentials it runs while the mint does.
             "client_construction_p50_ms": clients,
@@ -694,6 +739,15 @@ def render(report: dict[str, Any]) -> str:
             f"  (the whole context {first['context_p50_ms']:.1f} ms; Luigi's own work before "
             f"run() {first['luigi_before_run_p50_ms']:.1f} ms, p50)"
         )
+        from_start = first.get("from_luigi_start_p50_ms") or {}
+        if "zero" in from_start:
+            lines.append(
+                "from Luigi's start of the task (before its fork) -> first usable credential: "
+                f"p50 zero {from_start['zero']:.1f} ms "
+                f"({from_start['zero'] / ex['broker_refresh_p50_ms']:.2f}x the broker exchange), "
+                f"static {from_start.get('static', float('nan')):.1f} ms; Luigi's start to the "
+                f"context {first['luigi_start_to_context_p50_ms']:.1f} ms"
+            )
         for phase, ms in first["split_p50_ms"].items():
             lines.append(f"    {phase:<42}{ms:8.1f} ms (derived)")
         built = ", ".join(
@@ -790,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(render(full))
     if opts.json:
+        # Each task's marker too (its key id only: nothing secret), for reading phases apart.
+        full["markers"] = {v: [r["markers"] for r in rs] for v, rs in runs.items()}
         opts.json.write_text(json.dumps(full, indent=2))
     return 0
 

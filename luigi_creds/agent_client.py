@@ -144,8 +144,53 @@ class AgentClient:
         returned callable reads the answer (the task's bearer and its first AWS credentials).
         The caller sets the task up in between, while the agent and the broker mint, and the
         whole start costs one round trip on one connection. The callable must be called once;
-        this client sends nothing else until then."""
+        this client sends nothing else on that connection until then."""
         body, what = _task_start_body(grants, task, pid, aws_grant, True)
+
+        def again() -> dict[str, Any]:
+            return self._call("POST", "/v1/bearer", body, what=what, grant=aws_grant)
+
+        read = self._send_now("/v1/bearer", body, what=what, grant=aws_grant, again=again)
+        return lambda: self._task_start_answer(read(), aws_grant)
+
+    def claim(self, pid: int, aws_grant: str | None) -> Callable[[], AwsCredentials | None]:
+        """Bind this client's task bearer to process `pid` (the task's own: the agent releases
+        the task when it is gone) and ask for the task's AWS credentials for `aws_grant`,
+        whose mint the scheduling process started before it forked this process
+        (luigi_creds/launch.py). The request is sent now; the returned callable reads the
+        answer, waiting for that mint (a refusal raises, naming the grant). Call it once."""
+        body = {"pid": pid, "aws": aws_grant}
+        what = f"grant {aws_grant!r}" if aws_grant else "a task's process"
+
+        def again() -> dict[str, Any]:
+            return self._call("POST", "/v1/claim", body, what=what, grant=aws_grant)
+
+        read = self._send_now("/v1/claim", body, what=what, grant=aws_grant, again=again)
+
+        def answer() -> AwsCredentials | None:
+            aws = read().get("aws") or {}
+            if not aws_grant:
+                return None
+            if not isinstance(aws, dict):
+                aws = {}
+            return _aws_from_body(aws_grant, aws.get(aws_grant))
+
+        return answer
+
+    def _send_now(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        what: str,
+        grant: str | None,
+        again: Callable[[], dict[str, Any]],
+    ) -> Callable[[], dict[str, Any]]:
+        """Send a POST now and return the callable that reads its answer (once). The connection
+        is this client's kept-alive one, taken out of the pool until the answer is read, so
+        the client's other requests meanwhile use a connection of their own. A kept-alive
+        connection that the agent had closed while idle is retried once with `again` (the
+        whole request in one call)."""
         data = json.dumps(body).encode()
         headers = self._headers(data)
         with self._lock:
@@ -154,39 +199,36 @@ class AgentClient:
         try:
             if conn is None:
                 conn = self._connect()
-            conn.request("POST", "/v1/bearer", body=data, headers=headers)
+            conn.request("POST", path, body=data, headers=headers)
         except (OSError, http.client.HTTPException) as exc:
             if conn is not None:
                 conn.close()
             if reused:
-                # A kept-alive connection the agent closed while idle: start in one call.
-                answer = self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
-                return lambda: answer
-            raise self._unreachable(what, aws_grant, exc) from None
+                payload = again()
+                return lambda: payload
+            raise self._unreachable(what, grant, exc) from None
         sent = conn
 
-        def finish() -> tuple[AgentEndpoint, AwsCredentials | None]:
+        def read() -> dict[str, Any]:
             try:
                 response = sent.getresponse()
                 raw = response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 sent.close()
                 if reused:
-                    # The agent had closed the kept-alive connection: ask once more.
-                    return self.task_bearer(grants, task, pid=pid, aws_grant=aws_grant)
-                raise self._unreachable(what, aws_grant, exc) from None
+                    return again()
+                raise self._unreachable(what, grant, exc) from None
             except (OSError, http.client.HTTPException) as exc:
                 sent.close()
-                raise self._unreachable(what, aws_grant, exc) from None
+                raise self._unreachable(what, grant, exc) from None
             with self._lock:
                 if response.will_close or self._conn is not None:
                     sent.close()
                 else:
                     self._conn = sent
-            payload = _payload(response.status, raw, 200, what, aws_grant)
-            return self._task_start_answer(payload, aws_grant)
+            return _payload(response.status, raw, 200, what, grant)
 
-        return finish
+        return read
 
     def start_minting(
         self,

@@ -23,7 +23,12 @@ from typing import Any
 
 import boto3
 import botocore.session
-from botocore.credentials import CredentialProvider, CredentialResolver, RefreshableCredentials
+from botocore.credentials import (
+    CredentialProvider,
+    CredentialResolver,
+    DeferredRefreshableCredentials,
+    RefreshableCredentials,
+)
 
 from luigi_creds.childenv import AWS_ENV_VARIABLES, scrub_aws_env
 from luigi_creds.credentials import AwsCredentials, BrokerError
@@ -35,6 +40,7 @@ __all__ = [
     "adopt_session",
     "aws_session",
     "credential_env",
+    "first_use_credentials",
     "prepare_session",
     "refreshable_credentials",
     "scrub_aws_env",
@@ -114,6 +120,49 @@ def refreshable_credentials(
     )
 
 
+class _FirstUse(DeferredRefreshableCredentials):
+    """botocore credentials that fetch at their first use, then refresh as
+    `refreshable_credentials` does, on windows scaled to the first credential's lifetime.
+
+    botocore asks a session for its credentials before it builds a client; these let the client
+    be built (the service model, the endpoint, the handlers: tens of milliseconds) while the
+    first mint is still on its way, and wait only where a request is signed.
+    """
+
+    def __init__(
+        self, fetch: Callable[[], AwsCredentials], *, clock: Callable[[], datetime], windows: Windows
+    ) -> None:
+        super().__init__(self._first, METHOD, time_fetcher=clock)
+        self._fetch = fetch
+        self._clock = clock
+        self._windows = windows
+
+    def _first(self) -> dict[str, str]:
+        # Called by botocore under its refresh lock, once (it then calls the guard).
+        first = self._fetch()
+        advisory, mandatory = self._windows.for_lifetime(first.expires_at - self._clock())
+        self._advisory_refresh_timeout = int(advisory.total_seconds())
+        self._mandatory_refresh_timeout = int(mandatory.total_seconds())
+        self._refresh_using = _AdvisoryGuard(
+            self._fetch,
+            first,
+            clock=self._clock,
+            mandatory=mandatory,
+            backoff=self._windows.advisory_backoff,
+        ).refresh
+        return _metadata(first)
+
+
+def first_use_credentials(
+    fetch: Callable[[], AwsCredentials],
+    *,
+    clock: Callable[[], datetime] = _utcnow,
+    windows: Windows | None = None,
+) -> RefreshableCredentials:
+    """`refreshable_credentials` that call `fetch` for the first time at their first use."""
+    return _FirstUse(fetch, clock=clock, windows=windows or Windows())
+
+
 class _AdvisoryGuard:
     """botocore's `refresh_using`: fetch, but never fail (or hammer the broker) in advisory time.
 
@@ -175,14 +224,17 @@ class BrokerCredentialProvider(CredentialProvider):
         *,
         clock: Callable[[], datetime] = _utcnow,
         windows: Windows | None = None,
+        at_first_use: bool = False,
     ) -> None:
         super().__init__()
         self._fetch = fetch
         self._clock = clock
         self._windows = windows
+        self._at_first_use = at_first_use
 
     def load(self) -> RefreshableCredentials:
-        return refreshable_credentials(self._fetch, clock=self._clock, windows=self._windows)
+        build = first_use_credentials if self._at_first_use else refreshable_credentials
+        return build(self._fetch, clock=self._clock, windows=self._windows)
 
 
 def aws_session(
@@ -192,8 +244,12 @@ def aws_session(
     clock: Callable[[], datetime] = _utcnow,
     windows: Windows | None = None,
     loader: Any = None,
+    at_first_use: bool = False,
 ) -> boto3.Session:
     """A boto3 Session whose credentials come from `fetch` and refresh themselves.
+
+    With `at_first_use`, `fetch` is called for the first time where a request is first signed,
+    not when a client is built (`first_use_credentials`).
 
     The session's only credential provider is the broker's, so a stray `AWS_ACCESS_KEY_ID` in
     the process cannot win.
@@ -221,7 +277,13 @@ def aws_session(
     # 4.2 ms of CPU in a forked process), and a stray AWS_ACCESS_KEY_ID cannot win either.
     core.register_component(
         "credential_provider",
-        CredentialResolver([BrokerCredentialProvider(fetch, clock=clock, windows=windows)]),
+        CredentialResolver(
+            [
+                BrokerCredentialProvider(
+                    fetch, clock=clock, windows=windows, at_first_use=at_first_use
+                )
+            ]
+        ),
     )
     return session
 
@@ -263,9 +325,12 @@ def session_loader(session: Any) -> Any:
     return core.get_component("data_loader") if core is not None else None
 
 
-def adopt_session(session: Any, fetch: Callable[[], AwsCredentials]) -> bool:
-    """Make an existing boto3 Session resolve credentials from `fetch` alone, forgetting the
-    ones it had; False (nothing changed) if botocore does not look as expected.
+def adopt_session(
+    session: Any, fetch: Callable[[], AwsCredentials], *, at_first_use: bool = False
+) -> bool:
+    """Make an existing boto3 Session resolve credentials from `fetch` alone (first called at
+    the first use with `at_first_use`), forgetting the ones it had; False (nothing changed) if
+    botocore does not look as expected.
 
     For a forked task process: the session it inherited has parsed service models and
     registered its handlers already (building a new one costs tens of milliseconds), but its
@@ -277,7 +342,8 @@ def adopt_session(session: Any, fetch: Callable[[], AwsCredentials]) -> bool:
     if core is None or not hasattr(core, "_credentials"):
         return False
     core.register_component(
-        "credential_provider", CredentialResolver([BrokerCredentialProvider(fetch)])
+        "credential_provider",
+        CredentialResolver([BrokerCredentialProvider(fetch, at_first_use=at_first_use)]),
     )
     core._credentials = None
     return True

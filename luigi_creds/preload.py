@@ -6,6 +6,9 @@ which calls `prepare()` once `luigi` is imported, and again once `boto3` is:
 - the code Luigi would import in every task process it forks for `[worker] task_process_context =
   luigi_creds.TaskCredentials` (`luigi_creds.task_process`), and the boto3 bridge
   (`luigi_creds.aws`) once boto3 is loaded, so the task processes inherit them;
+- the early start of each such task's credentials (luigi_creds/launch.py): just before Luigi
+  forks a task's process, this process asks the agent for the task's bearer and sets its AWS
+  mint going, so the fork and the task's set-up overlap the mint;
 - boto3's default session for the scheduling process's own AWS calls (`S3Target.exists()`),
   when exec pointed the process at its agent (`AWS_CONTAINER_CREDENTIALS_FULL_URI`) and nothing
   set a default session yet: the same credentials the container endpoint serves (exec's grant,
@@ -40,7 +43,11 @@ def prepare() -> bool:
     (luigi and boto3 both handled)."""
     global _session_done
     import luigi_creds.task_process
+    from luigi_creds.launch import Launcher, install
+    from luigi_creds.luigi_config import from_luigi_config
 
+    if os.environ.get("LUIGI_CREDS_EARLY_START", "1") != "0":
+        install(Launcher(from_luigi_config))
     if "boto3" not in sys.modules:
         return False
     if not _session_done:

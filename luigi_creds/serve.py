@@ -25,6 +25,12 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
   returned in the same answer (a task's start). Each `{"grant", "duration"?}` in `mint` is
   minted for the task as `/v1/mint` would and returned under `minted` (a CredentialsMixin task's
   start, in one round trip); if one fails, the new scope is ended and the refusal returned.
+- `POST /v1/claim` JSON `{"pid", "aws"?}`: binds the caller's task bearer to its process (once;
+  from then on the task is released when that process is gone) and, with `aws` (a grant),
+  answers with the task's AWS credentials in the container shape under `aws`, waiting for the
+  mint its bearer request started. For a task process whose bearer the scheduling process asked
+  for before forking it (luigi_creds/launch.py), so its start and its first credential are one
+  request it need not wait for.
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
 - `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
@@ -42,7 +48,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
@@ -271,6 +277,26 @@ class CredentialAgent:
             del self._scopes[_digest(presented)]
         if scope.task is not None:
             self._end_task(scope.task)  # and every bearer the task handed on
+
+    def bind_process(self, header: str | None, pid: int) -> Scope:
+        """Bind the caller's task bearer to process `pid`: the scope it was issued without one
+        (a bearer asked for before the task's process existed) gets it; a scope bound to
+        another process is refused. Returns the caller's scope as it is now."""
+        digest = _digest((header or "").removeprefix("Bearer ").strip())
+        with self._lock:
+            scope = self._scopes.get(digest)
+            if scope is not None and scope.task is not None and not scope.delegate:
+                if scope.pid is None:
+                    scope = self._scopes[digest] = replace(scope, pid=pid)
+                if scope.pid == pid:
+                    return scope
+        what = "no task's bearer" if scope is None or scope.task is None else "another process"
+        self._refuse(
+            f"process {pid} cannot claim a bearer of {what}",
+            task=None if scope is None else scope.task,
+            grant="-",
+            refused="scope",
+        )
 
     def release_task(self, task: str, scope: Scope = ROOT_SCOPE) -> None:
         """End `task` for a delegating caller: its bearers stop working, its Vault credentials
@@ -580,6 +606,7 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 "/v1/revoke-lease": self._revoke_lease,
                 "/v1/bearer": self._bearer,
                 "/v1/release": self._release,
+                "/v1/claim": self._claim,
             }
             handler = handlers.get(path)
             if handler is None:
@@ -668,6 +695,17 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 return
             aws = {g: container_body(agent.aws(g, task, wanted)) for g in aws_grants}
             self._send(200, {"bearer": bearer, "aws": aws})
+
+        def _claim(self, scope: Scope, request: dict[str, Any]) -> None:
+            pid = request["pid"]
+            grant = request.get("aws")
+            if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
+                raise TypeError
+            if not (grant is None or isinstance(grant, str)):
+                raise TypeError
+            scope = agent.bind_process(self.headers.get("Authorization"), pid)
+            aws = {grant: container_body(agent.aws(grant, scope.task, scope))} if grant else {}
+            self._send(200, {"aws": aws})
 
         def _release(self, scope: Scope, request: dict[str, Any]) -> None:
             task = request.get("task")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,7 +49,9 @@ from luigi_creds.agent_client import (
 from luigi_creds.childenv import AWS_ENV_VARIABLES
 from luigi_creds.credentials import AwsCredentials, BrokerError, VaultToken, describe, iso
 from luigi_creds.errors import LuigiCredsError
+from luigi_creds.launch import Launch, TaskGrants, take, task_grants
 from luigi_creds.luigi_config import from_luigi_config
+from luigi_creds.settings import ClientSettings
 
 __all__ = ["TaskCredentials"]
 
@@ -58,6 +61,8 @@ log = logging.getLogger(__name__)
 class StartTimings:
     """Where the time from the context's entry to a usable credential went (seconds)."""
 
+    launched = 0.0  # time.perf_counter() when the scheduling process asked, before the fork
+    answered = 0.0  # and when the agent had answered it
     entered = 0.0  # time.perf_counter() when the context was entered
     settings = 0.0
     agent = 0.0  # sending the start request (the agent starts the AWS mint)
@@ -129,11 +134,16 @@ class TaskCredentials:
         self.timings.entered = started
         last_timings = self.timings
         task = self._task
-        settings = from_luigi_config()
-        family = settings.grants_for(task.task_family)
-        extra = tuple(getattr(task, "grants", ()) or ())  # a CredentialsMixin task's own
-        grants = [g for g in (family.aws_grant, family.vault_grant, *extra) if g]
-        grants = list(dict.fromkeys(grants))
+        # Started by the scheduling process before it forked this one, or asked for here.
+        launch = take(task.task_id) if self._own_process else None
+        settings: ClientSettings | None = None
+        if launch is not None:
+            wanted = launch.grants
+            self.timings.launched = launch.asked_at
+            self.timings.answered = launch.answered_at
+        else:
+            settings = from_luigi_config()
+            wanted = task_grants(settings, task)
         self.timings.settings = time.perf_counter() - started
         if not self._own_process:
             self._saved_env = dict(os.environ)
@@ -141,30 +151,76 @@ class TaskCredentials:
             os.environ.pop(name, None)
         inherited = _default_session()
         _reset_boto3()
-        if not grants:
+        if not wanted.grants:
             # Nothing for this family: it keeps no way to the agent either.
             os.environ.pop(AGENT_URL_VARIABLE, None)
             os.environ.pop(AGENT_TOKEN_VARIABLE, None)
             return
+        if launch is not None:
+            first = self._claim(launch, inherited)
+        else:
+            first = self._ask(wanted, inherited)
+        endpoint = self._task_client().endpoint
+        os.environ.update(endpoint.env())
+        lines = []
+        if wanted.aws_grant:
+            os.environ.update(container_env(endpoint, wanted.aws_grant, task.task_id))
+            lines.append(f"AWS grant {wanted.aws_grant!r}: {first.describe()}")
+        if wanted.vault_grant:
+            if first.pending:
+                # A refusal of the AWS grant fails the task before it runs, as without an
+                # early start; the Vault token is minted after, on the same connection.
+                first.get()
+            if settings is None:
+                settings = from_luigi_config()
+            mark = time.perf_counter()
+            lines.append(self._vault_token(settings.vault_addr, wanted.vault_grant))
+            self.timings.vault = time.perf_counter() - mark
+        log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
+        self.timings.done = time.perf_counter()
+
+    def _claim(self, launch: Launch, inherited: Any) -> _First:
+        """The task's bearer came with the fork: bind it to this process and ask for the first
+        AWS credential, and read the answer where the task first signs a request."""
         mark = time.perf_counter()
-        parent = self._job_agent()
-        # One round trip: the request for the task's bearer leaves now and the agent mints the
-        # task's AWS credentials before it answers; the environment and boto3's session are
-        # set up meanwhile, and the answer (bearer and first credential) is read after.
-        answer = parent.start_task(
-            grants,
-            task.task_id,
-            pid=os.getpid() if self._own_process else None,
-            aws_grant=family.aws_grant,
-        )
+        client = self._client = AgentClient(launch.endpoint)
+        aws_grant = launch.grants.aws_grant
+        first = _First(client.claim(os.getpid(), aws_grant))
         self.timings.agent = time.perf_counter() - mark
-        first: list[AwsCredentials] = []
-        if family.aws_grant:
+        if aws_grant:
             _install_default_session(
                 self._task_client,
-                family.aws_grant,
+                aws_grant,
+                self._task.task_id,
+                first.aws,
+                inherited,
+                self._own_process,
+                at_first_use=True,
+            )
+        return first
+
+    def _ask(self, wanted: TaskGrants, inherited: Any) -> _First:
+        """The task's bearer and first AWS credential from the agent, in one round trip."""
+        task = self._task
+        mark = time.perf_counter()
+        parent = self._job_agent()
+        # The request for the task's bearer leaves now and the agent mints the task's AWS
+        # credentials before it answers; the environment and boto3's session are set up
+        # meanwhile, and the answer (bearer and first credential) is read after.
+        answer = parent.start_task(
+            list(wanted.grants),
+            task.task_id,
+            pid=os.getpid() if self._own_process else None,
+            aws_grant=wanted.aws_grant,
+        )
+        self.timings.agent = time.perf_counter() - mark
+        first = _First(lambda: aws)
+        if wanted.aws_grant:
+            _install_default_session(
+                self._task_client,
+                wanted.aws_grant,
                 task.task_id,
-                first,
+                first.aws,
                 inherited,
                 self._own_process,
             )
@@ -178,18 +234,8 @@ class TaskCredentials:
         self._client = parent.handing_over(endpoint)
         if parent is not self._owner:
             parent.close()
-        os.environ.update(endpoint.env())
-        lines = []
-        if family.aws_grant and aws is not None:
-            os.environ.update(container_env(endpoint, family.aws_grant, task.task_id))
-            first.append(aws)
-            lines.append(f"AWS grant {family.aws_grant!r}: {describe(aws)}")
-        if family.vault_grant:
-            mark = time.perf_counter()
-            lines.append(self._vault_token(settings.vault_addr, family.vault_grant))
-            self.timings.vault = time.perf_counter() - mark
-        log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
-        self.timings.done = time.perf_counter()
+        first.get()
+        return first
 
     def _task_client(self) -> AgentClient:
         assert self._client is not None, "the task's client is set before its first refresh"
@@ -252,6 +298,44 @@ class TaskCredentials:
         self._task.run = run
 
 
+class _First:
+    """The task's first AWS credential: read once, by whoever needs it first (the context, or
+    the task's first signed request), from the agent's answer; a refusal is raised to each."""
+
+    def __init__(self, read: Callable[[], AwsCredentials | None]) -> None:
+        self._read: Callable[[], AwsCredentials | None] | None = read
+        self._lock = threading.Lock()
+        self._value: AwsCredentials | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._read is not None
+
+    def get(self) -> AwsCredentials | None:
+        with self._lock:
+            read, self._read = self._read, None
+            if read is not None:
+                try:
+                    self._value = read()
+                except LuigiCredsError as exc:
+                    self._error = exc
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        return self._value
+
+    def aws(self) -> AwsCredentials:
+        cred = self.get()
+        if cred is None:
+            raise BrokerError("the agent answered a task's start without AWS credentials")
+        return cred
+
+    def describe(self) -> str:
+        if self.pending:
+            return "minting, read at the task's first AWS call"
+        return describe(self._value) if self._value is not None else "none"
+
+
 def _default_session() -> Any:
     """boto3's default session in this process, if boto3 is loaded and has one."""
     boto3: Any = sys.modules.get("boto3")
@@ -262,9 +346,11 @@ def _install_default_session(
     client: Callable[[], AgentClient],
     grant: str,
     task_id: str,
-    first: list[AwsCredentials],
+    first: Callable[[], AwsCredentials],
     inherited: Any,
     own_process: bool,
+    *,
+    at_first_use: bool = False,
 ) -> None:
     """Give boto3's default session (boto3.client, luigi.contrib.s3) the task's credentials,
     refreshed on windows scaled to their lifetime, when boto3 is already loaded.
@@ -285,14 +371,22 @@ def _install_default_session(
 
     from luigi_creds.aws import adopt_session, aws_session, session_loader
 
-    def fetch() -> AwsCredentials:
-        # The task's first credentials (fetched before its code runs), then the agent's.
-        return first.pop() if first else client().aws(grant, task_id)
+    pending = [first]
 
-    if own_process and inherited is not None and adopt_session(inherited, fetch):
+    def fetch() -> AwsCredentials:
+        # The task's first credentials (asked for as it started), then the agent's.
+        return pending.pop()() if pending else client().aws(grant, task_id)
+
+    if (
+        own_process
+        and inherited is not None
+        and adopt_session(inherited, fetch, at_first_use=at_first_use)
+    ):
         boto3.DEFAULT_SESSION = inherited
         return
-    boto3.DEFAULT_SESSION = aws_session(fetch, loader=session_loader(inherited))
+    boto3.DEFAULT_SESSION = aws_session(
+        fetch, loader=session_loader(inherited), at_first_use=at_first_use
+    )
 
 
 def _reset_boto3() -> None:
