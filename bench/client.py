@@ -19,6 +19,8 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
    - `zero-nopreload`, `mixin-nopreload` (name them in `--variants`): the job run with
      `LUIGI_CREDS_PRELOAD=0`, so exec's bootstrap does not preload the task-process modules
      into the scheduling process (each task process imports them itself, as before it).
+   - `zero-nolaunch` (name it in `--variants`): the job run with `LUIGI_CREDS_EARLY_START=0`:
+     no early start of each task's credentials before its fork (luigi_creds/launch.py).
    Variants alternate within each round (the order rotates every round); the wall time of
    `luigi.build` is taken inside the job (process start-up excluded); medians per variant and
    the overhead over `static` are reported.
@@ -28,6 +30,10 @@ and our broker (through the dev harness, broker/dev/harness.py), then:
    runs, what was left to wait for it, Luigi and the SDK until the keys are in hand.
    Compared with the broker exchange itself: `--exchanges` sequential refresh mints straight to
    the broker (p50), and a direct `AssumeRole` on the same moto (the upstream's share).
+   Since the early start (the mint set going before the fork), also from Luigi's start of the
+   task (`TaskProcess.start` in the scheduling process, before the fork and before anything
+   luigi-creds does there) to the first usable credential, next to static's (Luigi's own fork
+   and start-up until the task holds its keys).
 3. **cached access**: µs per call of reading a credential a task already has: AWS through
    botocore's refreshable credentials (the mixin's session, and the zero-code container
    provider's), Vault through the mixin's `credential(grant)` and `VAULT_TOKEN`.
@@ -351,7 +357,7 @@ def _job_env(
         # exec's bootstrap loads nothing into the job's scheduling process (as before it).
         env["LUIGI_CREDS_PRELOAD"] = "0"
     if variant.endswith("-nolaunch"):
-        env["LUIGI_CREDS_EARLY_START"] = "0"
+        env["LUIGI_CREDS_EARLY_START"] = "0"  # luigi_creds.launch.EARLY_START_VARIABLE
     if variant == "static":
         # Static credentials as a pipeline without luigi-creds has them: a long-lived IAM user
         # key (moto's administrator, since moto checks every signature) in the environment.

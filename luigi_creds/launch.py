@@ -34,9 +34,21 @@ from luigi_creds.credentials import BrokerError
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.settings import ClientSettings
 
-__all__ = ["Launch", "Launcher", "TaskGrants", "install", "take", "task_grants"]
+__all__ = [
+    "EARLY_START_VARIABLE",
+    "Launch",
+    "Launcher",
+    "TaskGrants",
+    "enabled",
+    "install",
+    "take",
+    "task_grants",
+]
 
 log = logging.getLogger(__name__)
+
+# `LUIGI_CREDS_EARLY_START=0` (in exec's environment or the job's) turns the early start off.
+EARLY_START_VARIABLE = "LUIGI_CREDS_EARLY_START"
 
 # How `[worker] task_process_context` names TaskCredentials (the package re-exports it).
 CONTEXT_NAMES = frozenset({"luigi_creds.TaskCredentials", "luigi_creds.task_process.TaskCredentials"})
@@ -102,6 +114,9 @@ class Launcher:
         self._settings: ClientSettings | None = None
         self._client: AgentClient | None = None
         self._client_pid = 0
+        # Grant sets the agent refused to hand on: their tasks' own processes ask (and fail,
+        # reporting it) without a second refusal per task from here.
+        self._refused: set[tuple[str, ...]] = set()
 
     def before_fork(self, process: Any) -> str | None:
         """Ask the agent for the task's bearer and set its AWS mint going; the task id when a
@@ -116,7 +131,7 @@ class Launcher:
                 self._settings = self._read_settings()
             wanted = task_grants(self._settings, task)
             client = self._agent() if wanted.grants else None
-            if client is None:
+            if client is None or wanted.grants in self._refused:
                 return None
             asked_at = time.perf_counter()
             endpoint, _ = client.task_bearer(
@@ -125,6 +140,8 @@ class Launcher:
         except LuigiCredsError as exc:
             # The task's own process asks again and fails the task with the reason.
             log.debug("luigi-creds: no early start for %s: %s", task.task_id, exc)
+            if isinstance(exc, BrokerError) and exc.status == 403:
+                self._refused.add(wanted.grants)
             return None
         _pending[task.task_id] = Launch(
             endpoint, wanted, os.getpid(), asked_at, time.perf_counter()
@@ -149,6 +166,11 @@ class Launcher:
                 return None
             self._client, self._client_pid = AgentClient(endpoint), os.getpid()
         return self._client
+
+
+def enabled(environ: Any = None) -> bool:
+    env = os.environ if environ is None else environ
+    return str(env.get(EARLY_START_VARIABLE, "1")) != "0"
 
 
 def install(launcher: Launcher) -> bool:

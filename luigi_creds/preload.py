@@ -43,10 +43,10 @@ def prepare() -> bool:
     (luigi and boto3 both handled)."""
     global _session_done
     import luigi_creds.task_process
-    from luigi_creds.launch import Launcher, install
+    from luigi_creds.launch import Launcher, enabled, install
     from luigi_creds.luigi_config import from_luigi_config
 
-    if os.environ.get("LUIGI_CREDS_EARLY_START", "1") != "0":
+    if enabled():
         install(Launcher(from_luigi_config))
     if "boto3" not in sys.modules:
         return False

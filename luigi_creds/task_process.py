@@ -12,9 +12,14 @@ by `[luigi_creds:<TaskFamily>]`, plus a `CredentialsMixin` task's own `grants`):
 - AWS: `AWS_CONTAINER_CREDENTIALS_FULL_URI` + `AWS_CONTAINER_AUTHORIZATION_TOKEN` point every AWS
   SDK (boto3, awscli, luigi.contrib.s3) at the agent, which mints for this task id; every static
   `AWS_*` variable is removed and boto3's default session is reset, so nothing cached from
-  another task is reused. The first credential is minted before the task runs (one request asks for
-  the bearer and the mint; the process sets itself up while the agent and the broker work and
-  reads the answer after), so a refusal fails the task with the broker's reason;
+  another task is reused. Under `luigi-creds exec` the scheduling process asked for the task's
+  bearer and started its first mint before it forked this process (luigi_creds/launch.py): the
+  context binds the bearer to this process and sends the request for the first credential
+  without waiting; boto3's default session reads the answer where the task first signs a
+  request, so building the task's clients overlaps the mint, and a refusal fails the task there,
+  with the broker's reason. Otherwise one request asks for the bearer and the mint, the process
+  sets itself up meanwhile, and the context waits for the answer, so a refusal fails the task
+  before it runs;
 - Vault: `VAULT_ADDR`/`VAULT_TOKEN` hold a token for this task, renewed in place while it runs
   (re-minted, and `VAULT_TOKEN` updated, when it stops extending).
 

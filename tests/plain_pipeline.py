@@ -54,6 +54,11 @@ if os.environ.get(MARKERS_VARIABLE):
     )
 
 
+def _start_timings() -> object:
+    """TaskCredentials' record of this process's task start (never imported here: Luigi did)."""
+    return getattr(sys.modules.get("luigi_creds.task_process"), "last_timings", None)
+
+
 class PlainWrite(luigi.Task):
     n = luigi.IntParameter()
 
@@ -96,6 +101,9 @@ class PlainWrite(luigi.Task):
             "cli_arn": json.loads(cli.stdout)["Arn"],
             "probes": probes,
             "stray": os.environ.get("AWS_ACCESS_KEY_ID"),
+            # Whether the scheduling process started this task's credentials before it forked
+            # this process (luigi_creds/launch.py), as TaskCredentials noted.
+            "launched": bool(getattr(_start_timings(), "launched", 0.0)),
         }
         out = Path(os.environ[MARKERS_VARIABLE]) / f"plain-{self.n}.json"
         out.write_text(json.dumps(marker))

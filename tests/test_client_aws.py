@@ -244,3 +244,46 @@ def test_a_session_prepared_before_fork_goes_once_to_each_forked_process() -> No
     assert prepared._session._credentials is None
     aws.prepare_session()  # once per process: the same session stays
     assert aws._prepared is not None and aws._prepared[1] is prepared
+
+
+def test_first_use_credentials_let_a_client_be_built_before_the_mint() -> None:
+    """With `at_first_use` the session's credentials are not fetched when a client is built,
+    only where its first request is signed; from then on they refresh on the same scaled
+    windows as credentials fetched at once (six hours, about every 7.5 minutes)."""
+    clock = FakeClock()
+    mint = Minter(clock)
+    session = aws_session(mint, region_name="us-east-1", clock=clock, at_first_use=True)
+    s3 = session.client("s3")
+    assert mint.calls == 0
+    sent: list[Any] = []
+
+    def capture(request: Any, **kw: Any) -> AWSResponse:
+        sent.append(request)
+        return AWSResponse(request.url, 200, {}, _Raw())
+
+    s3.meta.events.register("before-send", capture)
+    s3.list_buckets()
+    assert mint.calls == 1
+    assert "Credential=AKIAFAKE0001/" in sent[0].headers["Authorization"].decode()
+    creds = session.get_credentials()
+    while clock.now < T0 + timedelta(hours=6):
+        frozen = creds.get_frozen_credentials()
+        assert frozen.secret_key == f"secret{int(frozen.access_key[-4:])}"
+        clock.now += timedelta(seconds=30)
+    assert 45 <= mint.calls <= 50
+
+
+def test_first_use_credentials_raise_a_refusal_where_the_task_signs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A first mint that fails is raised to the caller that needed the credential, with the
+    broker's words and nothing else, and asked again at the next use."""
+    clock = FakeClock()
+    mint = FlakyMinter(clock)
+    mint.down = True
+    creds = aws_session(mint, clock=clock, at_first_use=True).get_credentials()
+    with pytest.raises(BrokerError, match="unreachable for grant 'etl-writer'"):
+        creds.get_frozen_credentials()
+    mint.down = False
+    assert creds.get_frozen_credentials().access_key == "AKIAFAKE0001"
+    assert mint.failed == 1 and mint.calls == 1

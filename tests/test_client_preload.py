@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from luigi_creds.childenv import BOOTSTRAP_DIR, PRELOAD_VARIABLE, with_preload
+from luigi_creds.launch import EARLY_START_VARIABLE
 from luigi_creds.preload import agent_container_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,10 @@ def state():
         "task_process": "luigi_creds.task_process" in sys.modules,
         "aws": "luigi_creds.aws" in sys.modules,
         "watching": any(type(f).__name__ == "_Watch" for f in sys.meta_path),
+        "early_start": hasattr(
+            getattr(sys.modules.get("luigi.worker"), "TaskProcess", None) and
+            sys.modules["luigi.worker"].TaskProcess.start, "_luigi_creds_launcher"
+        ),
     }
 steps = {"start": state()}
 if "luigi" in sys.argv:
@@ -85,17 +90,43 @@ def test_with_preload_puts_the_bootstrap_first_once() -> None:
 
 def test_luigi_under_an_agent_preloads_the_task_process_modules() -> None:
     steps = _run(AGENT, "luigi", "boto3")
-    assert steps["start"] == {"task_process": False, "aws": False, "watching": True}
-    # Once luigi is in, the module Luigi imports in each task process is too; the boto3
-    # bridge waits for boto3, then the hook is gone.
-    assert steps["luigi"] == {"task_process": True, "aws": False, "watching": True}
-    assert steps["boto3"] == {"task_process": True, "aws": True, "watching": False}
+    assert steps["start"] == {
+        "task_process": False,
+        "aws": False,
+        "watching": True,
+        "early_start": False,
+    }
+    # Once luigi is in, the module Luigi imports in each task process is too, and Luigi's fork
+    # starts each task's credentials first; the boto3 bridge waits for boto3, then the hook is
+    # gone.
+    assert steps["luigi"] == {
+        "task_process": True,
+        "aws": False,
+        "watching": True,
+        "early_start": True,
+    }
+    assert steps["boto3"] == {
+        "task_process": True,
+        "aws": True,
+        "watching": False,
+        "early_start": True,
+    }
     assert steps["luigi_loader"] == "SourceFileLoader"  # luigi keeps its own loader
+
+
+def test_the_early_start_alone_can_be_turned_off() -> None:
+    steps = _run({**AGENT, EARLY_START_VARIABLE: "0"}, "luigi")
+    assert steps["luigi"]["task_process"] and not steps["luigi"]["early_start"]
 
 
 def test_a_process_that_never_imports_luigi_loads_nothing() -> None:
     steps = _run({**AGENT, **CONTAINER}, "boto3")
-    assert steps["boto3"] == {"task_process": False, "aws": False, "watching": True}
+    assert steps["boto3"] == {
+        "task_process": False,
+        "aws": False,
+        "watching": True,
+        "early_start": False,
+    }
     assert steps["default_session"] is None
 
 
@@ -129,7 +160,12 @@ def test_agent_container_source_reads_grant_and_task() -> None:
 def test_no_preload_without_an_agent_or_when_turned_off() -> None:
     for extra in ({}, {**AGENT, PRELOAD_VARIABLE: "0"}):
         steps = _run(extra, "luigi", "boto3")
-        assert steps["luigi"] == {"task_process": False, "aws": False, "watching": False}, extra
+        assert steps["luigi"] == {
+            "task_process": False,
+            "aws": False,
+            "watching": False,
+            "early_start": False,
+        }, extra
         assert steps["boto3"]["task_process"] is False
 
 

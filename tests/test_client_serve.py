@@ -329,3 +329,63 @@ def test_a_mixin_start_mints_every_grant_with_its_bearer(agent) -> None:  # type
         assert ("db", "T(3)") not in minter.calls and ("etl", "T(3)") not in minter.calls
     finally:
         server.stop()
+
+
+def test_a_claim_binds_a_task_bearer_to_its_process_once(agent) -> None:  # type: ignore[no-untyped-def]
+    """A bearer asked for before its task's process existed (pid none, the mint started) is
+    bound by the first claim to the claiming process, which gets the task's AWS credentials
+    from that same mint; another process's claim, a delegating bearer's, a bad pid and an
+    unknown bearer are refused and bind nothing."""
+    import os
+
+    server, endpoint, minter = agent
+    delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
+    bearer, _ = delegate.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
+    task = AgentClient(bearer)
+    first = task.claim(os.getpid(), "etl")()
+    assert first is not None and first.access_key_id == "AKIAAGENT0001"
+    assert minter.calls == [("etl", "T(1)")]
+    scope = server.scope_of(bearer.bearer)
+    assert scope is not None and scope.pid == os.getpid()
+    assert task.claim(os.getpid(), None)() is None  # the same process again: allowed
+
+    with pytest.raises(BrokerError) as info:
+        task.claim(os.getpid() + 1, None)()
+    assert info.value.status == 403 and info.value.error == "access_denied"
+    with pytest.raises(BrokerError) as info:
+        delegate.claim(os.getpid(), None)()
+    assert info.value.status == 403
+    assert server.scope_of(bearer.bearer) == scope
+    r = httpx.post(
+        f"{endpoint.url}/v1/claim",
+        json={"pid": True},
+        headers={"Authorization": f"Bearer {bearer.bearer}"},
+    )
+    assert r.status_code == 400
+    r = httpx.post(f"{endpoint.url}/v1/claim", json={"pid": 1}, headers={"Authorization": "x"})
+    assert r.status_code == 401
+
+
+def test_a_claimed_task_is_released_when_its_process_is_gone(agent) -> None:  # type: ignore[no-untyped-def]
+    """Once claimed, the scope is watched like one asked for by the task's own process: when
+    that process exits, the bearer stops working."""
+    import subprocess
+    import sys
+    import time
+
+    server, endpoint, _ = agent
+    delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
+    bearer, _ = delegate.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert AgentClient(bearer).claim(child.pid, "etl")() is not None
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 10
+        while server.scope_of(bearer.bearer) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(BrokerError) as info:
+            AgentClient(bearer).aws("etl")
+        assert info.value.status == 401
+    finally:
+        child.kill()

@@ -869,6 +869,8 @@ def test_stock_pipeline_under_exec_gets_per_task_credentials(stack: Stack, tmp_p
     assert scheduling["preloaded"] and scheduling["boto3_bridge"]
     assert {m["ppid"] for m in seen} == {scheduling["pid"]}
     assert all(m["stray"] is None for m in seen)
+    # The scheduling process started each task's mint before it forked the task's process.
+    assert all(m["launched"] for m in seen)
     for m in seen:
         assert ":assumed-role/etl-writer/" in m["boto3_arn"]
         assert ":assumed-role/etl-writer/" in m["cli_arn"]
