@@ -2,7 +2,7 @@
 
 Owns what a task's process (or any child) needs to reach the agent that `serve.py` runs: the two
 environment variables that carry the agent's URL and a bearer, the AWS container-credentials
-variables, and `AgentClient`. Standard library only (`http.client`): Luigi imports
+variables, and `AgentClient`. Standard library only (sockets, and `http.client`'s exceptions): Luigi imports
 `TaskCredentials` in every task's process, which should pay for no HTTP stack or server code.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -69,10 +70,99 @@ def container_env(endpoint: AgentEndpoint, grant: str, task: str | None) -> dict
     }
 
 
+class AgentAnswer:
+    """An answer read in full: its status, its body, and whether the agent closes after it."""
+
+    __slots__ = ("_body", "status", "will_close")
+
+    def __init__(self, status: int, body: bytes, will_close: bool) -> None:
+        self.status = status
+        self._body = body
+        self.will_close = will_close
+
+    def read(self) -> bytes:
+        return self._body
+
+
+class AgentConnection:
+    """One kept-alive HTTP/1.1 connection to the agent, with the part of `http.client`'s
+    interface `AgentClient` uses (`request`, `getresponse`, `close`) and its exceptions.
+
+    The agent (serve.py) is ours and gives every answer a Content-Length, so a request leaves in
+    one write and an answer is read with one small parser. `http.client` writes a request's
+    head and its body apart (two wake-ups of the agent) and parses an answer's head with the
+    email package: about 0.4 ms more CPU per request (measured: 0.64 ms per request through
+    http.client), on the path of the scheduling process and of every task's process.
+    """
+
+    MAX_HEAD = 64 * 1024
+    MAX_BODY = 1024 * 1024  # the agent's answers are a few kB at most
+
+    def __init__(self, host: str, port: int, *, timeout: float) -> None:
+        self._address = (host, port)
+        self._host_header = f"Host: {host}:{port}\r\n"
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> None:
+        if self._sock is None:
+            sock = socket.create_connection(self._address, self._timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+        data = body or b""
+        head = [f"{method} {path} HTTP/1.1\r\n", self._host_header]
+        head += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        head.append(f"Content-Length: {len(data)}\r\n\r\n")
+        self._sock.sendall("".join(head).encode("latin-1") + data)
+
+    def getresponse(self) -> AgentAnswer:
+        sock = self._sock
+        if sock is None:
+            raise http.client.ResponseNotReady("no request sent")
+        buffer = bytearray()
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            chunk = sock.recv(8192)
+            if not chunk:
+                if not buffer:
+                    # Closed with no answer: the agent dropped a kept-alive connection.
+                    raise http.client.RemoteDisconnected("the agent closed the connection")
+                raise http.client.IncompleteRead(bytes(buffer))
+            buffer += chunk
+            if len(buffer) > self.MAX_HEAD:
+                raise http.client.LineTooLong("answer head")
+        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise http.client.BadStatusLine(lines[0])
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        length = fields.get("content-length", "")
+        if not length.isdigit() or int(length) > self.MAX_BODY:
+            raise http.client.HTTPException("answer without a usable Content-Length")
+        body = bytes(buffer[end + 4 :])
+        while len(body) < int(length):
+            chunk = sock.recv(int(length) - len(body))
+            if not chunk:
+                raise http.client.IncompleteRead(body)
+            body += chunk
+        will_close = version == "HTTP/1.0" or fields.get("connection", "").lower() == "close"
+        return AgentAnswer(int(code), body[: int(length)], will_close)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
 class AgentClient:
     """Mints through a running agent; what task processes and subprocesses use.
 
-    Standard library HTTP (`http.client`) on one kept-alive connection: a task's process pays
+    A small HTTP/1.1 client of its own (`AgentConnection`) on one kept-alive connection: a task's process pays
     neither an HTTP stack's import nor a connection per request. Thread-safe (one request at a
     time); make one per process, since a connection must not cross a fork.
     """
@@ -84,7 +174,7 @@ class AgentClient:
         self._port = parts.port or 80
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: AgentConnection | None = None
 
     def __repr__(self) -> str:
         return f"AgentClient({self.endpoint.url!r})"
@@ -350,8 +440,8 @@ class AgentClient:
             headers["Content-Type"] = "application/json"
         return headers
 
-    def _connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+    def _connect(self) -> AgentConnection:
+        return AgentConnection(self._host, self._port, timeout=self._timeout)
 
     def _unreachable(self, what: str, grant: str | None, exc: BaseException) -> BrokerError:
         return BrokerError(

@@ -86,7 +86,6 @@ class BrokerHttp:
         sent = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
         conn = self._pooled(key) or self._connect(key)
         try:
-            # Headers and a bytes body leave in one send (http.client joins them).
             conn.request("POST", target, body=body, headers=sent)
             response = conn.getresponse()
             raw = response.read()
@@ -139,9 +138,9 @@ class BrokerHttp:
             if context is None:
                 # The context httpx builds for verify=True (certifi, SSL_CERT_FILE/_DIR).
                 context = self._context = httpx.create_ssl_context()
-            conn = http.client.HTTPSConnection(host, port, timeout=self._timeout, context=context)
+            conn = _OneWriteTLS(host, port, timeout=self._timeout, context=context)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
+            conn = _OneWrite(host, port, timeout=self._timeout)
         try:
             conn.connect()
         except TimeoutError as exc:
@@ -155,6 +154,27 @@ class BrokerHttp:
         if conn.sock is not None:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
+
+
+class _OneWrite(http.client.HTTPConnection):
+    """`http.client` writes a request's head and its body apart: two segments, two wake-ups of
+    the broker's event loop per request. A bytes body is joined to the head and leaves in one
+    write. (`_send_output` is http.client's own step from a buffered head to the socket, the
+    same since Python 3.6; any other body goes through it unchanged.)"""
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        if not isinstance(message_body, bytes) or encode_chunked:
+            super()._send_output(message_body, encode_chunked)
+            return
+        buffered = self._buffer  # type: ignore[attr-defined]
+        buffered.extend((b"", b""))
+        request = b"\r\n".join(buffered) + message_body
+        del buffered[:]
+        self.send(request)
+
+
+class _OneWriteTLS(_OneWrite, http.client.HTTPSConnection):
+    pass
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:

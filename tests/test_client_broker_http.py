@@ -95,6 +95,29 @@ def test_requests_share_one_kept_alive_connection(server: Server) -> None:
     http.close()
 
 
+def test_a_request_leaves_in_one_write(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Head and form body go to the socket together (http.client alone writes them apart)."""
+    import socket
+
+    writes: list[bytes] = []
+    real = socket.socket.sendall
+
+    def counted(self: socket.socket, data: Any, *args: Any) -> None:
+        writes.append(bytes(data))
+        real(self, data, *args)
+
+    monkeypatch.setattr(socket.socket, "sendall", counted)
+    http = BrokerHttp(timeout=5)
+    answer = http.post(server.url + "/v1/token", data={"grant_type": "x"}, headers={"A": "b"})
+    assert answer.status_code == 200
+    # (The stand-in server's answers are written in this process too.)
+    (request,) = [w for w in writes if w.startswith(b"POST")]
+    assert b"grant_type=x" not in writes  # no body written on its own
+    assert request.startswith(b"POST /v1/token HTTP/1.1\r\n")
+    assert request.endswith(b"\r\n\r\ngrant_type=x")
+    http.close()
+
+
 def test_a_connection_the_server_closed_while_idle_is_never_sent_on() -> None:
     server = Server(close_idle=True)
     try:

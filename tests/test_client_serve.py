@@ -389,3 +389,49 @@ def test_a_claimed_task_is_released_when_its_process_is_gone(agent) -> None:  # 
         assert info.value.status == 401
     finally:
         child.kill()
+
+
+def test_an_agent_request_leaves_in_one_write(agent, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The client writes a request's head and body together (one wake-up of the agent)."""
+    import socket
+
+    _, endpoint, _ = agent
+    writes: list[bytes] = []
+    real = socket.socket.sendall
+
+    def counted(self: socket.socket, data: bytes, *args: object) -> None:
+        writes.append(bytes(data))
+        real(self, data, *args)
+
+    monkeypatch.setattr(socket.socket, "sendall", counted)
+    AgentClient(endpoint).mint("etl", "T(1)")
+    (request,) = [w for w in writes if w.startswith(b"POST")]
+    assert request.endswith(b'\r\n\r\n{"grant": "etl", "task": "T(1)"}')
+
+
+def test_an_answer_that_is_not_http_is_an_unreachable_agent() -> None:
+    """Whatever listens at the agent's address and does not answer HTTP (or hangs up) gives
+    the caller the agent's one error, naming what was asked, never a parser's traceback."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    answers = [b"SSH-2.0-OpenSSH\r\n\r\n", b"", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"]
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(answer)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        for _ in answers:
+            client = AgentClient(AgentEndpoint(f"http://127.0.0.1:{port}", "b"))
+            with pytest.raises(BrokerError) as info:
+                client.mint("etl")
+            assert info.value.error == "unreachable" and "grant 'etl'" in str(info.value)
+    finally:
+        listener.close()
