@@ -97,8 +97,6 @@ def _timings() -> dict[str, float]:
         return {}
     return {
         "launched": timings.launched or None,
-        "answered": timings.answered or None,
-        "answered": timings.answered or None,
         "entered": timings.entered,
         "settings": timings.settings,
         "agent": timings.agent,

@@ -30,8 +30,10 @@ __all__ = [
     "AGENT_TOKEN_VARIABLE",
     "AGENT_URL_VARIABLE",
     "AgentClient",
+    "AgentConnection",
     "AgentEndpoint",
     "container_env",
+    "read_launch",
 ]
 
 AGENT_URL_VARIABLE = "LUIGI_CREDS_AGENT_URL"
@@ -103,6 +105,9 @@ class AgentConnection:
         self._host_header = f"Host: {host}:{port}\r\n"
         self._timeout = timeout
         self._sock: socket.socket | None = None
+        # What was read past the last answer: the start of the next one, when two requests
+        # were sent before either answer was read (a task's launch).
+        self._unread = bytearray()
 
     def request(
         self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
@@ -121,7 +126,7 @@ class AgentConnection:
         sock = self._sock
         if sock is None:
             raise http.client.ResponseNotReady("no request sent")
-        buffer = bytearray()
+        buffer, self._unread = self._unread, bytearray()
         while (end := buffer.find(b"\r\n\r\n")) < 0:
             chunk = sock.recv(8192)
             if not chunk:
@@ -144,14 +149,16 @@ class AgentConnection:
         length = fields.get("content-length", "")
         if not length.isdigit() or int(length) > self.MAX_BODY:
             raise http.client.HTTPException("answer without a usable Content-Length")
+        size = int(length)
         body = bytes(buffer[end + 4 :])
-        while len(body) < int(length):
-            chunk = sock.recv(int(length) - len(body))
+        while len(body) < size:
+            chunk = sock.recv(size - len(body))
             if not chunk:
                 raise http.client.IncompleteRead(body)
             body += chunk
+        self._unread = bytearray(body[size:])
         will_close = version == "HTTP/1.0" or fields.get("connection", "").lower() == "close"
-        return AgentAnswer(int(code), body[: int(length)], will_close)
+        return AgentAnswer(int(code), body[:size], will_close)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -243,29 +250,42 @@ class AgentClient:
         read = self._send_now("/v1/bearer", body, what=what, grant=aws_grant, again=again)
         return lambda: self._task_start_answer(read(), aws_grant)
 
-    def claim(self, pid: int, aws_grant: str | None) -> Callable[[], AwsCredentials | None]:
-        """Bind this client's task bearer to process `pid` (the task's own: the agent releases
-        the task when it is gone) and ask for the task's AWS credentials for `aws_grant`,
-        whose mint the scheduling process started before it forked this process
-        (luigi_creds/launch.py). The request is sent now; the returned callable reads the
-        answer, waiting for that mint (a refusal raises, naming the grant). Call it once."""
-        body = {"pid": pid, "aws": aws_grant}
-        what = f"grant {aws_grant!r}" if aws_grant else "a task's process"
+    def send_launch(
+        self, grants: Sequence[str], task: str, aws_grant: str | None
+    ) -> AgentConnection:
+        """For a scheduling process, just before it forks `task`'s process: a connection of
+        its own on which the request for the task's bearer has been sent, the agent starting
+        the task's AWS mint at once. Nothing is read here: the forked process reads the answers
+        (`read_launch`), and this process closes its copy of the connection once it has sent
+        `send_bind` after the fork."""
+        body, what = _task_start_body(grants, task, None, aws_grant, False)
+        conn = self._connect()
+        self._send_unread(conn, "/v1/bearer", body, what, aws_grant)
+        return conn
 
-        def again() -> dict[str, Any]:
-            return self._call("POST", "/v1/claim", body, what=what, grant=aws_grant)
+    def send_bind(
+        self, conn: AgentConnection, task: str, pid: int, aws_grant: str | None
+    ) -> None:
+        """After the fork, on the launch's connection: bind `task`'s bearer to its process
+        `pid` (the agent releases the task when the process is gone) and ask for the task's
+        first AWS credential, for the forked process to read (`read_launch`)."""
+        body = {"task": task, "pid": pid, "aws": aws_grant}
+        self._send_unread(conn, "/v1/claim", body, "a task's process", aws_grant)
 
-        read = self._send_now("/v1/claim", body, what=what, grant=aws_grant, again=again)
-
-        def answer() -> AwsCredentials | None:
-            aws = read().get("aws") or {}
-            if not aws_grant:
-                return None
-            if not isinstance(aws, dict):
-                aws = {}
-            return _aws_from_body(aws_grant, aws.get(aws_grant))
-
-        return answer
+    def _send_unread(
+        self,
+        conn: AgentConnection,
+        path: str,
+        body: Mapping[str, Any],
+        what: str,
+        grant: str | None,
+    ) -> None:
+        data = json.dumps(body).encode()
+        try:
+            conn.request("POST", path, body=data, headers=self._headers(data))
+        except OSError as exc:
+            conn.close()
+            raise self._unreachable(what, grant, exc) from None
 
     def _send_now(
         self,
@@ -297,7 +317,18 @@ class AgentClient:
                 payload = again()
                 return lambda: payload
             raise self._unreachable(what, grant, exc) from None
-        sent = conn
+        return self._reader(conn, what, grant, again if reused else None)
+
+    def _reader(
+        self,
+        sent: AgentConnection,
+        what: str,
+        grant: str | None,
+        again: Callable[[], dict[str, Any]] | None = None,
+    ) -> Callable[[], dict[str, Any]]:
+        """The callable that reads the answer to a request already sent on `sent`, then keeps
+        the connection for this client's next request. `again` asks once more if the agent
+        had closed a kept-alive connection before answering."""
 
         def read() -> dict[str, Any]:
             try:
@@ -305,7 +336,7 @@ class AgentClient:
                 raw = response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 sent.close()
-                if reused:
+                if again is not None:
                     return again()
                 raise self._unreachable(what, grant, exc) from None
             except (OSError, http.client.HTTPException) as exc:
@@ -480,6 +511,43 @@ class AgentClient:
                 self._conn = conn
             return response.status, raw
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def read_launch(
+    url: str, conn: AgentConnection, aws_grant: str | None, *, timeout: float = 120.0
+) -> tuple[AgentClient, Callable[[], AwsCredentials | None]]:
+    """In a task's forked process, on the connection its scheduling process launched it on
+    (`send_launch`, then `send_bind`): the task's own client, from the first answer (its
+    bearer; a refusal raises), and the callable that reads the second (the task's first AWS
+    credential, once the agent's mint is done; a refusal raises, naming the grant). The client
+    goes on on that connection once both are read. Call the callable once."""
+    what = "a task's bearer"
+    try:
+        response = conn.getresponse()
+        payload = _payload(response.status, response.read(), 200, what, None)
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise AgentClient(AgentEndpoint(url, ""))._unreachable(what, None, exc) from None
+    except BrokerError:
+        conn.close()
+        raise
+    bearer = payload.get("bearer")
+    if not isinstance(bearer, str) or not bearer:
+        conn.close()
+        raise BrokerError(
+            "credential agent answered a bearer request with a malformed body",
+            error="invalid_response",
+        )
+    client = AgentClient(AgentEndpoint(url, bearer), timeout=timeout)
+    read = client._reader(conn, f"grant {aws_grant!r}" if aws_grant else what, aws_grant)
+
+    def first() -> AwsCredentials | None:
+        aws = read().get("aws")
+        if not aws_grant:
+            return None
+        return _aws_from_body(aws_grant, aws.get(aws_grant) if isinstance(aws, dict) else None)
+
+    return client, first
 
 
 def _task_start_body(

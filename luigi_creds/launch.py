@@ -1,21 +1,23 @@
 """A task's credentials set going by the scheduling process, just before Luigi forks the task.
 
-Owns the hand-over of a task's bearer from a Luigi job's scheduling process to the process Luigi
+Owns the hand-over of a task's start from a Luigi job's scheduling process to the process Luigi
 forks for the task. Under `luigi-creds exec` (luigi_creds/preload.py installs it), Luigi's
-`TaskProcess.start` first asks the job's agent, for a task that `TaskCredentials` will give
-credentials in a process of its own, for the task's bearer (its grants, its task id) without
-waiting for the mint: the agent answers at once and starts minting the task's AWS credentials.
-The answer stays in this module's memory for the fork to copy (the bearer never travels through
-the environment, a file or a pipe) and the scheduling process drops it as soon as the fork is
-done. In the child, `TaskCredentials` takes it (`take`), binds the bearer to its own process and
-asks for the first credential in one request whose answer it reads at the task's first AWS call
-(`AgentClient.claim`). The fork, Luigi's start of the task and the task's own set-up (building
-its clients) so run while the agent, the broker and STS mint, instead of before or after.
+`TaskProcess.start` first opens a connection to the job's agent and sends, for a task that
+`TaskCredentials` will give credentials in a process of its own, the request for the task's
+bearer (its grants, its task id); the agent starts minting the task's AWS credentials at once.
+Luigi then forks, and the scheduling process sends on the same connection the binding of the
+task to its new process (whose pid it now knows) and the request for its first credential, and
+closes its copy of the connection without reading anything: it never waits for the agent. The
+forked process inherited the connection: `TaskCredentials` reads the first answer (its bearer:
+it never travels through the environment, a file or a pipe) and leaves the second (the first
+credential) for the task's first AWS call. The fork, Luigi's start of the task and the task's
+own set-up (building its clients) so run while the agent, the broker and STS mint.
 
-Whatever goes wrong here (no agent in the environment, a config error, a refusal, an agent that
-does not answer) leaves the task to start as it does without this: its own process asks, and
-the error reaches the task where it fails it. The scheduling process keeps nothing per task
-after the fork; the task bearer it held for a moment is narrower than its own.
+A connection is only ever used by one process at a time: the scheduling process writes both
+requests, and only the forked process reads. Whatever goes wrong (no agent in the environment,
+a config error, a refusal, an agent that does not answer) leaves the task to start as it does
+without this: its own process asks, and the error reaches the task where it fails it. The
+scheduling process keeps nothing per task after the fork.
 
 Kept light: Luigi imports `task_process` (and so this module) in every task process.
 """
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from luigi_creds.agent_client import AgentClient, AgentEndpoint
+from luigi_creds.agent_client import AgentClient, AgentConnection, AgentEndpoint
 from luigi_creds.credentials import BrokerError
 from luigi_creds.errors import LuigiCredsError
 from luigi_creds.settings import ClientSettings
@@ -74,13 +76,14 @@ def task_grants(settings: ClientSettings, task: Any) -> TaskGrants:
 
 @dataclass(frozen=True)
 class Launch:
-    """A task's start, asked for by the scheduling process before the fork."""
+    """A task's start, sent by the scheduling process before the fork; its answers are the
+    forked process's to read."""
 
-    endpoint: AgentEndpoint  # the task's own bearer (its repr hides it)
     grants: TaskGrants
-    launcher_pid: int  # the scheduling process that asked
+    agent_url: str
+    connection: AgentConnection
+    launcher_pid: int  # the scheduling process that sent it
     asked_at: float  # time.perf_counter() as it asked (the bench's phases)
-    answered_at: float  # and when the agent had answered
 
 
 # task id -> its launch, between the request and the fork (at most one: Luigi forks one task
@@ -99,7 +102,7 @@ def take(task_id: str) -> Launch | None:
 
 
 class Launcher:
-    """The scheduling process's side: `before_fork(process)` and `after_fork(task_id, forked)`
+    """The scheduling process's side: `before_fork(process)` and `after_fork(task_id, pid)`
     around Luigi's fork of a task process."""
 
     def __init__(
@@ -114,13 +117,10 @@ class Launcher:
         self._settings: ClientSettings | None = None
         self._client: AgentClient | None = None
         self._client_pid = 0
-        # Grant sets the agent refused to hand on: their tasks' own processes ask (and fail,
-        # reporting it) without a second refusal per task from here.
-        self._refused: set[tuple[str, ...]] = set()
 
     def before_fork(self, process: Any) -> str | None:
-        """Ask the agent for the task's bearer and set its AWS mint going; the task id when a
-        launch is left for the fork, else None (the task starts as it would without this)."""
+        """Send the request for the task's bearer (the agent starts its AWS mint); the task id
+        when a launch is left for the fork, else None (the task starts as it would without)."""
         if not getattr(process, "use_multiprocessing", False):
             return None  # the task runs in this process, which must not hold a task's bearer
         if getattr(process, "context", None) not in CONTEXT_NAMES:
@@ -131,32 +131,40 @@ class Launcher:
                 self._settings = self._read_settings()
             wanted = task_grants(self._settings, task)
             client = self._agent() if wanted.grants else None
-            if client is None or wanted.grants in self._refused:
+            if client is None:
                 return None
             asked_at = time.perf_counter()
-            endpoint, _ = client.task_bearer(
-                wanted.grants, task.task_id, pid=None, aws_grant=wanted.aws_grant, wait=False
-            )
+            conn = client.send_launch(wanted.grants, task.task_id, wanted.aws_grant)
         except LuigiCredsError as exc:
-            # The task's own process asks again and fails the task with the reason.
+            # The task's own process asks, and fails the task with the reason.
             log.debug("luigi-creds: no early start for %s: %s", task.task_id, exc)
-            if isinstance(exc, BrokerError) and exc.status == 403:
-                self._refused.add(wanted.grants)
             return None
         _pending[task.task_id] = Launch(
-            endpoint, wanted, os.getpid(), asked_at, time.perf_counter()
+            wanted, client.endpoint.url, conn, os.getpid(), asked_at
         )
         return str(task.task_id)
 
-    def after_fork(self, task_id: str, forked: bool) -> None:
-        """Forget the task's launch in this process; if the fork failed, end the task's scope
-        (nobody holds its bearer)."""
+    def after_fork(self, task_id: str, pid: int | None) -> None:
+        """After Luigi's fork: bind the task to its process `pid` and ask for its first AWS
+        credential, both for the forked process to read, then let go of the connection. If
+        the fork failed (`pid` None), end the task's scope (nobody will hold its bearer)."""
         launch = _pending.pop(task_id, None)
-        if launch is not None and not forked and self._client is not None:
-            try:
-                self._client.release(task_id)
-            except BrokerError as exc:
-                log.warning("luigi-creds: releasing %s after a failed fork: %s", task_id, exc)
+        client = self._client
+        if launch is None or client is None:
+            return
+        try:
+            if pid is not None:
+                client.send_bind(launch.connection, task_id, pid, launch.grants.aws_grant)
+            else:
+                # Rare (a fork that failed): the scope exists once the agent has answered.
+                client._reader(launch.connection, "a task's bearer", None)()
+                client.release(task_id)
+        except BrokerError as exc:
+            # The task's process reads a failed answer and asks for itself.
+            log.warning("luigi-creds: starting %s early: %s", task_id, exc)
+        finally:
+            # This process's copy only: the forked process holds the connection open.
+            launch.connection.close()
 
     def _agent(self) -> AgentClient | None:
         """This process's client of the job's agent (its delegating bearer), one per process."""
@@ -169,6 +177,7 @@ class Launcher:
 
 
 def enabled(environ: Any = None) -> bool:
+    """False when `LUIGI_CREDS_EARLY_START=0` turns the early start off."""
     env = os.environ if environ is None else environ
     return str(env.get(EARLY_START_VARIABLE, "1")) != "0"
 
@@ -187,13 +196,13 @@ def install(launcher: Launcher) -> bool:
         except Exception:  # never break Luigi's run loop over an early start
             log.warning("luigi-creds: starting a task's credentials early failed", exc_info=True)
             task_id = None
-        forked = False
+        pid = None
         try:
             original(self)
-            forked = True
+            pid = self.pid
         finally:
             if task_id is not None:
-                launcher.after_fork(task_id, forked)
+                launcher.after_fork(task_id, pid)
 
     start._luigi_creds_launcher = launcher  # type: ignore[attr-defined]
     start.__wrapped__ = original  # type: ignore[attr-defined]

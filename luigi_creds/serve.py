@@ -25,12 +25,13 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
   returned in the same answer (a task's start). Each `{"grant", "duration"?}` in `mint` is
   minted for the task as `/v1/mint` would and returned under `minted` (a CredentialsMixin task's
   start, in one round trip); if one fails, the new scope is ended and the refusal returned.
-- `POST /v1/claim` JSON `{"pid", "aws"?}`: binds the caller's task bearer to its process (once;
-  from then on the task is released when that process is gone) and, with `aws` (a grant),
-  answers with the task's AWS credentials in the container shape under `aws`, waiting for the
-  mint its bearer request started. For a task process whose bearer the scheduling process asked
-  for before forking it (luigi_creds/launch.py), so its start and its first credential are one
-  request it need not wait for.
+- `POST /v1/claim` JSON `{"task", "pid", "aws"?}`, for a delegating bearer: binds `task`'s
+  bearers that have no process yet to process `pid` (from then on the task is released when
+  that process is gone) and, with `aws` (a grant), answers with the task's AWS credentials in
+  the container shape under `aws`, waiting for the mint its bearer request started. A
+  scheduling process sends it right after forking the task's process, on the connection it
+  asked for the task's bearer on, and the forked process reads both answers
+  (luigi_creds/launch.py).
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
 - `POST /v1/revoke-lease` JSON `{"lease_id"}`: revokes one Vault lease the session minted (the
@@ -278,24 +279,23 @@ class CredentialAgent:
         if scope.task is not None:
             self._end_task(scope.task)  # and every bearer the task handed on
 
-    def bind_process(self, header: str | None, pid: int) -> Scope:
-        """Bind the caller's task bearer to process `pid`: the scope it was issued without one
-        (a bearer asked for before the task's process existed) gets it; a scope bound to
-        another process is refused. Returns the caller's scope as it is now."""
-        digest = _digest((header or "").removeprefix("Bearer ").strip())
-        with self._lock:
-            scope = self._scopes.get(digest)
-            if scope is not None and scope.task is not None and not scope.delegate:
-                if scope.pid is None:
-                    scope = self._scopes[digest] = replace(scope, pid=pid)
-                if scope.pid == pid:
-                    return scope
-        what = "no task's bearer" if scope is None or scope.task is None else "another process"
+    def bind_process(self, task: str, pid: int, scope: Scope = ROOT_SCOPE) -> None:
+        """For a delegating caller: bind `task`'s bearers issued without a process (asked for
+        before the task's process existed) to process `pid`. A task already bound to another
+        process, or a caller that cannot start tasks, is refused."""
+        if scope.delegate and scope.task is None:
+            with self._lock:
+                digests = [d for d, s in self._scopes.items() if s.task == task]
+                if all(self._scopes[d].pid in (None, pid) for d in digests):
+                    for digest in digests:
+                        self._scopes[digest] = replace(self._scopes[digest], pid=pid)
+                    return
         self._refuse(
-            f"process {pid} cannot claim a bearer of {what}",
-            task=None if scope is None else scope.task,
+            f"a bearer for {scope.describe()} cannot bind task {task!r} to process {pid}",
+            task=task,
             grant="-",
-            refused="scope",
+            asker=scope.task,
+            refused="task_end",
         )
 
     def release_task(self, task: str, scope: Scope = ROOT_SCOPE) -> None:
@@ -697,14 +697,13 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             self._send(200, {"bearer": bearer, "aws": aws})
 
         def _claim(self, scope: Scope, request: dict[str, Any]) -> None:
-            pid = request["pid"]
-            grant = request.get("aws")
+            task, pid, grant = request["task"], request["pid"], request.get("aws")
             if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
                 raise TypeError
-            if not (grant is None or isinstance(grant, str)):
+            if not isinstance(task, str) or not (grant is None or isinstance(grant, str)):
                 raise TypeError
-            scope = agent.bind_process(self.headers.get("Authorization"), pid)
-            aws = {grant: container_body(agent.aws(grant, scope.task, scope))} if grant else {}
+            agent.bind_process(task, pid, scope)
+            aws = {grant: container_body(agent.aws(grant, task, scope))} if grant else {}
             self._send(200, {"aws": aws})
 
         def _release(self, scope: Scope, request: dict[str, Any]) -> None:

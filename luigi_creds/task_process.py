@@ -50,6 +50,7 @@ from luigi_creds.agent_client import (
     AgentClient,
     AgentEndpoint,
     container_env,
+    read_launch,
 )
 from luigi_creds.childenv import AWS_ENV_VARIABLES
 from luigi_creds.credentials import AwsCredentials, BrokerError, VaultToken, describe, iso
@@ -67,7 +68,6 @@ class StartTimings:
     """Where the time from the context's entry to a usable credential went (seconds)."""
 
     launched = 0.0  # time.perf_counter() when the scheduling process asked, before the fork
-    answered = 0.0  # and when the agent had answered it
     entered = 0.0  # time.perf_counter() when the context was entered
     settings = 0.0
     agent = 0.0  # sending the start request (the agent starts the AWS mint)
@@ -145,7 +145,6 @@ class TaskCredentials:
         if launch is not None:
             wanted = launch.grants
             self.timings.launched = launch.asked_at
-            self.timings.answered = launch.answered_at
         else:
             settings = from_luigi_config()
             wanted = task_grants(settings, task)
@@ -161,9 +160,8 @@ class TaskCredentials:
             os.environ.pop(AGENT_URL_VARIABLE, None)
             os.environ.pop(AGENT_TOKEN_VARIABLE, None)
             return
-        if launch is not None:
-            first = self._claim(launch, inherited)
-        else:
+        first = self._take_over(launch, inherited) if launch is not None else None
+        if first is None:
             first = self._ask(wanted, inherited)
         endpoint = self._task_client().endpoint
         os.environ.update(endpoint.env())
@@ -184,14 +182,22 @@ class TaskCredentials:
         log.info("luigi-creds: task %s has %s", task.task_id, "; ".join(lines) or "no credential")
         self.timings.done = time.perf_counter()
 
-    def _claim(self, launch: Launch, inherited: Any) -> _First:
-        """The task's bearer came with the fork: bind it to this process and ask for the first
-        AWS credential, and read the answer where the task first signs a request."""
+    def _take_over(self, launch: Launch, inherited: Any) -> _First | None:
+        """The task's start came with the fork: read the task's bearer from the connection the
+        scheduling process launched it on, and leave the first AWS credential on it for the
+        task's first signed request. None if the agent refused the launch (the task then asks
+        for itself, and fails with the reason)."""
         mark = time.perf_counter()
-        client = self._client = AgentClient(launch.endpoint)
-        aws_grant = launch.grants.aws_grant
-        first = _First(client.claim(os.getpid(), aws_grant))
+        try:
+            self._client, read_first = read_launch(
+                launch.agent_url, launch.connection, launch.grants.aws_grant
+            )
+        except LuigiCredsError as exc:
+            log.debug("luigi-creds: the early start of %s failed: %s", self._task.task_id, exc)
+            return None
+        first = _First(read_first)
         self.timings.agent = time.perf_counter() - mark
+        aws_grant = launch.grants.aws_grant
         if aws_grant:
             _install_default_session(
                 self._task_client,

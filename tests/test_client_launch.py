@@ -15,7 +15,7 @@ import pytest
 from test_client_serve import Minter
 
 from luigi_creds import launch
-from luigi_creds.agent_client import AgentClient, AgentEndpoint
+from luigi_creds.agent_client import AgentClient, AgentEndpoint, read_launch
 from luigi_creds.credentials import BrokerError
 from luigi_creds.launch import Launcher, take
 from luigi_creds.serve import CredentialAgent
@@ -48,8 +48,9 @@ def delegate_env() -> Iterator[tuple[CredentialAgent, dict[str, str], Minter]]:
     launch._pending.clear()
 
 
-def _in_a_fork(task_id: str) -> dict[str, Any]:
-    """What a forked child finds for `task_id` and gets when it claims it."""
+def _in_a_fork(launcher: Launcher, task_id: str) -> dict[str, Any]:
+    """What a forked child finds for `task_id` and gets from it, the scheduling process (this
+    one) sending the binding after the fork as Luigi's wrapped start does."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running pytest's exit handlers
@@ -58,13 +59,22 @@ def _in_a_fork(task_id: str) -> dict[str, Any]:
             result: dict[str, Any] = {"found": found is not None}
             if found is not None:
                 result["again"] = take(task_id) is not None
-                cred = AgentClient(found.endpoint).claim(os.getpid(), found.grants.aws_grant)()
-                result["key"] = None if cred is None else cred.access_key_id
-                result["grants"] = list(found.grants.grants)
+                try:
+                    client, first = read_launch(
+                        found.agent_url, found.connection, found.grants.aws_grant
+                    )
+                    cred = first()
+                except BrokerError as exc:
+                    result["refused"] = [exc.status, str(exc)]
+                else:
+                    result["key"] = None if cred is None else cred.access_key_id
+                    result["grants"] = list(found.grants.grants)
+                    result["bearer"] = client.endpoint.bearer
             os.write(write, json.dumps(result).encode())
         finally:
             os._exit(0)
     os.close(write)
+    launcher.after_fork(task_id, pid)
     with os.fdopen(read, "rb") as pipe:
         data = pipe.read()
     os.waitpid(pid, 0)
@@ -81,11 +91,14 @@ def test_the_fork_inherits_the_tasks_bearer_and_claims_the_mint_started_before_i
     launcher = Launcher(lambda: _settings(aws_grant="etl"), env)
     assert launcher.before_fork(_process("T(1)")) == "T(1)"
     assert take("T(1)") is None  # this is the process that asked
-    child = _in_a_fork("T(1)")
-    launcher.after_fork("T(1)", forked=True)
+    child = _in_a_fork(launcher, "T(1)")
+    bearer = child.pop("bearer")
     assert child == {"found": True, "again": False, "key": "AKIAAGENT0001", "grants": ["etl"]}
     assert minter.calls == [("etl", "T(1)")]
     assert launch._pending == {}
+    # The task was bound to its (now gone) process: the agent released it.
+    scope = server.scope_of(bearer)
+    assert scope is None or scope.pid is not None
 
 
 def test_a_failed_fork_ends_the_tasks_scope(delegate_env) -> None:  # type: ignore[no-untyped-def]
@@ -93,29 +106,29 @@ def test_a_failed_fork_ends_the_tasks_scope(delegate_env) -> None:  # type: igno
     server, env, _ = delegate_env
     launcher = Launcher(lambda: _settings(aws_grant="etl"), env)
     launcher.before_fork(_process("T(2)"))
-    bearer = launch._pending["T(2)"].endpoint
-    assert server.scope_of(bearer.bearer) is not None
-    launcher.after_fork("T(2)", forked=False)
-    assert server.scope_of(bearer.bearer) is None and launch._pending == {}
+    launcher.after_fork("T(2)", None)
+    assert launch._pending == {}
+    assert [s for s in server._scopes.values() if s.task == "T(2)"] == []
 
 
 def test_no_early_start_where_the_task_would_not_get_its_own_credentials(
     delegate_env,  # type: ignore[no-untyped-def]
 ) -> None:
-    """Nothing is asked for a task run in the scheduling process itself, under another
+    """Nothing is sent for a task run in the scheduling process itself, under another
     context, with no grants, or outside an agent; a grant the scheduling process may not hand
-    on is refused once, left to the task's own process to report, and not asked again."""
+    on is refused to the forked process, which then asks for itself."""
     server, env, minter = delegate_env
     launcher = Launcher(lambda: _settings(aws_grant="etl"), env)
     assert launcher.before_fork(_process("A(1)", use_multiprocessing=False)) is None
     assert launcher.before_fork(_process("A(2)", context="my.Context")) is None
     assert Launcher(lambda: _settings(), env).before_fork(_process("A(3)")) is None
     assert Launcher(lambda: _settings(aws_grant="etl"), {}).before_fork(_process("A(4)")) is None
-    refusals = server.refusals
-    assert launcher.before_fork(_process("D(1)", family="Denied")) is None
-    assert launcher.before_fork(_process("D(2)", family="Denied")) is None
-    assert server.refusals == refusals + 1
     assert minter.calls == [] and launch._pending == {}
+    assert launcher.before_fork(_process("D(1)", family="Denied")) == "D(1)"
+    child = _in_a_fork(launcher, "D(1)")
+    status, reason = child["refused"]
+    assert status == 403 and "cannot hand out" in reason
+    assert minter.calls == []
 
 
 def test_install_wraps_luigis_fork_once() -> None:
@@ -132,9 +145,10 @@ def test_install_wraps_luigis_fork_once() -> None:
         TaskProcess.start = original  # type: ignore[method-assign]
 
 
-def test_a_launch_never_shows_its_bearer() -> None:
-    endpoint = AgentEndpoint("http://127.0.0.1:1", "very-secret-bearer")
-    made = launch.Launch(endpoint, launch.TaskGrants(("etl",), "etl", None), 1, 0.0, 0.0)
-    assert "very-secret-bearer" not in repr(made)
-    with pytest.raises(BrokerError):
-        AgentClient(endpoint).claim(os.getpid(), None)()
+def test_a_launch_refused_by_an_agent_that_is_gone_is_an_unreachable_error() -> None:
+    """If the agent does not answer, the forked process gets the agent's one error (and asks
+    for itself, see TaskCredentials)."""
+    env = AgentEndpoint("http://127.0.0.1:1", "b").env()
+    launcher = Launcher(lambda: _settings(aws_grant="etl"), env)
+    assert launcher.before_fork(_process("T(9)")) is None
+    assert launch._pending == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -331,44 +332,67 @@ def test_a_mixin_start_mints_every_grant_with_its_bearer(agent) -> None:  # type
         server.stop()
 
 
-def test_a_claim_binds_a_task_bearer_to_its_process_once(agent) -> None:  # type: ignore[no-untyped-def]
-    """A bearer asked for before its task's process existed (pid none, the mint started) is
-    bound by the first claim to the claiming process, which gets the task's AWS credentials
-    from that same mint; another process's claim, a delegating bearer's, a bad pid and an
-    unknown bearer are refused and bind nothing."""
+def test_a_launch_is_sent_by_one_process_and_read_by_another(agent) -> None:  # type: ignore[no-untyped-def]
+    """A scheduling process sends a task's bearer request, then (the task's process forked)
+    the binding to that process and the request for its first credential, on one connection
+    and without reading; whoever holds the connection next reads the task's bearer, then the
+    credentials of the one mint the first request started. The task is bound to its process."""
     import os
+
+    from luigi_creds.agent_client import read_launch
 
     server, endpoint, minter = agent
     delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
-    bearer, _ = delegate.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
-    task = AgentClient(bearer)
-    first = task.claim(os.getpid(), "etl")()
-    assert first is not None and first.access_key_id == "AKIAAGENT0001"
+    conn = delegate.send_launch(["etl"], "T(1)", "etl")
+    delegate.send_bind(conn, "T(1)", os.getpid(), "etl")
+    task, first = read_launch(endpoint.url, conn, "etl")
+    cred = first()
+    assert cred is not None and cred.access_key_id == "AKIAAGENT0001"
     assert minter.calls == [("etl", "T(1)")]
-    scope = server.scope_of(bearer.bearer)
-    assert scope is not None and scope.pid == os.getpid()
-    assert task.claim(os.getpid(), None)() is None  # the same process again: allowed
+    scope = server.scope_of(task.endpoint.bearer)
+    assert scope is not None and scope.task == "T(1)" and scope.pid == os.getpid()
+    assert task._conn is conn  # the task's client goes on on the launch's connection
+    assert task.aws("etl").access_key_id == "AKIAAGENT0001"
 
+
+def _bind(caller: AgentClient, task: str, pid: int) -> dict:  # type: ignore[type-arg]
+    conn = caller._connect()
+    try:
+        caller.send_bind(conn, task, pid, None)
+        return caller._reader(conn, "a bind", None)()
+    finally:
+        conn.close()
+
+
+def test_binding_a_task_to_a_process_is_for_delegating_bearers_once(agent) -> None:  # type: ignore[no-untyped-def]
+    """Only a bearer that starts tasks binds one to its process, and a task bound to a process
+    stays bound to it; a bad pid is a bad request; a refused bind binds nothing."""
+    import os
+
+    server, endpoint, _ = agent
+    delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
+    bearer, _ = delegate.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
     with pytest.raises(BrokerError) as info:
-        task.claim(os.getpid() + 1, None)()
+        _bind(AgentClient(bearer), "T(1)", os.getpid())
     assert info.value.status == 403 and info.value.error == "access_denied"
+    assert server.scope_of(bearer.bearer).pid is None  # type: ignore[union-attr]
+    assert _bind(delegate, "T(1)", os.getpid()) == {"aws": {}}
+    assert server.scope_of(bearer.bearer).pid == os.getpid()  # type: ignore[union-attr]
+    assert _bind(delegate, "T(1)", os.getpid()) == {"aws": {}}  # the same process again
     with pytest.raises(BrokerError) as info:
-        delegate.claim(os.getpid(), None)()
+        _bind(delegate, "T(1)", os.getpid() + 1)
     assert info.value.status == 403
-    assert server.scope_of(bearer.bearer) == scope
     r = httpx.post(
         f"{endpoint.url}/v1/claim",
-        json={"pid": True},
-        headers={"Authorization": f"Bearer {bearer.bearer}"},
+        json={"task": "T(1)", "pid": True},
+        headers={"Authorization": f"Bearer {delegate.endpoint.bearer}"},
     )
     assert r.status_code == 400
-    r = httpx.post(f"{endpoint.url}/v1/claim", json={"pid": 1}, headers={"Authorization": "x"})
-    assert r.status_code == 401
 
 
-def test_a_claimed_task_is_released_when_its_process_is_gone(agent) -> None:  # type: ignore[no-untyped-def]
-    """Once claimed, the scope is watched like one asked for by the task's own process: when
-    that process exits, the bearer stops working."""
+def test_a_bound_task_is_released_when_its_process_is_gone(agent) -> None:  # type: ignore[no-untyped-def]
+    """Once bound, the task is watched like one asked for by its own process: when that
+    process exits, its bearer stops working."""
     import subprocess
     import sys
     import time
@@ -378,7 +402,7 @@ def test_a_claimed_task_is_released_when_its_process_is_gone(agent) -> None:  # 
     bearer, _ = delegate.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert AgentClient(bearer).claim(child.pid, "etl")() is not None
+        _bind(delegate, "T(1)", child.pid)
         child.kill()
         child.wait()
         deadline = time.monotonic() + 10
@@ -435,3 +459,21 @@ def test_an_answer_that_is_not_http_is_an_unreachable_agent() -> None:
             assert info.value.error == "unreachable" and "grant 'etl'" in str(info.value)
     finally:
         listener.close()
+
+
+def test_two_answers_read_together_are_both_kept(agent) -> None:  # type: ignore[no-untyped-def]
+    """Two requests sent before either answer is read (a task's launch): the answers may
+    arrive in one read, and the second is kept for the next `getresponse`."""
+    import time
+
+    _, endpoint, _ = agent
+    client = AgentClient(endpoint)
+    conn = client._connect()
+    for task in ("T(1)", "T(2)"):
+        data = json.dumps({"grants": ["etl"], "task": task, "delegate": False}).encode()
+        conn.request("POST", "/v1/bearer", data, client._headers(data))
+    time.sleep(0.2)  # both answers are in the socket's buffer before the first read
+    first, second = conn.getresponse(), conn.getresponse()
+    assert first.status == second.status == 200
+    assert json.loads(first.read())["bearer"] != json.loads(second.read())["bearer"]
+    conn.close()
