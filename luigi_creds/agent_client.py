@@ -2,8 +2,9 @@
 
 Owns what a task's process (or any child) needs to reach the agent that `serve.py` runs: the two
 environment variables that carry the agent's URL and a bearer, the AWS container-credentials
-variables, and `AgentClient`. Standard library only (sockets, and `http.client`'s exceptions): Luigi imports
-`TaskCredentials` in every task's process, which should pay for no HTTP stack or server code.
+variables, and `AgentClient`. Standard library only (sockets, and `http.client`'s exceptions):
+Luigi imports `TaskCredentials` in every task's process, which should pay for no HTTP stack or
+server code.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ class AgentConnection:
 class AgentClient:
     """Mints through a running agent; what task processes and subprocesses use.
 
-    A small HTTP/1.1 client of its own (`AgentConnection`) on one kept-alive connection: a task's process pays
-    neither an HTTP stack's import nor a connection per request. Thread-safe (one request at a
-    time); make one per process, since a connection must not cross a fork.
+    A small HTTP/1.1 client of its own (`AgentConnection`) on one kept-alive connection: a
+    task's process pays neither an HTTP stack's import nor a connection per request.
+    Thread-safe (one request at a time); make one per process: a connection is never used by
+    two processes (a task's launch connection is handed over whole: luigi_creds/launch.py).
     """
 
     def __init__(self, endpoint: AgentEndpoint, *, timeout: float = 120.0) -> None:
@@ -263,9 +265,7 @@ class AgentClient:
         self._send_unread(conn, "/v1/bearer", body, what, aws_grant)
         return conn
 
-    def send_bind(
-        self, conn: AgentConnection, task: str, pid: int, aws_grant: str | None
-    ) -> None:
+    def send_bind(self, conn: AgentConnection, task: str, pid: int, aws_grant: str | None) -> None:
         """After the fork, on the launch's connection: bind `task`'s bearer to its process
         `pid` (the agent releases the task when the process is gone) and ask for the task's
         first AWS credential, for the forked process to read (`read_launch`)."""

@@ -130,7 +130,11 @@ class _FirstUse(DeferredRefreshableCredentials):
     """
 
     def __init__(
-        self, fetch: Callable[[], AwsCredentials], *, clock: Callable[[], datetime], windows: Windows
+        self,
+        fetch: Callable[[], AwsCredentials],
+        *,
+        clock: Callable[[], datetime],
+        windows: Windows,
     ) -> None:
         super().__init__(self._first, METHOD, time_fetcher=clock)
         self._fetch = fetch

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 EARLY_START_VARIABLE = "LUIGI_CREDS_EARLY_START"
 
 # How `[worker] task_process_context` names TaskCredentials (the package re-exports it).
-CONTEXT_NAMES = frozenset({"luigi_creds.TaskCredentials", "luigi_creds.task_process.TaskCredentials"})
+CONTEXT_NAMES = frozenset(
+    {"luigi_creds.TaskCredentials", "luigi_creds.task_process.TaskCredentials"}
+)
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,7 @@ class Launcher:
             # The task's own process asks, and fails the task with the reason.
             log.debug("luigi-creds: no early start for %s: %s", task.task_id, exc)
             return None
-        _pending[task.task_id] = Launch(
-            wanted, client.endpoint.url, conn, os.getpid(), asked_at
-        )
+        _pending[task.task_id] = Launch(wanted, client.endpoint.url, conn, os.getpid(), asked_at)
         return str(task.task_id)
 
     def after_fork(self, task_id: str, pid: int | None) -> None:

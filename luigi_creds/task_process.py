@@ -338,7 +338,10 @@ class _First:
     def aws(self) -> AwsCredentials:
         cred = self.get()
         if cred is None:
-            raise BrokerError("the agent answered a task's start without AWS credentials")
+            raise BrokerError(
+                "the agent answered a task's start without AWS credentials",
+                error="invalid_response",
+            )
         return cred
 
     def describe(self) -> str:

@@ -117,7 +117,7 @@ def test_no_early_start_where_the_task_would_not_get_its_own_credentials(
     """Nothing is sent for a task run in the scheduling process itself, under another
     context, with no grants, or outside an agent; a grant the scheduling process may not hand
     on is refused to the forked process, which then asks for itself."""
-    server, env, minter = delegate_env
+    _, env, minter = delegate_env
     launcher = Launcher(lambda: _settings(aws_grant="etl"), env)
     assert launcher.before_fork(_process("A(1)", use_multiprocessing=False)) is None
     assert launcher.before_fork(_process("A(2)", context="my.Context")) is None

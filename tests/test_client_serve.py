@@ -477,3 +477,39 @@ def test_two_answers_read_together_are_both_kept(agent) -> None:  # type: ignore
     assert first.status == second.status == 200
     assert json.loads(first.read())["bearer"] != json.loads(second.read())["bearer"]
     conn.close()
+
+
+def test_a_malformed_request_head_is_refused_and_mints_nothing(agent) -> None:  # type: ignore[no-untyped-def]
+    """The agent's own head parser: a bad request line or header line is a 400, too many or
+    too long header lines a 431, an over-long body a 413; each closes the connection and
+    nothing is minted. Header names match in any case; HTTP/1.0 closes after its answer."""
+    import socket
+
+    _, endpoint, minter = agent
+    host, port = endpoint.url.removeprefix("http://").split(":")
+
+    def send(raw: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(raw)
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    auth = f"authorization: Bearer {endpoint.bearer}\r\n".encode()
+    body = b'{"grant": "etl"}'
+    assert send(b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert send(b"POST /v1/mint HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert send(b"POST /v1/mint HTTP/1.1\r\nno colon here\r\n\r\n").startswith(b"HTTP/1.1 400")
+    many = b"".join(b"X-%d: y\r\n" % n for n in range(101))
+    assert send(b"POST /v1/mint HTTP/1.1\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 431")
+    long = b"X: " + b"y" * 70000 + b"\r\n"
+    assert send(b"POST /v1/mint HTTP/1.1\r\n" + long + b"\r\n").startswith(b"HTTP/1.1 431")
+    big = b"POST /v1/mint HTTP/1.1\r\n" + auth + b"Content-Length: 999999\r\n\r\n"
+    assert send(big).startswith(b"HTTP/1.1 413")
+    assert minter.calls == []
+    # HTTP/1.0 without keep-alive: answered, then closed (send() reads to the end).
+    ok = send(
+        b"POST /v1/mint HTTP/1.0\r\n" + auth + b"CONTENT-LENGTH: %d\r\n\r\n" % len(body) + body
+    )
+    assert ok.startswith(b"HTTP/1.1 200") and b"AKIAAGENT0001" in ok
