@@ -203,7 +203,13 @@ def _task_classes(variant: str) -> type:
             key_id = session.get_credentials().get_frozen_credentials().access_key
             usable = time.perf_counter()
             _put(s3, self.n, self.task_id)
-            marker = {"task": self.task_id, "key": key_id, "sdk": usable - started}
+            marker = {
+                "task": self.task_id,
+                "key": key_id,
+                "sdk": usable - started,
+                "forked": _forked_at(),
+                "usable": usable,
+            }
             (_marker_dir() / f"{self.n}.json").write_text(json.dumps(marker))
 
     return BenchMixinPut
@@ -619,8 +625,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], exchange: dict[str, Any]) -
         # sees in all. The static peer's figure is Luigi's own fork and start-up.
         from_start = {
             v: [m["usable"] - m["forked"] for r in runs[v] for m in r["markers"] if m.get("forked")]
-            for v in ("static", "zero")
-            if runs.get(v)
+            for v in runs
         }
         to_context = [m["entered"] - m["forked"] for m in zero if m.get("forked")]
         broker_ms = exchange["broker_refresh_p50_ms"]
@@ -751,6 +756,10 @@ def render(report: dict[str, Any]) -> str:
                 f"({from_start['zero'] / ex['broker_refresh_p50_ms']:.2f}x the broker exchange), "
                 f"static {from_start.get('static', float('nan')):.1f} ms; Luigi's start to the "
                 f"context {first['luigi_start_to_context_p50_ms']:.1f} ms"
+            )
+            lines.append(
+                "  from Luigi's start, p50 by variant: "
+                + ", ".join(f"{v} {ms:.1f} ms" for v, ms in from_start.items())
             )
         for phase, ms in first["split_p50_ms"].items():
             lines.append(f"    {phase:<42}{ms:8.1f} ms (derived)")

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from luigi_creds.client import BrokerClient
 
 __all__ = [
+    "adopt_task_client",
     "build_broker_client",
     "ensure_agent",
     "narrow_to_task",
@@ -234,7 +235,6 @@ def narrow_to_task(
     process to itself) the process's agent variables are replaced by the task's bearer, so its
     code and its subprocesses hold nothing wider, and the agent releases the task when this
     process is gone."""
-    global _client, _client_pid
     parent = ensure_agent()
     pid = os.getpid() if own_process else None
     minted: dict[str, Credential] = {}
@@ -252,10 +252,18 @@ def narrow_to_task(
     # The task's client goes on on the same kept-alive connection.
     client = parent.handing_over(endpoint)
     if own_process:
-        with _agent_lock:
-            os.environ.update(endpoint.env())
-            _client, _client_pid = client, os.getpid()
+        adopt_task_client(client)
     return client, minted, refusal
+
+
+def adopt_task_client(client: AgentClient) -> None:
+    """In a process that is its task's alone: `client` (the task's bearer) becomes this
+    process's way to the agent, and its agent variables hold that bearer, so the task's code
+    and subprocesses hold nothing wider."""
+    global _client, _client_pid
+    with _agent_lock:
+        os.environ.update(client.endpoint.env())
+        _client, _client_pid = client, os.getpid()
 
 
 def _after_fork_in_child() -> None:

@@ -34,6 +34,8 @@ __all__ = [
     "AgentConnection",
     "AgentEndpoint",
     "container_env",
+    "launched_aws",
+    "launched_minted",
     "read_launch",
 ]
 
@@ -253,23 +255,39 @@ class AgentClient:
         return lambda: self._task_start_answer(read(), aws_grant)
 
     def send_launch(
-        self, grants: Sequence[str], task: str, aws_grant: str | None
+        self,
+        grants: Sequence[str],
+        task: str,
+        aws_grant: str | None,
+        durations: Mapping[str, int | None] | None = None,
     ) -> AgentConnection:
         """For a scheduling process, just before it forks `task`'s process: a connection of
         its own on which the request for the task's bearer has been sent, the agent starting
         the task's AWS mint at once. Nothing is read here: the forked process reads the answers
         (`read_launch`), and this process closes its copy of the connection once it has sent
-        `send_bind` after the fork."""
+        `send_bind` after the fork. With `durations` (a CredentialsMixin task), each of
+        `grants` is minted for the task meanwhile, for `send_bind(..., minted=True)`."""
         body, what = _task_start_body(grants, task, None, aws_grant, False)
+        if durations is not None:
+            body["mint"] = [{"grant": g, "duration": durations.get(g)} for g in grants]
         conn = self._connect()
         self._send_unread(conn, "/v1/bearer", body, what, aws_grant)
         return conn
 
-    def send_bind(self, conn: AgentConnection, task: str, pid: int, aws_grant: str | None) -> None:
+    def send_bind(
+        self,
+        conn: AgentConnection,
+        task: str,
+        pid: int,
+        aws_grant: str | None,
+        *,
+        minted: bool = False,
+    ) -> None:
         """After the fork, on the launch's connection: bind `task`'s bearer to its process
         `pid` (the agent releases the task when the process is gone) and ask for the task's
-        first AWS credential, for the forked process to read (`read_launch`)."""
-        body = {"task": task, "pid": pid, "aws": aws_grant}
+        first AWS credential (and, with `minted`, the credentials `send_launch` started), for
+        the forked process to read (`read_launch`)."""
+        body = {"task": task, "pid": pid, "aws": aws_grant, "minted": minted}
         self._send_unread(conn, "/v1/claim", body, "a task's process", aws_grant)
 
     def _send_unread(
@@ -514,13 +532,14 @@ class AgentClient:
 
 
 def read_launch(
-    url: str, conn: AgentConnection, aws_grant: str | None, *, timeout: float = 120.0
-) -> tuple[AgentClient, Callable[[], AwsCredentials | None]]:
+    url: str, conn: AgentConnection, *, timeout: float = 120.0
+) -> tuple[AgentClient, Callable[[], dict[str, Any]]]:
     """In a task's forked process, on the connection its scheduling process launched it on
     (`send_launch`, then `send_bind`): the task's own client, from the first answer (its
-    bearer; a refusal raises), and the callable that reads the second (the task's first AWS
-    credential, once the agent's mint is done; a refusal raises, naming the grant). The client
-    goes on on that connection once both are read. Call the callable once."""
+    bearer; a refusal raises), and the callable that reads the second (the task's first
+    credentials once the agent's mints are done, see `launched_aws` and `launched_minted`; a
+    refusal raises). The client goes on on that connection once both are read. Call the
+    callable once."""
     what = "a task's bearer"
     try:
         response = conn.getresponse()
@@ -539,15 +558,24 @@ def read_launch(
             error="invalid_response",
         )
     client = AgentClient(AgentEndpoint(url, bearer), timeout=timeout)
-    read = client._reader(conn, f"grant {aws_grant!r}" if aws_grant else what, aws_grant)
+    return client, client._reader(conn, "a task's first credentials", None)
 
-    def first() -> AwsCredentials | None:
-        aws = read().get("aws")
-        if not aws_grant:
-            return None
-        return _aws_from_body(aws_grant, aws.get(aws_grant) if isinstance(aws, dict) else None)
 
-    return client, first
+def launched_aws(payload: Mapping[str, Any], grant: str) -> AwsCredentials:
+    """The AWS credentials for `grant` in a launch's second answer."""
+    aws = payload.get("aws")
+    return _aws_from_body(grant, aws.get(grant) if isinstance(aws, dict) else None)
+
+
+def launched_minted(payload: Mapping[str, Any], grants: Sequence[str]) -> dict[str, Credential]:
+    """The credentials of each of `grants` in a launch's second answer (`minted`)."""
+    minted = payload.get("minted")
+    if not isinstance(minted, dict) or set(minted) != set(grants):
+        raise BrokerError(
+            "credential agent answered a task's start with a malformed body",
+            error="invalid_response",
+        )
+    return {g: _credential_from_wire(minted[g], g) for g in grants}
 
 
 def _task_start_body(

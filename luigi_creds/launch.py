@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,9 @@ class Launch:
     connection: AgentConnection
     launcher_pid: int  # the scheduling process that sent it
     asked_at: float  # time.perf_counter() as it asked (the bench's phases)
+    # A CredentialsMixin task's: each of its grants minted with its duration (`minted` in the
+    # second answer); None for TaskCredentials (its AWS grant's credentials under `aws`).
+    durations: Mapping[str, int | None] | None = None
 
 
 # task id -> its launch, between the request and the fork (at most one: Luigi forks one task
@@ -125,23 +129,31 @@ class Launcher:
         when a launch is left for the fork, else None (the task starts as it would without)."""
         if not getattr(process, "use_multiprocessing", False):
             return None  # the task runs in this process, which must not hold a task's bearer
-        if getattr(process, "context", None) not in CONTEXT_NAMES:
-            return None
         task = process.task
+        durations = None
         try:
-            if self._settings is None:
-                self._settings = self._read_settings()
-            wanted = task_grants(self._settings, task)
+            if getattr(process, "context", None) in CONTEXT_NAMES:
+                if self._settings is None:
+                    self._settings = self._read_settings()
+                wanted = task_grants(self._settings, task)
+            elif _is_mixin(task):
+                grants = tuple(dict.fromkeys(task.grants))
+                wanted = TaskGrants(grants, None, None)
+                durations = {g: task.durations.get(g) for g in grants}
+            else:
+                return None
             client = self._agent() if wanted.grants else None
             if client is None:
                 return None
             asked_at = time.perf_counter()
-            conn = client.send_launch(wanted.grants, task.task_id, wanted.aws_grant)
+            conn = client.send_launch(wanted.grants, task.task_id, wanted.aws_grant, durations)
         except LuigiCredsError as exc:
             # The task's own process asks, and fails the task with the reason.
             log.debug("luigi-creds: no early start for %s: %s", task.task_id, exc)
             return None
-        _pending[task.task_id] = Launch(wanted, client.endpoint.url, conn, os.getpid(), asked_at)
+        _pending[task.task_id] = Launch(
+            wanted, client.endpoint.url, conn, os.getpid(), asked_at, durations
+        )
         return str(task.task_id)
 
     def after_fork(self, task_id: str, pid: int | None) -> None:
@@ -154,7 +166,13 @@ class Launcher:
             return
         try:
             if pid is not None:
-                client.send_bind(launch.connection, task_id, pid, launch.grants.aws_grant)
+                client.send_bind(
+                    launch.connection,
+                    task_id,
+                    pid,
+                    launch.grants.aws_grant,
+                    minted=launch.durations is not None,
+                )
             else:
                 # Rare (a fork that failed): the scope exists once the agent has answered.
                 client._reader(launch.connection, "a task's bearer", None)()
@@ -174,6 +192,12 @@ class Launcher:
                 return None
             self._client, self._client_pid = AgentClient(endpoint), os.getpid()
         return self._client
+
+
+def _is_mixin(task: Any) -> bool:
+    """A CredentialsMixin task with grants (its module is loaded wherever such a task is)."""
+    mixin = sys.modules.get("luigi_creds.luigi")
+    return mixin is not None and isinstance(task, mixin.CredentialsMixin) and bool(task.grants)
 
 
 def enabled(environ: Any = None) -> bool:

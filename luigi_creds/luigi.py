@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -36,7 +36,9 @@ import luigi
 # task process would import it afresh (0.5 ms of CPU each).
 from luigi.contrib.external_program import ExternalProgramRunError
 
+from luigi_creds import launch
 from luigi_creds.agent import (
+    adopt_task_client,
     build_broker_client,
     ensure_agent,
     narrow_to_task,
@@ -44,7 +46,7 @@ from luigi_creds.agent import (
     stop_agent,
     vault_addr,
 )
-from luigi_creds.agent_client import AgentClient
+from luigi_creds.agent_client import AgentClient, launched_minted, read_launch
 from luigi_creds.aws import aws_session as _aws_session
 from luigi_creds.aws import prepare_session, session_loader
 from luigi_creds.childenv import SECRET_ENV_NAMES, child_env, redact, secret_values
@@ -55,6 +57,9 @@ from luigi_creds.credentials import (
     VaultSecret,
     VaultToken,
 )
+from luigi_creds.errors import LuigiCredsError
+from luigi_creds.launch import Launch, take
+from luigi_creds.luigi_config import from_luigi_config
 from luigi_creds.refresh import Windows
 from luigi_creds.settings import ClientSettings, ConfigError
 
@@ -92,6 +97,23 @@ class _TaskState:
     minted: dict[str, Credential]
     minted_at: datetime = field(default_factory=_utcnow)
     error: BaseException | None = None
+    # Reads the task's credentials minted since the scheduling process launched it (the
+    # answer is read at the first credential the task asks for: luigi_creds/launch.py).
+    pending: Callable[[], dict[str, Credential]] | None = None
+    launched: bool = False  # started by the scheduling process before the fork
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def settle(self) -> None:
+        """Read the launch's credentials, if they are still on their way (once)."""
+        with self.lock:
+            read, self.pending = self.pending, None
+            if read is None:
+                return
+            try:
+                self.minted = read()
+                self.minted_at = _utcnow()
+            except Exception as exc:
+                self.error = exc
 
 
 _states_lock = threading.Lock()
@@ -137,8 +159,10 @@ class CredentialsMixin:
             # No loopback socket: minting falls back to failing loudly at first use.
             log.warning("luigi-creds: cannot start the local credential agent", exc_info=True)
         # Luigi instantiates tasks in the scheduling process before it forks task processes:
-        # each forked task's aws_session() then starts from a session built here once.
+        # each forked task's aws_session() then starts from a session built here once, and
+        # each task's mints start just before its fork (luigi_creds/launch.py).
         prepare_session()
+        _install_launcher()
 
     # --- accessors ---------------------------------------------------------------------
 
@@ -146,6 +170,8 @@ class CredentialsMixin:
         """The task's credential for `grant` (minted at start, or now if that one is stale)."""
         self._check_grant(grant)
         state = _state(self.task_id)
+        if state is not None:
+            state.settle()
         if state is not None and state.error is not None:
             # The error was built in the START handler; raised here without that handler's
             # frames, so the task's failure shows one short traceback ending in the reason.
@@ -277,6 +303,8 @@ class CredentialsMixin:
 
 def _secrets_of(task_id: str) -> set[str]:
     state = _state(task_id)
+    if state is not None:
+        state.settle()
     return secret_values(list(state.minted.values()) if state else [], os.environ)
 
 
@@ -289,7 +317,14 @@ def _on_start(task: luigi.Task) -> None:
     state = _TaskState(agent=None, minted={})
     try:
         own = task_has_process(task.task_id)
-        if own or task.grants:
+        launch = take(task.task_id) if own else None
+        if (
+            launch is not None
+            and launch.durations is not None
+            and _take_over(state, launch, task.task_id)
+        ):
+            pass  # the scheduling process started the task's mints before it forked
+        elif own or task.grants:
             # The task's bearer and its credentials in one round trip.
             durations = {g: task.durations.get(g) for g in task.grants}
             state.agent, state.minted, refusal = narrow_to_task(
@@ -303,6 +338,36 @@ def _on_start(task: luigi.Task) -> None:
         log.warning("luigi-creds: minting at start of %s failed: %s", task.task_id, exc)
     with _states_lock:
         _states[task.task_id] = state
+
+
+def _install_launcher() -> None:
+    if launch.enabled():
+        launch.install(launch.Launcher(from_luigi_config))
+
+
+def _take_over(state: _TaskState, launch: Launch, task_id: str) -> bool:
+    """The task's start came with the fork: its bearer from the connection the scheduling
+    process launched it on (this process's agent client from now on); its credentials are read
+    at the first one the task asks for. False if the agent refused the launch."""
+    try:
+        client, read = read_launch(launch.agent_url, launch.connection)
+    except LuigiCredsError as exc:
+        log.debug("luigi-creds: the early start of a task failed: %s", exc)
+        return False
+    grants = list(launch.grants.grants)
+
+    def minted() -> dict[str, Credential]:
+        try:
+            return launched_minted(read(), grants)
+        except Exception as exc:
+            log.warning("luigi-creds: minting at start of %s failed: %s", task_id, exc)
+            raise
+
+    state.agent = client
+    state.pending = minted
+    state.launched = True
+    adopt_task_client(client)
+    return True
 
 
 def _release(task: luigi.Task) -> None:

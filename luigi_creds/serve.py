@@ -25,12 +25,16 @@ Endpoints (all need `Authorization: <bearer>` or `Bearer <bearer>`):
   returned in the same answer (a task's start). Each `{"grant", "duration"?}` in `mint` is
   minted for the task as `/v1/mint` would and returned under `minted` (a CredentialsMixin task's
   start, in one round trip); if one fails, the new scope is ended and the refusal returned.
-- `POST /v1/claim` JSON `{"task", "pid", "aws"?}`, for a delegating bearer: binds `task`'s
-  bearers that have no process yet to process `pid` (from then on the task is released when
-  that process is gone) and, with `aws` (a grant), answers with the task's AWS credentials in
-  the container shape under `aws`, waiting for the mint its bearer request started. A
-  scheduling process sends it right after forking the task's process, on the connection it
-  asked for the task's bearer on, and the forked process reads both answers
+  With `wait` false the answer comes at once and the `mint` list is minted meanwhile, for
+  `/v1/claim` to return.
+- `POST /v1/claim` JSON `{"task", "pid", "aws"?, "minted"?}`, for a delegating bearer: binds
+  `task`'s bearers that have no process yet to process `pid` (from then on the task is
+  released when that process is gone) and, with `aws` (a grant), answers with the task's AWS
+  credentials in the container shape under `aws`, waiting for the mint its bearer request
+  started; with `minted` true, also the credentials of the `mint` list its bearer request
+  (`wait` false) started, under `minted`, or the refusal of one of them (the task's scope then
+  ended). A scheduling process sends it right after forking the task's process, on the
+  connection it asked for the task's bearer on, and the forked process reads both answers
   (luigi_creds/launch.py).
 - `POST /v1/release` JSON `{"task"?}`: ends the caller's task scope (or, for a delegating
   caller, `task`). 204.
@@ -211,6 +215,9 @@ class CredentialAgent:
         self._aws: dict[tuple[str, str | None], Refresher[AwsCredentials]] = {}
         self._prefetch_failed: dict[tuple[str, str | None], Exception] = {}
         self._prefetching: dict[tuple[str, str | None], threading.Event] = {}
+        # A task's mints started with its bearer (a CredentialsMixin task's launch): the
+        # event set once all are done, and their credentials or the refusal.
+        self._minting: dict[str, tuple[threading.Event, dict[str, Any]]] = {}
         # Vault credentials minted per task (released with the task) and each lease's task.
         self._held: dict[str, list[Credential]] = {}
         self._lease_task: dict[str, str | None] = {}
@@ -371,6 +378,55 @@ class CredentialAgent:
             self._prefetching[(grant, task)] = done
         return threading.Thread(target=self._warm, args=(grant, task, done), daemon=True)
 
+    def mint_later(
+        self, task: str, mints: Sequence[tuple[str, int | None]], scope: Scope
+    ) -> threading.Thread:
+        """Mint each (grant, duration) for `task` in the background, in order, as `mint` would;
+        `minted(task)` waits for them. If one is refused, the task's scope is ended (what was
+        minted is released) and the refusal kept for `minted`. Returns the thread, not yet
+        started (see `prefetch`)."""
+        done, slot = threading.Event(), dict[str, Any]()
+        entry = (done, slot)
+        with self._lock:
+            self._minting[task] = entry
+
+        def run() -> None:
+            try:
+                slot["minted"] = {g: self.mint(g, task, d, scope) for g, d in mints}
+            except Exception as exc:
+                slot["error"] = exc
+                # The scope ends now (what was minted is released); the refusal stays for
+                # `minted` to answer with.
+                self._end_task(task, keep=entry)
+            else:
+                with self._lock:
+                    # The task ended while this minted (`minted` leaves the entry in place
+                    # until these mints are done; `_end_task` removes it).
+                    ended = self._minting.get(task) is not entry
+                if ended:
+                    self._end_task(task)  # releases what was just minted
+            finally:
+                done.set()
+
+        return threading.Thread(target=run, daemon=True)
+
+    def minted(self, task: str) -> dict[str, Credential]:
+        """The credentials `mint_later` started for `task`, once (waiting for them)."""
+        with self._lock:
+            entry = self._minting.get(task)
+        if entry is None:
+            raise BrokerError(
+                f"no mint was started for task {task!r}", error="invalid_request", status=400
+            )
+        done, slot = entry
+        done.wait()
+        with self._lock:
+            if self._minting.get(task) is entry:
+                del self._minting[task]
+        if "error" in slot:
+            raise slot["error"]
+        return dict(slot["minted"])
+
     def _warm(self, grant: str, task: str | None, done: threading.Event) -> None:
         try:
             self._refresher(grant, task).get()
@@ -447,7 +503,7 @@ class CredentialAgent:
             )
         return cred, cred.expires_at
 
-    def _end_task(self, task: str) -> None:
+    def _end_task(self, task: str, keep: object = None) -> None:
         with self._lock:
             for digest in [d for d, s in self._scopes.items() if s.task == task]:
                 del self._scopes[digest]
@@ -455,6 +511,8 @@ class CredentialAgent:
                 del self._aws[key]
             for key in [k for k in self._prefetch_failed if k[1] == task]:
                 del self._prefetch_failed[key]
+            if self._minting.get(task) is not keep:
+                self._minting.pop(task, None)
             held = self._held.pop(task, [])
             for cred in held:
                 if isinstance(cred, VaultSecret):
@@ -724,6 +782,17 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             if mints and task is None:
                 raise TypeError  # minting at start is for a task's own scope
             bearer = agent.issue(scope, wanted)
+            if mints and task is not None and request.get("wait") is False:
+                # A launch: answer now, mint meanwhile; the task's claim gets the credentials.
+                thread = agent.mint_later(
+                    task, [(m["grant"], m.get("duration")) for m in mints], wanted
+                )
+                try:
+                    self._send(200, {"bearer": bearer, "aws": {}})
+                    self._flush()
+                finally:
+                    thread.start()
+                return
             if mints and task is not None:
                 try:
                     minted = {
@@ -760,8 +829,13 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
             if not isinstance(task, str) or not (grant is None or isinstance(grant, str)):
                 raise TypeError
             agent.bind_process(task, pid, scope)
-            aws = {grant: container_body(agent.aws(grant, task, scope))} if grant else {}
-            self._send(200, {"aws": aws})
+            answer: dict[str, Any] = {
+                "aws": {grant: container_body(agent.aws(grant, task, scope))} if grant else {}
+            }
+            if request.get("minted") is True:
+                minted = agent.minted(task)
+                answer["minted"] = {g: credential_to_wire(c) for g, c in minted.items()}
+            self._send(200, answer)
 
         def _release(self, scope: Scope, request: dict[str, Any]) -> None:
             task = request.get("task")

@@ -50,6 +50,7 @@ from luigi_creds.agent_client import (
     AgentClient,
     AgentEndpoint,
     container_env,
+    launched_aws,
     read_launch,
 )
 from luigi_creds.childenv import AWS_ENV_VARIABLES
@@ -189,15 +190,18 @@ class TaskCredentials:
         for itself, and fails with the reason)."""
         mark = time.perf_counter()
         try:
-            self._client, read_first = read_launch(
-                launch.agent_url, launch.connection, launch.grants.aws_grant
-            )
+            self._client, read = read_launch(launch.agent_url, launch.connection)
         except LuigiCredsError as exc:
             log.debug("luigi-creds: the early start of %s failed: %s", self._task.task_id, exc)
             return None
+        aws_grant = launch.grants.aws_grant
+
+        def read_first() -> AwsCredentials | None:
+            payload = read()
+            return launched_aws(payload, aws_grant) if aws_grant else None
+
         first = _First(read_first)
         self.timings.agent = time.perf_counter() - mark
-        aws_grant = launch.grants.aws_grant
         if aws_grant:
             _install_default_session(
                 self._task_client,

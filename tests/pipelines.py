@@ -70,8 +70,21 @@ class WriteObject(CredentialsMixin, luigi.Task):
         )
         _write_marker(
             self.output(),
-            {"task": self.task_id, "pid": os.getpid(), "access_key_id": key_id},
+            {
+                "task": self.task_id,
+                "pid": os.getpid(),
+                "access_key_id": key_id,
+                # Whether the job's process set this task's mint going before it forked it.
+                "launched": _launched(self.task_id),
+            },
         )
+
+
+def _launched(task_id: str) -> bool:
+    from luigi_creds.luigi import _state
+
+    state = _state(task_id)
+    return state is not None and state.launched
 
 
 class Hold(CredentialsMixin, luigi.Task):

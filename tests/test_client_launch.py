@@ -15,7 +15,7 @@ import pytest
 from test_client_serve import Minter
 
 from luigi_creds import launch
-from luigi_creds.agent_client import AgentClient, AgentEndpoint, read_launch
+from luigi_creds.agent_client import AgentClient, AgentEndpoint, launched_aws, read_launch
 from luigi_creds.credentials import BrokerError
 from luigi_creds.launch import Launcher, take
 from luigi_creds.serve import CredentialAgent
@@ -60,10 +60,10 @@ def _in_a_fork(launcher: Launcher, task_id: str) -> dict[str, Any]:
             if found is not None:
                 result["again"] = take(task_id) is not None
                 try:
-                    client, first = read_launch(
-                        found.agent_url, found.connection, found.grants.aws_grant
-                    )
-                    cred = first()
+                    client, read = read_launch(found.agent_url, found.connection)
+                    answer = read()
+                    grant = found.grants.aws_grant
+                    cred = launched_aws(answer, grant) if grant else None
                 except BrokerError as exc:
                     result["refused"] = [exc.status, str(exc)]
                 else:

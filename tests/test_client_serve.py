@@ -339,14 +339,14 @@ def test_a_launch_is_sent_by_one_process_and_read_by_another(agent) -> None:  # 
     credentials of the one mint the first request started. The task is bound to its process."""
     import os
 
-    from luigi_creds.agent_client import read_launch
+    from luigi_creds.agent_client import launched_aws, read_launch
 
     server, endpoint, minter = agent
     delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
     conn = delegate.send_launch(["etl"], "T(1)", "etl")
     delegate.send_bind(conn, "T(1)", os.getpid(), "etl")
-    task, first = read_launch(endpoint.url, conn, "etl")
-    cred = first()
+    task, read = read_launch(endpoint.url, conn)
+    cred = launched_aws(read(), "etl")
     assert cred is not None and cred.access_key_id == "AKIAAGENT0001"
     assert minter.calls == [("etl", "T(1)")]
     scope = server.scope_of(task.endpoint.bearer)
@@ -513,3 +513,40 @@ def test_a_malformed_request_head_is_refused_and_mints_nothing(agent) -> None:  
         b"POST /v1/mint HTTP/1.0\r\n" + auth + b"CONTENT-LENGTH: %d\r\n\r\n" % len(body) + body
     )
     assert ok.startswith(b"HTTP/1.1 200") and b"AKIAAGENT0001" in ok
+
+
+def test_a_mixin_tasks_launch_mints_each_grant_meanwhile(agent) -> None:  # type: ignore[no-untyped-def]
+    """A launch with durations mints each grant for the task while the answers wait; the
+    second answer holds them all. If one is refused, the refusal comes back there and the
+    task's scope is ended, releasing what was minted before it."""
+    import os
+
+    from luigi_creds.agent_client import launched_minted, read_launch
+
+    server, endpoint, minter = agent
+    released: list[str] = []
+    server._release = lambda task, creds: released.append(task)
+    delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
+    conn = delegate.send_launch(["etl", "db"], "T(1)", None, {"etl": 900, "db": None})
+    delegate.send_bind(conn, "T(1)", os.getpid(), None, minted=True)
+    task, read = read_launch(endpoint.url, conn)
+    minted = launched_minted(read(), ["etl", "db"])
+    assert isinstance(minted["etl"], AwsCredentials) and isinstance(minted["db"], VaultSecret)
+    assert minter.calls == [("etl", "T(1)"), ("db", "T(1)")]
+    assert server.scope_of(task.endpoint.bearer).pid == os.getpid()  # type: ignore[union-attr]
+    task.close()
+
+    conn = delegate.send_launch(["db", "denied"], "T(2)", None, {})
+    delegate.send_bind(conn, "T(2)", os.getpid(), None, minted=True)
+    task, read = read_launch(endpoint.url, conn)
+    with pytest.raises(BrokerError) as info:
+        read()
+    assert "refused grant 'denied'" in str(info.value) and info.value.status == 400
+    assert server.scope_of(task.endpoint.bearer) is None
+    task.close()
+    import time
+
+    deadline = time.monotonic() + 5
+    while "T(2)" not in released and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert released == ["T(2)"]

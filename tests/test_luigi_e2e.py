@@ -363,6 +363,8 @@ def test_twelve_tasks_on_three_forked_workers_get_twelve_audited_credentials(
     # force_multiprocessing: every task ran in a process of its own, none in the job's process.
     pids = {m["pid"] for m in markers}
     assert len(pids) == 12 and job.popen.pid not in pids
+    # The job's process set each task's mint going before it forked the task's process.
+    assert all(m["launched"] for m in markers)
 
     s3 = stack.moto.client("s3")
     listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="objects/")["Contents"]
