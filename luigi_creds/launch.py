@@ -210,9 +210,11 @@ def install(launcher: Launcher) -> bool:
     """Wrap Luigi's `TaskProcess.start` with `launcher` (once per process); True if it now is."""
     from luigi.worker import TaskProcess
 
-    original = TaskProcess.start
-    if getattr(original, "_luigi_creds_launcher", None) is not None:
+    # Marked on the class, not the function: whatever wraps `start` after us (a profiler, a
+    # benchmark's timer) must not make a second launcher wrap it again.
+    if getattr(TaskProcess, "luigi_creds_launcher", None) is not None:
         return True
+    original = TaskProcess.start
 
     def start(self: Any) -> None:
         try:
@@ -228,7 +230,7 @@ def install(launcher: Launcher) -> bool:
             if task_id is not None:
                 launcher.after_fork(task_id, pid)
 
-    start._luigi_creds_launcher = launcher  # type: ignore[attr-defined]
     start.__wrapped__ = original  # type: ignore[attr-defined]
     TaskProcess.start = start  # type: ignore[method-assign]
+    TaskProcess.luigi_creds_launcher = launcher  # type: ignore[attr-defined]
     return True

@@ -138,11 +138,20 @@ def test_install_wraps_luigis_fork_once() -> None:
     original = TaskProcess.start
     try:
         first, second = Launcher(_settings), Launcher(_settings)
-        assert launch.install(first) and launch.install(second)
-        assert TaskProcess.start._luigi_creds_launcher is first  # type: ignore[attr-defined]
-        assert TaskProcess.start.__wrapped__ is original  # type: ignore[attr-defined]
+        assert launch.install(first)
+        wrapped = TaskProcess.start
+
+        def timed(self: Any) -> None:  # something else wrapping Luigi's start after us
+            wrapped(self)
+
+        TaskProcess.start = timed  # type: ignore[method-assign]
+        assert launch.install(second)
+        assert TaskProcess.start is timed
+        assert TaskProcess.luigi_creds_launcher is first  # type: ignore[attr-defined]
+        assert wrapped.__wrapped__ is original  # type: ignore[attr-defined]
     finally:
         TaskProcess.start = original  # type: ignore[method-assign]
+        del TaskProcess.luigi_creds_launcher  # type: ignore[attr-defined]
 
 
 def test_a_launch_refused_by_an_agent_that_is_gone_is_an_unreachable_error() -> None:

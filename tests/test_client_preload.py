@@ -28,8 +28,8 @@ def state():
         "aws": "luigi_creds.aws" in sys.modules,
         "watching": any(type(f).__name__ == "_Watch" for f in sys.meta_path),
         "early_start": hasattr(
-            getattr(sys.modules.get("luigi.worker"), "TaskProcess", None) and
-            sys.modules["luigi.worker"].TaskProcess.start, "_luigi_creds_launcher"
+            getattr(sys.modules.get("luigi.worker"), "TaskProcess", None),
+            "luigi_creds_launcher",
         ),
     }
 steps = {"start": state()}
