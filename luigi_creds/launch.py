@@ -1,16 +1,19 @@
 """A task's credentials set going by the scheduling process, just before Luigi forks the task.
 
 Owns the hand-over of a task's start from a Luigi job's scheduling process to the process Luigi
-forks for the task. Under `luigi-creds exec` (luigi_creds/preload.py installs it), Luigi's
-`TaskProcess.start` first opens a connection to the job's agent and sends, for a task that
-`TaskCredentials` will give credentials in a process of its own, the request for the task's
-bearer (its grants, its task id); the agent starts minting the task's AWS credentials at once.
+forks for the task. Installed by exec's preload (luigi_creds/preload.py) and by the first
+`CredentialsMixin` task instantiated, Luigi's `TaskProcess.start` first opens a connection to
+the job's agent and sends, for a task that gets credentials in a process of its own (through
+`TaskCredentials`, or a `CredentialsMixin` task's `grants`), the request for the task's bearer
+(its grants, its task id); the agent starts minting the task's credentials at once (its AWS
+grant's for TaskCredentials, each of a mixin task's grants with its duration).
 Luigi then forks, and the scheduling process sends on the same connection the binding of the
 task to its new process (whose pid it now knows) and the request for its first credential, and
 closes its copy of the connection without reading anything: it never waits for the agent. The
-forked process inherited the connection: `TaskCredentials` reads the first answer (its bearer:
-it never travels through the environment, a file or a pipe) and leaves the second (the first
-credential) for the task's first AWS call. The fork, Luigi's start of the task and the task's
+forked process inherited the connection: `TaskCredentials` (or the mixin's START handler)
+reads the first answer (its bearer: it never travels through the environment, a file or a pipe)
+and leaves the second (the first credentials) for the task's first AWS call (or first
+`credential()`). The fork, Luigi's start of the task and the task's
 own set-up (building its clients) so run while the agent, the broker and STS mint.
 
 A connection is only ever used by one process at a time: the scheduling process writes both

@@ -7,9 +7,12 @@ to the one session. Nothing live is stored on task instances (they may be pickle
 state lives in module registries keyed by task id, and the broker is contacted lazily.
 
 Task lifecycle: Luigi's START event narrows the process to the task (a bearer for its own grants
-and task id, when the task has the process to itself) and mints each of `grants`. Luigi swallows
-event handlers' exceptions, so a failure there is recorded and raised at the first credential use
-inside `run()`, where Luigi's normal failure and retry apply. SUCCESS/FAILURE stop the task's
+and task id, when the task has the process to itself) and mints each of `grants`. When the
+scheduling process started the task's mints before it forked the task's process
+(luigi_creds/launch.py), the event only takes the bearer it inherited, and the mints are read at
+the first credential the task asks for. Luigi swallows event handlers' exceptions, so a failure
+there is recorded and raised at the first credential use inside `run()`, where Luigi's normal
+failure and retry apply. SUCCESS/FAILURE stop the task's
 renewals and hand its Vault credentials to the agent to release; a task process that dies
 without either is released by the agent when it notices the process is gone.
 

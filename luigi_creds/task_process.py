@@ -13,9 +13,9 @@ by `[luigi_creds:<TaskFamily>]`, plus a `CredentialsMixin` task's own `grants`):
   SDK (boto3, awscli, luigi.contrib.s3) at the agent, which mints for this task id; every static
   `AWS_*` variable is removed and boto3's default session is reset, so nothing cached from
   another task is reused. Under `luigi-creds exec` the scheduling process asked for the task's
-  bearer and started its first mint before it forked this process (luigi_creds/launch.py): the
-  context binds the bearer to this process and sends the request for the first credential
-  without waiting; boto3's default session reads the answer where the task first signs a
+  bearer, started its first mint and bound it to this process around the fork
+  (luigi_creds/launch.py): the context reads the bearer from the connection it inherited, and
+  boto3's default session reads the first credential there where the task first signs a
   request, so building the task's clients overlaps the mint, and a refusal fails the task there,
   with the broker's reason. Otherwise one request asks for the bearer and the mint, the process
   sets itself up meanwhile, and the context waits for the answer, so a refusal fails the task
@@ -229,7 +229,9 @@ class TaskCredentials:
             aws_grant=wanted.aws_grant,
         )
         self.timings.agent = time.perf_counter() - mark
-        first = _First(lambda: aws)
+        # Read from the start request's answer, below, before the task can use the session.
+        answered: list[AwsCredentials | None] = []
+        first = _First(lambda: answered[0])
         if wanted.aws_grant:
             _install_default_session(
                 self._task_client,
@@ -243,6 +245,7 @@ class TaskCredentials:
         # Waiting here for the mint the task's first AWS call would wait for anyway turns a
         # refusal into the task's failure, with the grant and the broker's reason.
         endpoint, aws = answer()
+        answered.append(aws)
         self.timings.aws = time.perf_counter() - mark
         # The task's client goes on on the start request's connection; the inherited, wider
         # bearer is of no further use in this process.
