@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,25 @@ def test_commits_leave_the_wal_to_a_background_checkpoint_when_asked(db: Databas
     assert busy == 0 and frames > 1200 and done == frames
     _, frames, _ = db.checkpoint_wal()
     assert frames == done  # nothing new: the next write starts the WAL over
+
+
+def test_sqlite_instants_read_back_as_written() -> None:
+    """Instants in to_db's text come back equal and aware (the fast path); other texts the
+    strict format accepts (a shorter fraction) still parse, and anything else is refused."""
+    dialect = Database(StoreURL.parse("sqlite:////unused.db")).dialect
+    for instant in (
+        datetime(2026, 12, 2, 14, 0, 0, 123456, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 6, 1, 12, tzinfo=timezone(timedelta(hours=2))),
+    ):
+        text = dialect.to_db(instant)
+        assert text.endswith("Z") and len(text) == 27
+        back = dialect.from_db(text)
+        assert back == instant and back is not None and back.tzinfo == UTC
+    assert dialect.from_db("2026-12-02T14:00:00.5Z") == datetime(
+        2026, 12, 2, 14, 0, 0, 500000, tzinfo=UTC
+    )
+    assert dialect.from_db(None) is None
+    for bad in ("2026-12-02 14:00:00.000000Z", "2026-13-02T14:00:00.000000Z", "2026-12-02"):
+        with pytest.raises(ValueError):
+            dialect.from_db(bad)
