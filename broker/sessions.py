@@ -341,10 +341,12 @@ class SessionStore:
         def work(cur: Tx) -> tuple[Session | None, str]:
             if presented is None:
                 return None, "unknown"
-            session, chain, stale, refused = self._presented(cur, presented, select, now, max_idle)
+            session, chain, presented_generation, newest, refused = self._presented(
+                cur, presented, select, now, max_idle
+            )
             if session is None or refused:
                 return session, refused
-            if stale:
+            if presented_generation != newest:
                 ended = self._revoke_ids(cur, [session.id], REASON_REUSE, now)
                 return (ended[0] if ended else session), "reused"
             held = 0
@@ -352,15 +354,16 @@ class SessionStore:
                 held = self._sibling_chains(cur, session.id)
                 if 1 + held + len(new_chains) > max_chains:
                     return session, REASON_TOO_MANY_CHAINS
+            # The chain's newest generation as read under the session row's lock (above): the
+            # successor is the next one.
+            generation = newest + 1
             if chain == 0:
-                generation = session.generation + 1
                 cur.execute(
                     "UPDATE session_sessions SET generation = ? WHERE id = ?",
                     (generation, session.id),
                 )
                 session = replace(session, generation=generation)
             else:
-                generation = self._chain_generation(cur, session.id, chain) + 1
                 cur.execute(
                     "UPDATE session_chains SET generation = ? WHERE session_id = ? AND chain = ?",
                     (generation, session.id, chain),
@@ -389,25 +392,26 @@ class SessionStore:
         select: str,
         now: datetime,
         max_idle: timedelta | None,
-    ) -> tuple[Session | None, int, bool, str]:
-        """The session a presented handle belongs to, the handle's chain, whether the handle
-        is older than its chain's newest (spent), and why it is refused ("unknown",
-        "revoked", "expired"; "" when live). What a spent handle means is the caller's call.
-        Statement by statement, so that a rotation reads the chain's generation only once it
-        holds the session row's lock (`select` locks it on PostgreSQL)."""
+    ) -> tuple[Session | None, int, int, int, str]:
+        """The session a presented handle belongs to, the handle's chain and generation, its
+        chain's newest generation (the handle is spent when older), and why it is refused
+        ("unknown", "revoked", "expired"; "" when live; both generations are 0 when refused).
+        What a spent handle means is the caller's call. Statement by statement, so that a
+        rotation reads the chain's generation only once it holds the session row's lock
+        (`select` locks it on PostgreSQL)."""
         found = self._find_handle(cur, presented)
         if found is None:
-            return None, 0, False, "unknown"
+            return None, 0, 0, 0, "unknown"
         session_id, chain, generation, issued_at = found
         cur.execute(select, (session_id,))
         session = self._row(cur.fetchone())
         refused = _refusal(session, issued_at, now, max_idle)
         if refused:
-            return session, chain, False, refused
+            return session, chain, 0, 0, refused
         newest = (
             session.generation if chain == 0 else self._chain_generation(cur, session_id, chain)
         )
-        return session, chain, generation != newest, ""
+        return session, chain, generation, newest, ""
 
     def peek(self, handle: str, *, now: datetime, max_idle: timedelta | None = None) -> Session:
         """Validate `handle` without spending it (for /v1/revoke and introspection).
