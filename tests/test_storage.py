@@ -305,6 +305,8 @@ def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
         db.write(lambda tx: None)
     with pytest.raises(StoreUnavailable):
         db.read(lambda tx: None)
+    with pytest.raises(StoreUnavailable):
+        db.query("SELECT 1")
 
 
 def test_a_write_queued_past_its_deadline_fails_alone_and_the_queue_moves_on(
@@ -399,3 +401,14 @@ def test_sqlite_instants_read_back_as_written() -> None:
     for bad in ("2026-12-02 14:00:00.000000Z", "2026-13-02T14:00:00.000000Z", "2026-12-02"):
         with pytest.raises(ValueError):
             dialect.from_db(bad)
+
+
+def test_a_single_statement_query_reads_committed_rows_and_maps_failures(db: Database) -> None:
+    """Database.query: one SELECT outside any transaction, on the read pool; a statement the
+    database refuses is StoreUnavailable, and the pool keeps serving afterwards."""
+    db.write(insert("a"))
+    db.write(insert("b"))
+    assert db.query("SELECT k FROM t WHERE k > ? ORDER BY k", ("a",)) == [("b",)]
+    with pytest.raises(StoreUnavailable):
+        db.query("SELECT k FROM no_such_table")
+    assert [row[0] for row in db.query("SELECT k FROM t ORDER BY k")] == ["a", "b"]
