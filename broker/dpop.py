@@ -37,7 +37,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from broker.errors import BrokerException
-from broker.jwk import KeySetError, b64url_encode, parse_jwk
+from broker.jwk import KeySetError, VerificationKey, b64url_encode, parse_jwk
 from broker.replay import ReplayLedger
 from broker.storage import Database, Migration, Tx
 from broker.tokens import MAX_JTI_LENGTH, TokenError, parse_token, verify_signature
@@ -146,7 +146,7 @@ def verify_proof(
     if not isinstance(jwk, dict):
         raise ProofError("dpop_missing_jwk")
     try:
-        key = parse_jwk(jwk)  # refuses private members and symmetric keys
+        key = _proof_key(jwk)  # refuses private members and symmetric keys
     except KeySetError as exc:
         raise ProofError("dpop_bad_jwk") from exc
     jkt = key.thumbprint()
@@ -179,6 +179,29 @@ def verify_proof(
     if not isinstance(nonce, str) or not nonces.valid(nonce, now):
         raise ProofError("dpop_nonce_stale", error=ERROR_USE_NONCE, jkt=jkt)
     return Proof(jkt=jkt, jti=jti, iat=iat)
+
+
+# Proof keys that passed parse_jwk, by their members: a job's agent signs every proof of its
+# session with one key, and building the key (decoding, the point check, the thumbprint) again
+# for each proof cost as much as checking the proof's signature with it. Only keys whose members
+# are all strings (a `key_ops` list could be changed under the next reader); bounded and emptied
+# when full, so keys made up by clients cannot grow it, they only miss.
+_PROOF_KEYS: dict[tuple[tuple[str, str], ...], VerificationKey] = {}
+_PROOF_KEYS_KEPT = 64
+
+
+def _proof_key(jwk: dict[str, object]) -> VerificationKey:
+    """parse_jwk(jwk), kept for the next proof by the same key; KeySetError as parse_jwk."""
+    flat = tuple((name, value) for name, value in sorted(jwk.items()) if isinstance(value, str))
+    if len(flat) != len(jwk):
+        return parse_jwk(jwk)
+    key = _PROOF_KEYS.get(flat)
+    if key is None:
+        key = parse_jwk(jwk)
+        if len(_PROOF_KEYS) >= _PROOF_KEYS_KEPT:
+            _PROOF_KEYS.clear()
+        _PROOF_KEYS[flat] = key
+    return key
 
 
 class NonceSource:

@@ -84,17 +84,12 @@ class ReplayLedger:
         For a caller that consumes inside a later write transaction (`consumer`) and wants a
         replay refused before it does any work; the consumption still decides.
         """
-        key = _key(token_id)
-
-        def work(tx: Tx) -> bool:
-            tx.execute(
-                "SELECT 1 FROM replay_tokens "
-                "WHERE issuer = ? AND token_hash = ? AND expires_at > ?",
-                (issuer, key, tx.to_db(utc(now))),
-            )
-            return tx.fetchone() is not None
-
-        return self.database.read(work)
+        db = self.database
+        rows = db.query(
+            "SELECT 1 FROM replay_tokens WHERE issuer = ? AND token_hash = ? AND expires_at > ?",
+            (issuer, _key(token_id), db.dialect.to_db(utc(now))),
+        )
+        return bool(rows)
 
     def release(self, issuer: str, token_id: str) -> None:
         """Forget a consumption whose exchange issued nothing (upstream or audit failed first).

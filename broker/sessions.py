@@ -176,6 +176,15 @@ _SESSION_COLUMNS = (
 )
 # Every SQL text here is built from constants and fixed column names; values are always bound.
 _SELECT_SESSIONS = f"SELECT {_SESSION_COLUMNS} FROM session_sessions"  # noqa: S608
+# A presented handle's chain, generation and issue time, its chain's newest generation (chain 0
+# keeps its own in the session row) and its session, in one statement (SessionStore.peek).
+_PEEK = (
+    "SELECT h.chain, h.generation, h.issued_at, c.generation, "  # noqa: S608
+    + ", ".join(f"s.{column}" for column in _SESSION_COLUMNS.split(", "))
+    + " FROM session_handles h JOIN session_sessions s ON s.id = h.session_id"
+    " LEFT JOIN session_chains c ON c.session_id = h.session_id AND c.chain = h.chain"
+    " WHERE h.handle_hash = ?"
+)
 # Rows a write queues (Tx.insert_later): a batch writes each table's in one statement.
 _SESSION_ROWS = RowInsert(
     "session_sessions",
@@ -332,10 +341,12 @@ class SessionStore:
         def work(cur: Tx) -> tuple[Session | None, str]:
             if presented is None:
                 return None, "unknown"
-            session, chain, stale, refused = self._presented(cur, presented, select, now, max_idle)
+            session, chain, presented_generation, newest, refused = self._presented(
+                cur, presented, select, now, max_idle
+            )
             if session is None or refused:
                 return session, refused
-            if stale:
+            if presented_generation != newest:
                 ended = self._revoke_ids(cur, [session.id], REASON_REUSE, now)
                 return (ended[0] if ended else session), "reused"
             held = 0
@@ -343,15 +354,16 @@ class SessionStore:
                 held = self._sibling_chains(cur, session.id)
                 if 1 + held + len(new_chains) > max_chains:
                     return session, REASON_TOO_MANY_CHAINS
+            # The chain's newest generation as read under the session row's lock (above): the
+            # successor is the next one.
+            generation = newest + 1
             if chain == 0:
-                generation = session.generation + 1
                 cur.execute(
                     "UPDATE session_sessions SET generation = ? WHERE id = ?",
                     (generation, session.id),
                 )
                 session = replace(session, generation=generation)
             else:
-                generation = self._chain_generation(cur, session.id, chain) + 1
                 cur.execute(
                     "UPDATE session_chains SET generation = ? WHERE session_id = ? AND chain = ?",
                     (generation, session.id, chain),
@@ -380,46 +392,59 @@ class SessionStore:
         select: str,
         now: datetime,
         max_idle: timedelta | None,
-    ) -> tuple[Session | None, int, bool, str]:
-        """The session a presented handle belongs to, the handle's chain, whether the handle
-        is older than its chain's newest (spent), and why it is refused ("unknown",
-        "revoked", "expired"; "" when live). What a spent handle means is the caller's call."""
+    ) -> tuple[Session | None, int, int, int, str]:
+        """The session a presented handle belongs to, the handle's chain and generation, its
+        chain's newest generation (the handle is spent when older), and why it is refused
+        ("unknown", "revoked", "expired"; "" when live; both generations are 0 when refused).
+        What a spent handle means is the caller's call. Statement by statement, so that a
+        rotation reads the chain's generation only once it holds the session row's lock
+        (`select` locks it on PostgreSQL)."""
         found = self._find_handle(cur, presented)
         if found is None:
-            return None, 0, False, "unknown"
+            return None, 0, 0, 0, "unknown"
         session_id, chain, generation, issued_at = found
         cur.execute(select, (session_id,))
         session = self._row(cur.fetchone())
-        if session.revoked_at is not None:
-            return session, chain, False, "revoked"
-        if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
-            return session, chain, False, "expired"
+        refused = _refusal(session, issued_at, now, max_idle)
+        if refused:
+            return session, chain, 0, 0, refused
         newest = (
             session.generation if chain == 0 else self._chain_generation(cur, session_id, chain)
         )
-        return session, chain, generation != newest, ""
+        return session, chain, generation, newest, ""
 
     def peek(self, handle: str, *, now: datetime, max_idle: timedelta | None = None) -> Session:
         """Validate `handle` without spending it (for /v1/revoke and introspection).
 
         Raises SessionError like `rotate`, except that an old generation raises "reused"
         without revoking: peeking changes nothing.
+
+        Decision: one statement (the handle, its session and its chain's generation joined),
+        run without a transaction around it: a refresh peeks before every mint, and the three
+        statements and BEGIN/ROLLBACK of a read transaction were a fifth of its statements.
+        One statement sees one snapshot, as the transaction did; nothing is locked, as before.
         """
         now = utc(now)
         presented = _lookup_key(handle)
         if presented is None:
             raise SessionError("unknown")
-        select = _SELECT_SESSIONS + " WHERE id = ?"
-
-        def work(cur: Tx) -> tuple[Session | None, str]:
-            session, _, stale, refused = self._presented(cur, presented, select, now, max_idle)
-            if session is not None and not refused and stale:
-                return session, "reused"
-            return session, refused
-
-        session, reason = self.database.read(work)
-        if reason or session is None:
-            raise SessionError(reason or "unknown", session)
+        rows = self.database.query(_PEEK, (presented,))
+        if not rows:
+            raise SessionError("unknown")
+        chain, generation, issued_at, chain_newest, *columns = rows[0]
+        session = self._row(columns)
+        issued = self._dialect.from_db(issued_at)
+        assert issued is not None
+        refused = _refusal(session, issued, now, max_idle)
+        if refused:
+            raise SessionError(refused, session)
+        if chain == 0:
+            newest = session.generation
+        else:
+            # As _chain_generation: a lost chain row makes the handle read as spent.
+            newest = -1 if chain_newest is None else int(chain_newest)
+        if int(generation) != newest:
+            raise SessionError("reused", session)
         return session
 
     def revoke(
@@ -717,3 +742,15 @@ def _lookup_key(handle: str) -> str | None:
 
 def _idle_too_long(issued_at: datetime, now: datetime, max_idle: timedelta | None) -> bool:
     return max_idle is not None and now - issued_at >= max_idle
+
+
+def _refusal(
+    session: Session, issued_at: datetime, now: datetime, max_idle: timedelta | None
+) -> str:
+    """Why a handle of `session` issued at `issued_at` mints nothing now ("revoked",
+    "expired"), or "" while it may; whether it is spent is the chain's to say."""
+    if session.revoked_at is not None:
+        return "revoked"
+    if now >= session.expires_at or _idle_too_long(issued_at, now, max_idle):
+        return "expired"
+    return ""

@@ -176,3 +176,25 @@ def test_tiny_dpop_benchmark_run_compares_bound_and_unbound(tmp_path: Path) -> N
         row = report[scenario]
         assert row["bound_p50_ms"] > 0 and row["unbound_p50_ms"] > 0
         assert row["ratio_p50"] == round(row["bound_p50_ms"] / row["unbound_p50_ms"], 2)
+
+
+@pytest.mark.integration
+def test_tiny_refresh_cpu_run_measures_both_brokers(tmp_path: Path) -> None:
+    """bench/refresh_cpu.py: a tiny run against a second broker (here this same checkout)
+    reports the CPU per refresh mint of both, block by block."""
+    out = tmp_path / "refresh.json"
+    done = run_bench(
+        "bench.refresh_cpu",
+        "--blocks=2",
+        "--block=3",
+        "--warmup=2",
+        f"--against={REPO_ROOT}",
+        f"--json={out}",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sides = json.loads(out.read_text())["sides"]
+    assert set(sides) == {"this", "against"}
+    for side in sides.values():
+        assert len(side["broker_ms_per_mint"]) == 2
+        assert side["broker_ms_mean"] > 0 and side["healthz_ms"] >= 0
+    assert "this - against" in done.stdout

@@ -214,3 +214,33 @@ def test_a_proof_checked_without_spending_is_spent_by_the_callers_write(store: s
         with pytest.raises(ProofError) as caught:
             guard.check([proof], required=False, spend=spend, **check)  # type: ignore[arg-type]
         assert caught.value.reason == "dpop_replayed"
+
+
+def test_a_kept_proof_key_still_checks_every_signature() -> None:
+    """A proof key is built once and kept for the session's next proofs; a proof naming that
+    key but signed by another is still refused, and the key's own proofs still verify."""
+    owner, thief = DpopKey(), DpopKey()
+    assert verify(owner.proof("POST", URL, now=NOW, nonce=NONCES.issue(NOW))) == owner.thumbprint
+    stolen_name = tampered(
+        thief.proof("POST", URL, now=NOW, nonce=NONCES.issue(NOW)),
+        header={"jwk": owner.public_jwk},
+    )
+    error = refused(stolen_name)
+    assert (error.reason, error.jkt) == ("dpop_bad_signature", owner.thumbprint)
+    assert verify(owner.proof("POST", URL, now=NOW, nonce=NONCES.issue(NOW))) == owner.thumbprint
+
+
+def test_more_proof_keys_than_are_kept_all_verify() -> None:
+    keys = [DpopKey() for _ in range(70)]
+    for _ in range(2):
+        for key in keys:
+            proof = key.proof("POST", URL, now=NOW, nonce=NONCES.issue(NOW))
+            assert verify(proof) == key.thumbprint
+
+
+def test_a_refused_proof_key_is_refused_every_time() -> None:
+    proof = DpopKey().proof("POST", URL, now=NOW, nonce=NONCES.issue(NOW))
+    head = json.loads(b64url_decode(proof.split(".")[0]))
+    private = tampered(proof, header={"jwk": head["jwk"] | {"d": b64url_encode(b"\x01" * 32)}})
+    for _ in range(2):
+        assert refused(private).reason == "dpop_bad_jwk"

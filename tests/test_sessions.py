@@ -829,3 +829,28 @@ def test_references_stored_in_clear_by_an_older_broker_are_sealed_at_start(
             other.credentials(session.id)
     finally:
         other.close()
+
+
+def test_peek_reads_a_handle_as_the_rotation_does(state: State) -> None:
+    """peek (one joined statement) and a rotation (statement by statement, under the session's
+    lock) tell live, spent and orphaned handles apart alike; peek returns the stored session."""
+    store = state.store
+    session, first = new_session(store)
+    _, a1, (b1,) = branch(store, first, 1)
+    _, b2 = store.rotate(b1, now=T0)
+    stored = store.get(session.id)
+    assert stored is not None
+    assert stored.generation == 2 and store.peek(a1, now=T0) == stored
+    assert store.peek(b2, now=T0) == stored
+    assert reason_of(lambda: store.peek(first, now=T0)) == "reused"
+    assert reason_of(lambda: store.peek(b1, now=T0)) == "reused"
+    # A sibling chain whose row is gone: its handles read as spent, by peek and by rotation.
+    store.database.write(
+        lambda tx: tx.execute(
+            "DELETE FROM session_chains WHERE session_id = ? AND chain = 1", (session.id,)
+        )
+    )
+    assert reason_of(lambda: store.peek(b2, now=T0)) == "reused"
+    assert store.get(session.id) == stored  # peeking changed nothing
+    assert reason_of(lambda: store.rotate(b2, now=T0)) == "reused"
+    assert reason_of(lambda: store.peek(a1, now=T0)) == "revoked"

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,8 @@ def test_closed_store_refuses_reads_and_writes(tmp_path: Path) -> None:
         db.write(lambda tx: None)
     with pytest.raises(StoreUnavailable):
         db.read(lambda tx: None)
+    with pytest.raises(StoreUnavailable):
+        db.query("SELECT 1")
 
 
 def test_a_write_queued_past_its_deadline_fails_alone_and_the_queue_moves_on(
@@ -376,3 +379,36 @@ def test_commits_leave_the_wal_to_a_background_checkpoint_when_asked(db: Databas
     assert busy == 0 and frames > 1200 and done == frames
     _, frames, _ = db.checkpoint_wal()
     assert frames == done  # nothing new: the next write starts the WAL over
+
+
+def test_sqlite_instants_read_back_as_written() -> None:
+    """Instants in to_db's text come back equal and aware (the fast path); other texts the
+    strict format accepts (a shorter fraction) still parse, and anything else is refused."""
+    dialect = Database(StoreURL.parse("sqlite:////unused.db")).dialect
+    for instant in (
+        datetime(2026, 12, 2, 14, 0, 0, 123456, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 6, 1, 12, tzinfo=timezone(timedelta(hours=2))),
+    ):
+        text = dialect.to_db(instant)
+        assert text.endswith("Z") and len(text) == 27
+        back = dialect.from_db(text)
+        assert back == instant and back is not None and back.tzinfo == UTC
+    assert dialect.from_db("2026-12-02T14:00:00.5Z") == datetime(
+        2026, 12, 2, 14, 0, 0, 500000, tzinfo=UTC
+    )
+    assert dialect.from_db(None) is None
+    for bad in ("2026-12-02 14:00:00.000000Z", "2026-13-02T14:00:00.000000Z", "2026-12-02"):
+        with pytest.raises(ValueError):
+            dialect.from_db(bad)
+
+
+def test_a_single_statement_query_reads_committed_rows_and_maps_failures(db: Database) -> None:
+    """Database.query: one SELECT outside any transaction, on the read pool; a statement the
+    database refuses is StoreUnavailable, and the pool keeps serving afterwards."""
+    db.write(insert("a"))
+    db.write(insert("b"))
+    assert db.query("SELECT k FROM t WHERE k > ? ORDER BY k", ("a",)) == [("b",)]
+    with pytest.raises(StoreUnavailable):
+        db.query("SELECT k FROM no_such_table")
+    assert [row[0] for row in db.query("SELECT k FROM t ORDER BY k")] == ["a", "b"]
