@@ -78,7 +78,13 @@ def test_clients_sign_with_broker_credentials() -> None:
     """An S3 client from the session signs its requests with the minted key and session token."""
     clock = FakeClock()
     session = aws_session(Minter(clock), region_name="us-east-1", clock=clock)
-    s3 = session.client("s3")
+    sent = _list_buckets(session.client("s3"))
+    assert "Credential=AKIAFAKE0001/" in sent[0].headers["Authorization"].decode()
+    assert sent[0].headers["X-Amz-Security-Token"] == b"token1"
+
+
+def _list_buckets(s3: Any) -> list[Any]:
+    """The requests `s3.list_buckets()` sends, signed, answered here without a server."""
     sent: list[Any] = []
 
     def capture(request: Any, **kw: Any) -> AWSResponse:
@@ -87,8 +93,7 @@ def test_clients_sign_with_broker_credentials() -> None:
 
     s3.meta.events.register("before-send", capture)
     s3.list_buckets()
-    assert "Credential=AKIAFAKE0001/" in sent[0].headers["Authorization"].decode()
-    assert sent[0].headers["X-Amz-Security-Token"] == b"token1"
+    return sent
 
 
 def test_credential_env_replaces_stray_aws_variables() -> None:
@@ -255,14 +260,7 @@ def test_first_use_credentials_let_a_client_be_built_before_the_mint() -> None:
     session = aws_session(mint, region_name="us-east-1", clock=clock, at_first_use=True)
     s3 = session.client("s3")
     assert mint.calls == 0
-    sent: list[Any] = []
-
-    def capture(request: Any, **kw: Any) -> AWSResponse:
-        sent.append(request)
-        return AWSResponse(request.url, 200, {}, _Raw())
-
-    s3.meta.events.register("before-send", capture)
-    s3.list_buckets()
+    sent = _list_buckets(s3)
     assert mint.calls == 1
     assert "Credential=AKIAFAKE0001/" in sent[0].headers["Authorization"].decode()
     creds = session.get_credentials()
