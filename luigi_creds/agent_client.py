@@ -337,6 +337,11 @@ class AgentClient:
             raise self._unreachable(what, grant, exc) from None
         return self._reader(conn, what, grant, again if reused else None)
 
+    def read_answer(self, conn: AgentConnection, what: str) -> dict[str, Any]:
+        """The answer to a request this client sent on `conn` without reading it (`send_launch`);
+        the connection is kept for this client's next request."""
+        return self._reader(conn, what, None)()
+
     def _reader(
         self,
         sent: AgentConnection,

@@ -128,8 +128,9 @@ class Launcher:
         self._client_pid = 0
 
     def before_fork(self, process: Any) -> str | None:
-        """Send the request for the task's bearer (the agent starts its AWS mint); the task id
-        when a launch is left for the fork, else None (the task starts as it would without)."""
+        """Send the request for the task's bearer (the agent starts the task's mints); the task
+        id when a launch is left for the fork, else None (the task starts as it would
+        without)."""
         if not getattr(process, "use_multiprocessing", False):
             return None  # the task runs in this process, which must not hold a task's bearer
         task = process.task
@@ -160,9 +161,9 @@ class Launcher:
         return str(task.task_id)
 
     def after_fork(self, task_id: str, pid: int | None) -> None:
-        """After Luigi's fork: bind the task to its process `pid` and ask for its first AWS
-        credential, both for the forked process to read, then let go of the connection. If
-        the fork failed (`pid` None), end the task's scope (nobody will hold its bearer)."""
+        """After Luigi's fork: bind the task to its process `pid` and ask for its first
+        credentials, for the forked process to read, then let go of the connection. If the
+        fork failed (`pid` None), end the task's scope (nobody will hold its bearer)."""
         launch = _pending.pop(task_id, None)
         client = self._client
         if launch is None or client is None:
@@ -178,7 +179,7 @@ class Launcher:
                 )
             else:
                 # Rare (a fork that failed): the scope exists once the agent has answered.
-                client._reader(launch.connection, "a task's bearer", None)()
+                client.read_answer(launch.connection, "a task's bearer")
                 client.release(task_id)
         except BrokerError as exc:
             # The task's process reads a failed answer and asks for itself.

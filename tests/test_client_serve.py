@@ -359,7 +359,7 @@ def _bind(caller: AgentClient, task: str, pid: int) -> dict:  # type: ignore[typ
     conn = caller._connect()
     try:
         caller.send_bind(conn, task, pid, None)
-        return caller._reader(conn, "a bind", None)()
+        return caller.read_answer(conn, "a bind")
     finally:
         conn.close()
 
