@@ -286,17 +286,19 @@ class CredentialAgent:
         if scope.task is not None:
             self._end_task(scope.task)  # and every bearer the task handed on
 
-    def bind_process(self, task: str, pid: int, scope: Scope = ROOT_SCOPE) -> None:
+    def bind_process(self, task: str, pid: int, scope: Scope = ROOT_SCOPE) -> bool:
         """For a delegating caller: bind `task`'s bearers issued without a process (asked for
-        before the task's process existed) to process `pid`. A task already bound to another
-        process, or a caller that cannot start tasks, is refused."""
+        before the task's process existed) to process `pid`; False if the task has none left
+        (it ended). A task already bound to another process, or a caller that cannot start
+        tasks, is refused (audited as `task_end`: like ending a task, it is a delegating
+        bearer's say over a task's lifetime)."""
         if scope.delegate and scope.task is None:
             with self._lock:
                 digests = [d for d, s in self._scopes.items() if s.task == task]
                 if all(self._scopes[d].pid in (None, pid) for d in digests):
                     for digest in digests:
                         self._scopes[digest] = replace(self._scopes[digest], pid=pid)
-                    return
+                    return bool(digests)
         self._refuse(
             f"a bearer for {scope.describe()} cannot bind task {task!r} to process {pid}",
             task=task,
@@ -828,13 +830,18 @@ def _handler_for(agent: CredentialAgent) -> type[BaseHTTPRequestHandler]:
                 raise TypeError
             if not isinstance(task, str) or not (grant is None or isinstance(grant, str)):
                 raise TypeError
-            agent.bind_process(task, pid, scope)
-            answer: dict[str, Any] = {
-                "aws": {grant: container_body(agent.aws(grant, task, scope))} if grant else {}
-            }
+            live = agent.bind_process(task, pid, scope)
+            answer: dict[str, Any] = {"aws": {}}
             if request.get("minted") is True:
+                # The refusal of one of them, if any, even though it ended the task's scope.
                 minted = agent.minted(task)
                 answer["minted"] = {g: credential_to_wire(c) for g, c in minted.items()}
+            if grant:
+                if not live:  # never a first mint for a task that has ended
+                    raise BrokerError(
+                        f"task {task!r} has ended", error="invalid_request", status=400
+                    )
+                answer["aws"] = {grant: container_body(agent.aws(grant, task, scope))}
             self._send(200, answer)
 
         def _release(self, scope: Scope, request: dict[str, Any]) -> None:

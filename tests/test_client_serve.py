@@ -369,7 +369,7 @@ def test_binding_a_task_to_a_process_is_for_delegating_bearers_once(agent) -> No
     stays bound to it; a bad pid is a bad request; a refused bind binds nothing."""
     import os
 
-    server, endpoint, _ = agent
+    server, endpoint, minter = agent
     delegate = AgentClient(AgentClient(endpoint).scoped(None, None, delegate=True))
     bearer, _ = delegate.task_bearer(["etl"], "T(1)", pid=None, aws_grant="etl", wait=False)
     with pytest.raises(BrokerError) as info:
@@ -382,6 +382,16 @@ def test_binding_a_task_to_a_process_is_for_delegating_bearers_once(agent) -> No
     with pytest.raises(BrokerError) as info:
         _bind(delegate, "T(1)", os.getpid() + 1)
     assert info.value.status == 403
+    # A task that has ended gets no first mint from a late bind.
+    delegate.release("T(1)")
+    calls = len(minter.calls)
+    conn = delegate._connect()
+    delegate.send_bind(conn, "T(1)", os.getpid(), "etl")
+    with pytest.raises(BrokerError) as info:
+        delegate.read_answer(conn, "a bind")
+    assert info.value.status == 400 and "has ended" in str(info.value)
+    assert len(minter.calls) == calls
+    conn.close()
     r = httpx.post(
         f"{endpoint.url}/v1/claim",
         json={"task": "T(1)", "pid": True},
