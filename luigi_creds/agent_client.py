@@ -120,8 +120,12 @@ class AgentConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = sock
         data = body or b""
+        fields = [f"{name}: {value}" for name, value in headers.items()]
+        if any(c in text for text in (path, *fields) for c in "\r\n"):
+            # A bearer from the environment with a line break in it, say: never sent as is.
+            raise http.client.HTTPException("a line break in a request's head")
         head = [f"{method} {path} HTTP/1.1\r\n", self._host_header]
-        head += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        head += [f"{field}\r\n" for field in fields]
         head.append(f"Content-Length: {len(data)}\r\n\r\n")
         self._sock.sendall("".join(head).encode("latin-1") + data)
 
@@ -165,6 +169,7 @@ class AgentConnection:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
+        self._unread = bytearray()
         if sock is not None:
             sock.close()
 

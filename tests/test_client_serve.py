@@ -443,6 +443,17 @@ def test_an_agent_request_leaves_in_one_write(agent, monkeypatch) -> None:  # ty
     assert request.endswith(b'\r\n\r\n{"grant": "etl", "task": "T(1)"}')
 
 
+def test_a_bearer_with_a_line_break_is_never_sent(agent) -> None:  # type: ignore[no-untyped-def]
+    """A bearer (from the environment) with a line break would add a header of its own: the
+    request is refused before it is written, as an unreachable agent, naming no secret."""
+    _, endpoint, minter = agent
+    client = AgentClient(AgentEndpoint(endpoint.url, endpoint.bearer + "\r\nX-Injected: 1"))
+    with pytest.raises(BrokerError) as info:
+        client.mint("etl", "T(1)")
+    assert info.value.error == "unreachable" and endpoint.bearer not in str(info.value)
+    assert minter.calls == []
+
+
 def test_an_answer_that_is_not_http_is_an_unreachable_agent() -> None:
     """Whatever listens at the agent's address and does not answer HTTP (or hangs up) gives
     the caller the agent's one error, naming what was asked, never a parser's traceback."""
