@@ -99,12 +99,8 @@ def refreshable_credentials(
     botocore's fixed windows (15/10 minutes) would refresh a 15-minute credential on every call,
     so the windows are scaled to the first credential's lifetime (`refresh.Windows`).
     """
-    windows = windows or Windows()
     first = fetch()
-    advisory, mandatory = windows.for_lifetime(first.expires_at - clock())
-    guard = _AdvisoryGuard(
-        fetch, first, clock=clock, mandatory=mandatory, backoff=windows.advisory_backoff
-    )
+    advisory, mandatory, guard = _guarded(fetch, first, clock, windows or Windows())
     # NOTE: the public constructor is used rather than `create_from_metadata` because only it
     # accepts `time_fetcher`, which is how tests drive a six-hour task with a fake clock.
     return RefreshableCredentials(
@@ -118,6 +114,21 @@ def refreshable_credentials(
         advisory_timeout=int(advisory.total_seconds()),
         mandatory_timeout=int(mandatory.total_seconds()),
     )
+
+
+def _guarded(
+    fetch: Callable[[], AwsCredentials],
+    first: AwsCredentials,
+    clock: Callable[[], datetime],
+    windows: Windows,
+) -> tuple[timedelta, timedelta, _AdvisoryGuard]:
+    """The advisory and mandatory windows for `first`'s lifetime, and the guard that refreshes
+    through `fetch` in them."""
+    advisory, mandatory = windows.for_lifetime(first.expires_at - clock())
+    guard = _AdvisoryGuard(
+        fetch, first, clock=clock, mandatory=mandatory, backoff=windows.advisory_backoff
+    )
+    return advisory, mandatory, guard
 
 
 class _FirstUse(DeferredRefreshableCredentials):
@@ -144,16 +155,10 @@ class _FirstUse(DeferredRefreshableCredentials):
     def _first(self) -> dict[str, str]:
         # Called by botocore under its refresh lock, once (it then calls the guard).
         first = self._fetch()
-        advisory, mandatory = self._windows.for_lifetime(first.expires_at - self._clock())
+        advisory, mandatory, guard = _guarded(self._fetch, first, self._clock, self._windows)
         self._advisory_refresh_timeout = int(advisory.total_seconds())
         self._mandatory_refresh_timeout = int(mandatory.total_seconds())
-        self._refresh_using = _AdvisoryGuard(
-            self._fetch,
-            first,
-            clock=self._clock,
-            mandatory=mandatory,
-            backoff=self._windows.advisory_backoff,
-        ).refresh
+        self._refresh_using = guard.refresh
         return _metadata(first)
 
 

@@ -39,7 +39,6 @@ import luigi
 # task process would import it afresh (0.5 ms of CPU each).
 from luigi.contrib.external_program import ExternalProgramRunError
 
-from luigi_creds import launch
 from luigi_creds.agent import (
     adopt_task_client,
     build_broker_client,
@@ -61,7 +60,7 @@ from luigi_creds.credentials import (
     VaultToken,
 )
 from luigi_creds.errors import LuigiCredsError
-from luigi_creds.launch import Launch, take
+from luigi_creds.launch import Launch, Launcher, enabled, install, take
 from luigi_creds.luigi_config import from_luigi_config
 from luigi_creds.refresh import Windows
 from luigi_creds.settings import ClientSettings, ConfigError
@@ -344,8 +343,8 @@ def _on_start(task: luigi.Task) -> None:
 
 
 def _install_launcher() -> None:
-    if launch.enabled():
-        launch.install(launch.Launcher(from_luigi_config))
+    if enabled():
+        install(Launcher(from_luigi_config))
 
 
 def _take_over(state: _TaskState, launch: Launch, task_id: str) -> bool:

@@ -22,3 +22,20 @@ def oidc_issuer(tmp_path: Path) -> Iterator[DevIssuer]:
         yield issuer
     finally:
         issuer.stop()
+
+
+@pytest.fixture
+def socket_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every `socket.sendall` this process makes from now on, one entry per call (the data as
+    written): how a test sees whether a request left in one write."""
+    import socket
+
+    writes: list[bytes] = []
+    real = socket.socket.sendall
+
+    def counted(self: socket.socket, data: bytes, *args: object) -> None:
+        writes.append(bytes(data))
+        real(self, data, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "sendall", counted)
+    return writes

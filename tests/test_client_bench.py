@@ -8,6 +8,7 @@ per-task variant with a distinct key per task) and that the report has every sec
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,11 @@ def test_tiny_client_bench_run(tmp_path: Path) -> None:
     assert summary["preloaded"] == {"static": False, "zero": True, "mixin": True}
     assert all(us > 0 for us in report["cached_us"].values())
     assert "overhead" in done.stdout and "cached credential access" in done.stdout
+    # Each task's marker is in the report, its key only as a fingerprint: no access key id in
+    # a result file.
+    markers = [m for runs in report["markers"].values() for run in runs for m in run]
+    assert markers and all(len(m["key"]) == 16 for m in markers)
+    assert not re.search(r"(AKIA|ASIA)[A-Z0-9]{16}", out.read_text() + done.stdout)
 
 
 def test_tiny_client_bench_run_with_the_preload_off(tmp_path: Path) -> None:

@@ -95,18 +95,9 @@ def test_requests_share_one_kept_alive_connection(server: Server) -> None:
     http.close()
 
 
-def test_a_request_leaves_in_one_write(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_request_leaves_in_one_write(server: Server, socket_writes: list[bytes]) -> None:
     """Head and form body go to the socket together (http.client alone writes them apart)."""
-    import socket
-
-    writes: list[bytes] = []
-    real = socket.socket.sendall
-
-    def counted(self: socket.socket, data: Any, *args: Any) -> None:
-        writes.append(bytes(data))
-        real(self, data, *args)
-
-    monkeypatch.setattr(socket.socket, "sendall", counted)
+    writes = socket_writes
     http = BrokerHttp(timeout=5)
     answer = http.post(server.url + "/v1/token", data={"grant_type": "x"}, headers={"A": "b"})
     assert answer.status_code == 200

@@ -154,9 +154,9 @@ def test_install_wraps_luigis_fork_once() -> None:
         del TaskProcess.luigi_creds_launcher  # type: ignore[attr-defined]
 
 
-def test_a_launch_refused_by_an_agent_that_is_gone_is_an_unreachable_error() -> None:
-    """If the agent does not answer, the forked process gets the agent's one error (and asks
-    for itself, see TaskCredentials)."""
+def test_no_early_start_when_the_agent_cannot_be_reached() -> None:
+    """If the agent's address takes no connection, nothing is left for the fork (the task's
+    process then asks for itself, and reports the agent unreachable)."""
     env = AgentEndpoint("http://127.0.0.1:1", "b").env()
     launcher = Launcher(lambda: _settings(aws_grant="etl"), env)
     assert launcher.before_fork(_process("T(9)")) is None

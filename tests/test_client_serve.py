@@ -425,21 +425,11 @@ def test_a_bound_task_is_released_when_its_process_is_gone(agent) -> None:  # ty
         child.kill()
 
 
-def test_an_agent_request_leaves_in_one_write(agent, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_agent_request_leaves_in_one_write(agent, socket_writes) -> None:  # type: ignore[no-untyped-def]
     """The client writes a request's head and body together (one wake-up of the agent)."""
-    import socket
-
     _, endpoint, _ = agent
-    writes: list[bytes] = []
-    real = socket.socket.sendall
-
-    def counted(self: socket.socket, data: bytes, *args: object) -> None:
-        writes.append(bytes(data))
-        real(self, data, *args)
-
-    monkeypatch.setattr(socket.socket, "sendall", counted)
     AgentClient(endpoint).mint("etl", "T(1)")
-    (request,) = [w for w in writes if w.startswith(b"POST")]
+    (request,) = [w for w in socket_writes if w.startswith(b"POST")]
     assert request.endswith(b'\r\n\r\n{"grant": "etl", "task": "T(1)"}')
 
 
